@@ -1,0 +1,1 @@
+"""What the guest, KVM and QEMU processes share: ABI constants, guest memory, IPC, tracing."""

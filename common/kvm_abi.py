@@ -1,0 +1,113 @@
+"""Stands for include/uapi/linux/kvm.h and the VMX exit reasons: what crosses KVM's edges.
+
+Two kinds of exit, as on real hardware:
+
+* a VM exit (guest CPU -> KVM): the VMX basic exit reason the guest's trapping instruction
+  caused (``EXIT_REASON_IO_INSTRUCTION``, ``EXIT_REASON_HLT``, ...), sent by guestproc;
+* a userspace exit (KVM -> QEMU): ``kvm_run->exit_reason`` (``KVM_EXIT_IO``, ...) when
+  ``KVM_RUN`` returns because KVM could not handle the VM exit itself.
+
+Records are msgpack arrays; the field order is given beside each constructor.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+# VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h)
+EXIT_REASON_EXTERNAL_INTERRUPT = 1
+EXIT_REASON_TRIPLE_FAULT = 2
+EXIT_REASON_HLT = 12
+EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_EPT_VIOLATION = 48
+
+VMX_EXIT_REASONS = {
+    EXIT_REASON_EXTERNAL_INTERRUPT: "EXTERNAL_INTERRUPT",
+    EXIT_REASON_TRIPLE_FAULT: "TRIPLE_FAULT",
+    EXIT_REASON_HLT: "HLT",
+    EXIT_REASON_IO_INSTRUCTION: "IO_INSTRUCTION",
+    EXIT_REASON_EPT_VIOLATION: "EPT_VIOLATION",
+}
+
+# kvm_run->exit_reason
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_INTR = 10
+
+KVM_EXIT_NAMES = {
+    KVM_EXIT_UNKNOWN: "KVM_EXIT_UNKNOWN",
+    KVM_EXIT_IO: "KVM_EXIT_IO",
+    KVM_EXIT_HLT: "KVM_EXIT_HLT",
+    KVM_EXIT_MMIO: "KVM_EXIT_MMIO",
+    KVM_EXIT_SHUTDOWN: "KVM_EXIT_SHUTDOWN",
+    KVM_EXIT_INTR: "KVM_EXIT_INTR",
+}
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+# vCPU and VM ioctls, by name in the records
+KVM_RUN = "KVM_RUN"
+KVM_IOEVENTFD = "KVM_IOEVENTFD"
+KVM_IRQFD = "KVM_IRQFD"
+KVM_SET_GSI_ROUTING = "KVM_SET_GSI_ROUTING"
+KVM_GET_STATS = "KVM_GET_STATS"
+KVM_DESTROY_VM = "KVM_DESTROY_VM"
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def unpackb(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+# -- guest CPU -> KVM (VM exits) -----------------------------------------------------------------
+
+
+def vmexit_io(is_in: bool, size: int, port: int, data: int = 0) -> bytes:
+    """[EXIT_REASON_IO_INSTRUCTION, is_in, size, port, data]"""
+    return packb([EXIT_REASON_IO_INSTRUCTION, int(is_in), size, port, data])
+
+
+def vmexit_mmio(gpa: int, length: int, is_write: bool, data: int = 0) -> bytes:
+    """[EXIT_REASON_EPT_VIOLATION, gpa, len, is_write, data]"""
+    return packb([EXIT_REASON_EPT_VIOLATION, gpa, length, int(is_write), data])
+
+
+VMEXIT_HLT = packb([EXIT_REASON_HLT])
+VMEXIT_EXTERNAL_INTERRUPT = packb([EXIT_REASON_EXTERNAL_INTERRUPT])
+VMEXIT_TRIPLE_FAULT = packb([EXIT_REASON_TRIPLE_FAULT])
+
+# -- KVM -> guest CPU (VM entries): [data for a pending IN or MMIO read, [injected vectors]] ---
+
+VMENTRY_PLAIN = packb([0, []])
+
+
+def vmentry(data: int, vectors: list[int]) -> bytes:
+    return packb([data, vectors])
+
+
+# -- QEMU <-> KVM ---------------------------------------------------------------------------------
+
+
+def kvm_run(data: int = 0) -> bytes:
+    """[KVM_RUN, data]: run the vCPU; ``data`` completes a pending KVM_EXIT_IO IN / MMIO read."""
+    return packb([KVM_RUN, data])
+
+
+def exit_io(direction: int, size: int, port: int, count: int, data: int) -> list:
+    """[KVM_EXIT_IO, direction, size, port, count, data]"""
+    return [KVM_EXIT_IO, direction, size, port, count, data]
+
+
+def exit_mmio(phys_addr: int, length: int, is_write: bool, data: int) -> list:
+    """[KVM_EXIT_MMIO, phys_addr, len, is_write, data]"""
+    return [KVM_EXIT_MMIO, phys_addr, length, int(is_write), data]

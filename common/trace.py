@@ -1,0 +1,124 @@
+"""Tracing in QEMU's trace-events discipline: every event named, cheap, off by default.
+
+Two kinds of record, both stamped with CLOCK_MONOTONIC (one clock for all processes):
+
+* trace points (``TraceEvent``): QEMU's own trace-event names (``virtqueue_pop``, ...) or, for
+  steps QEMU does not trace, the function's name. A call site reads
+  ``if trace_x.on: trace_x(...)``, so a disabled event costs one attribute test and no call.
+  Each can be switched at run time, like QEMU's ``trace-event NAME on|off``.
+* spans (``@traced``): a function's entry and return, which give the call chain its nesting.
+  They exist only in a process started with tracing on (``VREPLICA_TRACE=1`` in its
+  environment); otherwise the decorator hands back the function itself and costs nothing.
+
+Each process dumps its records into the run directory; ``vreplica.tracefile`` merges them
+into Chrome Trace Event JSON.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from time import monotonic_ns
+from typing import Any, TypeVar
+
+import msgpack
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENABLED = os.environ.get("VREPLICA_TRACE", "") == "1"
+"""The process was started with tracing: spans are compiled in and every event starts on."""
+
+_records: list[tuple] = []
+_append = _records.append
+_ident = threading.get_ident
+EVENTS: dict[str, TraceEvent] = {}
+_threads: dict[int, tuple[int, str]] = {}
+
+
+class TraceEvent:
+    """One named trace point; call it with the event's arguments."""
+
+    __slots__ = ("name", "on")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.on = ENABLED
+
+    def __call__(self, **args: Any) -> None:
+        _append((monotonic_ns(), _ident(), "i", self.name, args))
+
+    def __repr__(self) -> str:
+        return f"<TraceEvent {self.name} {'on' if self.on else 'off'}>"
+
+
+def trace_event(name: str) -> TraceEvent:
+    """Declare (or fetch) the trace point ``name``."""
+    ev = EVENTS.get(name)
+    if ev is None:
+        ev = EVENTS[name] = TraceEvent(name)
+    return ev
+
+
+class _SpanState:
+    on = ENABLED
+
+
+spans = _SpanState()
+
+
+def traced(fn: F) -> F:
+    """Record ``fn``'s entry and return as a span named after it (only when ENABLED)."""
+    if not ENABLED:
+        return fn
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not spans.on:
+            return fn(*args, **kwargs)
+        _append((monotonic_ns(), _ident(), "B", name, None))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _append((monotonic_ns(), _ident(), "E", name, None))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def set_state(pattern: str, on: bool) -> list[str]:
+    """Switch every event whose name matches the glob ``pattern``; returns their names."""
+    hit = [ev for name, ev in EVENTS.items() if fnmatch.fnmatchcase(name, pattern)]
+    for ev in hit:
+        ev.on = on
+    if pattern in ("*", "spans"):
+        spans.on = on
+    return [ev.name for ev in hit]
+
+
+def register_thread(name: str | None = None) -> None:
+    t = threading.current_thread()
+    _threads[t.ident or 0] = (t.native_id or 0, name or t.name)
+
+
+def records() -> list[tuple]:
+    return _records
+
+
+def dump(path: str | Path, role: str) -> None:
+    """Write this process's records for the merger (msgpack)."""
+    register_thread()
+    for t in threading.enumerate():
+        _threads.setdefault(t.ident or 0, (t.native_id or 0, t.name))
+    data = {
+        "role": role,
+        "pid": os.getpid(),
+        "threads": {str(k): list(v) for k, v in _threads.items()},
+        "records": [list(r) for r in _records],
+    }
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_bytes(msgpack.packb(data, use_bin_type=True, default=str))
+    tmp.rename(path)

@@ -1,0 +1,1 @@
+"""The guest kernel: Linux's virtio-net driver over legacy virtio-pci, and a small stack."""

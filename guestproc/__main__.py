@@ -1,0 +1,89 @@
+"""guestproc: boot the guest kernel on its vCPU, probe virtio-net, run the program, power off.
+
+Usage: python -m guestproc RUNDIR
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from common import kvm_abi
+from common.channel import Channel
+from common.guest_memory import GuestMemory
+from common.notifier import EventNotifier
+from common.process import ProcessRuntime, Stop
+from guestproc.cpu import GuestShutdown, VCpu
+from guestproc.kernel import Kernel
+from guestproc.mm import PageAllocator
+from guestproc.netstack import GuestStack
+from guestproc.programs import PROGRAMS
+from guestproc.virtio_net import virtio_net_driver, virtnet_open
+from guestproc.virtio_pci_legacy import virtio_pci_probe
+
+SLIRP_GATEWAY_MAC = bytes.fromhex("52550a000202")
+TX_DRAIN_TIMEOUT_S = 10.0
+
+
+def boot(rt: ProcessRuntime) -> dict:
+    cfg = rt.cfg
+    opts = cfg.options
+    mem = GuestMemory(cfg.ram)
+    cpu = VCpu(Channel(cfg.channel("guest_exit")), Channel(cfg.channel("guest_entry")),
+               EventNotifier(cfg.kick))
+    # the vCPU starts running when QEMU first calls KVM_RUN: wait for that first VM entry
+    first = cpu._recv(None)
+    if first is None or kvm_abi.unpackb(first)[0] is None:
+        raise GuestShutdown
+    kernel = Kernel(cpu)
+    pages = PageAllocator(mem.size)
+    vdev = virtio_pci_probe(cpu, kernel, mem.ram, pages, virtio_net_driver)
+    vi = vdev.priv
+    neigh = {} if opts.get("arp", False) else {"10.0.2.2": SLIRP_GATEWAY_MAC}
+    stack = GuestStack(kernel, mem.ram, vi.dev, vi.skb_pool, static_neigh=neigh)
+    vi.rx_handler = stack.netif_receive_skb
+    virtnet_open(vi.dev)
+    result = PROGRAMS[opts["mode"]](kernel, stack, opts)
+    sq = vi.sq[0]
+    drained = kernel.wait_event(lambda: sq.vq.num_free == sq.vq.num, TX_DRAIN_TIMEOUT_S)
+    if not drained:
+        vi.dev.stats["tx_timeouts"] = 1
+    report = {
+        "program": result,
+        "features": vdev.features,
+        "interrupt_mode": "msix-per-vq" if vdev.per_vq_vectors else
+        ("msix-shared" if vdev.msix_enabled else "intx"),
+        "msix_names": vdev.msix_names,
+        "netdev": vi.dev.stats,
+        "stack": stack.counters,
+        "sq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.sq],
+        "rq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.rq],
+        "irqs": kernel.irq_count,
+        "isr_reads": vdev.isr_reads,
+        "vm_exits": cpu.exits,
+        "tx_drained": drained,
+    }
+    cpu.triple_fault()  # power off: KVM reports KVM_EXIT_SHUTDOWN to QEMU
+    return report
+
+
+def main() -> int:
+    rt = ProcessRuntime("guest", sys.argv[1])
+    code = 0
+    try:
+        report = boot(rt)
+        rt.report(report)
+        rt.tell("done")
+    except (Stop, GuestShutdown):
+        code = 0 if rt.stopping else 1
+    except Exception as e:  # a guest kernel oops: say what and where, then stop
+        rt.fail(f"guest kernel panic: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        code = 1
+    finally:
+        rt.finish()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The guest kernel's core that the driver leans on.
+
+kernel/irq (``request_irq``, the IDT), kernel/softirq.c (``irq_exit`` -> ``do_softirq``),
+net/core/dev.c's NAPI (``napi_schedule_prep``, ``__napi_schedule``, ``napi_complete_done``,
+``net_rx_action``), the local APIC timer in TSC-deadline mode, and the idle loop (HLT).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from common.trace import trace_event, traced
+from guestproc.cpu import MSR_IA32_TSC_DEADLINE, VCpu
+
+LOCAL_TIMER_VECTOR = 0xEC
+ISA_IRQ_VECTOR_BASE = 0x30
+NAPI_POLL_WEIGHT = 64
+NET_RX_BUDGET = 300  # netdev_budget
+
+IRQ_NONE = 0
+IRQ_HANDLED = 1
+
+trace_irq_handler_entry = trace_event("irq_handler_entry")
+trace_napi_poll = trace_event("napi_poll")
+
+
+class Napi:
+    """struct napi_struct: a poll function the softirq calls with a budget."""
+
+    __slots__ = ("name", "poll", "weight", "sched", "poll_list", "owner")
+
+    def __init__(self, name: str, poll: Callable[[Napi, int], int], weight: int,
+                 poll_list: list[Napi], owner: object = None) -> None:
+        self.owner = owner
+        self.name = name
+        self.poll = poll
+        self.weight = weight
+        self.sched = False
+        self.poll_list = poll_list
+
+
+def napi_schedule_prep(napi: Napi) -> bool:
+    if napi.sched:
+        return False
+    napi.sched = True
+    return True
+
+
+def __napi_schedule(napi: Napi) -> None:
+    napi.poll_list.append(napi)
+
+
+def napi_schedule(napi: Napi) -> bool:
+    if napi_schedule_prep(napi):
+        __napi_schedule(napi)
+        return True
+    return False
+
+
+def napi_complete_done(napi: Napi, work_done: int) -> bool:
+    napi.sched = False
+    return True
+
+
+class Kernel:
+    def __init__(self, cpu: VCpu) -> None:
+        self.cpu = cpu
+        self.irq_names: dict[int, str] = {}
+        self.poll_list: list[Napi] = []
+        self.timer_deadline = 0
+        self.timer_fired = False
+        self.irq_count: dict[str, int] = {}
+        cpu.irq_exit = self.do_softirq
+        cpu.idt[LOCAL_TIMER_VECTOR] = self._local_timer_interrupt
+
+    now_ns = staticmethod(time.monotonic_ns)  # rdtsc: the TSC is not intercepted
+
+    # -- interrupts -----------------------------------------------------------------------------
+
+    def request_irq(self, vector: int, handler: Callable[[int], int], name: str) -> None:
+        self.irq_names[vector] = name
+        self.irq_count.setdefault(name, 0)
+
+        def do_irq(v: int) -> None:
+            self.irq_count[name] += 1
+            if trace_irq_handler_entry.on:
+                trace_irq_handler_entry(irq=v, name=name)
+            handler(v)
+
+        self.cpu.idt[vector] = do_irq
+
+    def free_irq(self, vector: int) -> None:
+        self.cpu.idt.pop(vector, None)
+        self.irq_names.pop(vector, None)
+
+    def _local_timer_interrupt(self, vector: int) -> None:
+        self.timer_fired = True
+
+    # -- softirq ------------------------------------------------------------------------------
+
+    def napi_add(self, name: str, poll: Callable[[Napi, int], int], owner: object,
+                 weight: int = NAPI_POLL_WEIGHT) -> Napi:
+        """netif_napi_add: ``owner`` is what container_of() would find (the queue)."""
+        return Napi(name, poll, weight, self.poll_list, owner)
+
+    def do_softirq(self) -> None:
+        if self.poll_list:
+            self.net_rx_action()
+
+    @traced
+    def net_rx_action(self) -> None:
+        budget = NET_RX_BUDGET
+        while self.poll_list and budget > 0:
+            napi = self.poll_list.pop(0)
+            if trace_napi_poll.on:
+                trace_napi_poll(napi=napi.name, budget=napi.weight)
+            work = napi.poll(napi, napi.weight)
+            budget -= work
+            if work >= napi.weight and napi.sched:
+                self.poll_list.append(napi)  # more to do: stays scheduled, goes to the back
+
+    # -- time and idle --------------------------------------------------------------------------
+
+    def arm_timer(self, deadline_ns: int) -> None:
+        """Program the LAPIC timer in TSC-deadline mode (a trapping WRMSR that KVM emulates)."""
+        if deadline_ns != self.timer_deadline:
+            self.timer_deadline = deadline_ns
+            self.timer_fired = False
+            self.cpu.wrmsr(MSR_IA32_TSC_DEADLINE, deadline_ns)
+
+    def idle(self) -> None:
+        """cpu_idle: HLT until an interrupt; its handler and the softirqs run before return."""
+        self.cpu.hlt()
+
+    def wait_event(self, cond: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        """Sleep (HLT) until ``cond()`` holds or ``timeout_s`` passes; returns cond()."""
+        deadline = None if timeout_s is None else self.now_ns() + int(timeout_s * 1e9)
+        while not cond():
+            if deadline is not None:
+                if self.now_ns() >= deadline:
+                    return cond()
+                self.arm_timer(deadline)
+            self.idle()
+        return True
+
+    def msleep(self, ms: float) -> None:
+        deadline = self.now_ns() + int(ms * 1e6)
+        while self.now_ns() < deadline:
+            self.arm_timer(deadline)
+            self.idle()

@@ -1,0 +1,59 @@
+"""The guest's memory management, reduced to what the driver needs: page-aligned allocations
+for the vrings (alloc_pages_exact) and a slab of packet buffers for sk_buffs."""
+
+from __future__ import annotations
+
+PAGE_SIZE = 4096
+SKB_BUF_SIZE = 2048
+SKB_HEADROOM = 64
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+class PageAllocator:
+    """A bump allocator over guest-physical memory, from page 1 up (page 0 stays unused)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.next = PAGE_SIZE
+
+    def alloc(self, nbytes: int, align: int = PAGE_SIZE) -> int:
+        addr = (self.next + align - 1) & ~(align - 1)
+        if addr + nbytes > self.size:
+            raise OutOfMemory(f"guest RAM exhausted allocating {nbytes} bytes")
+        self.next = addr + nbytes
+        return addr
+
+
+class SkBuff:
+    """struct sk_buff, reduced: a buffer in guest RAM with the frame at [data, data+len)."""
+
+    __slots__ = ("head", "data", "len", "slot")
+
+    def __init__(self, head: int, slot: int) -> None:
+        self.head = head
+        self.slot = slot
+        self.data = head + SKB_HEADROOM
+        self.len = 0
+
+
+class SkbPool:
+    """A fixed slab of sk_buffs: no allocation per packet; empty means the sender must wait."""
+
+    def __init__(self, pages: PageAllocator, count: int) -> None:
+        base = pages.alloc(count * SKB_BUF_SIZE)
+        self.all = [SkBuff(base + i * SKB_BUF_SIZE, i) for i in range(count)]
+        self.free = list(reversed(self.all))
+
+    def alloc_skb(self) -> SkBuff | None:
+        if not self.free:
+            return None
+        skb = self.free.pop()
+        skb.data = skb.head + SKB_HEADROOM
+        skb.len = 0
+        return skb
+
+    def kfree_skb(self, skb: SkBuff) -> None:
+        self.free.append(skb)

@@ -1,0 +1,323 @@
+"""The guest's network stack, small: struct net_device and its TX queues (net/core/dev.c),
+ARP with a neighbour table (net/ipv4/arp.c), IPv4 and UDP output and input
+(ip_output.c, udp.c), ICMP echo, and UDP sockets for the guest programs.
+
+Frames are built straight into sk_buffs in guest RAM: one header pack and one payload copy
+per datagram, checksums computed by ``common.inet``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from common.inet import (
+    ARP,
+    ARPOP_REPLY,
+    ARPOP_REQUEST,
+    BROADCAST_MAC,
+    ETH,
+    ETH_HLEN,
+    ETH_IP_UDP,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ICMP_ECHO,
+    ICMP_ECHO_HDR,
+    ICMP_ECHOREPLY,
+    IP_HLEN,
+    IPPROTO_ICMP,
+    IPPROTO_UDP,
+    IPV4,
+    UDP,
+    UDP_HLEN,
+    UDP_MAX_PAYLOAD,
+    csum_fold,
+    csum_partial,
+    ip_aton,
+    pseudo_header_sum,
+)
+from common.trace import trace_event, traced
+from guestproc.kernel import Kernel
+from guestproc.mm import SkBuff, SkbPool
+
+NETDEV_TX_OK = 0
+NETDEV_TX_BUSY = 0x10
+IP_DF = 0x4000
+UDP_SOCK_RCVQ_MAX = 4096
+
+trace_net_dev_xmit = trace_event("net_dev_xmit")
+trace_netif_receive_skb = trace_event("netif_receive_skb")
+trace_udp_sendmsg = trace_event("udp_sendmsg")
+
+
+class NetDevice:
+    """struct net_device: name, address, TX queue state and counters."""
+
+    def __init__(self, name: str, dev_addr: bytes, num_tx_queues: int = 1) -> None:
+        self.name = name
+        self.dev_addr = dev_addr
+        self.mtu = 1500
+        self.priv: Any = None
+        self.ndo_start_xmit: Callable[[SkBuff, NetDevice], int] | None = None
+        self.tx_stopped = [False] * num_tx_queues
+        self.real_num_tx_queues = num_tx_queues
+        self.xmit_more = False
+        self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_busy": 0,
+                      "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_errors": 0}
+
+
+def netif_stop_subqueue(dev: NetDevice, q: int) -> None:
+    dev.tx_stopped[q] = True
+
+
+def netif_start_subqueue(dev: NetDevice, q: int) -> None:
+    dev.tx_stopped[q] = False
+
+
+netif_wake_subqueue = netif_start_subqueue
+
+
+def netif_tx_queue_stopped(dev: NetDevice, q: int) -> bool:
+    return dev.tx_stopped[q]
+
+
+def netdev_xmit_more(dev: NetDevice) -> bool:
+    return dev.xmit_more
+
+
+@traced
+def dev_queue_xmit(skb: SkBuff, dev: NetDevice, queue: int = 0, more: bool = False) -> int:
+    """Hand a frame to the driver (no qdisc: the caller waits while the queue is stopped)."""
+    if dev.tx_stopped[queue]:
+        dev.stats["tx_busy"] += 1
+        return NETDEV_TX_BUSY
+    dev.xmit_more = more
+    if trace_net_dev_xmit.on:
+        trace_net_dev_xmit(dev=dev.name, len=skb.len, queue=queue)
+    return dev.ndo_start_xmit(skb, dev)  # type: ignore[misc]
+
+
+class UdpSocket:
+    """A UDP socket of the guest: bind, sendto, recvfrom."""
+
+    def __init__(self, stack: GuestStack) -> None:
+        self.stack = stack
+        self.port = 0
+        self.rcvq: deque[tuple[bytes, tuple[str, int], int]] = deque()
+        self.drops = 0
+
+    def bind(self, port: int) -> None:
+        self.stack.udp_bind(self, port)
+
+    def sendto(self, payload: bytes | memoryview, addr: tuple[str, int], more: bool = False) -> int:
+        if not self.port:
+            self.stack.udp_bind(self, 0)
+        return self.stack.udp_sendmsg(self, payload, addr, more)
+
+    def recvfrom(self, timeout_s: float | None = None) -> tuple[bytes, tuple[str, int], int] | None:
+        """The next datagram, its source and its arrival time (ns); None on timeout."""
+        if not self.rcvq:
+            self.stack.kernel.wait_event(lambda: bool(self.rcvq), timeout_s)
+        return self.rcvq.popleft() if self.rcvq else None
+
+
+class GuestStack:
+    """The guest's IPv4 host: 10.0.2.15 behind slirp's gateway 10.0.2.2."""
+
+    def __init__(self, kernel: Kernel, ram: memoryview, dev: NetDevice, pool: SkbPool,
+                 ip: str = "10.0.2.15", gateway: str = "10.0.2.2",
+                 static_neigh: dict[str, bytes] | None = None) -> None:
+        self.kernel = kernel
+        self.ram = ram
+        self.dev = dev
+        self.pool = pool
+        self.ip = ip_aton(ip)
+        self.gateway = ip_aton(gateway)
+        self.neigh: dict[bytes, bytes] = {ip_aton(k): v for k, v in (static_neigh or {}).items()}
+        self.arp_queue: dict[bytes, list[SkBuff]] = {}
+        self.sockets: dict[int, UdpSocket] = {}
+        self.next_ephemeral = 32768
+        self.ip_id = 0
+        self.ping_replies: deque[tuple[int, int]] = deque()
+        self.counters = {"arp_requests_sent": 0, "arp_replies_rcvd": 0, "arp_requests_rcvd": 0,
+                         "udp_no_port": 0, "csum_errors": 0, "icmp_echo_replies": 0}
+        # IPv4 header fields that never change for this host: their checksum share, once
+        self._ip_const = csum_partial(IPV4.pack(0x45, 0, 0, 0, IP_DF, 64, IPPROTO_UDP, 0,
+                                                self.ip, b"\0\0\0\0"))
+
+    # -- sockets --------------------------------------------------------------------------------
+
+    def socket(self) -> UdpSocket:
+        return UdpSocket(self)
+
+    def udp_bind(self, sock: UdpSocket, port: int) -> None:
+        if port == 0:
+            while self.next_ephemeral in self.sockets:
+                self.next_ephemeral += 1
+            port = self.next_ephemeral
+            self.next_ephemeral += 1
+        if port in self.sockets:
+            raise OSError(98, f"port {port} in use")
+        sock.port = port
+        self.sockets[port] = sock
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def alloc_skb_wait(self) -> SkBuff:
+        skb = self.pool.alloc_skb()
+        while skb is None:  # sk_wait_memory: sleep until TX completions return buffers
+            self.kernel.idle()
+            skb = self.pool.alloc_skb()
+        return skb
+
+    def next_hop_mac(self, daddr: bytes) -> bytes | None:
+        """The gateway's MAC for anything off-link; None until ARP resolves it."""
+        return self.neigh.get(self.gateway if daddr[:3] != self.ip[:3] else daddr)
+
+    @traced
+    def udp_sendmsg(self, sock: UdpSocket, payload: bytes | memoryview, addr: tuple[str, int],
+                    more: bool = False) -> int:
+        n = len(payload)
+        if n > UDP_MAX_PAYLOAD:
+            raise OSError(90, f"message too long ({n} > {UDP_MAX_PAYLOAD})")
+        daddr = ip_aton(addr[0])
+        dport = addr[1]
+        skb = self.alloc_skb_wait()
+        off = skb.data
+        self.ram[off + 42 : off + 42 + n] = payload
+        udp_len = UDP_HLEN + n
+        tot_len = IP_HLEN + udp_len
+        self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
+        daddr_sum = int.from_bytes(daddr, "big")
+        ip_csum = csum_fold(self._ip_const + tot_len + ip_id + daddr_sum)
+        udp_acc = pseudo_header_sum(self.ip, daddr, IPPROTO_UDP, udp_len) + sock.port + dport \
+            + udp_len
+        udp_csum = csum_fold(csum_partial(payload, udp_acc))
+        if trace_udp_sendmsg.on:
+            trace_udp_sendmsg(sport=sock.port, dport=dport, len=n,
+                              seq=int.from_bytes(payload[:8], "big") if n >= 8 else -1)
+        dst = self.next_hop_mac(daddr)
+        ETH_IP_UDP.pack_into(self.ram, off, dst or BROADCAST_MAC, self.dev.dev_addr, ETH_P_IP,
+                             0x45, 0, tot_len, ip_id, IP_DF, 64, IPPROTO_UDP, ip_csum,
+                             self.ip, daddr, sock.port, dport, udp_len, udp_csum)
+        skb.len = ETH_HLEN + tot_len
+        if dst is None:
+            self.arp_resolve(daddr, skb)
+            return n
+        self.xmit(skb, more)
+        return n
+
+    def xmit(self, skb: SkBuff, more: bool = False) -> None:
+        while dev_queue_xmit(skb, self.dev, 0, more) == NETDEV_TX_BUSY:
+            self.kernel.wait_event(lambda: not self.dev.tx_stopped[0])
+
+    def send_frame(self, frame: bytes) -> None:
+        skb = self.alloc_skb_wait()
+        self.ram[skb.data : skb.data + len(frame)] = frame
+        skb.len = len(frame)
+        self.xmit(skb)
+
+    # -- ARP ------------------------------------------------------------------------------------
+
+    def arp_resolve(self, daddr: bytes, skb: SkBuff) -> None:
+        """No neighbour entry: park the frame and ask who has the next hop."""
+        nh = self.gateway if daddr[:3] != self.ip[:3] else daddr
+        queue = self.arp_queue.setdefault(nh, [])
+        queue.append(skb)
+        if len(queue) == 1:
+            self.arp_send(ARPOP_REQUEST, nh, BROADCAST_MAC, b"\0" * 6)
+
+    def arp_send(self, op: int, tip: bytes, dest: bytes, tha: bytes) -> None:
+        frame = ETH.pack(dest, self.dev.dev_addr, ETH_P_ARP) + ARP.pack(
+            1, ETH_P_IP, 6, 4, op, self.dev.dev_addr, self.ip, tha, tip)
+        if op == ARPOP_REQUEST:
+            self.counters["arp_requests_sent"] += 1
+        self.send_frame(frame)
+
+    def arp_rcv(self, frame: memoryview) -> None:
+        _, _, _, _, op, sha, sip, _, tip = ARP.unpack_from(frame, ETH_HLEN)
+        if tip != self.ip:
+            return
+        self.neigh[bytes(sip)] = bytes(sha)
+        if op == ARPOP_REQUEST:
+            self.counters["arp_requests_rcvd"] += 1
+            self.arp_send(ARPOP_REPLY, bytes(sip), bytes(sha), bytes(sha))
+        elif op == ARPOP_REPLY:
+            self.counters["arp_replies_rcvd"] += 1
+        for skb in self.arp_queue.pop(bytes(sip), []):
+            self.ram[skb.data : skb.data + 6] = sha
+            self.xmit(skb)
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def netif_receive_skb(self, frame: memoryview) -> None:
+        """A frame the driver received; it is copied out before the buffer is reused."""
+        if trace_netif_receive_skb.on:
+            trace_netif_receive_skb(dev=self.dev.name, len=len(frame))
+        if len(frame) < ETH_HLEN:
+            self.dev.stats["rx_errors"] += 1
+            return
+        proto = int.from_bytes(frame[12:14], "big")
+        if proto == ETH_P_ARP:
+            self.arp_rcv(frame)
+        elif proto == ETH_P_IP:
+            self.ip_rcv(frame[ETH_HLEN:])
+
+    def ip_rcv(self, pkt: memoryview) -> None:
+        if len(pkt) < IP_HLEN:
+            self.dev.stats["rx_errors"] += 1
+            return
+        ver_ihl, _, tot_len, _, _, _, proto, _, saddr, daddr = IPV4.unpack_from(pkt, 0)
+        ihl = (ver_ihl & 0xF) * 4
+        if ver_ihl >> 4 != 4 or tot_len > len(pkt) or csum_partial(pkt[:ihl]) % 0xFFFF:
+            self.counters["csum_errors"] += 1
+            return
+        if daddr != self.ip:
+            return
+        body = pkt[ihl:tot_len]
+        if proto == IPPROTO_UDP:
+            self.udp_rcv(saddr, daddr, body)
+        elif proto == IPPROTO_ICMP:
+            self.icmp_rcv(saddr, body)
+
+    def udp_rcv(self, saddr: bytes, daddr: bytes, seg: memoryview) -> None:
+        sport, dport, length, check = UDP.unpack_from(seg, 0)
+        if check and csum_partial(seg[:length],
+                                  pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length)) % 0xFFFF:
+            self.counters["csum_errors"] += 1
+            return
+        sock = self.sockets.get(dport)
+        if sock is None:
+            self.counters["udp_no_port"] += 1
+            return
+        if len(sock.rcvq) >= UDP_SOCK_RCVQ_MAX:
+            sock.drops += 1
+            return
+        sock.rcvq.append((bytes(seg[UDP_HLEN:length]),
+                          (".".join(map(str, saddr)), sport), self.kernel.now_ns()))
+
+    def icmp_rcv(self, saddr: bytes, body: memoryview) -> None:
+        icmp_type, _, _, ident, seq = ICMP_ECHO_HDR.unpack_from(body, 0)
+        if icmp_type == ICMP_ECHOREPLY:
+            self.counters["icmp_echo_replies"] += 1
+            self.ping_replies.append((ident, seq))
+
+    def send_ping(self, daddr: str, ident: int, seq: int, payload: bytes = b"") -> None:
+        dst_ip = ip_aton(daddr)
+        icmp = ICMP_ECHO_HDR.pack(ICMP_ECHO, 0, 0, ident, seq) + payload
+        icmp = icmp[:2] + csum_fold(csum_partial(icmp)).to_bytes(2, "big") + icmp[4:]
+        tot_len = IP_HLEN + len(icmp)
+        self.ip_id = (self.ip_id + 1) & 0xFFFF
+        hdr = bytearray(IPV4.pack(0x45, 0, tot_len, self.ip_id, IP_DF, 64, IPPROTO_ICMP, 0,
+                                  self.ip, dst_ip))
+        hdr[10:12] = csum_fold(csum_partial(hdr)).to_bytes(2, "big")
+        dst = self.next_hop_mac(dst_ip)
+        skb = self.alloc_skb_wait()
+        frame = ETH.pack(dst or BROADCAST_MAC, self.dev.dev_addr, ETH_P_IP) + bytes(hdr) + icmp
+        self.ram[skb.data : skb.data + len(frame)] = frame
+        skb.len = len(frame)
+        if dst is None:
+            self.arp_resolve(dst_ip, skb)
+        else:
+            self.xmit(skb)

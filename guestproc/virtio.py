@@ -1,0 +1,115 @@
+"""Stands for drivers/virtio/virtio.c: the virtio bus: device registration, the status
+handshake and feature negotiation, and the config-space accessors drivers use."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.trace import trace_event, traced
+from common.virtio_abi import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
+
+trace_virtio_add_status = trace_event("virtio_add_status")
+
+
+@dataclass(frozen=True)
+class VirtioConfigOps:
+    """struct virtio_config_ops: what a transport offers the virtio core and drivers."""
+
+    get: Callable[[Any, int, int], bytes]
+    set: Callable[[Any, int, bytes], None]
+    get_status: Callable[[Any], int]
+    set_status: Callable[[Any, int], None]
+    reset: Callable[[Any], None]
+    find_vqs: Callable[..., list]
+    del_vqs: Callable[[Any], None]
+    get_features: Callable[[Any], int]
+    finalize_features: Callable[[Any], int]
+    bus_name: Callable[[Any], str]
+    set_vq_affinity: Callable[[Any, int], int]
+
+
+@dataclass
+class VirtioDriver:
+    """struct virtio_driver: the features a driver understands and its probe."""
+
+    name: str
+    feature_table: list[int]
+    probe: Callable[[Any], Any]
+
+
+class VirtioFeaturesError(Exception):
+    pass
+
+
+def virtio_has_feature(vdev: Any, bit: int) -> bool:
+    return bool(vdev.features & (1 << bit))
+
+
+def virtio_add_status(vdev: Any, status: int) -> None:
+    if trace_virtio_add_status.on:
+        trace_virtio_add_status(status=status)
+    vdev.config.set_status(vdev, vdev.config.get_status(vdev) | status)
+
+
+def vring_transport_features(vdev: Any) -> None:
+    """Keep only the ring/transport bits this ring implementation understands."""
+    keep = {VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_ANY_LAYOUT}
+    for bit in range(28, 32):
+        if bit not in keep:
+            vdev.features &= ~(1 << bit)
+
+
+def virtio_features_ok(vdev: Any) -> None:
+    virtio_add_status(vdev, VIRTIO_CONFIG_S_FEATURES_OK)
+    if not vdev.config.get_status(vdev) & VIRTIO_CONFIG_S_FEATURES_OK:
+        raise VirtioFeaturesError("virtio: device refuses features")
+
+
+def virtio_device_ready(vdev: Any) -> None:
+    status = vdev.config.get_status(vdev)
+    vdev.config.set_status(vdev, status | VIRTIO_CONFIG_S_DRIVER_OK)
+
+
+@traced
+def virtio_dev_probe(vdev: Any, driver: VirtioDriver) -> Any:
+    virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER)
+    device_features = vdev.config.get_features(vdev)
+    driver_features = 0
+    for bit in driver.feature_table:
+        driver_features |= 1 << bit
+    vdev.features = driver_features & device_features
+    vdev.config.finalize_features(vdev)
+    try:
+        virtio_features_ok(vdev)
+        return driver.probe(vdev)
+    except Exception:
+        virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED)
+        raise
+
+
+@traced
+def register_virtio_device(vdev: Any, driver: VirtioDriver) -> Any:
+    """Reset the device, acknowledge it, and let the matching driver probe it."""
+    vdev.config.reset(vdev)
+    virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    return virtio_dev_probe(vdev, driver)
+
+
+def virtio_cread_bytes(vdev: Any, offset: int, length: int) -> bytes:
+    return vdev.config.get(vdev, offset, length)
+
+
+def virtio_cread16(vdev: Any, offset: int) -> int:
+    return struct.unpack("<H", virtio_cread_bytes(vdev, offset, 2))[0]

@@ -1,0 +1,445 @@
+"""Stands for drivers/net/virtio_net.c: the guest's virtio-net driver (Linux 6.1 shape).
+
+Probe and queues: ``virtnet_probe`` -> ``init_vqs`` -> ``virtnet_alloc_queues`` ->
+``virtnet_find_vqs`` (callbacks ``skb_recv_done`` / ``skb_xmit_done``, names input.N /
+output.N) -> ``vdev.config.find_vqs``.
+TX: ``start_xmit`` -> ``xmit_skb`` -> ``virtqueue_add_outbuf``; ``virtqueue_kick_prepare`` ->
+``virtqueue_notify``; completions come back through ``skb_xmit_done`` -> NAPI
+``virtnet_poll_tx`` -> ``free_old_xmit_skbs``.
+RX: ``try_fill_recv`` posts buffers; ``skb_recv_done`` -> NAPI ``virtnet_poll`` ->
+``virtnet_receive`` -> ``receive_buf`` -> the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from common.inet import ETH_DATA_LEN, ETH_HLEN
+from common.trace import trace_event, traced
+from common.virtio_abi import (
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_NET_CONFIG,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_MRG_RXBUF,
+    VIRTIO_RING_F_EVENT_IDX,
+    virtio_net_hdr_len,
+)
+from guestproc.kernel import (
+    Kernel,
+    Napi,
+    __napi_schedule,
+    napi_complete_done,
+    napi_schedule_prep,
+)
+from guestproc.mm import PageAllocator, SkBuff, SkbPool
+from guestproc.netstack import (
+    NETDEV_TX_OK,
+    NetDevice,
+    netdev_xmit_more,
+    netif_start_subqueue,
+    netif_stop_subqueue,
+    netif_tx_queue_stopped,
+    netif_wake_subqueue,
+)
+from guestproc.virtio import VirtioDriver, virtio_cread_bytes, virtio_device_ready, \
+    virtio_has_feature
+from guestproc.virtio_ring import (
+    Virtqueue,
+    virtqueue_add_inbuf,
+    virtqueue_add_outbuf,
+    virtqueue_disable_cb,
+    virtqueue_enable_cb_delayed,
+    virtqueue_enable_cb_prepare,
+    virtqueue_get_buf,
+    virtqueue_kick_prepare,
+    virtqueue_notify,
+    virtqueue_poll,
+)
+
+MAX_SKB_FRAGS = 17
+VLAN_HLEN = 4
+GOOD_PACKET_LEN = ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
+RX_BUF_SIZE = 2048
+
+trace_start_xmit = trace_event("start_xmit")
+trace_skb_xmit_done = trace_event("skb_xmit_done")
+trace_skb_recv_done = trace_event("skb_recv_done")
+trace_free_old_xmit_skbs = trace_event("free_old_xmit_skbs")
+trace_receive_buf = trace_event("receive_buf")
+
+
+class SendQueue:
+    """struct send_queue."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = f"output.{index}"
+        self.vq: Virtqueue = None  # type: ignore[assignment]
+        self.napi: Napi = None  # type: ignore[assignment]
+        self.stats = {"packets": 0, "bytes": 0, "kicks": 0, "xmit_more": 0, "stops": 0,
+                      "wakes": 0}
+
+
+class ReceiveQueue:
+    """struct receive_queue; its buffers are a fixed slab in guest RAM."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = f"input.{index}"
+        self.vq: Virtqueue = None  # type: ignore[assignment]
+        self.napi: Napi = None  # type: ignore[assignment]
+        self.pool: SkbPool = None  # type: ignore[assignment]
+        self.buf_len = 0
+        self.stats = {"packets": 0, "bytes": 0, "drops": 0, "kicks": 0, "refills": 0}
+        self.refill_enabled = True
+
+
+class VirtnetInfo:
+    """struct virtnet_info."""
+
+    def __init__(self, vdev: Any, kernel: Kernel, ram: memoryview, pages: PageAllocator) -> None:
+        self.vdev = vdev
+        self.kernel = kernel
+        self.ram = ram
+        self.pages = pages
+        self.dev: NetDevice = None  # type: ignore[assignment]
+        self.sq: list[SendQueue] = []
+        self.rq: list[ReceiveQueue] = []
+        self.max_queue_pairs = 1
+        self.curr_queue_pairs = 1
+        self.hdr_len = 10
+        self.mergeable_rx_bufs = False
+        self.any_header_sg = False
+        self.rx_handler: Callable[[memoryview], None] = lambda frame: None
+        self.zero_hdr = b""
+
+
+def txq2vq(txq: int) -> int:
+    return txq * 2 + 1
+
+
+def rxq2vq(rxq: int) -> int:
+    return rxq * 2
+
+
+def vq2txq(vq: Virtqueue) -> int:
+    return (vq.index - 1) // 2
+
+
+def vq2rxq(vq: Virtqueue) -> int:
+    return vq.index // 2
+
+
+# -- NAPI glue -----------------------------------------------------------------------------------
+
+
+def virtqueue_napi_schedule(napi: Napi, vq: Virtqueue) -> None:
+    if napi_schedule_prep(napi):
+        virtqueue_disable_cb(vq)
+        __napi_schedule(napi)
+
+
+def virtqueue_napi_complete(napi: Napi, vq: Virtqueue, processed: int) -> None:
+    opaque = virtqueue_enable_cb_prepare(vq)
+    if napi_complete_done(napi, processed):
+        if virtqueue_poll(vq, opaque):
+            virtqueue_napi_schedule(napi, vq)
+    else:
+        virtqueue_disable_cb(vq)
+
+
+# -- TX ------------------------------------------------------------------------------------------
+
+
+@traced
+def skb_xmit_done(vq: Virtqueue) -> None:
+    """The TX queue's interrupt callback: suppress further interrupts, let NAPI reclaim."""
+    vi: VirtnetInfo = vq.vdev.priv
+    if trace_skb_xmit_done.on:
+        trace_skb_xmit_done(vq=vq.name, used_idx=vq.used_hdr[1])
+    napi = vi.sq[vq2txq(vq)].napi
+    virtqueue_disable_cb(vq)
+    virtqueue_napi_schedule(napi, vq)
+
+
+@traced
+def free_old_xmit_skbs(sq: SendQueue, in_napi: bool) -> int:
+    vq = sq.vq
+    pool_free = sq.vq.vdev.priv.skb_pool.kfree_skb
+    packets = nbytes = 0
+    while True:
+        r = virtqueue_get_buf(vq)
+        if r is None:
+            break
+        skb = r[0]
+        nbytes += skb.len
+        pool_free(skb)
+        packets += 1
+    if not packets:
+        return 0
+    sq.stats["packets"] += packets
+    sq.stats["bytes"] += nbytes
+    if trace_free_old_xmit_skbs.on:
+        trace_free_old_xmit_skbs(vq=vq.name, packets=packets)
+    return packets
+
+
+@traced
+def virtnet_poll_tx(napi: Napi, budget: int) -> int:
+    sq: SendQueue = napi.owner  # type: ignore[assignment]
+    vi: VirtnetInfo = sq.vq.vdev.priv
+    dev = vi.dev
+    virtqueue_disable_cb(sq.vq)
+    free_old_xmit_skbs(sq, True)
+    if sq.vq.num_free >= 2 + MAX_SKB_FRAGS and netif_tx_queue_stopped(dev, sq.index):
+        sq.stats["wakes"] += 1
+        netif_wake_subqueue(dev, sq.index)
+    opaque = virtqueue_enable_cb_prepare(sq.vq)
+    done = napi_complete_done(napi, 0)
+    if not done:
+        virtqueue_disable_cb(sq.vq)
+    elif virtqueue_poll(sq.vq, opaque) and napi_schedule_prep(napi):
+        virtqueue_disable_cb(sq.vq)
+        __napi_schedule(napi)
+    return 0
+
+
+
+@traced
+def xmit_skb(sq: SendQueue, skb: SkBuff) -> int:
+    """Prepend the virtio-net header (no offloads: all zero) and add the buffers to the ring."""
+    vi: VirtnetInfo = sq.vq.vdev.priv
+    hdr_len = vi.hdr_len
+    ram = vi.ram
+    if vi.any_header_sg:  # can_push: the header goes in the headroom, one descriptor
+        start = skb.data - hdr_len
+        ram[start : skb.data] = vi.zero_hdr
+        return virtqueue_add_outbuf(sq.vq, [(start, skb.len + hdr_len)], skb)
+    ram[skb.head : skb.head + hdr_len] = vi.zero_hdr
+    return virtqueue_add_outbuf(sq.vq, [(skb.head, hdr_len), (skb.data, skb.len)], skb)
+
+
+def check_sq_full_and_disable(vi: VirtnetInfo, dev: NetDevice, sq: SendQueue) -> None:
+    if sq.vq.num_free < 2 + MAX_SKB_FRAGS:
+        netif_stop_subqueue(dev, sq.index)
+        sq.stats["stops"] += 1
+        if not virtqueue_enable_cb_delayed(sq.vq):
+            virtqueue_napi_schedule(sq.napi, sq.vq)
+
+
+@traced
+def start_xmit(skb: SkBuff, dev: NetDevice) -> int:
+    """ndo_start_xmit: reclaim what the device finished, queue this frame, kick if needed."""
+    vi: VirtnetInfo = dev.priv
+    sq = vi.sq[0]
+    vq = sq.vq
+    kick = not netdev_xmit_more(dev)
+    if trace_start_xmit.on:
+        trace_start_xmit(dev=dev.name, len=skb.len, vq=vq.name, xmit_more=not kick)
+    while True:
+        virtqueue_disable_cb(vq)
+        free_old_xmit_skbs(sq, False)
+        if not kick or virtqueue_enable_cb_delayed(vq):
+            break
+    err = xmit_skb(sq, skb)
+    if err:
+        dev.stats["tx_dropped"] += 1
+        vi.skb_pool.kfree_skb(skb)
+        return NETDEV_TX_OK
+    dev.stats["tx_packets"] += 1
+    dev.stats["tx_bytes"] += skb.len
+    check_sq_full_and_disable(vi, dev, sq)
+    if kick or netif_tx_queue_stopped(dev, sq.index):
+        if virtqueue_kick_prepare(vq) and virtqueue_notify(vq):
+            sq.stats["kicks"] += 1
+    else:
+        sq.stats["xmit_more"] += 1
+    return NETDEV_TX_OK
+
+
+# -- RX ------------------------------------------------------------------------------------------
+
+
+@traced
+def skb_recv_done(rvq: Virtqueue) -> None:
+    """The RX queue's interrupt callback: schedule NAPI, which disables further interrupts."""
+    vi: VirtnetInfo = rvq.vdev.priv
+    if trace_skb_recv_done.on:
+        trace_skb_recv_done(vq=rvq.name, used_idx=rvq.used_hdr[1])
+    rq = vi.rq[vq2rxq(rvq)]
+    virtqueue_napi_schedule(rq.napi, rvq)
+
+
+def add_recvbuf_small(vi: VirtnetInfo, rq: ReceiveQueue) -> int:
+    buf = rq.pool.alloc_skb()
+    if buf is None:
+        return -12  # -ENOMEM
+    err = virtqueue_add_inbuf(rq.vq, [(buf.data, rq.buf_len)], buf)
+    if err:
+        rq.pool.kfree_skb(buf)
+    return err
+
+
+@traced
+def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue) -> bool:
+    """Post RX buffers until the ring is full, then kick if the device wants to know."""
+    if not rq.refill_enabled:
+        return True
+    oom = False
+    added = 0
+    while rq.vq.num_free:
+        err = add_recvbuf_small(vi, rq)
+        if err:
+            oom = err == -12
+            break
+        added += 1
+    if added:
+        rq.stats["refills"] += added
+    if virtqueue_kick_prepare(rq.vq) and virtqueue_notify(rq.vq):
+        rq.stats["kicks"] += 1
+    return not oom
+
+
+@traced
+def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> None:
+    hdr_len = vi.hdr_len
+    if length < hdr_len + ETH_HLEN:
+        rq.stats["drops"] += 1
+        vi.dev.stats["rx_dropped"] += 1
+        rq.pool.kfree_skb(buf)
+        return
+    ram = vi.ram
+    if vi.mergeable_rx_bufs:
+        num_buffers = VIRTIO_NET_HDR_MRG_RXBUF.unpack_from(ram, buf.data)[6]
+        frame = bytearray(ram[buf.data + hdr_len : buf.data + length])
+        rq.pool.kfree_skb(buf)
+        for _ in range(num_buffers - 1):
+            r = virtqueue_get_buf(rq.vq)
+            if r is None:
+                rq.stats["drops"] += 1
+                vi.dev.stats["rx_dropped"] += 1
+                return
+            nbuf, nlen = r
+            frame += ram[nbuf.data : nbuf.data + nlen]
+            rq.pool.kfree_skb(nbuf)
+        view = memoryview(frame)
+    else:
+        view = ram[buf.data + hdr_len : buf.data + length]
+    if trace_receive_buf.on:
+        trace_receive_buf(vq=rq.vq.name, len=len(view))
+    rq.stats["packets"] += 1
+    rq.stats["bytes"] += len(view)
+    vi.dev.stats["rx_packets"] += 1
+    vi.dev.stats["rx_bytes"] += len(view)
+    vi.rx_handler(view)
+    if not vi.mergeable_rx_bufs:
+        rq.pool.kfree_skb(buf)
+
+
+@traced
+def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
+    vi: VirtnetInfo = rq.vq.vdev.priv
+    received = 0
+    while received < budget:
+        r = virtqueue_get_buf(rq.vq)
+        if r is None:
+            break
+        receive_buf(vi, rq, r[0], r[1])
+        received += 1
+    if rq.vq.num_free > min(budget, rq.vq.num) // 2:
+        try_fill_recv(vi, rq)
+    return received
+
+
+@traced
+def virtnet_poll(napi: Napi, budget: int) -> int:
+    rq: ReceiveQueue = napi.owner  # type: ignore[assignment]
+    received = virtnet_receive(rq, budget)
+    if received < budget:
+        virtqueue_napi_complete(napi, rq.vq, received)
+    return received
+
+
+# -- probe ---------------------------------------------------------------------------------------
+
+
+def virtnet_alloc_queues(vi: VirtnetInfo) -> None:
+    vi.sq = [SendQueue(i) for i in range(vi.max_queue_pairs)]
+    vi.rq = [ReceiveQueue(i) for i in range(vi.max_queue_pairs)]
+    for rq in vi.rq:
+        rq.napi = vi.kernel.napi_add(f"virtnet_poll/{rq.name}", virtnet_poll, rq)
+    for sq in vi.sq:
+        sq.napi = vi.kernel.napi_add(f"virtnet_poll_tx/{sq.name}", virtnet_poll_tx, sq)
+
+
+@traced
+def virtnet_find_vqs(vi: VirtnetInfo) -> None:
+    total_vqs = vi.max_queue_pairs * 2
+    callbacks: list[Callable[[Virtqueue], None] | None] = [None] * total_vqs
+    names: list[str | None] = [None] * total_vqs
+    for i in range(vi.max_queue_pairs):
+        callbacks[rxq2vq(i)] = skb_recv_done
+        callbacks[txq2vq(i)] = skb_xmit_done
+        names[rxq2vq(i)] = vi.rq[i].name
+        names[txq2vq(i)] = vi.sq[i].name
+    vqs = vi.vdev.config.find_vqs(vi.vdev, total_vqs, callbacks, names)
+    for i in range(vi.max_queue_pairs):
+        vi.rq[i].vq = vqs[rxq2vq(i)]
+        vi.sq[i].vq = vqs[txq2vq(i)]
+
+
+@traced
+def init_vqs(vi: VirtnetInfo) -> None:
+    virtnet_alloc_queues(vi)
+    virtnet_find_vqs(vi)
+
+
+def virtnet_napi_enable(vq: Virtqueue, napi: Napi) -> None:
+    virtqueue_napi_schedule(napi, vq)
+
+
+@traced
+def virtnet_open(dev: NetDevice) -> None:
+    vi: VirtnetInfo = dev.priv
+    for rq in vi.rq:
+        try_fill_recv(vi, rq)
+        virtnet_napi_enable(rq.vq, rq.napi)
+    vi.kernel.do_softirq()
+
+
+@traced
+def virtnet_probe(vdev: Any) -> VirtnetInfo:
+    vi = VirtnetInfo(vdev, vdev.kernel, vdev.ram, vdev.pages)
+    vdev.priv = vi
+    if virtio_has_feature(vdev, VIRTIO_NET_F_MAC):
+        mac = virtio_cread_bytes(vdev, 0, 6)
+    else:
+        mac = bytes.fromhex("525400123456")
+    vi.dev = dev = NetDevice("eth0", mac)
+    dev.priv = vi
+    dev.ndo_start_xmit = start_xmit
+    vi.mergeable_rx_bufs = virtio_has_feature(vdev, VIRTIO_NET_F_MRG_RXBUF)
+    vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs)
+    vi.zero_hdr = bytes(vi.hdr_len)
+    vi.any_header_sg = virtio_has_feature(vdev, VIRTIO_F_ANY_LAYOUT)
+    if virtio_has_feature(vdev, VIRTIO_NET_F_STATUS):
+        vi.link_status = VIRTIO_NET_CONFIG.unpack(virtio_cread_bytes(vdev, 0, 10))[1]
+    init_vqs(vi)
+    ring = vi.sq[0].vq.num
+    vi.skb_pool = SkbPool(vi.pages, ring * 2)
+    for rq in vi.rq:
+        rq.pool = SkbPool(vi.pages, rq.vq.num)
+        rq.buf_len = vi.hdr_len + GOOD_PACKET_LEN
+    virtio_device_ready(vdev)
+    return vi
+
+
+virtio_net_driver = VirtioDriver(
+    name="virtio_net",
+    feature_table=[VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+                   VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_ANY_LAYOUT],
+    probe=virtnet_probe,
+)

@@ -1,0 +1,1 @@
+"""KVM: the vCPU run loop, exit handling, in-kernel ioeventfd/irqfd, the local APIC."""

@@ -1,0 +1,61 @@
+"""kvmproc: KVM for one VM with one vCPU. Usage: python -m kvmproc RUNDIR"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+
+from common.channel import Channel
+from common.kvm_abi import packb
+from common.process import ProcessRuntime, Stop
+from common.trace import register_thread
+from kvmproc.kvm_main import Kvm
+
+
+def vcpu_thread(kvm: Kvm, rt: ProcessRuntime) -> None:
+    """Serves QEMU's KVM_RUN ioctls for vCPU 0, one at a time."""
+    register_thread("vcpu0")
+    req_ch = Channel(rt.cfg.channel("vcpu_req"))
+    exit_ch = Channel(rt.cfg.channel("vcpu_exit"))
+    try:
+        while True:
+            req = req_ch.recv()
+            assert req is not None
+            exit_ch.send(kvm.kvm_vcpu_ioctl(req))
+    except Exception as e:  # noqa: BLE001 - reported to the supervisor, then the VM stops
+        if not rt.stopping:
+            rt.fail(f"vcpu thread: {type(e).__name__}: {e}")
+            traceback.print_exc()
+
+
+def main() -> int:
+    rt = ProcessRuntime("kvm", sys.argv[1])
+    kvm = Kvm(rt.cfg)
+    threading.Thread(target=vcpu_thread, args=(kvm, rt), name="vcpu0", daemon=True).start()
+    vm_req = Channel(rt.cfg.channel("vm_req"))
+    vm_rep = Channel(rt.cfg.channel("vm_rep"))
+    code = 0
+    try:
+        rt.tell("ready")
+        while not kvm.destroyed:
+            req = vm_req.recv(0.5)
+            if req is None:
+                continue
+            vm_rep.send_raw(packb(kvm.kvm_vm_ioctl(req)))
+    except Stop:
+        pass
+    except Exception as e:  # noqa: BLE001
+        rt.fail(f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        code = 1
+    finally:
+        kvm.lapic.stop()
+        kvm.irqfds.shutdown()
+        rt.report(kvm.describe())
+        rt.finish()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Stands for virt/kvm/eventfd.c: ioeventfd (a guest write that signals an eventfd without
+leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from common.notifier import EventNotifier
+from common.trace import trace_event
+from kvmproc.irqchip import IrqRouting
+from kvmproc.stats import KvmStats
+
+trace_kvm_ioeventfd_signal = trace_event("ioeventfd_write")
+trace_irqfd_wakeup = trace_event("irqfd_wakeup")
+
+
+@dataclass
+class Ioeventfd:
+    """struct _ioeventfd: a (bus, address, length, datamatch) that signals a notifier."""
+
+    addr: int
+    length: int
+    datamatch: int | None
+    notifier: EventNotifier
+    is_pio: bool
+    signals: int = 0
+
+
+class IoeventfdBus:
+    """The ioeventfds registered on the PIO and MMIO buses (kvm_io_bus_write's devices)."""
+
+    def __init__(self, stats: KvmStats) -> None:
+        self.stats = stats
+        self.fds: dict[tuple[bool, int, int], list[Ioeventfd]] = {}
+
+    def kvm_assign_ioeventfd(self, is_pio: bool, addr: int, length: int,
+                             datamatch: int | None, name: str) -> None:
+        p = Ioeventfd(addr, length, datamatch, EventNotifier(name), is_pio)
+        self.fds.setdefault((is_pio, addr, length), []).append(p)
+
+    def kvm_deassign_ioeventfd(self, is_pio: bool, addr: int, length: int,
+                               datamatch: int | None) -> bool:
+        lst = self.fds.get((is_pio, addr, length), [])
+        for p in lst:
+            if p.datamatch == datamatch:
+                lst.remove(p)
+                p.notifier.close()
+                return True
+        return False
+
+    def ioeventfd_write(self, is_pio: bool, addr: int, length: int, val: int) -> bool:
+        """kvm_io_bus_write: True if an ioeventfd took the write (the guest resumes at once)."""
+        lst = self.fds.get((is_pio, addr, length))
+        if not lst:
+            return False
+        for p in lst:
+            if p.datamatch is None or p.datamatch == val:
+                p.signals += 1
+                self.stats.vcpu["ioeventfd_signals"] += 1
+                if trace_kvm_ioeventfd_signal.on:
+                    trace_kvm_ioeventfd_signal(addr=addr, len=length, val=val)
+                p.notifier.set()  # eventfd_signal
+                return True
+        return False
+
+    def describe(self) -> list[dict]:
+        return [{"bus": "pio" if p.is_pio else "mmio", "addr": p.addr, "len": p.length,
+                 "datamatch": p.datamatch, "eventfd": p.notifier.name, "signals": p.signals}
+                for lst in self.fds.values() for p in lst]
+
+
+class Irqfd:
+    """struct kvm_kernel_irqfd: a waiter on the notifier that injects its GSI when signalled."""
+
+    def __init__(self, gsi: int, name: str, routing: IrqRouting, stats: KvmStats) -> None:
+        self.gsi = gsi
+        self.notifier = EventNotifier(name)
+        self.routing = routing
+        self.stats = stats
+        self.signals = 0
+        self.active = True
+        self.thread = threading.Thread(target=self._wait, name=f"irqfd-gsi{gsi}", daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        wait = self.notifier.wait
+        while self.active:
+            if not wait(0.25):
+                continue
+            if not self.active:  # deassigned meanwhile: leave the signal to the new owner
+                self.notifier.set()
+                return
+            self.irqfd_wakeup()
+
+    def irqfd_wakeup(self) -> None:
+        self.signals += 1
+        self.stats.vcpu["irqfd_signals"] += 1
+        if trace_irqfd_wakeup.on:
+            trace_irqfd_wakeup(gsi=self.gsi)
+        if self.routing.kvm_set_irq(self.gsi):
+            self.stats.vcpu["irq_injections"] += 1
+
+    def shutdown(self) -> None:
+        self.active = False
+
+
+class IrqfdTable:
+    def __init__(self, routing: IrqRouting, stats: KvmStats) -> None:
+        self.routing = routing
+        self.stats = stats
+        self.irqfds: dict[int, Irqfd] = {}
+
+    def kvm_irqfd_assign(self, gsi: int, name: str) -> None:
+        old = self.irqfds.pop(gsi, None)
+        if old is not None:
+            old.shutdown()
+        self.irqfds[gsi] = Irqfd(gsi, name, self.routing, self.stats)
+
+    def kvm_irqfd_deassign(self, gsi: int) -> bool:
+        old = self.irqfds.pop(gsi, None)
+        if old is None:
+            return False
+        old.shutdown()
+        return True
+
+    def describe(self) -> list[dict]:
+        return [{"gsi": f.gsi, "eventfd": f.notifier.name, "route": self.routing.routes.get(f.gsi),
+                 "signals": f.signals} for f in self.irqfds.values()]
+
+    def shutdown(self) -> None:
+        for f in self.irqfds.values():
+            f.shutdown()

@@ -1,0 +1,99 @@
+"""Stands for virt/kvm/kvm_main.c: the VM and its ioctls, as QEMU reaches them.
+
+QEMU's vCPU thread sends KVM_RUN on the vCPU channel; any QEMU thread sends VM ioctls
+(KVM_IOEVENTFD, KVM_IRQFD, KVM_SET_GSI_ROUTING, ...) on the VM channel and reads the result.
+"""
+
+from __future__ import annotations
+
+from common.channel import Channel
+from common.ipc import RunConfig
+from common.kvm_abi import (
+    KVM_DESTROY_VM,
+    KVM_GET_STATS,
+    KVM_IOEVENTFD,
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQFD,
+    KVM_IRQFD_FLAG_DEASSIGN,
+    KVM_RUN,
+    KVM_SET_GSI_ROUTING,
+)
+from common.notifier import EventNotifier
+from common.trace import trace_event
+from kvmproc.eventfd import IoeventfdBus, IrqfdTable
+from kvmproc.irqchip import IrqRouting
+from kvmproc.lapic import MODE_NAMES, KvmLapic
+from kvmproc.stats import KvmStats
+from kvmproc.vcpu import KvmVcpu
+
+EINVAL = 22
+ENOENT = 2
+trace_kvm_vm_ioctl = trace_event("kvm_vm_ioctl")
+
+
+class Kvm:
+    """struct kvm with its one vCPU."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.stats = KvmStats()
+        self.lapic = KvmLapic(EventNotifier(cfg.kick))
+        self.routing = IrqRouting(self.lapic)
+        self.bus = IoeventfdBus(self.stats)
+        self.irqfds = IrqfdTable(self.routing, self.stats)
+        self.vcpu = KvmVcpu(Channel(cfg.channel("guest_exit")),
+                            Channel(cfg.channel("guest_entry")), self.lapic, self.bus, self.stats)
+        self.destroyed = False
+        self.allowed_names = set(cfg.semaphores())
+
+    def kvm_vcpu_ioctl(self, req: list) -> list:
+        if req[0] == KVM_RUN:
+            return self.vcpu.kvm_arch_vcpu_ioctl_run(req[1] or 0)
+        return [-EINVAL]
+
+    def kvm_vm_ioctl(self, req: list) -> list:
+        """Serve one VM ioctl; the reply is [ret, payload]."""
+        op = req[0]
+        if trace_kvm_vm_ioctl.on:
+            trace_kvm_vm_ioctl(op=op)
+        if op == KVM_IOEVENTFD:
+            _, addr, length, datamatch, flags, name = req
+            is_pio = bool(flags & KVM_IOEVENTFD_FLAG_PIO)
+            dm = datamatch if flags & KVM_IOEVENTFD_FLAG_DATAMATCH else None
+            if flags & KVM_IOEVENTFD_FLAG_DEASSIGN:
+                ok = self.bus.kvm_deassign_ioeventfd(is_pio, addr, length, dm)
+                return [0 if ok else -ENOENT, None]
+            if name not in self.allowed_names:
+                return [-EINVAL, None]
+            self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
+            return [0, None]
+        if op == KVM_IRQFD:
+            _, gsi, flags, name = req
+            if flags & KVM_IRQFD_FLAG_DEASSIGN:
+                return [0 if self.irqfds.kvm_irqfd_deassign(gsi) else -ENOENT, None]
+            if name not in self.allowed_names:
+                return [-EINVAL, None]
+            self.irqfds.kvm_irqfd_assign(gsi, name)
+            return [0, None]
+        if op == KVM_SET_GSI_ROUTING:
+            self.routing.kvm_set_irq_routing(req[1])
+            return [0, None]
+        if op == KVM_GET_STATS:
+            return [0, self.describe()]
+        if op == KVM_DESTROY_VM:
+            self.destroyed = True
+            return [0, None]
+        return [-EINVAL, None]
+
+    def describe(self) -> dict:
+        return {
+            **self.stats.as_dict(),
+            "vcpu_mode": MODE_NAMES[self.lapic.mode],
+            "pending_vectors": list(self.lapic.irr),
+            "ipis": self.lapic.ipis,
+            "apic_timer_fires": self.lapic.timer_fires,
+            "ioeventfds": self.bus.describe(),
+            "irqfds": self.irqfds.describe(),
+        }

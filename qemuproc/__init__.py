@@ -1,0 +1,1 @@
+"""QEMU: vCPU thread, virtio-pci and virtio-net devices, main loop, net layer, slirp."""

@@ -1,0 +1,160 @@
+"""qemuproc: QEMU with one vCPU, a legacy virtio-net-pci NIC and ``-netdev user`` (slirp).
+
+Usage: python -m qemuproc RUNDIR
+
+Two threads, as in QEMU: the vCPU thread (``qemu_kvm_cpu_thread_fn`` -> ``kvm_cpu_exec``)
+and the main loop (I/O thread), serialized by the Big QEMU Lock.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from typing import Any
+
+from common.channel import Channel
+from common.guest_memory import GuestMemory
+from common.process import ProcessRuntime, Stop
+from common.trace import register_thread
+from qemuproc.dump import FilterDump
+from qemuproc.kvm_all import CPUState, KVMState, KvmError, KvmIoListener, kvm_cpu_exec
+from qemuproc.main_loop import MainLoop
+from qemuproc.memory import AddressSpace
+from qemuproc.net import NetClientInfo, qemu_flush_queued_packets, qemu_new_net_client, \
+    qemu_send_packet
+from qemuproc.pci import PCIHostState
+from qemuproc.slirp import Slirp, SlirpSocket, SlirpState, net_slirp_receive
+from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
+from qemuproc.virtio_pci import VirtIOPCIProxy
+
+
+class Machine:
+    """What QEMU builds from its command line: address spaces, PCI, the NIC, the netdev."""
+
+    def __init__(self, rt: ProcessRuntime) -> None:
+        cfg = rt.cfg
+        opts = cfg.options
+        self.rt = rt
+        self.mem = GuestMemory(cfg.ram)
+        self.main_loop = ml = MainLoop()
+        self.io_as = AddressSpace("I/O", is_io=True)
+        self.mem_as = AddressSpace("memory", is_io=False)
+        self.kvm = KVMState(Channel(cfg.channel("vm_req")), Channel(cfg.channel("vm_rep")))
+        self.io_as.listeners.append(KvmIoListener(self.kvm))
+        self.mem_as.listeners.append(KvmIoListener(self.kvm))
+        self.host = PCIHostState(self.io_as)
+
+        # -netdev user,id=n0[,hostfwd=udp::H-:G]
+        self.slirp = Slirp(lambda frame: qemu_send_packet(self.netdev, frame),
+                           udp_expire_s=opts.get("udp_expire_s", 240.0))
+        self.netdev = qemu_new_net_client(NetClientInfo("user", net_slirp_receive), None,
+                                          "user", "n0")
+        self.netdev.opaque = SlirpState(self.netdev, self.slirp)
+        self.slirp.would_block = self._slirp_would_block
+        ml.pollfds_fill.append(self.slirp.slirp_pollfds_fill)
+        ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
+        for host_port, guest_port in opts.get("hostfwd", []):
+            self.slirp.slirp_add_hostfwd(host_port, guest_port)
+        self.dump = None
+        if opts.get("pcap"):
+            self.dump = FilterDump(opts["pcap"])
+            self.netdev.filters.append(self.dump)
+
+        # -device virtio-net-pci,netdev=n0,disable-modern=on,...
+        self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
+                           tx_burst=opts.get("tx_burst", 256),
+                           event_idx=opts.get("event_idx", True),
+                           mrg_rxbuf=opts.get("mrg_rxbuf", False))
+        virtio_net_device_init(self.n, self.netdev)
+        self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
+                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+        self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
+                            ml.bql, self.io_as, self.mem_as)
+        self.cpu_error: str | None = None
+
+    def _slirp_would_block(self, so: SlirpSocket) -> None:
+        """The host socket is full: retry the queued frame when it can be written again."""
+        fd = so.s.fileno()
+
+        def writable(_: Any) -> None:
+            self.main_loop.qemu_set_fd_handler(fd, None, None, None)
+            qemu_flush_queued_packets(self.netdev)
+
+        self.main_loop.qemu_set_fd_handler(fd, None, writable, None, "slirp-sndbuf")
+
+    def qemu_kvm_cpu_thread_fn(self) -> None:
+        register_thread("CPU 0/KVM")
+        ml = self.main_loop
+        try:
+            with ml.bql:
+                kvm_cpu_exec(self.cpu)
+        except Exception as e:  # noqa: BLE001 - the VM cannot go on; say why
+            if not self.rt.stopping:
+                self.cpu_error = f"vCPU thread: {type(e).__name__}: {e}"
+                traceback.print_exc()
+        finally:
+            ml.quit = True  # qemu_system_shutdown_request
+            ml.qemu_notify_event()
+
+    def report(self) -> dict:
+        vdev = self.n
+        return {
+            "queues": {vq.name: {"pops": vq.pops, "kicks_handled": vq.kicks,
+                                 "notifies": vq.notifies, "inuse": vq.inuse,
+                                 "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
+                                 "vector": vq.vector} for vq in vdev.vq},
+            "virtio_net": describe(vdev),
+            "virtio_pci": self.proxy.describe(),
+            "guest_features": vdev.guest_features,
+            "status": vdev.status,
+            "broken": vdev.broken,
+            "errors": vdev.errors,
+            "slirp": self.slirp.describe(),
+            "netqueue": {"nic_dropped": self.n.nic.incoming_queue.dropped,
+                         "nic_queued": self.n.nic.incoming_queue.queued,
+                         "netdev_dropped": self.netdev.incoming_queue.dropped},
+            "kvm_run_exits": self.cpu.exit_counts,
+            "main_loop_iterations": self.main_loop.iterations,
+            "bh_runs": {bh.name: bh.runs for bh in self.main_loop.ctx.first_bh},
+            "aio_notifies": self.main_loop.ctx.notifies,
+            "pcap_frames": self.dump.frames if self.dump else 0,
+            "vm_ioctls": self.kvm.ioctls,
+        }
+
+
+def main() -> int:
+    rt = ProcessRuntime("qemu", sys.argv[1])
+    code = 0
+    m = None
+    try:
+        m = Machine(rt)
+        threading.Thread(target=m.qemu_kvm_cpu_thread_fn, name="CPU 0/KVM", daemon=True).start()
+        rt.tell("ready")
+        m.main_loop.run()
+        if m.cpu_error:
+            rt.fail(m.cpu_error)
+            code = 1
+    except Stop:
+        pass
+    except Exception as e:  # noqa: BLE001
+        rt.fail(f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        code = 1
+    finally:
+        if m is not None:
+            try:
+                rt.report(m.report())
+                if m.dump:
+                    m.dump.close()
+                if not rt.stopping:
+                    m.kvm.kvm_destroy_vm()
+            except (KvmError, OSError, Stop):
+                pass
+            m.slirp.cleanup()
+        rt.finish()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

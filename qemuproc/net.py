@@ -1,0 +1,187 @@
+"""Stands for net/net.c and net/queue.c: net clients, their peers, and the packet queue.
+
+A NIC and a backend (slirp) are peers. Sending from one delivers into the other's
+``incoming_queue``: delivered at once if the receiver can take it, else queued (bounded:
+beyond ``nq_maxlen`` a packet with no completion callback is dropped and counted). A
+receiver that returned 0 is disabled until ``qemu_flush_queued_packets``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from common.trace import trace_event, traced
+
+QEMU_NET_PACKET_FLAG_NONE = 0
+NET_QUEUE_MAXLEN = 10000
+
+SentCb = Callable[["NetClientState", int], None] | None
+trace_qemu_net_queue_send = trace_event("qemu_net_queue_send_iov")
+trace_nc_sendv_compat = trace_event("nc_sendv_compat")
+
+
+class NetFilter:
+    """A netfilter on a client (net/filter.c): sees each packet, may pass it on."""
+
+    def receive_iov(self, nc: NetClientState, sender: NetClientState,
+                    iov: list[memoryview | bytes]) -> None:
+        raise NotImplementedError
+
+
+class NetClientInfo:
+    """The callbacks a client type provides (struct NetClientInfo)."""
+
+    def __init__(self, type_: str, receive: Callable[[NetClientState, Any], int],
+                 can_receive: Callable[[NetClientState], bool] | None = None) -> None:
+        self.type = type_
+        self.receive = receive
+        self.can_receive = can_receive
+
+
+class NetPacket:
+    __slots__ = ("sender", "flags", "data", "sent_cb")
+
+    def __init__(self, sender: NetClientState, flags: int, data: bytes, sent_cb: SentCb) -> None:
+        self.sender = sender
+        self.flags = flags
+        self.data = data
+        self.sent_cb = sent_cb
+
+
+class NetQueue:
+    def __init__(self, owner: NetClientState, maxlen: int = NET_QUEUE_MAXLEN) -> None:
+        self.owner = owner
+        self.nq_maxlen = maxlen
+        self.packets: deque[NetPacket] = deque()
+        self.delivering = False
+        self.dropped = 0
+        self.queued = 0
+
+    def qemu_net_queue_append(self, sender: NetClientState, flags: int, data: bytes,
+                              sent_cb: SentCb) -> None:
+        if len(self.packets) >= self.nq_maxlen and sent_cb is None:
+            self.dropped += 1
+            return
+        self.queued += 1
+        self.packets.append(NetPacket(sender, flags, data, sent_cb))
+
+
+class NetClientState:
+    def __init__(self, info: NetClientInfo, name: str, model: str, queue_index: int = 0) -> None:
+        self.info = info
+        self.name = name
+        self.model = model
+        self.queue_index = queue_index
+        self.peer: NetClientState | None = None
+        self.incoming_queue = NetQueue(self)
+        self.receive_disabled = False
+        self.link_down = False
+        self.filters: list[NetFilter] = []
+        self.opaque: Any = None
+        self.sent = 0
+        self.received = 0
+
+
+def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model: str,
+                        name: str) -> NetClientState:
+    nc = NetClientState(info, name, model)
+    if peer is not None:
+        nc.peer = peer
+        peer.peer = nc
+    return nc
+
+
+def qemu_can_send_packet(sender: NetClientState) -> bool:
+    peer = sender.peer
+    if peer is None or peer.receive_disabled:
+        return False
+    if peer.info.can_receive is not None:
+        return peer.info.can_receive(peer)
+    return True
+
+
+@traced
+def nc_sendv_compat(nc: NetClientState, iov: list[memoryview | bytes], flags: int) -> int:
+    """Hand a receive() that takes one buffer a linear copy of the iovec (none if one piece)."""
+    if len(iov) == 1:
+        buffer = iov[0]
+    else:
+        buffer = b"".join(iov)
+    if trace_nc_sendv_compat.on:
+        trace_nc_sendv_compat(nc=nc.name, len=len(buffer), iovcnt=len(iov))
+    return nc.info.receive(nc, buffer)
+
+
+def qemu_deliver_packet_iov(sender: NetClientState, flags: int, iov: list[memoryview | bytes],
+                            nc: NetClientState) -> int:
+    if nc.link_down:
+        return sum(len(b) for b in iov)
+    if nc.receive_disabled:
+        return 0
+    ret = nc_sendv_compat(nc, iov, flags)
+    if ret == 0:
+        nc.receive_disabled = True
+    else:
+        nc.received += 1
+    return ret
+
+
+def qemu_net_queue_flush(queue: NetQueue) -> bool:
+    """Deliver queued packets in order; False if the receiver stopped taking them."""
+    nc = queue.owner
+    while queue.packets:
+        packet = queue.packets.popleft()
+        queue.delivering = True
+        ret = qemu_deliver_packet_iov(packet.sender, packet.flags, [packet.data], nc)
+        queue.delivering = False
+        if ret == 0:
+            queue.packets.appendleft(packet)
+            return False
+        if packet.sent_cb is not None:
+            packet.sent_cb(packet.sender, ret)
+    return True
+
+
+@traced
+def qemu_net_queue_send_iov(queue: NetQueue, sender: NetClientState, flags: int,
+                            iov: list[memoryview | bytes], sent_cb: SentCb) -> int:
+    if trace_qemu_net_queue_send.on:
+        trace_qemu_net_queue_send(sender=sender.name, to=queue.owner.name, iovcnt=len(iov))
+    if queue.delivering or not qemu_can_send_packet(sender):
+        queue.qemu_net_queue_append(sender, flags, b"".join(iov), sent_cb)
+        return 0
+    queue.delivering = True
+    ret = qemu_deliver_packet_iov(sender, flags, iov, queue.owner)
+    queue.delivering = False
+    if ret == 0:
+        queue.qemu_net_queue_append(sender, flags, b"".join(iov), sent_cb)
+        return 0
+    qemu_net_queue_flush(queue)
+    return ret
+
+
+@traced
+def qemu_sendv_packet_async(sender: NetClientState, iov: list[memoryview | bytes],
+                            sent_cb: SentCb) -> int:
+    """Send a frame to the sender's peer; 0 means queued, ``sent_cb`` runs when it goes."""
+    peer = sender.peer
+    sender.sent += 1
+    if sender.link_down or peer is None:
+        return sum(len(b) for b in iov)
+    for f in sender.filters:
+        f.receive_iov(sender, sender, iov)
+    for f in peer.filters:
+        f.receive_iov(peer, sender, iov)
+    return qemu_net_queue_send_iov(peer.incoming_queue, sender, QEMU_NET_PACKET_FLAG_NONE, iov,
+                                   sent_cb)
+
+
+def qemu_send_packet(nc: NetClientState, buf: bytes) -> int:
+    return qemu_sendv_packet_async(nc, [buf], None)
+
+
+def qemu_flush_queued_packets(nc: NetClientState) -> bool:
+    nc.receive_disabled = False
+    return qemu_net_queue_flush(nc.incoming_queue)

@@ -1,0 +1,184 @@
+"""Stands for hw/pci/pci.c, pci_host.c and msix.c: the i440FX-style config ports, a
+function's 256-byte configuration space, and its MSI-X table.
+
+BAR addresses are fixed here, as the firmware would have assigned them before the guest
+kernel probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from common.virtio_abi import (
+    PCI_MSIX_ENTRY_CTRL_MASKBIT,
+    PCI_MSIX_ENTRY_DATA,
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+)
+from qemuproc.memory import AddressSpace, MemoryRegion, MemoryRegionOps
+
+PCI_CONFIG_SPACE_SIZE = 256
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_CAPABILITY_LIST = 0x34
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS = 2
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_STATUS_CAP_LIST = 0x10
+MSIX_CAP_OFFSET = 0x40
+MSIX_PBA_OFFSET = 0x800
+
+
+def _le(value: int, size: int) -> bytes:
+    return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+class PCIDevice:
+    def __init__(self, name: str, devfn: int, vendor: int, device: int, class_code: int,
+                 subsys_vendor: int, subsys: int, irq_line: int) -> None:
+        self.name = name
+        self.devfn = devfn
+        self.config = bytearray(PCI_CONFIG_SPACE_SIZE)
+        self.wmask = bytearray(PCI_CONFIG_SPACE_SIZE)
+        c = self.config
+        c[0:2] = _le(vendor, 2)
+        c[2:4] = _le(device, 2)
+        c[8] = 0  # revision
+        c[9:12] = _le(class_code, 3)
+        c[0x2C:0x2E] = _le(subsys_vendor, 2)
+        c[0x2E:0x30] = _le(subsys, 2)
+        c[PCI_INTERRUPT_LINE] = irq_line
+        c[PCI_INTERRUPT_PIN] = 1
+        self.wmask[PCI_COMMAND] = 0x07
+        self.msix_entries_nr = 0
+        self.msix_table = bytearray()
+        self.msix_pba = bytearray()
+        self.msix_vector_changed: Callable[[int], None] = lambda v: None
+        self.msix_enable_changed: Callable[[bool], None] = lambda on: None
+        self.irq_level = 0
+
+    def set_bar(self, n: int, addr: int, is_io: bool) -> None:
+        self.config[0x10 + 4 * n : 0x14 + 4 * n] = _le(addr | (1 if is_io else 0), 4)
+
+    # -- config space -------------------------------------------------------------------------
+
+    def pci_default_read_config(self, addr: int, size: int) -> int:
+        return int.from_bytes(self.config[addr : addr + size], "little")
+
+    def pci_default_write_config(self, addr: int, val: int, size: int) -> None:
+        was_enabled = self.msix_enabled()
+        for i in range(size):
+            a = addr + i
+            if a >= PCI_CONFIG_SPACE_SIZE:
+                break
+            m = self.wmask[a]
+            b = (val >> (8 * i)) & 0xFF
+            self.config[a] = (self.config[a] & ~m) | (b & m)
+        if was_enabled != self.msix_enabled():
+            self.msix_enable_changed(self.msix_enabled())
+
+    # -- MSI-X ----------------------------------------------------------------------------------
+
+    def msix_init(self, nentries: int, bar: int) -> None:
+        self.msix_entries_nr = nentries
+        self.msix_table = bytearray(nentries * PCI_MSIX_ENTRY_SIZE)
+        for v in range(nentries):
+            self.msix_table[v * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
+        self.msix_pba = bytearray((nentries + 7) // 8)
+        cap = MSIX_CAP_OFFSET
+        c = self.config
+        c[PCI_STATUS] |= PCI_STATUS_CAP_LIST
+        c[PCI_CAPABILITY_LIST] = cap
+        c[cap] = PCI_CAP_ID_MSIX
+        c[cap + 1] = 0
+        c[cap + 2 : cap + 4] = _le(nentries - 1, 2)
+        c[cap + 4 : cap + 8] = _le(0 | bar, 4)
+        c[cap + 8 : cap + 12] = _le(MSIX_PBA_OFFSET | bar, 4)
+        self.wmask[cap + 3] = (PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL) >> 8
+
+    def msix_enabled(self) -> bool:
+        if not self.msix_entries_nr:
+            return False
+        flags = int.from_bytes(self.config[MSIX_CAP_OFFSET + 2 : MSIX_CAP_OFFSET + 4], "little")
+        return bool(flags & PCI_MSIX_FLAGS_ENABLE)
+
+    def msix_is_masked(self, vector: int) -> bool:
+        flags = int.from_bytes(self.config[MSIX_CAP_OFFSET + 2 : MSIX_CAP_OFFSET + 4], "little")
+        return bool(flags & PCI_MSIX_FLAGS_MASKALL) or bool(
+            self.msix_table[vector * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
+    def msix_get_message_data(self, vector: int) -> int:
+        off = vector * 16 + PCI_MSIX_ENTRY_DATA
+        return int.from_bytes(self.msix_table[off : off + 4], "little")
+
+    def msix_table_mmio_read(self, opaque: object, addr: int, size: int) -> int:
+        if addr >= MSIX_PBA_OFFSET:
+            a = addr - MSIX_PBA_OFFSET
+            return int.from_bytes(self.msix_pba[a : a + size].ljust(size, b"\0"), "little")
+        return int.from_bytes(self.msix_table[addr : addr + size].ljust(size, b"\0"), "little")
+
+    def msix_table_mmio_write(self, opaque: object, addr: int, val: int, size: int) -> None:
+        if addr + size > len(self.msix_table):
+            return
+        vector = addr // PCI_MSIX_ENTRY_SIZE
+        was_masked = self.msix_is_masked(vector)
+        self.msix_table[addr : addr + size] = _le(val, size)
+        self.msix_vector_changed(vector)
+        if was_masked and not self.msix_is_masked(vector) and self.msix_is_pending(vector):
+            self.msix_clr_pending(vector)
+            self.msix_vector_changed(-1 - vector)  # deliver the pending message now
+
+    def msix_is_pending(self, vector: int) -> bool:
+        return bool(self.msix_pba[vector // 8] & (1 << (vector % 8)))
+
+    def msix_set_pending(self, vector: int) -> None:
+        self.msix_pba[vector // 8] |= 1 << (vector % 8)
+
+    def msix_clr_pending(self, vector: int) -> None:
+        self.msix_pba[vector // 8] &= ~(1 << (vector % 8))
+
+    def msix_mmio_region(self) -> MemoryRegion:
+        return MemoryRegion(f"{self.name}-msix", 0x1000,
+                            MemoryRegionOps(self.msix_table_mmio_read, self.msix_table_mmio_write))
+
+
+class PCIHostState:
+    """The host bridge's CONFIG_ADDRESS (0xCF8) and CONFIG_DATA (0xCFC) ports, on bus 0."""
+
+    def __init__(self, io_as: AddressSpace) -> None:
+        self.config_reg = 0
+        self.devices: dict[int, PCIDevice] = {}
+        io_as.add_subregion(0xCF8, MemoryRegion("pci-conf-idx", 4, MemoryRegionOps(
+            self.pci_host_config_read, self.pci_host_config_write)))
+        io_as.add_subregion(0xCFC, MemoryRegion("pci-conf-data", 4, MemoryRegionOps(
+            self.pci_host_data_read, self.pci_host_data_write)))
+
+    def pci_register(self, dev: PCIDevice) -> None:
+        self.devices[dev.devfn] = dev
+
+    def pci_host_config_write(self, opaque: object, addr: int, val: int, size: int) -> None:
+        if addr == 0 and size == 4:
+            self.config_reg = val & 0xFFFFFFFF
+
+    def pci_host_config_read(self, opaque: object, addr: int, size: int) -> int:
+        return self.config_reg if addr == 0 and size == 4 else 0xFFFFFFFF
+
+    def _target(self, addr: int) -> tuple[PCIDevice | None, int]:
+        if not self.config_reg & 0x80000000 or (self.config_reg >> 16) & 0xFF:
+            return None, 0
+        devfn = (self.config_reg >> 8) & 0xFF
+        return self.devices.get(devfn), (self.config_reg & 0xFC) | (addr & 3)
+
+    def pci_host_data_write(self, opaque: object, addr: int, val: int, size: int) -> None:
+        dev, reg = self._target(addr)
+        if dev is not None:
+            dev.pci_default_write_config(reg, val, size)
+
+    def pci_host_data_read(self, opaque: object, addr: int, size: int) -> int:
+        dev, reg = self._target(addr)
+        if dev is None:
+            return (1 << (8 * size)) - 1
+        return dev.pci_default_read_config(reg, size)

@@ -1,0 +1,353 @@
+"""Stands for net/slirp.c and the parts of libslirp a UDP guest touches: the user-mode
+network behind ``-netdev user``.
+
+The guest is 10.0.2.15/24; slirp is the gateway and host 10.0.2.2 and the DNS 10.0.2.3.
+``slirp_input`` takes the guest's frames (ARP, IPv4: UDP and ICMP echo). A guest UDP flow gets
+a real host UDP socket (``udp_attach``) and each datagram to 10.0.2.2:P leaves it toward
+127.0.0.1:P (``sosendto``); what comes back (``sorecvfrom``) goes to the guest from 10.0.2.2:P
+via ``udp_output`` -> ``ip_output`` -> ``if_encap``. Only loopback is ever reached: any
+other destination is dropped and counted. Idle flows expire and their sockets close.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.inet import (
+    ARP,
+    ARPOP_REPLY,
+    ARPOP_REQUEST,
+    BROADCAST_MAC,
+    ETH,
+    ETH_HLEN,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ICMP_ECHO,
+    ICMP_ECHO_HDR,
+    ICMP_ECHOREPLY,
+    IP_HLEN,
+    IPPROTO_ICMP,
+    IPPROTO_UDP,
+    IPV4,
+    UDP,
+    UDP_HLEN,
+    csum_fold,
+    csum_partial,
+    ip_aton,
+    pseudo_header_sum,
+)
+from common.trace import trace_event, traced
+
+SO_EXPIRE_S = 240.0
+ARP_RESOLUTION_TIMEOUT_S = 1.0
+SORECV_BATCH = 64
+
+trace_slirp_input = trace_event("slirp_input")
+trace_sosendto = trace_event("sosendto")
+trace_sorecvfrom = trace_event("sorecvfrom")
+trace_slirp_output = trace_event("slirp_output")
+
+
+def special_ethaddr(ip: bytes) -> bytes:
+    """The MAC slirp answers with for its own addresses: 52:55 then the IPv4 address."""
+    return b"\x52\x55" + ip
+
+
+@dataclass
+class SlirpSocket:
+    """struct socket for a UDP flow: the guest end (laddr:lport) and its host socket."""
+
+    laddr: bytes
+    lport: int
+    s: socket.socket
+    faddr: bytes = b"\0\0\0\0"
+    fport: int = 0
+    expire: float = 0.0
+    hostfwd: bool = False
+    sent: int = 0
+    received: int = 0
+    pending: list[tuple[bytes, int]] = field(default_factory=list)
+
+
+class Slirp:
+    def __init__(self, send_packet: Callable[[bytes], int], udp_expire_s: float = SO_EXPIRE_S,
+                 host_ip: str = "127.0.0.1") -> None:
+        self.vnetwork = ip_aton("10.0.2.0")
+        self.vhost_addr = ip_aton("10.0.2.2")
+        self.vnameserver_addr = ip_aton("10.0.2.3")
+        self.client_ipaddr = ip_aton("10.0.2.15")
+        self.host_ip = host_ip
+        self.send_packet = send_packet
+        self.udp_expire_s = udp_expire_s
+        self.arp_table: dict[bytes, bytes] = {}
+        self.udb: dict[tuple[bytes, int], SlirpSocket] = {}
+        self.by_fd: dict[int, SlirpSocket] = {}
+        self.if_pending: list[tuple[float, bytes, bytes]] = []  # (expiry, dst ip, ip packet)
+        self.arp_requested: dict[bytes, float] = {}
+        self.ip_id = 0
+        self.would_block: Callable[[SlirpSocket], None] = lambda so: None
+        self.stats = {"frames_in": 0, "frames_out": 0, "arp_requests": 0, "arp_replies_sent": 0,
+                      "arp_requests_sent": 0, "ip_bad": 0, "udp_bad_csum": 0,
+                      "udp_sent": 0, "udp_received": 0, "udp_send_eagain": 0,
+                      "udp_send_errors": 0, "icmp_echo": 0, "no_route": 0, "flows_opened": 0,
+                      "flows_expired": 0, "arp_drops": 0}
+
+    # -- from the guest -----------------------------------------------------------------------
+
+    @traced
+    def slirp_input(self, pkt: memoryview | bytes) -> int:
+        """One Ethernet frame from the guest; returns 0 if it must be retried (would block)."""
+        self.stats["frames_in"] += 1
+        if len(pkt) < ETH_HLEN:
+            return len(pkt)
+        proto = (pkt[12] << 8) | pkt[13]
+        if trace_slirp_input.on:
+            trace_slirp_input(len=len(pkt), proto=proto)
+        if proto == ETH_P_ARP:
+            self.arp_input(pkt)
+            return len(pkt)
+        if proto == ETH_P_IP:
+            src_mac = bytes(pkt[6:12])
+            return self.ip_input(memoryview(pkt)[ETH_HLEN:], src_mac) and len(pkt)
+        return len(pkt)
+
+    def arp_input(self, pkt: memoryview | bytes) -> None:
+        if len(pkt) < ETH_HLEN + ARP.size:
+            return
+        _, _, _, _, op, sha, sip, _, tip = ARP.unpack_from(pkt, ETH_HLEN)
+        sha, sip, tip = bytes(sha), bytes(sip), bytes(tip)
+        if op == ARPOP_REQUEST:
+            self.stats["arp_requests"] += 1
+            if tip[:3] == self.vnetwork[:3] and tip in (self.vhost_addr, self.vnameserver_addr):
+                self.arp_table[sip] = sha
+                reply = ETH.pack(sha, special_ethaddr(tip), ETH_P_ARP) + ARP.pack(
+                    1, ETH_P_IP, 6, 4, ARPOP_REPLY, special_ethaddr(tip), tip, sha, sip)
+                self.stats["arp_replies_sent"] += 1
+                self.slirp_output(reply.ljust(64, b"\0"))
+        elif op == ARPOP_REPLY:
+            self.arp_table[sip] = sha
+            self.if_start()
+
+    def ip_input(self, ip: memoryview, src_mac: bytes) -> bool:
+        if len(ip) < IP_HLEN:
+            self.stats["ip_bad"] += 1
+            return True
+        ver_ihl, _, tot_len, _, frag, _, proto, _, saddr, daddr = IPV4.unpack_from(ip, 0)
+        hlen = (ver_ihl & 0xF) << 2
+        if ver_ihl >> 4 != 4 or hlen < IP_HLEN or tot_len > len(ip) or tot_len < hlen \
+                or csum_partial(ip[:hlen]) % 0xFFFF or frag & 0x3FFF:
+            self.stats["ip_bad"] += 1
+            return True
+        if saddr == self.client_ipaddr and saddr not in self.arp_table:
+            self.arp_table[saddr] = src_mac
+        body = ip[hlen:tot_len]
+        if proto == IPPROTO_UDP:
+            return self.udp_input(saddr, daddr, body)
+        if proto == IPPROTO_ICMP:
+            self.icmp_input(saddr, daddr, body)
+        return True
+
+    def udp_input(self, saddr: bytes, daddr: bytes, seg: memoryview) -> bool:
+        if len(seg) < UDP_HLEN:
+            self.stats["ip_bad"] += 1
+            return True
+        sport, dport, length, check = UDP.unpack_from(seg, 0)
+        if length > len(seg) or length < UDP_HLEN:
+            self.stats["ip_bad"] += 1
+            return True
+        if check and csum_partial(seg[:length],
+                                  pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length)) % 0xFFFF:
+            self.stats["udp_bad_csum"] += 1
+            return True
+        so = self.udb.get((saddr, sport))
+        if so is None:
+            so = self.udp_attach(saddr, sport)
+        so.faddr, so.fport = daddr, dport
+        so.expire = time.monotonic() + self.udp_expire_s
+        return self.sosendto(so, seg[UDP_HLEN:length], daddr, dport)
+
+    def udp_attach(self, laddr: bytes, lport: int) -> SlirpSocket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind((self.host_ip, 0))
+        so = SlirpSocket(laddr, lport, s)
+        self.udb[(laddr, lport)] = so
+        self.by_fd[s.fileno()] = so
+        self.stats["flows_opened"] += 1
+        return so
+
+    def udp_detach(self, so: SlirpSocket) -> None:
+        self.udb.pop((so.laddr, so.lport), None)
+        self.by_fd.pop(so.s.fileno(), None)
+        so.s.close()
+
+    @traced
+    def sosendto(self, so: SlirpSocket, payload: memoryview, daddr: bytes, dport: int) -> bool:
+        """Send the guest's datagram from the flow's host socket; False if it would block."""
+        if daddr[:3] != self.vnetwork[:3] or daddr == self.vnameserver_addr:
+            self.stats["no_route"] += 1  # only 10.0.2.2 (the host's loopback) is reachable here
+            return True
+        if trace_sosendto.on:
+            trace_sosendto(fd=so.s.fileno(), dport=dport, len=len(payload),
+                           seq=int.from_bytes(payload[:8], "big") if len(payload) >= 8 else -1)
+        try:
+            so.s.sendto(payload, (self.host_ip, dport))
+        except BlockingIOError:
+            self.stats["udp_send_eagain"] += 1
+            self.would_block(so)
+            return False
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                self.stats["udp_send_errors"] += 1
+                return True
+            raise
+        so.sent += 1
+        self.stats["udp_sent"] += 1
+        return True
+
+    def icmp_input(self, saddr: bytes, daddr: bytes, body: memoryview) -> None:
+        if len(body) < ICMP_ECHO_HDR.size or csum_partial(body) % 0xFFFF:
+            self.stats["ip_bad"] += 1
+            return
+        if body[0] == ICMP_ECHO and daddr in (self.vhost_addr, self.vnameserver_addr):
+            self.stats["icmp_echo"] += 1
+            reply = bytearray(body)
+            reply[0] = ICMP_ECHOREPLY
+            reply[2:4] = b"\0\0"
+            reply[2:4] = csum_fold(csum_partial(reply)).to_bytes(2, "big")
+            self.ip_output(daddr, saddr, IPPROTO_ICMP, bytes(reply))  # icmp_reflect
+
+    # -- toward the guest ---------------------------------------------------------------------
+
+    def udp_output(self, so: SlirpSocket, payload: bytes, src: bytes, sport: int) -> None:
+        length = UDP_HLEN + len(payload)
+        acc = pseudo_header_sum(src, so.laddr, IPPROTO_UDP, length) + sport + so.lport + length
+        udp = UDP.pack(sport, so.lport, length, csum_fold(csum_partial(payload, acc))) + payload
+        self.ip_output(src, so.laddr, IPPROTO_UDP, udp)
+
+    def ip_output(self, src: bytes, dst: bytes, proto: int, body: bytes) -> None:
+        self.ip_id = (self.ip_id + 1) & 0xFFFF
+        hdr = bytearray(IPV4.pack(0x45, 0, IP_HLEN + len(body), self.ip_id, 0, 64, proto, 0,
+                                  src, dst))
+        hdr[10:12] = csum_fold(csum_partial(hdr)).to_bytes(2, "big")
+        self.if_encap(dst, bytes(hdr) + body)
+
+    def if_encap(self, dst: bytes, ip_pkt: bytes) -> None:
+        mac = self.arp_table.get(dst)
+        if mac is None:  # resolve the guest first; the packet waits (1 s at most)
+            now = time.monotonic()
+            self.if_pending.append((now + ARP_RESOLUTION_TIMEOUT_S, dst, ip_pkt))
+            if self.arp_requested.get(dst, 0) < now:
+                self.arp_requested[dst] = now + ARP_RESOLUTION_TIMEOUT_S
+                self.stats["arp_requests_sent"] += 1
+                req = ETH.pack(BROADCAST_MAC, special_ethaddr(self.vhost_addr), ETH_P_ARP) + \
+                    ARP.pack(1, ETH_P_IP, 6, 4, ARPOP_REQUEST, special_ethaddr(self.vhost_addr),
+                             self.vhost_addr, b"\0" * 6, dst)
+                self.slirp_output(req.ljust(64, b"\0"))
+            return
+        src_mac = special_ethaddr(bytes(ip_pkt[12:16]))
+        self.slirp_output(ETH.pack(mac, src_mac, ETH_P_IP) + ip_pkt)
+
+    def if_start(self) -> None:
+        now = time.monotonic()
+        pending, self.if_pending = self.if_pending, []
+        for expiry, dst, pkt in pending:
+            if dst in self.arp_table:
+                self.if_encap(dst, pkt)
+            elif expiry > now:
+                self.if_pending.append((expiry, dst, pkt))
+            else:
+                self.stats["arp_drops"] += 1
+
+    @traced
+    def slirp_output(self, frame: bytes) -> None:
+        """libslirp's send_packet callback: the frame goes to the NIC (net_slirp_send_packet)."""
+        self.stats["frames_out"] += 1
+        if trace_slirp_output.on:
+            trace_slirp_output(len=len(frame))
+        self.send_packet(frame)
+
+    # -- host sockets in the main loop --------------------------------------------------------
+
+    def slirp_pollfds_fill(self, fds: list[tuple[int, int]]) -> None:
+        for fd in self.by_fd:
+            fds.append((fd, select.POLLIN))
+
+    @traced
+    def slirp_pollfds_poll(self, ready: dict[int, int]) -> None:
+        for fd, ev in ready.items():
+            so = self.by_fd.get(fd)
+            if so is not None and ev & select.POLLIN:
+                self.sorecvfrom(so)
+        self.slirp_timer()
+
+    def sorecvfrom(self, so: SlirpSocket) -> None:
+        for _ in range(SORECV_BATCH):
+            try:
+                data, (host, port) = so.s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP port unreachable reported on the socket
+                continue
+            if trace_sorecvfrom.on:
+                trace_sorecvfrom(fd=so.s.fileno(), sport=port, len=len(data))
+            so.received += 1
+            so.expire = time.monotonic() + self.udp_expire_s
+            self.stats["udp_received"] += 1
+            src = self.vhost_addr if host.startswith("127.") else ip_aton(host)
+            if so.hostfwd:
+                so.faddr, so.fport = src, port
+            self.udp_output(so, data, src, port)
+
+    def slirp_timer(self) -> None:
+        now = time.monotonic()
+        for so in list(self.udb.values()):
+            if not so.hostfwd and so.expire and so.expire < now:
+                self.stats["flows_expired"] += 1
+                self.udp_detach(so)
+        if self.if_pending:
+            self.if_start()
+
+    def slirp_add_hostfwd(self, host_port: int, guest_port: int) -> int:
+        """hostfwd=udp::HOSTPORT-:GUESTPORT: a host socket whose datagrams go to the guest."""
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind((self.host_ip, host_port))
+        so = SlirpSocket(self.client_ipaddr, guest_port, s, hostfwd=True)
+        self.udb[(self.client_ipaddr, guest_port)] = so
+        self.by_fd[s.fileno()] = so
+        return s.getsockname()[1]
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        return {"stats": dict(self.stats), "flows": [
+            {"guest": f"{'.'.join(map(str, so.laddr))}:{so.lport}",
+             "host_socket": "%s:%d" % so.s.getsockname(), "hostfwd": so.hostfwd,
+             "sent": so.sent, "received": so.received,
+             "expires_in_s": None if so.hostfwd else round(so.expire - now, 1)}
+            for so in self.udb.values()]}
+
+    def cleanup(self) -> None:
+        for so in list(self.udb.values()):
+            self.udp_detach(so)
+
+
+# -- net/slirp.c: slirp as a net client -------------------------------------------------------
+
+class SlirpState:
+    """The ``-netdev user`` backend: a NetClientState whose receive() feeds slirp."""
+
+    def __init__(self, nc: object, slirp: Slirp) -> None:
+        self.nc = nc
+        self.slirp = slirp
+
+
+@traced
+def net_slirp_receive(nc: object, buf: memoryview | bytes) -> int:
+    s: SlirpState = nc.opaque  # type: ignore[attr-defined]
+    return s.slirp.slirp_input(buf)

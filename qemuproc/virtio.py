@@ -1,0 +1,508 @@
+"""Stands for hw/virtio/virtio.c: the device side of split virtqueues, transport-agnostic.
+
+Everything read from the rings is guest-controlled. A ring is placed only if it lies wholly
+inside guest RAM; each descriptor's buffer is mapped through ``address_space_map`` (bounds-
+checked); every inconsistency ends in ``virtio_error``, which marks the device broken and
+asks the driver for a reset instead of taking the process down.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from common.guest_memory import GuestMemory, GuestMemoryError
+from common.trace import trace_event, traced
+from common.virtio_abi import (
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_RING_F_EVENT_IDX,
+)
+from common.vring import (
+    DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    VIRTQUEUE_MAX_SIZE,
+    VringLayout,
+    VringViews,
+    vring_need_event,
+)
+
+VIRTIO_QUEUE_MAX = 64
+VIRTIO_NO_VECTOR = VIRTIO_MSI_NO_VECTOR
+
+trace_virtqueue_alloc_element = trace_event("virtqueue_alloc_element")
+trace_virtqueue_pop = trace_event("virtqueue_pop")
+trace_virtqueue_fill = trace_event("virtqueue_fill")
+trace_virtqueue_flush = trace_event("virtqueue_flush")
+trace_virtio_queue_notify = trace_event("virtio_queue_notify")
+trace_virtio_notify = trace_event("virtio_notify")
+trace_virtio_set_status = trace_event("virtio_set_status")
+trace_virtio_error = trace_event("virtio_error")
+
+
+class VirtQueueElement:
+    """A popped chain: its head index and the mapped buffers (memoryviews into guest RAM)."""
+
+    __slots__ = ("index", "len", "ndescs", "out_sg", "in_sg", "out_addr", "in_addr", "busy")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.len = 0
+        self.ndescs = 1
+        self.out_sg: list[memoryview] = []
+        self.in_sg: list[memoryview] = []
+        self.out_addr: list[int] = []
+        self.in_addr: list[int] = []
+        self.busy = False
+
+    @property
+    def out_num(self) -> int:
+        return len(self.out_sg)
+
+    @property
+    def in_num(self) -> int:
+        return len(self.in_sg)
+
+
+class VirtQueue:
+    def __init__(self, vdev: VirtIODevice, queue_index: int, num: int,
+                 handle_output: Callable[[VirtIODevice, VirtQueue], None], name: str) -> None:
+        self.vdev = vdev
+        self.queue_index = queue_index
+        self.name = name
+        self.num = num
+        self.num_default = num
+        self.align = 4096
+        self.desc = 0
+        self.avail = 0
+        self.used = 0
+        self.views: VringViews | None = None
+        self.last_avail_idx = 0
+        self.shadow_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.notification = True
+        self.inuse = 0
+        self.vector = VIRTIO_NO_VECTOR
+        self.handle_output = handle_output
+        self.host_notifier: Any = None
+        self.host_notifier_enabled = False
+        self.elems = [VirtQueueElement(i) for i in range(num)]
+        self.pops = 0
+        self.notifies = 0
+        self.kicks = 0
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class VirtIODevice:
+    """The device-independent state of a virtio device, and its hooks."""
+
+    def __init__(self, name: str, device_id: int, config_len: int, dma: GuestMemory) -> None:
+        self.name = name
+        self.device_id = device_id
+        self.status = 0
+        self.isr = 0
+        self.queue_sel = 0
+        self.guest_features = 0
+        self.host_features = 0
+        self.config_len = config_len
+        self.config_vector = VIRTIO_NO_VECTOR
+        self.vq: list[VirtQueue] = []
+        self.broken = False
+        self.broken_reason = ""
+        self.errors: list[str] = []
+        self.vm_running = True
+        self.started = False
+        self.dma = dma
+        self.event_idx = False
+        self.notify_vector: Callable[[int], None] = lambda vector: None
+        self.on_error: Callable[[str], None] = lambda message: None
+
+    # hooks a device overrides (VirtioDeviceClass)
+    def get_features(self, features: int) -> int:
+        return features
+
+    def set_features(self, features: int) -> None:
+        pass
+
+    def set_status(self, status: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def get_config(self) -> bytes:
+        return b""
+
+    def set_config(self, data: bytes) -> None:
+        pass
+
+
+def virtio_add_queue(vdev: VirtIODevice, queue_size: int,
+                     handle_output: Callable[[VirtIODevice, VirtQueue], None],
+                     name: str) -> VirtQueue:
+    if len(vdev.vq) >= VIRTIO_QUEUE_MAX or queue_size > VIRTQUEUE_MAX_SIZE:
+        raise ValueError("virtio: too many queues or queue too large")
+    vq = VirtQueue(vdev, len(vdev.vq), queue_size, handle_output, name)
+    vdev.vq.append(vq)
+    return vq
+
+
+def virtio_vdev_has_feature(vdev: VirtIODevice, bit: int) -> bool:
+    return bool(vdev.guest_features & (1 << bit))
+
+
+def virtio_error(vdev: VirtIODevice, message: str) -> None:
+    """The guest broke the rules: mark the device broken, ask for a reset (NEEDS_RESET)."""
+    if trace_virtio_error.on:
+        trace_virtio_error(message=message)
+    print(f"qemu: {vdev.name}: {message}", file=sys.stderr)
+    vdev.errors.append(message)
+    if not vdev.broken:
+        vdev.broken = True
+        vdev.broken_reason = message
+        vdev.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        vdev.on_error(message)
+
+
+def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
+    """Legacy: the driver placed queue ``n`` at ``addr`` (from QUEUE_PFN); 0 removes it."""
+    vq = vdev.vq[n]
+    vq.desc = addr
+    virtio_queue_update_rings(vdev, n)
+
+
+def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
+    vq = vdev.vq[n]
+    if vq.views is not None:
+        vq.views.release()
+        vq.views = None
+    if not vq.desc:
+        vq.avail = vq.used = 0
+        return
+    layout = VringLayout(vq.num, vq.desc, vq.align)
+    try:
+        vdev.dma.check(layout.base, layout.size)
+    except GuestMemoryError:
+        virtio_error(vdev, f"virtio: queue {n} ring at 0x{vq.desc:x} outside guest RAM")
+        vq.desc = 0
+        return
+    vq.avail = layout.avail
+    vq.used = layout.used
+    vq.views = VringViews(vdev.dma.ram, layout)
+
+
+def virtio_queue_ready(vq: VirtQueue) -> bool:
+    return vq.views is not None
+
+
+def vring_avail_idx(vq: VirtQueue) -> int:
+    vq.shadow_avail_idx = vq.views.avail[1]  # type: ignore[union-attr]
+    return vq.shadow_avail_idx
+
+
+def virtio_queue_empty(vq: VirtQueue) -> bool:
+    if vq.views is None:
+        return True
+    if vq.shadow_avail_idx != vq.last_avail_idx:
+        return False
+    return vring_avail_idx(vq) == vq.last_avail_idx
+
+
+def virtio_queue_set_notification(vq: VirtQueue, enable: bool) -> None:
+    vq.notification = enable
+    v = vq.views
+    if v is None:
+        return
+    if vq.vdev.event_idx:
+        v.avail_event_h[0] = vring_avail_idx(vq)
+    elif enable:
+        v.used_hdr[0] &= ~VRING_USED_F_NO_NOTIFY
+    else:
+        v.used_hdr[0] |= VRING_USED_F_NO_NOTIFY
+    # smp_mb when enabling: the flag is visible before the caller re-reads the avail index
+
+
+def _map(vdev: VirtIODevice, addr: int, length: int) -> memoryview | None:
+    if length == 0:
+        virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+        return None
+    try:
+        return vdev.dma.address_space_map(addr, length)
+    except GuestMemoryError:
+        virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+        return None
+
+
+@traced
+def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
+    """Take the next available chain, validated and mapped; None if empty or on error."""
+    vdev = vq.vdev
+    if vdev.broken:
+        return None
+    v = vq.views
+    if v is None:
+        return None
+    num = vq.num
+    last = vq.last_avail_idx
+    if vq.shadow_avail_idx == last:
+        shadow = v.avail[1]
+        vq.shadow_avail_idx = shadow
+        if shadow == last:
+            return None
+        if ((shadow - last) & 0xFFFF) > num:  # virtqueue_num_heads
+            virtio_error(vdev, f"Guest moved used index from {last} to {shadow}")
+            return None
+    # smp_rmb: ring entries are read after the index that published them
+    if vq.inuse >= num:
+        virtio_error(vdev, "Virtqueue size exceeded")
+        return None
+    head = v.avail[2 + last % num]
+    last = (last + 1) & 0xFFFF
+    vq.last_avail_idx = last
+    if head >= num:
+        virtio_error(vdev, f"Guest says index {head} is available")
+        return None
+    if vdev.event_idx:
+        v.avail_event_h[0] = last
+    elem = vq.elems[head]
+    if elem.busy:  # the guest offered a head that is still in flight: give it its own element
+        elem = VirtQueueElement(head)
+    out_sg = elem.out_sg
+    in_sg = elem.in_sg
+    out_sg.clear()
+    in_sg.clear()
+    elem.out_addr.clear()
+    elem.in_addr.clear()
+    desc = v.desc
+    addr, length, flags, nxt = DESC.unpack_from(desc, head << 4)
+    if flags & VRING_DESC_F_INDIRECT:
+        virtio_error(vdev, "Indirect descriptors not negotiated")
+        return None
+    max_ = num
+    i = head
+    while True:
+        sg = _map(vdev, addr, length)
+        if sg is None:
+            return None
+        if flags & VRING_DESC_F_WRITE:
+            in_sg.append(sg)
+            elem.in_addr.append(addr)
+        else:
+            if in_sg:
+                virtio_error(vdev, "Incorrect order for descriptors")
+                return None
+            out_sg.append(sg)
+            elem.out_addr.append(addr)
+        if len(in_sg) + len(out_sg) > max_:
+            virtio_error(vdev, "Looped descriptor")
+            return None
+        if not flags & VRING_DESC_F_NEXT:
+            break
+        if nxt >= max_:
+            virtio_error(vdev, f"Desc next is {nxt}")
+            return None
+        i = nxt
+        addr, length, flags, nxt = DESC.unpack_from(desc, i << 4)
+    elem.busy = True
+    vq.inuse += 1
+    vq.pops += 1
+    if trace_virtqueue_pop.on:
+        trace_virtqueue_alloc_element(elem=head, in_num=len(in_sg), out_num=len(out_sg))
+        trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(in_sg), out_num=len(out_sg),
+                            avail_idx=(last - 1) & 0xFFFF)
+    return elem
+
+
+def virtqueue_detach_element(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
+    vq.inuse -= 1
+    elem.busy = False
+
+
+def virtqueue_unpop(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
+    vq.last_avail_idx = (vq.last_avail_idx - 1) & 0xFFFF
+    virtqueue_detach_element(vq, elem, length)
+
+
+def virtqueue_rewind(vq: VirtQueue, num: int) -> bool:
+    if num > vq.inuse:
+        return False
+    vq.last_avail_idx = (vq.last_avail_idx - num) & 0xFFFF
+    vq.inuse -= num
+    return True
+
+
+@traced
+def virtqueue_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int) -> None:
+    """Write the used-ring entry for ``elem`` at position ``idx`` after the current used_idx."""
+    elem.busy = False
+    v = vq.views
+    if vq.vdev.broken or v is None:
+        return
+    if trace_virtqueue_fill.on:
+        trace_virtqueue_fill(vq=vq.name, elem=elem.index, len=length, idx=idx)
+    slot = ((vq.used_idx + idx) % vq.num) << 1
+    v.used_ring[slot] = elem.index
+    v.used_ring[slot + 1] = length
+
+
+@traced
+def virtqueue_flush(vq: VirtQueue, count: int) -> None:
+    """Publish ``count`` filled entries by moving the used index."""
+    v = vq.views
+    if vq.vdev.broken or v is None:
+        vq.inuse -= count
+        return
+    # smp_wmb: the entries are visible before the index
+    if trace_virtqueue_flush.on:
+        trace_virtqueue_flush(vq=vq.name, count=count)
+    old = vq.used_idx
+    new = (old + count) & 0xFFFF
+    v.used_hdr[1] = new
+    vq.used_idx = new
+    vq.inuse -= count
+    if ((new - vq.signalled_used + 0x8000) & 0xFFFF) - 0x8000 < ((new - old) & 0xFFFF):
+        vq.signalled_used_valid = False
+
+
+def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
+    virtqueue_fill(vq, elem, length, 0)
+    virtqueue_flush(vq, 1)
+
+
+def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
+    # smp_mb: used entries are visible before the driver's event index is read
+    v = vq.views
+    if v is None:
+        return False
+    if (virtio_vdev_has_feature(vdev, VIRTIO_F_NOTIFY_ON_EMPTY) and not vq.inuse
+            and virtio_queue_empty(vq)):
+        return True
+    if not vdev.event_idx:
+        return not (v.avail[0] & VRING_AVAIL_F_NO_INTERRUPT)
+    was_valid = vq.signalled_used_valid
+    vq.signalled_used_valid = True
+    old = vq.signalled_used
+    new = vq.signalled_used = vq.used_idx
+    return not was_valid or vring_need_event(v.avail[2 + vq.num], new, old)
+
+
+def virtio_notify_vector(vdev: VirtIODevice, vector: int) -> None:
+    if vdev.broken:
+        return
+    vdev.notify_vector(vector)
+
+
+@traced
+def virtio_irq(vq: VirtQueue) -> None:
+    vq.vdev.isr |= 0x1
+    vq.notifies += 1
+    virtio_notify_vector(vq.vdev, vq.vector)
+
+
+@traced
+def virtio_notify(vdev: VirtIODevice, vq: VirtQueue) -> None:
+    """Interrupt the driver about used buffers, unless it asked not to be."""
+    if not virtio_should_notify(vdev, vq):
+        return
+    if trace_virtio_notify.on:
+        trace_virtio_notify(vq=vq.name, used_idx=vq.used_idx)
+    virtio_irq(vq)
+
+
+def virtio_notify_config(vdev: VirtIODevice) -> None:
+    if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        return
+    vdev.isr |= 0x3
+    virtio_notify_vector(vdev, vdev.config_vector)
+
+
+@traced
+def virtio_queue_notify(vdev: VirtIODevice, n: int) -> None:
+    """A kick that reached QEMU as a port write (no ioeventfd for this queue)."""
+    if n >= len(vdev.vq):
+        return
+    vq = vdev.vq[n]
+    if vq.views is None or vdev.broken:
+        return
+    if trace_virtio_queue_notify.on:
+        trace_virtio_queue_notify(n=n, vq=vq.name)
+    vq.kicks += 1
+    if vq.host_notifier_enabled and vq.host_notifier is not None:
+        vq.host_notifier.set()
+    else:
+        vq.handle_output(vdev, vq)
+
+
+@traced
+def virtio_queue_notify_vq(vq: VirtQueue) -> None:
+    vdev = vq.vdev
+    if vq.views is None or vdev.broken:
+        return
+    if trace_virtio_queue_notify.on:
+        trace_virtio_queue_notify(n=vq.queue_index, vq=vq.name)
+    vq.kicks += 1
+    vq.handle_output(vdev, vq)
+
+
+def virtio_queue_host_notifier_read(vq: VirtQueue) -> None:
+    """The ioeventfd of ``vq`` fired: the main loop runs the queue's handler."""
+    if vq.host_notifier is not None and vq.host_notifier.test_and_clear():
+        virtio_queue_notify_vq(vq)
+
+
+def virtio_set_features(vdev: VirtIODevice, val: int) -> int:
+    if vdev.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        return -1
+    bad = val & ~vdev.host_features
+    vdev.guest_features = val & vdev.host_features
+    vdev.event_idx = virtio_vdev_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX)
+    vdev.set_features(vdev.guest_features)
+    return -1 if bad else 0
+
+
+@traced
+def virtio_set_status(vdev: VirtIODevice, val: int) -> None:
+    if trace_virtio_set_status.on:
+        trace_virtio_set_status(val=val)
+    if (vdev.status & VIRTIO_CONFIG_S_DRIVER_OK) != (val & VIRTIO_CONFIG_S_DRIVER_OK):
+        vdev.started = bool(val & VIRTIO_CONFIG_S_DRIVER_OK)
+    vdev.set_status(val)
+    vdev.status = val
+
+
+def virtio_reset(vdev: VirtIODevice) -> None:
+    """Device reset (status 0): forget the rings and features; a broken device works again."""
+    virtio_set_status(vdev, 0)
+    vdev.reset()
+    vdev.started = False
+    vdev.broken = False
+    vdev.guest_features = 0
+    vdev.event_idx = False
+    vdev.isr = 0
+    vdev.queue_sel = 0
+    vdev.config_vector = VIRTIO_NO_VECTOR
+    for vq in vdev.vq:
+        if vq.views is not None:
+            vq.views.release()
+        vq.views = None
+        vq.desc = vq.avail = vq.used = 0
+        vq.last_avail_idx = vq.shadow_avail_idx = vq.used_idx = 0
+        vq.signalled_used = 0
+        vq.signalled_used_valid = False
+        vq.notification = True
+        vq.inuse = 0
+        vq.vector = VIRTIO_NO_VECTOR
+        vq.num = vq.num_default
+        for e in vq.elems:
+            e.busy = False

@@ -1,0 +1,471 @@
+"""Stands for hw/net/virtio-net.c: the virtio-net device model.
+
+TX: a kick runs ``virtio_net_handle_tx_bh`` (or ``_tx_timer``), which disables notifications
+and defers to ``virtio_net_tx_bh``; that flushes up to ``tx_burst`` packets
+(``virtio_net_flush_tx``: pop, strip the virtio-net header, ``qemu_sendv_packet_async``,
+push, notify), then re-enables notifications and flushes once more to close the race.
+A backend that cannot take a packet parks it in ``async_tx`` until ``virtio_net_tx_complete``.
+RX: ``virtio_net_receive`` fills guest buffers (header + frame, several buffers with
+VIRTIO_NET_F_MRG_RXBUF), pushes them and notifies; with no buffers the frame waits in the
+net queue until the guest refills (``virtio_net_handle_rx``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from common.guest_memory import GuestMemory
+from common.trace import trace_event, traced
+from common.virtio_abi import (
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_CONFIG,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_MRG_RXBUF,
+    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_RING_F_EVENT_IDX,
+    virtio_net_hdr_len,
+)
+from common.vring import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DESC
+from qemuproc.aio import QEMUBH, aio_bh_new, qemu_bh_schedule
+from qemuproc.main_loop import MainLoop, QEMUTimer
+from qemuproc.net import (
+    NetClientInfo,
+    NetClientState,
+    qemu_flush_queued_packets,
+    qemu_new_net_client,
+    qemu_sendv_packet_async,
+)
+from qemuproc.virtio import (
+    VirtIODevice,
+    VirtQueue,
+    VirtQueueElement,
+    virtio_add_queue,
+    virtio_error,
+    virtio_notify,
+    virtio_queue_empty,
+    virtio_queue_ready,
+    virtio_queue_set_notification,
+    virtqueue_detach_element,
+    virtqueue_fill,
+    virtqueue_flush,
+    virtqueue_pop,
+    virtqueue_push,
+    virtqueue_unpop,
+)
+
+TX_BURST = 256
+TX_TIMER_INTERVAL_NS = 150_000  # x-txtimer: 150 us
+EBUSY = 16
+EINVAL = 22
+
+trace_virtio_net_flush_tx = trace_event("virtio_net_flush_tx")
+trace_virtio_net_receive = trace_event("virtio_net_receive")
+
+
+class VirtIONetQueue:
+    def __init__(self, n: VirtIONet, index: int) -> None:
+        self.n = n
+        self.index = index
+        self.rx_vq: VirtQueue = None  # type: ignore[assignment]
+        self.tx_vq: VirtQueue = None  # type: ignore[assignment]
+        self.tx_bh: QEMUBH | None = None
+        self.tx_timer: QEMUTimer | None = None
+        self.tx_waiting = False
+        self.async_tx: tuple[VirtQueue, VirtQueueElement] | None = None
+        self.tx_packets = 0
+        self.rx_packets = 0
+        self.rx_no_buffer = 0
+        self.async_tx_parks = 0
+
+
+class VirtIONet(VirtIODevice):
+    def __init__(self, dma: GuestMemory, main_loop: MainLoop, *, queue_size: int = 256,
+                 mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
+                 tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
+                 any_layout: bool = True) -> None:
+        super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
+        self.main_loop = main_loop
+        self.mac = mac
+        self.status_net = VIRTIO_NET_S_LINK_UP
+        self.tx = tx
+        self.tx_burst = tx_burst
+        self.tx_timeout = TX_TIMER_INTERVAL_NS
+        self.queue_size = queue_size
+        self.mergeable_rx_bufs = False
+        self.guest_hdr_len = virtio_net_hdr_len(False)
+        self.host_hdr_len = 0  # slirp takes plain frames: no vnet header on the backend side
+        self.curr_queue_pairs = 1
+        self.vqs: list[VirtIONetQueue] = []
+        self.nic: NetClientState = None  # type: ignore[assignment]
+        features = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) \
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+        if any_layout:
+            features |= 1 << VIRTIO_F_ANY_LAYOUT
+        if event_idx:
+            features |= 1 << VIRTIO_RING_F_EVENT_IDX
+        if mrg_rxbuf:
+            features |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        self.host_features = features
+
+    # -- VirtioDeviceClass hooks --------------------------------------------------------------
+
+    def get_config(self) -> bytes:
+        return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.curr_queue_pairs)
+
+    def set_features(self, features: int) -> None:
+        self.mergeable_rx_bufs = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
+        self.guest_hdr_len = virtio_net_hdr_len(self.mergeable_rx_bufs)
+
+    def set_status(self, status: int) -> None:
+        """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
+        if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            for q in self.vqs:
+                if q.tx_waiting and q.tx_bh is not None:
+                    qemu_bh_schedule(q.tx_bh)
+                qemu_flush_queued_packets(self.nic)
+
+    def reset(self) -> None:
+        for q in self.vqs:
+            q.tx_waiting = False
+            q.async_tx = None
+            if q.tx_timer is not None:
+                self.main_loop.timer_del(q.tx_timer)
+        self.mergeable_rx_bufs = False
+        self.guest_hdr_len = virtio_net_hdr_len(False)
+
+
+@traced
+def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientState:
+    """Add the rx/tx queues with their handlers and the TX bottom half; create the NIC."""
+    q = VirtIONetQueue(n, 0)
+    q.rx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_rx, "RX(q0)")
+    if n.tx == "timer":
+        q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_timer, "TX(q1)")
+        q.tx_timer = n.main_loop.timer_new(virtio_net_tx_timer, q, "virtio_net_tx_timer")
+    else:
+        q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_bh, "TX(q1)")
+        q.tx_bh = aio_bh_new(n.main_loop.ctx, virtio_net_tx_bh, q, "virtio_net_tx_bh")
+    n.vqs.append(q)
+    info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
+    n.nic = qemu_new_net_client(info, netdev, "virtio-net-pci", "virtio-net-pci.0")
+    n.nic.opaque = n
+    return n.nic
+
+
+def _queue_of(n: VirtIONet, vq: VirtQueue) -> VirtIONetQueue:
+    return n.vqs[vq.queue_index // 2]
+
+
+# -- TX ------------------------------------------------------------------------------------------
+
+
+@traced
+def virtio_net_handle_tx_bh(vdev: VirtIONet, vq: VirtQueue) -> None:
+    q = _queue_of(vdev, vq)
+    if not vdev.vm_running:
+        q.tx_waiting = True
+        return
+    if q.tx_waiting:
+        return
+    q.tx_waiting = True
+    virtio_queue_set_notification(vq, False)
+    qemu_bh_schedule(q.tx_bh)  # type: ignore[arg-type]
+
+
+@traced
+def virtio_net_tx_bh(q: VirtIONetQueue) -> None:
+    n = q.n
+    q.tx_waiting = False
+    if not n.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        return
+    ret = virtio_net_flush_tx(q)
+    if ret in (-EBUSY, -EINVAL):
+        return  # re-enabled by virtio_net_tx_complete, or the device is broken
+    if ret >= n.tx_burst:  # a full burst: assume more is coming, go again at once
+        qemu_bh_schedule(q.tx_bh)  # type: ignore[arg-type]
+        q.tx_waiting = True
+        return
+    # less than a burst: re-enable notifications, then look once more for what slipped in
+    virtio_queue_set_notification(q.tx_vq, True)
+    ret = virtio_net_flush_tx(q)
+    if ret == -EINVAL:
+        return
+    if ret > 0:
+        virtio_queue_set_notification(q.tx_vq, False)
+        qemu_bh_schedule(q.tx_bh)  # type: ignore[arg-type]
+        q.tx_waiting = True
+
+
+@traced
+def virtio_net_handle_tx_timer(vdev: VirtIONet, vq: VirtQueue) -> None:
+    q = _queue_of(vdev, vq)
+    ml = vdev.main_loop
+    if not vdev.vm_running:
+        q.tx_waiting = True
+        return
+    if q.tx_waiting:  # packets already queued: flush now
+        ml.timer_del(q.tx_timer)  # type: ignore[arg-type]
+        virtio_net_tx_timer(q)
+    else:  # re-arm: flush this (and more) on the next tick
+        ml.timer_mod(q.tx_timer, time.monotonic_ns() + vdev.tx_timeout)  # type: ignore[arg-type]
+        q.tx_waiting = True
+        virtio_queue_set_notification(vq, False)
+
+
+@traced
+def virtio_net_tx_timer(q: VirtIONetQueue) -> None:
+    n = q.n
+    ml = n.main_loop
+    q.tx_waiting = False
+    if not n.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        return
+    ret = virtio_net_flush_tx(q)
+    if ret in (-EBUSY, -EINVAL):
+        return
+    if ret >= n.tx_burst:
+        q.tx_waiting = True
+        ml.timer_mod(q.tx_timer, time.monotonic_ns() + n.tx_timeout)  # type: ignore[arg-type]
+        return
+    virtio_queue_set_notification(q.tx_vq, True)
+    ret = virtio_net_flush_tx(q)
+    if ret > 0:
+        virtio_queue_set_notification(q.tx_vq, False)
+        q.tx_waiting = True
+        ml.timer_mod(q.tx_timer, time.monotonic_ns() + n.tx_timeout)  # type: ignore[arg-type]
+
+
+def iov_discard_front(sg: list[memoryview], nbytes: int) -> list[memoryview]:
+    out = []
+    for m in sg:
+        if nbytes >= len(m):
+            nbytes -= len(m)
+            continue
+        out.append(m[nbytes:] if nbytes else m)
+        nbytes = 0
+    return out
+
+
+@traced
+def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
+    """Send what the guest queued, up to tx_burst; -EBUSY if the backend is full."""
+    n = q.n
+    vq = q.tx_vq
+    num_packets = 0
+    if not n.status & VIRTIO_CONFIG_S_DRIVER_OK:
+        return num_packets
+    if q.async_tx is not None:
+        virtio_queue_set_notification(vq, False)
+        return num_packets
+    hdr_len = n.guest_hdr_len
+    nic = n.nic
+    burst = n.tx_burst
+    while True:
+        elem = virtqueue_pop(vq)
+        if elem is None:
+            break
+        out_sg = elem.out_sg
+        if not out_sg:
+            virtio_error(n, "virtio-net header not in first element")
+            virtqueue_detach_element(vq, elem, 0)
+            return -EINVAL
+        if elem.in_sg:
+            virtio_error(n, "virtio-net transmit queue contains writable buffers")
+            virtqueue_detach_element(vq, elem, 0)
+            return -EINVAL
+        if sum(len(m) for m in out_sg) < hdr_len:
+            virtio_error(n, "virtio-net header incorrect")
+            virtqueue_detach_element(vq, elem, 0)
+            return -EINVAL
+        sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg, hdr_len)
+        if trace_virtio_net_flush_tx.on:
+            trace_virtio_net_flush_tx(elem=elem.index, len=sum(len(m) for m in sg))
+        ret = qemu_sendv_packet_async(nic, sg, virtio_net_tx_complete)
+        if ret == 0:
+            virtio_queue_set_notification(vq, False)
+            q.async_tx = (vq, elem)
+            q.async_tx_parks += 1
+            return -EBUSY
+        virtqueue_push(vq, elem, 0)
+        virtio_notify(n, vq)
+        q.tx_packets += 1
+        num_packets += 1
+        if num_packets >= burst:
+            break
+    return num_packets
+
+
+@traced
+def virtio_net_tx_complete(nc: NetClientState, length: int) -> None:
+    """The backend took the parked packet: complete it and resume transmitting."""
+    n: VirtIONet = nc.opaque
+    q = n.vqs[0]
+    if q.async_tx is None:
+        return
+    vq, elem = q.async_tx
+    virtqueue_push(vq, elem, 0)
+    virtio_notify(n, vq)
+    q.tx_packets += 1
+    q.async_tx = None
+    virtio_queue_set_notification(vq, True)
+    ret = virtio_net_flush_tx(q)
+    if ret >= n.tx_burst:
+        q.tx_waiting = True
+        virtio_queue_set_notification(vq, False)
+        if q.tx_bh is not None:
+            qemu_bh_schedule(q.tx_bh)
+
+
+# -- RX ------------------------------------------------------------------------------------------
+
+
+@traced
+def virtio_net_handle_rx(vdev: VirtIONet, vq: VirtQueue) -> None:
+    """The guest posted RX buffers: deliver what was waiting for them."""
+    qemu_flush_queued_packets(vdev.nic)
+
+
+def virtio_net_can_receive(nc: NetClientState) -> bool:
+    n: VirtIONet = nc.opaque
+    q = n.vqs[0]
+    return bool(n.vm_running and n.status & VIRTIO_CONFIG_S_DRIVER_OK
+                and virtio_queue_ready(q.rx_vq) and not n.broken)
+
+
+def virtqueue_avail_bytes(vq: VirtQueue, limit: int) -> bool:
+    """Do the available RX chains offer ``limit`` writable bytes? (bounded walk)"""
+    v = vq.views
+    if v is None:
+        return False
+    total = 0
+    idx = vq.last_avail_idx
+    avail_idx = v.avail[1]
+    count = 0
+    while idx != avail_idx and count < vq.num:
+        head = v.avail[2 + idx % vq.num]
+        if head >= vq.num:
+            return False
+        i, hops = head, 0
+        while hops < vq.num:
+            _, length, flags, nxt = DESC.unpack_from(v.desc, i << 4)
+            if flags & VRING_DESC_F_WRITE:
+                total += length
+                if total >= limit:
+                    return True
+            if not flags & VRING_DESC_F_NEXT or nxt >= vq.num:
+                break
+            i, hops = nxt, hops + 1
+        idx = (idx + 1) & 0xFFFF
+        count += 1
+    return False
+
+
+def virtio_net_has_buffers(q: VirtIONetQueue, bufsize: int) -> bool:
+    n = q.n
+    vq = q.rx_vq
+    if virtio_queue_empty(vq) or (n.mergeable_rx_bufs and not virtqueue_avail_bytes(vq, bufsize)):
+        virtio_queue_set_notification(vq, True)
+        # the guest may have added buffers after the check above, before notifications were on
+        if virtio_queue_empty(vq) or (n.mergeable_rx_bufs
+                                      and not virtqueue_avail_bytes(vq, bufsize)):
+            return False
+    virtio_queue_set_notification(vq, False)
+    return True
+
+
+def iov_from_buf(sg: list[memoryview], offset: int, buf: memoryview) -> int:
+    """Copy ``buf`` into the scatter list starting ``offset`` bytes in; returns bytes copied."""
+    done = 0
+    for m in sg:
+        if offset >= len(m):
+            offset -= len(m)
+            continue
+        room = len(m) - offset
+        chunk = min(room, len(buf) - done)
+        m[offset : offset + chunk] = buf[done : done + chunk]
+        done += chunk
+        offset = 0
+        if done == len(buf):
+            break
+    return done
+
+
+@traced
+def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
+    """A frame for the guest: header + frame into RX buffers, then push and notify.
+
+    Returns the size taken, 0 if the guest has no buffers (the frame waits in the net
+    queue), or -1 if the device cannot receive at all.
+    """
+    n: VirtIONet = nc.opaque
+    q = n.vqs[0]
+    vq = q.rx_vq
+    if not virtio_net_can_receive(nc):
+        return -1
+    size = len(buf)
+    hdr_len = n.guest_hdr_len
+    if not virtio_net_has_buffers(q, size + hdr_len):
+        q.rx_no_buffer += 1
+        return 0
+    if trace_virtio_net_receive.on:
+        trace_virtio_net_receive(len=size)
+    mv = memoryview(buf)
+    elems: list[tuple[VirtQueueElement, int]] = []
+    offset = 0
+    while offset < size:
+        elem = virtqueue_pop(vq)
+        if elem is None:
+            if elems:
+                virtio_error(n, f"virtio-net unexpected empty queue: i {len(elems)} mergeable "
+                                f"{int(n.mergeable_rx_bufs)} offset {offset}, size {size}, "
+                                f"guest hdr len {hdr_len}")
+            for e, _ in elems:
+                virtqueue_detach_element(vq, e, 0)
+            return -1
+        if not elem.in_sg:
+            virtio_error(n, "virtio-net receive queue contains no in buffers")
+            virtqueue_detach_element(vq, elem, 0)
+            return -1
+        if not elems:
+            hdr = bytes(hdr_len)  # receive_header: no offloads, so a zeroed header
+            if iov_from_buf(elem.in_sg, 0, memoryview(hdr)) < hdr_len:
+                virtio_error(n, "virtio-net header incorrect")
+                virtqueue_detach_element(vq, elem, 0)
+                return -1
+            guest_offset = hdr_len
+            total = hdr_len
+        else:
+            guest_offset = 0
+            total = 0
+        copied = iov_from_buf(elem.in_sg, guest_offset, mv[offset:])
+        total += copied
+        offset += copied
+        if not n.mergeable_rx_bufs and offset < size:
+            virtqueue_unpop(vq, elem, total)  # too small and cannot merge: drop the frame
+            for e, _ in elems:
+                virtqueue_detach_element(vq, e, 0)
+            return size
+        elems.append((elem, total))
+    if n.mergeable_rx_bufs:
+        first = elems[0][0]
+        nb = len(elems).to_bytes(2, "little")
+        iov_from_buf(first.in_sg, VIRTIO_NET_HDR_MRG_RXBUF.size - 2, memoryview(nb))
+    for j, (elem, total) in enumerate(elems):
+        virtqueue_fill(vq, elem, total, j)
+    virtqueue_flush(vq, len(elems))
+    virtio_notify(n, vq)
+    q.rx_packets += 1
+    return size
+
+
+def describe(n: VirtIONet) -> dict[str, Any]:
+    q = n.vqs[0]
+    return {"tx_packets": q.tx_packets, "rx_packets": q.rx_packets,
+            "rx_no_buffer": q.rx_no_buffer, "async_tx_parks": q.async_tx_parks,
+            "tx_waiting": q.tx_waiting, "mergeable_rx_bufs": n.mergeable_rx_bufs,
+            "guest_hdr_len": n.guest_hdr_len, "tx": n.tx, "tx_burst": n.tx_burst}

@@ -1,0 +1,317 @@
+"""Stands for hw/virtio/virtio-pci.c: virtio over PCI, legacy (I/O BAR) interface.
+
+The BAR's registers are served by ``virtio_pci_config_read`` / ``virtio_pci_config_write``
+(QEMU's virtio_ioport_read / virtio_ioport_write). When the driver sets DRIVER_OK the proxy
+registers a KVM ioeventfd for each queue's notify (port BAR0+16, datamatch = queue index)
+and an irqfd for each interrupt vector in use; ``virtio_pci_notify`` raises an interrupt
+through the vector's irqfd (MSI-X) or the INTx line's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.ipc import RunConfig
+from common.notifier import EventNotifier, PollBridge
+from common.trace import trace_event, traced
+from common.virtio_abi import (
+    PCI_DEVICE_ID_VIRTIO_NET,
+    PCI_VENDOR_ID_REDHAT_QUMRANET,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_ID_NET,
+    VIRTIO_MSI_CONFIG_VECTOR,
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_MSI_QUEUE_VECTOR,
+    VIRTIO_PCI_GUEST_FEATURES,
+    VIRTIO_PCI_HOST_FEATURES,
+    VIRTIO_PCI_ISR,
+    VIRTIO_PCI_QUEUE_ADDR_SHIFT,
+    VIRTIO_PCI_QUEUE_NOTIFY,
+    VIRTIO_PCI_QUEUE_NUM,
+    VIRTIO_PCI_QUEUE_PFN,
+    VIRTIO_PCI_QUEUE_SEL,
+    VIRTIO_PCI_REGION_SIZE,
+    VIRTIO_PCI_STATUS,
+    virtio_pci_config_off,
+)
+from qemuproc.kvm_all import KVMState
+from qemuproc.main_loop import MainLoop
+from qemuproc.memory import (
+    AddressSpace,
+    MemoryRegion,
+    MemoryRegionOps,
+    memory_region_add_eventfd,
+    memory_region_del_eventfd,
+)
+from qemuproc.pci import PCIDevice, PCIHostState
+from qemuproc.virtio import (
+    VIRTIO_QUEUE_MAX,
+    VirtIODevice,
+    virtio_queue_host_notifier_read,
+    virtio_queue_notify,
+    virtio_queue_set_addr,
+    virtio_reset,
+    virtio_set_features,
+    virtio_set_status,
+)
+
+PCI_CLASS_NETWORK_ETHERNET = 0x020000
+VIRTIO_PCI_IO_BASE = 0xC000
+VIRTIO_PCI_MSIX_BAR_ADDR = 0xFEBF1000
+VIRTIO_PCI_IRQ_LINE = 11
+VIRTIO_PCI_DEVFN = 3 << 3
+
+trace_virtio_pci_notify = trace_event("virtio_pci_notify")
+trace_virtio_pci_notify_write_pio = trace_event("virtio_pci_notify_write_pio")
+trace_virtio_ioport_write = trace_event("virtio_ioport_write")
+
+
+class VirtIOPCIProxy:
+    def __init__(self, vdev: VirtIODevice, host: PCIHostState, io_as: AddressSpace,
+                 mem_as: AddressSpace, kvm: KVMState, main_loop: MainLoop, cfg: RunConfig,
+                 vectors: int, ioeventfd: bool) -> None:
+        self.vdev = vdev
+        self.kvm = kvm
+        self.main_loop = main_loop
+        self.cfg = cfg
+        self.ioeventfd = ioeventfd
+        self.ioeventfd_started = False
+        self.pci_dev = dev = PCIDevice("virtio-net-pci", VIRTIO_PCI_DEVFN,
+                                       PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET,
+                                       PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID_REDHAT_QUMRANET,
+                                       VIRTIO_ID_NET, VIRTIO_PCI_IRQ_LINE)
+        dev.set_bar(0, VIRTIO_PCI_IO_BASE, is_io=True)
+        self.bar = MemoryRegion("virtio-pci", VIRTIO_PCI_REGION_SIZE, MemoryRegionOps(
+            virtio_pci_config_read, virtio_pci_config_write), self)
+        io_as.add_subregion(VIRTIO_PCI_IO_BASE, self.bar)
+        if vectors:
+            dev.set_bar(1, VIRTIO_PCI_MSIX_BAR_ADDR, is_io=False)
+            dev.msix_init(vectors, 1)
+            mem_as.add_subregion(VIRTIO_PCI_MSIX_BAR_ADDR, dev.msix_mmio_region())
+            dev.msix_vector_changed = self.msix_vector_changed
+        host.pci_register(dev)
+        vdev.notify_vector = self.virtio_pci_notify
+        self.host_bridges: dict[int, PollBridge] = {}
+        self.irqfd_gsis: dict[int, int] = {}  # vector (or -1 for INTx) -> gsi
+        self.irqfds: dict[int, EventNotifier] = {}
+        self.irqs_sent = 0
+        self.irqs_lost = 0
+        self.irqs_masked = 0
+
+    # -- notifications toward the guest -------------------------------------------------------
+
+    def virtio_pci_notify(self, vector: int) -> None:
+        if trace_virtio_pci_notify.on:
+            trace_virtio_pci_notify(vector=vector)
+        if self.pci_dev.msix_enabled():
+            if vector != VIRTIO_MSI_NO_VECTOR:
+                self.msix_notify(vector)
+        elif self.vdev.isr & 1:
+            self.pci_set_irq(1)
+
+    def msix_notify(self, vector: int) -> None:
+        dev = self.pci_dev
+        if vector >= dev.msix_entries_nr:
+            return
+        if dev.msix_is_masked(vector):
+            self.irqs_masked += 1
+            dev.msix_set_pending(vector)
+            return
+        notifier = self.irqfds.get(vector)
+        if notifier is None:
+            self.irqs_lost += 1
+            return
+        self.irqs_sent += 1
+        notifier.set()
+
+    def pci_set_irq(self, level: int) -> None:
+        """INTx: raising the line signals its irqfd; the guest lowers it by reading ISR."""
+        dev = self.pci_dev
+        if level and not dev.irq_level:
+            notifier = self.irqfds.get(-1)
+            if notifier is None:
+                self.irqs_lost += 1
+            else:
+                self.irqs_sent += 1
+                notifier.set()
+        dev.irq_level = level
+
+    def msix_vector_changed(self, vector: int) -> None:
+        if vector < 0:  # unmasked with a message pending
+            self.msix_notify(-1 - vector)
+            return
+        if vector in self.irqfd_gsis:
+            gsi = self.irqfd_gsis[vector]
+            self.kvm.routes[gsi] = (self.kvm.routes[gsi][0],
+                                    self.pci_dev.msix_get_message_data(vector))
+            self.kvm.kvm_irqchip_commit_routes()
+
+    # -- DRIVER_OK: ioeventfds and irqfds ------------------------------------------------------
+
+    @traced
+    def virtio_pci_start_ioeventfd(self) -> None:
+        if not self.ioeventfd or self.ioeventfd_started:
+            return
+        for vq in self.vdev.vq:
+            if vq.views is None:
+                continue
+            n = vq.queue_index
+            name = self.cfg.ioeventfd(n)
+            bridge = PollBridge(EventNotifier(name))
+            self.host_bridges[n] = bridge
+            memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
+            vq.host_notifier = bridge
+            vq.host_notifier_enabled = True
+            self.main_loop.qemu_set_fd_handler(bridge.fileno(),
+                                               lambda q: virtio_queue_host_notifier_read(q),
+                                               None, vq, f"ioeventfd:{vq.name}")
+            bridge.set()  # kick right away: the driver may have queued buffers already
+        self.ioeventfd_started = True
+
+    @traced
+    def virtio_pci_stop_ioeventfd(self) -> None:
+        if not self.ioeventfd_started:
+            return
+        for n, bridge in self.host_bridges.items():
+            memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
+                                      self.cfg.ioeventfd(n))
+            self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
+            vq = self.vdev.vq[n]
+            vq.host_notifier_enabled = False
+            vq.host_notifier = None
+            if bridge.test_and_clear():  # a kick in flight: handle it the slow way
+                virtio_queue_notify(self.vdev, n)
+            bridge.stop()
+        self.host_bridges.clear()
+        self.ioeventfd_started = False
+
+    @traced
+    def virtio_pci_set_guest_notifiers(self, assign: bool) -> None:
+        """Route each vector in use to an irqfd (kvm_virtio_pci_vector_use), or undo it."""
+        kvm = self.kvm
+        for vector, gsi in self.irqfd_gsis.items():
+            kvm.kvm_irqchip_remove_irqfd_notifier_gsi(gsi)
+            kvm.kvm_irqchip_release_virq(gsi)
+            self.irqfds.pop(vector).close()
+        self.irqfd_gsis.clear()
+        if not assign:
+            return
+        dev = self.pci_dev
+        if dev.msix_enabled():
+            vectors = {self.vdev.config_vector} | {vq.vector for vq in self.vdev.vq}
+            vectors.discard(VIRTIO_MSI_NO_VECTOR)
+            for vector in sorted(vectors):
+                gsi = kvm.kvm_irqchip_add_msi_route(vector, dev.msix_get_message_data(vector))
+                self.irqfd_gsis[vector] = gsi
+        else:
+            self.irqfd_gsis[-1] = kvm.kvm_irqchip_add_intx_route(dev.config[0x3C])
+        kvm.kvm_irqchip_commit_routes()
+        for vector, gsi in self.irqfd_gsis.items():
+            name = self.cfg.irqfd(max(vector, 0))
+            self.irqfds[vector] = EventNotifier(name)
+            kvm.kvm_irqchip_add_irqfd_notifier_gsi(name, gsi)
+
+    def virtio_pci_reset(self) -> None:
+        self.virtio_pci_stop_ioeventfd()
+        self.virtio_pci_set_guest_notifiers(False)
+        virtio_reset(self.vdev)
+        self.pci_dev.irq_level = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"ioeventfds": {self.vdev.vq[n].name: b.notifier.name
+                               for n, b in self.host_bridges.items()},
+                "irqfds": {("INTx" if v < 0 else f"msix vector {v}"): f"gsi {g}"
+                           for v, g in self.irqfd_gsis.items()},
+                "irqs_sent": self.irqs_sent, "irqs_lost": self.irqs_lost,
+                "irqs_masked": self.irqs_masked, "msix_enabled": self.pci_dev.msix_enabled()}
+
+
+def msix_vector_use(proxy: VirtIOPCIProxy, vector: int) -> bool:
+    return vector < proxy.pci_dev.msix_entries_nr
+
+
+@traced
+def virtio_ioport_write(proxy: VirtIOPCIProxy, addr: int, val: int) -> None:
+    vdev = proxy.vdev
+    if trace_virtio_ioport_write.on:
+        trace_virtio_ioport_write(addr=addr, val=val)
+    if addr == VIRTIO_PCI_GUEST_FEATURES:
+        virtio_set_features(vdev, val)
+    elif addr == VIRTIO_PCI_QUEUE_PFN:
+        pa = val << VIRTIO_PCI_QUEUE_ADDR_SHIFT
+        if pa == 0:
+            proxy.virtio_pci_reset()
+        elif vdev.queue_sel < len(vdev.vq):
+            virtio_queue_set_addr(vdev, vdev.queue_sel, pa)
+    elif addr == VIRTIO_PCI_QUEUE_SEL:
+        if val < VIRTIO_QUEUE_MAX:
+            vdev.queue_sel = val
+    elif addr == VIRTIO_PCI_QUEUE_NOTIFY:
+        if trace_virtio_pci_notify_write_pio.on:
+            trace_virtio_pci_notify_write_pio(addr=addr, val=val, size=2)
+        if val < VIRTIO_QUEUE_MAX:
+            virtio_queue_notify(vdev, val)
+    elif addr == VIRTIO_PCI_STATUS:
+        if not val & VIRTIO_CONFIG_S_DRIVER_OK:
+            proxy.virtio_pci_stop_ioeventfd()
+        virtio_set_status(vdev, val & 0xFF)
+        if val & VIRTIO_CONFIG_S_DRIVER_OK:
+            proxy.virtio_pci_set_guest_notifiers(True)
+            proxy.virtio_pci_start_ioeventfd()
+        if vdev.status == 0:
+            proxy.virtio_pci_reset()
+    elif addr == VIRTIO_MSI_CONFIG_VECTOR:
+        vdev.config_vector = val if msix_vector_use(proxy, val) else VIRTIO_MSI_NO_VECTOR
+    elif addr == VIRTIO_MSI_QUEUE_VECTOR:
+        if vdev.queue_sel < len(vdev.vq):
+            vdev.vq[vdev.queue_sel].vector = val if msix_vector_use(proxy, val) \
+                else VIRTIO_MSI_NO_VECTOR
+
+
+def virtio_ioport_read(proxy: VirtIOPCIProxy, addr: int) -> int:
+    vdev = proxy.vdev
+    sel = vdev.queue_sel
+    vq = vdev.vq[sel] if sel < len(vdev.vq) else None
+    if addr == VIRTIO_PCI_HOST_FEATURES:
+        return vdev.host_features & 0xFFFFFFFF
+    if addr == VIRTIO_PCI_GUEST_FEATURES:
+        return vdev.guest_features & 0xFFFFFFFF
+    if addr == VIRTIO_PCI_QUEUE_PFN:
+        return (vq.desc >> VIRTIO_PCI_QUEUE_ADDR_SHIFT) if vq else 0
+    if addr == VIRTIO_PCI_QUEUE_NUM:
+        return vq.num if vq else 0
+    if addr == VIRTIO_PCI_QUEUE_SEL:
+        return sel
+    if addr == VIRTIO_PCI_STATUS:
+        return vdev.status
+    if addr == VIRTIO_PCI_ISR:
+        ret = vdev.isr  # reading the ISR also clears it, and lowers the INTx line
+        vdev.isr = 0
+        proxy.pci_set_irq(0)
+        return ret
+    if addr == VIRTIO_MSI_CONFIG_VECTOR:
+        return vdev.config_vector
+    if addr == VIRTIO_MSI_QUEUE_VECTOR:
+        return vq.vector if vq else VIRTIO_MSI_NO_VECTOR
+    return 0xFFFFFFFF
+
+
+def virtio_pci_config_read(proxy: VirtIOPCIProxy, addr: int, size: int) -> int:
+    config = virtio_pci_config_off(proxy.pci_dev.msix_enabled())
+    if addr < config:
+        return virtio_ioport_read(proxy, addr) & ((1 << (8 * size)) - 1)
+    data = proxy.vdev.get_config()
+    off = addr - config
+    return int.from_bytes(data[off : off + size].ljust(size, b"\xff"), "little")
+
+
+def virtio_pci_config_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: int) -> None:
+    config = virtio_pci_config_off(proxy.pci_dev.msix_enabled())
+    if addr < config:
+        virtio_ioport_write(proxy, addr, val)
+        return
+    off = addr - config
+    data = bytearray(proxy.vdev.get_config())
+    if off + size <= len(data):
+        data[off : off + size] = val.to_bytes(size, "little")
+        proxy.vdev.set_config(bytes(data))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# ./run.sh          the end-to-end demo
+# ./run.sh test     the test suite
+# ./run.sh ARGS...  vreplica ARGS...
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+venv="$here/.venv"
+py="$venv/bin/python"
+
+extras="test"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+if [ ! -x "$py" ] || [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ]; then
+    echo "run.sh: setting up $venv (first use or pyproject.toml changed)" >&2
+    python3 -m venv "$venv"
+    log="$venv/install.log"
+    if ! { "$py" -m pip install --upgrade pip && "$py" -m pip install -e ".[$extras]"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "run.sh: installing the project failed (full log: $log)" >&2
+        exit 1
+    fi
+    echo "$want" > "$venv/.installed"
+fi
+
+# POSIX message queues are only visible (and checkable for leftovers) once mqueue is mounted.
+if [ "$(id -u)" = 0 ] && ! mountpoint -q /dev/mqueue 2>/dev/null; then
+    mkdir -p /dev/mqueue && mount -t mqueue none /dev/mqueue 2>/dev/null || true
+fi
+
+case "${1:-}" in
+    "") exec "$py" -m vreplica.cli demo ;;
+    test) shift; exec "$py" -m pytest "$@" ;;
+    bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
+    *) exec "$py" -m vreplica.cli "$@" ;;
+esac

@@ -1,0 +1,187 @@
+"""vreplica: the command line. ``./run.sh ARGS`` is ``vreplica ARGS``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from common.inet import UDP_MAX_PAYLOAD
+from common.vring import is_power_of_2, vring_size
+from vreplica.hostside import UdpSink
+from vreplica.summary import build_summary, format_summary
+from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+
+MAX_QUEUE_SIZE = 32768
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"vreplica: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--packets", type=int, default=10, help="datagrams the guest sends")
+    p.add_argument("--size", type=int, default=64, help="UDP payload bytes (8..1472)")
+    p.add_argument("--dest-port", type=int, default=0,
+                   help="host UDP port on 127.0.0.1 (0: a sink of the run's own)")
+    p.add_argument("--pace-ms", type=float, default=0.0, help="guest sleeps between datagrams")
+    p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
+    p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
+    p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)")
+    p.add_argument("--vectors", type=int, default=None,
+                   help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue (default)")
+    p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off")
+    p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off")
+    p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off")
+    p.add_argument("--tx", choices=("bh", "timer"), default="bh")
+    p.add_argument("--tx-burst", type=int, default=256)
+    p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
+    p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
+    p.add_argument("--summary-json", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise UsageError(f"--mem: {text!r} is not a size (e.g. 16M)") from None
+
+
+def options_from_args(a: argparse.Namespace) -> RunOptions:
+    """Check every option against its rule; the first broken rule is the error."""
+    if not 1 <= a.packets <= 10_000_000:
+        raise UsageError("--packets must be between 1 and 10000000")
+    if not 8 <= a.size <= UDP_MAX_PAYLOAD:
+        raise UsageError(f"--size must be between 8 and {UDP_MAX_PAYLOAD} "
+                         "(the 8-byte sequence number, at most the 1500-byte MTU)")
+    if not 0 <= a.dest_port <= 65535:
+        raise UsageError("--dest-port must be a port number, 1..65535 (0: the run's own sink)")
+    if not is_power_of_2(a.queue_size) or a.queue_size > MAX_QUEUE_SIZE:
+        raise UsageError(f"--queue-size must be a power of 2 no larger than {MAX_QUEUE_SIZE}")
+    mem = parse_size(a.mem)
+    need = 2 * vring_size(a.queue_size, 4096) + (3 * a.queue_size + 64) * 2048 + (1 << 20)
+    if mem < need:
+        raise UsageError(f"--mem {a.mem} is too small for two rings of {a.queue_size} and "
+                         f"their buffers (needs at least {need >> 20} MiB)")
+    if mem > 1 << 30:
+        raise UsageError("--mem must be at most 1G")
+    if a.vectors is not None and not 0 <= a.vectors <= 64:
+        raise UsageError("--vectors must be between 0 and 64")
+    if not 1 <= a.tx_burst <= 4096:
+        raise UsageError("--tx-burst must be between 1 and 4096")
+    if a.pace_ms < 0 or a.batch < 1:
+        raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
+    if a.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return RunOptions(mode="tx", packets=a.packets, size=a.size, dest_port=a.dest_port,
+                      pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
+                      vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
+                      mrg_rxbuf=a.mrg_rxbuf, tx=a.tx, tx_burst=a.tx_burst, trace=a.trace,
+                      pcap=a.pcap, timeout=a.timeout)
+
+
+def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
+    """Run the replica once; returns the summary. Raises RunFailed with the one-line reason."""
+    sink = None
+    if opts.dest_port == 0 or opts.mode == "tx":
+        try:
+            sink = UdpSink(opts.dest_port, opts.size)
+            opts.dest_port = sink.port
+        except OSError:
+            sink = None  # the user's own listener holds the port: count slirp's sendto
+    sup = Supervisor(opts)
+    try:
+        try:
+            cfg = sup.start()
+            sup.wait()
+        except KeyboardInterrupt:
+            raise RunFailed("interrupted", 130) from None
+        finally:
+            sup.stop()
+        sink_summary = None
+        if sink is not None:
+            sink.wait_for(opts.packets, 2.0)
+            sink_summary = sink.summary()
+        summary = build_summary(cfg.rid, opts, sup.reports(), sink_summary,
+                                sup.t_end - sup.t_start)
+        if opts.trace:
+            from vreplica.tracefile import merge_traces
+
+            merge_traces(sup.trace_pieces(), opts.trace)
+            summary["trace"] = opts.trace
+        if opts.pcap:
+            summary["pcap"] = opts.pcap
+        return summary, sup
+    finally:
+        if sink is not None:
+            sink.close()
+        sup.cleanup()
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    opts = options_from_args(a)
+    summary, _ = execute(opts)
+    print(format_summary(summary))
+    if a.summary_json:
+        Path(a.summary_json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_cleanup(a: argparse.Namespace) -> int:
+    from common.ipc import cleanup_dead_runs
+
+    removed = cleanup_dead_runs()
+    print(f"removed the leftovers of {len(removed)} dead run(s)"
+          + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="vreplica", description="A KVM guest's virtio-net path, as three processes.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    r = sub.add_parser("run", help="run the replica once and print its summary")
+    add_run_options(r)
+    r.set_defaults(func=cmd_run)
+    d = sub.add_parser("demo", help="one packet's journey through the three processes")
+    d.add_argument("--out", default="out", help="where the trace and pcap go")
+    d.set_defaults(func=lambda a: __import__("vreplica.demo", fromlist=["x"]).cmd_demo(a))
+    c = sub.add_parser("cleanup", help="remove IPC objects left by dead runs")
+    c.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"vreplica: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"vreplica: {e}", file=sys.stderr)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Programs on the host side of the link: a UDP sink that checks what arrives, an echo
+service. They run in the supervisor's process, on loopback only."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+SEQ_BYTES = 8
+
+
+def expected_payload(seq: int, size: int) -> bytes:
+    """What the guest's sender puts in datagram ``seq`` (guestproc.programs.payload)."""
+    fill = bytes((seq + i) & 0xFF for i in range(max(0, size - SEQ_BYTES)))
+    return seq.to_bytes(SEQ_BYTES, "big") + fill
+
+
+class UdpSink:
+    """Receives the guest's datagrams on 127.0.0.1:port and checks each one's payload."""
+
+    def __init__(self, port: int = 0, size: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.size = size
+        self.seqs: list[int] = []
+        self.bad = 0
+        self.first_ns = 0
+        self.last_ns = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="udp-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic_ns()
+            if not self.first_ns:
+                self.first_ns = now
+            self.last_ns = now
+            seq = int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1
+            if self.size is not None and data != expected_payload(seq, self.size):
+                self.bad += 1
+            self.seqs.append(seq)
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.seqs) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(self.seqs) >= n
+
+    def summary(self) -> dict:
+        seen = set(self.seqs)
+        return {"received": len(self.seqs), "unique": len(seen), "bad_payloads": self.bad,
+                "duplicates": len(self.seqs) - len(seen),
+                "in_order": self.seqs == sorted(self.seqs)}
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(1.0)
+        self.sock.close()
+
+
+class UdpEcho:
+    """A UDP echo service on 127.0.0.1:port: every datagram goes straight back."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.echoed = 0
+        self.paused = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="udp-echo", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.paused:
+                continue
+            self.sock.sendto(data, peer)
+            self.echoed += 1
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(1.0)
+        self.sock.close()

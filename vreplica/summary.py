@@ -1,0 +1,75 @@
+"""The run's summary: what each process reported, folded into the figures a user reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | None,
+                  elapsed_s: float) -> dict[str, Any]:
+    g = reports.get("guest", {})
+    k = reports.get("kvm", {})
+    q = reports.get("qemu", {})
+    prog = g.get("program", {})
+    sent = prog.get("sent", 0)
+    send_s = prog.get("send_ns", 0) / 1e9
+    sq = (g.get("sq") or [{}])[0]
+    rq = (g.get("rq") or [{}])[0]
+    vcpu = k.get("vcpu", {})
+    tx_q = q.get("queues", {}).get("TX(q1)", {})
+    rx_q = q.get("queues", {}).get("RX(q0)", {})
+    summary: dict[str, Any] = {
+        "run": rid,
+        "mode": opts.mode,
+        "packets": opts.packets,
+        "size": opts.size,
+        "ioeventfd": opts.ioeventfd,
+        "event_idx": opts.event_idx,
+        "interrupt_mode": g.get("interrupt_mode"),
+        "sent": sent,
+        "delivered": sink["received"] if sink is not None else
+        q.get("slirp", {}).get("stats", {}).get("udp_sent"),
+        "delivered_counted_by": "host socket" if sink is not None else "slirp sendto",
+        "kicks": sq.get("kicks", 0),
+        "kicks_handled": tx_q.get("kicks_handled", 0),
+        "tx_interrupts": tx_q.get("notifies", 0),
+        "rx_interrupts": rx_q.get("notifies", 0),
+        "interrupts_injected": vcpu.get("irq_injections", 0),
+        "exits": vcpu,
+        "userspace_exits": {r: n for r, n in k.get("userspace_exits", {}).items() if n},
+        "guest_irqs": g.get("irqs", {}),
+        "elapsed_s": round(elapsed_s, 4),
+        "send_s": round(send_s, 6),
+        "packets_per_second": round(sent / send_s, 1) if send_s > 0 else None,
+        "device_errors": q.get("errors", []),
+    }
+    if sink is not None:
+        summary["host"] = sink
+    if sent:
+        summary["kicks_per_packet"] = round(summary["kicks"] / sent, 4)
+        summary["tx_interrupts_per_packet"] = round(summary["tx_interrupts"] / sent, 4)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"run {s['run']}: mode {s['mode']}, {s['packets']} x {s['size']} B, "
+        f"ioeventfd {'on' if s['ioeventfd'] else 'off'}, "
+        f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}",
+        f"  sent by the guest      {s['sent']}",
+        f"  delivered              {s['delivered']}  (counted by the {s['delivered_counted_by']})",
+        f"  kicks (driver)         {s['kicks']}   handled by QEMU: {s['kicks_handled']}",
+        f"  TX interrupts          {s['tx_interrupts']}   RX interrupts: {s['rx_interrupts']}"
+        f"   injected by KVM: {s['interrupts_injected']}",
+    ]
+    e = s["exits"]
+    lines.append("  VM exits               " + ", ".join(
+        f"{name} {e.get(name, 0)}" for name in ("exits", "io_exits", "mmio_exits", "halt_exits",
+                                                "irq_exits", "msr_exits")))
+    lines.append("  exits to QEMU          " + (", ".join(
+        f"{r} {n}" for r, n in s["userspace_exits"].items()) or "none"))
+    lines.append(f"  elapsed                {s['elapsed_s']:.3f} s (run), {s['send_s']*1e3:.2f} ms"
+                 f" sending, {s['packets_per_second'] or 0:.0f} packets/s")
+    if s.get("device_errors"):
+        lines.append(f"  device errors          {'; '.join(s['device_errors'])}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""Starts the three processes of a run, watches them, stops them in order, removes every IPC
+object, and gathers what each reported into the run's summary.
+
+Not part of the replicated system: the hand that sets up the machine and takes it down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.channel import Channel
+from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
+from common.kvm_abi import unpackb
+
+ROLES = ("kvm", "qemu", "guest")
+STOP_GRACE_S = 3.0
+
+
+class RunFailed(Exception):
+    """The run could not finish: the message is the one line the user sees."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RunOptions:
+    mode: str = "tx"
+    packets: int = 10
+    size: int = 64
+    dest_port: int = 0
+    pace_ms: float = 0.0
+    batch: int = 1
+    mem: int = 16 << 20
+    queue_size: int = 256
+    vectors: int | None = None
+    ioeventfd: bool = True
+    event_idx: bool = True
+    mrg_rxbuf: bool = False
+    tx: str = "bh"
+    tx_burst: int = 256
+    arp: bool = False
+    trace: str | None = None
+    pcap: str | None = None
+    timeout: float = 60.0
+    udp_expire_s: float = 240.0
+    hostfwd: list[tuple[int, int]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def msix_vectors(self, nvqs: int = 2) -> int:
+        """The MSI-X table size QEMU offers: ``vectors`` (0 = no MSI-X) or one per queue + config.
+
+        ``--vectors 1`` means one vector shared by the queues; that scheme needs two table
+        entries (config + shared), so the table gets two.
+        """
+        if self.vectors is None:
+            return nvqs + 1
+        return 0 if self.vectors == 0 else max(2, self.vectors)
+
+
+def _signal_name(rc: int) -> str:
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+class Supervisor:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.cfg: RunConfig | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ctl: Channel | None = None
+        self.done: set[str] = set()
+        self.errors: list[str] = []
+        self.t_start = 0.0
+        self.t_end = 0.0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> RunConfig:
+        cleanup_dead_runs()
+        o = self.opts
+        vectors = o.msix_vectors()
+        options = {
+            "mode": o.mode, "packets": o.packets, "size": o.size, "dest_port": o.dest_port,
+            "pace_ms": o.pace_ms, "batch": o.batch, "ioeventfd": o.ioeventfd,
+            "event_idx": o.event_idx, "mrg_rxbuf": o.mrg_rxbuf, "tx": o.tx,
+            "tx_burst": o.tx_burst, "arp": o.arp, "pcap": o.pcap, "msix_vectors": vectors,
+            "udp_expire_s": o.udp_expire_s, "hostfwd": o.hostfwd, **o.extra,
+        }
+        self.cfg = cfg = new_run(o.mem, o.queue_size, 2, max(vectors, 1), options)
+        try:
+            create_objects(cfg)
+            self.ctl = Channel(cfg.channel("ctl"))
+            env = dict(os.environ)
+            if o.trace:
+                env["VREPLICA_TRACE"] = "1"
+            else:
+                env.pop("VREPLICA_TRACE", None)
+            self.t_start = time.monotonic()
+            for role in ROLES:
+                self.procs[role] = subprocess.Popen(
+                    [sys.executable, "-m", f"{role}proc", cfg.rundir], env=env,
+                    stdin=subprocess.DEVNULL)
+        except BaseException:
+            self.stop()
+            raise
+        return cfg
+
+    def wait(self) -> None:
+        """Until the guest program is done and all three have exited; raise if one dies."""
+        assert self.ctl is not None
+        deadline = time.monotonic() + self.opts.timeout
+        while True:
+            rec = self.ctl.recv_raw(0.1)
+            if rec is not None:
+                kind, role, fields = unpackb(rec)
+                if kind == "done":
+                    self.done.add(role)
+                elif kind == "error":
+                    self.errors.append(f"{role}: {fields.get('message')}")
+            exited = {r: p.poll() for r, p in self.procs.items()}
+            for role, rc in exited.items():
+                if rc is None:
+                    continue
+                if rc < 0:
+                    raise RunFailed(f"{role} process (pid {self.procs[role].pid}) died: "
+                                    f"killed by {_signal_name(rc)}")
+                if rc != 0:
+                    why = self.errors[-1] if self.errors else f"exit status {rc}"
+                    raise RunFailed(f"{role} process (pid {self.procs[role].pid}) failed: {why}")
+            if all(rc == 0 for rc in exited.values()):
+                if "guest" not in self.done:
+                    raise RunFailed("the guest stopped before its program finished")
+                self.t_end = time.monotonic()
+                return
+            if time.monotonic() > deadline:
+                raise RunFailed(f"timed out after {self.opts.timeout:g} s "
+                                f"(still running: {', '.join(r for r, c in exited.items() if c is None)})")
+
+    def stop(self) -> None:
+        """Stop whatever still runs (guest first, as a VM is paused before it is torn down)."""
+        for role in ("guest", "qemu", "kvm"):
+            p = self.procs.get(role)
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def cleanup(self) -> None:
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.cfg is not None:
+            remove_run(self.cfg)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def reports(self) -> dict[str, Any]:
+        assert self.cfg is not None
+        out = {}
+        for role in ROLES:
+            path = Path(self.cfg.rundir) / f"report.{role}.json"
+            if path.exists():
+                out[role] = json.loads(path.read_text())
+        return out
+
+    def trace_pieces(self) -> list[Path]:
+        assert self.cfg is not None
+        return sorted(Path(self.cfg.rundir).glob("trace.*.msgpack"))
