@@ -31,5 +31,6 @@ case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
     test) shift; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
+    fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     *) exec "$py" -m vreplica.cli "$@" ;;
 esac

@@ -55,6 +55,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
+    p.add_argument("--wait-attach", action="store_true",
+                   help="hold the vCPU before its first instruction until 'cont' (QEMU's -S)")
+    p.add_argument("--hold", action="store_true",
+                   help="keep the processes up after the program ends, until 'quit' or Ctrl-C")
 
 
 def parse_size(text: str) -> int:
@@ -98,7 +102,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
                       vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
                       mrg_rxbuf=a.mrg_rxbuf, tx=a.tx, tx_burst=a.tx_burst, trace=a.trace,
-                      pcap=a.pcap, timeout=a.timeout)
+                      pcap=a.pcap, timeout=a.timeout,
+                      extra={"wait_attach": a.wait_attach, "hold": a.hold})
 
 
 def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
@@ -157,15 +162,34 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
     return 0
 
 
+def delegate(module: str, func: str) -> object:
+    """A subcommand whose implementation (and own argument parsing) lives in ``module``."""
+
+    def run(a: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(a.rest)
+
+    return run
+
+
 def build_parser() -> Parser:
     p = Parser(prog="vreplica", description="A KVM guest's virtio-net path, as three processes.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     r = sub.add_parser("run", help="run the replica once and print its summary")
     add_run_options(r)
     r.set_defaults(func=cmd_run)
-    d = sub.add_parser("demo", help="one packet's journey through the three processes")
-    d.add_argument("--out", default="out", help="where the trace and pcap go")
-    d.set_defaults(func=lambda a: __import__("vreplica.demo", fromlist=["x"]).cmd_demo(a))
+    for name, module, func, text in (
+        ("demo", "vreplica.demo", "main", "one packet's journey through the three processes"),
+        ("trace", "vreplica.render", "main", "trace files: render TRACE.json OUT.svg|OUT.png"),
+        ("bench", "vreplica.bench", "main", "measure the path against its baselines"),
+        ("ps", "vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
+        ("attach", "vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
+        ("fuzz", "vreplica.fuzz", "main", "fuzz the device's ring handling"),
+    ):
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=delegate(module, func))
     c = sub.add_parser("cleanup", help="remove IPC objects left by dead runs")
     c.set_defaults(func=cmd_cleanup)
     return p
