@@ -39,11 +39,12 @@ def boot(rt: ProcessRuntime) -> dict:
     pages = PageAllocator(mem.size)
     vdev = virtio_pci_probe(cpu, kernel, mem.ram, pages, virtio_net_driver)
     vi = vdev.priv
-    neigh = {} if opts.get("arp", False) else {"10.0.2.2": SLIRP_GATEWAY_MAC}
+    neigh = {} if opts.get("arp", True) else {"10.0.2.2": SLIRP_GATEWAY_MAC}
     stack = GuestStack(kernel, mem.ram, vi.dev, vi.skb_pool, static_neigh=neigh)
     vi.rx_handler = stack.netif_receive_skb
     virtnet_open(vi.dev)
-    result = PROGRAMS[opts["mode"]](kernel, stack, opts)
+    result = PROGRAMS[opts["mode"]](kernel, stack, opts,
+                                    lambda line: rt.tell("console", line=line))
     sq = vi.sq[0]
     drained = kernel.wait_event(lambda: sq.vq.num_free == sq.vq.num, TX_DRAIN_TIMEOUT_S)
     if not drained:

@@ -35,6 +35,7 @@ class VCpu:
         self.irr: list[int] = []
         self.irq_exit: Callable[[], None] = lambda: None
         self.exits = 0
+        self.need_resched = False
         self._in_irq = False
         self._io_cache: dict[tuple[int, int, int], bytes] = {}
 
@@ -115,6 +116,7 @@ class VCpu:
             self._deliver()
 
     def _deliver(self) -> None:
+        self.need_resched = True
         self._in_irq = True
         try:
             while self.irr:

@@ -130,22 +130,33 @@ class Kernel:
             self.cpu.wrmsr(MSR_IA32_TSC_DEADLINE, deadline_ns)
 
     def idle(self) -> None:
-        """cpu_idle: HLT until an interrupt; its handler and the softirqs run before return."""
-        self.cpu.hlt()
+        """cpu_idle: HLT until an interrupt, unless one was handled since the caller last
+        looked (need_resched): halting then would sleep through the wakeup it brought."""
+        cpu = self.cpu
+        if cpu.need_resched:
+            cpu.need_resched = False
+            return
+        cpu.hlt()
+        cpu.need_resched = False
 
     def wait_event(self, cond: Callable[[], bool], timeout_s: float | None = None) -> bool:
         """Sleep (HLT) until ``cond()`` holds or ``timeout_s`` passes; returns cond()."""
         deadline = None if timeout_s is None else self.now_ns() + int(timeout_s * 1e9)
-        while not cond():
+        cpu = self.cpu
+        while True:
+            cpu.need_resched = False
+            cpu.interrupt_window()
+            if cond():
+                return True
             if deadline is not None:
                 if self.now_ns() >= deadline:
                     return cond()
                 self.arm_timer(deadline)
             self.idle()
-        return True
 
     def msleep(self, ms: float) -> None:
         deadline = self.now_ns() + int(ms * 1e6)
         while self.now_ns() < deadline:
+            self.cpu.need_resched = False
             self.arm_timer(deadline)
             self.idle()

@@ -166,9 +166,10 @@ class GuestStack:
 
     def alloc_skb_wait(self) -> SkBuff:
         skb = self.pool.alloc_skb()
-        while skb is None:  # sk_wait_memory: sleep until TX completions return buffers
-            self.kernel.idle()
+        if skb is None:  # sk_wait_memory: sleep until TX completions return buffers
+            self.kernel.wait_event(lambda: bool(self.pool.free))
             skb = self.pool.alloc_skb()
+        assert skb is not None
         return skb
 
     def next_hop_mac(self, daddr: bytes) -> bytes | None:
@@ -178,6 +179,7 @@ class GuestStack:
     @traced
     def udp_sendmsg(self, sock: UdpSocket, payload: bytes | memoryview, addr: tuple[str, int],
                     more: bool = False) -> int:
+        self.kernel.cpu.interrupt_window()
         n = len(payload)
         if n > UDP_MAX_PAYLOAD:
             raise OSError(90, f"message too long ({n} > {UDP_MAX_PAYLOAD})")

@@ -1,7 +1,11 @@
-"""The programs a run makes the guest execute, over the guest's UDP sockets."""
+"""The programs a run makes the guest execute, over the guest's sockets.
+
+Each takes the kernel, the stack and the run's options, and returns what it measured.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from guestproc.kernel import Kernel
@@ -9,6 +13,7 @@ from guestproc.netstack import GuestStack
 
 SEQ_BYTES = 8
 GATEWAY = "10.0.2.2"
+Console = Callable[[str], None]
 
 
 def payload(seq: int, size: int) -> bytes:
@@ -17,7 +22,15 @@ def payload(seq: int, size: int) -> bytes:
     return seq.to_bytes(SEQ_BYTES, "big") + fill
 
 
-def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any]) -> dict[str, Any]:
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
+             console: Console) -> dict[str, Any]:
     """Send ``packets`` datagrams of ``size`` bytes to 10.0.2.2:``dest_port``.
 
     ``pace_ms`` spaces them out (the guest sleeps on its LAPIC timer); ``batch`` > 1 hands
@@ -28,8 +41,7 @@ def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any]) -> dict[st
     batch = max(1, opts.get("batch", 1))
     sock = stack.socket()
     dst = (GATEWAY, port)
-    # payloads are made before the clock starts: the run measures the path, not this
-    payloads = [payload(i, size) for i in range(n)]
+    payloads = [payload(i, size) for i in range(n)]  # made before the clock starts
     t0 = kernel.now_ns()
     for seq in range(n):
         sock.sendto(payloads[seq], dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
@@ -38,4 +50,110 @@ def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any]) -> dict[st
     return {"sent": n, "send_ns": kernel.now_ns() - t0, "sport": sock.port}
 
 
-PROGRAMS = {"tx": udp_send}
+def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
+                    console: Console) -> dict[str, Any]:
+    """Send ``packets`` datagrams to an echo service at 10.0.2.2:``dest_port``, at most
+    ``window`` unanswered at a time, and check every reply against what was sent."""
+    n, size, port = opts["packets"], opts["size"], opts["dest_port"]
+    window = max(1, opts.get("window", 1))
+    pace = opts.get("pace_ms", 0.0)
+    timeout_s = opts.get("timeout", 30.0)
+    sock = stack.socket()
+    sock.bind(0)
+    dst = (GATEWAY, port)
+    payloads = [payload(i, size) for i in range(n)]
+    sent_at = [0] * n
+    got = [False] * n
+    rtts: list[float] = []
+    bad = dup = 0
+    next_seq = outstanding = 0
+    t0 = kernel.now_ns()
+    deadline = t0 + int(timeout_s * 1e9)
+    while (next_seq < n or outstanding) and kernel.now_ns() < deadline:
+        while next_seq < n and outstanding < window:
+            sent_at[next_seq] = kernel.now_ns()
+            sock.sendto(payloads[next_seq], dst)
+            next_seq += 1
+            outstanding += 1
+        r = sock.recvfrom(max(0.0, (deadline - kernel.now_ns()) / 1e9))
+        if r is None:
+            break
+        data, _, arrived = r
+        seq = int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1
+        if not 0 <= seq < next_seq or data != payloads[seq]:
+            bad += 1
+            continue
+        if got[seq]:
+            dup += 1
+            continue
+        got[seq] = True
+        outstanding -= 1
+        rtts.append((arrived - sent_at[seq]) / 1e3)
+        if pace:
+            kernel.msleep(pace)
+    rtts.sort()
+    return {"sent": next_seq, "replies": sum(got), "bad_replies": bad, "duplicate_replies": dup,
+            "send_ns": kernel.now_ns() - t0, "rtt_us_p50": percentile(rtts, 50),
+            "rtt_us_p99": percentile(rtts, 99), "rtt_us_max": rtts[-1] if rtts else None,
+            "sport": sock.port}
+
+
+def udp_sink(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
+             console: Console) -> dict[str, Any]:
+    """Listen on ``guest_port`` and count ``packets`` datagrams from the host (hostfwd).
+
+    With ``rx_stall_after`` the guest stops refilling its RX ring after that many datagrams
+    for ``rx_stall_ms`` (as a guest under memory pressure would), then refills again.
+    """
+    n = opts["packets"]
+    sock = stack.socket()
+    sock.bind(opts["guest_port"])
+    stall_after = opts.get("rx_stall_after", 0)
+    stall_ms = opts.get("rx_stall_ms", 0.0)
+    console(f"listening on udp port {sock.port}")
+    seqs: list[int] = []
+    t0 = kernel.now_ns()
+    deadline = t0 + int(opts.get("timeout", 30.0) * 1e9)
+    first = last = 0
+    while len(seqs) < n:
+        r = sock.recvfrom(max(0.0, (deadline - kernel.now_ns()) / 1e9))
+        if r is None:
+            break
+        data, _, arrived = r
+        first = first or arrived
+        last = arrived
+        seqs.append(int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1)
+        if stall_after and len(seqs) == stall_after:
+            rq = stack.dev.priv.rq[0]
+            rq.refill_enabled = False
+            console(f"rx refill stalled for {stall_ms} ms")
+            kernel.msleep(stall_ms)
+            rq.refill_enabled = True
+            from guestproc.virtio_net import try_fill_recv
+
+            try_fill_recv(stack.dev.priv, rq)
+            console("rx refill resumed")
+    unique = set(seqs)
+    return {"received": len(seqs), "unique": len(unique), "duplicates": len(seqs) - len(unique),
+            "in_order": seqs == sorted(seqs), "socket_drops": sock.drops,
+            "receive_ns": last - first}
+
+
+def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
+         console: Console) -> dict[str, Any]:
+    """ICMP echo requests to 10.0.2.2, one at a time, each waiting up to a second."""
+    n = opts["packets"]
+    ident = 0x1234
+    rtts: list[float] = []
+    for seq in range(n):
+        t = kernel.now_ns()
+        stack.send_ping(GATEWAY, ident, seq, b"vreplica-ping".ljust(56, b"."))
+        ok = kernel.wait_event(lambda s=seq: (ident, s) in stack.ping_replies, 1.0)
+        if ok:
+            rtts.append((kernel.now_ns() - t) / 1e3)
+    rtts.sort()
+    return {"sent": n, "replies": len(rtts), "rtt_us_p50": percentile(rtts, 50),
+            "rtt_us_p99": percentile(rtts, 99)}
+
+
+PROGRAMS = {"tx": udp_send, "echo": udp_echo_client, "sink": udp_sink, "ping": ping}

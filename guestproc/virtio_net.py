@@ -63,6 +63,10 @@ MAX_SKB_FRAGS = 17
 VLAN_HLEN = 4
 GOOD_PACKET_LEN = ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
 RX_BUF_SIZE = 2048
+MERGEABLE_BUF_LEN = 512
+"""Linux sizes mergeable buffers from the average packet length, never below a full frame,
+so on a 1500-byte MTU they never merge; this replica posts 512-byte buffers so that a large
+frame really spans several and num_buffers is exercised."""
 
 trace_start_xmit = trace_event("start_xmit")
 trace_skb_xmit_done = trace_event("skb_xmit_done")
@@ -283,6 +287,16 @@ def add_recvbuf_small(vi: VirtnetInfo, rq: ReceiveQueue) -> int:
     return err
 
 
+def add_recvbuf_mergeable(vi: VirtnetInfo, rq: ReceiveQueue) -> int:
+    buf = rq.pool.alloc_skb()
+    if buf is None:
+        return -12
+    err = virtqueue_add_inbuf(rq.vq, [(buf.data, MERGEABLE_BUF_LEN)], buf)
+    if err:
+        rq.pool.kfree_skb(buf)
+    return err
+
+
 @traced
 def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue) -> bool:
     """Post RX buffers until the ring is full, then kick if the device wants to know."""
@@ -290,8 +304,9 @@ def try_fill_recv(vi: VirtnetInfo, rq: ReceiveQueue) -> bool:
         return True
     oom = False
     added = 0
+    add = add_recvbuf_mergeable if vi.mergeable_rx_bufs else add_recvbuf_small
     while rq.vq.num_free:
-        err = add_recvbuf_small(vi, rq)
+        err = add(vi, rq)
         if err:
             oom = err == -12
             break

@@ -67,6 +67,7 @@ class Machine:
                            event_idx=opts.get("event_idx", True),
                            mrg_rxbuf=opts.get("mrg_rxbuf", False))
         virtio_net_device_init(self.n, self.netdev)
+        self.n.nic.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
                                     opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),

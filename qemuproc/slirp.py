@@ -46,6 +46,7 @@ from common.trace import trace_event, traced
 SO_EXPIRE_S = 240.0
 ARP_RESOLUTION_TIMEOUT_S = 1.0
 SORECV_BATCH = 64
+HOSTFWD_RCVBUF = 4 << 20
 
 trace_slirp_input = trace_event("slirp_input")
 trace_sosendto = trace_event("sosendto")
@@ -317,6 +318,7 @@ class Slirp:
         """hostfwd=udp::HOSTPORT-:GUESTPORT: a host socket whose datagrams go to the guest."""
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HOSTFWD_RCVBUF)
         s.bind((self.host_ip, host_port))
         so = SlirpSocket(self.client_ipaddr, guest_port, s, hostfwd=True)
         self.udb[(self.client_ipaddr, guest_port)] = so

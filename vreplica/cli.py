@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.vring import is_power_of_2, vring_size
-from vreplica.hostside import UdpSink
+from vreplica.hostside import UdpEcho, UdpSender, UdpSink
 from vreplica.summary import build_summary, format_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
@@ -36,6 +37,12 @@ def on_off(value: str) -> bool:
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="tx",
+                   help="tx: send to a host socket; echo: to an echo service, count replies; "
+                        "sink: receive from the host through --hostfwd; ping: ICMP to 10.0.2.2")
+    p.add_argument("--hostfwd", metavar="udp::HOSTPORT-:GUESTPORT",
+                   help="forward a host UDP port on 127.0.0.1 to the guest (sink mode)")
+    p.add_argument("--window", type=int, default=1, help="echo: datagrams in flight at once")
     p.add_argument("--packets", type=int, default=10, help="datagrams the guest sends")
     p.add_argument("--size", type=int, default=64, help="UDP payload bytes (8..1472)")
     p.add_argument("--dest-port", type=int, default=0,
@@ -55,6 +62,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
+    p.add_argument("--udp-expire", type=float, default=240.0, help=argparse.SUPPRESS)
+    p.add_argument("--net-queue-len", type=int, default=10000, help=argparse.SUPPRESS)
+    p.add_argument("--rx-stall-after", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--rx-stall-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--wait-attach", action="store_true",
                    help="hold the vCPU before its first instruction until 'cont' (QEMU's -S)")
     p.add_argument("--hold", action="store_true",
@@ -72,8 +83,39 @@ def parse_size(text: str) -> int:
         raise UsageError(f"--mem: {text!r} is not a size (e.g. 16M)") from None
 
 
+MODES = ("tx", "echo", "sink", "ping")
+
+
+def parse_hostfwd(text: str) -> tuple[int, int]:
+    """QEMU's hostfwd=udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT, UDP on loopback only."""
+    try:
+        proto, rest = text.split(":", 1)
+        host, guest = rest.split("-", 1)
+        host_addr, host_port = host.rsplit(":", 1)
+        guest_addr, guest_port = guest.rsplit(":", 1)
+        hp, gp = int(host_port), int(guest_port)
+    except ValueError:
+        raise UsageError(f"--hostfwd {text!r}: expected udp::HOSTPORT-:GUESTPORT") from None
+    if proto != "udp":
+        raise UsageError("--hostfwd: only udp forwarding is supported")
+    if host_addr not in ("", "127.0.0.1") or guest_addr not in ("", "10.0.2.15"):
+        raise UsageError("--hostfwd: the host side is 127.0.0.1 and the guest 10.0.2.15")
+    if not (0 <= hp <= 65535 and 1 <= gp <= 65535):
+        raise UsageError("--hostfwd: ports must be 1..65535 (host port 0: pick a free one)")
+    return hp, gp
+
+
 def options_from_args(a: argparse.Namespace) -> RunOptions:
     """Check every option against its rule; the first broken rule is the error."""
+    if a.mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    hostfwd = [parse_hostfwd(a.hostfwd)] if a.hostfwd else []
+    if a.mode == "sink" and not hostfwd:
+        raise UsageError("--mode sink needs --hostfwd udp::HOSTPORT-:GUESTPORT")
+    if not 1 <= a.window <= 256:
+        raise UsageError("--window must be between 1 and 256")
+    if a.udp_expire <= 0 or a.net_queue_len < 1:
+        raise UsageError("--udp-expire must be positive and --net-queue-len at least 1")
     if not 1 <= a.packets <= 10_000_000:
         raise UsageError("--packets must be between 1 and 10000000")
     if not 8 <= a.size <= UDP_MAX_PAYLOAD:
@@ -98,24 +140,47 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return RunOptions(mode="tx", packets=a.packets, size=a.size, dest_port=a.dest_port,
+    return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window,
+                      guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
+                      packets=a.packets, size=a.size, dest_port=a.dest_port,
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
                       vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
                       mrg_rxbuf=a.mrg_rxbuf, tx=a.tx, tx_burst=a.tx_burst, trace=a.trace,
                       pcap=a.pcap, timeout=a.timeout,
-                      extra={"wait_attach": a.wait_attach, "hold": a.hold})
+                      extra={"wait_attach": a.wait_attach, "hold": a.hold,
+                             "netqueue_maxlen": a.net_queue_len,
+                             "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms})
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
     """Run the replica once; returns the summary. Raises RunFailed with the one-line reason."""
-    sink = None
-    if opts.dest_port == 0 or opts.mode == "tx":
+    sink: UdpSink | None = None
+    echo: UdpEcho | None = None
+    sender: UdpSender | None = None
+    if opts.mode == "tx":
         try:
             sink = UdpSink(opts.dest_port, opts.size)
             opts.dest_port = sink.port
         except OSError:
             sink = None  # the user's own listener holds the port: count slirp's sendto
+    elif opts.mode == "echo" and opts.dest_port == 0:
+        echo = UdpEcho(0)
+        opts.dest_port = echo.port
+    elif opts.mode == "sink":
+        host_port, guest_port = opts.hostfwd[0]
+        if host_port == 0:
+            opts.hostfwd = [(free_udp_port(), guest_port)]
+        sender = UdpSender(opts.hostfwd[0][0], opts.packets, opts.size)
     sup = Supervisor(opts)
+    if sender is not None:
+        s = sender
+        sup.on_console = lambda role, line: s.start() if line.startswith("listening") else None
     try:
         try:
             cfg = sup.start()
@@ -124,6 +189,8 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
             raise RunFailed("interrupted", 130) from None
         finally:
             sup.stop()
+        if sender is not None:
+            sender.join(5.0)
         sink_summary = None
         if sink is not None:
             sink.wait_for(opts.packets, 2.0)
@@ -139,8 +206,9 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
             summary["pcap"] = opts.pcap
         return summary, sup
     finally:
-        if sink is not None:
-            sink.close()
+        for helper in (sink, echo):
+            if helper is not None:
+                helper.close()
         sup.cleanup()
 
 

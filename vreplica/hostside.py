@@ -100,3 +100,30 @@ class UdpEcho:
         self._stop = True
         self._thread.join(1.0)
         self.sock.close()
+
+
+class UdpSender:
+    """A host program sending ``n`` datagrams to 127.0.0.1:port (toward a hostfwd)."""
+
+    def __init__(self, port: int, n: int, size: int, pace_every: int = 64) -> None:
+        self.port = port
+        self.n = n
+        self.size = size
+        self.pace_every = pace_every
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name="udp-sender", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for seq in range(self.n):
+                s.sendto(expected_payload(seq, self.size), ("127.0.0.1", self.port))
+                self.sent += 1
+                if self.pace_every and seq % self.pace_every == self.pace_every - 1:
+                    time.sleep(0.001)
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -45,6 +45,28 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     }
     if sink is not None:
         summary["host"] = sink
+    if opts.mode == "echo":
+        summary.update({k: prog.get(k) for k in ("replies", "bad_replies", "duplicate_replies",
+                                                 "rtt_us_p50", "rtt_us_p99", "rtt_us_max")})
+        summary["delivered"] = prog.get("replies")
+        summary["delivered_counted_by"] = "guest socket (replies)"
+    elif opts.mode == "sink":
+        summary.update({"arrived": prog.get("received"), "unique": prog.get("unique"),
+                        "duplicates": prog.get("duplicates"), "in_order": prog.get("in_order")})
+        summary["sent"] = opts.packets
+        summary["delivered"] = prog.get("received")
+        summary["delivered_counted_by"] = "guest socket"
+    elif opts.mode == "ping":
+        summary.update({"replies": prog.get("replies"), "rtt_us_p50": prog.get("rtt_us_p50"),
+                        "rtt_us_p99": prog.get("rtt_us_p99")})
+        summary["delivered"] = prog.get("replies")
+        summary["delivered_counted_by"] = "ICMP echo replies"
+    nq = q.get("netqueue", {})
+    summary["rx_queued"] = nq.get("nic_queued", 0)
+    summary["rx_dropped"] = nq.get("nic_dropped", 0)
+    summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
+    summary["received_by_guest"] = rq.get("packets", 0)
+    summary["slirp"] = q.get("slirp", {}).get("stats", {})
     if sent:
         summary["kicks_per_packet"] = round(summary["kicks"] / sent, 4)
         summary["tx_interrupts_per_packet"] = round(summary["tx_interrupts"] / sent, 4)
@@ -70,6 +92,13 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{r} {n}" for r, n in s["userspace_exits"].items()) or "none"))
     lines.append(f"  elapsed                {s['elapsed_s']:.3f} s (run), {s['send_s']*1e3:.2f} ms"
                  f" sending, {s['packets_per_second'] or 0:.0f} packets/s")
+    if s.get("rtt_us_p50") is not None:
+        lines.append(f"  round trip (guest)     p50 {s['rtt_us_p50']:.0f} us, "
+                     f"p99 {s['rtt_us_p99']:.0f} us")
+    if s["mode"] in ("echo", "sink", "ping") or s.get("rx_dropped"):
+        lines.append(f"  received by the guest  {s['received_by_guest']} frames; waited for RX "
+                     f"buffers {s['rx_no_buffer']}, queued {s['rx_queued']}, "
+                     f"dropped {s['rx_dropped']}")
     if s.get("device_errors"):
         lines.append(f"  device errors          {'; '.join(s['device_errors'])}")
     return "\n".join(lines)

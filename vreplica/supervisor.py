@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from common.channel import Channel
@@ -22,6 +23,7 @@ from common.kvm_abi import unpackb
 
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
+SUPERVISOR_GRACE_S = 15.0
 
 
 class RunFailed(Exception):
@@ -48,11 +50,13 @@ class RunOptions:
     mrg_rxbuf: bool = False
     tx: str = "bh"
     tx_burst: int = 256
-    arp: bool = False
+    arp: bool = True
     trace: str | None = None
     pcap: str | None = None
     timeout: float = 60.0
     udp_expire_s: float = 240.0
+    window: int = 1
+    guest_port: int = 0
     hostfwd: list[tuple[int, int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +88,8 @@ class Supervisor:
         self.errors: list[str] = []
         self.t_start = 0.0
         self.t_end = 0.0
+        self.console: list[str] = []
+        self.on_console: Callable[[str, str], None] = lambda role, line: None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -96,7 +102,8 @@ class Supervisor:
             "pace_ms": o.pace_ms, "batch": o.batch, "ioeventfd": o.ioeventfd,
             "event_idx": o.event_idx, "mrg_rxbuf": o.mrg_rxbuf, "tx": o.tx,
             "tx_burst": o.tx_burst, "arp": o.arp, "pcap": o.pcap, "msix_vectors": vectors,
-            "udp_expire_s": o.udp_expire_s, "hostfwd": o.hostfwd, **o.extra,
+            "udp_expire_s": o.udp_expire_s, "hostfwd": o.hostfwd, "window": o.window,
+            "guest_port": o.guest_port, "timeout": o.timeout, **o.extra,
         }
         self.cfg = cfg = new_run(o.mem, o.queue_size, 2, max(vectors, 1), options)
         try:
@@ -120,13 +127,16 @@ class Supervisor:
     def wait(self) -> None:
         """Until the guest program is done and all three have exited; raise if one dies."""
         assert self.ctl is not None
-        deadline = time.monotonic() + self.opts.timeout
+        deadline = time.monotonic() + self.opts.timeout + SUPERVISOR_GRACE_S
         while True:
             rec = self.ctl.recv_raw(0.1)
             if rec is not None:
                 kind, role, fields = unpackb(rec)
                 if kind == "done":
                     self.done.add(role)
+                elif kind == "console":
+                    self.console.append(f"{role}: {fields.get('line')}")
+                    self.on_console(role, fields.get("line", ""))
                 elif kind == "error":
                     self.errors.append(f"{role}: {fields.get('message')}")
             exited = {r: p.poll() for r, p in self.procs.items()}
