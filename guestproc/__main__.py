@@ -45,8 +45,8 @@ def boot(rt: ProcessRuntime) -> dict:
     virtnet_open(vi.dev)
     result = PROGRAMS[opts["mode"]](kernel, stack, opts,
                                     lambda line: rt.tell("console", line=line))
-    sq = vi.sq[0]
-    drained = kernel.wait_event(lambda: sq.vq.num_free == sq.vq.num, TX_DRAIN_TIMEOUT_S)
+    drained = kernel.wait_event(lambda: all(q.vq.num_free == q.vq.num for q in vi.sq),
+                                TX_DRAIN_TIMEOUT_S)
     if not drained:
         vi.dev.stats["tx_timeouts"] = 1
     report = {
@@ -57,6 +57,7 @@ def boot(rt: ProcessRuntime) -> dict:
         "msix_names": vdev.msix_names,
         "netdev": vi.dev.stats,
         "stack": stack.counters,
+        "queue_pairs": vi.curr_queue_pairs,
         "sq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.sq],
         "rq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.rq],
         "irqs": kernel.irq_count,

@@ -7,6 +7,7 @@ net/core/dev.c's NAPI (``napi_schedule_prep``, ``__napi_schedule``, ``napi_compl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -128,6 +129,11 @@ class Kernel:
             self.timer_deadline = deadline_ns
             self.timer_fired = False
             self.cpu.wrmsr(MSR_IA32_TSC_DEADLINE, deadline_ns)
+
+    @staticmethod
+    def cpu_relax() -> None:
+        """PAUSE in a spin loop: here, give the host CPU to the other processes."""
+        os.sched_yield()
 
     def idle(self) -> None:
         """cpu_idle: HLT until an interrupt, unless one was handled since the caller last

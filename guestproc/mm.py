@@ -30,13 +30,14 @@ class PageAllocator:
 class SkBuff:
     """struct sk_buff, reduced: a buffer in guest RAM with the frame at [data, data+len)."""
 
-    __slots__ = ("head", "data", "len", "slot")
+    __slots__ = ("head", "data", "len", "slot", "queue_mapping")
 
     def __init__(self, head: int, slot: int) -> None:
         self.head = head
         self.slot = slot
         self.data = head + SKB_HEADROOM
         self.len = 0
+        self.queue_mapping = 0
 
 
 class SkbPool:
@@ -53,6 +54,7 @@ class SkbPool:
         skb = self.free.pop()
         skb.data = skb.head + SKB_HEADROOM
         skb.len = 0
+        skb.queue_mapping = 0
         return skb
 
     def kfree_skb(self, skb: SkBuff) -> None:

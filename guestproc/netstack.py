@@ -86,9 +86,15 @@ def netdev_xmit_more(dev: NetDevice) -> bool:
     return dev.xmit_more
 
 
+def skb_tx_hash(dev: NetDevice, sport: int, dport: int) -> int:
+    """netdev_pick_tx: a flow stays on one TX queue; flows spread over the queues."""
+    return ((sport * 0x9E3779B1 ^ dport) >> 7) % dev.real_num_tx_queues
+
+
 @traced
 def dev_queue_xmit(skb: SkBuff, dev: NetDevice, queue: int = 0, more: bool = False) -> int:
     """Hand a frame to the driver (no qdisc: the caller waits while the queue is stopped)."""
+    skb.queue_mapping = queue
     if dev.tx_stopped[queue]:
         dev.stats["tx_busy"] += 1
         return NETDEV_TX_BUSY
@@ -204,6 +210,7 @@ class GuestStack:
                              0x45, 0, tot_len, ip_id, IP_DF, 64, IPPROTO_UDP, ip_csum,
                              self.ip, daddr, sock.port, dport, udp_len, udp_csum)
         skb.len = ETH_HLEN + tot_len
+        skb.queue_mapping = skb_tx_hash(self.dev, sock.port, dport)
         if dst is None:
             self.arp_resolve(daddr, skb)
             return n
@@ -211,8 +218,9 @@ class GuestStack:
         return n
 
     def xmit(self, skb: SkBuff, more: bool = False) -> None:
-        while dev_queue_xmit(skb, self.dev, 0, more) == NETDEV_TX_BUSY:
-            self.kernel.wait_event(lambda: not self.dev.tx_stopped[0])
+        q = skb.queue_mapping
+        while dev_queue_xmit(skb, self.dev, q, more) == NETDEV_TX_BUSY:
+            self.kernel.wait_event(lambda: not self.dev.tx_stopped[q])
 
     def send_frame(self, frame: bytes) -> None:
         skb = self.alloc_skb_wait()

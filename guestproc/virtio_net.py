@@ -19,6 +19,12 @@ from common.inet import ETH_DATA_LEN, ETH_HLEN
 from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_NET_CTRL_HDR,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_OK,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -49,6 +55,7 @@ from guestproc.virtio import VirtioDriver, virtio_cread_bytes, virtio_device_rea
 from guestproc.virtio_ring import (
     Virtqueue,
     virtqueue_add_inbuf,
+    virtqueue_add_split,
     virtqueue_add_outbuf,
     virtqueue_disable_cb,
     virtqueue_enable_cb_delayed,
@@ -114,6 +121,9 @@ class VirtnetInfo:
         self.rq: list[ReceiveQueue] = []
         self.max_queue_pairs = 1
         self.curr_queue_pairs = 1
+        self.has_cvq = False
+        self.cvq: Virtqueue | None = None
+        self.ctrl = 0  # struct control_buf in guest RAM: hdr(2) status(1) pad mq(2)
         self.hdr_len = 10
         self.mergeable_rx_bufs = False
         self.any_header_sg = False
@@ -238,7 +248,7 @@ def check_sq_full_and_disable(vi: VirtnetInfo, dev: NetDevice, sq: SendQueue) ->
 def start_xmit(skb: SkBuff, dev: NetDevice) -> int:
     """ndo_start_xmit: reclaim what the device finished, queue this frame, kick if needed."""
     vi: VirtnetInfo = dev.priv
-    sq = vi.sq[0]
+    sq = vi.sq[skb.queue_mapping]
     vq = sq.vq
     kick = not netdev_xmit_more(dev)
     if trace_start_xmit.on:
@@ -392,9 +402,11 @@ def virtnet_alloc_queues(vi: VirtnetInfo) -> None:
 
 @traced
 def virtnet_find_vqs(vi: VirtnetInfo) -> None:
-    total_vqs = vi.max_queue_pairs * 2
+    total_vqs = vi.max_queue_pairs * 2 + int(vi.has_cvq)
     callbacks: list[Callable[[Virtqueue], None] | None] = [None] * total_vqs
     names: list[str | None] = [None] * total_vqs
+    if vi.has_cvq:
+        names[total_vqs - 1] = "control"
     for i in range(vi.max_queue_pairs):
         callbacks[rxq2vq(i)] = skb_recv_done
         callbacks[txq2vq(i)] = skb_xmit_done
@@ -404,6 +416,8 @@ def virtnet_find_vqs(vi: VirtnetInfo) -> None:
     for i in range(vi.max_queue_pairs):
         vi.rq[i].vq = vqs[rxq2vq(i)]
         vi.sq[i].vq = vqs[txq2vq(i)]
+    if vi.has_cvq:
+        vi.cvq = vqs[total_vqs - 1]
 
 
 @traced
@@ -426,6 +440,38 @@ def virtnet_open(dev: NetDevice) -> None:
 
 
 @traced
+def virtnet_send_command(vi: VirtnetInfo, cls: int, cmd: int, data: bytes) -> bool:
+    """A command on the control queue: header and data out, a status byte in; the driver
+    kicks and then spins on the used ring until the device answers."""
+    ram = vi.ram
+    hdr, status, out = vi.ctrl, vi.ctrl + 2, vi.ctrl + 4
+    VIRTIO_NET_CTRL_HDR.pack_into(ram, hdr, cls, cmd)
+    ram[status] = 0xFF
+    ram[out : out + len(data)] = data
+    cvq = vi.cvq
+    assert cvq is not None
+    sgs = [(hdr, VIRTIO_NET_CTRL_HDR.size)] + ([(out, len(data))] if data else [])
+    if virtqueue_add_split(cvq, sgs, [(status, 1)], vi) < 0:
+        return False
+    if virtqueue_kick_prepare(cvq):
+        virtqueue_notify(cvq)
+    while virtqueue_get_buf(cvq) is None and not cvq.broken:
+        vi.kernel.cpu_relax()
+    return ram[status] == VIRTIO_NET_OK
+
+
+def virtnet_set_queues(vi: VirtnetInfo, queue_pairs: int) -> int:
+    if not vi.has_cvq or not virtio_has_feature(vi.vdev, VIRTIO_NET_F_MQ):
+        return 0
+    if not virtnet_send_command(vi, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                                queue_pairs.to_bytes(2, "little")):
+        return -22
+    vi.curr_queue_pairs = queue_pairs
+    vi.dev.real_num_tx_queues = queue_pairs
+    return 0
+
+
+@traced
 def virtnet_probe(vdev: Any) -> VirtnetInfo:
     vi = VirtnetInfo(vdev, vdev.kernel, vdev.ram, vdev.pages)
     vdev.priv = vi
@@ -433,7 +479,11 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
         mac = virtio_cread_bytes(vdev, 0, 6)
     else:
         mac = bytes.fromhex("525400123456")
-    vi.dev = dev = NetDevice("eth0", mac)
+    vi.has_cvq = virtio_has_feature(vdev, VIRTIO_NET_F_CTRL_VQ)
+    if vi.has_cvq and virtio_has_feature(vdev, VIRTIO_NET_F_MQ):
+        vi.max_queue_pairs = max(1, VIRTIO_NET_CONFIG.unpack(virtio_cread_bytes(vdev, 0, 10))[2])
+    vi.dev = dev = NetDevice("eth0", mac, vi.max_queue_pairs)
+    dev.real_num_tx_queues = 1
     dev.priv = vi
     dev.ndo_start_xmit = start_xmit
     vi.mergeable_rx_bufs = virtio_has_feature(vdev, VIRTIO_NET_F_MRG_RXBUF)
@@ -444,17 +494,21 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
         vi.link_status = VIRTIO_NET_CONFIG.unpack(virtio_cread_bytes(vdev, 0, 10))[1]
     init_vqs(vi)
     ring = vi.sq[0].vq.num
-    vi.skb_pool = SkbPool(vi.pages, ring * 2)
+    vi.skb_pool = SkbPool(vi.pages, ring * 2 * vi.max_queue_pairs)
+    if vi.has_cvq:
+        vi.ctrl = vi.pages.alloc(64, 64)
     for rq in vi.rq:
         rq.pool = SkbPool(vi.pages, rq.vq.num)
         rq.buf_len = vi.hdr_len + GOOD_PACKET_LEN
     virtio_device_ready(vdev)
+    virtnet_set_queues(vi, vi.max_queue_pairs)
     return vi
 
 
 virtio_net_driver = VirtioDriver(
     name="virtio_net",
     feature_table=[VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-                   VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_ANY_LAYOUT],
+                   VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
+                   VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,
 )

@@ -46,7 +46,7 @@ class Machine:
         self.host = PCIHostState(self.io_as)
 
         # -netdev user,id=n0[,hostfwd=udp::H-:G]
-        self.slirp = Slirp(lambda frame: qemu_send_packet(self.netdev, frame),
+        self.slirp = Slirp(self.net_slirp_send_packet,
                            udp_expire_s=opts.get("udp_expire_s", 240.0))
         self.netdev = qemu_new_net_client(NetClientInfo("user", net_slirp_receive), None,
                                           "user", "n0")
@@ -65,14 +65,22 @@ class Machine:
         self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
                            tx_burst=opts.get("tx_burst", 256),
                            event_idx=opts.get("event_idx", True),
-                           mrg_rxbuf=opts.get("mrg_rxbuf", False))
+                           mrg_rxbuf=opts.get("mrg_rxbuf", False),
+                           queues=opts.get("queues", 1))
         virtio_net_device_init(self.n, self.netdev)
-        self.n.nic.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
+        for nc in self.n.ncs:
+            nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
                                     opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)
         self.cpu_error: str | None = None
+
+    def net_slirp_send_packet(self, frame: bytes, queue: int) -> int:
+        """slirp's frames go to the NIC queue pair their flow uses (if that pair is on)."""
+        ncs = self.n.ncs
+        peer = ncs[queue] if queue < self.n.curr_queue_pairs else ncs[0]
+        return qemu_send_packet(self.netdev, frame, peer)
 
     def _slirp_would_block(self, so: SlirpSocket) -> None:
         """The host socket is full: retry the queued frame when it can be written again."""
@@ -112,8 +120,8 @@ class Machine:
             "broken": vdev.broken,
             "errors": vdev.errors,
             "slirp": self.slirp.describe(),
-            "netqueue": {"nic_dropped": self.n.nic.incoming_queue.dropped,
-                         "nic_queued": self.n.nic.incoming_queue.queued,
+            "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
+                         "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
             "kvm_run_exits": self.cpu.exit_counts,
             "main_loop_iterations": self.main_loop.iterations,

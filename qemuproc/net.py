@@ -82,6 +82,7 @@ class NetClientState:
         self.opaque: Any = None
         self.sent = 0
         self.received = 0
+        self.rx_from_queue = 0  # the sender's queue pair of the frame being received
 
 
 def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model: str,
@@ -120,6 +121,7 @@ def qemu_deliver_packet_iov(sender: NetClientState, flags: int, iov: list[memory
         return sum(len(b) for b in iov)
     if nc.receive_disabled:
         return 0
+    nc.rx_from_queue = sender.queue_index
     ret = nc_sendv_compat(nc, iov, flags)
     if ret == 0:
         nc.receive_disabled = True
@@ -164,9 +166,10 @@ def qemu_net_queue_send_iov(queue: NetQueue, sender: NetClientState, flags: int,
 
 @traced
 def qemu_sendv_packet_async(sender: NetClientState, iov: list[memoryview | bytes],
-                            sent_cb: SentCb) -> int:
-    """Send a frame to the sender's peer; 0 means queued, ``sent_cb`` runs when it goes."""
-    peer = sender.peer
+                            sent_cb: SentCb, peer: NetClientState | None = None) -> int:
+    """Send a frame to the sender's peer (or to ``peer``, one queue of a multiqueue NIC);
+    0 means queued, and ``sent_cb`` runs when it goes."""
+    peer = peer or sender.peer
     sender.sent += 1
     if sender.link_down or peer is None:
         return sum(len(b) for b in iov)
@@ -178,8 +181,8 @@ def qemu_sendv_packet_async(sender: NetClientState, iov: list[memoryview | bytes
                                    sent_cb)
 
 
-def qemu_send_packet(nc: NetClientState, buf: bytes) -> int:
-    return qemu_sendv_packet_async(nc, [buf], None)
+def qemu_send_packet(nc: NetClientState, buf: bytes, peer: NetClientState | None = None) -> int:
+    return qemu_sendv_packet_async(nc, [buf], None, peer)
 
 
 def qemu_flush_queued_packets(nc: NetClientState) -> bool:

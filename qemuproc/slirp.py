@@ -70,13 +70,15 @@ class SlirpSocket:
     fport: int = 0
     expire: float = 0.0
     hostfwd: bool = False
+    queue: int = 0
     sent: int = 0
     received: int = 0
     pending: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 class Slirp:
-    def __init__(self, send_packet: Callable[[bytes], int], udp_expire_s: float = SO_EXPIRE_S,
+    def __init__(self, send_packet: Callable[[bytes, int], int],
+                 udp_expire_s: float = SO_EXPIRE_S,
                  host_ip: str = "127.0.0.1") -> None:
         self.vnetwork = ip_aton("10.0.2.0")
         self.vhost_addr = ip_aton("10.0.2.2")
@@ -88,9 +90,10 @@ class Slirp:
         self.arp_table: dict[bytes, bytes] = {}
         self.udb: dict[tuple[bytes, int], SlirpSocket] = {}
         self.by_fd: dict[int, SlirpSocket] = {}
-        self.if_pending: list[tuple[float, bytes, bytes]] = []  # (expiry, dst ip, ip packet)
+        self.if_pending: list[tuple[float, bytes, bytes, int]] = []  # expiry, dst, packet, queue
         self.arp_requested: dict[bytes, float] = {}
         self.ip_id = 0
+        self.input_queue = 0
         self.would_block: Callable[[SlirpSocket], None] = lambda so: None
         self.stats = {"frames_in": 0, "frames_out": 0, "arp_requests": 0, "arp_replies_sent": 0,
                       "arp_requests_sent": 0, "ip_bad": 0, "udp_bad_csum": 0,
@@ -169,6 +172,7 @@ class Slirp:
         if so is None:
             so = self.udp_attach(saddr, sport)
         so.faddr, so.fport = daddr, dport
+        so.queue = self.input_queue
         so.expire = time.monotonic() + self.udp_expire_s
         return self.sosendto(so, seg[UDP_HLEN:length], daddr, dport)
 
@@ -221,7 +225,8 @@ class Slirp:
             reply[0] = ICMP_ECHOREPLY
             reply[2:4] = b"\0\0"
             reply[2:4] = csum_fold(csum_partial(reply)).to_bytes(2, "big")
-            self.ip_output(daddr, saddr, IPPROTO_ICMP, bytes(reply))  # icmp_reflect
+            self.ip_output(daddr, saddr, IPPROTO_ICMP, bytes(reply),
+                           self.input_queue)  # icmp_reflect
 
     # -- toward the guest ---------------------------------------------------------------------
 
@@ -229,20 +234,21 @@ class Slirp:
         length = UDP_HLEN + len(payload)
         acc = pseudo_header_sum(src, so.laddr, IPPROTO_UDP, length) + sport + so.lport + length
         udp = UDP.pack(sport, so.lport, length, csum_fold(csum_partial(payload, acc))) + payload
-        self.ip_output(src, so.laddr, IPPROTO_UDP, udp)
+        self.ip_output(src, so.laddr, IPPROTO_UDP, udp, so.queue)
 
-    def ip_output(self, src: bytes, dst: bytes, proto: int, body: bytes) -> None:
+    def ip_output(self, src: bytes, dst: bytes, proto: int, body: bytes, queue: int = 0) -> None:
         self.ip_id = (self.ip_id + 1) & 0xFFFF
         hdr = bytearray(IPV4.pack(0x45, 0, IP_HLEN + len(body), self.ip_id, 0, 64, proto, 0,
                                   src, dst))
         hdr[10:12] = csum_fold(csum_partial(hdr)).to_bytes(2, "big")
-        self.if_encap(dst, bytes(hdr) + body)
+        self.if_encap(dst, bytes(hdr) + body, queue)
 
-    def if_encap(self, dst: bytes, ip_pkt: bytes) -> None:
+    def if_encap(self, dst: bytes, ip_pkt: bytes, queue: int = 0) -> None:
+        """Prepend the Ethernet header; ``queue`` is the pair the flow last came in on."""
         mac = self.arp_table.get(dst)
         if mac is None:  # resolve the guest first; the packet waits (1 s at most)
             now = time.monotonic()
-            self.if_pending.append((now + ARP_RESOLUTION_TIMEOUT_S, dst, ip_pkt))
+            self.if_pending.append((now + ARP_RESOLUTION_TIMEOUT_S, dst, ip_pkt, queue))
             if self.arp_requested.get(dst, 0) < now:
                 self.arp_requested[dst] = now + ARP_RESOLUTION_TIMEOUT_S
                 self.stats["arp_requests_sent"] += 1
@@ -252,26 +258,26 @@ class Slirp:
                 self.slirp_output(req.ljust(64, b"\0"))
             return
         src_mac = special_ethaddr(bytes(ip_pkt[12:16]))
-        self.slirp_output(ETH.pack(mac, src_mac, ETH_P_IP) + ip_pkt)
+        self.slirp_output(ETH.pack(mac, src_mac, ETH_P_IP) + ip_pkt, queue)
 
     def if_start(self) -> None:
         now = time.monotonic()
         pending, self.if_pending = self.if_pending, []
-        for expiry, dst, pkt in pending:
+        for expiry, dst, pkt, queue in pending:
             if dst in self.arp_table:
-                self.if_encap(dst, pkt)
+                self.if_encap(dst, pkt, queue)
             elif expiry > now:
-                self.if_pending.append((expiry, dst, pkt))
+                self.if_pending.append((expiry, dst, pkt, queue))
             else:
                 self.stats["arp_drops"] += 1
 
     @traced
-    def slirp_output(self, frame: bytes) -> None:
+    def slirp_output(self, frame: bytes, queue: int = 0) -> None:
         """libslirp's send_packet callback: the frame goes to the NIC (net_slirp_send_packet)."""
         self.stats["frames_out"] += 1
         if trace_slirp_output.on:
-            trace_slirp_output(len=len(frame))
-        self.send_packet(frame)
+            trace_slirp_output(len=len(frame), queue=queue)
+        self.send_packet(frame, queue)
 
     # -- host sockets in the main loop --------------------------------------------------------
 
@@ -352,4 +358,5 @@ class SlirpState:
 @traced
 def net_slirp_receive(nc: object, buf: memoryview | bytes) -> int:
     s: SlirpState = nc.opaque  # type: ignore[attr-defined]
+    s.slirp.input_queue = nc.rx_from_queue  # type: ignore[attr-defined]
     return s.slirp.slirp_input(buf)

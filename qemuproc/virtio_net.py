@@ -19,6 +19,15 @@ from common.guest_memory import GuestMemory
 from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_NET_CTRL_HDR,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_OK,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_ID_NET,
@@ -88,7 +97,7 @@ class VirtIONet(VirtIODevice):
     def __init__(self, dma: GuestMemory, main_loop: MainLoop, *, queue_size: int = 256,
                  mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
                  tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
-                 any_layout: bool = True) -> None:
+                 any_layout: bool = True, queues: int = 1) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
         self.mac = mac
@@ -100,8 +109,12 @@ class VirtIONet(VirtIODevice):
         self.mergeable_rx_bufs = False
         self.guest_hdr_len = virtio_net_hdr_len(False)
         self.host_hdr_len = 0  # slirp takes plain frames: no vnet header on the backend side
+        self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
+        self.multiqueue = False
         self.vqs: list[VirtIONetQueue] = []
+        self.ctrl_vq: VirtQueue | None = None
+        self.ncs: list[NetClientState] = []
         self.nic: NetClientState = None  # type: ignore[assignment]
         features = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) \
             | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
@@ -111,16 +124,19 @@ class VirtIONet(VirtIODevice):
             features |= 1 << VIRTIO_RING_F_EVENT_IDX
         if mrg_rxbuf:
             features |= 1 << VIRTIO_NET_F_MRG_RXBUF
+        if queues > 1:
+            features |= (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ)
         self.host_features = features
 
     # -- VirtioDeviceClass hooks --------------------------------------------------------------
 
     def get_config(self) -> bytes:
-        return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.curr_queue_pairs)
+        return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
         self.mergeable_rx_bufs = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
         self.guest_hdr_len = virtio_net_hdr_len(self.mergeable_rx_bufs)
+        self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
 
     def set_status(self, status: int) -> None:
         """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
@@ -128,7 +144,8 @@ class VirtIONet(VirtIODevice):
             for q in self.vqs:
                 if q.tx_waiting and q.tx_bh is not None:
                     qemu_bh_schedule(q.tx_bh)
-                qemu_flush_queued_packets(self.nic)
+            for nc in self.ncs:
+                qemu_flush_queued_packets(nc)
 
     def reset(self) -> None:
         for q in self.vqs:
@@ -138,28 +155,88 @@ class VirtIONet(VirtIODevice):
                 self.main_loop.timer_del(q.tx_timer)
         self.mergeable_rx_bufs = False
         self.guest_hdr_len = virtio_net_hdr_len(False)
+        self.curr_queue_pairs = 1
+        self.multiqueue = False
 
 
 @traced
 def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientState:
-    """Add the rx/tx queues with their handlers and the TX bottom half; create the NIC."""
-    q = VirtIONetQueue(n, 0)
-    q.rx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_rx, "RX(q0)")
-    if n.tx == "timer":
-        q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_timer, "TX(q1)")
-        q.tx_timer = n.main_loop.timer_new(virtio_net_tx_timer, q, "virtio_net_tx_timer")
-    else:
-        q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_bh, "TX(q1)")
-        q.tx_bh = aio_bh_new(n.main_loop.ctx, virtio_net_tx_bh, q, "virtio_net_tx_bh")
-    n.vqs.append(q)
+    """Add each pair's rx/tx queues with their handlers and TX bottom half, the control
+    queue when multiqueue is offered, and the NIC's net clients (one per queue pair)."""
     info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
-    n.nic = qemu_new_net_client(info, netdev, "virtio-net-pci", "virtio-net-pci.0")
-    n.nic.opaque = n
+    for i in range(n.max_queue_pairs):
+        q = VirtIONetQueue(n, i)
+        q.rx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_rx, f"RX(q{2 * i})")
+        name = f"TX(q{2 * i + 1})"
+        if n.tx == "timer":
+            q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_timer, name)
+            q.tx_timer = n.main_loop.timer_new(virtio_net_tx_timer, q, f"virtio_net_tx_timer{i}")
+        else:
+            q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_bh, name)
+            q.tx_bh = aio_bh_new(n.main_loop.ctx, virtio_net_tx_bh, q, f"virtio_net_tx_bh{i}")
+        n.vqs.append(q)
+        nc = qemu_new_net_client(info, netdev if i == 0 else None, "virtio-net-pci",
+                                 f"virtio-net-pci.{i}")
+        nc.queue_index = i
+        nc.opaque = n
+        if i:
+            nc.peer = netdev  # every subqueue sends to the one slirp backend
+        n.ncs.append(nc)
+    if n.max_queue_pairs > 1:
+        n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
+                                     f"CTRL(q{2 * n.max_queue_pairs})")
+    n.nic = n.ncs[0]
     return n.nic
+
+
+def qemu_get_subqueue(n: VirtIONet, queue_index: int) -> NetClientState:
+    return n.ncs[queue_index]
 
 
 def _queue_of(n: VirtIONet, vq: VirtQueue) -> VirtIONetQueue:
     return n.vqs[vq.queue_index // 2]
+
+
+# -- the control queue ---------------------------------------------------------------------------
+
+
+def virtio_net_handle_mq(n: VirtIONet, cmd: int, data: bytes) -> int:
+    if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET or len(data) < 2:
+        return VIRTIO_NET_ERR
+    queue_pairs = int.from_bytes(data[:2], "little")
+    if not (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= queue_pairs <= VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX) \
+            or queue_pairs > n.max_queue_pairs or not n.multiqueue:
+        return VIRTIO_NET_ERR
+    n.curr_queue_pairs = queue_pairs
+    return VIRTIO_NET_OK
+
+
+def virtio_net_handle_ctrl_iov(n: VirtIONet, elem: VirtQueueElement) -> int:
+    out = b"".join(bytes(m) for m in elem.out_sg)
+    if sum(len(m) for m in elem.in_sg) < 1 or len(out) < VIRTIO_NET_CTRL_HDR.size:
+        virtio_error(n, "virtio-net ctrl missing headers")
+        return 0
+    cls, cmd = VIRTIO_NET_CTRL_HDR.unpack_from(out, 0)
+    data = out[VIRTIO_NET_CTRL_HDR.size :]
+    status = virtio_net_handle_mq(n, cmd, data) if cls == VIRTIO_NET_CTRL_MQ else VIRTIO_NET_ERR
+    iov_from_buf(elem.in_sg, 0, memoryview(bytes([status])))
+    return 1
+
+
+@traced
+def virtio_net_handle_ctrl(vdev: VirtIONet, vq: VirtQueue) -> None:
+    """Control commands from the driver (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, ...)."""
+    while True:
+        elem = virtqueue_pop(vq)
+        if elem is None:
+            break
+        written = virtio_net_handle_ctrl_iov(vdev, elem)
+        if written > 0:
+            virtqueue_push(vq, elem, written)
+            virtio_notify(vdev, vq)
+        else:
+            virtqueue_detach_element(vq, elem, 0)
+            break
 
 
 # -- TX ------------------------------------------------------------------------------------------
@@ -263,7 +340,7 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
         virtio_queue_set_notification(vq, False)
         return num_packets
     hdr_len = n.guest_hdr_len
-    nic = n.nic
+    nic = n.ncs[q.index]
     burst = n.tx_burst
     while True:
         elem = virtqueue_pop(vq)
@@ -304,7 +381,7 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
 def virtio_net_tx_complete(nc: NetClientState, length: int) -> None:
     """The backend took the parked packet: complete it and resume transmitting."""
     n: VirtIONet = nc.opaque
-    q = n.vqs[0]
+    q = n.vqs[nc.queue_index]
     if q.async_tx is None:
         return
     vq, elem = q.async_tx
@@ -327,12 +404,14 @@ def virtio_net_tx_complete(nc: NetClientState, length: int) -> None:
 @traced
 def virtio_net_handle_rx(vdev: VirtIONet, vq: VirtQueue) -> None:
     """The guest posted RX buffers: deliver what was waiting for them."""
-    qemu_flush_queued_packets(vdev.nic)
+    qemu_flush_queued_packets(qemu_get_subqueue(vdev, vq.queue_index // 2))
 
 
 def virtio_net_can_receive(nc: NetClientState) -> bool:
     n: VirtIONet = nc.opaque
-    q = n.vqs[0]
+    if nc.queue_index >= n.curr_queue_pairs:
+        return False
+    q = n.vqs[nc.queue_index]
     return bool(n.vm_running and n.status & VIRTIO_CONFIG_S_DRIVER_OK
                 and virtio_queue_ready(q.rx_vq) and not n.broken)
 
@@ -403,7 +482,7 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     queue), or -1 if the device cannot receive at all.
     """
     n: VirtIONet = nc.opaque
-    q = n.vqs[0]
+    q = n.vqs[nc.queue_index]
     vq = q.rx_vq
     if not virtio_net_can_receive(nc):
         return -1
@@ -464,8 +543,14 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
 
 
 def describe(n: VirtIONet) -> dict[str, Any]:
-    q = n.vqs[0]
-    return {"tx_packets": q.tx_packets, "rx_packets": q.rx_packets,
-            "rx_no_buffer": q.rx_no_buffer, "async_tx_parks": q.async_tx_parks,
-            "tx_waiting": q.tx_waiting, "mergeable_rx_bufs": n.mergeable_rx_bufs,
+    pairs = [{"tx_packets": q.tx_packets, "rx_packets": q.rx_packets,
+              "rx_no_buffer": q.rx_no_buffer, "async_tx_parks": q.async_tx_parks,
+              "tx_waiting": q.tx_waiting} for q in n.vqs]
+    return {"tx_packets": sum(p["tx_packets"] for p in pairs),
+            "rx_packets": sum(p["rx_packets"] for p in pairs),
+            "rx_no_buffer": sum(p["rx_no_buffer"] for p in pairs),
+            "async_tx_parks": sum(p["async_tx_parks"] for p in pairs),
+            "queue_pairs": pairs, "max_queue_pairs": n.max_queue_pairs,
+            "curr_queue_pairs": n.curr_queue_pairs,
+            "mergeable_rx_bufs": n.mergeable_rx_bufs,
             "guest_hdr_len": n.guest_hdr_len, "tx": n.tx, "tx_burst": n.tx_burst}

@@ -43,6 +43,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostfwd", metavar="udp::HOSTPORT-:GUESTPORT",
                    help="forward a host UDP port on 127.0.0.1 to the guest (sink mode)")
     p.add_argument("--window", type=int, default=1, help="echo: datagrams in flight at once")
+    p.add_argument("--queues", type=int, default=1,
+                   help="virtio-net queue pairs (VIRTIO_NET_F_MQ with a control queue if > 1)")
     p.add_argument("--packets", type=int, default=10, help="datagrams the guest sends")
     p.add_argument("--size", type=int, default=64, help="UDP payload bytes (8..1472)")
     p.add_argument("--dest-port", type=int, default=0,
@@ -114,6 +116,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--mode sink needs --hostfwd udp::HOSTPORT-:GUESTPORT")
     if not 1 <= a.window <= 256:
         raise UsageError("--window must be between 1 and 256")
+    if not 1 <= a.queues <= 8:
+        raise UsageError("--queues must be between 1 and 8")
     if a.udp_expire <= 0 or a.net_queue_len < 1:
         raise UsageError("--udp-expire must be positive and --net-queue-len at least 1")
     if not 1 <= a.packets <= 10_000_000:
@@ -140,7 +144,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window,
+    return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
                       packets=a.packets, size=a.size, dest_port=a.dest_port,
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,

@@ -5,6 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def _sum_dicts(items: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in items:
+        for key, value in d.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
 def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | None,
                   elapsed_s: float) -> dict[str, Any]:
     g = reports.get("guest", {})
@@ -13,11 +22,12 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     prog = g.get("program", {})
     sent = prog.get("sent", 0)
     send_s = prog.get("send_ns", 0) / 1e9
-    sq = (g.get("sq") or [{}])[0]
-    rq = (g.get("rq") or [{}])[0]
+    sq = _sum_dicts(g.get("sq") or [{}])
+    rq = _sum_dicts(g.get("rq") or [{}])
     vcpu = k.get("vcpu", {})
-    tx_q = q.get("queues", {}).get("TX(q1)", {})
-    rx_q = q.get("queues", {}).get("RX(q0)", {})
+    queues = q.get("queues", {})
+    tx_q = _sum_dicts([v for name, v in queues.items() if name.startswith("TX")] or [{}])
+    rx_q = _sum_dicts([v for name, v in queues.items() if name.startswith("RX")] or [{}])
     summary: dict[str, Any] = {
         "run": rid,
         "mode": opts.mode,
@@ -26,6 +36,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         "ioeventfd": opts.ioeventfd,
         "event_idx": opts.event_idx,
         "interrupt_mode": g.get("interrupt_mode"),
+        "queue_pairs": g.get("queue_pairs", 1),
         "sent": sent,
         "delivered": sink["received"] if sink is not None else
         q.get("slirp", {}).get("stats", {}).get("udp_sent"),

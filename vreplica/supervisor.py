@@ -57,6 +57,7 @@ class RunOptions:
     udp_expire_s: float = 240.0
     window: int = 1
     guest_port: int = 0
+    queues: int = 1
     hostfwd: list[tuple[int, int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -96,16 +97,17 @@ class Supervisor:
     def start(self) -> RunConfig:
         cleanup_dead_runs()
         o = self.opts
-        vectors = o.msix_vectors()
+        nvqs = 2 * o.queues + (1 if o.queues > 1 else 0)
+        vectors = o.msix_vectors(2 * o.queues)
         options = {
             "mode": o.mode, "packets": o.packets, "size": o.size, "dest_port": o.dest_port,
             "pace_ms": o.pace_ms, "batch": o.batch, "ioeventfd": o.ioeventfd,
             "event_idx": o.event_idx, "mrg_rxbuf": o.mrg_rxbuf, "tx": o.tx,
             "tx_burst": o.tx_burst, "arp": o.arp, "pcap": o.pcap, "msix_vectors": vectors,
             "udp_expire_s": o.udp_expire_s, "hostfwd": o.hostfwd, "window": o.window,
-            "guest_port": o.guest_port, "timeout": o.timeout, **o.extra,
+            "guest_port": o.guest_port, "timeout": o.timeout, "queues": o.queues, **o.extra,
         }
-        self.cfg = cfg = new_run(o.mem, o.queue_size, 2, max(vectors, 1), options)
+        self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, max(vectors, 1), options)
         try:
             create_objects(cfg)
             self.ctl = Channel(cfg.channel("ctl"))
