@@ -32,5 +32,6 @@ case "${1:-}" in
     test) shift; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
+    stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;
     *) exec "$py" -m vreplica.cli "$@" ;;
 esac

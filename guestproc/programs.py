@@ -156,4 +156,107 @@ def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             "rtt_us_p99": percentile(rtts, 99)}
 
 
-PROGRAMS = {"tx": udp_send, "echo": udp_echo_client, "sink": udp_sink, "ping": ping}
+def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
+    """The payload size of datagram ``seq``: a hash both ends compute (no PRNG state)."""
+    x = (seq * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return lo + x % (hi - lo + 1)
+
+
+def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
+           console: Console) -> dict[str, Any]:
+    """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
+    ``stress_mode`` tx (to a host sink), echo (through a host echo service, every reply
+    checked), or both (echo, plus a host -> guest stream through the hostfwd port).
+    Runs for ``packets`` datagrams or ``duration_s`` seconds of guest time."""
+    mode = opts.get("stress_mode", "tx")
+    n = opts.get("packets") or 1 << 62
+    duration_ns = int(opts.get("duration_s", 0) * 1e9) or 1 << 62
+    lo, hi = opts.get("sizes", (8, 1472))
+    seed = opts.get("seed", 1)
+    port = opts["dest_port"]
+    flows = [stack.socket() for _ in range(max(1, opts.get("flows", 4)))]
+    for f in flows:
+        f.bind(0)
+    inbound = None
+    if mode == "both":
+        inbound = stack.socket()
+        inbound.bind(opts["guest_port"])
+    window = max(1, opts.get("window", 32))
+    dst = (GATEWAY, port)
+    echo = mode in ("echo", "both")
+    sent = replies = bad = dup = late = inbound_count = 0
+    got = bytearray()  # one byte per sequence number: 1 once its reply came back
+    outstanding: set[int] = set()
+    gave_up: set[int] = set()
+    t0 = last_report = kernel.now_ns()
+    end = t0 + duration_ns
+    console("stress started")
+
+    socks = flows + ([inbound] if inbound else [])
+
+    def drain(block_s: float) -> None:
+        nonlocal replies, bad, dup, late, inbound_count
+        if block_s and not any(sock.rcvq for sock in socks):
+            kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
+        for sock in socks:
+            while sock.rcvq:
+                data = sock.rcvq.popleft()[0]
+                seq = int.from_bytes(data[:SEQ_BYTES], "big")
+                if sock is inbound:
+                    inbound_count += 1
+                elif not 0 <= seq < sent or data != payload(seq, len(data)):
+                    bad += 1
+                elif got[seq]:
+                    dup += 1
+                else:
+                    got[seq] = 1
+                    replies += 1
+                    if seq in gave_up:
+                        gave_up.discard(seq)
+                        late += 1
+                    else:
+                        outstanding.discard(seq)
+
+    progress_at, progress_replies = t0, 0
+    while sent < n and kernel.now_ns() < end:
+        if echo and len(outstanding) >= window:
+            drain(0.1)
+            now = kernel.now_ns()
+            if replies != progress_replies:
+                progress_at, progress_replies = now, replies
+            elif now - progress_at > 500_000_000:  # no reply for half a second: give up
+                gave_up.update(outstanding)
+                outstanding.clear()
+                progress_at = now
+            continue
+        size = stress_size(sent, lo, hi, seed)
+        flows[sent % len(flows)].sendto(payload(sent, size), dst)
+        if echo:
+            outstanding.add(sent)
+            got.append(0)
+        sent += 1
+        if sent % 64 == 0:
+            drain(0.0)
+            now = kernel.now_ns()
+            if now - last_report > 500_000_000:
+                last_report = now
+                console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
+    console("stress finishing")
+    deadline = kernel.now_ns() + 2_000_000_000
+    while echo and outstanding and kernel.now_ns() < deadline:
+        drain(0.2)
+    if inbound is not None:
+        quiet_until = kernel.now_ns() + 500_000_000
+        while kernel.now_ns() < quiet_until:
+            drain(0.1)
+    console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
+    return {"sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
+            "inbound": inbound_count, "unanswered": len(outstanding) + len(gave_up),
+            "late_replies": late,
+            "unanswered_seqs": [i for i, v in enumerate(got) if not v][:200_000],
+            "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
+
+
+PROGRAMS = {"tx": udp_send, "echo": udp_echo_client, "sink": udp_sink, "ping": ping,
+            "stress": stress}

@@ -36,11 +36,14 @@ def main() -> int:
     vm_req = Channel(rt.cfg.channel("vm_req"))
     vm_rep = Channel(rt.cfg.channel("vm_rep"))
     code = 0
+    live_stats = rt.cfg.options.get("live_stats", False)
     try:
         rt.tell("ready")
         while not kvm.destroyed:
             req = vm_req.recv(0.5)
             if req is None:
+                if live_stats:
+                    rt.tell("stats", **kvm.stats.as_dict())
                 continue
             vm_rep.send_raw(packb(kvm.kvm_vm_ioctl(req)))
     except Stop:

@@ -335,7 +335,7 @@ class Slirp:
         now = time.monotonic()
         return {"stats": dict(self.stats), "flows": [
             {"guest": f"{'.'.join(map(str, so.laddr))}:{so.lport}",
-             "host_socket": "%s:%d" % so.s.getsockname(), "hostfwd": so.hostfwd,
+             "host_socket": "{}:{}".format(*so.s.getsockname()), "hostfwd": so.hostfwd,
              "sent": so.sent, "received": so.received,
              "expires_in_s": None if so.hostfwd else round(so.expire - now, 1)}
             for so in self.udb.values()]}

@@ -234,15 +234,23 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
     return 0
 
 
-def delegate(module: str, func: str) -> object:
-    """A subcommand whose implementation (and own argument parsing) lives in ``module``."""
+DELEGATED = {
+    "demo": ("vreplica.demo", "main", "one packet's journey through the three processes"),
+    "trace": ("vreplica.render", "main", "trace files: render TRACE.json OUT.svg|OUT.png"),
+    "bench": ("vreplica.bench", "main", "measure the path against its baselines"),
+    "stress": ("vreplica.stress", "main", "sustained load with chaos, and a verdict"),
+    "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
+    "attach": ("vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
+    "fuzz": ("vreplica.fuzz", "main", "fuzz the device's ring handling"),
+}
+"""Subcommands whose implementation, and own argument parsing, live in another module."""
 
-    def run(a: argparse.Namespace) -> int:
-        import importlib
 
-        return getattr(importlib.import_module(module), func)(a.rest)
+def run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
 
-    return run
+    module, func, _ = DELEGATED[name]
+    return getattr(importlib.import_module(module), func)(argv)
 
 
 def build_parser() -> Parser:
@@ -251,25 +259,19 @@ def build_parser() -> Parser:
     r = sub.add_parser("run", help="run the replica once and print its summary")
     add_run_options(r)
     r.set_defaults(func=cmd_run)
-    for name, module, func, text in (
-        ("demo", "vreplica.demo", "main", "one packet's journey through the three processes"),
-        ("trace", "vreplica.render", "main", "trace files: render TRACE.json OUT.svg|OUT.png"),
-        ("bench", "vreplica.bench", "main", "measure the path against its baselines"),
-        ("ps", "vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
-        ("attach", "vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
-        ("fuzz", "vreplica.fuzz", "main", "fuzz the device's ring handling"),
-    ):
-        d = sub.add_parser(name, help=text, add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=delegate(module, func))
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     c = sub.add_parser("cleanup", help="remove IPC objects left by dead runs")
     c.set_defaults(func=cmd_cleanup)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in DELEGATED:
+            return run_delegated(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UsageError as e:
         print(f"vreplica: {e}", file=sys.stderr)

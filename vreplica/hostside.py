@@ -8,6 +8,17 @@ import threading
 import time
 
 SEQ_BYTES = 8
+SO_RCVBUFFORCE = 33
+SINK_RCVBUF = 64 << 20
+
+
+def big_receive_buffer(sock: socket.socket) -> None:
+    """A receive buffer that does not drop what a Python reader is slow to take; beyond
+    net.core.rmem_max only root may ask (SO_RCVBUFFORCE)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SINK_RCVBUF)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SINK_RCVBUF)
 
 
 def expected_payload(seq: int, size: int) -> bytes:
@@ -21,7 +32,7 @@ class UdpSink:
 
     def __init__(self, port: int = 0, size: int | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        big_receive_buffer(self.sock)
         self.sock.bind(("127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -74,10 +85,13 @@ class UdpEcho:
 
     def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        big_receive_buffer(self.sock)
         self.sock.bind(("127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.echoed = 0
+        self.ignored = 0
+        self.ignored_seqs: set[int] = set()
         self.paused = False
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="udp-echo", daemon=True)
@@ -92,6 +106,8 @@ class UdpEcho:
             except OSError:
                 return
             if self.paused:
+                self.ignored += 1
+                self.ignored_seqs.add(int.from_bytes(data[:SEQ_BYTES], "big"))
                 continue
             self.sock.sendto(data, peer)
             self.echoed += 1

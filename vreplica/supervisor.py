@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
@@ -91,6 +93,8 @@ class Supervisor:
         self.t_end = 0.0
         self.console: list[str] = []
         self.on_console: Callable[[str, str], None] = lambda role, line: None
+        self.on_tick: Callable[[], None] = lambda: None
+        self.live: dict[str, dict] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -131,16 +135,8 @@ class Supervisor:
         assert self.ctl is not None
         deadline = time.monotonic() + self.opts.timeout + SUPERVISOR_GRACE_S
         while True:
-            rec = self.ctl.recv_raw(0.1)
-            if rec is not None:
-                kind, role, fields = unpackb(rec)
-                if kind == "done":
-                    self.done.add(role)
-                elif kind == "console":
-                    self.console.append(f"{role}: {fields.get('line')}")
-                    self.on_console(role, fields.get("line", ""))
-                elif kind == "error":
-                    self.errors.append(f"{role}: {fields.get('message')}")
+            self._read_ctl(0.1)
+            self.on_tick()
             exited = {r: p.poll() for r, p in self.procs.items()}
             for role, rc in exited.items():
                 if rc is None:
@@ -152,13 +148,32 @@ class Supervisor:
                     why = self.errors[-1] if self.errors else f"exit status {rc}"
                     raise RunFailed(f"{role} process (pid {self.procs[role].pid}) failed: {why}")
             if all(rc == 0 for rc in exited.values()):
+                self._read_ctl(0)
                 if "guest" not in self.done:
                     raise RunFailed("the guest stopped before its program finished")
                 self.t_end = time.monotonic()
                 return
             if time.monotonic() > deadline:
-                raise RunFailed(f"timed out after {self.opts.timeout:g} s "
-                                f"(still running: {', '.join(r for r, c in exited.items() if c is None)})")
+                running = ", ".join(r for r, c in exited.items() if c is None)
+                raise RunFailed(f"timed out after {self.opts.timeout:g} s (still running: "
+                                f"{running})")
+
+    def _read_ctl(self, timeout: float) -> None:
+        """Take every pending control record (waiting up to ``timeout`` for the first)."""
+        assert self.ctl is not None
+        rec = self.ctl.recv_raw(timeout)
+        while rec is not None:
+            kind, role, fields = unpackb(rec)
+            if kind == "done":
+                self.done.add(role)
+            elif kind == "console":
+                self.console.append(f"{role}: {fields.get('line')}")
+                self.on_console(role, fields.get("line", ""))
+            elif kind == "stats":
+                self.live[role] = fields
+            elif kind == "error":
+                self.errors.append(f"{role}: {fields.get('message')}")
+            rec = self.ctl.recv_raw(0)
 
     def stop(self) -> None:
         """Stop whatever still runs (guest first, as a VM is paused before it is torn down)."""
@@ -189,6 +204,16 @@ class Supervisor:
             path = Path(self.cfg.rundir) / f"report.{role}.json"
             if path.exists():
                 out[role] = json.loads(path.read_text())
+        return out
+
+    def rss(self) -> dict[str, int]:
+        """Resident set size of each live process, in bytes."""
+        out = {}
+        for role, p in self.procs.items():
+            try:
+                out[role] = psutil.Process(p.pid).memory_info().rss
+            except psutil.Error:
+                pass
         return out
 
     def trace_pieces(self) -> list[Path]:

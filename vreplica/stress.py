@@ -1,0 +1,414 @@
+"""``vreplica stress``: sustained load in both directions over several queue pairs, with
+chaos, a progress bar, and a verdict that says exactly what was lost, duplicated, reordered
+and leaked. Exit status 0 only if nothing was lost unexpectedly and nothing leaked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+
+from common.inet import UDP_MAX_PAYLOAD
+from common.ipc import object_entries
+from vreplica.hostside import UdpEcho, big_receive_buffer, expected_payload
+from vreplica.summary import build_summary
+from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+
+SEQ_BYTES = 8
+CHAOS_KINDS = {
+    "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
+    "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
+    "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
+    "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
+}
+
+
+def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
+    """The same size function the guest's stress program uses (guestproc.programs)."""
+    x = (seq * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return lo + x % (hi - lo + 1)
+
+
+class FlowSink:
+    """The host end of tx stress: counts per flow (host-side source port) every datagram's
+    sequence number, so loss, duplicates and reordering are exact."""
+
+    def __init__(self, lo: int, hi: int, seed: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        big_receive_buffer(self.sock)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.lo, self.hi, self.seed = lo, hi, seed
+        self.seen: set[int] = set()
+        self.received = self.duplicates = self.reordered = self.bad = 0
+        self.last_by_flow: dict[int, int] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="stress-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, (_, sport) = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received += 1
+            seq = int.from_bytes(data[:SEQ_BYTES], "big")
+            if data != expected_payload(seq, stress_size(seq, self.lo, self.hi, self.seed)):
+                self.bad += 1
+                continue
+            if seq in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(seq)
+            if seq < self.last_by_flow.get(sport, -1):
+                self.reordered += 1
+            self.last_by_flow[sport] = max(seq, self.last_by_flow.get(sport, -1))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(1.0)
+        self.sock.close()
+
+
+class InboundStream:
+    """Host -> guest traffic through the hostfwd port, at a steady rate, until stopped."""
+
+    def __init__(self, port: int, rate_pps: float) -> None:
+        self.port = port
+        self.interval = 1.0 / rate_pps
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stress-inbound", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while not self._stop.wait(self.interval):
+                s.sendto(expected_payload(self.sent, 64), ("127.0.0.1", self.port))
+                self.sent += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(1.0)
+
+
+@dataclass
+class ChaosLog:
+    t0: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, **details: Any) -> None:
+        self.events.append({"t_s": round(time.monotonic() - self.t0, 3), "kind": kind, **details})
+
+
+class Chaos:
+    """Fires the chosen kinds of trouble at random moments while the run goes on."""
+
+    def __init__(self, kinds: list[str], sup: Supervisor, echo: UdpEcho | None, log: ChaosLog,
+                 seed: int, period_s: float) -> None:
+        self.kinds = kinds
+        self.sup = sup
+        self.echo = echo
+        self.log = log
+        self.rng = random.Random(seed)
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
+
+    def start(self) -> None:
+        if self.kinds:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s * (0.5 + self.rng.random())):
+            kind = self.rng.choice(self.kinds)
+            try:
+                getattr(self, "do_" + kind.replace("-", "_"))()
+            except (OSError, KeyError) as e:
+                self.log.add(kind, error=str(e))
+
+    def do_guest_pause(self) -> None:
+        p = self.sup.procs["guest"]
+        pause = 0.2 + 0.3 * self.rng.random()
+        p.send_signal(signal.SIGSTOP)
+        self.log.add("guest-pause", seconds=round(pause, 3))
+        self._stop.wait(pause)
+        p.send_signal(signal.SIGCONT)
+
+    def do_echo_pause(self) -> None:
+        if self.echo is None:
+            return
+        before = self.echo.ignored
+        self.echo.paused = True
+        self._stop.wait(0.3)
+        self.echo.paused = False
+        self.log.add("echo-pause", seconds=0.3, replies_dropped=self.echo.ignored - before)
+
+    def do_kill_device(self) -> None:
+        p = self.sup.procs["qemu"]
+        p.send_signal(signal.SIGKILL)
+        self.log.add("kill-device", pid=p.pid)
+
+    def do_ring_fault(self) -> None:
+        p = self.sup.procs["guest"]
+        p.send_signal(signal.SIGUSR1)
+        self.log.add("ring-fault", pid=p.pid)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"vreplica stress: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="vreplica stress", description=__doc__)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--duration", type=float, help="seconds of load (default 10)")
+    g.add_argument("--packets", type=int, help="datagrams to send instead of a duration")
+    p.add_argument("--queues", type=int, default=2, help="queue pairs (default 2)")
+    p.add_argument("--sizes", default="8-1472",
+                   help="UDP payload sizes MIN-MAX (at least 8: the sequence number)")
+    p.add_argument("--mode", choices=("tx", "echo", "both"), default="tx")
+    p.add_argument("--chaos", default="", help="comma list of: " + ", ".join(CHAOS_KINDS)
+                   + " (or 'all', or 'list' to describe them)")
+    p.add_argument("--chaos-period", type=float, default=2.0, help="mean seconds between events")
+    p.add_argument("--flows", type=int, default=0, help="guest sockets (default 2 per pair)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
+    try:
+        lo, hi = (int(x) for x in a.sizes.split("-", 1))
+    except ValueError:
+        raise UsageError(f"--sizes {a.sizes!r}: expected MIN-MAX, e.g. 8-1472") from None
+    if lo > hi or lo < 0 or hi > UDP_MAX_PAYLOAD:
+        raise UsageError(f"--sizes must lie within 0-{UDP_MAX_PAYLOAD} with MIN <= MAX")
+    lo = max(lo, SEQ_BYTES)
+    hi = max(hi, lo)
+    if not 1 <= a.queues <= 8:
+        raise UsageError("--queues must be between 1 and 8")
+    if a.duration is not None and not 0 < a.duration <= 3600:
+        raise UsageError("--duration must be between 0 and 3600 seconds")
+    if a.packets is not None and not 1 <= a.packets <= 100_000_000:
+        raise UsageError("--packets must be between 1 and 100000000")
+    kinds = [k for k in a.chaos.split(",") if k] if a.chaos != "all" else list(CHAOS_KINDS)
+    for k in kinds:
+        if k not in CHAOS_KINDS:
+            raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
+    return lo, hi, kinds
+
+
+def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    lo, hi, kinds = check(a)
+    duration = a.duration if a.duration is not None else (0 if a.packets else 10.0)
+    flows = a.flows or 2 * a.queues
+    sink = FlowSink(lo, hi, a.seed) if a.mode == "tx" else None
+    echo = UdpEcho(0) if a.mode in ("echo", "both") else None
+    dest_port = sink.port if sink else echo.port  # type: ignore[union-attr]
+    hostfwd: list[tuple[int, int]] = []
+    inbound = None
+    if a.mode == "both":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            hostfwd = [(s.getsockname()[1], 7000)]
+        inbound = InboundStream(hostfwd[0][0], 2000.0)
+    opts = RunOptions(mode="stress", packets=a.packets or 0, size=hi, dest_port=dest_port,
+                      queues=a.queues, hostfwd=hostfwd, guest_port=7000, window=32,
+                      timeout=(duration or 60) + 60,
+                      extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
+                             "seed": a.seed, "flows": flows, "live_stats": True,
+                             "reconnect": "kill-device" in kinds})
+    sup = Supervisor(opts)
+    log = ChaosLog(time.monotonic())
+    chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
+    rss_start: dict[str, int] = {}
+    rss_end: dict[str, int] = {}
+    progress = {"sent": 0, "replies": 0, "inbound": 0}
+    total = a.packets or duration
+    bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
+               file=sys.stderr, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
+    t_start = time.monotonic()
+    last = {"t": t_start, "delivered": 0}
+    exit_rate = {"t": t_start, "exits": 0, "rate": 0.0}
+
+    def delivered_now() -> int:
+        if sink is not None:
+            return len(sink.seen)
+        return progress["replies"] + progress["inbound"]
+
+    def on_console(role: str, line: str) -> None:
+        if line == "stress started":
+            chaos.start()
+            if inbound is not None:
+                inbound.start()
+        elif line == "stress finishing":
+            chaos.stop()
+            if inbound is not None:
+                inbound.stop()
+        elif line.startswith("progress"):
+            for part in line.split()[1:]:
+                k, v = part.split("=")
+                progress[k] = int(v)
+
+    def on_tick() -> None:
+        now = time.monotonic()
+        if now - last["t"] < 0.25:
+            return
+        rss = {role: v for role, v in sup.rss().items() if v > 0}  # an exiting process shows 0
+        if not rss_start and now - t_start > 1.0:
+            rss_start.update(rss)
+        rss_end.update(rss)
+        d = delivered_now()
+        exits = sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0)
+        if exits != exit_rate["exits"]:
+            exit_rate.update(rate=(exits - exit_rate["exits"]) / (now - exit_rate["t"]), t=now,
+                             exits=exits)
+        dt = now - last["t"]
+        in_flight = max(0, progress["sent"] - d)
+        bar.set_postfix_str(f"{(d - last['delivered']) / dt:,.0f} pkt/s, delivered {d:,}, "
+                            f"in flight {in_flight:,}, exits {exit_rate['rate']:,.0f}/s")
+        bar.n = progress["sent"] if a.packets else min(duration, now - t_start)
+        bar.refresh()
+        last.update(t=now, delivered=d)
+
+    sup.on_console = on_console
+    sup.on_tick = on_tick
+    try:
+        try:
+            cfg = sup.start()
+            sup.wait()
+        except KeyboardInterrupt:
+            raise RunFailed("interrupted", 130) from None
+        finally:
+            chaos.stop()
+            if inbound is not None:
+                inbound.stop()
+            sup.stop()
+            bar.close()
+        time.sleep(0.3)
+        reports = sup.reports()
+        summary = build_summary(cfg.rid, opts, reports, None, sup.t_end - sup.t_start)
+    finally:
+        for h in (sink, echo):
+            if h is not None:
+                h.close()
+        sup.cleanup()
+    leftovers = [str(p) for p in object_entries(cfg.rid)] + (
+        [cfg.rundir] if Path(cfg.rundir).exists() else [])
+    prog = reports.get("guest", {}).get("program", {})
+    sent = prog.get("sent", 0)
+    if sink is not None:
+        delivered, duplicated, reordered = len(sink.seen), sink.duplicates, sink.reordered
+    else:
+        delivered = prog.get("replies", 0)
+        duplicated = prog.get("duplicate_replies", 0)
+        reordered = 0
+    lost = max(0, sent - delivered)
+    if echo is not None:  # exactly the requests the paused echo service ignored
+        lost_expected = len(set(prog.get("unanswered_seqs", [])) & echo.ignored_seqs)
+    else:
+        lost_expected = 0
+    restarts = reports.get("qemu", {}).get("restarts", 0)
+    verdict = {
+        "mode": a.mode, "queues": a.queues, "flows": flows, "sizes": [lo, hi],
+        "duration_s": round(sup.t_end - sup.t_start, 2), "sent": sent, "delivered": delivered,
+        "lost": lost, "lost_expected": lost_expected, "lost_unexpected": lost - lost_expected,
+        "duplicated": duplicated, "reordered": reordered,
+        "bad_payloads": (sink.bad if sink else prog.get("bad_replies", 0)),
+        "inbound_sent": inbound.sent if inbound else 0, "inbound_received": prog.get("inbound", 0),
+        "inbound_lost": (inbound.sent - prog.get("inbound", 0)) if inbound else 0,
+        "kicks_per_packet": round(summary["kicks"] / sent, 4) if sent else None,
+        "interrupts_per_packet": round((summary["tx_interrupts"] + summary["rx_interrupts"])
+                                       / sent, 4) if sent else None,
+        "exits": summary["exits"], "userspace_exits": summary["userspace_exits"],
+        "rss_start_mb": {r: round(v / 2**20, 1) for r, v in rss_start.items()},
+        "rss_end_mb": {r: round(v / 2**20, 1) for r, v in rss_end.items()},
+        "chaos": log.events, "device_restarts": restarts,
+        "device_errors": summary["device_errors"], "leftovers": leftovers,
+        "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
+    }
+    ok = (verdict["lost_unexpected"] == 0 and verdict["inbound_lost"] == 0 and not leftovers
+          and verdict["bad_payloads"] == 0
+          and (duplicated == 0 or "kill-device" in kinds))
+    verdict["verdict"] = "PASS" if ok else "FAIL"
+    return verdict, 0 if ok else 1
+
+
+def format_verdict(v: dict[str, Any]) -> str:
+    rows = [
+        ("mode", f"{v['mode']}, {v['queues']} queue pairs, {v['flows']} flows, "
+                 f"sizes {v['sizes'][0]}-{v['sizes'][1]} B"),
+        ("sent", f"{v['sent']:,} in {v['duration_s']} s ({v['packets_per_second']:,.0f} pkt/s)"),
+        ("delivered", f"{v['delivered']:,}"),
+        ("lost", f"{v['lost']:,} (expected from chaos: {v['lost_expected']:,}, "
+                 f"unexpected: {v['lost_unexpected']:,})"),
+        ("duplicated", f"{v['duplicated']:,}"), ("reordered", f"{v['reordered']:,}"),
+        ("bad payloads", f"{v['bad_payloads']:,}"),
+        ("kicks / packet", f"{v['kicks_per_packet']}"),
+        ("interrupts / packet", f"{v['interrupts_per_packet']}"),
+        ("VM exits", ", ".join(f"{k} {n:,}" for k, n in v["exits"].items() if n)),
+        ("exits to QEMU", ", ".join(f"{k} {n:,}" for k, n in v["userspace_exits"].items())),
+        ("RSS MB start -> end", ", ".join(f"{r} {v['rss_start_mb'].get(r, '?')} -> "
+                                          f"{v['rss_end_mb'].get(r, '?')}"
+                                          for r in ("guest", "kvm", "qemu"))),
+        ("chaos events", ", ".join(f"{e['t_s']}s {e['kind']}" for e in v["chaos"]) or "none"),
+        ("leftovers", ", ".join(v["leftovers"]) or "none"),
+        ("verdict", v["verdict"]),
+    ]
+    if v["mode"] == "both":
+        rows.insert(3, ("inbound (host -> guest)",
+                        f"{v['inbound_received']:,} of {v['inbound_sent']:,} received"))
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k.ljust(w)}  {val}" for k, val in rows)
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    if a.chaos == "list":
+        for kind, text in CHAOS_KINDS.items():
+            print(f"{kind:12} {text}")
+        return 0
+    try:
+        verdict, code = run_stress(a)
+    except UsageError as e:
+        print(f"vreplica stress: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"vreplica stress: {e}", file=sys.stderr)
+        return e.code
+    print(format_verdict(verdict))
+    if a.json:
+        Path(a.json).write_text(json.dumps(verdict, indent=1))
+    return code
