@@ -24,15 +24,20 @@ from common.virtio_abi import (
     VIRTIO_PCI_QUEUE_SEL,
     VIRTIO_PCI_STATUS,
     VIRTIO_PCI_VRING_ALIGN,
+    VIRTIO_RING_F_EVENT_IDX,
     virtio_pci_config_off,
 )
 from common.vring import vring_size
 from guestproc.cpu import VCpu
-from guestproc.kernel import ISA_IRQ_VECTOR_BASE, IRQ_HANDLED, IRQ_NONE, Kernel
+from guestproc.kernel import IRQ_HANDLED, IRQ_NONE, ISA_IRQ_VECTOR_BASE, Kernel
 from guestproc.mm import PageAllocator
 from guestproc.pci import PciDev, pci_get_device
-from guestproc.virtio import VirtioConfigOps, VirtioDriver, register_virtio_device, \
-    vring_transport_features
+from guestproc.virtio import (
+    VirtioConfigOps,
+    VirtioDriver,
+    register_virtio_device,
+    vring_transport_features,
+)
 from guestproc.virtio_ring import Virtqueue, vring_create_virtqueue, vring_interrupt
 
 VP_MSIX_CONFIG_VECTOR = 0
@@ -190,8 +195,6 @@ def setup_vq(vdev: VirtioPciDevice, index: int, callback: Callable[[Virtqueue], 
     num = cpu.inw(io + VIRTIO_PCI_QUEUE_NUM)
     if not num or cpu.inl(io + VIRTIO_PCI_QUEUE_PFN):
         raise OSError(2, f"queue {index} not available")
-    from common.virtio_abi import VIRTIO_RING_F_EVENT_IDX
-
     base = vdev.pages.alloc(vring_size(num, VIRTIO_PCI_VRING_ALIGN), VIRTIO_PCI_VRING_ALIGN)
     vq = vring_create_virtqueue(index, num, base, vdev.ram, vdev, vp_notify, callback, name,
                                 bool(vdev.features & (1 << VIRTIO_RING_F_EVENT_IDX)))

@@ -33,8 +33,13 @@ from common.kvm_abi import (
     packb,
 )
 from common.trace import trace_event, traced
-from qemuproc.memory import AddressSpace, MemoryListener, MemoryRegion, MemoryRegionIoeventfd, \
-    address_space_rw
+from qemuproc.memory import (
+    AddressSpace,
+    MemoryListener,
+    MemoryRegion,
+    MemoryRegionIoeventfd,
+    address_space_rw,
+)
 
 KVM_IRQ_ROUTING_IRQCHIP = 1
 KVM_IRQ_ROUTING_MSI = 2
