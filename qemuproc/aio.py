@@ -50,6 +50,26 @@ def aio_bh_new(ctx: AioContext, cb: Callable[[Any], None], opaque: Any, name: st
     return bh
 
 
+_main_ctx: AioContext | None = None
+
+
+def qemu_get_aio_context() -> AioContext:
+    """The main loop's AioContext (created on first use, like qemu_init_main_loop)."""
+    global _main_ctx
+    if _main_ctx is None:
+        _main_ctx = AioContext()
+    return _main_ctx
+
+
+def qemu_bh_new(cb: Callable[[Any], None], opaque: Any, name: str = "") -> QEMUBH:
+    """A bottom half in the main loop's context."""
+    return aio_bh_new(qemu_get_aio_context(), cb, opaque, name)
+
+
+def event_notifier_set(fd: int) -> None:
+    os.eventfd_write(fd, 1)
+
+
 def aio_notify(ctx: AioContext) -> None:
     """Wake the thread polling this context (event_notifier_set on ctx->notifier)."""
     if trace_aio_notify.on:
@@ -57,7 +77,7 @@ def aio_notify(ctx: AioContext) -> None:
     ctx.notifies += 1
     if not ctx.notified:
         ctx.notified = True
-        os.eventfd_write(ctx.notifier, 1)
+        event_notifier_set(ctx.notifier)
 
 
 def aio_notify_accept(ctx: AioContext) -> None:

@@ -16,7 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from common.trace import trace_event, traced
-from qemuproc.aio import AioContext, aio_bh_pending, aio_bh_poll, aio_notify, aio_notify_accept
+from qemuproc.aio import (
+    aio_bh_pending,
+    aio_bh_poll,
+    aio_notify,
+    aio_notify_accept,
+    qemu_get_aio_context,
+)
 
 IOHandler = Callable[[Any], None]
 trace_main_loop_wait = trace_event("main_loop_wait")
@@ -50,7 +56,7 @@ class MainLoop:
     """The iothread: its AioContext, fd handlers, timers, and the Big QEMU Lock."""
 
     def __init__(self) -> None:
-        self.ctx = AioContext()
+        self.ctx = qemu_get_aio_context()
         self.io_handlers: list[IOHandlerRecord] = []
         self.bql = threading.RLock()
         self.timers: list[tuple[int, int, QEMUTimer]] = []
@@ -78,6 +84,21 @@ class MainLoop:
                 self.io_handlers.append(IOHandlerRecord(fd, fd_read, fd_write, opaque,
                                                         name or getattr(fd_read, "__name__", "")))
         self.qemu_notify_event()
+
+    def qemu_set_fd_handler2(self, fd: int, fd_read_poll: Callable[[Any], bool] | None,
+                             fd_read: IOHandler | None, fd_write: IOHandler | None,
+                             opaque: Any) -> None:
+        """The older form (QEMU <= 2.x) with a can-read callback; the poll callback is
+        folded into the read handler here."""
+        if fd_read is not None and fd_read_poll is not None:
+            read, poll = fd_read, fd_read_poll
+
+            def fd_read_when_ready(o: Any) -> None:
+                if poll(o):
+                    read(o)
+
+            fd_read = fd_read_when_ready
+        self.qemu_set_fd_handler(fd, fd_read, fd_write, opaque)
 
     def qemu_notify_event(self) -> None:
         aio_notify(self.ctx)
