@@ -110,7 +110,6 @@ def records() -> list[tuple]:
 
 def dump(path: str | Path, role: str) -> None:
     """Write this process's records for the merger (msgpack)."""
-    register_thread()
     for t in threading.enumerate():
         _threads.setdefault(t.ident or 0, (t.native_id or 0, t.name))
     data = {

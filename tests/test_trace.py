@@ -1,0 +1,265 @@
+"""The trace of a real run: Chrome trace JSON that Perfetto opens, one packet's path through
+the three processes in the order the real QEMU reports it, and its swimlane picture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from vreplica.tracefile import ROLES, load_trace, merge_traces, packet_chain, packet_context
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = {"M", "X", "i", "s", "t", "f"}
+TX_CHAIN = ["start_xmit", "vp_notify", "kvm_exit", "virtio_queue_notify", "virtqueue_pop",
+            "net_slirp_receive", "sosendto", "virtqueue_fill", "virtqueue_flush",
+            "virtio_notify", "vring_interrupt", "skb_xmit_done"]
+
+
+def vreplica(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vreplica.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def traced_run(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "trace.json"
+    proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
+                    "--timeout", "30", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "delivered              5" in proc.stdout
+    return out
+
+
+def in_order(names: list[str], wanted: list[str]) -> list[int]:
+    """Positions of ``wanted`` as a subsequence of ``names`` (fails if one is missing)."""
+    pos, at = [], 0
+    for w in wanted:
+        assert w in names[at:], f"{w} missing after {names[at - 1] if at else 'start'}: {names}"
+        at = names.index(w, at) + 1
+        pos.append(at - 1)
+    return pos
+
+
+@pytest.mark.timeout(60)
+def test_trace_is_chrome_json_with_a_track_per_process_and_thread(tmp_path: Path) -> None:
+    data = json.loads(traced_run(tmp_path).read_text())
+    events = data["traceEvents"]
+    assert {e["ph"] for e in events} <= PHASES
+    for e in events:
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int)
+        if e["ph"] != "M":
+            assert isinstance(e["ts"], float | int) and e["ts"] > 0
+        if e["ph"] == "X":
+            assert e["dur"] >= 0
+        if e["ph"] == "i":
+            assert e["s"] == "t"
+    procs = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert procs == {"guest (guestproc)", "kvm (kvmproc)", "qemu (qemuproc)"}
+    threads = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert {"vCPU 0", "vcpu0", "CPU 0/KVM", "main loop"} <= threads
+    assert any(t.startswith("irqfd") for t in threads)
+    pop = next(e for e in events if e["ph"] == "i" and e["name"] == "virtqueue_pop")
+    assert {"vq", "elem", "avail_idx"} <= set(pop["args"])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("variant", [[], ["--ioeventfd", "off"], ["--vectors", "0"]],
+                         ids=["ioeventfd", "no-ioeventfd", "intx"])
+def test_one_packet_crosses_the_three_processes_in_order(tmp_path: Path,
+                                                         variant: list[str]) -> None:
+    path = traced_run(tmp_path, *variant)
+    trace = load_trace(path)
+    assert sorted(trace.packets) == [0, 1, 2, 3, 4]
+    # paced, each datagram travels alone: its own kick, its own interrupt
+    whole = [seq for seq, p in trace.packets.items()
+             if [e.name for e in p.steps][-3:] == ["vring_interrupt", "skb_xmit_done",
+                                                   "virtqueue_get_buf"]]
+    assert len(whole) >= 4, {s: [e.name for e in p.steps] for s, p in trace.packets.items()}
+    seq = whole[len(whole) // 2]
+    chain = packet_chain(trace, seq)
+    names = [c.name for c in chain]
+    wanted = list(TX_CHAIN)
+    if variant[:1] == ["--ioeventfd"]:
+        wanted[3:3] = ["kvm_userspace_exit", "kvm_run_exit"]
+        assert "ioeventfd_write" not in names
+    else:
+        wanted[3:3] = ["ioeventfd_write"]
+    pos = in_order(names, wanted)
+    steps = [chain[i] for i in pos]
+    assert [s.ts for s in steps] == sorted(s.ts for s in steps)
+    assert {s.process for s in steps} == set(ROLES)
+    assert [s.process for s in steps[:3]] == ["guest", "guest", "kvm"]
+    assert steps[-1].process == "guest"
+    pids = {e.pid for e in trace.packets[seq].steps}
+    assert len(pids) == 3 and pids == set(trace.roles)
+    assert chain[0].name == "udp_sendmsg" and chain[0].process == "guest"
+    sent = next(c for c in chain if c.name == "sosendto" and c.dur is None)
+    assert sent.args["seq"] == seq
+    pop = next(c for c in chain if c.name == "virtqueue_pop" and c.dur is None)
+    add = next(c for c in chain if c.name == "virtqueue_add_split" and c.dur is None)
+    assert pop.args["avail_idx"] == add.args["avail_idx"]
+    assert chain[-1].process == "guest"
+    depth = {c.name: c.depth for c in chain if c.dur is not None}
+    assert depth["start_xmit"] > depth["udp_sendmsg"]
+    assert depth["sosendto"] > depth["net_slirp_receive"] > depth["virtio_net_flush_tx"]
+
+    flows = [e for e in json.loads(path.read_text())["traceEvents"]
+             if e["ph"] in ("s", "t", "f") and e["id"] == seq + 1]
+    assert flows[0]["ph"] == "s" and flows[-1]["ph"] == "f" and flows[-1]["bp"] == "e"
+    assert {f["ph"] for f in flows[1:-1]} == {"t"}
+    assert len({f["pid"] for f in flows}) == 3
+    assert [f["args"]["step"] for f in flows] == [e.name for e in trace.packets[seq].steps]
+
+
+@pytest.mark.timeout(90)
+def test_render_png_and_svg(tmp_path: Path) -> None:
+    path = traced_run(tmp_path)
+    png, svg = tmp_path / "p.png", tmp_path / "p.svg"
+    for out in (png, svg):
+        proc = vreplica("trace", "render", str(path), str(out), "--packet", "1")
+        assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    root = ET.parse(svg).getroot()
+    texts = " ".join(t for el in root.iter() if el.tag.endswith("text") for t in el.itertext())
+    for name in TX_CHAIN + ["kvm_pio", "irqfd_wakeup", "kvm_inj_virq", "main_loop_wait"]:
+        assert name in texts, name
+    window = tmp_path / "w.svg"
+    trace = load_trace(path)
+    chain = packet_chain(trace, 3)
+    start, end = (chain[0].ts - trace.start / 1000, chain[-1].ts - trace.start / 1000)
+    proc = vreplica("trace", "render", str(path), str(window), "--window", f"{start - 5:.1f}",
+                    f"{end + 5:.1f}")
+    assert proc.returncode == 0, proc.stderr
+    assert "virtqueue_pop" in window.read_text()
+
+
+@pytest.mark.timeout(30)
+def test_render_bad_input_is_one_line_and_status_2(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"traceEvents": []}')
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    cases = [
+        (str(tmp_path / "missing.json"), str(tmp_path / "x.svg"), "no such file"),
+        (str(empty), str(tmp_path / "x.jpg"), ".svg or .png"),
+        (str(empty), str(tmp_path / "x.svg"), "no packet"),
+        (str(garbage), str(tmp_path / "x.png"), "not a JSON trace"),
+        (str(empty), str(tmp_path / "nodir" / "x.png"), "no such directory"),
+    ]
+    for trace, out, why in cases:
+        proc = vreplica("trace", "render", trace, out, "--packet", "7")
+        assert proc.returncode == 2, (trace, out, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and why in proc.stderr, proc.stderr
+        assert not Path(out).exists()
+
+
+def piece(path: Path, role: str, pid: int, threads: dict[int, tuple[int, str]],
+          records: list[tuple]) -> Path:
+    path.write_bytes(msgpack.packb({
+        "role": role, "pid": pid,
+        "threads": {str(k): list(v) for k, v in threads.items()},
+        "records": [[ns, ident, ph, name, args] for ns, ident, ph, name, args in records]}))
+    return path
+
+
+def synthetic_pieces(tmp_path: Path) -> list[Path]:
+    """One datagram (seq 7, head 3, avail_idx 9) through made-up dumps, with decoys."""
+    out, tx = {"vq": "output.0"}, {"vq": "TX(q1)"}
+    guest = [
+        (1000, 1, "B", "udp_sendmsg", None), (1010, 1, "i", "udp_sendmsg", {"seq": 7}),
+        (1020, 1, "B", "start_xmit", None), (1030, 1, "i", "start_xmit", out),
+        (1040, 1, "i", "virtqueue_add_split", {**out, "head": 3, "avail_idx": 9}),
+        (1050, 1, "B", "vp_notify", None),
+        (1060, 1, "i", "vp_notify", {**out, "index": 1, "port": 49168}),
+        (1200, 1, "E", "vp_notify", None), (1210, 1, "E", "start_xmit", None),
+        (1220, 1, "E", "udp_sendmsg", None),
+        (5000, 1, "i", "irq_handler_entry", {"irq": 40}), (5010, 1, "B", "vring_interrupt", None),
+        (5020, 1, "i", "vring_interrupt", {**out, "irq": 40}),
+        (5030, 1, "B", "skb_xmit_done", None), (5040, 1, "i", "skb_xmit_done", out),
+        (5050, 1, "E", "skb_xmit_done", None), (5060, 1, "E", "vring_interrupt", None),
+        (5100, 1, "B", "net_rx_action", None),
+        (5110, 1, "i", "virtqueue_get_buf", {**out, "head": 3}),
+        (5120, 1, "E", "net_rx_action", None),
+    ]
+    kvm = [
+        (500, 11, "B", "kvm_arch_vcpu_ioctl_run", None),
+        (1100, 11, "i", "kvm_exit", {"reason": "IO_INSTRUCTION"}),
+        (1110, 11, "B", "handle_exit", None),
+        (1120, 11, "i", "kvm_pio", {"rw": "write", "port": 49168, "val": 1}),
+        (1130, 11, "i", "ioeventfd_write", {}), (1140, 11, "E", "handle_exit", None),
+        (1150, 11, "i", "kvm_entry", {}),
+        (3000, 13, "i", "irqfd_wakeup", {"gsi": 25}),
+        (4000, 12, "B", "irqfd_wakeup", None), (4010, 12, "i", "irqfd_wakeup", {"gsi": 26}),
+        (4020, 12, "i", "kvm_msi_set_irq", {"gsi": 26, "vector": 40}),
+        (4030, 12, "E", "irqfd_wakeup", None),
+        (4100, 99, "i", "kvm_apic_accept_irq", {"vector": 236}),
+        (4400, 11, "i", "kvm_inj_virq", {"vectors": [236]}),
+        (4500, 11, "i", "kvm_inj_virq", {"vectors": [40]}),
+    ]
+    qemu = [
+        (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 2, "virq": 26}),
+        (1000, 21, "B", "main_loop_wait", None),
+        (1900, 21, "i", "virtqueue_pop", {**tx, "elem": 1, "avail_idx": 8}),
+        (2000, 21, "B", "virtio_queue_notify_vq", None),
+        (2010, 21, "i", "virtio_queue_notify", tx), (2020, 21, "E", "virtio_queue_notify_vq", None),
+        (2100, 21, "B", "aio_bh_poll", None), (2110, 21, "B", "virtqueue_pop", None),
+        (2120, 21, "i", "virtqueue_pop", {**tx, "elem": 3, "avail_idx": 9}),
+        (2130, 21, "E", "virtqueue_pop", None), (2200, 21, "B", "net_slirp_receive", None),
+        (2210, 21, "B", "sosendto", None), (2220, 21, "i", "sosendto", {"seq": 7}),
+        (2230, 21, "E", "sosendto", None), (2240, 21, "E", "net_slirp_receive", None),
+        (2300, 21, "i", "virtqueue_fill", {**tx, "elem": 3}),
+        (2310, 21, "i", "virtqueue_flush", {**tx, "count": 1}),
+        (2320, 21, "B", "virtio_notify", None), (2330, 21, "i", "virtio_notify", tx),
+        (2340, 21, "i", "virtio_pci_notify", {"vector": 2}), (2350, 21, "E", "virtio_notify", None),
+        (2400, 21, "E", "aio_bh_poll", None), (2500, 21, "E", "main_loop_wait", None),
+    ]
+    return [piece(tmp_path / "trace.guest.msgpack", "guest", 100, {1: (100, "MainThread")}, guest),
+            piece(tmp_path / "trace.kvm.msgpack", "kvm", 200,
+                  {11: (201, "vcpu0"), 12: (202, "irqfd-gsi26"), 13: (203, "irqfd-gsi25")}, kvm),
+            piece(tmp_path / "trace.qemu.msgpack", "qemu", 300, {21: (300, "MainThread")}, qemu)]
+
+
+@pytest.mark.timeout(30)
+def test_merge_pairs_spans_names_threads_and_follows_the_ids(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    merge_traces(synthetic_pieces(tmp_path), str(out))
+    events = json.loads(out.read_text())["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e["name"] == "thread_name"}
+    assert threads[(100, 100)] == "vCPU 0" and threads[(300, 300)] == "main loop"
+    assert threads[(200, 201)] == "vcpu0" and threads[(200, 202)] == "irqfd-gsi26"
+    assert "exited threads" in threads.values()
+    run = next(e for e in events if e["name"] == "kvm_arch_vcpu_ioctl_run")
+    assert run["ph"] == "X" and run["args"]["unfinished"] and run["dur"] == 4.0
+    pop = next(e for e in events if e["name"] == "virtqueue_pop" and e["ph"] == "X")
+    assert (pop["ts"], pop["dur"]) == (2.11, 0.02)
+
+    trace = load_trace(out)
+    steps = [e.name for e in trace.packets[7].steps]
+    assert steps == ["start_xmit", "virtqueue_add_split", "vp_notify", "kvm_exit", "kvm_pio",
+                     "ioeventfd_write", "virtio_queue_notify", "virtqueue_pop", "sosendto",
+                     "virtqueue_fill", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",
+                     "kvm_inj_virq", "irq_handler_entry", "vring_interrupt", "skb_xmit_done",
+                     "virtqueue_get_buf"]
+    wake = next(e for e in trace.packets[7].steps if e.name == "irqfd_wakeup")
+    assert wake.args["gsi"] == 26
+    inj = next(e for e in trace.packets[7].steps if e.name == "kvm_inj_virq")
+    assert inj.args["vectors"] == [40]
+    chain = packet_chain(trace, 7)
+    assert chain[0].name == "udp_sendmsg" and chain[0].ts == 1.0 and chain[0].dur == 0.22
+    assert chain[-1].name == "virtqueue_get_buf"
+    names = [c.name for c in chain]
+    assert "main_loop_wait" not in names and "kvm_arch_vcpu_ioctl_run" not in names
+    assert "kvm_apic_accept_irq" not in names and names.count("virtqueue_pop") == 2
+    depth = {(c.name, c.dur is None): c.depth for c in chain}
+    assert depth[("sosendto", True)] == depth[("sosendto", False)] + 1
+    assert depth[("sosendto", False)] == depth[("net_slirp_receive", False)] + 1 == 2
+    assert {c.name for c in packet_context(trace, 7)} == {"main_loop_wait",
+                                                          "kvm_arch_vcpu_ioctl_run"}
