@@ -18,6 +18,15 @@ class ChannelClosed(Exception):
     """The peer is gone or the run is over."""
 
 
+def on_interrupt() -> None:
+    """Called when a signal interrupts a wait (EINTR), before the wait is retried.
+
+    posix_ipc runs the signal's Python handler itself and then raises SignalError in place
+    of whatever the handler raised; a process that stops on a signal rebinds this name to
+    a function that raises its stop exception again (common/process.py).
+    """
+
+
 class Channel:
     __slots__ = ("name", "mq", "_send", "_receive")
 
@@ -34,11 +43,19 @@ class Channel:
         return self.mq.mqd
 
     def send(self, record: list) -> None:
-        self._send(packb(record))
+        try:
+            self._send(packb(record))
+        except posix_ipc.SignalError:  # EINTR: see recv_raw
+            on_interrupt()
+            self.send(record)
 
     def send_raw(self, data: bytes, timeout: float | None = None) -> None:
         """Send a pre-encoded record (the hot paths pack their constant records once)."""
-        self._send(data, timeout)
+        try:
+            self._send(data, timeout)
+        except posix_ipc.SignalError:
+            on_interrupt()
+            self.send_raw(data, timeout)
 
     def recv(self, timeout: float | None = None) -> list | None:
         """The next record; None if ``timeout`` passes first."""
@@ -46,13 +63,24 @@ class Channel:
             data, _ = self._receive(timeout)
         except posix_ipc.BusyError:
             return None
+        except posix_ipc.SignalError:
+            on_interrupt()
+            return self.recv(timeout)
         return unpackb(data)
 
     def recv_raw(self, timeout: float | None = None) -> bytes | None:
+        """The next record, still encoded; None if ``timeout`` passes first.
+
+        A wait interrupted by a signal (EINTR) calls ``on_interrupt``, which may raise (the
+        process is stopping), and is otherwise retried.
+        """
         try:
             return self._receive(timeout)[0]
         except posix_ipc.BusyError:
             return None
+        except posix_ipc.SignalError:
+            on_interrupt()
+            return self.recv_raw(timeout)
 
     def drain(self) -> int:
         n = 0

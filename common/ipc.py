@@ -1,15 +1,31 @@
 """The IPC objects of one run: their names, creation, and removal (also of dead runs' leftovers).
 
-Every object's name starts with ``/vnr.<run id>.`` so that a run owns a namespace of its own;
-the run directory (``/tmp/vreplica-<uid>/<run id>``, mode 0700) holds its config and sockets.
+Every object's name starts with ``/vnr.<run id>.``, the run id being 16 random hex digits, so
+that a run owns a namespace of its own that another run (or user) cannot guess. The run
+directory (``/tmp/vreplica-<uid>/<run id>``, mode 0700 in a 0700 root the user owns) holds
+its config, reports and monitor sockets. Objects are mode 0600 whatever the umask.
+
+Liveness: a run is alive while its supervisor (pid and start time, in ``config.json`` and in
+the header of the run's ``inflight`` segment) is. The directory is published by renaming a
+complete one into place, and made before any object; the ``inflight`` segment is the first
+object made and the last unlinked. So ``cleanup_dead_runs`` can tell a dead run's leftovers
+from a live run at every step of its creation and removal, also when the live run's
+directory is under another ``VREPLICA_RUNS`` root that it cannot see.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 import secrets
 import shutil
+import stat
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +39,12 @@ from common.notifier import EventNotifier
 NAME_PREFIX = "vnr."
 SHM_DIR = Path("/dev/shm")
 MQUEUE_DIR = Path("/dev/mqueue")
+RID_BYTES = 8
+OBJECT_MODE = 0o600
+DIR_MODE = 0o700
+YOUNG_S = 5.0  # an object younger than this may belong to a run still being created
+RID_RE = re.compile(r"[0-9a-f]{8,32}")
+NEW_RUN_RE = re.compile(r"\.([0-9a-f]{8,32})\.new")
 
 # the message queues of a run: (attribute, who sends -> who receives)
 CHANNELS = {
@@ -34,6 +56,18 @@ CHANNELS = {
     "vm_rep": "KVM -> QEMU: VM ioctl results",
     "ctl": "any process -> supervisor: ready / done / error",
 }
+
+# The ``inflight`` segment: this header, then one region per virtqueue (see
+# qemuproc/vhost_user_inflight.py for a region's fields).
+RUN_HEADER = struct.Struct("<8sIId")  # magic, version, supervisor pid, supervisor start time
+RUN_HEADER_SIZE = 64
+RUN_MAGIC = b"vreplica"
+RUN_VERSION = 1
+
+
+def inflight_region_size(queue_size: int) -> int:
+    """Bytes of one virtqueue's inflight region: a 64-byte header and a byte per descriptor."""
+    return 64 + ((queue_size + 63) & ~63)
 
 
 def runs_root() -> Path:
@@ -62,6 +96,15 @@ class RunConfig:
     def ram(self) -> str:
         return self.prefix + "ram"
 
+    @property
+    def inflight(self) -> str:
+        """The run's header and the virtqueues' inflight regions (VHOST_USER_GET_INFLIGHT_FD)."""
+        return self.prefix + "inflight"
+
+    @property
+    def inflight_size(self) -> int:
+        return RUN_HEADER_SIZE + self.num_queues * inflight_region_size(self.queue_size)
+
     def channel(self, what: str) -> str:
         return self.prefix + what
 
@@ -83,9 +126,13 @@ class RunConfig:
             + [self.irqfd(n) for n in range(self.num_irqfds)]
         )
 
-    def save(self) -> Path:
-        path = Path(self.rundir) / "config.json"
-        path.write_text(json.dumps(asdict(self), indent=1))
+    def save(self, rundir: str | Path | None = None) -> Path:
+        path = Path(rundir or self.rundir) / "config.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OBJECT_MODE)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self), indent=1))
+        tmp.rename(path)
         return path
 
     @classmethod
@@ -93,29 +140,80 @@ class RunConfig:
         return cls(**json.loads((Path(rundir) / "config.json").read_text()))
 
 
+@contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def secure_root() -> Path:
+    """The runs' root: made 0700 if missing; refused if it is not a directory of this user's."""
+    root = runs_root()
+    with _umask(0o077):
+        root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if not root_is_ours(root):
+        raise PermissionError(f"{root} is not a directory owned by uid {os.getuid()}")
+    if stat.S_IMODE(os.lstat(root).st_mode) != DIR_MODE:
+        os.chmod(root, DIR_MODE)
+    return root
+
+
+def root_is_ours(root: Path) -> bool:
+    """A real directory (not a symlink) that this user owns."""
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
 def new_run(mem_size: int, queue_size: int, num_queues: int, num_irqfds: int,
             options: dict) -> RunConfig:
-    """Make the run directory and config (no IPC objects yet)."""
-    root = runs_root()
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    rid = secrets.token_hex(4)
+    """Make the run directory and config (no IPC objects yet).
+
+    The directory is filled under a hidden name and renamed into place, so a run directory
+    that anyone sees always has its config.
+    """
+    root = secure_root()
+    rid = secrets.token_hex(RID_BYTES)
     rundir = root / rid
-    rundir.mkdir(mode=0o700)
+    tmp = root / f".{rid}.new"
+    with _umask(0o077):
+        tmp.mkdir(mode=DIR_MODE)
+    os.chmod(tmp, DIR_MODE)
     me = psutil.Process()
     cfg = RunConfig(rid, str(rundir), me.pid, me.create_time(), mem_size, queue_size,
                     num_queues, num_irqfds, options)
-    cfg.save()
+    cfg.save(tmp)
+    tmp.rename(rundir)
     return cfg
 
 
 def create_objects(cfg: RunConfig) -> None:
-    """Create guest RAM, the channels and the notifiers, all mode 0600."""
-    GuestMemory(cfg.ram, cfg.mem_size, create=True).close()
-    for what in CHANNELS:
-        Channel(cfg.channel(what), create=True).close()
-    for name in cfg.semaphores():
-        EventNotifier(name, create=True).close()
+    """Create the inflight segment (with the run's header) first, then guest RAM, the channels
+    and the notifiers; all mode 0600."""
+    with _umask(0o077):
+        shm = posix_ipc.SharedMemory(cfg.inflight, posix_ipc.O_CREX, mode=OBJECT_MODE,
+                                     size=cfg.inflight_size)
+        try:
+            os.fchmod(shm.fd, OBJECT_MODE)
+            with mmap.mmap(shm.fd, shm.size) as m:
+                RUN_HEADER.pack_into(m, 0, RUN_MAGIC, RUN_VERSION, cfg.supervisor_pid,
+                                     cfg.supervisor_started)
+        finally:
+            shm.close_fd()
+        GuestMemory(cfg.ram, cfg.mem_size, create=True).close()
+        os.chmod(SHM_DIR / cfg.ram[1:], OBJECT_MODE)
+        for what in CHANNELS:
+            ch = Channel(cfg.channel(what), create=True)
+            os.fchmod(ch.fileno(), OBJECT_MODE)
+            ch.close()
+        for name in cfg.semaphores():
+            EventNotifier(name, create=True).close()
+            os.chmod(SHM_DIR / f"sem.{name[1:]}", OBJECT_MODE)
 
 
 def object_entries(rid: str) -> list[Path]:
@@ -128,17 +226,30 @@ def object_entries(rid: str) -> list[Path]:
 
 
 def unlink_objects(cfg: RunConfig) -> None:
-    """Unlink every object of the run; idempotent, safe from any process of the run."""
+    """Unlink every object of the run, the inflight segment last; idempotent, safe from any
+    process of the run."""
     GuestMemory.unlink(cfg.ram)
     for what in CHANNELS:
         Channel.unlink(cfg.channel(what))
     for name in cfg.semaphores():
         EventNotifier.unlink(name)
-    unlink_entries(cfg.rid)
+    unlink_entries(cfg.rid, keep_inflight=True)
+    _unlink_shm(cfg.inflight)
 
 
-def unlink_entries(rid: str) -> None:
+def _unlink_shm(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def unlink_entries(rid: str, keep_inflight: bool = False) -> None:
+    """Unlink what the file system shows of the run (whatever the config says), inflight last."""
+    inflight = f"{NAME_PREFIX}{rid}.inflight"
     for p in object_entries(rid):
+        if p.name == inflight:
+            continue
         name = "/" + p.name
         try:
             if p.parent == MQUEUE_DIR:
@@ -149,19 +260,44 @@ def unlink_entries(rid: str) -> None:
                 posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             pass
+    if not keep_inflight:
+        _unlink_shm("/" + inflight)
 
 
-def run_alive(cfg: RunConfig) -> bool:
+def process_alive(pid: int, started: float) -> bool:
+    """Is (pid, start time) a running process? A zombie is not: it has died, unreaped."""
     try:
-        proc = psutil.Process(cfg.supervisor_pid)
-        return abs(proc.create_time() - cfg.supervisor_started) < 0.01
+        proc = psutil.Process(pid)
+        return (abs(proc.create_time() - started) < 0.01
+                and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
 
+def run_alive(cfg: RunConfig) -> bool:
+    return process_alive(cfg.supervisor_pid, cfg.supervisor_started)
+
+
+def run_owner(rid: str) -> tuple[int, float] | None:
+    """(supervisor pid, start time) from the header of the run's inflight segment, if any."""
+    try:
+        shm = posix_ipc.SharedMemory(f"/{NAME_PREFIX}{rid}.inflight")
+    except (posix_ipc.Error, ValueError):
+        return None
+    try:
+        if shm.size < RUN_HEADER_SIZE:
+            return None
+        with mmap.mmap(shm.fd, RUN_HEADER_SIZE, prot=mmap.PROT_READ) as m:
+            magic, _, pid, started = RUN_HEADER.unpack_from(m, 0)
+    finally:
+        shm.close_fd()
+    return (pid, started) if magic == RUN_MAGIC else None
+
+
 def live_runs() -> list[RunConfig]:
     out = []
-    for d in sorted(runs_root().glob("*")):
+    root = runs_root()
+    for d in sorted(root.glob("*")) if root.is_dir() else []:  # glob skips the hidden ones
         try:
             cfg = RunConfig.load(d)
         except (OSError, ValueError, TypeError):
@@ -171,13 +307,33 @@ def live_runs() -> list[RunConfig]:
     return out
 
 
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_ctime
+    except OSError:
+        return 0.0
+
+
 def cleanup_dead_runs() -> list[str]:
-    """Remove the objects and directories of runs whose supervisor is dead; never a live run's."""
+    """Remove the objects and directories of runs whose supervisor is dead; never a live run's.
+
+    Only entries named as runs are looked at, and only in a root that is this user's own
+    directory. A run directory without a readable config counts as dead (a published one
+    always has one). Objects whose run directory is missing here are removed only if their
+    run's header names no live supervisor, and, when there is no header, once not young.
+    """
     removed = []
     root = runs_root()
-    known = set()
-    for d in sorted(root.glob("*")) if root.is_dir() else []:
-        known.add(d.name)
+    ours = root_is_ours(root)
+    for d in sorted(root.iterdir()) if ours else []:
+        if d.is_symlink() or not d.is_dir():
+            continue
+        if NEW_RUN_RE.fullmatch(d.name):  # being published, or its maker died doing so
+            if _age_s(d) > YOUNG_S * 12:
+                shutil.rmtree(d, ignore_errors=True)
+            continue
+        if not RID_RE.fullmatch(d.name):
+            continue
         try:
             cfg = RunConfig.load(d)
         except (OSError, ValueError, TypeError):
@@ -190,19 +346,30 @@ def cleanup_dead_runs() -> list[str]:
             unlink_entries(d.name)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
-    # objects whose run directory is gone (a run makes its directory before any object)
-    orphans = {p.name.removeprefix("sem.").split(".")[1] for p in _all_entries()}
-    for rid in orphans - known:
+    for rid, entries in sorted(_entries_by_run().items()):
+        if ours and (root / rid).exists():  # its run (alive or just made) has its directory
+            continue
+        owner = run_owner(rid)
+        if owner is not None and process_alive(*owner):
+            continue
+        if owner is None and min(_age_s(p) for p in entries) < YOUNG_S:
+            continue
         unlink_entries(rid)
-        removed.append(rid)
+        if rid not in removed:
+            removed.append(rid)
     return removed
 
 
-def _all_entries() -> list[Path]:
+def _entries_by_run() -> dict[str, list[Path]]:
     found = [p for p in SHM_DIR.glob("*") if p.name.startswith((NAME_PREFIX, "sem." + NAME_PREFIX))]
     if MQUEUE_DIR.is_dir():
-        found += [p for p in MQUEUE_DIR.glob(NAME_PREFIX + "*")]
-    return found
+        found += list(MQUEUE_DIR.glob(NAME_PREFIX + "*"))
+    out: dict[str, list[Path]] = {}
+    for p in found:
+        parts = p.name.removeprefix("sem.").split(".")
+        if len(parts) > 2:
+            out.setdefault(parts[1], []).append(p)
+    return out
 
 
 def remove_run(cfg: RunConfig) -> None:

@@ -111,3 +111,19 @@ def exit_io(direction: int, size: int, port: int, count: int, data: int) -> list
 def exit_mmio(phys_addr: int, length: int, is_write: bool, data: int) -> list:
     """[KVM_EXIT_MMIO, phys_addr, len, is_write, data]"""
     return [KVM_EXIT_MMIO, phys_addr, length, int(is_write), data]
+
+
+# -- a QEMU restarted on a running VM (qemuproc/cpr.py) ------------------------------------------
+
+KVM_RUN_MMAP = "KVM_RUN_MMAP"
+"""vCPU channel: [KVM_RUN_MMAP, token] -> [KVM_RUN_MMAP, last exit or None, token].
+
+Stands for the new QEMU's mmap() of the vCPU fd: kvm_run still holds the exit that KVM_RUN
+last returned, which the next KVM_RUN completes. Served in order with KVM_RUN, so every exit
+sent before the reply belongs to the dead QEMU's KVM_RUN, and the reply says which exit is
+still to be handled; the token tells this QEMU's reply from one that a QEMU which died while
+recovering never read."""
+
+VM_CHANNEL_SYNC = "VM_CHANNEL_SYNC"
+"""VM channel: [VM_CHANNEL_SYNC, token] -> [0, token]. No KVM counterpart (an ioctl cannot
+outlive its caller): it lets a new QEMU skip the replies to a dead QEMU's last VM ioctls."""

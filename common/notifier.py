@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import posix_ipc
 
+from common import channel
+
 WAITER_TICK_S = 0.25
 
 
@@ -34,6 +36,9 @@ class EventNotifier:
             self._acquire(timeout)
         except posix_ipc.BusyError:
             return False
+        except posix_ipc.SignalError:  # EINTR: as in Channel.recv_raw
+            channel.on_interrupt()
+            return self.wait(timeout)
         return True
 
     def test_and_clear(self) -> bool:

@@ -5,6 +5,7 @@ Usage: python -m guestproc RUNDIR
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 
@@ -14,10 +15,12 @@ from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
 from common.process import ProcessRuntime, Stop
 from guestproc.cpu import GuestShutdown, VCpu
+from guestproc.faults import FaultInjector
 from guestproc.kernel import Kernel
 from guestproc.mm import PageAllocator
+from guestproc.monitor import GuestMonitor
 from guestproc.netstack import GuestStack
-from guestproc.programs import PROGRAMS
+from guestproc.programs import FAULT_REQUESTS, PROGRAMS
 from guestproc.virtio_net import virtio_net_driver, virtnet_open
 from guestproc.virtio_pci_legacy import virtio_pci_probe
 
@@ -25,12 +28,13 @@ SLIRP_GATEWAY_MAC = bytes.fromhex("52550a000202")
 TX_DRAIN_TIMEOUT_S = 10.0
 
 
-def boot(rt: ProcessRuntime) -> dict:
+def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
     cfg = rt.cfg
     opts = cfg.options
     mem = GuestMemory(cfg.ram)
     cpu = VCpu(Channel(cfg.channel("guest_exit")), Channel(cfg.channel("guest_entry")),
                EventNotifier(cfg.kick))
+    mon.attach_cpu(cpu, mem.ram)
     # the vCPU starts running when QEMU first calls KVM_RUN: wait for that first VM entry
     first = cpu._recv(None)
     if first is None or kvm_abi.unpackb(first)[0] is None:
@@ -43,9 +47,14 @@ def boot(rt: ProcessRuntime) -> dict:
     stack = GuestStack(kernel, mem.ram, vi.dev, vi.skb_pool, static_neigh=neigh)
     vi.rx_handler = stack.netif_receive_skb
     virtnet_open(vi.dev)
+    fault = FaultInjector(vi, opts["guest_fault"]) if opts.get("guest_fault") else None
+    mon.attach(kernel, vdev, stack)
     result = PROGRAMS[opts["mode"]](kernel, stack, opts,
                                     lambda line: rt.tell("console", line=line))
-    drained = kernel.wait_event(lambda: all(q.vq.num_free == q.vq.num for q in vi.sq),
+    mon.run_requests()
+    # done when the device has used every frame, those still waiting for ARP included
+    drained = kernel.wait_event(lambda: not stack.arp_queue
+                                and all(q.vq.num_free == q.vq.num for q in vi.sq),
                                 TX_DRAIN_TIMEOUT_S)
     if not drained:
         vi.dev.stats["tx_timeouts"] = 1
@@ -58,31 +67,42 @@ def boot(rt: ProcessRuntime) -> dict:
         "netdev": vi.dev.stats,
         "stack": stack.counters,
         "queue_pairs": vi.curr_queue_pairs,
-        "sq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.sq],
+        "sq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts,
+                    indirect=q.vq.indirect_adds) for q in vi.sq],
         "rq": [dict(q.stats, num_free=q.vq.num_free, interrupts=q.vq.interrupts) for q in vi.rq],
         "irqs": kernel.irq_count,
         "isr_reads": vdev.isr_reads,
         "vm_exits": cpu.exits,
         "tx_drained": drained,
+        "resets": vi.resets,
     }
+    if vi.reset_error:
+        report["reset_error"] = vi.reset_error
+    if fault is not None:
+        report["fault"] = fault.describe()
+    if opts.get("hold"):
+        mon.hold(report)  # until the host destroys the VM
     cpu.triple_fault()  # power off: KVM reports KVM_EXIT_SHUTDOWN to QEMU
     return report
 
 
 def main() -> int:
     rt = ProcessRuntime("guest", sys.argv[1])
+    signal.signal(signal.SIGUSR1, lambda signum, frame: FAULT_REQUESTS.append(signum))
+    mon = GuestMonitor(rt)
     code = 0
     try:
-        report = boot(rt)
+        report = boot(rt, mon)
         rt.report(report)
         rt.tell("done")
-    except (Stop, GuestShutdown):
-        code = 0 if rt.stopping else 1
+    except (Stop, GuestShutdown):  # SIGTERM, or the host destroyed the VM (quit)
+        code = 0
     except Exception as e:  # a guest kernel oops: say what and where, then stop
         rt.fail(f"guest kernel panic: {type(e).__name__}: {e}")
         traceback.print_exc()
         code = 1
     finally:
+        mon.close()
         rt.finish()
     return code
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from common import kvm_abi
 from common.channel import Channel
+from common.monitor import Gate
 from common.notifier import EventNotifier
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -38,10 +39,13 @@ class VCpu:
         self.need_resched = False
         self._in_irq = False
         self._io_cache: dict[tuple[int, int, int], bytes] = {}
+        self.gate = Gate("vCPU 0")
 
     # -- trapping instructions -----------------------------------------------------------------
 
     def _vmexit(self, record: bytes) -> int:
+        if self.gate.armed:
+            self.gate.wait()
         self.exits += 1
         self._send(record)
         entry = self._recv(None)
@@ -96,6 +100,8 @@ class VCpu:
 
     def triple_fault(self) -> None:
         """The guest's way to shut the machine down: KVM reports KVM_EXIT_SHUTDOWN."""
+        if self.gate.armed:
+            self.gate.wait()
         self.exits += 1
         self._send(kvm_abi.VMEXIT_TRIPLE_FAULT)
 

@@ -39,7 +39,7 @@ from common.inet import (
 )
 from common.trace import trace_event, traced
 from guestproc.kernel import Kernel
-from guestproc.mm import SkBuff, SkbPool
+from guestproc.mm import SkbPool, SkBuff
 
 NETDEV_TX_OK = 0
 NETDEV_TX_BUSY = 0x10
@@ -49,6 +49,8 @@ UDP_SOCK_RCVQ_MAX = 4096
 trace_net_dev_xmit = trace_event("net_dev_xmit")
 trace_netif_receive_skb = trace_event("netif_receive_skb")
 trace_udp_sendmsg = trace_event("udp_sendmsg")
+trace_udp_rcv = trace_event("udp_rcv")
+trace_recvfrom = trace_event("recvfrom")
 
 
 class NetDevice:
@@ -125,7 +127,10 @@ class UdpSocket:
         """The next datagram, its source and its arrival time (ns); None on timeout."""
         if not self.rcvq:
             self.stack.kernel.wait_event(lambda: bool(self.rcvq), timeout_s)
-        return self.rcvq.popleft() if self.rcvq else None
+        r = self.rcvq.popleft() if self.rcvq else None
+        if trace_recvfrom.on and r is not None:
+            trace_recvfrom(port=self.port, len=len(r[0]), seq=int.from_bytes(r[0][:8], "big"))
+        return r
 
 
 class GuestStack:
@@ -146,6 +151,7 @@ class GuestStack:
         self.next_ephemeral = 32768
         self.ip_id = 0
         self.ping_replies: deque[tuple[int, int]] = deque()
+        self._ip_cache: dict[str, bytes] = {}
         self.counters = {"arp_requests_sent": 0, "arp_replies_rcvd": 0, "arp_requests_rcvd": 0,
                          "udp_no_port": 0, "csum_errors": 0, "icmp_echo_replies": 0}
         # IPv4 header fields that never change for this host: their checksum share, once
@@ -189,7 +195,9 @@ class GuestStack:
         n = len(payload)
         if n > UDP_MAX_PAYLOAD:
             raise OSError(90, f"message too long ({n} > {UDP_MAX_PAYLOAD})")
-        daddr = ip_aton(addr[0])
+        daddr = self._ip_cache.get(addr[0])
+        if daddr is None:
+            daddr = self._ip_cache[addr[0]] = ip_aton(addr[0])
         dport = addr[1]
         skb = self.alloc_skb_wait()
         off = skb.data
@@ -261,6 +269,7 @@ class GuestStack:
 
     # -- input ----------------------------------------------------------------------------------
 
+    @traced
     def netif_receive_skb(self, frame: memoryview) -> None:
         """A frame the driver received; it is copied out before the buffer is reused."""
         if trace_netif_receive_skb.on:
@@ -274,6 +283,7 @@ class GuestStack:
         elif proto == ETH_P_IP:
             self.ip_rcv(frame[ETH_HLEN:])
 
+    @traced
     def ip_rcv(self, pkt: memoryview) -> None:
         if len(pkt) < IP_HLEN:
             self.dev.stats["rx_errors"] += 1
@@ -291,6 +301,7 @@ class GuestStack:
         elif proto == IPPROTO_ICMP:
             self.icmp_rcv(saddr, body)
 
+    @traced
     def udp_rcv(self, saddr: bytes, daddr: bytes, seg: memoryview) -> None:
         sport, dport, length, check = UDP.unpack_from(seg, 0)
         if check and csum_partial(seg[:length],
@@ -304,6 +315,9 @@ class GuestStack:
         if len(sock.rcvq) >= UDP_SOCK_RCVQ_MAX:
             sock.drops += 1
             return
+        if trace_udp_rcv.on:
+            trace_udp_rcv(sport=sport, dport=dport, len=length - UDP_HLEN,
+                          seq=int.from_bytes(seg[UDP_HLEN:UDP_HLEN + 8], "big"))
         sock.rcvq.append((bytes(seg[UDP_HLEN:length]),
                           (".".join(map(str, saddr)), sport), self.kernel.now_ns()))
 

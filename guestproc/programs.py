@@ -16,10 +16,14 @@ GATEWAY = "10.0.2.2"
 Console = Callable[[str], None]
 
 
+PATTERN = bytes(range(256)) * 7  # long enough for any filler from any starting byte
+
+
 def payload(seq: int, size: int) -> bytes:
-    """Each datagram: its 8-byte big-endian sequence number, then a filler byte pattern."""
-    fill = bytes((seq + i) & 0xFF for i in range(max(0, size - SEQ_BYTES)))
-    return seq.to_bytes(SEQ_BYTES, "big") + fill
+    """Each datagram: its 8-byte big-endian sequence number, then the bytes seq, seq+1, ...
+    (mod 256) as filler; made when it is sent, so memory stays flat however many are sent."""
+    start = seq & 0xFF
+    return seq.to_bytes(SEQ_BYTES, "big") + PATTERN[start : start + max(0, size - SEQ_BYTES)]
 
 
 def percentile(sorted_values: list[float], p: float) -> float | None:
@@ -41,13 +45,12 @@ def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     batch = max(1, opts.get("batch", 1))
     sock = stack.socket()
     dst = (GATEWAY, port)
-    payloads = [payload(i, size) for i in range(n)]  # made before the clock starts
     t0 = kernel.now_ns()
     for seq in range(n):
-        sock.sendto(payloads[seq], dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
+        sock.sendto(payload(seq, size), dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
         if pace:
             kernel.msleep(pace)
-    return {"sent": n, "send_ns": kernel.now_ns() - t0, "sport": sock.port}
+    return {"sent": n, "send_ns": kernel.now_ns() - t0, "t0_ns": t0, "sport": sock.port}
 
 
 def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
@@ -61,7 +64,6 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     sock = stack.socket()
     sock.bind(0)
     dst = (GATEWAY, port)
-    payloads = [payload(i, size) for i in range(n)]
     sent_at = [0] * n
     got = [False] * n
     rtts: list[float] = []
@@ -72,7 +74,7 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     while (next_seq < n or outstanding) and kernel.now_ns() < deadline:
         while next_seq < n and outstanding < window:
             sent_at[next_seq] = kernel.now_ns()
-            sock.sendto(payloads[next_seq], dst)
+            sock.sendto(payload(next_seq, size), dst)
             next_seq += 1
             outstanding += 1
         r = sock.recvfrom(max(0.0, (deadline - kernel.now_ns()) / 1e9))
@@ -80,7 +82,7 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             break
         data, _, arrived = r
         seq = int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1
-        if not 0 <= seq < next_seq or data != payloads[seq]:
+        if not 0 <= seq < next_seq or data != payload(seq, size):
             bad += 1
             continue
         if got[seq]:
@@ -163,6 +165,11 @@ def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
     return lo + x % (hi - lo + 1)
 
 
+FAULT_REQUESTS: list[int] = []
+"""Ring faults asked for from outside (SIGUSR1, the stress run's ring-fault chaos)."""
+CHAOS_FAULT_KINDS = ("loop", "head", "next", "zero-len", "oob-addr")
+
+
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
            console: Console) -> dict[str, Any]:
     """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
@@ -219,7 +226,14 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
                         outstanding.discard(seq)
 
     progress_at, progress_replies = t0, 0
+    faulted: list[int] = []
     while sent < n and kernel.now_ns() < end:
+        if FAULT_REQUESTS:  # the next frame carries a ring fault; the guest then resets
+            from guestproc.faults import FaultInjector
+
+            FAULT_REQUESTS.clear()
+            FaultInjector(stack.dev.priv, CHAOS_FAULT_KINDS[len(faulted) % 5], after=0)
+            faulted.append(sent)
         if echo and len(outstanding) >= window:
             drain(0.1)
             now = kernel.now_ns()
@@ -253,7 +267,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
     return {"sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
             "inbound": inbound_count, "unanswered": len(outstanding) + len(gave_up),
-            "late_replies": late,
+            "late_replies": late, "faulted_seqs": faulted,
             "unanswered_seqs": [i for i, v in enumerate(got) if not v][:200_000],
             "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
 

@@ -18,19 +18,24 @@ from typing import Any
 from common.inet import ETH_DATA_LEN, ETH_HLEN
 from common.trace import trace_event, traced
 from common.virtio_abi import (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_HDR,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_OK,
-    VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_MRG_RXBUF,
+    VIRTIO_NET_OK,
     VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
     virtio_net_hdr_len,
 )
 from guestproc.kernel import (
@@ -40,23 +45,30 @@ from guestproc.kernel import (
     napi_complete_done,
     napi_schedule_prep,
 )
-from guestproc.mm import PageAllocator, SkBuff, SkbPool
+from guestproc.mm import PageAllocator, SkbPool, SkBuff
 from guestproc.netstack import (
     NETDEV_TX_OK,
     NetDevice,
     netdev_xmit_more,
-    netif_start_subqueue,
     netif_stop_subqueue,
     netif_tx_queue_stopped,
     netif_wake_subqueue,
 )
-from guestproc.virtio import VirtioDriver, virtio_cread_bytes, virtio_device_ready, \
-    virtio_has_feature
+from guestproc.virtio import (
+    VirtioDriver,
+    VirtioFeaturesError,
+    virtio_add_status,
+    virtio_cread_bytes,
+    virtio_device_ready,
+    virtio_features_ok,
+    virtio_has_feature,
+)
 from guestproc.virtio_ring import (
     Virtqueue,
     virtqueue_add_inbuf,
-    virtqueue_add_split,
     virtqueue_add_outbuf,
+    virtqueue_add_split,
+    virtqueue_detach_unused_buf,
     virtqueue_disable_cb,
     virtqueue_enable_cb_delayed,
     virtqueue_enable_cb_prepare,
@@ -71,6 +83,7 @@ VLAN_HLEN = 4
 GOOD_PACKET_LEN = ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
 RX_BUF_SIZE = 2048
 MERGEABLE_BUF_LEN = 512
+VIRTNET_RESET_TRIES = 3
 """Linux sizes mergeable buffers from the average packet length, never below a full frame,
 so on a 1500-byte MTU they never merge; this replica posts 512-byte buffers so that a large
 frame really spans several and num_buffers is exercised."""
@@ -129,6 +142,9 @@ class VirtnetInfo:
         self.any_header_sg = False
         self.rx_handler: Callable[[memoryview], None] = lambda frame: None
         self.zero_hdr = b""
+        self.resets = 0
+        self.resetting = False
+        self.reset_error = ""
 
 
 def txq2vq(txq: int) -> int:
@@ -388,6 +404,124 @@ def virtnet_poll(napi: Napi, budget: int) -> int:
     return received
 
 
+# -- reset: the device asked for one (NEEDS_RESET) ----------------------------------------------
+
+
+def napi_disable(napi: Napi) -> None:
+    """net/core/dev.c: off the poll list, and held scheduled so nothing can schedule it."""
+    napi.sched = True
+    if napi in napi.poll_list:
+        napi.poll_list.remove(napi)
+
+
+def napi_enable(napi: Napi) -> None:
+    napi.sched = False
+
+
+def netif_device_detach(dev: NetDevice) -> None:
+    for q in range(len(dev.tx_stopped)):
+        netif_stop_subqueue(dev, q)
+
+
+def netif_device_attach(dev: NetDevice) -> None:
+    for q in range(len(dev.tx_stopped)):
+        netif_wake_subqueue(dev, q)
+
+
+def virtnet_freeze_down(vdev: Any) -> None:
+    """Stop the stack from transmitting and NAPI from polling the queues about to go."""
+    vi: VirtnetInfo = vdev.priv
+    netif_device_detach(vi.dev)
+    for rq in vi.rq:
+        napi_disable(rq.napi)
+    for sq in vi.sq:
+        napi_disable(sq.napi)
+
+
+def free_unused_bufs(vi: VirtnetInfo) -> None:
+    """Buffers the device never used go back to their pools (in-flight TX skbs included)."""
+    for sq in vi.sq:
+        while (skb := virtqueue_detach_unused_buf(sq.vq)) is not None:
+            vi.skb_pool.kfree_skb(skb)
+    for rq in vi.rq:
+        while (buf := virtqueue_detach_unused_buf(rq.vq)) is not None:
+            rq.pool.kfree_skb(buf)
+    if vi.cvq is not None:
+        while virtqueue_detach_unused_buf(vi.cvq) is not None:
+            pass
+
+
+def virtnet_del_vqs(vi: VirtnetInfo) -> None:
+    vi.vdev.config.del_vqs(vi.vdev)
+
+
+def remove_vq_common(vi: VirtnetInfo) -> None:
+    """Reset the device first (it stops touching the rings), then take the rings down."""
+    vi.vdev.config.reset(vi.vdev)
+    free_unused_bufs(vi)
+    virtnet_del_vqs(vi)
+
+
+def virtnet_restore_up(vdev: Any) -> None:
+    """New rings on the same queues, DRIVER_OK, RX buffers posted, NAPI and TX running."""
+    vi: VirtnetInfo = vdev.priv
+    virtnet_find_vqs(vi)
+    virtio_device_ready(vdev)
+    for rq in vi.rq:
+        napi_enable(rq.napi)
+        try_fill_recv(vi, rq)
+        virtnet_napi_enable(rq.vq, rq.napi)
+    for sq in vi.sq:
+        napi_enable(sq.napi)
+    netif_device_attach(vi.dev)
+
+
+@traced
+def virtnet_reset(vi: VirtnetInfo) -> bool:
+    """Linux's virtnet_reset (freeze, reset, the handshake again, restore): the driver
+    rebuilds the device's state from nothing; the program above it carries on."""
+    vdev = vi.vdev
+    vi.resets += 1
+    virtnet_freeze_down(vdev)
+    remove_vq_common(vi)
+    try:
+        virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
+        virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER)
+        vdev.config.finalize_features(vdev)
+        virtio_features_ok(vdev)
+        virtnet_restore_up(vdev)
+        virtnet_set_queues(vi, vi.curr_queue_pairs)
+    except (OSError, VirtioFeaturesError) as e:
+        vi.reset_error = f"{type(e).__name__}: {e}"
+        virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED)
+        return False
+    return True
+
+
+def virtnet_config_changed_work(vi: VirtnetInfo) -> None:
+    """Read the device status; NEEDS_RESET (the device found the rings broken) -> reset."""
+    if vi.resetting:
+        return
+    vi.resetting = True
+    try:
+        for _ in range(VIRTNET_RESET_TRIES):
+            if not vi.vdev.config.get_status(vi.vdev) & VIRTIO_CONFIG_S_NEEDS_RESET:
+                break
+            if not virtnet_reset(vi):
+                break
+    finally:
+        vi.resetting = False
+
+
+def virtnet_config_changed(vdev: Any) -> None:
+    """The driver's .config_changed. Linux defers to config_work; this kernel has no
+    workqueues, so the work runs at once, in the config interrupt (no other interrupt
+    nests in it, and the driver's paths the interrupt can land in hold no ring state)."""
+    vi: VirtnetInfo | None = vdev.priv
+    if vi is not None:
+        virtnet_config_changed_work(vi)
+
+
 # -- probe ---------------------------------------------------------------------------------------
 
 
@@ -509,6 +643,7 @@ virtio_net_driver = VirtioDriver(
     name="virtio_net",
     feature_table=[VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
                    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
-                   VIRTIO_F_ANY_LAYOUT],
+                   VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,
 )
+virtio_net_driver.config_changed = virtnet_config_changed  # type: ignore[attr-defined]

@@ -25,12 +25,13 @@ from common.virtio_abi import (
     VIRTIO_PCI_STATUS,
     VIRTIO_PCI_VRING_ALIGN,
     VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
     virtio_pci_config_off,
 )
 from common.vring import vring_size
 from guestproc.cpu import VCpu
 from guestproc.kernel import IRQ_HANDLED, IRQ_NONE, ISA_IRQ_VECTOR_BASE, Kernel
-from guestproc.mm import PageAllocator
+from guestproc.mm import OutOfMemory, PageAllocator
 from guestproc.pci import PciDev, pci_get_device
 from guestproc.virtio import (
     VirtioConfigOps,
@@ -38,7 +39,12 @@ from guestproc.virtio import (
     register_virtio_device,
     vring_transport_features,
 )
-from guestproc.virtio_ring import Virtqueue, vring_create_virtqueue, vring_interrupt
+from guestproc.virtio_ring import (
+    Virtqueue,
+    vring_create_virtqueue,
+    vring_indirect_size,
+    vring_interrupt,
+)
 
 VP_MSIX_CONFIG_VECTOR = 0
 VP_MSIX_VQ_VECTOR = 1
@@ -73,6 +79,10 @@ class VirtioPciDevice:
         self.idt_vectors: list[int] = []
         self.isr_reads = 0
         self.config_changes = 0
+        self.driver: VirtioDriver | None = None
+        # queue index -> (num, ring, indirect tables), kept across resets: the bump
+        # allocator cannot free what vring_del_virtqueue would
+        self.vring_pages: dict[int, tuple[int, int, int]] = {}
 
 
 # -- virtio_config_ops ---------------------------------------------------------------------------
@@ -137,7 +147,11 @@ def vp_notify(vq: Virtqueue) -> bool:
 
 
 def vp_config_changed(irq: int, vdev: VirtioPciDevice) -> int:
+    """The config interrupt: virtio_config_changed -> the driver's config_changed."""
     vdev.config_changes += 1
+    config_changed = getattr(vdev.driver, "config_changed", None)
+    if config_changed is not None:
+        config_changed(vdev)
     return IRQ_HANDLED
 
 
@@ -187,6 +201,24 @@ def vp_request_msix_vectors(vdev: VirtioPciDevice, nvectors: int, per_vq_vectors
         vdev.msix_used_vectors += 1
 
 
+def vp_vring_pages(vdev: VirtioPciDevice, index: int, num: int) -> tuple[int, int]:
+    """Guest RAM for queue ``index``'s ring and, with VIRTIO_RING_F_INDIRECT_DESC, its heads'
+    indirect tables (0 if there is no room for them: the ring then goes without)."""
+    kept = vdev.vring_pages.get(index)
+    want_indirect = bool(vdev.features & (1 << VIRTIO_RING_F_INDIRECT_DESC))
+    if kept is not None and kept[0] == num and (kept[2] or not want_indirect):
+        return kept[1], kept[2] if want_indirect else 0
+    base = vdev.pages.alloc(vring_size(num, VIRTIO_PCI_VRING_ALIGN), VIRTIO_PCI_VRING_ALIGN)
+    indirect = 0
+    if want_indirect:
+        try:
+            indirect = vdev.pages.alloc(vring_indirect_size(num), 16)
+        except OutOfMemory:
+            pass
+    vdev.vring_pages[index] = (num, base, indirect)
+    return base, indirect
+
+
 @traced
 def setup_vq(vdev: VirtioPciDevice, index: int, callback: Callable[[Virtqueue], None] | None,
              name: str, msix_vec: int) -> Virtqueue:
@@ -195,9 +227,10 @@ def setup_vq(vdev: VirtioPciDevice, index: int, callback: Callable[[Virtqueue], 
     num = cpu.inw(io + VIRTIO_PCI_QUEUE_NUM)
     if not num or cpu.inl(io + VIRTIO_PCI_QUEUE_PFN):
         raise OSError(2, f"queue {index} not available")
-    base = vdev.pages.alloc(vring_size(num, VIRTIO_PCI_VRING_ALIGN), VIRTIO_PCI_VRING_ALIGN)
+    base, indirect = vp_vring_pages(vdev, index, num)
     vq = vring_create_virtqueue(index, num, base, vdev.ram, vdev, vp_notify, callback, name,
-                                bool(vdev.features & (1 << VIRTIO_RING_F_EVENT_IDX)))
+                                bool(vdev.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
+                                indirect_base=indirect)
     cpu.outl(base >> VIRTIO_PCI_QUEUE_ADDR_SHIFT, io + VIRTIO_PCI_QUEUE_PFN)
     vq.priv = io + VIRTIO_PCI_QUEUE_NOTIFY
     if msix_vec != VIRTIO_MSI_NO_VECTOR:
@@ -312,5 +345,6 @@ def virtio_pci_probe(cpu: VCpu, kernel: Kernel, ram: memoryview, pages: PageAllo
     pci_dev.pci_enable_device()
     pci_dev.pci_set_master()
     vdev = VirtioPciDevice(pci_dev, kernel, ram, pages)
+    vdev.driver = driver
     register_virtio_device(vdev, driver)
     return vdev

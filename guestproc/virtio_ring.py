@@ -3,6 +3,11 @@
 The driver owns the descriptor table and the avail ring and reads the used ring, all in
 guest RAM (the views of ``common.vring``). Free descriptors are chained through a private
 ``desc_extra`` list, as in Linux 6.x, so the device can never corrupt the free list.
+
+With VIRTIO_RING_F_INDIRECT_DESC a chain of several buffers takes one ring descriptor that
+points to a table of its own (``virtqueue_use_indirect``). Linux kmallocs each table; here
+every head owns a preallocated table of ``VRING_INDIRECT_MAX`` entries in guest RAM, so the
+hot path allocates nothing and a table is free again exactly when its head is.
 """
 
 from __future__ import annotations
@@ -14,14 +19,20 @@ from common.trace import trace_event, traced
 from common.vring import (
     DESC,
     VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    VRING_DESC_SIZE,
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
     VringViews,
     vring_need_event,
 )
 from guestproc.kernel import IRQ_HANDLED, IRQ_NONE
+
+VRING_INDIRECT_MAX = 16
+"""Entries of each head's indirect table; a longer chain falls back to direct descriptors."""
+INDIRECT_STRIDE = VRING_INDIRECT_MAX * VRING_DESC_SIZE
 
 trace_virtqueue_add = trace_event("virtqueue_add_split")
 trace_vring_interrupt = trace_event("vring_interrupt")
@@ -42,11 +53,12 @@ class Virtqueue:
         "free_head", "num_free", "num_added", "last_used_idx", "avail_idx_shadow",
         "avail_flags_shadow", "desc_state", "desc_extra_next", "desc_extra_flags",
         "event", "event_triggered", "broken", "weak_barriers", "kicks", "interrupts",
+        "indir", "indir_base", "indir_max", "indirect_adds",
     )
 
     def __init__(self, index: int, layout: VringLayout, ram: memoryview, vdev: Any,
                  notify: Callable[[Virtqueue], bool], callback: Callable[[Virtqueue], None] | None,
-                 name: str, event: bool) -> None:
+                 name: str, event: bool, indirect_base: int = 0) -> None:
         num = layout.num
         self.index = index
         self.name = name
@@ -77,6 +89,11 @@ class Virtqueue:
         self.weak_barriers = True
         self.kicks = 0
         self.interrupts = 0
+        self.indir_base = indirect_base  # head h's table is at indir_base + h * INDIRECT_STRIDE
+        self.indir_max = VRING_INDIRECT_MAX if indirect_base else 0
+        self.indir = ram[indirect_base : indirect_base + num * INDIRECT_STRIDE] \
+            if indirect_base else ram[0:0]
+        self.indirect_adds = 0
         ram[layout.base : layout.end] = bytes(layout.size)
         if not callback:
             self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
@@ -84,41 +101,72 @@ class Virtqueue:
                 self.avail[0] = self.avail_flags_shadow
 
 
+def vring_indirect_size(num: int) -> int:
+    """Bytes of guest RAM the indirect tables of a ring of ``num`` heads take."""
+    return num * INDIRECT_STRIDE
+
+
 def vring_create_virtqueue(index: int, num: int, base: int, ram: memoryview, vdev: Any,
                            notify: Callable[[Virtqueue], bool],
                            callback: Callable[[Virtqueue], None] | None, name: str,
-                           event: bool, align: int = 4096) -> Virtqueue:
-    return Virtqueue(index, VringLayout(num, base, align), ram, vdev, notify, callback, name, event)
+                           event: bool, align: int = 4096, indirect_base: int = 0) -> Virtqueue:
+    """``indirect_base``: where the heads' indirect tables lie (0: no indirect descriptors)."""
+    return Virtqueue(index, VringLayout(num, base, align), ram, vdev, notify, callback, name,
+                     event, indirect_base)
 
 
 @traced
 def virtqueue_add_split(vq: Virtqueue, out_sgs: list[tuple[int, int]],
                         in_sgs: list[tuple[int, int]], data: Any) -> int:
-    """Chain the buffers into free descriptors and publish the head in the avail ring."""
+    """Chain the buffers into free descriptors and publish the head in the avail ring.
+
+    Several buffers with indirect descriptors negotiated go into the head's own table, and
+    the ring gives them one descriptor (virtqueue_use_indirect: indirect, total_sg > 1,
+    num_free)."""
     total = len(out_sgs) + len(in_sgs)
     if vq.broken:
         return -5  # -EIO
-    if vq.num_free < total:
-        return -28  # -ENOSPC
     head = i = vq.free_head
     nxt = vq.desc_extra_next
     fl = vq.desc_extra_flags
-    desc = vq.desc
-    n = 0
-    for addr, length in out_sgs:
-        n += 1
-        f = VRING_DESC_F_NEXT if n < total else 0
-        fl[i] = f
-        DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
-        i = nxt[i]
-    for addr, length in in_sgs:
-        n += 1
-        f = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0)
-        fl[i] = f
-        DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
-        i = nxt[i]
-    vq.num_free -= total
-    vq.free_head = i
+    if 1 < total <= vq.indir_max and vq.num_free:
+        table = vq.indir
+        off = head * INDIRECT_STRIDE
+        n = 0
+        for addr, length in out_sgs:
+            n += 1
+            DESC.pack_into(table, off, addr, length, VRING_DESC_F_NEXT if n < total else 0, n)
+            off += VRING_DESC_SIZE
+        for addr, length in in_sgs:
+            n += 1
+            DESC.pack_into(table, off, addr, length,
+                           VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0), n)
+            off += VRING_DESC_SIZE
+        fl[head] = VRING_DESC_F_INDIRECT
+        DESC.pack_into(vq.desc, head << 4, vq.indir_base + head * INDIRECT_STRIDE, total << 4,
+                       VRING_DESC_F_INDIRECT, nxt[head])
+        vq.num_free -= 1
+        vq.free_head = nxt[head]
+        vq.indirect_adds += 1
+    else:
+        if vq.num_free < total:
+            return -28  # -ENOSPC
+        desc = vq.desc
+        n = 0
+        for addr, length in out_sgs:
+            n += 1
+            f = VRING_DESC_F_NEXT if n < total else 0
+            fl[i] = f
+            DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
+            i = nxt[i]
+        for addr, length in in_sgs:
+            n += 1
+            f = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0)
+            fl[i] = f
+            DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
+            i = nxt[i]
+        vq.num_free -= total
+        vq.free_head = i
     vq.desc_state[head] = data
     shadow = vq.avail_idx_shadow
     vq.avail[2 + (shadow & (vq.num - 1))] = head
@@ -182,6 +230,7 @@ def more_used(vq: Virtqueue) -> bool:
 
 
 def detach_buf_split(vq: Virtqueue, head: int) -> None:
+    """Give the chain's descriptors back (an indirect head is one, its table freed with it)."""
     vq.desc_state[head] = None
     nxt = vq.desc_extra_next
     fl = vq.desc_extra_flags

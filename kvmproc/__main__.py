@@ -6,11 +6,14 @@ import sys
 import threading
 import traceback
 
+import posix_ipc
+
 from common.channel import Channel
 from common.kvm_abi import packb
 from common.process import ProcessRuntime, Stop
 from common.trace import register_thread
 from kvmproc.kvm_main import Kvm
+from kvmproc.monitor import kvm_monitor
 
 
 def vcpu_thread(kvm: Kvm, rt: ProcessRuntime) -> None:
@@ -29,9 +32,18 @@ def vcpu_thread(kvm: Kvm, rt: ProcessRuntime) -> None:
             traceback.print_exc()
 
 
+def vcpu_destroy(rt: ProcessRuntime) -> None:
+    """The VM is gone: the guest CPU's pending (or next) VM exit is answered with shutdown."""
+    try:
+        Channel(rt.cfg.channel("guest_entry")).send_raw(packb([None, []]), timeout=0.5)
+    except posix_ipc.Error:
+        pass
+
+
 def main() -> int:
     rt = ProcessRuntime("kvm", sys.argv[1])
     kvm = Kvm(rt.cfg)
+    mon = kvm_monitor(kvm, rt.rundir)
     threading.Thread(target=vcpu_thread, args=(kvm, rt), name="vcpu0", daemon=True).start()
     vm_req = Channel(rt.cfg.channel("vm_req"))
     vm_rep = Channel(rt.cfg.channel("vm_rep"))
@@ -55,7 +67,9 @@ def main() -> int:
     finally:
         kvm.lapic.stop()
         kvm.irqfds.shutdown()
+        vcpu_destroy(rt)
         rt.report(kvm.describe())
+        mon.close()
         rt.finish()
     return code
 

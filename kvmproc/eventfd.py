@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from common.notifier import EventNotifier
-from common.trace import trace_event
+from common.trace import trace_event, traced
 from kvmproc.irqchip import IrqRouting
 from kvmproc.stats import KvmStats
 
@@ -93,6 +93,7 @@ class Irqfd:
                 return
             self.irqfd_wakeup()
 
+    @traced
     def irqfd_wakeup(self) -> None:
         self.signals += 1
         self.stats.vcpu["irqfd_signals"] += 1

@@ -18,8 +18,11 @@ from common.kvm_abi import (
     KVM_IRQFD,
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_RUN,
+    KVM_RUN_MMAP,
     KVM_SET_GSI_ROUTING,
+    VM_CHANNEL_SYNC,
 )
+from common.monitor import SIG_IPI
 from common.notifier import EventNotifier
 from common.trace import trace_event
 from kvmproc.eventfd import IoeventfdBus, IrqfdTable
@@ -51,6 +54,8 @@ class Kvm:
     def kvm_vcpu_ioctl(self, req: list) -> list:
         if req[0] == KVM_RUN:
             return self.vcpu.kvm_arch_vcpu_ioctl_run(req[1] or 0)
+        if req[0] == KVM_RUN_MMAP:  # a new QEMU maps kvm_run: the exit still to complete
+            return [KVM_RUN_MMAP, self.vcpu.last_exit, req[1] if len(req) > 1 else None]
         return [-EINVAL]
 
     def kvm_vm_ioctl(self, req: list) -> list:
@@ -67,7 +72,8 @@ class Kvm:
                 return [0 if ok else -ENOENT, None]
             if name not in self.allowed_names:
                 return [-EINVAL, None]
-            self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
+            if not self.ioeventfd_assigned(is_pio, addr, length, dm, name):
+                self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
             return [0, None]
         if op == KVM_IRQFD:
             _, gsi, flags, name = req
@@ -75,17 +81,32 @@ class Kvm:
                 return [0 if self.irqfds.kvm_irqfd_deassign(gsi) else -ENOENT, None]
             if name not in self.allowed_names:
                 return [-EINVAL, None]
-            self.irqfds.kvm_irqfd_assign(gsi, name)
+            old = self.irqfds.irqfds.get(gsi)
+            if old is None or not old.active or old.notifier.name != name:
+                self.irqfds.kvm_irqfd_assign(gsi, name)
             return [0, None]
         if op == KVM_SET_GSI_ROUTING:
             self.routing.kvm_set_irq_routing(req[1])
             return [0, None]
         if op == KVM_GET_STATS:
             return [0, self.describe()]
+        if op == VM_CHANNEL_SYNC:
+            return [0, req[1]]
+        if op == SIG_IPI:
+            self.vcpu.kvm_vcpu_signal()
+            return [0, None]
         if op == KVM_DESTROY_VM:
             self.destroyed = True
             return [0, None]
         return [-EINVAL, None]
+
+    def ioeventfd_assigned(self, is_pio: bool, addr: int, length: int, datamatch: int | None,
+                           name: str) -> bool:
+        """Is this very ioeventfd registered? A QEMU that took over from one that died sets
+        its device up again; what KVM already holds it keeps, not doubled (real KVM answers
+        -EEXIST, which such a QEMU would take as done)."""
+        return any(p.datamatch == datamatch and p.notifier.name == name
+                   for p in self.bus.fds.get((is_pio, addr, length), []))
 
     def describe(self) -> dict:
         return {

@@ -24,6 +24,7 @@ from common.kvm_abi import (
     EXIT_REASON_HLT,
     EXIT_REASON_IO_INSTRUCTION,
     EXIT_REASON_TRIPLE_FAULT,
+    KVM_EXIT_INTR,
     KVM_EXIT_IO,
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
@@ -33,6 +34,7 @@ from common.kvm_abi import (
     VMENTRY_PLAIN,
     VMX_EXIT_REASONS,
 )
+from common.monitor import Gate
 from common.trace import trace_event, traced
 from kvmproc.eventfd import IoeventfdBus
 from kvmproc.lapic import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KvmLapic
@@ -62,6 +64,8 @@ class KvmVcpu:
         self.vcpu_stats = stats.vcpu
         self.complete_userspace_io = False
         self.last_exit: list | None = None
+        self.gate = Gate("vcpu0", "vcpu0")
+        self.signal_pending = False
         self.handlers: dict[int, Callable[[list], ExitResult]] = {
             EXIT_REASON_IO_INSTRUCTION: self.handle_io,
             EXIT_REASON_HLT: self.handle_halt,
@@ -79,6 +83,10 @@ class KvmVcpu:
         while True:
             r, run_exit = self.vcpu_enter_guest(entry_data)
             entry_data = 0
+            if r > 0 and self.signal_pending:
+                self.signal_pending = False
+                self.vcpu_stats["signal_exits"] += 1
+                r, run_exit = 0, [KVM_EXIT_INTR]
             if r <= 0:
                 assert run_exit is not None
                 self.stats.userspace_exits[KVM_EXIT_NAMES[run_exit[0]]] += 1
@@ -87,7 +95,16 @@ class KvmVcpu:
                 self.last_exit = run_exit
                 return run_exit
 
+    def kvm_vcpu_signal(self) -> None:
+        """A signal for the thread in KVM_RUN (QEMU's SIG_IPI): the guest is kicked out, and
+        KVM_RUN returns KVM_EXIT_INTR once the exit in progress is handled."""
+        self.signal_pending = True
+        with self.lapic.lock:
+            self.lapic._kvm_vcpu_kick()
+
     def vcpu_enter_guest(self, data: int) -> ExitResult:
+        if self.gate.armed:
+            self.gate.wait()
         lapic = self.lapic
         with lapic.lock:
             vectors = lapic.take_pending() if lapic.irr else None
@@ -110,6 +127,7 @@ class KvmVcpu:
             trace_kvm_exit(reason=VMX_EXIT_REASONS.get(rec[0], rec[0]))
         return self.handle_exit(rec)
 
+    @traced
     def handle_exit(self, rec: list) -> ExitResult:
         handler = self.handlers.get(rec[0])
         if handler is None:

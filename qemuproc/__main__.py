@@ -1,6 +1,7 @@
 """qemuproc: QEMU with one vCPU, a legacy virtio-net-pci NIC and ``-netdev user`` (slirp).
 
-Usage: python -m qemuproc RUNDIR
+Usage: python -m qemuproc [-incoming] RUNDIR   (-incoming: take over from a QEMU that died,
+qemuproc/cpr.py)
 
 Two threads, as in QEMU: the vCPU thread (``qemu_kvm_cpu_thread_fn`` -> ``kvm_cpu_exec``)
 and the main loop (I/O thread), serialized by the Big QEMU Lock.
@@ -17,12 +18,18 @@ from common.channel import Channel
 from common.guest_memory import GuestMemory
 from common.process import ProcessRuntime, Stop
 from common.trace import register_thread
+from qemuproc.cpr import Cpr
 from qemuproc.dump import FilterDump
-from qemuproc.kvm_all import CPUState, KVMState, KvmError, KvmIoListener, kvm_cpu_exec
+from qemuproc.kvm_all import CPUState, KvmError, KvmIoListener, KVMState, kvm_cpu_exec
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
-from qemuproc.net import NetClientInfo, qemu_flush_queued_packets, qemu_new_net_client, \
-    qemu_send_packet
+from qemuproc.monitor import qemu_monitor
+from qemuproc.net import (
+    NetClientInfo,
+    qemu_flush_queued_packets,
+    qemu_new_net_client,
+    qemu_send_packet,
+)
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpSocket, SlirpState, net_slirp_receive
 from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
@@ -32,7 +39,7 @@ from qemuproc.virtio_pci import VirtIOPCIProxy
 class Machine:
     """What QEMU builds from its command line: address spaces, PCI, the NIC, the netdev."""
 
-    def __init__(self, rt: ProcessRuntime) -> None:
+    def __init__(self, rt: ProcessRuntime, incoming: bool = False) -> None:
         cfg = rt.cfg
         opts = cfg.options
         self.rt = rt
@@ -66,6 +73,8 @@ class Machine:
                            tx_burst=opts.get("tx_burst", 256),
                            event_idx=opts.get("event_idx", True),
                            mrg_rxbuf=opts.get("mrg_rxbuf", False),
+                           any_layout=opts.get("any_layout", True),
+                           indirect_desc=opts.get("indirect_desc", True),
                            queues=opts.get("queues", 1))
         virtio_net_device_init(self.n, self.netdev)
         for nc in self.n.ncs:
@@ -75,6 +84,7 @@ class Machine:
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)
         self.cpu_error: str | None = None
+        self.cpr = Cpr(self, incoming)
 
     def net_slirp_send_packet(self, frame: bytes, queue: int) -> int:
         """slirp's frames go to the NIC queue pair their flow uses (if that pair is on)."""
@@ -97,7 +107,8 @@ class Machine:
         ml = self.main_loop
         try:
             with ml.bql:
-                kvm_cpu_exec(self.cpu)
+                if self.cpr.vcpu_resume(self.cpu):
+                    kvm_cpu_exec(self.cpu)
         except Exception as e:  # noqa: BLE001 - the VM cannot go on; say why
             if not self.rt.stopping:
                 self.cpu_error = f"vCPU thread: {type(e).__name__}: {e}"
@@ -129,15 +140,17 @@ class Machine:
             "aio_notifies": self.main_loop.ctx.notifies,
             "pcap_frames": self.dump.frames if self.dump else 0,
             "vm_ioctls": self.kvm.ioctls,
+            "cpr": self.cpr.describe(),
         }
 
 
 def main() -> int:
-    rt = ProcessRuntime("qemu", sys.argv[1])
+    rt = ProcessRuntime("qemu", sys.argv[-1])
     code = 0
-    m = None
+    m = mon = None
     try:
-        m = Machine(rt)
+        m = Machine(rt, incoming="-incoming" in sys.argv[1:-1])
+        mon = qemu_monitor(m)  # before the vCPU thread: -S holds its first KVM_RUN
         threading.Thread(target=m.qemu_kvm_cpu_thread_fn, name="CPU 0/KVM", daemon=True).start()
         rt.tell("ready")
         m.main_loop.run()
@@ -161,6 +174,8 @@ def main() -> int:
             except (KvmError, OSError, Stop):
                 pass
             m.slirp.cleanup()
+        if mon is not None:
+            mon.close()
         rt.finish()
     return code
 

@@ -32,6 +32,7 @@ from common.kvm_abi import (
     kvm_run,
     packb,
 )
+from common.monitor import Gate
 from common.trace import trace_event, traced
 from qemuproc.memory import (
     AddressSpace,
@@ -161,6 +162,7 @@ class CPUState:
         self.stopped = False
         self.shutdown_requested = False
         self._run_cache = {0: kvm_run(0)}
+        self.gate = Gate("CPU 0/KVM", "CPU 0/KVM")
 
     def kvm_vcpu_ioctl_run(self) -> list:
         if trace_kvm_vcpu_ioctl.on:
@@ -196,6 +198,8 @@ def kvm_cpu_exec(cpu: CPUState) -> int:
     while True:
         cpu.bql.release()  # qemu_mutex_unlock_iothread: KVM_RUN runs without the BQL
         try:
+            if cpu.gate.armed:
+                cpu.gate.wait()
             run = cpu.kvm_vcpu_ioctl_run()
         finally:
             cpu.bql.acquire()
@@ -214,6 +218,6 @@ def kvm_cpu_exec(cpu: CPUState) -> int:
             cpu.shutdown_requested = True  # -no-reboot: a guest reset is a shutdown
             return reason
         elif reason == KVM_EXIT_INTR:
-            return reason
+            continue
         else:
             raise KvmError(f"KVM: unhandled exit reason {reason}")

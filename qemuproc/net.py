@@ -181,6 +181,7 @@ def qemu_sendv_packet_async(sender: NetClientState, iov: list[memoryview | bytes
                                    sent_cb)
 
 
+@traced
 def qemu_send_packet(nc: NetClientState, buf: bytes, peer: NetClientState | None = None) -> int:
     return qemu_sendv_packet_async(nc, [buf], None, peer)
 

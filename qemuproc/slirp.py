@@ -230,12 +230,14 @@ class Slirp:
 
     # -- toward the guest ---------------------------------------------------------------------
 
+    @traced
     def udp_output(self, so: SlirpSocket, payload: bytes, src: bytes, sport: int) -> None:
         length = UDP_HLEN + len(payload)
         acc = pseudo_header_sum(src, so.laddr, IPPROTO_UDP, length) + sport + so.lport + length
         udp = UDP.pack(sport, so.lport, length, csum_fold(csum_partial(payload, acc))) + payload
         self.ip_output(src, so.laddr, IPPROTO_UDP, udp, so.queue)
 
+    @traced
     def ip_output(self, src: bytes, dst: bytes, proto: int, body: bytes, queue: int = 0) -> None:
         self.ip_id = (self.ip_id + 1) & 0xFFFF
         hdr = bytearray(IPV4.pack(0x45, 0, IP_HLEN + len(body), self.ip_id, 0, 64, proto, 0,
@@ -243,6 +245,7 @@ class Slirp:
         hdr[10:12] = csum_fold(csum_partial(hdr)).to_bytes(2, "big")
         self.if_encap(dst, bytes(hdr) + body, queue)
 
+    @traced
     def if_encap(self, dst: bytes, ip_pkt: bytes, queue: int = 0) -> None:
         """Prepend the Ethernet header; ``queue`` is the pair the flow last came in on."""
         mac = self.arp_table.get(dst)
@@ -293,6 +296,7 @@ class Slirp:
                 self.sorecvfrom(so)
         self.slirp_timer()
 
+    @traced
     def sorecvfrom(self, so: SlirpSocket) -> None:
         for _ in range(SORECV_BATCH):
             try:
@@ -302,7 +306,8 @@ class Slirp:
             except OSError:  # ICMP port unreachable reported on the socket
                 continue
             if trace_sorecvfrom.on:
-                trace_sorecvfrom(fd=so.s.fileno(), sport=port, len=len(data))
+                trace_sorecvfrom(fd=so.s.fileno(), sport=port, len=len(data),
+                                 seq=int.from_bytes(data[:8], "big") if len(data) >= 8 else -1)
             so.received += 1
             so.expire = time.monotonic() + self.udp_expire_s
             self.stats["udp_received"] += 1

@@ -20,15 +20,17 @@ from common.virtio_abi import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 )
 from common.vring import (
     DESC,
+    VIRTQUEUE_MAX_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    VRING_DESC_SIZE,
     VRING_USED_F_NO_NOTIFY,
-    VIRTQUEUE_MAX_SIZE,
     VringLayout,
     VringViews,
     vring_need_event,
@@ -96,6 +98,10 @@ class VirtQueue:
         self.host_notifier: Any = None
         self.host_notifier_enabled = False
         self.elems = [VirtQueueElement(i) for i in range(num)]
+        # vhost-user inflight tracking: a flag per head popped and not yet used, and the used
+        # index the flags agree with (qemuproc/vhost_user_inflight.py maps them to shared memory)
+        self.inflight = memoryview(bytearray(num))
+        self.inflight_used = memoryview(bytearray(2)).cast("H")
         self.pops = 0
         self.notifies = 0
         self.kicks = 0
@@ -162,17 +168,31 @@ def virtio_vdev_has_feature(vdev: VirtIODevice, bit: int) -> bool:
     return bool(vdev.guest_features & (1 << bit))
 
 
+VIRTIO_ERRORS_KEPT = 32
+"""Messages kept per device: a guest that breaks it, resets it and breaks it again forever
+must not grow the list without bound (QEMU only logs them)."""
+
+
+def error_report(message: str) -> None:
+    """util/error-report.c: one line on stderr."""
+    print(f"qemu: {message}", file=sys.stderr)
+
+
 def virtio_error(vdev: VirtIODevice, message: str) -> None:
-    """The guest broke the rules: mark the device broken, ask for a reset (NEEDS_RESET)."""
+    """The guest broke the rules: log it, set NEEDS_RESET, tell a live driver with a config
+    interrupt, then mark the device broken (it ignores the guest until a reset)."""
     if trace_virtio_error.on:
         trace_virtio_error(message=message)
-    print(f"qemu: {vdev.name}: {message}", file=sys.stderr)
-    vdev.errors.append(message)
-    if not vdev.broken:
-        vdev.broken = True
-        vdev.broken_reason = message
-        vdev.status |= VIRTIO_CONFIG_S_NEEDS_RESET
-        vdev.on_error(message)
+    error_report(f"{vdev.name}: {message}")
+    if len(vdev.errors) < VIRTIO_ERRORS_KEPT:
+        vdev.errors.append(message)
+    if vdev.broken:
+        return
+    vdev.broken_reason = message
+    vdev.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+    virtio_notify_config(vdev)  # only reaches a driver that set DRIVER_OK
+    vdev.broken = True
+    vdev.on_error(message)
 
 
 def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
@@ -183,6 +203,8 @@ def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
 
 
 def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
+    """Place queue ``n``'s rings (virtio_init_region_cache): each part must lie in guest RAM,
+    and the device keeps one mapping of the ring, made by the bounds-checked accessor."""
     vq = vdev.vq[n]
     if vq.views is not None:
         vq.views.release()
@@ -191,15 +213,20 @@ def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
         vq.avail = vq.used = 0
         return
     layout = VringLayout(vq.num, vq.desc, vq.align)
-    try:
-        vdev.dma.check(layout.base, layout.size)
-    except GuestMemoryError:
-        virtio_error(vdev, f"virtio: queue {n} ring at 0x{vq.desc:x} outside guest RAM")
-        vq.desc = 0
-        return
+    dma = vdev.dma
+    for what, start, end in (("desc", layout.desc, layout.avail),
+                             ("used", layout.used, layout.end),
+                             ("avail", layout.avail, layout.used_event + 2)):
+        try:
+            dma.check(start, end - start)
+        except GuestMemoryError:
+            virtio_error(vdev, f"Cannot map {what}")
+            vq.desc = vq.avail = vq.used = 0
+            return
     vq.avail = layout.avail
     vq.used = layout.used
-    vq.views = VringViews(vdev.dma.ram, layout)
+    ring = dma.address_space_map(layout.base, layout.size)
+    vq.views = VringViews(ring, VringLayout(vq.num, 0, vq.align))
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:
@@ -212,11 +239,18 @@ def vring_avail_idx(vq: VirtQueue) -> int:
 
 
 def virtio_queue_empty(vq: VirtQueue) -> bool:
-    if vq.views is None:
+    if vq.views is None or vq.vdev.broken:
         return True
     if vq.shadow_avail_idx != vq.last_avail_idx:
         return False
     return vring_avail_idx(vq) == vq.last_avail_idx
+
+
+def vring_set_avail_event(vq: VirtQueue, val: int) -> None:
+    """Tell the driver which avail index to kick at; silent while notifications are off."""
+    if not vq.notification:
+        return
+    vq.views.avail_event_h[0] = val  # type: ignore[union-attr]
 
 
 def virtio_queue_set_notification(vq: VirtQueue, enable: bool) -> None:
@@ -225,7 +259,7 @@ def virtio_queue_set_notification(vq: VirtQueue, enable: bool) -> None:
     if v is None:
         return
     if vq.vdev.event_idx:
-        v.avail_event_h[0] = vring_avail_idx(vq)
+        vring_set_avail_event(vq, vring_avail_idx(vq))
     elif enable:
         v.used_hdr[0] &= ~VRING_USED_F_NO_NOTIFY
     else:
@@ -233,20 +267,112 @@ def virtio_queue_set_notification(vq: VirtQueue, enable: bool) -> None:
     # smp_mb when enabling: the flag is visible before the caller re-reads the avail index
 
 
-def _map(vdev: VirtIODevice, addr: int, length: int) -> memoryview | None:
-    if length == 0:
-        virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+def virtqueue_num_heads(vq: VirtQueue, idx: int) -> int:
+    """Chains the guest offers from ``idx`` on; -1 (and virtio_error) if it claims more than
+    the ring holds."""
+    num_heads = (vring_avail_idx(vq) - idx) & 0xFFFF
+    if num_heads > vq.num:
+        virtio_error(vq.vdev, f"Guest moved used index from {idx} to {vq.shadow_avail_idx}")
+        return -1
+    return num_heads
+
+
+def virtqueue_get_head(vq: VirtQueue, idx: int) -> int:
+    """The head the guest put in avail slot ``idx``; -1 (and virtio_error) if out of range."""
+    head = vq.views.avail[2 + idx % vq.num]  # type: ignore[union-attr]
+    if head >= vq.num:
+        virtio_error(vq.vdev, f"Guest says index {head} is available")
+        return -1
+    return head
+
+
+def vring_indirect_table(vdev: VirtIODevice, vq: VirtQueue, addr: int,
+                         length: int) -> memoryview | None:
+    """Map the indirect table a head descriptor names, or virtio_error and None."""
+    if not virtio_vdev_has_feature(vdev, VIRTIO_RING_F_INDIRECT_DESC):
+        virtio_error(vdev, "Indirect descriptors not negotiated")
+        return None
+    if not length or length % VRING_DESC_SIZE:
+        virtio_error(vdev, "Invalid size for indirect buffer table")
+        return None
+    if length // VRING_DESC_SIZE > vq.num:  # a chain is never longer than the queue
+        virtio_error(vdev, f"Indirect buffer length too big: {length}")
         return None
     try:
         return vdev.dma.address_space_map(addr, length)
     except GuestMemoryError:
-        virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+        virtio_error(vdev, "Cannot map indirect buffer")
         return None
+
+
+def virtqueue_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
+                              max_out_bytes: int) -> tuple[int, int]:
+    """Writable and readable bytes the available chains offer, counting no further than the
+    two limits; (0, 0) if the guest's rings are inconsistent (reported by virtio_error)."""
+    vdev = vq.vdev
+    v = vq.views
+    if v is None or vdev.broken:
+        return 0, 0
+    num = vq.num
+    idx = vq.last_avail_idx
+    in_total = out_total = total_bufs = 0
+    while True:
+        heads = virtqueue_num_heads(vq, idx)
+        if heads <= 0:
+            return (0, 0) if heads < 0 else (in_total, out_total)
+        i = virtqueue_get_head(vq, idx)
+        if i < 0:
+            return 0, 0
+        idx = (idx + 1) & 0xFFFF
+        desc = v.desc
+        max_ = num
+        num_bufs = total_bufs
+        addr, length, flags, nxt = DESC.unpack_from(desc, i << 4)
+        indirect = bool(flags & VRING_DESC_F_INDIRECT)
+        if indirect:
+            if num_bufs >= max_:
+                virtio_error(vdev, "Looped descriptor")
+                return 0, 0
+            table = vring_indirect_table(vdev, vq, addr, length)
+            if table is None:
+                return 0, 0
+            desc = table
+            max_ = length // VRING_DESC_SIZE
+            num_bufs = i = 0
+            addr, length, flags, nxt = DESC.unpack_from(desc, 0)
+        while True:
+            num_bufs += 1
+            if num_bufs > max_:
+                virtio_error(vdev, "Looped descriptor")
+                return 0, 0
+            if flags & VRING_DESC_F_WRITE:
+                in_total += length
+            else:
+                out_total += length
+            if in_total >= max_in_bytes and out_total >= max_out_bytes:
+                return in_total, out_total
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= max_:
+                virtio_error(vdev, f"Desc next is {nxt}")
+                return 0, 0
+            addr, length, flags, nxt = DESC.unpack_from(desc, nxt << 4)
+        total_bufs = total_bufs + 1 if indirect else num_bufs
+
+
+def virtqueue_avail_bytes(vq: VirtQueue, in_bytes: int, out_bytes: int) -> bool:
+    in_total, out_total = virtqueue_get_avail_bytes(vq, in_bytes, out_bytes)
+    return in_bytes <= in_total and out_bytes <= out_total
 
 
 @traced
 def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
-    """Take the next available chain, validated and mapped; None if empty or on error."""
+    """Take the next available chain, validated and mapped; None if empty or on error.
+
+    Every check of QEMU's virtqueue_split_pop (and vhost's nested-table check) ends in
+    virtio_error; every buffer is mapped by ``address_space_map``, which refuses anything
+    outside guest RAM (also an addr + len past 2**64).
+    """
     vdev = vq.vdev
     if vdev.broken:
         return None
@@ -255,14 +381,15 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
         return None
     num = vq.num
     last = vq.last_avail_idx
-    if vq.shadow_avail_idx == last:
-        shadow = v.avail[1]
-        vq.shadow_avail_idx = shadow
+    shadow = vq.shadow_avail_idx
+    if shadow == last:
+        shadow = vq.shadow_avail_idx = v.avail[1]
         if shadow == last:
             return None
-        if ((shadow - last) & 0xFFFF) > num:  # virtqueue_num_heads
-            virtio_error(vdev, f"Guest moved used index from {last} to {shadow}")
-            return None
+    # checked on every pop: set_notification also refreshes the shadow index
+    if ((shadow - last) & 0xFFFF) > num:  # virtqueue_num_heads
+        virtio_error(vdev, f"Guest moved used index from {last} to {shadow}")
+        return None
     # smp_rmb: ring entries are read after the index that published them
     if vq.inuse >= num:
         virtio_error(vdev, "Virtqueue size exceeded")
@@ -273,38 +400,55 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
     if head >= num:
         virtio_error(vdev, f"Guest says index {head} is available")
         return None
-    if vdev.event_idx:
-        v.avail_event_h[0] = last
+    if vdev.event_idx and vq.notification:
+        v.avail_event_h[0] = last  # vring_set_avail_event, inlined on the hot path
     elem = vq.elems[head]
     if elem.busy:  # the guest offered a head that is still in flight: give it its own element
         elem = VirtQueueElement(head)
     out_sg = elem.out_sg
     in_sg = elem.in_sg
+    out_addr = elem.out_addr
+    in_addr = elem.in_addr
     out_sg.clear()
     in_sg.clear()
-    elem.out_addr.clear()
-    elem.in_addr.clear()
+    out_addr.clear()
+    in_addr.clear()
     desc = v.desc
     addr, length, flags, nxt = DESC.unpack_from(desc, head << 4)
-    if flags & VRING_DESC_F_INDIRECT:
-        virtio_error(vdev, "Indirect descriptors not negotiated")
-        return None
     max_ = num
-    i = head
+    indirect = flags & VRING_DESC_F_INDIRECT
+    if indirect:
+        table = vring_indirect_table(vdev, vq, addr, length)
+        if table is None:
+            return None
+        desc = table
+        max_ = length // VRING_DESC_SIZE
+        addr, length, flags, nxt = DESC.unpack_from(desc, 0)
+    amap = vdev.dma.address_space_map
+    entries = 0
     while True:
-        sg = _map(vdev, addr, length)
-        if sg is None:
+        if indirect and flags & VRING_DESC_F_INDIRECT:
+            virtio_error(vdev, f"Nested indirect descriptor: idx {entries}, {addr:x}")
+            return None
+        if not length:
+            virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+            return None
+        try:
+            sg = amap(addr, length)
+        except GuestMemoryError:
+            virtio_error(vdev, "virtio: bogus descriptor or out of resources")
             return None
         if flags & VRING_DESC_F_WRITE:
             in_sg.append(sg)
-            elem.in_addr.append(addr)
+            in_addr.append(addr)
         else:
             if in_sg:
                 virtio_error(vdev, "Incorrect order for descriptors")
                 return None
             out_sg.append(sg)
-            elem.out_addr.append(addr)
-        if len(in_sg) + len(out_sg) > max_:
+            out_addr.append(addr)
+        entries += 1
+        if entries > max_:  # more than the table holds: the guest made a loop
             virtio_error(vdev, "Looped descriptor")
             return None
         if not flags & VRING_DESC_F_NEXT:
@@ -312,9 +456,9 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
         if nxt >= max_:
             virtio_error(vdev, f"Desc next is {nxt}")
             return None
-        i = nxt
-        addr, length, flags, nxt = DESC.unpack_from(desc, i << 4)
+        addr, length, flags, nxt = DESC.unpack_from(desc, nxt << 4)
     elem.busy = True
+    vq.inflight[head] = 1  # vu_queue_inflight_get
     vq.inuse += 1
     vq.pops += 1
     if trace_virtqueue_pop.on:
@@ -327,6 +471,7 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
 def virtqueue_detach_element(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
     vq.inuse -= 1
     elem.busy = False
+    vq.inflight[elem.index] = 0
 
 
 def virtqueue_unpop(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
@@ -369,6 +514,20 @@ def virtqueue_flush(vq: VirtQueue, count: int) -> None:
     old = vq.used_idx
     new = (old + count) & 0xFFFF
     v.used_hdr[1] = new
+    # vu_queue_inflight_post_put: after the index, so a crash between leaves both readable
+    # the ids are read back from the used ring, which the guest can overwrite meanwhile
+    inflight = vq.inflight
+    num = vq.num
+    if count == 1:
+        head = v.used_ring[(old % num) << 1]
+        if head < num:
+            inflight[head] = 0
+    else:
+        for i in range(old, old + count):
+            head = v.used_ring[(i % num) << 1]
+            if head < num:
+                inflight[head] = 0
+    vq.inflight_used[0] = new
     vq.used_idx = new
     vq.inuse -= count
     if ((new - vq.signalled_used + 0x8000) & 0xFFFF) - 0x8000 < ((new - old) & 0xFFFF):
@@ -455,6 +614,7 @@ def virtio_queue_notify_vq(vq: VirtQueue) -> None:
     vq.handle_output(vdev, vq)
 
 
+@traced
 def virtio_queue_host_notifier_read(vq: VirtQueue) -> None:
     """The ioeventfd of ``vq`` fired: the main loop runs the queue's handler."""
     if vq.host_notifier is not None and vq.host_notifier.test_and_clear():
@@ -487,6 +647,7 @@ def virtio_reset(vdev: VirtIODevice) -> None:
     vdev.reset()
     vdev.started = False
     vdev.broken = False
+    vdev.broken_reason = ""
     vdev.guest_features = 0
     vdev.event_idx = False
     vdev.isr = 0
@@ -504,5 +665,7 @@ def virtio_reset(vdev: VirtIODevice) -> None:
         vq.inuse = 0
         vq.vector = VIRTIO_NO_VECTOR
         vq.num = vq.num_default
+        vq.inflight[:] = bytes(len(vq.inflight))
+        vq.inflight_used[0] = 0
         for e in vq.elems:
             e.busy = False

@@ -19,6 +19,10 @@ from common.guest_memory import GuestMemory
 from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_ID_NET,
+    VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_HDR,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX,
@@ -26,22 +30,18 @@ from common.virtio_abi import (
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_ERR,
     VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_MQ,
-    VIRTIO_NET_OK,
-    VIRTIO_F_ANY_LAYOUT,
-    VIRTIO_F_NOTIFY_ON_EMPTY,
-    VIRTIO_ID_NET,
-    VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_MRG_RXBUF,
+    VIRTIO_NET_OK,
     VIRTIO_NET_S_LINK_UP,
     VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
     virtio_net_hdr_len,
 )
-from common.vring import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DESC
-from qemuproc.aio import QEMUBH, aio_bh_new, qemu_bh_schedule
+from qemuproc.aio import QEMUBH, qemu_bh_new, qemu_bh_schedule
 from qemuproc.main_loop import MainLoop, QEMUTimer
 from qemuproc.net import (
     NetClientInfo,
@@ -60,6 +60,7 @@ from qemuproc.virtio import (
     virtio_queue_empty,
     virtio_queue_ready,
     virtio_queue_set_notification,
+    virtqueue_avail_bytes,
     virtqueue_detach_element,
     virtqueue_fill,
     virtqueue_flush,
@@ -72,6 +73,8 @@ TX_BURST = 256
 TX_TIMER_INTERVAL_NS = 150_000  # x-txtimer: 150 us
 EBUSY = 16
 EINVAL = 22
+NET_BUFSIZE = 4096 + 65536
+"""net/net.c: the largest packet a backend is handed; a guest chain may map far more."""
 
 trace_virtio_net_flush_tx = trace_event("virtio_net_flush_tx")
 trace_virtio_net_receive = trace_event("virtio_net_receive")
@@ -97,7 +100,7 @@ class VirtIONet(VirtIODevice):
     def __init__(self, dma: GuestMemory, main_loop: MainLoop, *, queue_size: int = 256,
                  mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
                  tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
-                 any_layout: bool = True, queues: int = 1) -> None:
+                 any_layout: bool = True, indirect_desc: bool = True, queues: int = 1) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
         self.mac = mac
@@ -122,6 +125,8 @@ class VirtIONet(VirtIODevice):
             features |= 1 << VIRTIO_F_ANY_LAYOUT
         if event_idx:
             features |= 1 << VIRTIO_RING_F_EVENT_IDX
+        if indirect_desc:
+            features |= 1 << VIRTIO_RING_F_INDIRECT_DESC
         if mrg_rxbuf:
             features |= 1 << VIRTIO_NET_F_MRG_RXBUF
         if queues > 1:
@@ -173,7 +178,7 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
             q.tx_timer = n.main_loop.timer_new(virtio_net_tx_timer, q, f"virtio_net_tx_timer{i}")
         else:
             q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_bh, name)
-            q.tx_bh = aio_bh_new(n.main_loop.ctx, virtio_net_tx_bh, q, f"virtio_net_tx_bh{i}")
+            q.tx_bh = qemu_bh_new(virtio_net_tx_bh, q, f"virtio_net_tx_bh{i}")
         n.vqs.append(q)
         nc = qemu_new_net_client(info, netdev if i == 0 else None, "virtio-net-pci",
                                  f"virtio-net-pci.{i}")
@@ -212,7 +217,7 @@ def virtio_net_handle_mq(n: VirtIONet, cmd: int, data: bytes) -> int:
 
 
 def virtio_net_handle_ctrl_iov(n: VirtIONet, elem: VirtQueueElement) -> int:
-    out = b"".join(bytes(m) for m in elem.out_sg)
+    out = iov_to_buf(elem.out_sg, VIRTIO_NET_CTRL_HDR.size + 2)  # the largest command
     if sum(len(m) for m in elem.in_sg) < 1 or len(out) < VIRTIO_NET_CTRL_HDR.size:
         virtio_error(n, "virtio-net ctrl missing headers")
         return 0
@@ -351,18 +356,27 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
             virtio_error(n, "virtio-net header not in first element")
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
-        if elem.in_sg:
-            virtio_error(n, "virtio-net transmit queue contains writable buffers")
+        if elem.in_sg:  # vhost-net's check: QEMU would silently ignore them
+            virtio_error(n, f"Unexpected descriptor format for TX: out {len(out_sg)}, "
+                            f"int {len(elem.in_sg)}")
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
-        if sum(len(m) for m in out_sg) < hdr_len:
+        size = len(out_sg[0]) if len(out_sg) == 1 else sum(len(m) for m in out_sg)
+        if size < hdr_len:
             virtio_error(n, "virtio-net header incorrect")
+            virtqueue_detach_element(vq, elem, 0)
+            return -EINVAL
+        if size == hdr_len:  # an empty frame: a backend taking 0 bytes would stall TX
+            virtio_error(n, "virtio-net nothing to send")
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
         sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg, hdr_len)
         if trace_virtio_net_flush_tx.on:
-            trace_virtio_net_flush_tx(elem=elem.index, len=sum(len(m) for m in sg))
-        ret = qemu_sendv_packet_async(nic, sg, virtio_net_tx_complete)
+            trace_virtio_net_flush_tx(elem=elem.index, len=size - hdr_len)
+        if size - hdr_len > NET_BUFSIZE:  # nc_sendv_compat would refuse it: dropped, completed
+            ret = -1
+        else:
+            ret = qemu_sendv_packet_async(nic, sg, virtio_net_tx_complete)
         if ret == 0:
             virtio_queue_set_notification(vq, False)
             q.async_tx = (vq, elem)
@@ -416,45 +430,28 @@ def virtio_net_can_receive(nc: NetClientState) -> bool:
                 and virtio_queue_ready(q.rx_vq) and not n.broken)
 
 
-def virtqueue_avail_bytes(vq: VirtQueue, limit: int) -> bool:
-    """Do the available RX chains offer ``limit`` writable bytes? (bounded walk)"""
-    v = vq.views
-    if v is None:
-        return False
-    total = 0
-    idx = vq.last_avail_idx
-    avail_idx = v.avail[1]
-    count = 0
-    while idx != avail_idx and count < vq.num:
-        head = v.avail[2 + idx % vq.num]
-        if head >= vq.num:
-            return False
-        i, hops = head, 0
-        while hops < vq.num:
-            _, length, flags, nxt = DESC.unpack_from(v.desc, i << 4)
-            if flags & VRING_DESC_F_WRITE:
-                total += length
-                if total >= limit:
-                    return True
-            if not flags & VRING_DESC_F_NEXT or nxt >= vq.num:
-                break
-            i, hops = nxt, hops + 1
-        idx = (idx + 1) & 0xFFFF
-        count += 1
-    return False
-
-
 def virtio_net_has_buffers(q: VirtIONetQueue, bufsize: int) -> bool:
     n = q.n
     vq = q.rx_vq
-    if virtio_queue_empty(vq) or (n.mergeable_rx_bufs and not virtqueue_avail_bytes(vq, bufsize)):
+    if virtio_queue_empty(vq) or (n.mergeable_rx_bufs
+                                  and not virtqueue_avail_bytes(vq, bufsize, 0)):
         virtio_queue_set_notification(vq, True)
         # the guest may have added buffers after the check above, before notifications were on
         if virtio_queue_empty(vq) or (n.mergeable_rx_bufs
-                                      and not virtqueue_avail_bytes(vq, bufsize)):
+                                      and not virtqueue_avail_bytes(vq, bufsize, 0)):
             return False
     virtio_queue_set_notification(vq, False)
     return True
+
+
+def iov_to_buf(sg: list[memoryview], limit: int) -> bytes:
+    """The first ``limit`` bytes of the scatter list (less if it is shorter)."""
+    out = bytearray()
+    for m in sg:
+        if len(out) >= limit:
+            break
+        out += m[: limit - len(out)]
+    return bytes(out)
 
 
 def iov_from_buf(sg: list[memoryview], offset: int, buf: memoryview) -> int:
@@ -487,12 +484,15 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     if not virtio_net_can_receive(nc):
         return -1
     size = len(buf)
+    if not size:  # nothing to put in a buffer: dropped (0 would mean "retry later")
+        return -1
     hdr_len = n.guest_hdr_len
     if not virtio_net_has_buffers(q, size + hdr_len):
         q.rx_no_buffer += 1
         return 0
     if trace_virtio_net_receive.on:
-        trace_virtio_net_receive(len=size)
+        trace_virtio_net_receive(len=size, seq=int.from_bytes(buf[42:50], "big") if size >= 50
+                                 and buf[12:14] == b"\x08\x00" and buf[23] == 17 else -1)
     mv = memoryview(buf)
     elems: list[tuple[VirtQueueElement, int]] = []
     offset = 0

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRANSMIT_PATH = [
     ("guest", "udp_sendmsg"), ("guest", "start_xmit"), ("guest", "virtqueue_add_split"),
     ("guest", "vp_notify"), ("kvm", "kvm_arch_vcpu_ioctl_run"), ("kvm", "kvm_exit"),
-    ("kvm", "handle_exit"), ("kvm", "kvm_pio"), ("kvm", "ioeventfd_write"),
+    ("kvm", "kvm_pio"), ("kvm", "ioeventfd_write"),
     ("qemu", "main_loop_wait"), ("qemu", "virtio_queue_notify"),
     ("qemu", "virtio_net_handle_tx_bh"), ("qemu", "qemu_bh_schedule"), ("qemu", "aio_bh_poll"),
     ("qemu", "virtio_net_tx_bh"), ("qemu", "virtio_net_flush_tx"), ("qemu", "virtqueue_pop"),
@@ -27,13 +27,28 @@ TRANSMIT_PATH = [
     ("guest", "vring_interrupt"), ("guest", "skb_xmit_done"), ("guest", "virtnet_poll_tx"),
     ("guest", "free_old_xmit_skbs"),
 ]
+RECEIVE_PATH = [
+    ("qemu", "slirp_pollfds_poll"), ("qemu", "sorecvfrom"), ("qemu", "udp_output"),
+    ("qemu", "ip_output"), ("qemu", "if_encap"), ("qemu", "slirp_output"),
+    ("qemu", "qemu_send_packet"), ("qemu", "qemu_net_queue_send_iov"),
+    ("qemu", "nc_sendv_compat"), ("qemu", "virtio_net_receive"), ("qemu", "virtqueue_pop"),
+    ("qemu", "virtqueue_fill"), ("qemu", "virtqueue_flush"), ("qemu", "virtio_notify"),
+    ("kvm", "irqfd_wakeup"), ("kvm", "kvm_inj_virq"), ("guest", "vring_interrupt"),
+    ("guest", "skb_recv_done"), ("guest", "net_rx_action"), ("guest", "virtnet_poll"),
+    ("guest", "virtnet_receive"), ("guest", "virtqueue_get_buf"), ("guest", "receive_buf"),
+    ("guest", "netif_receive_skb"), ("guest", "udp_rcv"), ("guest", "recvfrom"),
+]
+TO_HOST, BACK = "-> to the host", "<- back to the guest"
 WHERE_W = 16
-CALL = re.compile(r"^(?P<indent> *)(?P<name>[a-z_0-9]+)(?:  .*)?$")
+CALL = re.compile(r"^(?P<indent> *)(?P<name>[a-z_0-9]+)(?:  (?P<detail>.*))?$")
+
+Line = tuple[str, str, float | None, int, bool, str]
 
 
-def chain_line(line: str) -> tuple[str, str, float | None, int, bool] | None:
-    """(process, function, offset or None if already running, depth, crosses a process) of
-    one call-chain line: ``{offset:>8} {>> or blanks} {process thread:<16} {indent}{name}``."""
+def chain_line(line: str) -> Line | None:
+    """(process, function, offset or None if already running, depth, crosses a process,
+    detail) of one call-chain line:
+    ``{offset:>8} {>> or blanks} {process thread:<16} {indent}{name}  {detail}``."""
     when, mark, where, call = line[:8].strip(), line[9:11], line[12:12 + WHERE_W], \
         line[13 + WHERE_W:]
     proc = where.split(" ")[0]
@@ -42,51 +57,82 @@ def chain_line(line: str) -> tuple[str, str, float | None, int, bool] | None:
                                                                           when):
         return None
     return (proc, m["name"], None if when == "..." else float(when), len(m["indent"]) // 2,
-            mark == ">>")
+            mark == ">>", m["detail"] or "")
 
 
 def demo(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vreplica.cli", "demo", *args],
-                          capture_output=True, text=True, timeout=90, cwd=cwd)
+                          capture_output=True, text=True, timeout=50, cwd=cwd)
 
 
-@pytest.mark.timeout(120)
-def test_demo_follows_one_datagram_through_the_three_processes(tmp_path: Path) -> None:
+def follows(chain: list[Line], path: list[tuple[str, str]], out: str) -> None:
+    seen = [(proc_, name) for proc_, name, *_ in chain]
+    at = 0
+    for step in path:
+        assert step in seen[at:], f"{step} missing or out of order in:\n{out}"
+        at = seen.index(step, at) + 1
+
+
+@pytest.mark.timeout(60)
+def test_demo_follows_one_round_trip_through_the_three_processes(tmp_path: Path) -> None:
     out = tmp_path / "tmp"
     proc = demo("--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert len(lines) <= 60, proc.stdout
-    assert max(len(line) for line in lines if str(out) not in line) <= 100, proc.stdout
+    text = proc.stdout
+    lines = text.splitlines()
+    assert len(lines) <= 85, text
+    assert max(len(line) for line in lines if str(out) not in line) <= 100, text
     assert lines[1].startswith("legend:")
+    seq = int(re.search(r"One round trip \(seq (\d+)\)", lines[0])[1])
+    there = next(i for i, line in enumerate(lines) if line.startswith(TO_HOST))
+    back = next(i for i, line in enumerate(lines) if line.startswith(BACK))
+    end = next(i for i, line in enumerate(lines) if line.startswith("round trip:"))
+    assert there < back < end
+    tx = [c for c in map(chain_line, lines[there + 1:back]) if c]
+    rx = [c for c in map(chain_line, lines[back + 1:end]) if c]
+    assert len(tx) == back - there - 1 and len(rx) == end - back - 1, text
 
-    chain = [c for c in map(chain_line, lines) if c]
-    seen = [(proc_, name) for proc_, name, _, _, _ in chain]
-    at = 0
-    for step in TRANSMIT_PATH:
-        assert step in seen[at:], f"{step} missing or out of order in:\n{proc.stdout}"
-        at = seen.index(step, at) + 1
-    offsets = [when for _, _, when, _, _ in chain if when is not None]
-    assert offsets[0] == 0.0 and offsets == sorted(offsets)
-    depth = {name: d for _, name, _, d, _ in chain}
+    follows(tx, TRANSMIT_PATH, text)
+    follows(rx, RECEIVE_PATH, text)
+    assert not {n for _, n, *_ in tx} & {"sorecvfrom", "skb_recv_done", "receive_buf", "recvfrom"}
+    assert not {n for _, n, *_ in rx} & {"sosendto", "skb_xmit_done", "free_old_xmit_skbs"}
+    for section in (tx, rx):
+        offsets = [when for _, _, when, *_ in section if when is not None]
+        assert offsets == sorted(offsets), text
+    assert tx[0][:3] == ("guest", "udp_sendmsg", 0.0) and f"seq {seq}:" in tx[0][5]
+    assert rx[0][0] == "qemu" and rx[-1][:2] == ("guest", "recvfrom")
+    assert f"seq {seq}: 64 B returned to the program" in rx[-1][5]
+    sorecv = next(c for c in rx if c[1] == "sorecvfrom")
+    assert f"seq {seq}:" in sorecv[5]
+    assert [p for p, *_, cross, _ in tx if cross][:4] == ["kvm", "qemu", "kvm", "guest"]
+    assert [p for p, *_, cross, _ in rx if cross][:2] == ["kvm", "guest"]
+    depth = {name: d for _, name, _, d, _, _ in tx}
     assert depth["start_xmit"] > depth["udp_sendmsg"]
     assert depth["sosendto"] > depth["slirp_input"] > depth["net_slirp_receive"]
-    crossings = [(proc_, name) for proc_, name, _, _, cross in chain if cross]
-    assert [p for p, _ in crossings][:4] == ["kvm", "qemu", "kvm", "guest"], crossings
+    depth = {name: d for _, name, _, d, _, _ in rx}
+    assert depth["sorecvfrom"] > depth["slirp_pollfds_poll"]
+    assert depth["virtqueue_pop"] > depth["virtio_net_receive"] > depth["nc_sendv_compat"] \
+        > depth["slirp_output"] > depth["if_encap"] > depth["udp_output"]
+    assert depth["udp_rcv"] > depth["netif_receive_skb"] > depth["receive_buf"] \
+        > depth["virtnet_receive"] > depth["virtnet_poll"] > depth["net_rx_action"]
+    rtt = float(re.match(r"round trip: (\d+) us, udp_sendmsg to recvfrom", lines[end])[1])
+    assert rtt >= rx[-1][2] - 1
 
-    assert re.search(r"got 5 of 5 datagrams, payloads intact", proc.stdout)
-    assert re.search(r"delivered\s+5", proc.stdout)
-    assert "ui.perfetto.dev" in proc.stdout and "Open trace file" in proc.stdout
-    picture = next(out.glob("packet-*.svg"))
+    assert re.search(r"got 5 of 5 replies, payloads intact", text)
+    assert re.search(r"delivered\s+5", text)
+    assert "ui.perfetto.dev" in text and "Open trace file" in text
+    picture = out / f"round-trip-{seq}.svg"
     assert (out / "trace.json").stat().st_size > 0
-    assert (out / "tx.pcap").read_bytes()[:4] == b"\xd4\xc3\xb2\xa1"
-    assert f"files in {out}/:" in proc.stdout
-    for name in ("trace.json", "tx.pcap", picture.name):
-        assert f"  {name} " in proc.stdout
-    assert "sosendto" in " ".join(ET.parse(picture).getroot().itertext())
+    assert (out / "echo.pcap").read_bytes()[:4] == b"\xd4\xc3\xb2\xa1"
+    assert f"files in {out}/:" in text
+    for name in ("trace.json", "echo.pcap", picture.name):
+        assert f"  {name} " in text
+    drawn = " ".join(ET.parse(picture).getroot().itertext())
+    for name in ("sosendto", "sorecvfrom", "virtio_net_receive", "skb_recv_done", "recvfrom"):
+        assert name in drawn, name
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_demo_without_arguments_writes_to_out(tmp_path: Path) -> None:
     proc = demo(cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -24,8 +24,33 @@ def stress(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, dict,
 
 @pytest.mark.timeout(150)
 def test_short_stress_with_chaos_two_queue_pairs(tmp_path: Path) -> None:
-    code, v, text = stress(tmp_path, "--duration", "15", "--queues", "2", "--mode", "both",
-                           "--chaos", "guest-pause,echo-pause", "--chaos-period", "2")
+    """15 s over two queue pairs while the device process is killed and restarted, the guest
+    corrupts its ring and resets the device, and the guest is paused: only the frames that
+    carried a fault are lost; a restart may duplicate at most a queue's worth."""
+    code, v, text = stress(tmp_path, "--duration", "15", "--queues", "2", "--mode", "tx",
+                           "--chaos", "kill-device,ring-fault,guest-pause",
+                           "--chaos-period", "2")
+    assert code == 0, text
+    assert v["verdict"] == "PASS"
+    assert v["sent"] > 1000
+    assert v["lost_unexpected"] == 0
+    faults = sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
+    assert v["lost"] == v["lost_expected"] <= faults
+    assert v["duplicated"] <= v["device_restarts"] * 256
+    assert v["device_restarts"] == sum(1 for e in v["chaos"] if e["kind"] == "kill-device")
+    assert v["reordered"] == 0 and v["bad_payloads"] == 0
+    assert v["chaos"], "chaos was asked for but no event fired"
+    assert v["leftovers"] == []
+    for role in ("guest", "kvm", "qemu"):
+        assert v["rss_end_mb"][role] - v["rss_start_mb"][role] < 20, (role, v)
+
+
+@pytest.mark.timeout(120)
+def test_stress_both_directions_with_pauses(tmp_path: Path) -> None:
+    """Echo plus a host -> guest stream; replies the paused echo service ignored are the
+    only loss, and the verdict says so."""
+    code, v, text = stress(tmp_path, "--duration", "8", "--queues", "2", "--mode", "both",
+                           "--chaos", "guest-pause,echo-pause", "--chaos-period", "1.5")
     assert code == 0, text
     assert v["verdict"] == "PASS"
     assert v["sent"] > 1000

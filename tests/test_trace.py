@@ -1,5 +1,6 @@
 """The trace of a real run: Chrome trace JSON that Perfetto opens, one packet's path through
-the three processes in the order the real QEMU reports it, and its swimlane picture."""
+the three processes in the order the real QEMU reports it, in an echo run its reply's path
+back to the guest socket and the round trip as a whole, and their swimlane pictures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from vreplica.tracefile import ROLES, load_trace, merge_traces, packet_chain, packet_context
+from vreplica.tracefile import (
+    ROLES,
+    RX_FLOW_ID_BASE,
+    find_replies,
+    load_trace,
+    merge_traces,
+    packet_chain,
+    packet_context,
+    round_trip_chain,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -21,6 +31,18 @@ PHASES = {"M", "X", "i", "s", "t", "f"}
 TX_CHAIN = ["start_xmit", "vp_notify", "kvm_exit", "virtio_queue_notify", "virtqueue_pop",
             "net_slirp_receive", "sosendto", "virtqueue_fill", "virtqueue_flush",
             "virtio_notify", "vring_interrupt", "skb_xmit_done"]
+RX_CHAIN = ["slirp_pollfds_poll", "sorecvfrom", "udp_output", "ip_output", "if_encap",
+            "slirp_output", "qemu_send_packet", "qemu_sendv_packet_async",
+            "qemu_net_queue_send_iov", "nc_sendv_compat", "virtio_net_receive", "virtqueue_pop",
+            "virtqueue_fill", "virtqueue_flush", "virtio_notify", "irqfd_wakeup", "kvm_inj_virq",
+            "vring_interrupt", "skb_recv_done", "net_rx_action", "virtnet_poll",
+            "virtnet_receive", "virtqueue_get_buf", "receive_buf", "netif_receive_skb", "ip_rcv",
+            "udp_rcv", "recvfrom"]
+RX_STEPS = ["sorecvfrom", "slirp_output", "qemu_net_queue_send_iov", "nc_sendv_compat",
+            "virtio_net_receive", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
+            "virtio_notify", "irqfd_wakeup", "kvm_inj_virq", "irq_handler_entry",
+            "vring_interrupt", "skb_recv_done", "napi_poll", "virtqueue_get_buf", "receive_buf",
+            "netif_receive_skb", "udp_rcv", "recvfrom"]
 
 
 def vreplica(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -32,6 +54,15 @@ def traced_run(tmp_path: Path, *args: str) -> Path:
     out = tmp_path / "trace.json"
     proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
                     "--timeout", "30", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "delivered              5" in proc.stdout
+    return out
+
+
+def echo_run(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "echo.json"
+    proc = vreplica("run", "--mode", "echo", "--packets", "5", "--pace-ms", "10", "--trace",
+                    str(out), "--timeout", "30", *args)
     assert proc.returncode == 0, proc.stderr
     assert "delivered              5" in proc.stdout
     return out
@@ -263,3 +294,193 @@ def test_merge_pairs_spans_names_threads_and_follows_the_ids(tmp_path: Path) -> 
     assert depth[("sosendto", False)] == depth[("net_slirp_receive", False)] + 1 == 2
     assert {c.name for c in packet_context(trace, 7)} == {"main_loop_wait",
                                                           "kvm_arch_vcpu_ioctl_run"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variant", [[], ["--mrg-rxbuf", "on"]], ids=["small-bufs", "mrg-rxbuf"])
+def test_reply_comes_back_through_the_three_processes_in_order(tmp_path: Path,
+                                                               variant: list[str]) -> None:
+    path = echo_run(tmp_path, *variant)
+    trace = load_trace(path)
+    assert sorted(trace.packets) == sorted(trace.replies) == [0, 1, 2, 3, 4]
+    # paced and one at a time, each reply travels alone: its own interrupt through KVM
+    whole = [seq for seq, p in trace.replies.items()
+             if [e.name for e in p.steps if e.name in ("irqfd_wakeup", "kvm_inj_virq",
+                                                       "vring_interrupt", "skb_recv_done")]
+             == ["irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "skb_recv_done"]]
+    assert len(whole) >= 3, {s: [e.name for e in p.steps] for s, p in trace.replies.items()}
+    seq = whole[len(whole) // 2]
+    reply = trace.replies[seq]
+    assert [e.name for e in reply.steps] == RX_STEPS
+    assert len({e.pid for e in reply.steps}) == 3
+
+    chain = packet_chain(trace, seq, "rx")
+    names = [c.name for c in chain]
+    pos = in_order(names, RX_CHAIN)
+    steps = [chain[i] for i in pos]
+    assert [s.ts for s in steps] == sorted(s.ts for s in steps)
+    assert [s.process for s in steps[:2]] == ["qemu", "qemu"]
+    assert {s.process for s in steps} == set(ROLES) and steps[-1].process == "guest"
+    assert chain[0].name == "slirp_pollfds_poll" and chain[-1].name == "recvfrom"
+    assert {c.direction for c in chain} == {"rx"}
+    points = {c.name: c for c in chain if c.dur is None}
+    for name in ("sorecvfrom", "virtio_net_receive", "udp_rcv", "recvfrom"):
+        assert points[name].args["seq"] == seq, name
+    pop, fill = points["virtqueue_pop"], points["virtqueue_fill"]
+    assert pop.args["vq"] == fill.args["vq"] == "RX(q0)" and pop.args["in_num"] >= 1
+    got = next(c for c in chain if c.name == "virtqueue_get_buf" and c.dur is None
+               and c.args["vq"] == "input.0")
+    assert pop.args["elem"] == fill.args["elem"] == got.args["head"] == reply.head
+    depth = {c.name: c.depth for c in chain if c.dur is not None}
+    assert depth["virtio_net_receive"] > depth["nc_sendv_compat"] > depth["slirp_output"] \
+        > depth["if_encap"] > depth["ip_output"] > depth["udp_output"] > depth["sorecvfrom"] \
+        > depth["slirp_pollfds_poll"]
+    assert depth["udp_rcv"] > depth["ip_rcv"] > depth["netif_receive_skb"] \
+        > depth["receive_buf"] > depth["virtnet_receive"] > depth["virtnet_poll"] \
+        > depth["net_rx_action"]
+    assert "main_loop_wait" in {c.name for c in packet_context(trace, seq, "rx")}
+
+    flows = [e for e in json.loads(path.read_text())["traceEvents"]
+             if e["ph"] in ("s", "t", "f") and e["id"] == RX_FLOW_ID_BASE + seq + 1]
+    assert flows[0]["ph"] == "s" and flows[-1]["ph"] == "f" and flows[-1]["bp"] == "e"
+    assert {f["ph"] for f in flows[1:-1]} == {"t"} and {f["name"] for f in flows} == {"rx packet"}
+    assert len({f["pid"] for f in flows}) == 3
+    assert [f["args"]["step"] for f in flows] == RX_STEPS
+    assert {f["args"]["seq"] for f in flows} == {seq}
+
+    trip = round_trip_chain(trace, seq)
+    dirs = [c.direction for c in trip]
+    n_tx = dirs.count("tx")
+    assert dirs == ["tx"] * n_tx + ["rx"] * (len(trip) - n_tx)
+    tx, rx = trip[:n_tx], trip[n_tx:]
+    assert tx[0].name == "udp_sendmsg" and tx[0].args == {} and rx[-1].name == "recvfrom"
+    in_order([c.name for c in tx], TX_CHAIN + ["virtnet_poll_tx", "free_old_xmit_skbs"])
+    in_order([c.name for c in rx], RX_CHAIN)
+    assert not {c.name for c in tx} & {"sorecvfrom", "skb_recv_done", "virtnet_poll",
+                                       "receive_buf", "udp_rcv", "recvfrom"}
+    assert not {c.name for c in rx} & {"sosendto", "skb_xmit_done", "virtnet_poll_tx",
+                                       "free_old_xmit_skbs"}
+    assert not [c for c in rx if c.name == "napi_poll" and "output" in c.args["napi"]]
+    assert [c.ts for c in tx] == sorted(c.ts for c in tx)
+    assert [c.ts for c in rx] == sorted(c.ts for c in rx)
+    sent = next(c for c in tx if c.name == "sosendto" and c.dur is None)
+    read = next(c for c in rx if c.name == "sorecvfrom" and c.dur is None)
+    assert sent.args["seq"] == read.args["seq"] == seq and read.ts > sent.ts
+    assert rx[-1].ts > read.ts > tx[0].ts
+
+
+@pytest.mark.timeout(60)
+def test_render_round_trip_of_an_echo_run(tmp_path: Path) -> None:
+    path = echo_run(tmp_path)
+    svg = tmp_path / "rt.svg"
+    proc = vreplica("trace", "render", str(path), str(svg), "--packet", "2")
+    assert proc.returncode == 0, proc.stderr
+    root = ET.parse(svg).getroot()
+    texts = " ".join(t for el in root.iter() if el.tag.endswith("text") for t in el.itertext())
+    assert "round trip seq 2" in texts
+    for name in TX_CHAIN + RX_CHAIN:
+        assert name in texts, name
+    default = tmp_path / "default.png"
+    proc = vreplica("trace", "render", str(path), str(default))
+    assert proc.returncode == 0 and default.read_bytes()[:4] == b"\x89PNG", proc.stderr
+
+
+def reply_pieces(tmp_path: Path) -> list[Path]:
+    """One reply (seq 7, RX head 5) through made-up dumps, with decoys: the TX vector's
+    wakeup and injection, an earlier RX buffer (head 4) with another datagram (seq 6)."""
+    rx, inp = {"vq": "RX(q0)"}, {"vq": "input.0"}
+    qemu = [
+        (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 1, "virq": 25}),
+        (6000, 21, "B", "main_loop_wait", None), (6100, 21, "B", "slirp_pollfds_poll", None),
+        (6110, 21, "B", "sorecvfrom", None),
+        (6120, 21, "i", "sorecvfrom", {"fd": 14, "sport": 5555, "len": 64, "seq": 7}),
+        (6130, 21, "B", "udp_output", None), (6140, 21, "B", "ip_output", None),
+        (6150, 21, "B", "if_encap", None), (6160, 21, "B", "slirp_output", None),
+        (6170, 21, "i", "slirp_output", {"len": 106, "queue": 0}),
+        (6180, 21, "B", "qemu_send_packet", None),
+        (6190, 21, "B", "qemu_sendv_packet_async", None),
+        (6200, 21, "B", "qemu_net_queue_send_iov", None),
+        (6210, 21, "i", "qemu_net_queue_send_iov", {"sender": "n0", "to": "virtio-net-pci.0"}),
+        (6220, 21, "B", "nc_sendv_compat", None),
+        (6230, 21, "i", "nc_sendv_compat", {"nc": "virtio-net-pci.0", "len": 106}),
+        (6240, 21, "B", "virtio_net_receive", None),
+        (6250, 21, "i", "virtio_net_receive", {"len": 106, "seq": 7}),
+        (6260, 21, "B", "virtqueue_pop", None),
+        (6270, 21, "i", "virtqueue_pop", {**rx, "elem": 5, "avail_idx": 12, "in_num": 1}),
+        (6280, 21, "E", "virtqueue_pop", None),
+        (6290, 21, "i", "virtqueue_fill", {**rx, "elem": 5, "len": 116, "idx": 0}),
+        (6300, 21, "i", "virtqueue_flush", {**rx, "count": 1}),
+        (6310, 21, "B", "virtio_notify", None),
+        (6320, 21, "i", "virtio_notify", {**rx, "used_idx": 13}),
+        (6330, 21, "i", "virtio_pci_notify", {"vector": 1}), (6340, 21, "E", "virtio_notify", None),
+        (6350, 21, "E", "virtio_net_receive", None), (6360, 21, "E", "nc_sendv_compat", None),
+        (6370, 21, "E", "qemu_net_queue_send_iov", None),
+        (6380, 21, "E", "qemu_sendv_packet_async", None),
+        (6390, 21, "E", "qemu_send_packet", None), (6400, 21, "E", "slirp_output", None),
+        (6410, 21, "E", "if_encap", None), (6420, 21, "E", "ip_output", None),
+        (6430, 21, "E", "udp_output", None), (6440, 21, "E", "sorecvfrom", None),
+        (6450, 21, "E", "slirp_pollfds_poll", None), (6460, 21, "E", "main_loop_wait", None),
+    ]
+    kvm = [
+        (6500, 13, "i", "irqfd_wakeup", {"gsi": 26}),
+        (6600, 14, "B", "irqfd_wakeup", None), (6610, 14, "i", "irqfd_wakeup", {"gsi": 25}),
+        (6620, 14, "i", "kvm_msi_set_irq", {"gsi": 25, "vector": 39}),
+        (6630, 14, "E", "irqfd_wakeup", None),
+        (6700, 11, "i", "kvm_inj_virq", {"vectors": [40]}),
+        (6800, 11, "i", "kvm_inj_virq", {"vectors": [39]}),
+    ]
+    guest = [
+        (6850, 1, "i", "irq_handler_entry", {"irq": 39}), (6860, 1, "B", "vring_interrupt", None),
+        (6870, 1, "i", "vring_interrupt", {**inp, "irq": 39}),
+        (6880, 1, "B", "skb_recv_done", None), (6890, 1, "i", "skb_recv_done", inp),
+        (6900, 1, "E", "skb_recv_done", None), (6910, 1, "E", "vring_interrupt", None),
+        (7000, 1, "B", "net_rx_action", None),
+        (7010, 1, "i", "napi_poll", {"napi": "virtnet_poll_tx/output.0"}),
+        (7020, 1, "i", "napi_poll", {"napi": "virtnet_poll/input.0"}),
+        (7030, 1, "B", "virtnet_poll", None), (7040, 1, "B", "virtnet_receive", None),
+        (7050, 1, "i", "virtqueue_get_buf", {**inp, "head": 4, "len": 116}),
+        (7055, 1, "i", "receive_buf", {**inp, "len": 106}),
+        (7058, 1, "i", "udp_rcv", {"seq": 6, "dport": 32768, "len": 64}),
+        (7070, 1, "i", "virtqueue_get_buf", {**inp, "head": 5, "len": 116}),
+        (7080, 1, "B", "receive_buf", None), (7090, 1, "i", "receive_buf", {**inp, "len": 106}),
+        (7100, 1, "B", "netif_receive_skb", None),
+        (7110, 1, "i", "netif_receive_skb", {"dev": "eth0", "len": 106}),
+        (7120, 1, "B", "ip_rcv", None), (7130, 1, "B", "udp_rcv", None),
+        (7140, 1, "i", "udp_rcv", {"seq": 7, "dport": 32768, "len": 64}),
+        (7150, 1, "E", "udp_rcv", None), (7160, 1, "E", "ip_rcv", None),
+        (7170, 1, "E", "netif_receive_skb", None), (7180, 1, "E", "receive_buf", None),
+        (7190, 1, "E", "virtnet_receive", None), (7200, 1, "E", "virtnet_poll", None),
+        (7210, 1, "E", "net_rx_action", None),
+        (7300, 1, "i", "recvfrom", {"seq": 6, "len": 64}),
+        (7310, 1, "i", "recvfrom", {"seq": 7, "len": 64}),
+    ]
+    return [piece(tmp_path / "trace.guest.msgpack", "guest", 100, {1: (100, "MainThread")}, guest),
+            piece(tmp_path / "trace.kvm.msgpack", "kvm", 200,
+                  {11: (201, "vcpu0"), 13: (203, "irqfd-gsi26"), 14: (204, "irqfd-gsi25")}, kvm),
+            piece(tmp_path / "trace.qemu.msgpack", "qemu", 300, {21: (300, "MainThread")}, qemu)]
+
+
+@pytest.mark.timeout(30)
+def test_merge_follows_a_reply_by_seq_and_rx_head(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    merged = merge_traces(reply_pieces(tmp_path), str(out))
+    assert sorted(merged.replies) == [7] and not merged.packets
+    trace = load_trace(out)
+    reply = trace.replies[7]
+    assert [e.name for e in reply.steps] == RX_STEPS
+    assert [e.name for e in find_replies(trace)[7].steps] == RX_STEPS
+    assert reply.head == 5 and reply.avail_idx == 12
+    args = {e.name: e.args for e in reply.steps}
+    assert args["irqfd_wakeup"]["gsi"] == 25 and args["kvm_inj_virq"]["vectors"] == [39]
+    assert args["virtqueue_get_buf"]["head"] == 5 and args["udp_rcv"]["seq"] == 7
+    assert args["napi_poll"]["napi"] == "virtnet_poll/input.0"
+    assert args["recvfrom"]["seq"] == 7
+    chain = packet_chain(trace, 7, "rx")
+    names = [c.name for c in chain]
+    assert names[0] == "slirp_pollfds_poll" and chain[0].ts == 6.1 and chain[0].dur == 0.35
+    assert chain[-1].name == "recvfrom" and chain[-1].args["seq"] == 7
+    assert "main_loop_wait" not in names and "kvm_apic_accept_irq" not in names
+    assert {c.name for c in packet_context(trace, 7, "rx")} == {"main_loop_wait"}
+    depth = {(c.name, c.dur is None): c.depth for c in chain}
+    assert depth[("virtqueue_pop", True)] == depth[("virtio_net_receive", False)] + 2 == 12
+    assert depth[("udp_rcv", False)] == depth[("net_rx_action", False)] + 6 == 6

@@ -23,10 +23,12 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2."""
+    """Bad input is one line on stderr, naming the program, and exit status 2."""
+
+    label = "vreplica"
 
     def error(self, message: str) -> NoReturn:
-        print(f"vreplica: {message}", file=sys.stderr)
+        print(f"{self.label}: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -58,6 +60,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off")
     p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off")
     p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off")
+    p.add_argument("--any-layout", type=on_off, default=True, metavar="on|off",
+                   help="off: TX puts the virtio-net header in a buffer of its own")
+    p.add_argument("--indirect-desc", type=on_off, default=True, metavar="on|off",
+                   help="VIRTIO_RING_F_INDIRECT_DESC (used by chains of 2+ buffers)")
+    p.add_argument("--guest-fault", metavar="KIND",
+                   help="the guest driver breaks one ring rule after 5 good frames and "
+                        "recovers by reset ('list' shows the kinds)")
     p.add_argument("--tx", choices=("bh", "timer"), default="bh")
     p.add_argument("--tx-burst", type=int, default=256)
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
@@ -72,6 +81,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="hold the vCPU before its first instruction until 'cont' (QEMU's -S)")
     p.add_argument("--hold", action="store_true",
                    help="keep the processes up after the program ends, until 'quit' or Ctrl-C")
+    p.add_argument("--reconnect", action="store_true",
+                   help="if QEMU dies, start a new one on the same guest (the guest and KVM go on)")
 
 
 def parse_size(text: str) -> int:
@@ -133,7 +144,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
     need = 2 * vring_size(a.queue_size, 4096) + (3 * a.queue_size + 64) * 2048 + (1 << 20)
     if mem < need:
         raise UsageError(f"--mem {a.mem} is too small for two rings of {a.queue_size} and "
-                         f"their buffers (needs at least {need >> 20} MiB)")
+                         f"their buffers (needs at least {-(-need >> 20)} MiB)")
     if mem > 1 << 30:
         raise UsageError("--mem must be at most 1G")
     if a.vectors is not None and not 0 <= a.vectors <= 64:
@@ -144,16 +155,30 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if a.guest_fault is not None:
+        from guestproc.faults import FAULT_AFTER, FAULTS
+
+        if a.guest_fault not in FAULTS:
+            raise UsageError(f"--guest-fault: no kind {a.guest_fault!r} "
+                             "(--guest-fault list shows them)")
+        if a.mode not in ("tx", "ping"):
+            raise UsageError("--guest-fault works with --mode tx or ping (the frame that "
+                             "carries the fault is lost; an echo client would wait for it)")
+        if a.packets <= FAULT_AFTER:
+            raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
+                             f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
                       packets=a.packets, size=a.size, dest_port=a.dest_port,
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
                       vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
                       mrg_rxbuf=a.mrg_rxbuf, tx=a.tx, tx_burst=a.tx_burst, trace=a.trace,
-                      pcap=a.pcap, timeout=a.timeout,
+                      pcap=a.pcap, timeout=a.timeout, reconnect=a.reconnect,
                       extra={"wait_attach": a.wait_attach, "hold": a.hold,
                              "netqueue_maxlen": a.net_queue_len,
-                             "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms})
+                             "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
+                             "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
+                             "guest_fault": a.guest_fault})
 
 
 def free_udp_port() -> int:
@@ -197,10 +222,14 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
             sender.join(5.0)
         sink_summary = None
         if sink is not None:
-            sink.wait_for(opts.packets, 2.0)
+            lost = 1 if opts.extra.get("guest_fault") else 0  # the frame with the fault
+            sink.wait_for(opts.packets - lost, 2.0)
             sink_summary = sink.summary()
         summary = build_summary(cfg.rid, opts, sup.reports(), sink_summary,
                                 sup.t_end - sup.t_start)
+        if opts.reconnect:
+            summary["device_restarts"] = sup.restarts
+            summary["device_deaths"] = sup.deaths
         if opts.trace:
             from vreplica.tracefile import merge_traces
 
@@ -217,6 +246,12 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.guest_fault == "list":
+        from guestproc.faults import fault_kinds
+
+        for name, text in fault_kinds():
+            print(f"{name:18} {text}")
+        return 0
     opts = options_from_args(a)
     summary, _ = execute(opts)
     print(format_summary(summary))
@@ -279,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"vreplica: {e}", file=sys.stderr)
         return e.code
+    except KeyboardInterrupt:  # a Ctrl-C outside a run (execute() turns its own into RunFailed)
+        print("vreplica: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """vreplica demo: what ``./run.sh`` shows a new user.
 
-The guest sends a few UDP datagrams to a listener this command opens on 127.0.0.1, paced so
-that each one travels alone; then one datagram's journey is printed as the call chain the
-three processes ran (guest driver -> KVM -> QEMU's virtio-net and slirp -> the host socket,
-and the completion interrupt back), with the run's summary and the files to look at next:
-the Chrome trace (Perfetto), the pcap, and a swimlane picture of that datagram.
+The guest sends a few UDP datagrams, one at a time, to an echo service this command opens on
+127.0.0.1, paced so that each round trip travels alone; then one round trip is printed as the
+call chain the three processes ran: to the host (guest driver -> KVM -> QEMU's virtio-net and
+slirp -> the host socket, and the completion interrupt back) and the reply back to the guest
+(slirp reads it -> virtio-net fills a guest RX buffer -> irqfd -> the guest's NAPI poll -> its
+socket), with the run's summary and the files to look at next: the Chrome trace (Perfetto),
+the pcap, and a swimlane picture of that round trip.
 
 Not part of the replicated system: a guided tour of it.
 """
@@ -18,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from vreplica.cli import Parser, execute
-from vreplica.render import RenderError, render_packet
+from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
 from vreplica.supervisor import RunFailed, RunOptions
-from vreplica.tracefile import Event, Trace, TraceError, chain_events, load_trace
+from vreplica.tracefile import Event, Trace, TraceError, load_trace, round_trip_events
 
 PACKETS = 5
 SIZE = 64
@@ -34,6 +36,10 @@ Detail = Callable[[dict[str, Any]], str]
 
 def _hex(v: Any) -> str:
     return f"{v:#x}" if isinstance(v, int) else str(v)
+
+
+def _vectors(a: dict[str, Any]) -> str:
+    return ",".join(map(str, a.get("vectors") or []))
 
 
 SHOWN: dict[str, Detail] = {
@@ -74,29 +80,56 @@ SHOWN: dict[str, Detail] = {
     "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
     "virtio_notify": lambda a: f"{a.get('vq')} used_idx {a.get('used_idx')} -> irqfd",
     "irqfd_wakeup": lambda a: f"gsi {a.get('gsi')} -> local APIC",
-    "kvm_inj_virq": lambda a: f"inject vector {','.join(map(str, a.get('vectors') or []))} "
-                              "at VM entry",
+    "kvm_inj_virq": lambda a: f"inject vector(s) {_vectors(a)} at VM entry",
     "vring_interrupt": lambda a: f"irq {a.get('irq')}, {a.get('vq')} used_idx {a.get('used_idx')}",
     "skb_xmit_done": lambda a: "schedule NAPI",
+    "net_rx_action": lambda a: "softirq: run the scheduled NAPI polls",
     "virtnet_poll_tx": lambda a: "",
     "free_old_xmit_skbs": lambda a: f"{a.get('packets')} buffer(s) back to the guest",
+    "slirp_pollfds_poll": lambda a: "a host socket is readable",
+    "sorecvfrom": lambda a: f"seq {a.get('seq')}: {a.get('len')} B on host fd {a.get('fd')} "
+                            f"from 127.0.0.1:{a.get('sport')}",
+    "udp_output": lambda a: "UDP header, from 10.0.2.2",
+    "ip_output": lambda a: "IPv4 header, to 10.0.2.15",
+    "if_encap": lambda a: "Ethernet header (the guest's MAC, learnt by ARP)",
+    "slirp_output": lambda a: f"{a.get('len')}-byte frame for the NIC",
+    "qemu_send_packet": lambda a: "-> qemu_sendv_packet_async",
+    "virtio_net_receive": lambda a: "virtio-net header + frame",
+    "skb_recv_done": lambda a: "schedule NAPI",
+    "virtnet_poll": lambda a: "",
+    "virtnet_receive": lambda a: "",
+    "virtqueue_get_buf": lambda a: f"{a.get('vq')} head {a.get('head')}, len {a.get('len')}",
+    "receive_buf": lambda a: f"{a.get('len')}-byte frame",
+    "netif_receive_skb": lambda a: "-> ip_rcv",
+    "ip_rcv": lambda a: "",
+    "udp_rcv": lambda a: f"seq {a.get('seq')}: onto port {a.get('dport')}'s receive queue",
+    "recvfrom": lambda a: f"seq {a.get('seq')}: {a.get('len')} B returned to the program",
 }
-EMPTY_UNLESS_TRACED = {"virtqueue_pop", "free_old_xmit_skbs", "virtio_net_flush_tx"}
+EMPTY_UNLESS_TRACED = {"virtqueue_pop", "free_old_xmit_skbs", "virtio_net_flush_tx",
+                       "virtqueue_get_buf"}
+TX_HIDDEN = {"xmit_skb", "handle_exit", "net_rx_action", "virtqueue_get_buf"}
+"""Steps the way to the host leaves out, for room: a line above or below tells of each."""
+RX_HIDDEN = {"qemu_sendv_packet_async", "ip_rcv"}
+"""The same for the way back, which also leaves out the spans already running (the main
+loop's iteration, KVM_RUN): the thread names tell where each line ran."""
 
 
-def _shown(chain: list[Event], context: list[Event]) -> list[tuple[Event, dict[str, Any]]]:
+def _shown(chain: list[Event], context: list[Event],
+           hidden: set[str] | frozenset[str] = frozenset()) -> list[tuple[Event, dict[str, Any]]]:
     """The events the demo prints, each with its arguments (a span takes those of the trace
-    point of its own name inside it); spans that found nothing (an empty pop) are left out,
-    and a span that was already running comes just before the first line inside it."""
+    point of its own name inside it); spans that found nothing (an empty pop) and ``hidden``
+    names are left out, and a span that was already running comes just before the first line
+    inside it (unless its own trace point, in the chain, stands for it)."""
+    in_chain = set(chain)
     inner: dict[Event, dict[str, Any]] = {}
     for ev in chain:
         if not ev.is_span and ev.parent is not None and ev.parent.name == ev.name:
             inner[ev.parent] = ev.args
     out: list[tuple[Event, dict[str, Any]]] = []
-    pending = [c for c in context if c.name in SHOWN]
+    pending = [c for c in context if c.name in SHOWN and c not in inner]
     for ev in chain:
-        if ev.name not in SHOWN or (not ev.is_span and ev.parent is not None
-                                    and ev.parent.name == ev.name):
+        folded = not ev.is_span and ev.parent in in_chain and ev.parent.name == ev.name
+        if ev.name not in SHOWN or ev.name in hidden or folded:
             continue
         if ev.is_span and ev.name in EMPTY_UNLESS_TRACED and ev not in inner:
             continue
@@ -107,21 +140,14 @@ def _shown(chain: list[Event], context: list[Event]) -> list[tuple[Event, dict[s
     return out
 
 
-def format_chain(trace: Trace, seq: int) -> list[str]:
-    """Packet ``seq``'s journey: one line per function, offset, process/thread, call depth."""
-    chain, context = chain_events(trace, seq)
-    shown = _shown(chain, context)
+def _section(trace: Trace, chain: list[Event], context: list[Event], t0: int,
+             hidden: set[str]) -> list[str]:
+    """One direction's lines: offset, process/thread, the function at its call depth."""
+    shown = _shown(chain, context, hidden)
     on_screen = {ev for ev, _ in shown}
     context_set = set(context)
-    t0 = chain[0].ts
-    lines = [
-        f"One datagram (seq {seq}) from the guest's UDP socket to the host's, as the three "
-        "processes ran it.",
-        "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
-        "        >> = control passes to another process; ... = was already running",
-        f"{'us':>8}    {'process/thread':<{WHERE_W}} function",
-    ]
-    prev_role = chain[0].role
+    lines = []
+    prev_role = shown[0][0].role if shown else ""
     for ev, args in shown:
         depth = sum(1 for a in ev.ancestors() if a in on_screen)
         where = f"{ev.role} {trace.thread_name(ev)}"[:WHERE_W]
@@ -135,37 +161,80 @@ def format_chain(trace: Trace, seq: int) -> list[str]:
         mark = ">>" if ev.role != prev_role else "  "
         prev_role = ev.role
         text = f"{'  ' * depth}{ev.name}"
-        lines.append(f"{when:>8} {mark} {where:<{WHERE_W}} {text}"
-                     + (f"  {detail}" if detail else ""))
-    p = trace.packets[seq]
-    sent = next((e for e in p.steps if e.name == "sosendto"), None)
-    done = max(ev.end for ev in chain)
-    if sent is not None:
-        lines.append(f"the datagram left for the host socket at +{(sent.ts - t0) / 1000:.0f} us;"
-                     f" the guest had its buffer back at +{(done - t0) / 1000:.0f} us")
+        line = f"{when:>8} {mark} {where:<{WHERE_W}} {text}" + (f"  {detail}" if detail else "")
+        lines.append(line[:WIDTH])
     return lines
+
+
+def _point(events: list[Event], name: str) -> Event | None:
+    return next((e for e in events if e.name == name and not e.is_span), None)
+
+
+def format_round_trip(trace: Trace, seq: int) -> list[str]:
+    """Round trip ``seq``: the datagram's chain to the host, then its reply's back to the
+    guest socket, each line with its offset from the guest's ``udp_sendmsg``."""
+    (tx, tx_context), (rx, _) = round_trip_events(trace, seq)
+    t0 = tx[0].ts
+    send = _point(tx, "udp_sendmsg")
+    port = send.args.get("dport") if send is not None else "?"
+    sent, read = _point(tx, "sosendto"), _point(rx, "sorecvfrom")
+    got = _point(rx, "recvfrom")
+    lines = [
+        f"One round trip (seq {seq}) through the three processes: to the host's echo service "
+        "and back.",
+        "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
+        "        >> = control passes to another process; ... = was already running",
+        f"{'us':>8}    {'process/thread':<{WHERE_W}} function",
+        f"-> to the host: seq {seq} to 10.0.2.2:{port}, which slirp sends to 127.0.0.1:{port}",
+    ]
+    lines += _section(trace, tx, tx_context, t0, TX_HIDDEN)
+    overlap = rx and rx[0].ts < max(ev.end for ev in tx)
+    lines.append("<- back to the guest: the echo service's reply"
+                 + (" (under way while the guest still completed the send)" if overlap else ""))
+    lines += _section(trace, rx, [], t0, RX_HIDDEN)
+    if got is not None:
+        host = (f" ({(read.ts - sent.ts) / 1000:.0f} us of it on the host, sosendto to "
+                "sorecvfrom)" if sent is not None and read is not None else "")
+        lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
+                               f"recvfrom{host}", WIDTH)
+    return lines
+
+
+WHOLE_RX = ("irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "recvfrom")
+"""A reply that took the whole way: its own interrupt through KVM, up to the socket."""
 
 
 def _pick(trace: Trace, wanted: int | None) -> int:
     if wanted is not None:
         return wanted
-    whole = sorted(seq for seq, p in trace.packets.items()
-                   if any(e.name == "vring_interrupt" for e in p.steps))
-    seqs = whole or sorted(trace.packets)
+
+    def whole(seq: int) -> bool:
+        tx, rx = trace.packets[seq].steps, trace.replies[seq].steps
+        return any(e.name == "vring_interrupt" for e in tx) and \
+            [e.name for e in rx if e.name in WHOLE_RX] == list(WHOLE_RX)
+
+    def rtt(seq: int) -> int:
+        return trace.replies[seq].steps[-1].ts - trace.packets[seq].send.ts
+
+    both = sorted(set(trace.packets) & set(trace.replies))
+    seqs = [seq for seq in both if whole(seq)] or both
     if not seqs:
-        raise TraceError("the trace holds no packet path")
-    return seqs[len(seqs) // 2]
+        raise TraceError("the trace holds no round trip (no datagram with its reply)")
+    if len(seqs) > 1 and seqs[0] == both[0]:
+        seqs = seqs[1:]  # the first one sent waits for ARP
+    return sorted(seqs, key=rtt)[len(seqs) // 2]  # a typical one: the median round trip
 
 
 def _parser() -> Parser:
     p = Parser(prog="vreplica demo",
-               description="Send a few datagrams from the guest and follow one of them.")
+               description="Send a few datagrams from the guest to a host echo service and "
+                           "follow one round trip.")
     p.add_argument("--out", default="out", help="directory for the trace, pcap and picture")
     p.add_argument("--packets", type=int, default=PACKETS, help="datagrams to send (1..100)")
     p.add_argument("--pace-ms", type=float, default=PACE_MS,
-                   help="pause between datagrams, so that each travels alone")
+                   help="pause after each reply, so that each round trip travels alone")
     p.add_argument("--packet", type=int, default=None, metavar="SEQ",
-                   help="the datagram to follow (default: the middle one)")
+                   help="the datagram whose round trip to follow (default: the median one)")
     return p
 
 
@@ -184,21 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vreplica demo: cannot make {a.out}: {e.strerror}", file=sys.stderr)
         return 2
-    trace_path, pcap_path = out / "trace.json", out / "tx.pcap"
-    opts = RunOptions(mode="tx", packets=a.packets, size=SIZE, dest_port=0,
+    trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
+    opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
                       pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
                       timeout=60.0)
     try:
-        summary, _ = execute(opts)  # it opens the host listener on 127.0.0.1 itself
+        summary, _ = execute(opts)  # dest_port 0: it opens the echo service on 127.0.0.1
     except RunFailed as e:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return e.code
-    host = summary.get("host", {"received": 0, "bad_payloads": 0})
     try:
         trace = load_trace(trace_path)
         seq = _pick(trace, a.packet)
-        lines = format_chain(trace, seq)
-        picture = render_packet(trace, seq, out / f"packet-{seq}.svg")
+        lines = format_round_trip(trace, seq)
+        picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
     except (TraceError, RenderError) as e:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return 1
@@ -207,19 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     for line in format_summary(summary).splitlines():
         print("\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * 25,
                                        break_on_hyphens=False)))
-    landed = host["received"] == a.packets and host["bad_payloads"] == 0
-    print(f"  host listener          127.0.0.1:{opts.dest_port} got {host['received']} of "
-          f"{a.packets} datagrams" + (", payloads intact" if landed else
-                                      f", {host['bad_payloads']} damaged: NOT all landed"))
+    replies, bad = summary.get("replies") or 0, summary.get("bad_replies") or 0
+    back = replies == a.packets and bad == 0
+    print(f"  echo service           127.0.0.1:{opts.dest_port}: the guest got {replies} of "
+          f"{a.packets} replies" + (", payloads intact" if back else
+                                    f", {bad} damaged: NOT all came back"))
     print()
     cwd = Path.cwd()
     where = out.relative_to(cwd) if out.is_relative_to(cwd) else out
     print(f"files in {where}/:")
-    print(f"  {trace_path.name:<14} Chrome trace JSON: open https://ui.perfetto.dev, "
+    print(f"  {trace_path.name:<18} Chrome trace JSON: open https://ui.perfetto.dev, "
           "\"Open trace file\"")
-    print(f"  {pcap_path.name:<14} every frame on the NIC (wireshark, tshark -r)")
-    print(f"  {picture.name:<14} seq {seq}'s journey as a swimlane picture (open in a browser)")
-    return 0 if landed else 1
+    print(f"  {pcap_path.name:<18} every frame on the NIC, both ways (wireshark, tshark -r)")
+    print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
+          "browser)")
+    return 0 if back else 1
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ def big_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SINK_RCVBUF)
 
 
+PATTERN = bytes(range(256)) * 7
+
+
 def expected_payload(seq: int, size: int) -> bytes:
     """What the guest's sender puts in datagram ``seq`` (guestproc.programs.payload)."""
-    fill = bytes((seq + i) & 0xFF for i in range(max(0, size - SEQ_BYTES)))
-    return seq.to_bytes(SEQ_BYTES, "big") + fill
+    start = seq & 0xFF
+    return seq.to_bytes(SEQ_BYTES, "big") + PATTERN[start : start + max(0, size - SEQ_BYTES)]
 
 
 class UdpSink:

@@ -2,8 +2,12 @@
 
 One lane per process and thread, time on the x axis, each span and trace point a box with its
 name, stacked by call depth; arrows follow a packet's flow where control passes from one
-thread to another (red where it crosses a process). Spans that were already running when
-the picture starts (``main_loop_wait``, ``kvm_arch_vcpu_ioctl_run``) are drawn cut at its edge.
+thread to another (red where it crosses a process; in a round trip, the reply's arrows are
+blue). Spans that were already running when the picture starts (``main_loop_wait``,
+``kvm_arch_vcpu_ioctl_run``) are drawn cut at its edge.
+
+A trace of an echo run draws a datagram's round trip (to the host and the reply back); a
+trace of a transmit-only run, the datagram's journey to the host.
 
 Not part of the replicated system: a viewer for its traces.
 """
@@ -20,7 +24,15 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from vreplica.tracefile import ROLES, Event, Trace, TraceError, chain_events, load_trace
+from vreplica.tracefile import (
+    ROLES,
+    RX,
+    Event,
+    Trace,
+    TraceError,
+    chain_events,
+    load_trace,
+)
 
 matplotlib.use("Agg")
 
@@ -34,6 +46,8 @@ MAX_SUBLINES = 4
 LANE_GAP_IN = 0.12
 LABEL_COL_IN = 1.3
 MAX_EVENTS = 4000
+TX_CROSSING, RX_CROSSING = "#c0392b", "#2e86c1"
+"""Arrows across processes: a transmitted datagram's, a received one's."""
 
 
 class RenderError(Exception):
@@ -88,7 +102,8 @@ def _lanes(trace: Trace, events: list[Event]) -> list[_Lane]:
 
 
 def _place_labels(lanes: list[_Lane], us_per_in: float, x0: int) -> None:
-    """Greedy: each label goes on the first subline under its row where it overlaps nothing."""
+    """Greedy: each label goes on the first subline under its row where it overlaps nothing;
+    when all are taken, on the one that frees up first (it overlaps: no box goes unnamed)."""
     for lane in lanes:
         for row in lane.rows.values():
             ends: list[float] = []
@@ -104,6 +119,10 @@ def _place_labels(lanes: list[_Lane], us_per_in: float, x0: int) -> None:
                     if len(ends) < MAX_SUBLINES:
                         ends.append(start + width)
                         row.labels.append((ev, len(ends) - 1))
+                    else:
+                        k = min(range(len(ends)), key=ends.__getitem__)
+                        ends[k] = max(ends[k], start) + width
+                        row.labels.append((ev, k))
             row.sublines = max(1, len(ends))
 
 
@@ -158,14 +177,16 @@ def draw(trace: Trace, events: list[Event], arrows: list[list[Event]], start: in
     for ev in events:
         if _folded(ev) and ev.parent in centers:
             centers[ev] = ((ev.ts - ref) / 1000, centers[ev.parent][1])
+    rx_ids = {id(p.steps) for p in trace.replies.values()}
     for steps in arrows:
         for a, b in zip(steps, steps[1:], strict=False):
             if a.thread_key == b.thread_key or a not in centers or b not in centers:
                 continue
             crossing = a.pid != b.pid
+            color = RX_CROSSING if id(steps) in rx_ids else TX_CROSSING
             ax.annotate("", xy=centers[b], xytext=centers[a],
                         arrowprops={"arrowstyle": "->", "lw": 1.1 if crossing else 0.7,
-                                    "color": "#c0392b" if crossing else "#7f8c8d",
+                                    "color": color if crossing else "#7f8c8d",
                                     "shrinkA": 1, "shrinkB": 1})
     ax.set_yticks([])
     for side in ("left", "right", "top"):
@@ -196,6 +217,37 @@ def render_packet(trace: Trace, seq: int, out: str | Path,
     return out
 
 
+def render_round_trip(trace: Trace, seq: int, out: str | Path,
+                      window: tuple[float, float] | None = None) -> Path:
+    """Datagram ``seq``'s round trip of an echo run: its chain to the host and its reply's
+    back to the guest socket (with the spans they ran inside of), as a swimlane picture."""
+    out = _check_out(out)
+    tx, tx_context = chain_events(trace, seq)
+    rx, rx_context = chain_events(trace, seq, RX)
+    first = tx[0].ts
+    last = max(ev.end for ev in tx + rx)
+    pad = max((last - first) // 30, 1000)
+    start, end = first - pad, last + pad + (last - first) // 12
+    if window is not None:
+        start, end = trace.start + round(window[0] * 1000), trace.start + round(window[1] * 1000)
+    union = list(dict.fromkeys(tx_context + rx_context + tx + rx))
+    events = [ev for ev in union if ev.end >= start and ev.ts <= end]
+    title = (f"round trip seq {seq}: guest udp_sendmsg -> KVM -> QEMU/slirp sendto -> host echo "
+             "(red); slirp recvfrom -> virtio-net RX -> irqfd -> guest recvfrom (blue)")
+    draw(trace, events, [trace.packets[seq].steps, trace.replies[seq].steps], start, end, first,
+         f"microseconds since the guest's udp_sendmsg of seq {seq}", title, out)
+    return out
+
+
+def render_seq(trace: Trace, seq: int, out: str | Path,
+               window: tuple[float, float] | None = None) -> Path:
+    """Seq's round trip if the trace has both the datagram and its reply, else its journey
+    to the host (a transmit-only run)."""
+    if seq in trace.packets and seq in trace.replies:
+        return render_round_trip(trace, seq, out, window)
+    return render_packet(trace, seq, out, window)
+
+
 def render_window(trace: Trace, start_us: float, end_us: float, out: str | Path) -> Path:
     """Every event between ``start_us`` and ``end_us`` (since the trace's first event)."""
     out = _check_out(out)
@@ -203,7 +255,7 @@ def render_window(trace: Trace, start_us: float, end_us: float, out: str | Path)
         raise RenderError("--window: END_US must be greater than START_US")
     start, end = trace.start + round(start_us * 1000), trace.start + round(end_us * 1000)
     events = [ev for ev in trace.events if ev.end >= start and ev.ts <= end]
-    arrows = [p.steps for p in trace.packets.values()
+    arrows = [p.steps for p in [*trace.packets.values(), *trace.replies.values()]
               if any(start <= s.ts <= end for s in p.steps)]
     draw(trace, events, arrows, start, end, trace.start,
          "microseconds since the trace's first event",
@@ -231,7 +283,8 @@ def _parser() -> _Parser:
     p.add_argument("trace", help="a trace written by --trace (Chrome trace JSON)")
     p.add_argument("out", help="the picture: OUT.svg or OUT.png")
     p.add_argument("--packet", type=int, metavar="SEQ",
-                   help="the datagram whose journey to draw (default: the middle one)")
+                   help="the datagram whose journey (its round trip in an echo run) to draw "
+                        "(default: the middle one)")
     p.add_argument("--window", type=float, nargs=2, metavar=("START_US", "END_US"),
                    help="the time range, in microseconds since the trace's first event")
     return p
@@ -248,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vreplica trace: {USAGE}", file=sys.stderr)
         return 2
     if args[0] in ("-h", "--help", "help"):
-        print(USAGE + "\n  draws one packet's journey (or a time window) across the three "
-              "processes' threads")
+        print(USAGE + "\n  draws one packet's journey (an echo run: its round trip), or a time "
+              "window, across the three processes' threads")
         return 0
     if args[0] != "render":
         print(f"vreplica trace: unknown command {args[0]!r} ({USAGE})", file=sys.stderr)
@@ -266,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not trace.packets:
                     raise RenderError(f"{a.trace}: no packet paths in this trace "
                                       "(use --window START_US END_US)")
-                seqs = sorted(trace.packets)
+                seqs = sorted(set(trace.packets) & set(trace.replies)) or sorted(trace.packets)
                 seq = seqs[len(seqs) // 2]
-            out = render_packet(trace, seq, a.out, a.window)
+            out = render_seq(trace, seq, a.out, a.window)
     except (RenderError, TraceError) as e:
         print(f"vreplica trace render: {e}", file=sys.stderr)
         return 2

@@ -14,12 +14,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
+from vreplica.cli import Parser, UsageError
 from vreplica.hostside import UdpEcho, big_receive_buffer, expected_payload
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
@@ -178,18 +179,9 @@ class Chaos:
         self.log.add("ring-fault", pid=p.pid)
 
 
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"vreplica stress: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="vreplica stress", description=__doc__)
+    p.label = "vreplica stress"
     g = p.add_mutually_exclusive_group()
     g.add_argument("--duration", type=float, help="seconds of load (default 10)")
     g.add_argument("--packets", type=int, help="datagrams to send instead of a duration")
@@ -336,11 +328,12 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         duplicated = prog.get("duplicate_replies", 0)
         reordered = 0
     lost = max(0, sent - delivered)
-    if echo is not None:  # exactly the requests the paused echo service ignored
-        lost_expected = len(set(prog.get("unanswered_seqs", [])) & echo.ignored_seqs)
+    faulted = set(prog.get("faulted_seqs", []))  # frames that carried a ring fault
+    if echo is not None:  # exactly the requests the paused echo service ignored, or faulted
+        lost_expected = len(set(prog.get("unanswered_seqs", [])) & (echo.ignored_seqs | faulted))
     else:
-        lost_expected = 0
-    restarts = reports.get("qemu", {}).get("restarts", 0)
+        lost_expected = len(faulted - sink.seen) if sink is not None else 0
+    restarts = sup.restarts
     verdict = {
         "mode": a.mode, "queues": a.queues, "flows": flows, "sizes": [lo, hi],
         "duration_s": round(sup.t_end - sup.t_start, 2), "sent": sent, "delivered": delivered,
@@ -384,6 +377,7 @@ def format_verdict(v: dict[str, Any]) -> str:
                                           f"{v['rss_end_mb'].get(r, '?')}"
                                           for r in ("guest", "kvm", "qemu"))),
         ("chaos events", ", ".join(f"{e['t_s']}s {e['kind']}" for e in v["chaos"]) or "none"),
+        ("device restarts", f"{v['device_restarts']}"),
         ("leftovers", ", ".join(v["leftovers"]) or "none"),
         ("verdict", v["verdict"]),
     ]

@@ -78,6 +78,17 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
     summary["slirp"] = q.get("slirp", {}).get("stats", {})
+    cpr = q.get("cpr", {})
+    if cpr.get("enabled"):  # --reconnect: TX chains in flight when a QEMU died, sent again
+        summary["resubmitted"] = cpr.get("resubmitted", 0)
+        summary["incomings"] = cpr.get("incomings", [])
+    summary["guest_resets"] = g.get("resets", 0)
+    pci = q.get("virtio_pci", {})
+    summary["ioeventfds"] = len(pci.get("ioeventfds", {}))  # registered at the end of the run
+    summary["irqfds"] = len(pci.get("irqfds", {}))
+    summary["indirect_descs"] = sum(q.get("indirect", 0) for q in g.get("sq") or [])
+    if g.get("fault"):
+        summary["guest_fault"] = g["fault"]
     if sent:
         summary["kicks_per_packet"] = round(summary["kicks"] / sent, 4)
         summary["tx_interrupts_per_packet"] = round(summary["tx_interrupts"] / sent, 4)
@@ -112,4 +123,16 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"dropped {s['rx_dropped']}")
     if s.get("device_errors"):
         lines.append(f"  device errors          {'; '.join(s['device_errors'])}")
+    if s.get("device_restarts") is not None:
+        dups = s.get("host", {}).get("duplicates")
+        lines.append(f"  QEMU restarts          {s['device_restarts']}: "
+                     f"{s.get('resubmitted', 0)} TX chain(s) resubmitted"
+                     + (f", {dups} duplicate(s) at the host" if dups is not None else ""))
+    f = s.get("guest_fault")
+    if f:
+        lines.append(f"  guest fault            {f['kind']} "
+                     + (f"at frame {f['at_frame']}" if f["committed"] else "never committed")
+                     + f"; the guest reset the device {s['guest_resets']} time(s)")
+    elif s.get("guest_resets"):
+        lines.append(f"  guest resets           {s['guest_resets']}")
     return "\n".join(lines)

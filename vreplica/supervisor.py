@@ -11,8 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from common.kvm_abi import unpackb
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
 SUPERVISOR_GRACE_S = 15.0
+MAX_RESTARTS = 16
 
 
 class RunFailed(Exception):
     """The run could not finish: the message is the one line the user sees."""
 
     def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
+        super().__init__(" / ".join(part.strip() for part in message.splitlines() if part.strip()))
         self.code = code
 
 
@@ -60,6 +63,7 @@ class RunOptions:
     window: int = 1
     guest_port: int = 0
     queues: int = 1
+    reconnect: bool = False
     hostfwd: list[tuple[int, int]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +76,23 @@ class RunOptions:
         if self.vectors is None:
             return nvqs + 1
         return 0 if self.vectors == 0 else max(2, self.vectors)
+
+
+@contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block is done (the run's objects are made or removed
+    whole); it is raised, as KeyboardInterrupt, at the block's end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught and callable(old):
+        old(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
 def _signal_name(rc: int) -> str:
@@ -95,10 +116,26 @@ class Supervisor:
         self.on_console: Callable[[str, str], None] = lambda role, line: None
         self.on_tick: Callable[[], None] = lambda: None
         self.live: dict[str, dict] = {}
+        self.restarts = 0
+        self.deaths: list[str] = []
+        self._env: dict[str, str] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> RunConfig:
+        """Make the run and start its processes; a Ctrl-C meanwhile comes after, so whatever
+        was made is on record for stop() and cleanup()."""
+        with deferred_sigint():
+            try:
+                return self._start()
+            except OSError as e:
+                self.stop()
+                raise RunFailed(f"cannot set up the run: {e}") from None
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start(self) -> RunConfig:
         cleanup_dead_runs()
         o = self.opts
         nvqs = 2 * o.queues + (1 if o.queues > 1 else 0)
@@ -109,51 +146,76 @@ class Supervisor:
             "event_idx": o.event_idx, "mrg_rxbuf": o.mrg_rxbuf, "tx": o.tx,
             "tx_burst": o.tx_burst, "arp": o.arp, "pcap": o.pcap, "msix_vectors": vectors,
             "udp_expire_s": o.udp_expire_s, "hostfwd": o.hostfwd, "window": o.window,
-            "guest_port": o.guest_port, "timeout": o.timeout, "queues": o.queues, **o.extra,
+            "guest_port": o.guest_port, "timeout": o.timeout, "queues": o.queues,
+            "reconnect": o.reconnect, **o.extra,
         }
         self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, max(vectors, 1), options)
-        try:
-            create_objects(cfg)
-            self.ctl = Channel(cfg.channel("ctl"))
-            env = dict(os.environ)
-            if o.trace:
-                env["VREPLICA_TRACE"] = "1"
-            else:
-                env.pop("VREPLICA_TRACE", None)
-            self.t_start = time.monotonic()
-            for role in ROLES:
-                self.procs[role] = subprocess.Popen(
-                    [sys.executable, "-m", f"{role}proc", cfg.rundir], env=env,
-                    stdin=subprocess.DEVNULL)
-        except BaseException:
-            self.stop()
-            raise
+        create_objects(cfg)
+        self.ctl = Channel(cfg.channel("ctl"))
+        env = dict(os.environ)
+        if o.trace:
+            env["VREPLICA_TRACE"] = "1"
+        else:
+            env.pop("VREPLICA_TRACE", None)
+        self._env = env
+        self.t_start = time.monotonic()
+        for role in ROLES:
+            self.procs[role] = self._spawn(role)
         return cfg
+
+    def _spawn(self, role: str, *flags: str) -> subprocess.Popen:
+        """One process of the run, in a process group of its own: a terminal's Ctrl-C goes
+        to the supervisor alone, which then stops the run in order."""
+        assert self.cfg is not None
+        return subprocess.Popen([sys.executable, "-m", f"{role}proc", *flags, self.cfg.rundir],
+                                env=self._env, stdin=subprocess.DEVNULL, process_group=0)
+
+    def _restart(self, role: str, why: str) -> None:
+        """--reconnect: a new QEMU on the same run (QEMU's -incoming); the guest and KVM go on."""
+        self.restarts += 1
+        self.deaths.append(why)
+        self.procs[role] = self._spawn(role, "-incoming")
 
     def wait(self) -> None:
         """Until the guest program is done and all three have exited; raise if one dies."""
         assert self.ctl is not None
         deadline = time.monotonic() + self.opts.timeout + SUPERVISOR_GRACE_S
+        hold = self.opts.extra.get("hold", False)
+        attended = hold or self.opts.extra.get("wait_attach", False)
         while True:
-            self._read_ctl(0.1)
+            try:
+                self._read_ctl(0.1)
+            except KeyboardInterrupt:
+                if not (hold and "guest" in self.done):
+                    raise
+                self.stop()  # --hold: Ctrl-C ends a finished run, as the monitor's quit does
             self.on_tick()
             exited = {r: p.poll() for r, p in self.procs.items()}
             for role, rc in exited.items():
-                if rc is None:
+                if rc is None or rc == 0:
                     continue
+                pid = self.procs[role].pid
                 if rc < 0:
-                    raise RunFailed(f"{role} process (pid {self.procs[role].pid}) died: "
-                                    f"killed by {_signal_name(rc)}")
-                if rc != 0:
-                    why = self.errors[-1] if self.errors else f"exit status {rc}"
-                    raise RunFailed(f"{role} process (pid {self.procs[role].pid}) failed: {why}")
+                    why = f"{role} process (pid {pid}) died: killed by {_signal_name(rc)}"
+                else:
+                    err = self.errors[-1] if self.errors else f"exit status {rc}"
+                    why = f"{role} process (pid {pid}) failed: {err}"
+                if (role == "qemu" and self.cfg is not None
+                        and self.cfg.options.get("reconnect") and self.restarts < MAX_RESTARTS
+                        and exited.get("kvm") is None):
+                    self._restart(role, why)
+                    exited[role] = None
+                    continue
+                if self.restarts:
+                    why += f" (after {self.restarts} restart{'s' if self.restarts > 1 else ''})"
+                raise RunFailed(why)
             if all(rc == 0 for rc in exited.values()):
                 self._read_ctl(0)
                 if "guest" not in self.done:
                     raise RunFailed("the guest stopped before its program finished")
                 self.t_end = time.monotonic()
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline and not attended:
                 running = ", ".join(r for r, c in exited.items() if c is None)
                 raise RunFailed(f"timed out after {self.opts.timeout:g} s (still running: "
                                 f"{running})")
@@ -177,23 +239,25 @@ class Supervisor:
 
     def stop(self) -> None:
         """Stop whatever still runs (guest first, as a VM is paused before it is torn down)."""
-        for role in ("guest", "qemu", "kvm"):
-            p = self.procs.get(role)
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        with deferred_sigint():
+            for role in ("guest", "qemu", "kvm"):
+                p = self.procs.get(role)
+                if p is not None and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in self.procs.values():
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     def cleanup(self) -> None:
-        if self.ctl is not None:
-            self.ctl.close()
-        if self.cfg is not None:
-            remove_run(self.cfg)
+        with deferred_sigint():
+            if self.ctl is not None:
+                self.ctl.close()
+            if self.cfg is not None:
+                remove_run(self.cfg)
 
     # -- results ------------------------------------------------------------------------------
 

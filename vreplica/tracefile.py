@@ -1,5 +1,6 @@
 """The run's trace file: the three processes' dumps merged into one Chrome Trace Event JSON
-file (what ui.perfetto.dev opens), the packets found in it, and one packet's call chain.
+file (what ui.perfetto.dev opens), the packets found in it, and one packet's call chain (or,
+in an echo run, one round trip's: the datagram out to the host and its reply back).
 
 Not part of the replicated system: the tooling around it, as QEMU's ``-trace`` output and a
 trace viewer are around QEMU.
@@ -13,6 +14,12 @@ points of its path, found by the ids they carry (the guest's ``udp_sendmsg`` and
 ``virtqueue_pop`` the avail index, ``virtqueue_fill`` and ``virtqueue_get_buf`` the
 descriptor head) and, for the steps that carry none, by time: the next such event after the
 previous step.
+
+Each datagram that comes back from a host socket (an echo's reply) gets a flow of its own
+(``rx packet``), from slirp's ``sorecvfrom`` to the guest socket's ``recvfrom``: by sequence
+number (``sorecvfrom``, ``virtio_net_receive``, ``udp_rcv`` and ``recvfrom`` carry it), by
+the RX descriptor head (``virtqueue_pop`` -> ``virtqueue_fill`` -> the guest's
+``virtqueue_get_buf``) and by time for the rest.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ EXITED_THREADS = "exited threads"
 EXITED_TID_BASE = 1 << 30
 FLOW_CAT = "packet"
 FLOW_NAME = "tx packet"
+RX_FLOW_NAME = "rx packet"
+RX_FLOW_ID_BASE = 1 << 30
+"""Reply flows are numbered apart from the datagrams' (seq + 1), so no viewer joins the two."""
+TX, RX = "tx", "rx"
+RUN_ON_GRACE_NS = 1_000_000
+"""A span of the path may end after the path's last step by as long as the path took, up to
+this: a thread descheduled in mid-function (the main loop after its irqfd write, while the
+guest already took the interrupt) still owns the rest of its function; a loop that runs on
+for another packet (a KVM_RUN through the next pause) does not."""
 ISA_IRQ_VECTOR_BASE = 0x30
 
 _RUN_PREFIX = re.compile(r"/vnr\.[0-9a-zA-Z]+\.")
@@ -82,17 +98,23 @@ class Event:
 
 @dataclass
 class Packet:
-    """One transmitted datagram and the trace points of its path, in order."""
+    """One datagram and the trace points of its path, in order: transmitted by the guest
+    (``tx``: ``send`` is its ``udp_sendmsg``) or received by it (``rx``: ``send`` is slirp's
+    ``sorecvfrom``, also the first step). ``head`` and ``avail_idx`` are those of its
+    descriptor chain; ``origin`` is the span the chain starts with, when not ``send``'s own."""
 
     seq: int
     send: Event
     steps: list[Event]
     head: int | None = None
     avail_idx: int | None = None
+    direction: str = TX
+    origin: Event | None = None
 
 
 class ChainStep(NamedTuple):
-    """One line of a packet's call chain; ``ts`` and ``dur`` in microseconds."""
+    """One line of a packet's call chain; ``ts`` and ``dur`` in microseconds; ``direction``
+    tx (to the host) or rx (a reply, back to the guest)."""
 
     ts: float
     process: str
@@ -101,6 +123,7 @@ class ChainStep(NamedTuple):
     name: str
     args: dict[str, Any]
     dur: float | None = None
+    direction: str = TX
 
 
 class _Index:
@@ -112,9 +135,23 @@ class _Index:
             if not ev.is_span:
                 self.by_name.setdefault(ev.name, []).append(ev)
         self.ts = {name: [e.ts for e in lst] for name, lst in self.by_name.items()}
+        self._keyed: dict[tuple[str, str], dict[Any, list[Event]]] = {}
 
     def all(self, name: str) -> list[Event]:
         return self.by_name.get(name, [])
+
+    def next_with(self, name: str, key: str, value: Any, after: int,
+                  before: int | None = None) -> Event | None:
+        """The first ``name`` at or after ``after`` whose argument ``key`` is ``value``."""
+        keyed = self._keyed.get((name, key))
+        if keyed is None:
+            keyed = self._keyed[(name, key)] = {}
+            for ev in self.all(name):
+                keyed.setdefault(ev.args.get(key), []).append(ev)
+        for ev in keyed.get(value, ()):
+            if ev.ts >= after:
+                return ev if before is None or ev.ts <= before else None
+        return None
 
     def next(self, name: str, after: int, *, before: int | None = None, pid: int | None = None,
              tid: int | None = None, role: str | None = None,
@@ -131,12 +168,15 @@ class _Index:
                 return ev
         return None
 
-    def prev(self, name: str, at: int, *, tid: int, pid: int) -> Event | None:
+    def prev(self, name: str, at: int, *, tid: int, pid: int,
+             after: int | None = None) -> Event | None:
         lst = self.by_name.get(name)
         if not lst:
             return None
         for i in range(bisect.bisect_right(self.ts[name], at) - 1, -1, -1):
             ev = lst[i]
+            if after is not None and ev.ts < after:
+                return None
             if ev.tid == tid and ev.pid == pid:
                 return ev
         return None
@@ -150,6 +190,7 @@ class Trace:
     roles: dict[int, str]
     threads: dict[tuple[int, int], str]
     packets: dict[int, Packet] = field(default_factory=dict)
+    replies: dict[int, Packet] = field(default_factory=dict)
     _index: _Index | None = None
     _by_thread: dict[tuple[int, int], list[Event]] | None = None
 
@@ -289,39 +330,44 @@ def _kick_steps(ix: _Index, add: Event, limit: int | None,
 
 
 def _interrupt_steps(ix: _Index, vnotify: Event, guest_pid: int, driver_vq: Any,
-                     limit: int | None, msi_gsi: dict[int, int]) -> list[Event]:
-    """virtio_notify -> irqfd in KVM -> injected at the next entry -> the guest's handler."""
+                     limit: int | None, msi_gsi: dict[int, int],
+                     callback: str = "skb_xmit_done") -> list[Event]:
+    """virtio_notify -> irqfd in KVM -> injected at the next entry -> the guest's handler and
+    the queue's ``callback``. An interrupt already on its way (a shared line or vector the
+    guest has not serviced yet) carries this notification too: then the steps go on from the
+    last one found to the queue's ``vring_interrupt``, up to ``limit`` (the guest's reclaim)."""
     pci = ix.next("virtio_pci_notify", vnotify.ts, pid=vnotify.pid, tid=vnotify.tid,
                   before=vnotify.parent.end if vnotify.parent else None)
     gsi = msi_gsi.get(pci.args.get("vector")) if pci is not None else None
     wake = ix.next("irqfd_wakeup", vnotify.ts, before=limit, role="kvm",
                    pred=lambda e: gsi is None or e.args.get("gsi") == gsi)
-    if wake is None:
+    if wake is None and limit is None:
         return []
-    steps = [wake]
-    bound = wake.parent.end if wake.parent is not None else None
+    steps: list[Event] = []
     vector = None
-    msi = ix.next("kvm_msi_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
-    if msi is not None:
-        vector = msi.args.get("vector", 0) & 0xFF
-    else:
-        line = ix.next("kvm_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
-        if line is not None:
-            vector = ISA_IRQ_VECTOR_BASE + line.args.get("pin", 0)
-    inj = ix.next("kvm_inj_virq", wake.ts, before=limit, role="kvm",
-                  pred=lambda e: vector is None or vector in (e.args.get("vectors") or ()))
-    if inj is None:
-        return steps
-    steps.append(inj)
-    entry = ix.next("irq_handler_entry", inj.ts, before=limit, pid=guest_pid,
-                    pred=lambda e: vector is None or e.args.get("irq") == vector)
-    if entry is not None:
-        steps.append(entry)
-    vint = ix.next("vring_interrupt", steps[-1].ts, before=limit, pid=guest_pid,
-                   pred=lambda e: e.args.get("vq") == driver_vq)
+    if wake is not None:
+        steps.append(wake)
+        bound = wake.parent.end if wake.parent is not None else None
+        msi = ix.next("kvm_msi_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
+        if msi is not None:
+            vector = msi.args.get("vector", 0) & 0xFF
+        else:
+            line = ix.next("kvm_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
+            if line is not None:
+                vector = ISA_IRQ_VECTOR_BASE + line.args.get("pin", 0)
+        inj = ix.next("kvm_inj_virq", wake.ts, before=limit, role="kvm",
+                      pred=lambda e: vector is None or vector in (e.args.get("vectors") or ()))
+        if inj is not None:
+            steps.append(inj)
+            entry = ix.next("irq_handler_entry", inj.ts, before=limit, pid=guest_pid,
+                            pred=lambda e: vector is None or e.args.get("irq") == vector)
+            if entry is not None:
+                steps.append(entry)
+    vint = ix.next("vring_interrupt", (steps[-1] if steps else vnotify).ts, before=limit,
+                   pid=guest_pid, pred=lambda e: e.args.get("vq") == driver_vq)
     if vint is not None:
         steps.append(vint)
-        done = ix.next("skb_xmit_done", vint.ts, before=vint.parent.end if vint.parent else limit,
+        done = ix.next(callback, vint.ts, before=vint.parent.end if vint.parent else limit,
                        pid=guest_pid, tid=vint.tid)
         if done is not None:
             steps.append(done)
@@ -383,6 +429,113 @@ def find_packets(trace: Trace) -> dict[int, Packet]:
     return packets
 
 
+def _driver_rx_vq(dev_vq: Any) -> str:
+    """The guest's name for QEMU's RX queue ``RX(q2N)``: ``input.N``."""
+    try:
+        return f"input.{int(str(dev_vq)[4:-1]) // 2}"
+    except ValueError:
+        return "input.0"
+
+
+def _rx_origin(recv: Event) -> Event:
+    """Where a reply's chain starts: the main loop's ``slirp_pollfds_poll`` that read it."""
+    for a in recv.ancestors():
+        if a.name == "slirp_pollfds_poll":
+            return a
+    return recv.parent if recv.parent is not None and recv.parent.name == recv.name else recv
+
+
+def _ancestor(ev: Event, name: str) -> Event | None:
+    return next((a for a in ev.ancestors() if a.name == name), None)
+
+
+def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None,
+                  msi_gsi: dict[int, int]) -> Packet:
+    """A reply from ``sorecvfrom`` on: slirp's output to the NIC, ``virtio_net_receive`` into
+    a guest RX buffer, the interrupt, and the guest's NAPI poll up to its socket."""
+    q_pid, q_tid = recv.pid, recv.tid
+    later = ix.next("sorecvfrom", recv.ts, pid=q_pid, tid=q_tid, pred=lambda e: e is not recv)
+    vnr = ix.next_with("virtio_net_receive", "seq", seq, recv.ts)
+    if vnr is None:  # a trace whose virtio_net_receive carries no seq
+        vnr = ix.next("virtio_net_receive", recv.ts, pid=q_pid, tid=q_tid,
+                      before=later.ts if later else None)
+    upto = vnr.ts if vnr is not None else (later.ts if later else None)
+    out = ix.next("slirp_output", recv.ts, before=upto, pid=q_pid, tid=q_tid)
+    send_iov = ix.next("qemu_net_queue_send_iov", (out or recv).ts, before=upto, pid=q_pid,
+                       tid=q_tid, pred=lambda e: str(e.args.get("to", "")).startswith("virtio"))
+    steps: list[Event | None] = [recv, out, send_iov]
+    p = Packet(seq, recv, [], direction=RX, origin=_rx_origin(recv))
+    if vnr is None:
+        p.steps = _monotonic(steps)
+        return p
+    nc = ix.prev("nc_sendv_compat", vnr.ts, pid=vnr.pid, tid=vnr.tid, after=recv.ts)
+    if nc is not None and not str(nc.args.get("nc", "")).startswith("virtio"):
+        nc = None
+    span = vnr.parent if vnr.parent is not None and vnr.parent.name == vnr.name else None
+    bound = span.end if span is not None else None
+
+    def on_rx(e: Event) -> bool:
+        return str(e.args.get("vq")).startswith("RX")
+
+    pop = ix.next("virtqueue_pop", vnr.ts, before=bound, pid=vnr.pid, tid=vnr.tid, pred=on_rx)
+    steps += [nc, vnr, pop]
+    if pop is None or guest_pid is None:
+        p.steps = _monotonic(steps)
+        return p
+    p.head, p.avail_idx = pop.args.get("elem"), pop.args.get("avail_idx")
+    dev_vq = pop.args.get("vq")
+    driver_vq = _driver_rx_vq(dev_vq)
+    fill = ix.next("virtqueue_fill", pop.ts, before=bound, pid=pop.pid, tid=pop.tid,
+                   pred=lambda e: e.args.get("vq") == dev_vq and e.args.get("elem") == p.head)
+    flush = vnotify = None
+    if fill is not None:
+        flush = ix.next("virtqueue_flush", fill.ts, before=bound, pid=fill.pid, tid=fill.tid,
+                        pred=lambda e: e.args.get("vq") == dev_vq)
+    if flush is not None:
+        vnotify = ix.next("virtio_notify", flush.ts, before=bound, pid=flush.pid, tid=flush.tid,
+                          pred=lambda e: e.args.get("vq") == dev_vq)
+    reclaim = ix.next("virtqueue_get_buf", (fill or pop).ts, pid=guest_pid,
+                      pred=lambda e: e.args.get("vq") == driver_vq
+                      and e.args.get("head") == p.head)
+    limit = reclaim.ts if reclaim is not None else None
+    steps += [fill, flush]
+    if vnotify is not None and (limit is None or vnotify.ts <= limit):
+        steps.append(vnotify)
+        steps += _interrupt_steps(ix, vnotify, guest_pid, driver_vq, limit, msi_gsi,
+                                  "skb_recv_done")
+    if reclaim is not None:
+        napi = ix.prev("napi_poll", reclaim.ts, pid=reclaim.pid, tid=reclaim.tid,
+                       after=(fill or pop).ts)
+        if napi is not None and napi.args.get("napi") != f"virtnet_poll/{driver_vq}":
+            napi = None
+        poll = _ancestor(reclaim, "virtnet_receive")
+        end = poll.end if poll is not None else None
+        rb = ix.next("receive_buf", reclaim.ts, before=end, pid=reclaim.pid, tid=reclaim.tid,
+                     pred=lambda e: e.args.get("vq") == driver_vq)
+        netif = ix.next("netif_receive_skb", rb.ts, before=end, pid=rb.pid,
+                        tid=rb.tid) if rb is not None else None
+        udp = ix.next_with("udp_rcv", "seq", seq, (netif or reclaim).ts, before=end)
+        sock = ix.next_with("recvfrom", "seq", seq, (udp or netif or reclaim).ts)
+        steps += [napi, reclaim, rb, netif, udp, sock]
+    p.steps = _monotonic(steps)
+    return p
+
+
+def find_replies(trace: Trace) -> dict[int, Packet]:
+    """Each datagram slirp read from a host socket for the guest (an echo's reply), by the
+    sequence number in its payload, and its path to the guest's socket."""
+    ix = trace.index
+    msi_gsi = {e.args.get("vector"): e.args.get("virq")
+               for e in ix.all("kvm_irqchip_add_msi_route")}
+    guest_pid = next((pid for pid, role in trace.roles.items() if role == "guest"), None)
+    replies: dict[int, Packet] = {}
+    for recv in ix.all("sorecvfrom"):
+        seq = recv.args.get("seq")
+        if isinstance(seq, int) and seq >= 0 and seq not in replies:
+            replies[seq] = _correlate_rx(ix, recv, seq, guest_pid, msi_gsi)
+    return replies
+
+
 # -- writing Chrome Trace Event JSON ------------------------------------------------------------
 
 
@@ -405,20 +558,25 @@ def _metadata(trace: Trace) -> list[dict[str, Any]]:
     return out
 
 
-def _flows(packets: dict[int, Packet]) -> dict[Event, list[dict[str, Any]]]:
-    """Flow events per step event: ``s`` at the first step, ``t`` between, ``f`` at the last."""
+def _flows(packets: dict[int, Packet], replies: dict[int, Packet] | None = None,
+           ) -> dict[Event, list[dict[str, Any]]]:
+    """Flow events per step event: ``s`` at the first step, ``t`` between, ``f`` at the last;
+    one flow per transmitted datagram (id seq + 1) and one per reply (RX_FLOW_ID_BASE + seq + 1)."""
     out: dict[Event, list[dict[str, Any]]] = {}
-    for seq, p in packets.items():
-        n = len(p.steps)
-        if n < 2:
-            continue
-        for i, ev in enumerate(p.steps):
-            ph = "s" if i == 0 else ("f" if i == n - 1 else "t")
-            flow = {"ph": ph, "id": seq + 1, "cat": FLOW_CAT, "name": FLOW_NAME, "pid": ev.pid,
-                    "tid": ev.tid, "ts": _us(ev.ts), "args": {"seq": seq, "step": ev.name}}
-            if ph == "f":
-                flow["bp"] = "e"
-            out.setdefault(ev, []).append(flow)
+    for group, name, base in ((packets, FLOW_NAME, 0), (replies or {}, RX_FLOW_NAME,
+                                                          RX_FLOW_ID_BASE)):
+        for seq, p in group.items():
+            n = len(p.steps)
+            if n < 2:
+                continue
+            for i, ev in enumerate(p.steps):
+                ph = "s" if i == 0 else ("f" if i == n - 1 else "t")
+                flow = {"ph": ph, "id": base + seq + 1, "cat": FLOW_CAT, "name": name,
+                        "pid": ev.pid, "tid": ev.tid, "ts": _us(ev.ts),
+                        "args": {"seq": seq, "step": ev.name}}
+                if ph == "f":
+                    flow["bp"] = "e"
+                out.setdefault(ev, []).append(flow)
     return out
 
 
@@ -438,8 +596,9 @@ def _chrome_event(ev: Event) -> dict[str, Any]:
 
 
 def write_chrome_json(trace: Trace, out: str | Path) -> None:
-    """Write ``trace`` (with a flow per packet) as Chrome Trace Event JSON, one event a line."""
-    flows = _flows(trace.packets)
+    """Write ``trace`` (with a flow per packet and reply) as Chrome Trace Event JSON, one event
+    a line."""
+    flows = _flows(trace.packets, trace.replies)
     path = Path(out)
     tmp = path.with_name(path.name + ".tmp")
     dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -463,6 +622,7 @@ def merge_traces(pieces: list[Path], out: str) -> Trace:
     """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON."""
     trace = read_pieces(pieces)
     trace.packets = find_packets(trace)
+    trace.replies = find_replies(trace)
     write_chrome_json(trace, out)
     return trace
 
@@ -488,7 +648,7 @@ def load_trace(path: str | Path) -> Trace:
     roles: dict[int, str] = {}
     threads: dict[tuple[int, int], str] = {}
     events: list[Event] = []
-    flow_points: dict[int, list[tuple[int, int, int, str, int]]] = {}
+    flow_points: dict[tuple[str, int], list[tuple[int, int, int, str, int]]] = {}
     try:
         for order, d in enumerate(raw):
             ph = d.get("ph")
@@ -504,7 +664,7 @@ def load_trace(path: str | Path) -> Trace:
                                     dict(d.get("args") or {}), dur, None, order))
             elif ph in ("s", "t", "f") and d.get("cat") == FLOW_CAT:
                 a = d.get("args") or {}
-                flow_points.setdefault(int(d["id"]), []).append(
+                flow_points.setdefault((str(d.get("name", FLOW_NAME)), int(d["id"])), []).append(
                     (d["pid"], d["tid"], _ns(d["ts"]), str(a.get("step", "")),
                      int(a.get("seq", int(d["id"]) - 1))))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -521,23 +681,31 @@ def load_trace(path: str | Path) -> Trace:
             ev.parent = stack[-1] if stack else None
             if ev.is_span:
                 stack.append(ev)
-    trace.packets = _packets_from_flows(trace, flow_points) or find_packets(trace)
+    tx = {k: v for k, v in flow_points.items() if k[0] != RX_FLOW_NAME}
+    rx = {k: v for k, v in flow_points.items() if k[0] == RX_FLOW_NAME}
+    trace.packets = _packets_from_flows(trace, tx) or find_packets(trace)
+    trace.replies = _replies_from_flows(trace, rx) or find_replies(trace)
     return trace
 
 
-def _packets_from_flows(trace: Trace, flow_points: dict[int, list[tuple]]) -> dict[int, Packet]:
+def _flow_steps(trace: Trace, points: list[tuple]) -> list[Event]:
+    steps: list[Event] = []
+    for pid, tid, ts, step, _ in points:
+        evs = trace.thread_events((pid, tid))
+        i = _bisect_events(evs, ts)
+        while i < len(evs) and evs[i].ts == ts:
+            if evs[i].name == step and not evs[i].is_span:
+                steps.append(evs[i])
+                break
+            i += 1
+    return steps
+
+
+def _packets_from_flows(trace: Trace, flow_points: dict[Any, list[tuple]]) -> dict[int, Packet]:
     packets: dict[int, Packet] = {}
     sends = {e.args.get("seq"): e for e in reversed(trace.index.all("udp_sendmsg"))}
     for points in flow_points.values():
-        steps: list[Event] = []
-        for pid, tid, ts, step, _ in points:
-            evs = trace.thread_events((pid, tid))
-            i = _bisect_events(evs, ts)
-            while i < len(evs) and evs[i].ts == ts:
-                if evs[i].name == step and not evs[i].is_span:
-                    steps.append(evs[i])
-                    break
-                i += 1
+        steps = _flow_steps(trace, points)
         seq = points[0][4]
         send = sends.get(seq)
         if send is not None and steps:
@@ -545,6 +713,20 @@ def _packets_from_flows(trace: Trace, flow_points: dict[int, list[tuple]]) -> di
             packets[seq] = Packet(seq, send, steps, add.args.get("head") if add else None,
                                   add.args.get("avail_idx") if add else None)
     return packets
+
+
+def _replies_from_flows(trace: Trace, flow_points: dict[Any, list[tuple]]) -> dict[int, Packet]:
+    replies: dict[int, Packet] = {}
+    for points in flow_points.values():
+        steps = _flow_steps(trace, points)
+        if not steps or steps[0].name != "sorecvfrom":
+            continue
+        seq = points[0][4]
+        pop = next((e for e in steps if e.name == "virtqueue_pop"), None)
+        replies[seq] = Packet(seq, steps[0], steps, pop.args.get("elem") if pop else None,
+                              pop.args.get("avail_idx") if pop else None, RX,
+                              _rx_origin(steps[0]))
+    return replies
 
 
 def _bisect_events(evs: list[Event], ts: int) -> int:
@@ -561,41 +743,47 @@ def _bisect_events(evs: list[Event], ts: int) -> int:
 # -- one packet's call chain --------------------------------------------------------------------
 
 
-def packet(trace: Trace, seq: int) -> Packet:
+def _missing(seq: int, group: dict[int, Packet], what: str) -> TraceError:
+    known = sorted(group)
+    have = f"{known[0]}..{known[-1]}" if known else "none"
+    return TraceError(f"no {what} with seq {seq} in the trace ({what}s found: {have})")
+
+
+def packet(trace: Trace, seq: int, direction: str = TX) -> Packet:
+    """Datagram ``seq`` as the guest sent it (``tx``) or its reply as it came back (``rx``)."""
+    if direction == RX:
+        p = trace.replies.get(seq)
+        if p is None:
+            raise _missing(seq, trace.replies, "reply")
+        return p
     p = trace.packets.get(seq)
     if p is None:
-        known = sorted(trace.packets)
-        have = f"{known[0]}..{known[-1]}" if known else "none"
-        raise TraceError(f"no packet with seq {seq} in the trace (packets found: {have})")
+        raise _missing(seq, trace.packets, "packet")
     return p
 
 
-def chain_events(trace: Trace, seq: int) -> tuple[list[Event], list[Event]]:
-    """The events of packet ``seq``'s path, and the spans they ran inside of ("context").
+def _unit(ev: Event, floor: int | None, ceiling: int | None) -> Event:
+    """``ev``'s outermost enclosing span that began at ``floor`` and ended by ``ceiling``."""
+    u = ev
+    for a in ev.ancestors():
+        if (floor is not None and a.ts < floor) or (ceiling is not None and a.end > ceiling):
+            break
+        u = a
+    return u
 
-    The path is made of units, each with everything that ran inside it: the guest's send
-    (``udp_sendmsg``), and for each later step its outermost enclosing span that began after
-    the previous step and ended with the send or the guest's completion handling at the
-    latest (so a main loop iteration or a KVM_RUN that was already running, or ran on, is not
-    part of it). Context spans are the units' enclosing
-    spans that began earlier (``main_loop_wait``, ``kvm_arch_vcpu_ioctl_run``, ...).
-    """
-    p = packet(trace, seq)
-    anchors = [p.send] + p.steps
 
-    def unit(ev: Event, floor: int | None, ceiling: int | None) -> Event:
-        u = ev
-        for a in ev.ancestors():
-            if (floor is not None and a.ts < floor) or (ceiling is not None and a.end > ceiling):
-                break
-            u = a
-        return u
+def _anchors(p: Packet) -> list[Event]:
+    return [p.send] + [e for e in p.steps if e is not p.send]
 
-    first = unit(p.send, None, None)
-    ceiling = max(first.end, unit(anchors[-1], anchors[-2].ts, None).end) \
+
+def _chain(trace: Trace, p: Packet) -> tuple[list[Event], list[Event]]:
+    anchors = _anchors(p)
+    first = p.origin or _unit(p.send, None, None)
+    end = max(first.end, _unit(anchors[-1], anchors[-2].ts, None).end) \
         if len(anchors) > 1 else first.end
-    units = [first] + [unit(ev, prev.ts, ceiling) for prev, ev in zip(anchors, anchors[1:],
-                                                                      strict=False)]
+    ceiling = end + min(end - first.ts, RUN_ON_GRACE_NS)
+    units = [first] + [_unit(ev, prev.ts, ceiling) for prev, ev in zip(anchors, anchors[1:],
+                                                                       strict=False)]
     members: set[Event] = set()
     for u in units:
         if u in members:
@@ -611,6 +799,10 @@ def chain_events(trace: Trace, seq: int) -> tuple[list[Event], list[Event]]:
             if ev is not u and any(a is u for a in ev.ancestors()):
                 members.add(ev)
     chain = sorted(members, key=lambda e: (e.ts, e.order))
+    return chain, _context(chain, members)
+
+
+def _context(chain: list[Event], members: set[Event]) -> list[Event]:
     context: list[Event] = []
     seen: set[Event] = set()
     for ev in chain:
@@ -619,26 +811,104 @@ def chain_events(trace: Trace, seq: int) -> tuple[list[Event], list[Event]]:
                 seen.add(a)
                 context.append(a)
     context.sort(key=lambda e: (e.ts, e.order))
-    return chain, context
+    return context
 
 
-def _steps(trace: Trace, events: list[Event], within: set[Event]) -> list[ChainStep]:
+def chain_events(trace: Trace, seq: int, direction: str = TX) -> tuple[list[Event], list[Event]]:
+    """The events of packet ``seq``'s path, and the spans they ran inside of ("context").
+
+    The path is made of units, each with everything that ran inside it: the first event (the
+    guest's ``udp_sendmsg``; for a reply, the ``slirp_pollfds_poll`` that read it), and for
+    each later step its outermost enclosing span that began after the previous step and
+    ended with the first unit or the last step's unit at the latest, give or take
+    ``RUN_ON_GRACE_NS`` (so a main loop iteration or a KVM_RUN that was already running, or
+    ran on, is not part of it). Context
+    spans are the units' enclosing spans that began earlier (``main_loop_wait``,
+    ``kvm_arch_vcpu_ioctl_run``, ...).
+    """
+    return _chain(trace, packet(trace, seq, direction))
+
+
+def _own(trace: Trace, anchors: list[Event], others: list[Event]) -> set[Event]:
+    """The subtrees that belong to ``anchors``' direction alone: for each anchor not shared
+    with ``others``, its outermost enclosing span that holds none of them (with the
+    ``napi_poll`` trace point that announced it), so that a softirq that completed the send
+    and received the reply is split between the two."""
+    shared = set(others)
+    holds: set[Event] = set()
+    for o in others:
+        holds.update(o.ancestors())
+    roots: set[Event] = set()
+    for a in anchors:
+        if a in shared:
+            continue
+        r = a
+        while r.parent is not None and r.parent not in holds and r.parent not in shared:
+            r = r.parent
+        roots.add(r)
+        evs = trace.thread_events(r.thread_key)
+        i = _bisect_events(evs, r.ts) - 1
+        while i >= 0 and evs[i].parent is not r.parent:
+            i -= 1
+        if i >= 0 and evs[i].name == "napi_poll" and evs[i] not in shared:
+            roots.add(evs[i])
+    return roots
+
+
+def _outside(chain: list[Event], roots: set[Event]) -> list[Event]:
+    return [e for e in chain if e not in roots and not any(a in roots for a in e.ancestors())]
+
+
+def round_trip_events(trace: Trace, seq: int) -> tuple[tuple[list[Event], list[Event]],
+                                                       tuple[list[Event], list[Event]]]:
+    """(chain, context) of datagram ``seq`` to the host and of its reply back to the guest.
+
+    Where one span served both (the softirq that reclaimed the sent buffer and received the
+    reply, an interrupt injection carrying both vectors), each direction keeps it with its
+    own part of what ran inside it.
+    """
+    tx, rx = packet(trace, seq, TX), packet(trace, seq, RX)
+    tx_chain, _ = _chain(trace, tx)
+    rx_chain, _ = _chain(trace, rx)
+    tx_chain = _outside(tx_chain, _own(trace, _anchors(rx), _anchors(tx)))
+    rx_chain = _outside(rx_chain, _own(trace, _anchors(tx), _anchors(rx)))
+    return ((tx_chain, _context(tx_chain, set(tx_chain))),
+            (rx_chain, _context(rx_chain, set(rx_chain))))
+
+
+def _steps(trace: Trace, events: list[Event], within: set[Event],
+           direction: str = TX) -> list[ChainStep]:
     return [ChainStep(ev.ts / 1000, ev.role, trace.thread_name(ev),
                       sum(1 for a in ev.ancestors() if a in within), ev.name, dict(ev.args),
-                      ev.dur / 1000 if ev.dur is not None else None) for ev in events]
+                      ev.dur / 1000 if ev.dur is not None else None, direction) for ev in events]
 
 
-def packet_chain(trace: Trace | str | Path, seq: int) -> list[ChainStep]:
+def _load(trace: Trace | str | Path) -> Trace:
+    return trace if isinstance(trace, Trace) else load_trace(trace)
+
+
+def packet_chain(trace: Trace | str | Path, seq: int, direction: str = TX) -> list[ChainStep]:
     """Packet ``seq``'s path from the guest's first event for it (``udp_sendmsg``) to the end of
-    its completion handling: (ts, process, thread, depth, name, args), in time order, depth
-    counting the enclosing spans that belong to the chain."""
-    t = trace if isinstance(trace, Trace) else load_trace(trace)
-    chain, _ = chain_events(t, seq)
-    return _steps(t, chain, set(chain))
+    its completion handling (``rx``: its reply's, from slirp's ``slirp_pollfds_poll`` to the
+    guest socket's ``recvfrom``): (ts, process, thread, depth, name, args), in time order,
+    depth counting the enclosing spans that belong to the chain."""
+    t = _load(trace)
+    chain, _ = chain_events(t, seq, direction)
+    return _steps(t, chain, set(chain), direction)
 
 
-def packet_context(trace: Trace | str | Path, seq: int) -> list[ChainStep]:
+def packet_context(trace: Trace | str | Path, seq: int, direction: str = TX) -> list[ChainStep]:
     """The spans packet ``seq``'s chain ran inside of, that began before it."""
-    t = trace if isinstance(trace, Trace) else load_trace(trace)
-    _, context = chain_events(t, seq)
-    return _steps(t, context, set(context))
+    t = _load(trace)
+    _, context = chain_events(t, seq, direction)
+    return _steps(t, context, set(context), direction)
+
+
+def round_trip_chain(trace: Trace | str | Path, seq: int) -> list[ChainStep]:
+    """One round trip of an echo run: datagram ``seq``'s chain to the host (``direction``
+    ``tx``, from ``udp_sendmsg``), then its reply's back to the guest (``rx``, ending at the
+    guest socket's ``recvfrom``), each in time order (the two overlap in time: the reply
+    is on its way while the guest still completes the send)."""
+    t = _load(trace)
+    (tx, _), (rx, _) = round_trip_events(t, seq)
+    return _steps(t, tx, set(tx), TX) + _steps(t, rx, set(rx), RX)

@@ -1,0 +1,94 @@
+"""The benchmark (issue 6): ``vreplica bench --quick`` as a smoke check, and every QEMU mode it
+measures delivering a benchmark-sized burst completely and in order. Nothing here asserts a
+timing: figures depend on the machine; only that they were produced, and correctly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vreplica import bench
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ("machine", "plan", "vring_only", "end_to_end", "kick_latency", "kicks_interrupts",
+            "tracing", "rss", "modes", "targets", "correctness", "failures")
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    js = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "bench", "--quick", "--json",
+                           str(js), "--out", str(out)], capture_output=True, text=True,
+                          timeout=280, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (out / "BENCHMARKS.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads(js.read_text())
+    assert set(SECTIONS) <= set(res)
+    assert res["failures"] == []
+    assert len(res["targets"]) == len(bench.TARGETS)
+    for t in res["targets"]:
+        assert t["result"] in ("PASS", "FAIL"), t
+        assert t["target"] in md
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
+        assert heading in md
+    assert res["vring_only"]["complete"]
+    runs = res["correctness"]
+    plan = bench.QUICK
+    assert len(runs) == plan.trials * len(plan.sizes) * (len(plan.modes) + 2)
+    bad = [r for r in runs if not (r["complete"] and r["in_order"] and r["bad_payloads"] == 0
+                                   and r["received"] == r["expected"])]
+    assert not bad, bad
+    for mode in plan.modes:
+        for size in plan.sizes:
+            assert res["modes"][mode][str(size)]["all_delivered_in_order"], (mode, size)
+    for key in ("ioeventfd_on", "ioeventfd_off"):
+        assert res["kick_latency"][key]["p50_us"] is not None
+    assert all(r["matched"] > 0 for r in res["kick_latency"]["runs"])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("size", bench.SIZES)
+@pytest.mark.parametrize("mode", list(bench.MODES))
+def test_mode_delivers_everything_in_order(mode: str, size: int) -> None:
+    opts = bench.replica_options(bench.QUICK, size, **bench.MODES[mode])
+    r = bench.run_replica(opts, sample_rss=False)
+    sink = r["sink"]
+    assert r["sent"] == opts.packets
+    assert sink["received"] == opts.packets, sink
+    assert sink["complete"] and sink["in_order"], sink
+    assert sink["bad_payloads"] == 0 and sink["duplicates"] == 0 and sink["extra"] == 0
+    assert not r["device_errors"]
+    assert r["tx_drained"]
+
+
+def test_kick_pop_matching() -> None:
+    """Kicks pair with the pop of the buffer they announced; a buffer popped first is counted
+    apart, and the stage times come from the first event between kick and pop."""
+    guest = {"role": "guest", "records": [
+        [1000, 1, "i", "virtqueue_kick_prepare", {"vq": "output.0", "old": 0, "new": 1,
+                                                   "needs_kick": True}],
+        [1100, 1, "B", "virtqueue_notify", None],
+        [5000, 1, "i", "virtqueue_kick_prepare", {"vq": "input.0", "old": 0, "new": 9,
+                                                   "needs_kick": True}],
+        [9000, 1, "i", "virtqueue_kick_prepare", {"vq": "output.0", "old": 1, "new": 2,
+                                                   "needs_kick": True}],
+        [9100, 1, "B", "virtqueue_notify", None],
+    ]}
+    kvm = {"role": "kvm", "records": [[1600, 7, "i", "ioeventfd_write", {}]]}
+    qemu = {"role": "qemu", "records": [
+        [4100, 3, "i", "virtqueue_pop", {"vq": "TX(q1)", "avail_idx": 0}],
+        [8000, 3, "i", "virtqueue_pop", {"vq": "TX(q1)", "avail_idx": 1}],
+        [8500, 3, "i", "virtqueue_pop", {"vq": "RX(q0)", "avail_idx": 1}],
+    ]}
+    r = bench.kick_pop_latencies([guest, kvm, qemu], ("ioeventfd_write",))
+    assert r["kicks"] == 2 and r["matched"] == 1 and r["popped_before_kick"] == 1
+    assert r["p50_us"] == pytest.approx(3.0)
+    assert r["stages_p50_us"]["ioeventfd_write"] == pytest.approx(0.5)

@@ -1,0 +1,896 @@
+"""``vreplica bench``: the replica's transmit path measured against its baselines (issue 6).
+
+Usage: vreplica bench [--quick] [--json FILE] [--out DIR]
+
+Writes BENCHMARKS.md and bench.png at the repository root, or into DIR with --out. Every
+figure is the median of several trials; every ratio compares figures from the same
+invocation. "1500" in the tables is a 1472-byte UDP payload: the largest datagram the
+replica carries in a 1500-byte MTU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+
+from vreplica import baselines as bl
+from vreplica.summary import build_summary
+from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (64, 1472)
+SIZE_LABEL = {64: "64", 1472: "1500 (1472 B payload)"}
+LEGEND = {64: "64 B", 1472: "1500 (1472 B payload)"}
+ROLES = ("guest", "kvm", "qemu")
+MB = 1 << 20
+
+MODES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tx=timer": {"tx": "timer"},
+    "tx-burst=16": {"tx_burst": 16},
+    "tx-burst=64": {"tx_burst": 64},
+    "event-idx=off": {"event_idx": False},
+    "ioeventfd=off": {"ioeventfd": False},
+}
+"""QEMU configurations run end to end; "default" is --tx bh --tx-burst 256 --event-idx on
+--ioeventfd on, and every other changes one setting."""
+
+TARGETS = {
+    "vring": "vring-only >= 0.6x bare ring at both sizes",
+    "e2e": "end-to-end >= 3x mp.Queue+sendto baseline",
+    "kicks": "<= 0.01 kicks/packet in a saturating burst",
+    "irqs": "<= 0.01 interrupts/packet in a saturating burst",
+    "latency": "kick->pop p50 <= 3x semaphore ping-pong (ioeventfd on)",
+    "trace_off": "tracing off costs <= 3%",
+    "rss": "each process <= 50 MB RSS",
+}
+
+
+@dataclass
+class Plan:
+    """How much of everything one invocation measures."""
+
+    quick: bool
+    trials: int
+    micro_trials: int
+    micro_packets: int
+    e2e_packets: int
+    latency_packets: int
+    latency_trials: int
+    pace_ms: float
+    pingpong_rounds: int
+    flush_rounds: int
+    sizes: tuple[int, ...] = SIZES
+    modes: tuple[str, ...] = tuple(MODES)
+
+
+FULL = Plan(quick=False, trials=3, micro_trials=5, micro_packets=200_000, e2e_packets=20_000,
+            latency_packets=200, latency_trials=3, pace_ms=2.0, pingpong_rounds=5000,
+            flush_rounds=800)
+QUICK = Plan(quick=True, trials=3, micro_trials=3, micro_packets=30_000, e2e_packets=3000,
+             latency_packets=60, latency_trials=3, pace_ms=2.0, pingpong_rounds=1000,
+             flush_rounds=200)
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# -- one run of the replica ---------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak RSS (and USS, sampled less often) of each process while a run goes on."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.02) -> None:
+        self.procs = {}
+        for role, pid in pids.items():
+            try:
+                self.procs[role] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+        self.interval = interval
+        self.rss = dict.fromkeys(self.procs, 0)
+        self.uss = dict.fromkeys(self.procs, 0)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            full = self.samples % 5 == 0
+            for role, p in self.procs.items():
+                try:
+                    if full:
+                        mi = p.memory_full_info()
+                        self.uss[role] = max(self.uss[role], mi.uss)
+                    else:
+                        mi = p.memory_info()
+                    self.rss[role] = max(self.rss[role], mi.rss)
+                except psutil.Error:
+                    pass
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(2.0)
+        return {"rss_mb": {r: v / MB for r, v in self.rss.items()},
+                "uss_mb": {r: v / MB for r, v in self.uss.items()}, "samples": self.samples}
+
+
+def load_pieces(paths: list[Path]) -> list[dict]:
+    """The raw per-process trace pieces (msgpack, as common.trace.dump writes them)."""
+    return [msgpack.unpackb(p.read_bytes(), raw=False, strict_map_key=False) for p in paths]
+
+
+def run_replica(opts: RunOptions, sample_rss: bool = True,
+                keep_trace: bool = False) -> dict[str, Any]:
+    """One run of the three processes toward a sink of our own; the figures it yields.
+
+    The Supervisor is driven directly (not cli.execute) so that the pids can be sampled
+    while the run goes on, and the trace pieces read before the run directory goes away.
+    """
+    cap = bl.UdpCapture(opts.packets, opts.size)
+    opts.dest_port = cap.port
+    sup = Supervisor(opts)
+    sampler: RssSampler | None = None
+    mem: dict[str, Any] = {}
+    pieces: list[dict] = []
+    cfg = None
+    try:
+        try:
+            cfg = sup.start()
+            if sample_rss:
+                sampler = RssSampler({r: p.pid for r, p in sup.procs.items()})
+            sup.wait()
+        finally:
+            sup.stop()
+            if sampler is not None:
+                mem = sampler.stop()
+        cap.wait_for(opts.packets, 5.0)
+        reports = sup.reports()
+        if keep_trace:
+            pieces = load_pieces(sup.trace_pieces())
+    finally:
+        cap.close()
+        sup.cleanup()
+    sink = cap.summary()
+    summary = build_summary(cfg.rid, opts, reports, sink, sup.t_end - sup.t_start)
+    prog = reports.get("guest", {}).get("program", {})
+    t0 = prog.get("t0_ns") or prog.get("start_ns")
+    sent = summary.get("sent") or 0
+    out: dict[str, Any] = {
+        "size": opts.size, "packets": opts.packets, "sent": sent,
+        "kicks": summary.get("kicks"), "tx_interrupts": summary.get("tx_interrupts"),
+        "kicks_per_packet": (summary.get("kicks") or 0) / sent if sent else None,
+        "interrupts_per_packet": (summary.get("tx_interrupts") or 0) / sent if sent else None,
+        "guest_send_pps": summary.get("packets_per_second"),
+        "elapsed_s": summary.get("elapsed_s"),
+        "tx_drained": reports.get("guest", {}).get("tx_drained"),
+        "device_errors": summary.get("device_errors"),
+        "first_send_ns": t0,
+        "sink": sink,
+        **bl.e2e_rates(sink, t0),
+        **mem,
+    }
+    if keep_trace:
+        out["pieces"] = pieces
+    return out
+
+
+def replica_options(plan: Plan, size: int, **changes: Any) -> RunOptions:
+    return replace(RunOptions(mode="tx", packets=plan.e2e_packets, size=size, timeout=120.0),
+                   **changes)
+
+
+def checked(label: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
+            failures: list[dict]) -> dict[str, Any] | None:
+    """Run one measurement; a run that fails is recorded, not fatal."""
+    t = time.monotonic()
+    try:
+        r = fn()
+    except (RunFailed, TimeoutError, RuntimeError, OSError) as e:
+        failures.append({"run": label, "error": f"{type(e).__name__}: {e}"})
+        log(f"  {label}: FAILED {e}")
+        return None
+    log(f"  {label}: {time.monotonic() - t:.1f} s")
+    return r
+
+
+# -- kick -> virtqueue_pop from the trace pieces ---------------------------------------------------
+
+
+STAGES_ON = ("ioeventfd_write", "virtio_queue_host_notifier_read", "virtio_queue_notify")
+STAGES_OFF = ("kvm_pio", "kvm_userspace_exit", "virtio_queue_notify")
+
+
+def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str, Any]:
+    """Each TX kick's time to the device's ``virtqueue_pop`` of the buffer it announced.
+
+    Kick time: the guest's ``virtqueue_notify`` span entry right after a
+    ``virtqueue_kick_prepare`` that said needs_kick (the event's own time if spans are
+    missing). The buffer: avail index ``new - 1`` of that kick. Stages: the first record of
+    each named event (any process) between the kick and the pop.
+    """
+    by_role = {p["role"]: p for p in pieces}
+    guest = by_role.get("guest", {}).get("records", [])
+    kicks: list[tuple[int, int, int]] = []  # ts, new, batch
+    pending: tuple[int, int, int, int] | None = None
+    for ts, tid, ph, name, args in guest:
+        if name == "virtqueue_kick_prepare" and ph == "i" and args \
+                and str(args.get("vq", "")).startswith("output") and args.get("needs_kick"):
+            if pending is not None:
+                kicks.append(pending[:3])
+            pending = (ts, args["new"], (args["new"] - args["old"]) & 0xFFFF, tid)
+        elif name == "virtqueue_notify" and ph == "B" and pending is not None \
+                and tid == pending[3]:
+            kicks.append((ts, pending[1], pending[2]))
+            pending = None
+    if pending is not None:
+        kicks.append(pending[:3])
+    pops: dict[int, list[int]] = {}
+    named: dict[str, list[int]] = {s: [] for s in stages}
+    for p in pieces:
+        for ts, _, ph, name, args in p.get("records", []):
+            if name == "virtqueue_pop" and args and str(args.get("vq", "")).startswith("TX"):
+                pops.setdefault(args["avail_idx"], []).append(ts)
+            elif name in named and ph in ("i", "B"):
+                named[name].append(ts)
+    for v in named.values():
+        v.sort()
+    lat: list[float] = []
+    stage_us: dict[str, list[float]] = {s: [] for s in stages}
+    early = unmatched = 0
+    for ts, new, _ in kicks:
+        cands = [t for t in pops.get((new - 1) & 0xFFFF, []) if t >= ts]
+        if not cands:
+            if pops.get((new - 1) & 0xFFFF):
+                early += 1  # the device found the buffer before the kick arrived
+            else:
+                unmatched += 1
+            continue
+        pop = min(cands)
+        lat.append((pop - ts) / 1000)
+        for s in stages:
+            i = bisect.bisect_left(named[s], ts)
+            if i < len(named[s]) and named[s][i] <= pop:
+                stage_us[s].append((named[s][i] - ts) / 1000)
+    return {"kicks": len(kicks), "matched": len(lat), "popped_before_kick": early,
+            "unmatched": unmatched, "alone": sum(1 for k in kicks if k[2] == 1),
+            "p50_us": bl.percentile(lat, 50), "p99_us": bl.percentile(lat, 99),
+            "stages_p50_us": {s: bl.percentile(v, 50) for s, v in stage_us.items() if v}}
+
+
+# -- the sections -------------------------------------------------------------------------------
+
+
+def section_vring(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """1. The split vring between two processes vs. bare ring, POSIX MQ, mp.Queue."""
+    trials: list[dict] = []
+    order = list(bl.TRANSPORTS)
+    for t in range(plan.micro_trials):
+        for size in plan.sizes:
+            for transport in order[t % len(order):] + order[: t % len(order)]:
+                r = checked(f"vring-only trial {t + 1} {transport} {size} B",
+                            lambda tr=transport, s=size: bl.run_transport(tr, s,
+                                                                          plan.micro_packets),
+                            log, failures)
+                if r is not None:
+                    trials.append({"trial": t, **r})
+    table: dict[str, dict[str, Any]] = {}
+    for size in plan.sizes:
+        row: dict[str, Any] = {}
+        for transport in bl.TRANSPORTS:
+            rs = [r for r in trials if r["transport"] == transport and r["size"] == size]
+            row[transport] = median([r["pps"] for r in rs])
+            if transport == "vring":
+                row["vring_kicks_per_packet"] = median(
+                    [r["kicks"] / r["packets"] for r in rs])
+        row["vring_over_bare"] = ratio(row["vring"], row["bare"])
+        table[str(size)] = row
+    sides: dict[str, dict[str, Any]] = {}
+    for size in plan.sizes:
+        rs = []
+        for t in range(plan.micro_trials):
+            r = checked(f"vring-only per-side cost trial {t + 1} {size} B",
+                        lambda s=size: bl.ring_side_costs(s, plan.flush_rounds // 4), log,
+                        failures)
+            if r is not None:
+                rs.append(r)
+        side = {k: median([r[k] for r in rs]) for k in (rs[0] if rs else {})}
+        if side:
+            vb = 1e9 / max(side["vring_driver_ns"], side["vring_device_ns"])
+            bb = 1e9 / max(side["bare_producer_ns"], side["bare_consumer_ns"])
+            side.update({"vring_bound_pps": vb, "bare_bound_pps": bb,
+                         "bound_ratio": vb / bb})
+        sides[str(size)] = side
+    return {"packets": plan.micro_packets, "trials": trials, "median_pps": table,
+            "side_costs": sides, "complete": all(r["complete"] for r in trials)}
+
+
+def section_e2e(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """2, 4, 5 (tracing on), 6, 7: the replica end to end in each mode, and the baseline."""
+    runs: list[dict] = []
+    base: list[dict] = []
+    for t in range(plan.trials):
+        for size in plan.sizes:
+            r = checked(f"e2e trial {t + 1} mp.Queue+sendto {size} B",
+                        lambda s=size: bl.mpqueue_sendto(s, plan.e2e_packets), log, failures)
+            if r is not None:
+                base.append({"trial": t, **r})
+            for mode in plan.modes + ("trace=on",):
+                changes = MODES.get(mode, {})
+                traced = mode == "trace=on"
+                opts = replica_options(plan, size, trace="bench" if traced else None,
+                                       **changes)
+                r = checked(f"e2e trial {t + 1} {mode} {size} B",
+                            lambda o=opts, tr=traced: run_replica(o, sample_rss=not tr),
+                            log, failures)
+                if r is not None:
+                    runs.append({"trial": t, "mode": mode, **r})
+    return {"packets": plan.e2e_packets, "runs": runs, "baseline_runs": base}
+
+
+def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """3. Kick -> virtqueue_pop, paced, from the trace; vs. a semaphore ping-pong."""
+    out: dict[str, Any] = {"packets": plan.latency_packets, "pace_ms": plan.pace_ms,
+                           "size": 64, "runs": [], "pingpong": [], "pingpong_paced": []}
+    for t in range(plan.latency_trials):
+        r = checked(f"latency trial {t + 1} semaphore ping-pong, back to back",
+                    lambda: bl.sem_pingpong(plan.pingpong_rounds), log, failures)
+        if r is not None:
+            out["pingpong"].append(r)
+        r = checked(f"latency trial {t + 1} semaphore ping-pong, paced",
+                    lambda: bl.sem_pingpong(plan.latency_packets, 10, plan.pace_ms / 1000),
+                    log, failures)
+        if r is not None:
+            out["pingpong_paced"].append(r)
+        for ioeventfd in (True, False):
+            opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
+                              pace_ms=plan.pace_ms, ioeventfd=ioeventfd, trace="bench",
+                              timeout=120.0)
+            label = f"latency trial {t + 1} ioeventfd={'on' if ioeventfd else 'off'}"
+            r = checked(label, lambda o=opts: run_replica(o, sample_rss=False, keep_trace=True),
+                        log, failures)
+            if r is None:
+                continue
+            lat = kick_pop_latencies(r.pop("pieces"), STAGES_ON if ioeventfd else STAGES_OFF)
+            out["runs"].append({"trial": t, "ioeventfd": ioeventfd, **lat, "sink": r["sink"],
+                                "kicks_reported": r["kicks"]})
+    for on in (True, False):
+        rs = [r for r in out["runs"] if r["ioeventfd"] == on]
+        key = "ioeventfd_on" if on else "ioeventfd_off"
+        out[key] = {"p50_us": median([r["p50_us"] for r in rs]),
+                    "p99_us": median([r["p99_us"] for r in rs]),
+                    "kicks": sum(r["kicks"] for r in rs), "matched": sum(r["matched"] for r in rs),
+                    "alone": sum(r["alone"] for r in rs),
+                    "stages_p50_us": {s: median([r["stages_p50_us"].get(s) for r in rs])
+                                      for s in (STAGES_ON if on else STAGES_OFF)}}
+    for key in ("pingpong", "pingpong_paced"):
+        out[f"{key}_rtt_us_p50"] = median([r["rtt_us_p50"] for r in out[key]])
+        out[f"{key}_rtt_us_p99"] = median([r["rtt_us_p99"] for r in out[key]])
+    out["on_over_pingpong"] = ratio(out["ioeventfd_on"]["p50_us"],
+                                    out["pingpong_paced_rtt_us_p50"])
+    out["on_over_pingpong_back_to_back"] = ratio(out["ioeventfd_on"]["p50_us"],
+                                                 out["pingpong_rtt_us_p50"])
+    return out
+
+
+def section_trace_cost(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """5. Trace points that are off: the flush loop as shipped vs. stripped of them."""
+    trials = []
+    for t in range(plan.micro_trials):
+        for size in plan.sizes:
+            r = checked(f"trace-off trial {t + 1} {size} B",
+                        lambda s=size: bl.flush_trace_cost(plan.flush_rounds, s), log, failures)
+            if r is not None:
+                trials.append({"trial": t, **r})
+    per_size = {str(s): {"cost": median([r["cost"] for r in trials if r["size"] == s]),
+                         "ns_per_packet_shipped": median(
+                             [r["ns_per_packet_shipped"] for r in trials if r["size"] == s]),
+                         "ns_per_packet_stripped": median(
+                             [r["ns_per_packet_stripped"] for r in trials if r["size"] == s])}
+                for s in plan.sizes}
+    return {"rounds": plan.flush_rounds, "trials": trials, "per_size": per_size,
+            "guards_stripped": trials[0]["guards_stripped"] if trials else None}
+
+
+# -- folding the runs into figures --------------------------------------------------------------
+
+
+def pps_basis(runs: list[dict]) -> str:
+    """Use last arrival - first send when every replica run said when its first send was."""
+    if runs and all(r.get("pps_send_to_last_arrival") for r in runs):
+        return "pps_send_to_last_arrival"
+    return "pps_arrival_window"
+
+
+def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
+    runs, base = e2e["runs"], e2e["baseline_runs"]
+    basis = pps_basis(runs)
+    modes: dict[str, dict[str, Any]] = {}
+    for mode in plan.modes + ("trace=on",):
+        for size in plan.sizes:
+            rs = [r for r in runs if r["mode"] == mode and r["size"] == size]
+            modes.setdefault(mode, {})[str(size)] = {
+                "pps": median([r[basis] for r in rs]),
+                "pps_min": min((r[basis] for r in rs if r[basis]), default=None),
+                "pps_max": max((r[basis] for r in rs if r[basis]), default=None),
+                "pps_arrival_window": median([r["pps_arrival_window"] for r in rs]),
+                "guest_send_pps": median([r["guest_send_pps"] for r in rs]),
+                "kicks_per_packet": median([r["kicks_per_packet"] for r in rs]),
+                "interrupts_per_packet": median([r["interrupts_per_packet"] for r in rs]),
+                **{f"{k}_{f.__name__}": f((r[k] for r in rs if r[k] is not None),
+                                          default=None)
+                   for k in ("kicks_per_packet", "interrupts_per_packet") for f in (min, max)},
+                "trials": len(rs),
+                "all_delivered_in_order": bool(rs) and all(
+                    r["sink"]["complete"] and not r["sink"]["bad_payloads"] for r in rs),
+            }
+    e2e_tab: dict[str, dict[str, Any]] = {}
+    for size in plan.sizes:
+        bs = [b for b in base if b["size"] == size]
+        b_pps = median([b.get(basis) for b in bs])
+        r_pps = modes["default"][str(size)]["pps"]
+        e2e_tab[str(size)] = {
+            "replica_pps": r_pps, "baseline_pps": b_pps, "ratio": ratio(r_pps, b_pps),
+            "baseline_pps_min": min((b[basis] for b in bs if b.get(basis)), default=None),
+            "baseline_pps_max": max((b[basis] for b in bs if b.get(basis)), default=None),
+            "baseline_pps_send_to_last_arrival": median(
+                [b.get("pps_send_to_last_arrival") for b in bs]),
+            "baseline_all_delivered_in_order": bool(bs) and all(
+                b["sink"]["complete"] and not b["sink"]["bad_payloads"] for b in bs)}
+    rss: dict[str, dict[str, Any]] = {}
+    plain = [r for r in runs if r["mode"] != "trace=on" and r.get("rss_mb")]
+    for role in ROLES:
+        rss[role] = {
+            "rss_mb_max": max((r["rss_mb"].get(role, 0) for r in plain), default=None),
+            "rss_mb_median": median([r["rss_mb"].get(role) for r in plain]),
+            "uss_mb_max": max((r["uss_mb"].get(role, 0) for r in plain), default=None),
+            "rss_mb_max_by_size": {str(s): max((r["rss_mb"].get(role, 0) for r in plain
+                                                if r["size"] == s), default=None)
+                                   for s in plan.sizes}}
+    tracing_on = {str(s): {"pps_off": modes["default"][str(s)]["pps"],
+                           "pps_on": modes["trace=on"][str(s)]["pps"],
+                           "slowdown": ratio(modes["default"][str(s)]["pps"],
+                                             modes["trace=on"][str(s)]["pps"])}
+                  for s in plan.sizes}
+    correctness = [{"run": f"{r['mode']} {r['size']} B trial {r['trial'] + 1}",
+                    "complete": r["sink"]["complete"], "in_order": r["sink"]["in_order"],
+                    "bad_payloads": r["sink"]["bad_payloads"],
+                    "received": r["sink"]["received"], "expected": r["packets"]}
+                   for r in runs]
+    correctness += [{"run": f"mp.Queue+sendto {b['size']} B trial {b['trial'] + 1}",
+                     "complete": b["sink"]["complete"], "in_order": b["sink"]["in_order"],
+                     "bad_payloads": b["sink"]["bad_payloads"],
+                     "received": b["sink"]["received"], "expected": b["packets"]}
+                    for b in base]
+    return {"basis": basis, "modes": modes, "end_to_end": e2e_tab, "rss": rss,
+            "tracing_on": tracing_on, "correctness": correctness,
+            "stalled_runs": [f"{r['mode']} {r['size']} B trial {r['trial'] + 1}"
+                             for r in runs if r.get("tx_drained") is False]}
+
+
+def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """Each target of the issue with the measured figure and PASS/FAIL."""
+    out = []
+
+    def add(key: str, measured: str, ok: bool | None) -> None:
+        out.append({"target": TARGETS[key], "measured": measured,
+                    "result": "n/a" if ok is None else ("PASS" if ok else "FAIL")})
+
+    sizes = [str(s) for s in plan.sizes]
+    v = res["vring_only"]["median_pps"]
+    vr = [v[s]["vring_over_bare"] for s in sizes]
+    add("vring", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_x(x)}" for s, x in zip(sizes, vr,
+                                                                             strict=True)),
+        None if None in vr else all(x >= 0.6 for x in vr))
+    e = res["end_to_end"]
+    er = [e[s]["ratio"] for s in sizes]
+    add("e2e", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_x(x)}" for s, x in zip(sizes, er,
+                                                                           strict=True)),
+        None if None in er else all(x >= 3 for x in er))
+    m = res["modes"]["default"]
+    kp = [m[s]["kicks_per_packet"] for s in sizes]
+    ip = [m[s]["interrupts_per_packet"] for s in sizes]
+    add("kicks", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_f(x, 4)}" for s, x in zip(sizes, kp,
+                                                                                strict=True)),
+        None if None in kp else all(x <= 0.01 for x in kp))
+    add("irqs", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_f(x, 4)}" for s, x in zip(sizes, ip,
+                                                                               strict=True)),
+        None if None in ip else all(x <= 0.01 for x in ip))
+    lat = res["kick_latency"]
+    r = lat["on_over_pingpong"]
+    add("latency", f"p50 {fmt_f(lat['ioeventfd_on']['p50_us'], 1)} us vs paced ping-pong RTT "
+                   f"{fmt_f(lat['pingpong_paced_rtt_us_p50'], 1)} us: {fmt_x(r)} (back to back: "
+                   f"{fmt_f(lat['pingpong_rtt_us_p50'], 1)} us, "
+                   f"{fmt_x(lat['on_over_pingpong_back_to_back'])})",
+        None if r is None else r <= 3)
+    costs = [res["tracing"]["off"]["per_size"][s]["cost"] for s in sizes]
+    worst = None if None in costs else max(costs)
+    add("trace_off", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_pct(c)}" for s, c in
+                               zip(sizes, costs, strict=True)),
+        None if worst is None else worst <= 0.03)
+    rss = res["rss"]
+    peaks = [rss[role]["rss_mb_max"] for role in ROLES]
+    add("rss", ", ".join(f"{role} {fmt_f(rss[role]['rss_mb_max'], 1)} MB" for role in ROLES),
+        None if None in peaks else all(p <= 50 for p in peaks))
+    return out
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def guard_share(per_size: dict[str, Any], pps: float | None) -> float | None:
+    """The guards' ns per packet over an end-to-end packet's whole time."""
+    a, b = per_size["ns_per_packet_shipped"], per_size["ns_per_packet_stripped"]
+    return None if a is None or b is None or not pps else (a - b) * pps / 1e9
+
+
+def fmt_f(x: float | None, nd: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def fmt_spread(d: dict[str, Any], key: str) -> str:
+    """A median with the trials' range: ``51,541 (45,002-80,311)``."""
+    lo, hi = d.get(f"{key}_min"), d.get(f"{key}_max")
+    if lo is None or hi is None:
+        return fmt_f(d.get(key))
+    return f"{fmt_f(d.get(key))} ({fmt_f(lo)}-{fmt_f(hi)})"
+
+
+def fmt_x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kernel": f"{platform.system()} {platform.release()}",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
+    m = res["machine"]
+    sizes = [str(s) for s in plan.sizes]
+    basis = res["basis"]
+    basis_text = ("delivered packets / (last arrival at the host socket - the guest's first "
+                  "send)" if basis == "pps_send_to_last_arrival" else
+                  "(delivered packets - 1) / (last - first arrival at the host socket); the "
+                  "guest does not report when its first send began, so the first packet's "
+                  "one-way latency (tens of microseconds, < 0.1 % of a window) is left out, "
+                  "and the baseline is measured the same way")
+    L: list[str] = [
+        "# Benchmarks", "",
+        f"`vreplica bench{' --quick' if plan.quick else ''}`, {m['date']}, "
+        f"{res['duration_s']:.0f} s.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['kernel']}; "
+        f"load average {', '.join(map(str, m['load_average']))} at the start, "
+        f"{', '.join(map(str, res['load_average_end']))} at the end (other work on the "
+        "machine shares its cores with the benchmark).", "",
+        "Every figure is the median of the trials named in its section; every ratio compares "
+        "figures from this same invocation. \"1500\" means a 1472-byte UDP payload, the "
+        "largest datagram the replica carries in its 1500-byte MTU (1514-byte frame).", "",
+        "## Targets (issue 6)", "",
+    ]
+    L += table(["target", "measured", "result"],
+               [[t["target"], t["measured"], f"**{t['result']}**"] for t in res["targets"]])
+    if res["failures"]:
+        L += ["Runs that failed (left out of the figures):", ""]
+        L += [f"* {f['run']}: {f['error']}" for f in res["failures"]] + [""]
+
+    v = res["vring_only"]
+    L += ["## 1. vring only: two processes, null backend", "",
+          f"{v['packets']:,} payloads per trial, {plan.micro_trials} trials, packets/s from the "
+          "producer's start to the consumer's last receive. The vring is the replica's own "
+          "code: `guestproc.virtio_ring` (vring_create_virtqueue, virtqueue_add_outbuf, "
+          "virtqueue_kick_prepare, virtqueue_get_buf to reclaim, EVENT_IDX on) in one process, "
+          "`qemuproc.virtio` (VirtQueue on the same GuestMemory via virtio_queue_set_addr, "
+          "virtqueue_pop, virtqueue_push, virtio_notify) in the other; the device copies each "
+          "payload out (`bytes()`) and drops it. Both shared-memory rings poll: each side spins "
+          "on the other's index (yielding the CPU after 64 empty polls in a row), so no kick "
+          "or interrupt is delivered (the vring still runs its suppression logic; kicks it "
+          "asked for are counted). The queues block in the "
+          "kernel as they are built to. Every transport copies the payload in once and out "
+          "once; ring and queue depth 256 (the POSIX queue: as deep as the system allows, "
+          f"{next((r.get('queue_depth') for r in v['trials'] if r.get('queue_depth')), '-')}).",
+          ""]
+    rows = []
+    for t in bl.TRANSPORTS:
+        rows.append([bl.TRANSPORT_NAMES[t]] + [fmt_f(v["median_pps"][s][t]) for s in sizes])
+    rows.append(["**vring / bare ring**"] + [fmt_x(v["median_pps"][s]["vring_over_bare"])
+                                             for s in sizes])
+    rows.append(["vring kicks asked per packet"] + [
+        fmt_f(v["median_pps"][s].get("vring_kicks_per_packet"), 4) for s in sizes])
+    L += table(["packets/s"] + [SIZE_LABEL[int(s)] for s in sizes], rows)
+    sc = v["side_costs"]
+    L += ["The same per-packet work timed a ring at a time in one process (each side's code "
+          "alone: no second core, spinning or cache-line transfer in it, so the figures hold "
+          "whatever else the machine runs); a two-core pipeline can go no faster than its "
+          "slower side:", ""]
+    rows = [[name] + [fmt_f(sc[s].get(key)) for s in sizes] for name, key in (
+        ("vring driver (add, kick_prepare, reclaim), ns/packet", "vring_driver_ns"),
+        ("vring device (pop, copy out, push, notify), ns/packet", "vring_device_ns"),
+        ("bare ring producer, ns/packet", "bare_producer_ns"),
+        ("bare ring consumer, ns/packet", "bare_consumer_ns"),
+        ("vring bound, packets/s", "vring_bound_pps"),
+        ("bare ring bound, packets/s", "bare_bound_pps"))]
+    rows.append(["**vring / bare ring, bounds**"] + [fmt_x(sc[s].get("bound_ratio"))
+                                                     for s in sizes])
+    L += table([""] + [SIZE_LABEL[int(s)] for s in sizes], rows)
+
+    e = res["end_to_end"]
+    L += ["## 2. End to end: guest -> KVM -> QEMU -> slirp -> host UDP socket", "",
+          f"{res['e2e_packets']:,} datagrams per run, {plan.trials} trials, QEMU defaults "
+          "(--tx bh --tx-burst 256 --event-idx on --ioeventfd on). Delivered and timed by the "
+          "benchmark's own sink on 127.0.0.1 (kernel receive timestamps, every payload "
+          f"checked). Packets/s = {basis_text}. The baseline: the same Ethernet frames "
+          "(built per packet with their checksums, payloads made before the clock as the "
+          "guest does), put on a multiprocessing.Queue(256) by one process; another takes "
+          "each, cuts the 42 header bytes and sendto()s the payload to the same kind of sink.",
+          ""]
+    rows = [["replica (3 processes)"] + [fmt_spread(res["modes"]["default"][s], "pps")
+                                         for s in sizes],
+            ["mp.Queue + sendto (2 processes)"] + [fmt_spread(e[s], "baseline_pps")
+                                                   for s in sizes],
+            ["**replica / baseline**"] + [fmt_x(e[s]["ratio"]) for s in sizes],
+            ["replica: guest send rate (summary's packets/s)"] + [
+                fmt_f(res["modes"]["default"][s]["guest_send_pps"]) for s in sizes]]
+    L += table(["packets/s, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
+               rows)
+
+    lat = res["kick_latency"]
+    L += ["## 3. Kick -> virtqueue_pop latency", "",
+          f"{lat['packets']} datagrams of 64 B paced {lat['pace_ms']} ms apart (each kick "
+          f"alone), {plan.latency_trials} trials, run with --trace. The three processes dump "
+          "their raw trace pieces (msgpack: ts_ns, thread, ph, name, args) into the run "
+          "directory at exit; the benchmark drives the Supervisor itself and reads them "
+          "before the directory is removed. Kick = the guest's `virtqueue_notify` entry "
+          "after a `virtqueue_kick_prepare` that said needs_kick; pop = QEMU's "
+          "`virtqueue_pop` of that kick's buffer (avail index new-1); one CLOCK_MONOTONIC for "
+          "all processes. Tracing is on for these runs, so both paths carry its cost. "
+          f"Of {lat['ioeventfd_on']['kicks']} + {lat['ioeventfd_off']['kicks']} TX kicks "
+          f"(ioeventfd on + off), {lat['ioeventfd_on']['matched']} + "
+          f"{lat['ioeventfd_off']['matched']} were matched to their pop; "
+          f"{lat['ioeventfd_on']['alone']} + {lat['ioeventfd_off']['alone']} announced "
+          "exactly one buffer. Baseline: a posix_ipc.Semaphore pair between two processes, "
+          "round trip (post, then wait for the other's post), measured in this invocation "
+          "both back to back and paced like the kicks (the pinger sleeps "
+          f"{lat['pace_ms']} ms before each round, so each starts from idle processes, as "
+          "each paced kick does); the target compares with the paced one.", ""]
+    on, off = lat["ioeventfd_on"], lat["ioeventfd_off"]
+    rows = [["kick -> pop, ioeventfd on", fmt_f(on["p50_us"], 1), fmt_f(on["p99_us"], 1)],
+            ["kick -> pop, ioeventfd off", fmt_f(off["p50_us"], 1), fmt_f(off["p99_us"], 1)],
+            ["semaphore ping-pong round trip, paced", fmt_f(lat["pingpong_paced_rtt_us_p50"], 1),
+             fmt_f(lat["pingpong_paced_rtt_us_p99"], 1)],
+            ["semaphore ping-pong round trip, back to back",
+             fmt_f(lat["pingpong_rtt_us_p50"], 1), fmt_f(lat["pingpong_rtt_us_p99"], 1)],
+            ["**ioeventfd on / paced ping-pong (p50)**", fmt_x(lat["on_over_pingpong"]), ""]]
+    L += table(["microseconds", "p50", "p99"], rows)
+    stage_rows = [[f"ioeventfd on: kick -> `{s}`", fmt_f(x, 1)]
+                  for s, x in on["stages_p50_us"].items()]
+    stage_rows += [[f"ioeventfd off: kick -> `{s}`", fmt_f(x, 1)]
+                   for s, x in off["stages_p50_us"].items()]
+    L += ["Where the time goes (p50 from the kick to the first such event, any process):", ""]
+    L += table(["stage", "us"], stage_rows)
+
+    L += ["## 4. Kicks and interrupts per packet, saturating burst", "",
+          "From the default-mode runs of section 2 (the guest sends back to back): the "
+          "driver's kicks and the device's TX-queue interrupts (virtio_notify that reached "
+          "the irqfd), per packet sent.", ""]
+    d = res["modes"]["default"]
+    L += table(["per packet, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
+               [[name] + [f"{fmt_f(d[s][k], 4)} ({fmt_f(d[s][k + '_min'], 4)}-"
+                          f"{fmt_f(d[s][k + '_max'], 4)})" for s in sizes]
+                for name, k in (("kicks", "kicks_per_packet"),
+                                ("TX interrupts", "interrupts_per_packet"))])
+    L += ["How often the device catches up with the driver decides both: with EVENT_IDX the "
+          "device asks for a kick at every pop (avail_event = last_avail_idx, as QEMU's "
+          "virtqueue_split_pop does), so a kick comes whenever it has drained the ring, and "
+          "the driver's virtqueue_enable_cb_delayed asks for an interrupt after 3/4 of what "
+          "is pending. Both move with the relative speed of the guest and QEMU processes, "
+          "hence the range.", ""]
+
+    tr = res["tracing"]
+    off_t = tr["off"]
+    L += ["## 5. The cost of tracing", "",
+          f"Off: `virtio_net_flush_tx` over a full 256-entry ring into a null backend, "
+          f"{off_t['rounds']} rounds x {plan.micro_trials} trials, alternating round by round "
+          "between the modules as shipped (trace points off: each costs an `if trace_x.on:` "
+          "test) and copies of `qemuproc.net`, `qemuproc.virtio`, `qemuproc.virtio_net` "
+          "compiled from their source with every such block removed "
+          f"({off_t['guards_stripped']} guards; `@traced` is already the bare function when "
+          "tracing is off). On: end-to-end packets/s of the default mode with --trace.", ""]
+    rows = [["flush loop, ns/packet, as shipped"] + [
+        fmt_f(off_t["per_size"][s]["ns_per_packet_shipped"]) for s in sizes],
+            ["flush loop, ns/packet, guards stripped"] + [
+        fmt_f(off_t["per_size"][s]["ns_per_packet_stripped"]) for s in sizes],
+            ["**cost of tracing off**"] + [fmt_pct(off_t["per_size"][s]["cost"])
+                                           for s in sizes],
+            ["the same, as a share of an end-to-end packet (1/pps)"] + [
+        fmt_pct(guard_share(off_t["per_size"][s], res["modes"]["default"][s]["pps"]))
+        for s in sizes],
+            ["end to end packets/s, tracing off"] + [fmt_f(tr["on"][s]["pps_off"])
+                                                     for s in sizes],
+            ["end to end packets/s, --trace"] + [fmt_f(tr["on"][s]["pps_on"]) for s in sizes],
+            ["slowdown with --trace"] + [fmt_x(tr["on"][s]["slowdown"]) for s in sizes]]
+    L += table([""] + [SIZE_LABEL[int(s)] for s in sizes], rows)
+
+    L += ["## 6. Memory", "",
+          "psutil, sampled every 20 ms (USS every 100 ms) while every untraced end-to-end run "
+          "of section 2/7 went on (both sizes, all modes); peak over the runs. RSS counts "
+          "the pages of the shared guest RAM segment (16 MiB) that a process touched; USS "
+          "is what the process alone holds.", ""]
+    L += table(["process", "peak RSS MB"] + [f"peak RSS MB, {SIZE_LABEL[int(s)]}" for s in sizes]
+               + ["median peak RSS MB", "peak USS MB"],
+               [[role, fmt_f(res["rss"][role]["rss_mb_max"], 1)]
+                + [fmt_f(res["rss"][role]["rss_mb_max_by_size"][s], 1) for s in sizes]
+                + [fmt_f(res["rss"][role]["rss_mb_median"], 1),
+                   fmt_f(res["rss"][role]["uss_mb_max"], 1)] for role in ROLES])
+    L += [f"The guest program makes all {res['e2e_packets']:,} payloads before its clock "
+          "starts (guestproc.programs.udp_send), so the guest's RSS grows with --packets "
+          "and --size: that list, not the driver, is most of the difference between the "
+          "two sizes.", ""]
+
+    L += ["## 7. QEMU modes, end to end", "",
+          "Each mode changes one setting from the default; same runs, sink and basis as "
+          "section 2. Interrupts = TX-queue interrupts.", ""]
+    rows = []
+    for mode in plan.modes + ("trace=on",):
+        for s in sizes:
+            r = res["modes"][mode][s]
+            rows.append([mode, SIZE_LABEL[int(s)], fmt_spread(r, "pps"),
+                         fmt_f(r["kicks_per_packet"], 4), fmt_f(r["interrupts_per_packet"], 4),
+                         "yes" if r["all_delivered_in_order"] else "**no**"])
+    L += table(["mode", "payload", "packets/s (range)", "kicks/packet", "interrupts/packet",
+                "all delivered, in order"], rows)
+    L += [f"![packets/s by mode and payload size]({png_name})", ""]
+    if res["stalled_runs"]:
+        L += ["Runs whose guest timed out waiting for its TX completions: "
+              + ", ".join(res["stalled_runs"]), ""]
+    L += ["Correctness: every run above was checked at the sink (count, order, payload "
+          f"bytes): {sum(1 for c in res['correctness'] if c['complete'])} of "
+          f"{len(res['correctness'])} complete and in order.", ""]
+    return "\n".join(L)
+
+
+def plot(res: dict[str, Any], plan: Plan, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [str(s) for s in plan.sizes]
+    labels = ["mp.Queue+sendto\n(baseline)"] + [m.replace("=", "=\n") for m in
+                                               plan.modes + ("trace=on",)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 1.4]})
+    width = 0.8 / len(sizes)
+    for i, s in enumerate(sizes):
+        e = res["end_to_end"][s]
+        cells = [{"pps": e["baseline_pps"], "pps_min": e.get("baseline_pps_min"),
+                  "pps_max": e.get("baseline_pps_max")}] + [
+            res["modes"][m][s] for m in plan.modes + ("trace=on",)]
+        vals = [c["pps"] or 0 for c in cells]
+        err = [[max(0, v - (c.get("pps_min") or v)) for v, c in zip(vals, cells, strict=True)],
+               [max(0, (c.get("pps_max") or v) - v) for v, c in zip(vals, cells, strict=True)]]
+        xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, vals, width, yerr=err, capsize=2, label=LEGEND[int(s)])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("packets/s delivered to the host socket\n(median; bars: range over trials)")
+    ax.set_title("End to end, by QEMU mode and payload size")
+    ax.legend()
+    v = res["vring_only"]["median_pps"]
+    names = list(bl.TRANSPORTS)
+    for i, s in enumerate(sizes):
+        xs = [j + (i - (len(sizes) - 1) / 2) * width for j in range(len(names))]
+        ax2.bar(xs, [v[s][t] or 0 for t in names], width, label=LEGEND[int(s)])
+    ax2.set_xticks(range(len(names)), ["vring", "bare\nring", "POSIX\nMQ", "mp.\nQueue"],
+                   fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_title("Two processes, no network (section 1)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"virtio-net-replica, {res['machine']['cpu']}, {res['machine']['cores']} cores"
+                 + (" (--quick)" if plan.quick else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    t0 = time.monotonic()
+    failures: list[dict] = []
+    res: dict[str, Any] = {"machine": machine(), "plan": asdict(plan),
+                           "e2e_packets": plan.e2e_packets}
+    log("1. vring only")
+    res["vring_only"] = section_vring(plan, log, failures)
+    log("5. tracing off: flush loop")
+    off = section_trace_cost(plan, log, failures)
+    log("3. kick -> pop latency")
+    res["kick_latency"] = section_latency(plan, log, failures)
+    log("2/4/5/6/7. end to end")
+    e2e = section_e2e(plan, log, failures)
+    folded = fold(e2e, plan)
+    res["end_to_end_runs"] = e2e
+    res.update({k: folded[k] for k in ("basis", "end_to_end", "rss", "correctness",
+                                       "stalled_runs", "modes")})
+    res["kicks_interrupts"] = {s: {k: folded["modes"]["default"][s][k]
+                                   for k in ("kicks_per_packet", "interrupts_per_packet")}
+                               for s in folded["modes"]["default"]}
+    res["tracing"] = {"off": off, "on": folded["tracing_on"]}
+    res["failures"] = failures
+    res["duration_s"] = time.monotonic() - t0
+    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["targets"] = targets(res, plan)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vreplica bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer and smaller trials (~1 min)")
+    p.add_argument("--json", metavar="FILE", help="write every figure here")
+    p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
+                   "(default: the repository root)")
+    a = p.parse_args(argv)
+    plan = QUICK if a.quick else FULL
+    out = Path(a.out) if a.out else ROOT
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    res = run_bench(plan, log)
+    png = out / "bench.png"
+    plot(res, plan, png)
+    (out / "BENCHMARKS.md").write_text(render_markdown(res, plan, png.name))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    for t in res["targets"]:
+        print(f"{t['result']:4}  {t['target']}: {t['measured']}")
+    print(f"wrote {out / 'BENCHMARKS.md'} and {png}" + (f" and {a.json}" if a.json else ""))
+    return 0
+
+
+__all__ = ["main", "run_replica", "kick_pop_latencies", "MODES", "Plan", "QUICK", "FULL"]
