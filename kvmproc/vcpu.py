@@ -103,6 +103,7 @@ class KvmVcpu:
             self.lapic._kvm_vcpu_kick()
 
     def vcpu_enter_guest(self, data: int) -> ExitResult:
+        """Inject what is pending, enter the guest, run it until it exits, handle the exit."""
         if self.gate.armed:
             self.gate.wait()
         lapic = self.lapic
@@ -113,11 +114,21 @@ class KvmVcpu:
             self.vcpu_stats["irq_injections"] += len(vectors)
             if trace_kvm_inj_virq.on:
                 trace_kvm_inj_virq(vectors=vectors)
+        self.kvm_guest_enter(data, vectors)
+        rec = self.kvm_guest_exit()
+        return self.handle_exit(rec)
+
+    def kvm_guest_enter(self, data: int, vectors: list[int] | None) -> None:
+        """VM entry: the guest CPU resumes (with IN data and injected vectors, if any)."""
         if trace_kvm_entry.on:
             trace_kvm_entry(vcpu=0)
         self._send(VMENTRY_PLAIN if not (data or vectors) else
                    kvm_abi.vmentry(data, vectors or []))
-        raw = self._recv(None)  # the guest runs until its next VM exit
+
+    def kvm_guest_exit(self) -> list:
+        """The guest runs until its next VM exit; back in the host, read why it exited."""
+        raw = self._recv(None)
+        lapic = self.lapic
         with lapic.lock:
             lapic.mode = OUTSIDE_GUEST_MODE
         lapic.kick.test_and_clear()  # an IPI sent for this entry is moot now
@@ -125,7 +136,7 @@ class KvmVcpu:
         self.vcpu_stats["exits"] += 1
         if trace_kvm_exit.on:
             trace_kvm_exit(reason=VMX_EXIT_REASONS.get(rec[0], rec[0]))
-        return self.handle_exit(rec)
+        return rec
 
     @traced
     def handle_exit(self, rec: list) -> ExitResult:
