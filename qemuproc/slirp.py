@@ -59,6 +59,28 @@ def special_ethaddr(ip: bytes) -> bytes:
     return b"\x52\x55" + ip
 
 
+class TokenBucket:
+    """A host link of ``rate`` datagrams per second (bursts of ``burst``): a slow backend."""
+
+    def __init__(self, rate: float, burst: int = 32) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def wait_s(self) -> float:
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
 @dataclass
 class SlirpSocket:
     """struct socket for a UDP flow: the guest end (laddr:lport) and its host socket."""
@@ -94,6 +116,7 @@ class Slirp:
         self.arp_requested: dict[bytes, float] = {}
         self.ip_id = 0
         self.input_queue = 0
+        self.backend: TokenBucket | None = None
         self.would_block: Callable[[SlirpSocket], None] = lambda so: None
         self.stats = {"frames_in": 0, "frames_out": 0, "arp_requests": 0, "arp_replies_sent": 0,
                       "arp_requests_sent": 0, "ip_bad": 0, "udp_bad_csum": 0,
@@ -201,6 +224,8 @@ class Slirp:
             trace_sosendto(fd=so.s.fileno(), dport=dport, len=len(payload),
                            seq=int.from_bytes(payload[:8], "big") if len(payload) >= 8 else -1)
         try:
+            if self.backend is not None and not self.backend.take():
+                raise BlockingIOError  # the slow link is full: as the socket's EAGAIN
             so.s.sendto(payload, (self.host_ip, dport))
         except BlockingIOError:
             self.stats["udp_send_eagain"] += 1
