@@ -76,11 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.channel import Channel
 from common.kvm_abi import (
-    KVM_EXIT_INTR,
-    KVM_EXIT_IO,
-    KVM_EXIT_MMIO,
     KVM_EXIT_NAMES,
-    KVM_EXIT_SHUTDOWN,
     KVM_RUN_MMAP,
     VM_CHANNEL_SYNC,
     packb,
@@ -91,7 +87,7 @@ from common.virtio_abi import (
     VIRTIO_PCI_QUEUE_NOTIFY,
 )
 from qemuproc import virtio_net
-from qemuproc.kvm_all import CPUState, KvmError, KVMState, kvm_handle_io, kvm_handle_mmio
+from qemuproc.kvm_all import CPUState, KvmError, KVMState, kvm_handle_exit
 from qemuproc.memory import MemoryRegionOps
 from qemuproc.vhost_user_inflight import InflightRegions, QueueRecovery, vu_check_queue_inflights
 from qemuproc.virtio import (
@@ -342,21 +338,3 @@ class Cpr:
         return {"enabled": True, "incarnation": incarnation, "restarts": max(0, incarnation - 1),
                 "resubmitted": resubmitted, "vmstate_saves": self.saves,
                 "incomings": list(history.values())}
-
-
-def kvm_handle_exit(cpu: CPUState, run: list) -> bool:
-    """One turn of kvm_cpu_exec's switch; False when the VM is to shut down."""
-    reason = run[0]
-    cpu.exit_counts[KVM_EXIT_NAMES.get(reason, "KVM_EXIT_UNKNOWN")] += 1
-    if reason == KVM_EXIT_IO:
-        _, direction, size, port, count, data = run
-        kvm_handle_io(cpu, port, data, direction, size, count)
-    elif reason == KVM_EXIT_MMIO:
-        _, addr, length, is_write, data = run
-        kvm_handle_mmio(cpu, addr, data, length, bool(is_write))
-    elif reason == KVM_EXIT_SHUTDOWN:
-        cpu.shutdown_requested = True
-        return False
-    elif reason != KVM_EXIT_INTR:
-        raise KvmError(f"KVM: unhandled exit reason {reason}")
-    return True

@@ -192,6 +192,28 @@ def kvm_handle_mmio(cpu: CPUState, addr: int, data: int, length: int, is_write: 
         cpu.run_data = val
 
 
+def kvm_handle_exit(cpu: CPUState, run: list) -> bool:
+    """One turn of kvm_cpu_exec's ``switch (run->exit_reason)``; False when the VM is to
+    shut down (-no-reboot: a guest reset is a shutdown)."""
+    reason = run[0]
+    name = KVM_EXIT_NAMES.get(reason, "KVM_EXIT_UNKNOWN")
+    cpu.exit_counts[name] += 1
+    if trace_kvm_run_exit.on:
+        trace_kvm_run_exit(cpu_index=cpu.cpu_index, reason=reason, name=name)
+    if reason == KVM_EXIT_IO:
+        _, direction, size, port, count, data = run
+        kvm_handle_io(cpu, port, data, direction, size, count)
+    elif reason == KVM_EXIT_MMIO:
+        _, addr, length, is_write, data = run
+        kvm_handle_mmio(cpu, addr, data, length, bool(is_write))
+    elif reason == KVM_EXIT_SHUTDOWN:
+        cpu.shutdown_requested = True
+        return False
+    elif reason != KVM_EXIT_INTR:
+        raise KvmError(f"KVM: unhandled exit reason {reason}")
+    return True
+
+
 @traced
 def kvm_cpu_exec(cpu: CPUState) -> int:
     """Run the vCPU until something needs the rest of QEMU (shutdown); returns the cause."""
@@ -203,21 +225,5 @@ def kvm_cpu_exec(cpu: CPUState) -> int:
             run = cpu.kvm_vcpu_ioctl_run()
         finally:
             cpu.bql.acquire()
-        reason = run[0]
-        name = KVM_EXIT_NAMES.get(reason, "KVM_EXIT_UNKNOWN")
-        cpu.exit_counts[name] += 1
-        if trace_kvm_run_exit.on:
-            trace_kvm_run_exit(cpu_index=cpu.cpu_index, reason=reason, name=name)
-        if reason == KVM_EXIT_IO:
-            _, direction, size, port, count, data = run
-            kvm_handle_io(cpu, port, data, direction, size, count)
-        elif reason == KVM_EXIT_MMIO:
-            _, addr, length, is_write, data = run
-            kvm_handle_mmio(cpu, addr, data, length, bool(is_write))
-        elif reason == KVM_EXIT_SHUTDOWN:
-            cpu.shutdown_requested = True  # -no-reboot: a guest reset is a shutdown
-            return reason
-        elif reason == KVM_EXIT_INTR:
-            continue
-        else:
-            raise KvmError(f"KVM: unhandled exit reason {reason}")
+        if not kvm_handle_exit(cpu, run):
+            return run[0]
