@@ -151,7 +151,7 @@ class GuestStack:
         self.next_ephemeral = 32768
         self.ip_id = 0
         self.ping_replies: deque[tuple[int, int]] = deque()
-        self._ip_cache: dict[str, bytes] = {}
+        self._routes: dict[str, tuple[bytes, int, int]] = {}
         self.counters = {"arp_requests_sent": 0, "arp_replies_rcvd": 0, "arp_requests_rcvd": 0,
                          "udp_no_port": 0, "csum_errors": 0, "icmp_echo_replies": 0}
         # IPv4 header fields that never change for this host: their checksum share, once
@@ -188,6 +188,13 @@ class GuestStack:
         """The gateway's MAC for anything off-link; None until ARP resolves it."""
         return self.neigh.get(self.gateway if daddr[:3] != self.ip[:3] else daddr)
 
+    def udp_route(self, dest: str) -> tuple[bytes, int, int]:
+        """What a destination fixes for every datagram to it: its address, the address's
+        share of the IPv4 checksum, and the UDP pseudo header's share (length excluded)."""
+        daddr = ip_aton(dest)
+        return daddr, int.from_bytes(daddr, "big"), pseudo_header_sum(self.ip, daddr,
+                                                                      IPPROTO_UDP, 0)
+
     @traced
     def udp_sendmsg(self, sock: UdpSocket, payload: bytes | memoryview, addr: tuple[str, int],
                     more: bool = False) -> int:
@@ -195,9 +202,10 @@ class GuestStack:
         n = len(payload)
         if n > UDP_MAX_PAYLOAD:
             raise OSError(90, f"message too long ({n} > {UDP_MAX_PAYLOAD})")
-        daddr = self._ip_cache.get(addr[0])
-        if daddr is None:
-            daddr = self._ip_cache[addr[0]] = ip_aton(addr[0])
+        route = self._routes.get(addr[0])
+        if route is None:
+            route = self._routes[addr[0]] = self.udp_route(addr[0])
+        daddr, daddr_sum, pseudo_base = route
         dport = addr[1]
         skb = self.alloc_skb_wait()
         off = skb.data
@@ -205,10 +213,8 @@ class GuestStack:
         udp_len = UDP_HLEN + n
         tot_len = IP_HLEN + udp_len
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
-        daddr_sum = int.from_bytes(daddr, "big")
         ip_csum = csum_fold(self._ip_const + tot_len + ip_id + daddr_sum)
-        udp_acc = pseudo_header_sum(self.ip, daddr, IPPROTO_UDP, udp_len) + sock.port + dport \
-            + udp_len
+        udp_acc = pseudo_base + 2 * udp_len + sock.port + dport  # pseudo and UDP header lengths
         udp_csum = csum_fold(csum_partial(payload, udp_acc))
         if trace_udp_sendmsg.on:
             trace_udp_sendmsg(sport=sock.port, dport=dport, len=n,

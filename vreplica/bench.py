@@ -160,13 +160,14 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
     pieces: list[dict] = []
     cfg = None
     try:
-        try:
-            cfg = sup.start()
+        def start_sampler() -> None:
+            nonlocal sampler
             if sample_rss:
                 sampler = RssSampler({r: p.pid for r, p in sup.procs.items()})
-            sup.wait()
+
+        try:
+            cfg = sup.run(on_started=start_sampler)
         finally:
-            sup.stop()
             if sampler is not None:
                 mem = sampler.stop()
         cap.wait_for(opts.packets, 5.0)

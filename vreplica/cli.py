@@ -217,13 +217,7 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
         s = sender
         sup.on_console = lambda role, line: s.start() if line.startswith("listening") else None
     try:
-        try:
-            cfg = sup.start()
-            sup.wait()
-        except KeyboardInterrupt:
-            raise RunFailed("interrupted", 130) from None
-        finally:
-            sup.stop()
+        cfg = sup.run()
         if sender is not None:
             sender.join(5.0)
         sink_summary = None

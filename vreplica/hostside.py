@@ -30,40 +30,67 @@ def expected_payload(seq: int, size: int) -> bytes:
     return seq.to_bytes(SEQ_BYTES, "big") + PATTERN[start : start + max(0, size - SEQ_BYTES)]
 
 
-class UdpSink:
-    """Receives the guest's datagrams on 127.0.0.1:port and checks each one's payload."""
+class UdpService:
+    """A UDP socket on 127.0.0.1:port served by a thread; ``handle`` sees every datagram.
+    A subclass sets up its own state, then calls ``serve``."""
 
-    def __init__(self, port: int = 0, size: int | None = None) -> None:
+    thread_name = "udp-service"
+
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         big_receive_buffer(self.sock)
         self.sock.bind(("127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
-        self.size = size
-        self.seqs: list[int] = []
-        self.bad = 0
-        self.first_ns = 0
-        self.last_ns = 0
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="udp-sink", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+
+    def serve(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop:
             try:
-                data = self.sock.recv(65535)
+                data, peer = self.sock.recvfrom(65535)
             except TimeoutError:
                 continue
             except OSError:
                 return
-            now = time.monotonic_ns()
-            if not self.first_ns:
-                self.first_ns = now
-            self.last_ns = now
-            seq = int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1
-            if self.size is not None and data != expected_payload(seq, self.size):
-                self.bad += 1
-            self.seqs.append(seq)
+            self.handle(data, peer)
+
+    def handle(self, data: bytes, peer: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop = True
+        if self._thread.is_alive():
+            self._thread.join(1.0)
+        self.sock.close()
+
+
+class UdpSink(UdpService):
+    """Receives the guest's datagrams on 127.0.0.1:port and checks each one's payload."""
+
+    thread_name = "udp-sink"
+
+    def __init__(self, port: int = 0, size: int | None = None) -> None:
+        super().__init__(port)
+        self.size = size
+        self.seqs: list[int] = []
+        self.bad = 0
+        self.first_ns = 0
+        self.last_ns = 0
+        self.serve()
+
+    def handle(self, data: bytes, peer: tuple[str, int]) -> None:
+        now = time.monotonic_ns()
+        if not self.first_ns:
+            self.first_ns = now
+        self.last_ns = now
+        seq = int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1
+        if self.size is not None and data != expected_payload(seq, self.size):
+            self.bad += 1
+        self.seqs.append(seq)
 
     def wait_for(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -77,48 +104,27 @@ class UdpSink:
                 "duplicates": len(self.seqs) - len(seen),
                 "in_order": self.seqs == sorted(self.seqs)}
 
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(1.0)
-        self.sock.close()
+class UdpEcho(UdpService):
+    """A UDP echo service on 127.0.0.1:port: every datagram goes straight back, unless
+    paused (then it is counted, with its sequence number, as ignored)."""
 
-
-class UdpEcho:
-    """A UDP echo service on 127.0.0.1:port: every datagram goes straight back."""
+    thread_name = "udp-echo"
 
     def __init__(self, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        big_receive_buffer(self.sock)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        super().__init__(port)
         self.echoed = 0
         self.ignored = 0
         self.ignored_seqs: set[int] = set()
         self.paused = False
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="udp-echo", daemon=True)
-        self._thread.start()
+        self.serve()
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if self.paused:
-                self.ignored += 1
-                self.ignored_seqs.add(int.from_bytes(data[:SEQ_BYTES], "big"))
-                continue
-            self.sock.sendto(data, peer)
-            self.echoed += 1
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(1.0)
-        self.sock.close()
+    def handle(self, data: bytes, peer: tuple[str, int]) -> None:
+        if self.paused:
+            self.ignored += 1
+            self.ignored_seqs.add(int.from_bytes(data[:SEQ_BYTES], "big"))
+            return
+        self.sock.sendto(data, peer)
+        self.echoed += 1
 
 
 class UdpSender:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.cli import Parser, UsageError
-from vreplica.hostside import UdpEcho, big_receive_buffer, expected_payload
+from vreplica.hostside import UdpEcho, UdpService, expected_payload
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
@@ -41,49 +41,34 @@ def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
     return lo + x % (hi - lo + 1)
 
 
-class FlowSink:
+class FlowSink(UdpService):
     """The host end of tx stress: counts per flow (host-side source port) every datagram's
     sequence number, so loss, duplicates and reordering are exact."""
 
+    thread_name = "stress-sink"
+
     def __init__(self, lo: int, hi: int, seed: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        big_receive_buffer(self.sock)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
+        super().__init__(0)
         self.lo, self.hi, self.seed = lo, hi, seed
         self.seen: set[int] = set()
         self.received = self.duplicates = self.reordered = self.bad = 0
         self.last_by_flow: dict[int, int] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="stress-sink", daemon=True)
-        self._thread.start()
+        self.serve()
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data, (_, sport) = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.received += 1
-            seq = int.from_bytes(data[:SEQ_BYTES], "big")
-            if data != expected_payload(seq, stress_size(seq, self.lo, self.hi, self.seed)):
-                self.bad += 1
-                continue
-            if seq in self.seen:
-                self.duplicates += 1
-                continue
-            self.seen.add(seq)
-            if seq < self.last_by_flow.get(sport, -1):
-                self.reordered += 1
-            self.last_by_flow[sport] = max(seq, self.last_by_flow.get(sport, -1))
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(1.0)
-        self.sock.close()
+    def handle(self, data: bytes, peer: tuple[str, int]) -> None:
+        sport = peer[1]
+        self.received += 1
+        seq = int.from_bytes(data[:SEQ_BYTES], "big")
+        if data != expected_payload(seq, stress_size(seq, self.lo, self.hi, self.seed)):
+            self.bad += 1
+            return
+        if seq in self.seen:
+            self.duplicates += 1
+            return
+        self.seen.add(seq)
+        if seq < self.last_by_flow.get(sport, -1):
+            self.reordered += 1
+        self.last_by_flow[sport] = max(seq, self.last_by_flow.get(sport, -1))
 
 
 class InboundStream:
@@ -302,17 +287,15 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     sup.on_console = on_console
     sup.on_tick = on_tick
+    def quiet_host_side() -> None:
+        chaos.stop()
+        if inbound is not None:
+            inbound.stop()
+
     try:
         try:
-            cfg = sup.start()
-            sup.wait()
-        except KeyboardInterrupt:
-            raise RunFailed("interrupted", 130) from None
+            cfg = sup.run(before_stop=quiet_host_side)
         finally:
-            chaos.stop()
-            if inbound is not None:
-                inbound.stop()
-            sup.stop()
             bar.close()
         time.sleep(0.3)
         reports = sup.reports()

@@ -237,6 +237,23 @@ class Supervisor:
                 self.errors.append(f"{role}: {fields.get('message')}")
             rec = self.ctl.recv_raw(0)
 
+    def run(self, on_started: Callable[[], None] | None = None,
+            before_stop: Callable[[], None] | None = None) -> RunConfig:
+        """start, then wait; Ctrl-C ends the run as "interrupted" (exit 130); whatever
+        happens the processes are stopped (``before_stop`` first)."""
+        try:
+            cfg = self.start()
+            if on_started is not None:
+                on_started()
+            self.wait()
+            return cfg
+        except KeyboardInterrupt:
+            raise RunFailed("interrupted", 130) from None
+        finally:
+            if before_stop is not None:
+                before_stop()
+            self.stop()
+
     def stop(self) -> None:
         """Stop whatever still runs (guest first, as a VM is paused before it is torn down)."""
         with deferred_sigint():
