@@ -8,7 +8,11 @@ Two kinds of record, both stamped with CLOCK_MONOTONIC (one clock for all proces
   Each can be switched at run time, like QEMU's ``trace-event NAME on|off``.
 * spans (``@traced``): a function's entry and return, which give the call chain its nesting.
   They exist only in a process started with tracing on (``VREPLICA_TRACE=1`` in its
-  environment); otherwise the decorator hands back the function itself and costs nothing.
+  environment) and spans selected; otherwise the decorator hands back the function itself
+  and costs nothing.
+
+``VREPLICA_TRACE_EVENTS`` (``--trace-events``) chooses what starts on, like QEMU's
+``-trace enable=PATTERN``: comma-separated globs, ``spans`` for the spans.
 
 Each process dumps its records into the run directory; ``vreplica.tracefile`` merges them
 into Chrome Trace Event JSON.
@@ -30,7 +34,16 @@ import msgpack
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENABLED = os.environ.get("VREPLICA_TRACE", "") == "1"
-"""The process was started with tracing: spans are compiled in and every event starts on."""
+"""The process was started with tracing: its records are dumped at exit."""
+SELECTED = tuple(p for p in os.environ.get("VREPLICA_TRACE_EVENTS", "").split(",") if p)
+"""With tracing, the events that start on, as globs (QEMU's ``-trace enable=PATTERN``);
+``spans`` selects the function spans. Empty: everything."""
+SPANS = ENABLED and (not SELECTED or "spans" in SELECTED)
+"""Spans are compiled in (else ``@traced`` hands back the bare function)."""
+
+
+def _selected(name: str) -> bool:
+    return ENABLED and (not SELECTED or any(fnmatch.fnmatchcase(name, p) for p in SELECTED))
 
 _records: list[tuple] = []
 _append = _records.append
@@ -46,7 +59,7 @@ class TraceEvent:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.on = ENABLED
+        self.on = _selected(name)
 
     def __call__(self, **args: Any) -> None:
         _append((monotonic_ns(), _ident(), "i", self.name, args))
@@ -64,15 +77,15 @@ def trace_event(name: str) -> TraceEvent:
 
 
 class _SpanState:
-    on = ENABLED
+    on = SPANS
 
 
 spans = _SpanState()
 
 
 def traced(fn: F) -> F:
-    """Record ``fn``'s entry and return as a span named after it (only when ENABLED)."""
-    if not ENABLED:
+    """Record ``fn``'s entry and return as a span named after it (only when SPANS)."""
+    if not SPANS:
         return fn
     name = fn.__name__
 

@@ -224,7 +224,10 @@ class GuestStack:
                              0x45, 0, tot_len, ip_id, IP_DF, 64, IPPROTO_UDP, ip_csum,
                              self.ip, daddr, sock.port, dport, udp_len, udp_csum)
         skb.len = ETH_HLEN + tot_len
-        skb.queue_mapping = skb_tx_hash(self.dev, sock.port, dport)
+        dev = self.dev
+        # netdev_core_pick_tx: a device with one TX queue needs no hash
+        skb.queue_mapping = skb_tx_hash(dev, sock.port, dport) if dev.real_num_tx_queues != 1 \
+            else 0
         if dst is None:
             self.arp_resolve(daddr, skb)
             return n

@@ -198,18 +198,17 @@ def skb_xmit_done(vq: Virtqueue) -> None:
 @traced
 def free_old_xmit_skbs(sq: SendQueue, in_napi: bool) -> int:
     vq = sq.vq
-    pool_free = sq.vq.vdev.priv.skb_pool.kfree_skb
+    r = virtqueue_get_buf(vq)
+    if r is None:
+        return 0
+    pool_free = vq.vdev.priv.skb_pool.kfree_skb
     packets = nbytes = 0
-    while True:
-        r = virtqueue_get_buf(vq)
-        if r is None:
-            break
+    while r is not None:
         skb = r[0]
         nbytes += skb.len
         pool_free(skb)
         packets += 1
-    if not packets:
-        return 0
+        r = virtqueue_get_buf(vq)
     sq.stats["packets"] += packets
     sq.stats["bytes"] += nbytes
     if trace_free_old_xmit_skbs.on:

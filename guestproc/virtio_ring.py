@@ -26,13 +26,14 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
     VringViews,
-    vring_need_event,
 )
 from guestproc.kernel import IRQ_HANDLED, IRQ_NONE
 
 VRING_INDIRECT_MAX = 16
 """Entries of each head's indirect table; a longer chain falls back to direct descriptors."""
 INDIRECT_STRIDE = VRING_INDIRECT_MAX * VRING_DESC_SIZE
+
+_desc_pack_into = DESC.pack_into
 
 trace_virtqueue_add = trace_event("virtqueue_add_split")
 trace_vring_interrupt = trace_event("vring_interrupt")
@@ -123,57 +124,71 @@ def virtqueue_add_split(vq: Virtqueue, out_sgs: list[tuple[int, int]],
     Several buffers with indirect descriptors negotiated go into the head's own table, and
     the ring gives them one descriptor (virtqueue_use_indirect: indirect, total_sg > 1,
     num_free)."""
-    total = len(out_sgs) + len(in_sgs)
     if vq.broken:
         return -5  # -EIO
-    head = i = vq.free_head
-    nxt = vq.desc_extra_next
-    fl = vq.desc_extra_flags
-    if 1 < total <= vq.indir_max and vq.num_free:
-        table = vq.indir
-        off = head * INDIRECT_STRIDE
-        n = 0
-        for addr, length in out_sgs:
-            n += 1
-            DESC.pack_into(table, off, addr, length, VRING_DESC_F_NEXT if n < total else 0, n)
-            off += VRING_DESC_SIZE
-        for addr, length in in_sgs:
-            n += 1
-            DESC.pack_into(table, off, addr, length,
-                           VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0), n)
-            off += VRING_DESC_SIZE
-        fl[head] = VRING_DESC_F_INDIRECT
-        DESC.pack_into(vq.desc, head << 4, vq.indir_base + head * INDIRECT_STRIDE, total << 4,
-                       VRING_DESC_F_INDIRECT, nxt[head])
-        vq.num_free -= 1
-        vq.free_head = nxt[head]
-        vq.indirect_adds += 1
-    else:
-        if vq.num_free < total:
+    head = vq.free_head
+    if not in_sgs and len(out_sgs) == 1:  # one readable buffer: one direct descriptor
+        if not vq.num_free:
             return -28  # -ENOSPC
-        desc = vq.desc
-        n = 0
-        for addr, length in out_sgs:
-            n += 1
-            f = VRING_DESC_F_NEXT if n < total else 0
-            fl[i] = f
-            DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
-            i = nxt[i]
-        for addr, length in in_sgs:
-            n += 1
-            f = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0)
-            fl[i] = f
-            DESC.pack_into(desc, i << 4, addr, length, f, nxt[i])
-            i = nxt[i]
-        vq.num_free -= total
-        vq.free_head = i
+        nxt = vq.desc_extra_next[head]
+        vq.desc_extra_flags[head] = 0
+        addr, length = out_sgs[0]
+        _desc_pack_into(vq.desc, head << 4, addr, length, 0, nxt)
+        vq.num_free -= 1
+        vq.free_head = nxt
+        total = 1
+    else:
+        total = len(out_sgs) + len(in_sgs)
+        i = head
+        nxt = vq.desc_extra_next
+        fl = vq.desc_extra_flags
+        if 1 < total <= vq.indir_max and vq.num_free:
+            table = vq.indir
+            off = head * INDIRECT_STRIDE
+            n = 0
+            for addr, length in out_sgs:
+                n += 1
+                _desc_pack_into(table, off, addr, length, VRING_DESC_F_NEXT if n < total else 0,
+                                n)
+                off += VRING_DESC_SIZE
+            for addr, length in in_sgs:
+                n += 1
+                _desc_pack_into(table, off, addr, length,
+                                VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0), n)
+                off += VRING_DESC_SIZE
+            fl[head] = VRING_DESC_F_INDIRECT
+            _desc_pack_into(vq.desc, head << 4, vq.indir_base + head * INDIRECT_STRIDE,
+                            total << 4, VRING_DESC_F_INDIRECT, nxt[head])
+            vq.num_free -= 1
+            vq.free_head = nxt[head]
+            vq.indirect_adds += 1
+        else:
+            if vq.num_free < total:
+                return -28  # -ENOSPC
+            desc = vq.desc
+            n = 0
+            for addr, length in out_sgs:
+                n += 1
+                f = VRING_DESC_F_NEXT if n < total else 0
+                fl[i] = f
+                _desc_pack_into(desc, i << 4, addr, length, f, nxt[i])
+                i = nxt[i]
+            for addr, length in in_sgs:
+                n += 1
+                f = VRING_DESC_F_WRITE | (VRING_DESC_F_NEXT if n < total else 0)
+                fl[i] = f
+                _desc_pack_into(desc, i << 4, addr, length, f, nxt[i])
+                i = nxt[i]
+            vq.num_free -= total
+            vq.free_head = i
     vq.desc_state[head] = data
     shadow = vq.avail_idx_shadow
-    vq.avail[2 + (shadow & (vq.num - 1))] = head
+    avail = vq.avail
+    avail[2 + (shadow & (vq.num - 1))] = head
     # virtio_wmb: descriptors and ring entry are stored before the index that publishes them
     shadow = (shadow + 1) & 0xFFFF
     vq.avail_idx_shadow = shadow
-    vq.avail[1] = shadow
+    avail[1] = shadow
     vq.num_added += 1
     if trace_virtqueue_add.on:
         trace_virtqueue_add(vq=vq.name, head=head, avail_idx=(shadow - 1) & 0xFFFF, sgs=total)
@@ -197,10 +212,11 @@ def virtqueue_kick_prepare(vq: Virtqueue) -> bool:
     """Does the device want to hear about the buffers added since the last kick?"""
     # virtio_mb: the avail index store is visible before the device's event index is read
     new = vq.avail_idx_shadow
-    old = (new - vq.num_added) & 0xFFFF
+    added = vq.num_added
+    old = (new - added) & 0xFFFF
     vq.num_added = 0
-    if vq.event:
-        needs_kick = vring_need_event(vq.avail_event_h[0], new, old)
+    if vq.event:  # vring_need_event(avail_event, new, old), inlined: new - old is num_added
+        needs_kick = ((new - vq.avail_event_h[0] - 1) & 0xFFFF) < added
     else:
         needs_kick = not (vq.used_hdr[0] & VRING_USED_F_NO_NOTIFY)
     if trace_virtqueue_kick_prepare.on:
@@ -251,10 +267,12 @@ def virtqueue_get_buf(vq: Virtqueue) -> tuple[Any, int] | None:
     if last == vq.used_hdr[1]:
         return None
     # virtio_rmb: the used entry is read after the used index that published it
-    slot = (last & (vq.num - 1)) << 1
-    head = vq.used_ring[slot]
-    length = vq.used_ring[slot + 1]
-    if head >= vq.num:
+    num = vq.num
+    used_ring = vq.used_ring
+    slot = (last & (num - 1)) << 1
+    head = used_ring[slot]
+    length = used_ring[slot + 1]
+    if head >= num:
         vq.broken = True
         raise BadRing(f"{vq.name}: id {head} out of range")
     data = vq.desc_state[head]
@@ -265,7 +283,7 @@ def virtqueue_get_buf(vq: Virtqueue) -> tuple[Any, int] | None:
     last = (last + 1) & 0xFFFF
     vq.last_used_idx = last
     if not (vq.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT):
-        vq.avail[2 + vq.num] = last  # used_event: interrupt me for the next one
+        vq.avail[2 + num] = last  # used_event: interrupt me for the next one
     if trace_virtqueue_get_buf.on:
         trace_virtqueue_get_buf(vq=vq.name, head=head, len=length, used_idx=(last - 1) & 0xFFFF)
     return data, length

@@ -12,14 +12,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from common.trace import trace_event, traced
+from common.trace import traced
 
 QEMU_NET_PACKET_FLAG_NONE = 0
 NET_QUEUE_MAXLEN = 10000
 
 SentCb = Callable[["NetClientState", int], None] | None
-trace_qemu_net_queue_send = trace_event("qemu_net_queue_send_iov")
-trace_nc_sendv_compat = trace_event("nc_sendv_compat")
 
 
 class NetFilter:
@@ -110,8 +108,6 @@ def nc_sendv_compat(nc: NetClientState, iov: list[memoryview | bytes], flags: in
         buffer = iov[0]
     else:
         buffer = b"".join(iov)
-    if trace_nc_sendv_compat.on:
-        trace_nc_sendv_compat(nc=nc.name, len=len(buffer), iovcnt=len(iov))
     return nc.info.receive(nc, buffer)
 
 
@@ -149,8 +145,6 @@ def qemu_net_queue_flush(queue: NetQueue) -> bool:
 @traced
 def qemu_net_queue_send_iov(queue: NetQueue, sender: NetClientState, flags: int,
                             iov: list[memoryview | bytes], sent_cb: SentCb) -> int:
-    if trace_qemu_net_queue_send.on:
-        trace_qemu_net_queue_send(sender=sender.name, to=queue.owner.name, iovcnt=len(iov))
     if queue.delivering or not qemu_can_send_packet(sender):
         queue.qemu_net_queue_append(sender, flags, b"".join(iov), sent_cb)
         return 0

@@ -130,18 +130,17 @@ class Slirp:
     def slirp_input(self, pkt: memoryview | bytes) -> int:
         """One Ethernet frame from the guest; returns 0 if it must be retried (would block)."""
         self.stats["frames_in"] += 1
-        if len(pkt) < ETH_HLEN:
-            return len(pkt)
+        n = len(pkt)
+        if n < ETH_HLEN:
+            return n
         proto = (pkt[12] << 8) | pkt[13]
         if trace_slirp_input.on:
-            trace_slirp_input(len=len(pkt), proto=proto)
+            trace_slirp_input(len=n, proto=proto)
+        if proto == ETH_P_IP:
+            return self.ip_input(pkt if isinstance(pkt, memoryview) else memoryview(pkt)) and n
         if proto == ETH_P_ARP:
             self.arp_input(pkt)
-            return len(pkt)
-        if proto == ETH_P_IP:
-            src_mac = bytes(pkt[6:12])
-            return self.ip_input(memoryview(pkt)[ETH_HLEN:], src_mac) and len(pkt)
-        return len(pkt)
+        return n
 
     def arp_input(self, pkt: memoryview | bytes) -> None:
         if len(pkt) < ETH_HLEN + ARP.size:
@@ -160,7 +159,9 @@ class Slirp:
             self.arp_table[sip] = sha
             self.if_start()
 
-    def ip_input(self, ip: memoryview, src_mac: bytes) -> bool:
+    def ip_input(self, m: memoryview) -> bool:
+        """The IPv4 packet after the frame's Ethernet header (m_adj(m, ETH_HLEN))."""
+        ip = m[ETH_HLEN:]
         if len(ip) < IP_HLEN:
             self.stats["ip_bad"] += 1
             return True
@@ -171,33 +172,41 @@ class Slirp:
             self.stats["ip_bad"] += 1
             return True
         if saddr == self.client_ipaddr and saddr not in self.arp_table:
-            self.arp_table[saddr] = src_mac
-        body = ip[hlen:tot_len]
+            self.arp_table[saddr] = bytes(m[6:12])
         if proto == IPPROTO_UDP:
-            return self.udp_input(saddr, daddr, body)
+            return self.udp_input(ip, hlen, tot_len, saddr, daddr)
         if proto == IPPROTO_ICMP:
-            self.icmp_input(saddr, daddr, body)
+            self.icmp_input(saddr, daddr, ip[hlen:tot_len])
         return True
 
-    def udp_input(self, saddr: bytes, daddr: bytes, seg: memoryview) -> bool:
-        if len(seg) < UDP_HLEN:
+    def udp_input(self, ip: memoryview, hlen: int, tot_len: int, saddr: bytes,
+                  daddr: bytes) -> bool:
+        """The UDP datagram in ``ip`` (header ``hlen`` bytes, ``tot_len`` in all)."""
+        if tot_len - hlen < UDP_HLEN:
             self.stats["ip_bad"] += 1
             return True
-        sport, dport, length, check = UDP.unpack_from(seg, 0)
-        if length > len(seg) or length < UDP_HLEN:
+        sport, dport, length, check = UDP.unpack_from(ip, hlen)
+        if length > tot_len - hlen or length < UDP_HLEN:
             self.stats["ip_bad"] += 1
             return True
-        if check and csum_partial(seg[:length],
-                                  pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length)) % 0xFFFF:
-            self.stats["udp_bad_csum"] += 1
-            return True
+        if check:
+            # the pseudo header's addresses are the 8 bytes that end an option-less IP header,
+            # so they and the datagram are summed in one pass
+            if hlen == IP_HLEN:
+                acc = csum_partial(ip[12 : IP_HLEN + length], IPPROTO_UDP + length)
+            else:
+                acc = csum_partial(ip[hlen : hlen + length],
+                                   pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length))
+            if acc % 0xFFFF:
+                self.stats["udp_bad_csum"] += 1
+                return True
         so = self.udb.get((saddr, sport))
         if so is None:
             so = self.udp_attach(saddr, sport)
         so.faddr, so.fport = daddr, dport
         so.queue = self.input_queue
         so.expire = time.monotonic() + self.udp_expire_s
-        return self.sosendto(so, seg[UDP_HLEN:length], daddr, dport)
+        return self.sosendto(so, ip[hlen + UDP_HLEN : hlen + length], daddr, dport)
 
     def udp_attach(self, laddr: bytes, lport: int) -> SlirpSocket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -217,7 +226,8 @@ class Slirp:
     @traced
     def sosendto(self, so: SlirpSocket, payload: memoryview, daddr: bytes, dport: int) -> bool:
         """Send the guest's datagram from the flow's host socket; False if it would block."""
-        if daddr[:3] != self.vnetwork[:3] or daddr == self.vnameserver_addr:
+        if daddr != self.vhost_addr and (daddr[:3] != self.vnetwork[:3]
+                                         or daddr == self.vnameserver_addr):
             self.stats["no_route"] += 1  # only 10.0.2.2 (the host's loopback) is reachable here
             return True
         if trace_sosendto.on:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.guest_memory import GuestMemory, GuestMemoryError
-from common.trace import trace_event, traced
+from common.trace import spans, trace_event, traced
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -33,11 +33,15 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
     VringViews,
-    vring_need_event,
 )
 
 VIRTIO_QUEUE_MAX = 64
 VIRTIO_NO_VECTOR = VIRTIO_MSI_NO_VECTOR
+
+_desc_unpack_from = DESC.unpack_from
+_DESC_F_CHAIN_OR_WRITE = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE
+"""A head descriptor with none of these is one readable buffer: virtqueue_pop's fast path."""
+_F_NOTIFY_ON_EMPTY = 1 << VIRTIO_F_NOTIFY_ON_EMPTY
 
 trace_virtqueue_alloc_element = trace_event("virtqueue_alloc_element")
 trace_virtqueue_pop = trace_event("virtqueue_pop")
@@ -405,66 +409,80 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
     elem = vq.elems[head]
     if elem.busy:  # the guest offered a head that is still in flight: give it its own element
         elem = VirtQueueElement(head)
-    out_sg = elem.out_sg
-    in_sg = elem.in_sg
-    out_addr = elem.out_addr
-    in_addr = elem.in_addr
-    out_sg.clear()
-    in_sg.clear()
-    out_addr.clear()
-    in_addr.clear()
-    desc = v.desc
-    addr, length, flags, nxt = DESC.unpack_from(desc, head << 4)
-    max_ = num
-    indirect = flags & VRING_DESC_F_INDIRECT
-    if indirect:
-        table = vring_indirect_table(vdev, vq, addr, length)
-        if table is None:
-            return None
-        desc = table
-        max_ = length // VRING_DESC_SIZE
-        addr, length, flags, nxt = DESC.unpack_from(desc, 0)
-    amap = vdev.dma.address_space_map
-    entries = 0
-    while True:
-        if indirect and flags & VRING_DESC_F_INDIRECT:
-            virtio_error(vdev, f"Nested indirect descriptor: idx {entries}, {addr:x}")
-            return None
+    addr, length, flags, nxt = _desc_unpack_from(v.desc, head << 4)
+    if not flags & _DESC_F_CHAIN_OR_WRITE:
+        # one readable buffer, the common TX chain: the loop's checks below, for one entry
         if not length:
             virtio_error(vdev, "virtio: zero sized buffers are not allowed")
             return None
         try:
-            sg = amap(addr, length)
+            sg = vdev.dma.address_space_map(addr, length)
         except GuestMemoryError:
             virtio_error(vdev, "virtio: bogus descriptor or out of resources")
             return None
-        if flags & VRING_DESC_F_WRITE:
-            in_sg.append(sg)
-            in_addr.append(addr)
-        else:
-            if in_sg:
-                virtio_error(vdev, "Incorrect order for descriptors")
+        elem.out_sg = [sg]
+        elem.out_addr = [addr]
+        if elem.in_sg:
+            elem.in_sg = []
+            elem.in_addr = []
+    else:
+        desc = v.desc
+        out_sg = elem.out_sg = []
+        in_sg = elem.in_sg = []
+        out_addr = elem.out_addr = []
+        in_addr = elem.in_addr = []
+        max_ = num
+        indirect = flags & VRING_DESC_F_INDIRECT
+        if indirect:
+            table = vring_indirect_table(vdev, vq, addr, length)
+            if table is None:
                 return None
-            out_sg.append(sg)
-            out_addr.append(addr)
-        entries += 1
-        if entries > max_:  # more than the table holds: the guest made a loop
-            virtio_error(vdev, "Looped descriptor")
-            return None
-        if not flags & VRING_DESC_F_NEXT:
-            break
-        if nxt >= max_:
-            virtio_error(vdev, f"Desc next is {nxt}")
-            return None
-        addr, length, flags, nxt = DESC.unpack_from(desc, nxt << 4)
+            desc = table
+            max_ = length // VRING_DESC_SIZE
+            addr, length, flags, nxt = _desc_unpack_from(desc, 0)
+        amap = vdev.dma.address_space_map
+        entries = 0
+        while True:
+            if indirect and flags & VRING_DESC_F_INDIRECT:
+                virtio_error(vdev, f"Nested indirect descriptor: idx {entries}, {addr:x}")
+                return None
+            if not length:
+                virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+                return None
+            try:
+                sg = amap(addr, length)
+            except GuestMemoryError:
+                virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+                return None
+            if flags & VRING_DESC_F_WRITE:
+                in_sg.append(sg)
+                in_addr.append(addr)
+            else:
+                if in_sg:
+                    virtio_error(vdev, "Incorrect order for descriptors")
+                    return None
+                out_sg.append(sg)
+                out_addr.append(addr)
+            entries += 1
+            if entries > max_:  # more than the table holds: the guest made a loop
+                virtio_error(vdev, "Looped descriptor")
+                return None
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if nxt >= max_:
+                virtio_error(vdev, f"Desc next is {nxt}")
+                return None
+            addr, length, flags, nxt = _desc_unpack_from(desc, nxt << 4)
     elem.busy = True
     vq.inflight[head] = 1  # vu_queue_inflight_get
     vq.inuse += 1
     vq.pops += 1
+    if trace_virtqueue_alloc_element.on:
+        trace_virtqueue_alloc_element(elem=head, in_num=len(elem.in_sg),
+                                      out_num=len(elem.out_sg))
     if trace_virtqueue_pop.on:
-        trace_virtqueue_alloc_element(elem=head, in_num=len(in_sg), out_num=len(out_sg))
-        trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(in_sg), out_num=len(out_sg),
-                            avail_idx=(last - 1) & 0xFFFF)
+        trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(elem.in_sg),
+                            out_num=len(elem.out_sg), avail_idx=(last - 1) & 0xFFFF)
     return elem
 
 
@@ -535,8 +553,41 @@ def virtqueue_flush(vq: VirtQueue, count: int) -> None:
 
 
 def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
-    virtqueue_fill(vq, elem, length, 0)
-    virtqueue_flush(vq, 1)
+    """virtqueue_fill then virtqueue_flush of one element.
+
+    Done here in one step, with both trace points and the same stores and inflight
+    bookkeeping, unless spans are being recorded (a traced run shows the two calls)."""
+    if spans.on:
+        virtqueue_fill(vq, elem, length, 0)
+        virtqueue_flush(vq, 1)
+        return
+    elem.busy = False
+    v = vq.views
+    if vq.vdev.broken or v is None:
+        vq.inuse -= 1
+        return
+    head = elem.index
+    if trace_virtqueue_fill.on:
+        trace_virtqueue_fill(vq=vq.name, elem=head, len=length, idx=0)
+    num = vq.num
+    old = vq.used_idx
+    slot = (old % num) << 1
+    used_ring = v.used_ring
+    used_ring[slot] = head
+    used_ring[slot + 1] = length
+    # smp_wmb: the entry is visible before the index
+    if trace_virtqueue_flush.on:
+        trace_virtqueue_flush(vq=vq.name, count=1)
+    new = (old + 1) & 0xFFFF
+    v.used_hdr[1] = new
+    head = used_ring[slot]  # read back, as virtqueue_flush does: the guest may have changed it
+    if head < num:
+        vq.inflight[head] = 0
+    vq.inflight_used[0] = new
+    vq.used_idx = new
+    vq.inuse -= 1
+    if ((new - vq.signalled_used + 0x8000) & 0xFFFF) - 0x8000 < 1:
+        vq.signalled_used_valid = False
 
 
 def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
@@ -544,8 +595,7 @@ def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
     v = vq.views
     if v is None:
         return False
-    if (virtio_vdev_has_feature(vdev, VIRTIO_F_NOTIFY_ON_EMPTY) and not vq.inuse
-            and virtio_queue_empty(vq)):
+    if vdev.guest_features & _F_NOTIFY_ON_EMPTY and not vq.inuse and virtio_queue_empty(vq):
         return True
     if not vdev.event_idx:
         return not (v.avail[0] & VRING_AVAIL_F_NO_INTERRUPT)
@@ -553,7 +603,8 @@ def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
     vq.signalled_used_valid = True
     old = vq.signalled_used
     new = vq.signalled_used = vq.used_idx
-    return not was_valid or vring_need_event(v.avail[2 + vq.num], new, old)
+    # vring_need_event(used_event, new, old), inlined
+    return not was_valid or ((new - v.avail[2 + vq.num] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 def virtio_notify_vector(vdev: VirtIODevice, vector: int) -> None:

@@ -76,7 +76,6 @@ EINVAL = 22
 NET_BUFSIZE = 4096 + 65536
 """net/net.c: the largest packet a backend is handed; a guest chain may map far more."""
 
-trace_virtio_net_flush_tx = trace_event("virtio_net_flush_tx")
 trace_virtio_net_receive = trace_event("virtio_net_receive")
 
 
@@ -371,8 +370,6 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
         sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg, hdr_len)
-        if trace_virtio_net_flush_tx.on:
-            trace_virtio_net_flush_tx(elem=elem.index, len=size - hdr_len)
         if size - hdr_len > NET_BUFSIZE:  # nc_sendv_compat would refuse it: dropped, completed
             ret = -1
         else:

@@ -28,6 +28,7 @@ BAD_OPTIONS = [
     (["--vectors", "-1"], "--vectors"),
     (["--ioeventfd", "maybe"], "--ioeventfd"),
     (["--tx", "bogus"], "--tx"),
+    (["--trace-events", "virtqueue_pop"], "--trace-events"),
     (["--no-such-flag"], "--no-such-flag"),
 ]
 

@@ -677,7 +677,9 @@ def e2e_rates(sink: dict[str, Any], first_send_ns: int | None) -> dict[str, Any]
 
 
 def _pinger(names: tuple[str, str], rounds: int, warmup: int, pace_s: float, barrier: Any,
-            out: Connection) -> None:
+            out: Connection, cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     ping, pong = (posix_ipc.Semaphore(x) for x in names)
     now = time.monotonic_ns
     samples = []
@@ -694,7 +696,9 @@ def _pinger(names: tuple[str, str], rounds: int, warmup: int, pace_s: float, bar
 
 
 def _ponger(names: tuple[str, str], rounds: int, warmup: int, pace_s: float, barrier: Any,
-            out: Connection) -> None:
+            out: Connection, cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     ping, pong = (posix_ipc.Semaphore(x) for x in names)
     barrier.wait()
     for _ in range(warmup + rounds):
@@ -712,12 +716,15 @@ def _unlink_sems(names: tuple[str, ...]) -> None:
 
 
 def sem_pingpong(rounds: int, warmup: int = 100, pace_s: float = 0.0,
-                 timeout: float = 60.0) -> dict[str, Any]:
+                 timeout: float = 60.0, cpus: tuple[int, int] | None = None) -> dict[str, Any]:
     """Round trips of a posix_ipc.Semaphore pair between two processes (blocking waits).
 
     With ``pace_s`` the pinger sleeps that long before each round, so every round trip
-    starts from two idle processes, as a paced kick does.
+    starts from two idle processes, as a paced kick does. With ``cpus`` the pinger and the
+    ponger are pinned to those two CPUs, so each post wakes a process on the other CPU
+    (left alone, the scheduler usually puts two such processes on one CPU).
     """
+    pin = cpus or (None, None)
     names = (ipc_name("ping"), ipc_name("pong"))
     sems = [posix_ipc.Semaphore(x, posix_ipc.O_CREX, mode=0o600, initial_value=0)
             for x in names]
@@ -726,9 +733,11 @@ def sem_pingpong(rounds: int, warmup: int = 100, pace_s: float = 0.0,
     a_in, a_out = ctx.Pipe(False)
     b_in, b_out = ctx.Pipe(False)
     procs = [ctx.Process(target=_child, daemon=True,
-                         args=(_ponger, names, rounds, warmup, pace_s, barrier, b_out)),
+                         args=(_ponger, names, rounds, warmup, pace_s, barrier, b_out,
+                               pin[1])),
              ctx.Process(target=_child, daemon=True,
-                         args=(_pinger, names, rounds, warmup, pace_s, barrier, a_out))]
+                         args=(_pinger, names, rounds, warmup, pace_s, barrier, a_out,
+                               pin[0]))]
     try:
         for p in procs:
             p.start()
@@ -748,7 +757,8 @@ def sem_pingpong(rounds: int, warmup: int = 100, pace_s: float = 0.0,
             s.close()
         for c in (a_in, a_out, b_in, b_out):
             c.close()
-    return {"rounds": rounds, "pace_ms": pace_s * 1000, "rtt_us_p50": percentile(samples, 50),
+    return {"rounds": rounds, "pace_ms": pace_s * 1000, "cpus": list(cpus) if cpus else None,
+            "rtt_us_p50": percentile(samples, 50),
             "rtt_us_p99": percentile(samples, 99), "rtt_us_min": min(samples)}
 
 
@@ -792,8 +802,9 @@ class _StripTrace(ast.NodeTransformer):
         return node
 
 
-def strip_trace_modules() -> tuple[dict[str, types.ModuleType], int]:
-    """Copies of STRIP_MODULES compiled from their source with the trace guards removed.
+def strip_trace_modules(strip: bool = True) -> tuple[dict[str, types.ModuleType], int]:
+    """Copies of STRIP_MODULES compiled from their source with the trace guards removed
+    (with ``strip`` False: compiled the same way with nothing removed, the control).
 
     Each copy imports the other copies (they sit in sys.modules while they are executed),
     so the whole TX path runs trace-free. Returns the modules and the guards removed.
@@ -806,9 +817,11 @@ def strip_trace_modules() -> tuple[dict[str, types.ModuleType], int]:
     try:
         for name in STRIP_MODULES:
             src = inspect.getsource(originals[name])
-            stripper = _StripTrace()
-            tree = ast.fix_missing_locations(stripper.visit(ast.parse(src)))
-            removed += stripper.guards
+            tree = ast.parse(src)
+            if strip:
+                stripper = _StripTrace()
+                tree = ast.fix_missing_locations(stripper.visit(tree))
+                removed += stripper.guards
             mod = types.ModuleType(name)
             mod.__file__ = originals[name].__file__
             sys.modules[name] = mod
@@ -879,8 +892,10 @@ class _FlushRig:
 def flush_trace_cost(rounds: int, size: int) -> dict[str, Any]:
     """virtio_net_flush_tx per packet, trace guards as shipped vs. source-stripped copies.
 
-    Both run here, alternating round by round, on the same kind of ring; tracing is off
-    (this process never set VREPLICA_TRACE), which is what the comparison is about.
+    Three module sets run here, round by round in turn, each on a ring of its own; tracing
+    is off (this process never set VREPLICA_TRACE), which is what the comparison is about.
+    The third set is compiled like the stripped one with nothing removed: its difference from
+    the shipped modules is the method's own error ("control"), which should be near zero.
     """
     import importlib
 
@@ -890,35 +905,34 @@ def flush_trace_cost(rounds: int, size: int) -> dict[str, Any]:
         raise RuntimeError("flush_trace_cost measures tracing off; unset VREPLICA_TRACE")
     shipped = {m: importlib.import_module(m) for m in STRIP_MODULES}
     stripped, guards = strip_trace_modules()
+    control, _ = strip_trace_modules(strip=False)
     name = ipc_name("flush")
     mem = GuestMemory(name, 4 * SHM_SIZE, create=True)
     GuestMemory.unlink(name)  # the mapping stays; nothing is left in /dev/shm whatever happens
     try:
-        a = _FlushRig(shipped, mem, RING_BASE, size)
-        b = _FlushRig(stripped, mem, (a.end + 4095) & ~4095, size)
+        rigs: list[_FlushRig] = []
+        base = RING_BASE
+        for mods in (shipped, stripped, control):
+            rigs.append(_FlushRig(mods, mem, base, size))
+            base = (rigs[-1].end + 4095) & ~4095
         for _ in range(max(3, rounds // 10)):
-            a.round()
-            b.round()
-        ta: list[int] = []
-        tb: list[int] = []
+            for rig in rigs:
+                rig.round()
+        times: list[list[int]] = [[], [], []]
         gc_was = gc.isenabled()
         gc.disable()
         try:
             for i in range(rounds):
-                if i & 1:
-                    tb.append(b.round())
-                    ta.append(a.round())
-                else:
-                    ta.append(a.round())
-                    tb.append(b.round())
+                for k in range(3):  # each set goes first, second and third in turn
+                    j = (i + k) % 3
+                    times[j].append(rigs[j].round())
         finally:
             if gc_was:
                 gc.enable()
     finally:
         mem.close()
-    with_ns = statistics.median(ta) / QUEUE
-    without_ns = statistics.median(tb) / QUEUE
+    with_ns, without_ns, control_ns = (statistics.median(t) / QUEUE for t in times)
     return {"rounds": rounds, "packets_per_round": QUEUE, "size": size,
             "guards_stripped": guards, "ns_per_packet_shipped": with_ns,
-            "ns_per_packet_stripped": without_ns,
-            "cost": with_ns / without_ns - 1}
+            "ns_per_packet_stripped": without_ns, "ns_per_packet_control": control_ns,
+            "cost": with_ns / without_ns - 1, "control": with_ns / control_ns - 1}

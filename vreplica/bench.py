@@ -355,9 +355,33 @@ def section_e2e(plan: Plan, log: Callable[[str], None], failures: list[dict]) ->
 
 
 def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
-    """3. Kick -> virtqueue_pop, paced, from the trace; vs. a semaphore ping-pong."""
+    """3. Kick -> virtqueue_pop, paced, from the trace; vs. a semaphore ping-pong.
+
+    The timed runs switch on only the trace events the figures are read from
+    (``--trace-events``, QEMU's ``-trace enable=PATTERN``); one run per trial keeps every
+    span and event on (what ``--trace`` gives), to show what tracing adds.
+    """
+    wanted = {"guest": ("virtqueue_kick_prepare",),
+              "kvm": ("ioeventfd_write", "kvm_pio", "kvm_userspace_exit"),
+              "qemu": ("virtqueue_pop", "virtio_queue_notify")}
+    stages = {True: ("ioeventfd_write", "virtio_queue_notify"), False: STAGES_OFF}
+
+    def timed_run(ioeventfd: bool, selected: bool) -> dict[str, Any]:
+        events = ",".join(e for evs in wanted.values() for e in evs) if selected else None
+        opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
+                          pace_ms=plan.pace_ms, ioeventfd=ioeventfd, trace="bench",
+                          trace_events=events, timeout=120.0)
+        r = run_replica(opts, sample_rss=False, keep_trace=True)
+        lat = kick_pop_latencies(r.pop("pieces"), stages[ioeventfd] if selected else
+                                 STAGES_ON if ioeventfd else STAGES_OFF)
+        return {"ioeventfd": ioeventfd, "trace": "selected" if selected else "all", **lat,
+                "sink": r["sink"], "kicks_reported": r["kicks"]}
+
     out: dict[str, Any] = {"packets": plan.latency_packets, "pace_ms": plan.pace_ms,
-                           "size": 64, "runs": [], "pingpong": [], "pingpong_paced": []}
+                           "size": 64, "runs": [], "runs_all_traced": [], "pingpong": [],
+                           "pingpong_paced": [], "pingpong_paced_cross_cpu": [],
+                           "trace_events": {r: list(e) for r, e in wanted.items()}}
+    cross = (0, 1) if len(os.sched_getaffinity(0) & {0, 1}) == 2 else None
     for t in range(plan.latency_trials):
         r = checked(f"latency trial {t + 1} semaphore ping-pong, back to back",
                     lambda: bl.sem_pingpong(plan.pingpong_rounds), log, failures)
@@ -368,28 +392,32 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
                     log, failures)
         if r is not None:
             out["pingpong_paced"].append(r)
-        for ioeventfd in (True, False):
-            opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
-                              pace_ms=plan.pace_ms, ioeventfd=ioeventfd, trace="bench",
-                              timeout=120.0)
-            label = f"latency trial {t + 1} ioeventfd={'on' if ioeventfd else 'off'}"
-            r = checked(label, lambda o=opts: run_replica(o, sample_rss=False, keep_trace=True),
-                        log, failures)
-            if r is None:
-                continue
-            lat = kick_pop_latencies(r.pop("pieces"), STAGES_ON if ioeventfd else STAGES_OFF)
-            out["runs"].append({"trial": t, "ioeventfd": ioeventfd, **lat, "sink": r["sink"],
-                                "kicks_reported": r["kicks"]})
+        if cross is not None:
+            r = checked(f"latency trial {t + 1} semaphore ping-pong, paced, CPUs {cross}",
+                        lambda: bl.sem_pingpong(plan.latency_packets, 10, plan.pace_ms / 1000,
+                                                cpus=cross), log, failures)
+            if r is not None:
+                out["pingpong_paced_cross_cpu"].append(r)
+        for ioeventfd, selected in ((True, True), (False, True), (True, False)):
+            label = (f"latency trial {t + 1} ioeventfd={'on' if ioeventfd else 'off'}"
+                     + ("" if selected else ", every trace event on"))
+            r = checked(label, lambda i=ioeventfd, s=selected: timed_run(i, s), log, failures)
+            if r is not None:
+                out["runs" if selected else "runs_all_traced"].append({"trial": t, **r})
+
+    def fold_runs(rs: list[dict], names: tuple[str, ...]) -> dict[str, Any]:
+        return {"p50_us": median([r["p50_us"] for r in rs]),
+                "p99_us": median([r["p99_us"] for r in rs]),
+                "kicks": sum(r["kicks"] for r in rs), "matched": sum(r["matched"] for r in rs),
+                "alone": sum(r["alone"] for r in rs),
+                "stages_p50_us": {s: median([r["stages_p50_us"].get(s) for r in rs])
+                                  for s in names}}
+
     for on in (True, False):
-        rs = [r for r in out["runs"] if r["ioeventfd"] == on]
         key = "ioeventfd_on" if on else "ioeventfd_off"
-        out[key] = {"p50_us": median([r["p50_us"] for r in rs]),
-                    "p99_us": median([r["p99_us"] for r in rs]),
-                    "kicks": sum(r["kicks"] for r in rs), "matched": sum(r["matched"] for r in rs),
-                    "alone": sum(r["alone"] for r in rs),
-                    "stages_p50_us": {s: median([r["stages_p50_us"].get(s) for r in rs])
-                                      for s in (STAGES_ON if on else STAGES_OFF)}}
-    for key in ("pingpong", "pingpong_paced"):
+        out[key] = fold_runs([r for r in out["runs"] if r["ioeventfd"] == on], stages[on])
+    out["ioeventfd_on_all_traced"] = fold_runs(out["runs_all_traced"], STAGES_ON)
+    for key in ("pingpong", "pingpong_paced", "pingpong_paced_cross_cpu"):
         out[f"{key}_rtt_us_p50"] = median([r["rtt_us_p50"] for r in out[key]])
         out[f"{key}_rtt_us_p99"] = median([r["rtt_us_p99"] for r in out[key]])
     out["on_over_pingpong"] = ratio(out["ioeventfd_on"]["p50_us"],
@@ -408,11 +436,9 @@ def section_trace_cost(plan: Plan, log: Callable[[str], None], failures: list[di
                         lambda s=size: bl.flush_trace_cost(plan.flush_rounds, s), log, failures)
             if r is not None:
                 trials.append({"trial": t, **r})
-    per_size = {str(s): {"cost": median([r["cost"] for r in trials if r["size"] == s]),
-                         "ns_per_packet_shipped": median(
-                             [r["ns_per_packet_shipped"] for r in trials if r["size"] == s]),
-                         "ns_per_packet_stripped": median(
-                             [r["ns_per_packet_stripped"] for r in trials if r["size"] == s])}
+    keys = ("cost", "control", "ns_per_packet_shipped", "ns_per_packet_stripped",
+            "ns_per_packet_control")
+    per_size = {str(s): {k: median([r[k] for r in trials if r["size"] == s]) for k in keys}
                 for s in plan.sizes}
     return {"rounds": plan.flush_rounds, "trials": trials, "per_size": per_size,
             "guards_stripped": trials[0]["guards_stripped"] if trials else None}
@@ -683,13 +709,19 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     lat = res["kick_latency"]
     L += ["## 3. Kick -> virtqueue_pop latency", "",
           f"{lat['packets']} datagrams of 64 B paced {lat['pace_ms']} ms apart (each kick "
-          f"alone), {plan.latency_trials} trials, run with --trace. The three processes dump "
+          f"alone), {plan.latency_trials} trials. The three processes dump "
           "their raw trace pieces (msgpack: ts_ns, thread, ph, name, args) into the run "
           "directory at exit; the benchmark drives the Supervisor itself and reads them "
-          "before the directory is removed. Kick = the guest's `virtqueue_notify` entry "
-          "after a `virtqueue_kick_prepare` that said needs_kick; pop = QEMU's "
-          "`virtqueue_pop` of that kick's buffer (avail index new-1); one CLOCK_MONOTONIC for "
-          "all processes. Tracing is on for these runs, so both paths carry its cost. "
+          "before the directory is removed. Only the trace events the figures are read from "
+          "are on (`--trace-events`, as QEMU's `-trace enable=`; no spans): "
+          + "; ".join(f"{role}: " + ", ".join(f"`{e}`" for e in evs)
+                      for role, evs in lat.get("trace_events", {}).items())
+          + ". Kick = the guest's `virtqueue_kick_prepare` event that "
+          "said needs_kick (with spans off it stands for the `virtqueue_notify` entry that "
+          "follows it about a microsecond later, so a kick is if anything timed early); "
+          "pop = QEMU's `virtqueue_pop` of that kick's buffer (avail index new-1); one "
+          "CLOCK_MONOTONIC for all processes. One more run per trial has every span and "
+          "trace point on (what `--trace` gives), to show what tracing adds to the path. "
           f"Of {lat['ioeventfd_on']['kicks']} + {lat['ioeventfd_off']['kicks']} TX kicks "
           f"(ioeventfd on + off), {lat['ioeventfd_on']['matched']} + "
           f"{lat['ioeventfd_off']['matched']} were matched to their pop; "
@@ -698,12 +730,22 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
           "round trip (post, then wait for the other's post), measured in this invocation "
           "both back to back and paced like the kicks (the pinger sleeps "
           f"{lat['pace_ms']} ms before each round, so each starts from idle processes, as "
-          "each paced kick does); the target compares with the paced one.", ""]
+          "each paced kick does); the target compares with the paced one. Left alone, the "
+          "scheduler usually runs the two ends of a paced ping-pong on one CPU, so its "
+          "wakeups are local; the paced ping-pong pinned to two CPUs shows what a wakeup "
+          "of an idle CPU costs on this machine, which the kick path, spread over three "
+          "processes, pays at least once.", ""]
     on, off = lat["ioeventfd_on"], lat["ioeventfd_off"]
+    all_on = lat.get("ioeventfd_on_all_traced", {})
     rows = [["kick -> pop, ioeventfd on", fmt_f(on["p50_us"], 1), fmt_f(on["p99_us"], 1)],
             ["kick -> pop, ioeventfd off", fmt_f(off["p50_us"], 1), fmt_f(off["p99_us"], 1)],
+            ["kick -> pop, ioeventfd on, every trace event on",
+             fmt_f(all_on.get("p50_us"), 1), fmt_f(all_on.get("p99_us"), 1)],
             ["semaphore ping-pong round trip, paced", fmt_f(lat["pingpong_paced_rtt_us_p50"], 1),
              fmt_f(lat["pingpong_paced_rtt_us_p99"], 1)],
+            ["semaphore ping-pong round trip, paced, pinned to two CPUs",
+             fmt_f(lat.get("pingpong_paced_cross_cpu_rtt_us_p50"), 1),
+             fmt_f(lat.get("pingpong_paced_cross_cpu_rtt_us_p99"), 1)],
             ["semaphore ping-pong round trip, back to back",
              fmt_f(lat["pingpong_rtt_us_p50"], 1), fmt_f(lat["pingpong_rtt_us_p99"], 1)],
             ["**ioeventfd on / paced ping-pong (p50)**", fmt_x(lat["on_over_pingpong"]), ""]]
@@ -712,6 +754,8 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                   for s, x in on["stages_p50_us"].items()]
     stage_rows += [[f"ioeventfd off: kick -> `{s}`", fmt_f(x, 1)]
                    for s, x in off["stages_p50_us"].items()]
+    stage_rows += [[f"ioeventfd on, every trace event on: kick -> `{s}`", fmt_f(x, 1)]
+                   for s, x in all_on.get("stages_p50_us", {}).items()]
     L += ["Where the time goes (p50 from the kick to the first such event, any process):", ""]
     L += table(["stage", "us"], stage_rows)
 
@@ -736,18 +780,22 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     off_t = tr["off"]
     L += ["## 5. The cost of tracing", "",
           f"Off: `virtio_net_flush_tx` over a full 256-entry ring into a null backend, "
-          f"{off_t['rounds']} rounds x {plan.micro_trials} trials, alternating round by round "
+          f"{off_t['rounds']} rounds x {plan.micro_trials} trials, round by round in turn "
           "between the modules as shipped (trace points off: each costs an `if trace_x.on:` "
           "test) and copies of `qemuproc.net`, `qemuproc.virtio`, `qemuproc.virtio_net` "
           "compiled from their source with every such block removed "
           f"({off_t['guards_stripped']} guards; `@traced` is already the bare function when "
-          "tracing is off). On: end-to-end packets/s of the default mode with --trace.", ""]
+          "tracing is off). A third set, compiled the same way with nothing removed, is the "
+          "control: its difference from the shipped modules is the method's own error. "
+          "On: end-to-end packets/s of the default mode with --trace.", ""]
     rows = [["flush loop, ns/packet, as shipped"] + [
         fmt_f(off_t["per_size"][s]["ns_per_packet_shipped"]) for s in sizes],
             ["flush loop, ns/packet, guards stripped"] + [
         fmt_f(off_t["per_size"][s]["ns_per_packet_stripped"]) for s in sizes],
             ["**cost of tracing off**"] + [fmt_pct(off_t["per_size"][s]["cost"])
                                            for s in sizes],
+            ["control: shipped vs. an unstripped copy (method error)"] + [
+        fmt_pct(off_t["per_size"][s].get("control")) for s in sizes],
             ["the same, as a share of an end-to-end packet (1/pps)"] + [
         fmt_pct(guard_share(off_t["per_size"][s], res["modes"]["default"][s]["pps"]))
         for s in sizes],

@@ -70,6 +70,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tx", choices=("bh", "timer"), default="bh")
     p.add_argument("--tx-burst", type=int, default=256)
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
+    p.add_argument("--trace-events", metavar="GLOB,...",
+                   help="with --trace: only these trace events start on ('spans' for the "
+                        "function spans), as QEMU's -trace enable=PATTERN")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
@@ -160,6 +163,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if a.trace_events is not None and not a.trace:
+        raise UsageError("--trace-events needs --trace FILE")
     if a.guest_fault is not None:
         from guestproc.faults import FAULT_AFTER, FAULTS
 
@@ -178,7 +183,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
                       vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
                       mrg_rxbuf=a.mrg_rxbuf, tx=a.tx, tx_burst=a.tx_burst, trace=a.trace,
-                      pcap=a.pcap, timeout=a.timeout, reconnect=a.reconnect,
+                      trace_events=a.trace_events, pcap=a.pcap, timeout=a.timeout,
+                      reconnect=a.reconnect,
                       extra={"wait_attach": a.wait_attach, "hold": a.hold,
                              "netqueue_maxlen": a.net_queue_len,
                              "backend_rate": a.backend_rate,

@@ -67,12 +67,12 @@ SHOWN: dict[str, Detail] = {
     "aio_bh_poll": lambda a: "",
     "virtio_net_tx_bh": lambda a: "",
     "virtio_net_tx_timer": lambda a: "",
-    "virtio_net_flush_tx": lambda a: f"{a.get('len')}-byte frame" if "len" in a else "",
+    "virtio_net_flush_tx": lambda a: "",
     "virtqueue_pop": lambda a: f"{a.get('vq')} head {a.get('elem')} "
                                f"(avail_idx {a.get('avail_idx')})",
     "qemu_sendv_packet_async": lambda a: "",
-    "qemu_net_queue_send_iov": lambda a: f"to netdev {a.get('to')}",
-    "nc_sendv_compat": lambda a: f"{a.get('len')} B",
+    "qemu_net_queue_send_iov": lambda a: "to the peer's queue: deliver now, or queue",
+    "nc_sendv_compat": lambda a: "one linear buffer for the receiver",
     "net_slirp_receive": lambda a: "",
     "slirp_input": lambda a: f"{a.get('len')} B, ethertype {_hex(a.get('proto'))}",
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
@@ -105,8 +105,12 @@ SHOWN: dict[str, Detail] = {
     "udp_rcv": lambda a: f"seq {a.get('seq')}: onto port {a.get('dport')}'s receive queue",
     "recvfrom": lambda a: f"seq {a.get('seq')}: {a.get('len')} B returned to the program",
 }
-EMPTY_UNLESS_TRACED = {"virtqueue_pop", "free_old_xmit_skbs", "virtio_net_flush_tx",
-                       "virtqueue_get_buf"}
+EMPTY_UNLESS_TRACED = {"virtqueue_pop": "virtqueue_pop",
+                       "free_old_xmit_skbs": "free_old_xmit_skbs",
+                       "virtio_net_flush_tx": "virtqueue_pop",
+                       "virtqueue_get_buf": "virtqueue_get_buf"}
+"""Spans shown only if the trace point named here ran inside them (a pop that found the ring
+empty, a flush that popped nothing)."""
 TX_HIDDEN = {"xmit_skb", "handle_exit", "net_rx_action", "virtqueue_get_buf"}
 """Steps the way to the host leaves out, for room: a line above or below tells of each."""
 RX_HIDDEN = {"qemu_sendv_packet_async", "ip_rcv"}
@@ -122,16 +126,19 @@ def _shown(chain: list[Event], context: list[Event],
     inside it (unless its own trace point, in the chain, stands for it)."""
     in_chain = set(chain)
     inner: dict[Event, dict[str, Any]] = {}
+    worked: set[Event] = set()
     for ev in chain:
         if not ev.is_span and ev.parent is not None and ev.parent.name == ev.name:
             inner[ev.parent] = ev.args
+        if not ev.is_span:
+            worked.update(a for a in ev.ancestors() if EMPTY_UNLESS_TRACED.get(a.name) == ev.name)
     out: list[tuple[Event, dict[str, Any]]] = []
     pending = [c for c in context if c.name in SHOWN and c not in inner]
     for ev in chain:
         folded = not ev.is_span and ev.parent in in_chain and ev.parent.name == ev.name
         if ev.name not in SHOWN or ev.name in hidden or folded:
             continue
-        if ev.is_span and ev.name in EMPTY_UNLESS_TRACED and ev not in inner:
+        if ev.is_span and ev.name in EMPTY_UNLESS_TRACED and ev not in worked:
             continue
         for c in [c for c in pending if any(a is c for a in ev.ancestors())]:
             pending.remove(c)

@@ -57,6 +57,7 @@ class RunOptions:
     tx_burst: int = 256
     arp: bool = True
     trace: str | None = None
+    trace_events: str | None = None
     pcap: str | None = None
     timeout: float = 60.0
     udp_expire_s: float = 240.0
@@ -153,10 +154,12 @@ class Supervisor:
         create_objects(cfg)
         self.ctl = Channel(cfg.channel("ctl"))
         env = dict(os.environ)
+        env.pop("VREPLICA_TRACE", None)
+        env.pop("VREPLICA_TRACE_EVENTS", None)
         if o.trace:
             env["VREPLICA_TRACE"] = "1"
-        else:
-            env.pop("VREPLICA_TRACE", None)
+            if o.trace_events:
+                env["VREPLICA_TRACE_EVENTS"] = o.trace_events
         self._env = env
         self.t_start = time.monotonic()
         for role in ROLES:

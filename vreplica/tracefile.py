@@ -127,15 +127,32 @@ class ChainStep(NamedTuple):
 
 
 class _Index:
-    """Trace points by name, in time order, for 'the next X after t' questions."""
+    """Trace points by name, in time order, for 'the next X after t' questions; spans by
+    name too, for the steps that are functions with no trace point of their own."""
 
     def __init__(self, events: Iterable[Event]) -> None:
         self.by_name: dict[str, list[Event]] = {}
+        self.spans: dict[str, list[Event]] = {}
         for ev in events:
-            if not ev.is_span:
-                self.by_name.setdefault(ev.name, []).append(ev)
+            (self.spans if ev.is_span else self.by_name).setdefault(ev.name, []).append(ev)
         self.ts = {name: [e.ts for e in lst] for name, lst in self.by_name.items()}
+        self.span_ts = {name: [e.ts for e in lst] for name, lst in self.spans.items()}
         self._keyed: dict[tuple[str, str], dict[Any, list[Event]]] = {}
+
+    def next_span(self, name: str, after: int, *, before: int | None, pid: int, tid: int,
+                  inside: str) -> Event | None:
+        """The first span ``name`` of thread (pid, tid) in [after, before] that ran inside a
+        span named ``inside``."""
+        lst = self.spans.get(name, [])
+        for i in range(bisect.bisect_left(self.span_ts.get(name, []), after), len(lst)):
+            ev = lst[i]
+            if ev.pid != pid or ev.tid != tid:
+                continue
+            if before is not None and ev.ts > before:
+                return None
+            if _ancestor(ev, inside) is not None:
+                return ev
+        return None
 
     def all(self, name: str) -> list[Event]:
         return self.by_name.get(name, [])
@@ -461,16 +478,14 @@ def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None,
                       before=later.ts if later else None)
     upto = vnr.ts if vnr is not None else (later.ts if later else None)
     out = ix.next("slirp_output", recv.ts, before=upto, pid=q_pid, tid=q_tid)
-    send_iov = ix.next("qemu_net_queue_send_iov", (out or recv).ts, before=upto, pid=q_pid,
-                       tid=q_tid, pred=lambda e: str(e.args.get("to", "")).startswith("virtio"))
+    send_iov = ix.next_span("qemu_net_queue_send_iov", (out or recv).ts, before=upto,
+                            pid=q_pid, tid=q_tid, inside="slirp_output")
     steps: list[Event | None] = [recv, out, send_iov]
     p = Packet(seq, recv, [], direction=RX, origin=_rx_origin(recv))
     if vnr is None:
         p.steps = _monotonic(steps)
         return p
-    nc = ix.prev("nc_sendv_compat", vnr.ts, pid=vnr.pid, tid=vnr.tid, after=recv.ts)
-    if nc is not None and not str(nc.args.get("nc", "")).startswith("virtio"):
-        nc = None
+    nc = _ancestor(vnr, "nc_sendv_compat")  # at once, or later from the NIC's queue
     span = vnr.parent if vnr.parent is not None and vnr.parent.name == vnr.name else None
     bound = span.end if span is not None else None
 
@@ -693,11 +708,13 @@ def _flow_steps(trace: Trace, points: list[tuple]) -> list[Event]:
     for pid, tid, ts, step, _ in points:
         evs = trace.thread_events((pid, tid))
         i = _bisect_events(evs, ts)
+        same = []
         while i < len(evs) and evs[i].ts == ts:
-            if evs[i].name == step and not evs[i].is_span:
-                steps.append(evs[i])
-                break
+            if evs[i].name == step:
+                same.append(evs[i])
             i += 1
+        if same:  # a trace point rather than its function's span of the same instant
+            steps.append(min(same, key=lambda e: e.is_span))
     return steps
 
 
