@@ -2,7 +2,7 @@
 
 ``main_loop_wait`` gathers the fds to watch (slirp's sockets, the fd handlers, the
 AioContext notifier), sleeps in a real poll() with the Big QEMU Lock released, then
-dispatches what is ready: fd handlers, slirp, bottom halves, timers.
+dispatches what is ready: fd handlers, bottom halves, slirp, timers.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MainLoop:
         self.bql = threading.RLock()
         self.timers: list[tuple[int, int, QEMUTimer]] = []
         self._seq = itertools.count()
-        self.pollfds_fill: list[Callable[[list[tuple[int, int]]], None]] = []
+        self.pollfds_fill: list[Callable[[list[tuple[int, int]], int], int]] = []
         self.pollfds_poll: list[Callable[[dict[int, int]], None]] = []
         self.iterations = 0
         self.quit = False
@@ -173,20 +173,25 @@ class MainLoop:
         if trace_main_loop_wait.on:
             trace_main_loop_wait(iteration=self.iterations)
         fds: list[tuple[int, int]] = [(self.ctx.notifier, select.POLLIN)]
-        for fill in self.pollfds_fill:  # slirp_pollfds_fill
-            fill(fds)
+        timeout = 0 if nonblocking else -1  # mlpoll.timeout; -1: UINT32_MAX, none
+        for fill in self.pollfds_fill:  # MAIN_LOOP_POLL_FILL: slirp_pollfds_fill
+            timeout = fill(fds, timeout)
         self.qemu_iohandler_fill(fds)
-        if nonblocking or aio_bh_pending(self.ctx):
+        if aio_bh_pending(self.ctx):
             timeout = 0
         else:
             deadline = self.timerlist_deadline_ns()
-            timeout = -1 if deadline < 0 else (deadline + 999_999) // 1_000_000
+            if deadline >= 0:  # qemu_soonest_timeout
+                timer_ms = (deadline + 999_999) // 1_000_000
+                timeout = timer_ms if timeout < 0 else min(timeout, timer_ms)
         ready = self.os_host_main_loop_wait(fds, timeout)
         aio_notify_accept(self.ctx)
+        # glib_pollfds_poll: the fd handlers (an ioeventfd's among them), then the
+        # AioContext's bottom halves; slirp's MAIN_LOOP_POLL_OK notifier comes after both
         self.qemu_iohandler_poll(ready)
-        for poll in self.pollfds_poll:  # slirp_pollfds_poll
-            poll(ready)
         aio_bh_poll(self.ctx)
+        for poll in self.pollfds_poll:  # MAIN_LOOP_POLL_OK: slirp_pollfds_poll
+            poll(ready)
         self.qemu_clock_run_all_timers()
 
     def run(self) -> None:

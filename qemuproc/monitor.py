@@ -339,8 +339,8 @@ class QemuMonitor:
                          "fd_write": getattr(r.fd_write, "__name__", None),
                          "deleted": r.deleted} for r in ml.io_handlers]
                 slirp_fds: list[tuple[int, int]] = []
-                for fill in ml.pollfds_fill:
-                    fill(slirp_fds)
+                for fill in ml.pollfds_fill:  # as the next iteration will (a due flow expires)
+                    fill(slirp_fds, -1)
                 timers = [{"name": t.name, "expire_ns": exp} for exp, _, t in ml.timers
                           if t.armed and t.expire_ns == exp]
                 d = {"aio_notifier": ml.ctx.notifier, "handlers": rows,

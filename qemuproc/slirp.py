@@ -44,6 +44,10 @@ from common.inet import (
 from common.trace import trace_event, traced
 
 SO_EXPIRE_S = 240.0
+TIMEOUT_SLOW_MS = 499
+"""libslirp's slow timer: the longest the main loop sleeps while a flow waits to expire."""
+TIMEOUT_MAX_MS = 1000
+"""slirp_update_timeout never lets the main loop sleep longer than this."""
 ARP_RESOLUTION_TIMEOUT_S = 1.0
 SORECV_BATCH = 64
 HOSTFWD_RCVBUF = 4 << 20
@@ -319,9 +323,23 @@ class Slirp:
 
     # -- host sockets in the main loop --------------------------------------------------------
 
-    def slirp_pollfds_fill(self, fds: list[tuple[int, int]]) -> None:
+    def slirp_pollfds_fill(self, fds: list[tuple[int, int]], timeout_ms: int) -> int:
+        """Detach the flows that have been idle too long, add the others' sockets to the poll
+        set; returns the main loop's poll timeout (-1: none), shortened so the next idle flow
+        is not missed (slirp_update_timeout)."""
+        now = time.monotonic()
+        slowtimo = False
+        for so in list(self.udb.values()):
+            if not so.hostfwd and so.expire:
+                if so.expire <= now:
+                    self.stats["flows_expired"] += 1
+                    self.udp_detach(so)
+                    continue
+                slowtimo = True  # let the socket expire
         for fd in self.by_fd:
             fds.append((fd, select.POLLIN))
+        t = TIMEOUT_MAX_MS if timeout_ms < 0 else min(TIMEOUT_MAX_MS, timeout_ms)
+        return min(TIMEOUT_SLOW_MS, t) if slowtimo else t
 
     @traced
     def slirp_pollfds_poll(self, ready: dict[int, int]) -> None:
@@ -329,7 +347,8 @@ class Slirp:
             so = self.by_fd.get(fd)
             if so is not None and ev & select.POLLIN:
                 self.sorecvfrom(so)
-        self.slirp_timer()
+        if self.if_pending:
+            self.if_start()
 
     @traced
     def sorecvfrom(self, so: SlirpSocket) -> None:
@@ -350,15 +369,6 @@ class Slirp:
             if so.hostfwd:
                 so.faddr, so.fport = src, port
             self.udp_output(so, data, src, port)
-
-    def slirp_timer(self) -> None:
-        now = time.monotonic()
-        for so in list(self.udb.values()):
-            if not so.hostfwd and so.expire and so.expire < now:
-                self.stats["flows_expired"] += 1
-                self.udp_detach(so)
-        if self.if_pending:
-            self.if_start()
 
     def slirp_add_hostfwd(self, host_port: int, guest_port: int) -> int:
         """hostfwd=udp::HOSTPORT-:GUESTPORT: a host socket whose datagrams go to the guest."""

@@ -117,7 +117,8 @@ def test_mergeable_rx_buffers_carry_large_frames(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_idle_flows_expire(tmp_path: Path) -> None:
-    s = run(tmp_path, "--mode", "echo", "--packets", "3", "--pace-ms", "400", "--udp-expire",
+    # slirp's slow timer (499 ms) wakes the main loop between the datagrams, 800 ms apart
+    s = run(tmp_path, "--mode", "echo", "--packets", "3", "--pace-ms", "800", "--udp-expire",
             "0.2", "--timeout", "20")
     assert s["replies"] == 3
     assert s["slirp"]["flows_expired"] >= 2
