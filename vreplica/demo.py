@@ -71,8 +71,8 @@ SHOWN: dict[str, Detail] = {
     "virtqueue_pop": lambda a: f"{a.get('vq')} head {a.get('elem')} "
                                f"(avail_idx {a.get('avail_idx')})",
     "qemu_sendv_packet_async": lambda a: "",
-    "qemu_net_queue_send_iov": lambda a: "to the peer's queue: deliver now, or queue",
-    "nc_sendv_compat": lambda a: "one linear buffer for the receiver",
+    "qemu_net_queue_send_iov": lambda a: "deliver, or queue",
+    "nc_sendv_compat": lambda a: "one buffer for receive()",
     "net_slirp_receive": lambda a: "",
     "slirp_input": lambda a: f"{a.get('len')} B, ethertype {_hex(a.get('proto'))}",
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
