@@ -42,13 +42,16 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert res["vring_only"]["complete"]
     runs = res["correctness"]
     plan = bench.QUICK
-    assert len(runs) == plan.trials * len(plan.sizes) * (len(plan.modes) + 2)
+    # each mode, --trace, the mp.Queue+sendto baseline and sendto() alone
+    assert len(runs) == plan.trials * len(plan.sizes) * (len(plan.modes) + 3)
     bad = [r for r in runs if not (r["complete"] and r["in_order"] and r["bad_payloads"] == 0
                                    and r["received"] == r["expected"])]
     assert not bad, bad
     for mode in plan.modes:
         for size in plan.sizes:
             assert res["modes"][mode][str(size)]["all_delivered_in_order"], (mode, size)
+    for size in plan.sizes:
+        assert res["end_to_end"][str(size)]["sendto_alone_pps"] > 0
     for key in ("ioeventfd_on", "ioeventfd_off"):
         assert res["kick_latency"][key]["p50_us"] is not None
     assert all(r["matched"] > 0 for r in res["kick_latency"]["runs"])

@@ -661,6 +661,49 @@ def mpqueue_sendto(size: int, n: int, timeout: float = 60.0) -> dict[str, Any]:
             **e2e_rates(sink, prod["t0"])}
 
 
+def _sendto_alone(port: int, size: int, n: int, barrier: Any, out: Connection) -> None:
+    datas = [payload(i, size) for i in range(n)]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sendto = s.sendto
+    addr = ("127.0.0.1", port)
+    barrier.wait()
+    t0 = time.monotonic_ns()
+    for d in datas:
+        sendto(d, addr)
+    out.send({"t0": t0})
+    s.close()
+
+
+def sendto_ceiling(size: int, n: int, timeout: float = 60.0) -> dict[str, Any]:
+    """One process doing nothing but one sendto() per datagram (payloads made before the
+    clock) to the same kind of sink: the most any path that sends each datagram on its own,
+    as libslirp's sosendto does, can deliver from one Python process."""
+    cap = UdpCapture(n, size)
+    ctx = _ctx()
+    barrier = ctx.Barrier(2)
+    r_in, r_out = ctx.Pipe(False)
+    proc = ctx.Process(target=_child, args=(_sendto_alone, cap.port, size, n, barrier, r_out),
+                       daemon=True)
+    proc.start()
+    try:
+        barrier.wait(timeout)
+        if not r_in.poll(timeout):
+            raise TimeoutError("sendto alone: no result")
+        t0 = r_in.recv()["t0"]
+        cap.wait_for(n, 5.0)
+    finally:
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(1.0)
+        for c in (r_in, r_out):
+            c.close()
+        cap.close()
+    sink = cap.summary()
+    return {"size": size, "packets": n, "first_send_ns": t0, "sink": sink,
+            **e2e_rates(sink, t0)}
+
+
 def e2e_rates(sink: dict[str, Any], first_send_ns: int | None) -> dict[str, Any]:
     """Delivered packets over (last arrival - first send), and over the arrival window."""
     n = sink["received"]
