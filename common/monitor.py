@@ -470,9 +470,8 @@ class Monitor:
         if not gate.parked and not gate.wait_parked(STEP_TIMEOUT_S):
             raise MonitorError(f"{gate.name} has not reached its stop point: {gate.where()}")
         with self.stepping:
-            saved = {name: ev.on for name, ev in trace.EVENTS.items()}
-            for ev in trace.EVENTS.values():
-                ev.on = True
+            saved = trace.states()
+            trace.switch(dict.fromkeys(saved, True))
             records = trace.records()
             start = len(records)
             t0 = time.monotonic_ns()
@@ -485,8 +484,7 @@ class Monitor:
                     if not finished:
                         break
             finally:
-                for name, on in saved.items():
-                    trace.EVENTS[name].on = on
+                trace.switch(saved)
             ident = gate.ident
             events = [{"ts_us": round((r[0] - t0) / 1e3, 1), "name": r[3], "args": r[4]}
                       for r in records[start:] if r[1] == ident and r[2] == "i"]

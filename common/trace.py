@@ -68,6 +68,37 @@ class TraceEvent:
         return f"<TraceEvent {self.name} {'on' if self.on else 'off'}>"
 
 
+class TraceGroup:
+    """One flag for trace points a hot path fires together, on while any of them is (or, with
+    ``with_spans``, while spans are recorded): with all off the path pays one test instead of
+    one per point. Kept current by ``set_state``/``switch``, the ways events are switched."""
+
+    __slots__ = ("members", "with_spans", "on")
+
+    def __init__(self, members: tuple[TraceEvent, ...], with_spans: bool) -> None:
+        self.members = members
+        self.with_spans = with_spans
+        self.on = False
+
+    def refresh(self) -> None:
+        self.on = (self.with_spans and spans.on) or any(m.on for m in self.members)
+
+
+_groups: list[TraceGroup] = []
+
+
+def trace_group(*members: TraceEvent, with_spans: bool = False) -> TraceGroup:
+    group = TraceGroup(members, with_spans)
+    group.refresh()
+    _groups.append(group)
+    return group
+
+
+def _refresh_groups() -> None:
+    for g in _groups:
+        g.refresh()
+
+
 def trace_event(name: str) -> TraceEvent:
     """Declare (or fetch) the trace point ``name``."""
     ev = EVENTS.get(name)
@@ -109,7 +140,19 @@ def set_state(pattern: str, on: bool) -> list[str]:
         ev.on = on
     if pattern in ("*", "spans"):
         spans.on = on
+    _refresh_groups()
     return [ev.name for ev in hit]
+
+
+def switch(states: dict[str, bool]) -> None:
+    """Set several events at once (by name), e.g. back to a saved ``states()``."""
+    for name, on in states.items():
+        EVENTS[name].on = on
+    _refresh_groups()
+
+
+def states() -> dict[str, bool]:
+    return {name: ev.on for name, ev in EVENTS.items()}
 
 
 def register_thread(name: str | None = None) -> None:

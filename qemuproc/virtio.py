@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.guest_memory import GuestMemory, GuestMemoryError
-from common.trace import spans, trace_event, traced
+from common.trace import trace_event, trace_group, traced
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -47,6 +47,8 @@ trace_virtqueue_alloc_element = trace_event("virtqueue_alloc_element")
 trace_virtqueue_pop = trace_event("virtqueue_pop")
 trace_virtqueue_fill = trace_event("virtqueue_fill")
 trace_virtqueue_flush = trace_event("virtqueue_flush")
+trace_pop_points = trace_group(trace_virtqueue_alloc_element, trace_virtqueue_pop)
+trace_push_points = trace_group(trace_virtqueue_fill, trace_virtqueue_flush, with_spans=True)
 trace_virtio_queue_notify = trace_event("virtio_queue_notify")
 trace_virtio_notify = trace_event("virtio_notify")
 trace_virtio_set_status = trace_event("virtio_set_status")
@@ -477,12 +479,13 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
     vq.inflight[head] = 1  # vu_queue_inflight_get
     vq.inuse += 1
     vq.pops += 1
-    if trace_virtqueue_alloc_element.on:
-        trace_virtqueue_alloc_element(elem=head, in_num=len(elem.in_sg),
-                                      out_num=len(elem.out_sg))
-    if trace_virtqueue_pop.on:
-        trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(elem.in_sg),
-                            out_num=len(elem.out_sg), avail_idx=(last - 1) & 0xFFFF)
+    if trace_pop_points.on:
+        if trace_virtqueue_alloc_element.on:
+            trace_virtqueue_alloc_element(elem=head, in_num=len(elem.in_sg),
+                                          out_num=len(elem.out_sg))
+        if trace_virtqueue_pop.on:
+            trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(elem.in_sg),
+                                out_num=len(elem.out_sg), avail_idx=(last - 1) & 0xFFFF)
     return elem
 
 
@@ -555,9 +558,9 @@ def virtqueue_flush(vq: VirtQueue, count: int) -> None:
 def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
     """virtqueue_fill then virtqueue_flush of one element.
 
-    Done here in one step, with both trace points and the same stores and inflight
-    bookkeeping, unless spans are being recorded (a traced run shows the two calls)."""
-    if spans.on:
+    Done here in one step, with the same stores and inflight bookkeeping, while their trace
+    points and spans are off; else by the two calls, which record them."""
+    if trace_push_points.on:
         virtqueue_fill(vq, elem, length, 0)
         virtqueue_flush(vq, 1)
         return
@@ -567,8 +570,6 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
         vq.inuse -= 1
         return
     head = elem.index
-    if trace_virtqueue_fill.on:
-        trace_virtqueue_fill(vq=vq.name, elem=head, len=length, idx=0)
     num = vq.num
     old = vq.used_idx
     slot = (old % num) << 1
@@ -576,8 +577,6 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
     used_ring[slot] = head
     used_ring[slot + 1] = length
     # smp_wmb: the entry is visible before the index
-    if trace_virtqueue_flush.on:
-        trace_virtqueue_flush(vq=vq.name, count=1)
     new = (old + 1) & 0xFFFF
     v.used_hdr[1] = new
     head = used_ring[slot]  # read back, as virtqueue_flush does: the guest may have changed it
