@@ -80,7 +80,8 @@ class Machine:
                            mrg_rxbuf=opts.get("mrg_rxbuf", False),
                            any_layout=opts.get("any_layout", True),
                            indirect_desc=opts.get("indirect_desc", True),
-                           queues=opts.get("queues", 1))
+                           queues=opts.get("queues", 1),
+                           poll_us=opts.get("poll_us", 0.0))
         virtio_net_device_init(self.n, self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)

@@ -70,6 +70,10 @@ def test_mode_delivers_everything_in_order(mode: str, size: int) -> None:
     assert sink["bad_payloads"] == 0 and sink["duplicates"] == 0 and sink["extra"] == 0
     assert not r["device_errors"]
     assert r["tx_drained"]
+    if mode.startswith("poll-us"):  # each partial burst ends in a poll (at least the last)
+        assert r["tx_polls"] > 0, r
+    else:
+        assert r["tx_polls"] == 0, r
 
 
 def test_kick_pop_matching() -> None:

@@ -29,6 +29,7 @@ BAD_OPTIONS = [
     (["--ioeventfd", "maybe"], "--ioeventfd"),
     (["--tx", "bogus"], "--tx"),
     (["--trace-events", "virtqueue_pop"], "--trace-events"),
+    (["--poll-us", "-1"], "--poll-us"),
     (["--no-such-flag"], "--no-such-flag"),
 ]
 

@@ -132,6 +132,32 @@ def test_event_idx_burst_takes_fewer_kicks_than_packets(
     assert run.reports["guest"]["sq"][0]["kicks"] == kicks
 
 
+@pytest.mark.timeout(120)
+def test_busy_poll_takes_buffers_that_would_have_needed_a_kick(
+        tmp_path: Path, udp_collector: UdpCollector, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Datagrams a fraction of a millisecond apart: without polling QEMU drains the ring and
+    turns kicks back on before each next one, so each is kicked; with --poll-us 1000 the bottom
+    half finds most of them while it polls, with kicks still off (vhost-net's poll-us)."""
+    n, size = 150, 64
+    kicks = {}
+    for poll in ("0", "1000"):
+        run = run_cli_inline(["--packets", str(n), "--size", str(size), "--pace-ms", "0.1",
+                              "--poll-us", poll, "--dest-port", str(udp_collector.port)],
+                             tmp_path, monkeypatch)
+        assert_clean_delivery(run.summary, n)
+        vnet = run.reports["qemu"]["virtio_net"]
+        kicks[poll] = run.summary["kicks"]
+        if poll == "0":
+            assert vnet["tx_polls"] == 0
+        else:
+            assert vnet["tx_poll_hits"] > 0 and vnet["tx_polls"] >= vnet["tx_poll_hits"]
+    udp_collector.wait_for(2 * n, timeout=5.0)
+    got = list(udp_collector.datagrams)
+    assert got == [expected_payload(i % n, size) for i in range(2 * n)]
+    assert kicks["0"] > n // 2
+    assert kicks["1000"] < kicks["0"] // 2, kicks
+
+
 @pytest.mark.timeout(200)
 def test_kicks_without_ioeventfd_are_io_exits_handled_by_qemu(
         tmp_path: Path, udp_collector: UdpCollector, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,9 +46,10 @@ MODES: dict[str, dict[str, Any]] = {
     "tx-burst=64": {"tx_burst": 64},
     "event-idx=off": {"event_idx": False},
     "ioeventfd=off": {"ioeventfd": False},
+    "poll-us=50": {"extra": {"poll_us": 50.0}},
 }
 """QEMU configurations run end to end; "default" is --tx bh --tx-burst 256 --event-idx on
---ioeventfd on, and every other changes one setting."""
+--ioeventfd on --poll-us 0, and every other changes one setting."""
 
 TARGETS = {
     "vring": "vring-only >= 0.6x bare ring at both sizes",
@@ -191,6 +192,8 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
         "elapsed_s": summary.get("elapsed_s"),
         "tx_drained": reports.get("guest", {}).get("tx_drained"),
         "device_errors": summary.get("device_errors"),
+        **{k: reports.get("qemu", {}).get("virtio_net", {}).get(k)
+           for k in ("tx_polls", "tx_poll_hits")},
         "first_send_ns": t0,
         "sink": sink,
         **bl.e2e_rates(sink, t0),

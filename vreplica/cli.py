@@ -79,6 +79,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend-rate", type=float, default=0.0, metavar="PPS",
                    help="a slow host link: slirp sends at most PPS datagrams a second; beyond "
                         "that it would block (EAGAIN) and the device parks the frame in async_tx")
+    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+                   help="the TX bottom half busy-polls the ring this long before it turns "
+                        "kicks back on (vhost-net's poll-us)")
     p.add_argument("--udp-expire", type=float, default=240.0, help=argparse.SUPPRESS)
     p.add_argument("--net-queue-len", type=int, default=10000, help=argparse.SUPPRESS)
     p.add_argument("--rx-stall-after", type=int, default=0, help=argparse.SUPPRESS)
@@ -135,6 +138,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--window must be between 1 and 256")
     if not 1 <= a.queues <= 8:
         raise UsageError("--queues must be between 1 and 8")
+    if not 0 <= a.poll_us <= 10_000:
+        raise UsageError("--poll-us must be between 0 and 10000")
     if a.backend_rate < 0:
         raise UsageError("--backend-rate must be >= 0 (0: no limit)")
     if a.udp_expire <= 0 or a.net_queue_len < 1:
@@ -187,7 +192,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                       reconnect=a.reconnect,
                       extra={"wait_attach": a.wait_attach, "hold": a.hold,
                              "netqueue_maxlen": a.net_queue_len,
-                             "backend_rate": a.backend_rate,
+                             "backend_rate": a.backend_rate, "poll_us": a.poll_us,
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault})
