@@ -70,6 +70,11 @@ def inflight_region_size(queue_size: int) -> int:
     return 64 + ((queue_size + 63) & ~63)
 
 
+def inflight_name(rid: str) -> str:
+    """The run's header and the virtqueues' inflight regions (VHOST_USER_GET_INFLIGHT_FD)."""
+    return f"/{NAME_PREFIX}{rid}.inflight"
+
+
 def runs_root() -> Path:
     return Path(os.environ.get("VREPLICA_RUNS", f"/tmp/vreplica-{os.getuid()}"))
 
@@ -98,8 +103,7 @@ class RunConfig:
 
     @property
     def inflight(self) -> str:
-        """The run's header and the virtqueues' inflight regions (VHOST_USER_GET_INFLIGHT_FD)."""
-        return self.prefix + "inflight"
+        return inflight_name(self.rid)
 
     @property
     def inflight_size(self) -> int:
@@ -233,24 +237,16 @@ def unlink_objects(cfg: RunConfig) -> None:
         Channel.unlink(cfg.channel(what))
     for name in cfg.semaphores():
         EventNotifier.unlink(name)
-    unlink_entries(cfg.rid, keep_inflight=True)
-    _unlink_shm(cfg.inflight)
+    unlink_entries(cfg.rid)
 
 
-def _unlink_shm(name: str) -> None:
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
-
-
-def unlink_entries(rid: str, keep_inflight: bool = False) -> None:
+def unlink_entries(rid: str) -> None:
     """Unlink what the file system shows of the run (whatever the config says), inflight last."""
-    inflight = f"{NAME_PREFIX}{rid}.inflight"
+    inflight = inflight_name(rid)
     for p in object_entries(rid):
-        if p.name == inflight:
-            continue
         name = "/" + p.name
+        if name == inflight:
+            continue
         try:
             if p.parent == MQUEUE_DIR:
                 posix_ipc.unlink_message_queue(name)
@@ -260,8 +256,10 @@ def unlink_entries(rid: str, keep_inflight: bool = False) -> None:
                 posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             pass
-    if not keep_inflight:
-        _unlink_shm("/" + inflight)
+    try:
+        posix_ipc.unlink_shared_memory(inflight)
+    except posix_ipc.ExistentialError:
+        pass
 
 
 def process_alive(pid: int, started: float) -> bool:
@@ -281,7 +279,7 @@ def run_alive(cfg: RunConfig) -> bool:
 def run_owner(rid: str) -> tuple[int, float] | None:
     """(supervisor pid, start time) from the header of the run's inflight segment, if any."""
     try:
-        shm = posix_ipc.SharedMemory(f"/{NAME_PREFIX}{rid}.inflight")
+        shm = posix_ipc.SharedMemory(inflight_name(rid))
     except (posix_ipc.Error, ValueError):
         return None
     try:

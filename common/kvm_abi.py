@@ -89,6 +89,8 @@ VMEXIT_TRIPLE_FAULT = packb([EXIT_REASON_TRIPLE_FAULT])
 # -- KVM -> guest CPU (VM entries): [data for a pending IN or MMIO read, [injected vectors]] ---
 
 VMENTRY_PLAIN = packb([0, []])
+NMI_VECTOR = 2
+"""The vector KVM_NMI injects and the guest's IDT takes it at (asm/irq_vectors.h)."""
 
 
 def vmentry(data: int, vectors: list[int]) -> bytes:

@@ -32,7 +32,8 @@ from common.vring import (
     VRING_DESC_SIZE,
 )
 from guestproc.mm import SkBuff
-from guestproc.netstack import NETDEV_TX_OK, NetDevice
+from guestproc.netstack import NETDEV_TX_OK, NetDevice, netif_device_detach
+from guestproc.virtio_net import free_old_xmit_skbs
 from guestproc.virtio_ring import INDIRECT_STRIDE, Virtqueue, virtqueue_notify
 
 FAULT_AFTER = 5
@@ -253,8 +254,6 @@ class FaultInjector:
 
     def drain(self) -> bool:
         """Until the device has used every frame queued so far (each arrives), or timeout."""
-        from guestproc.virtio_net import free_old_xmit_skbs
-
         vi = self.vi
         kernel = vi.kernel
         deadline = kernel.now_ns() + int(DRAIN_TIMEOUT_S * 1e9)
@@ -268,8 +267,6 @@ class FaultInjector:
             kernel.msleep(0.2)
 
     def commit(self, skb: SkBuff, dev: NetDevice) -> None:
-        from guestproc.virtio_net import netif_device_detach
-
         vi = self.vi
         self.drain()
         # nothing may follow the fault into the ring: the stack waits for the reset

@@ -64,6 +64,17 @@ def napi_complete_done(napi: Napi, work_done: int) -> bool:
     return True
 
 
+def napi_disable(napi: Napi) -> None:
+    """Off the poll list, and held scheduled so nothing can schedule it."""
+    napi.sched = True
+    if napi in napi.poll_list:
+        napi.poll_list.remove(napi)
+
+
+def napi_enable(napi: Napi) -> None:
+    napi.sched = False
+
+
 class Kernel:
     def __init__(self, cpu: VCpu) -> None:
         self.cpu = cpu

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any, NoReturn
 
 from common.channel import Channel
+from common.kvm_abi import NMI_VECTOR
 from common.monitor import Monitor, MonitorError, Reply, format_human, memory_dump, parse_int
 from common.monitor import query as monitor_query
 from common.process import ProcessRuntime
@@ -25,7 +26,6 @@ from guestproc.kernel import Kernel
 from guestproc.netstack import GuestStack
 from guestproc.programs import GATEWAY, payload
 
-NMI_VECTOR = 2
 MAX_SEND = 10_000_000
 
 

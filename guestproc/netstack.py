@@ -84,6 +84,17 @@ def netif_tx_queue_stopped(dev: NetDevice, q: int) -> bool:
     return dev.tx_stopped[q]
 
 
+def netif_device_detach(dev: NetDevice) -> None:
+    """The device is away (being reset): every TX queue stops."""
+    for q in range(len(dev.tx_stopped)):
+        netif_stop_subqueue(dev, q)
+
+
+def netif_device_attach(dev: NetDevice) -> None:
+    for q in range(len(dev.tx_stopped)):
+        netif_wake_subqueue(dev, q)
+
+
 def netdev_xmit_more(dev: NetDevice) -> bool:
     return dev.xmit_more
 

@@ -232,7 +232,8 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             from guestproc.faults import FaultInjector
 
             FAULT_REQUESTS.clear()
-            FaultInjector(stack.dev.priv, CHAOS_FAULT_KINDS[len(faulted) % 5], after=0)
+            kind = CHAOS_FAULT_KINDS[len(faulted) % len(CHAOS_FAULT_KINDS)]
+            FaultInjector(stack.dev.priv, kind, after=0)
             faulted.append(sent)
         if echo and len(outstanding) >= window:
             drain(0.1)

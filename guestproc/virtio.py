@@ -42,11 +42,13 @@ class VirtioConfigOps:
 
 @dataclass
 class VirtioDriver:
-    """struct virtio_driver: the features a driver understands and its probe."""
+    """struct virtio_driver: the features a driver understands, its probe, and what it does
+    when the device's configuration changes (a config interrupt)."""
 
     name: str
     feature_table: list[int]
     probe: Callable[[Any], Any]
+    config_changed: Callable[[Any], None] | None = None
 
 
 class VirtioFeaturesError(Exception):
@@ -105,6 +107,13 @@ def register_virtio_device(vdev: Any, driver: VirtioDriver) -> Any:
     vdev.config.reset(vdev)
     virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
     return virtio_dev_probe(vdev, driver)
+
+
+def virtio_config_changed(vdev: Any) -> None:
+    """A config interrupt came: the bound driver's config_changed, if it has one."""
+    drv = vdev.driver
+    if drv is not None and drv.config_changed is not None:
+        drv.config_changed(vdev)
 
 
 def virtio_cread_bytes(vdev: Any, offset: int, length: int) -> bytes:

@@ -43,6 +43,8 @@ from guestproc.kernel import (
     Napi,
     __napi_schedule,
     napi_complete_done,
+    napi_disable,
+    napi_enable,
     napi_schedule_prep,
 )
 from guestproc.mm import PageAllocator, SkbPool, SkBuff
@@ -50,6 +52,8 @@ from guestproc.netstack import (
     NETDEV_TX_OK,
     NetDevice,
     netdev_xmit_more,
+    netif_device_attach,
+    netif_device_detach,
     netif_stop_subqueue,
     netif_tx_queue_stopped,
     netif_wake_subqueue,
@@ -406,27 +410,6 @@ def virtnet_poll(napi: Napi, budget: int) -> int:
 # -- reset: the device asked for one (NEEDS_RESET) ----------------------------------------------
 
 
-def napi_disable(napi: Napi) -> None:
-    """net/core/dev.c: off the poll list, and held scheduled so nothing can schedule it."""
-    napi.sched = True
-    if napi in napi.poll_list:
-        napi.poll_list.remove(napi)
-
-
-def napi_enable(napi: Napi) -> None:
-    napi.sched = False
-
-
-def netif_device_detach(dev: NetDevice) -> None:
-    for q in range(len(dev.tx_stopped)):
-        netif_stop_subqueue(dev, q)
-
-
-def netif_device_attach(dev: NetDevice) -> None:
-    for q in range(len(dev.tx_stopped)):
-        netif_wake_subqueue(dev, q)
-
-
 def virtnet_freeze_down(vdev: Any) -> None:
     """Stop the stack from transmitting and NAPI from polling the queues about to go."""
     vi: VirtnetInfo = vdev.priv
@@ -644,5 +627,5 @@ virtio_net_driver = VirtioDriver(
                    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
                    VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,
+    config_changed=virtnet_config_changed,
 )
-virtio_net_driver.config_changed = virtnet_config_changed  # type: ignore[attr-defined]

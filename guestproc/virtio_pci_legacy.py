@@ -37,6 +37,7 @@ from guestproc.virtio import (
     VirtioConfigOps,
     VirtioDriver,
     register_virtio_device,
+    virtio_config_changed,
     vring_transport_features,
 )
 from guestproc.virtio_ring import (
@@ -149,9 +150,7 @@ def vp_notify(vq: Virtqueue) -> bool:
 def vp_config_changed(irq: int, vdev: VirtioPciDevice) -> int:
     """The config interrupt: virtio_config_changed -> the driver's config_changed."""
     vdev.config_changes += 1
-    config_changed = getattr(vdev.driver, "config_changed", None)
-    if config_changed is not None:
-        config_changed(vdev)
+    virtio_config_changed(vdev)
     return IRQ_HANDLED
 
 

@@ -36,8 +36,13 @@ class IoeventfdBus:
 
     def kvm_assign_ioeventfd(self, is_pio: bool, addr: int, length: int,
                              datamatch: int | None, name: str) -> None:
-        p = Ioeventfd(addr, length, datamatch, EventNotifier(name), is_pio)
-        self.fds.setdefault((is_pio, addr, length), []).append(p)
+        """Register an ioeventfd; this very one registered already is kept, not doubled (a
+        QEMU that took over from one that died sets its device up again; real KVM answers
+        -EEXIST, which such a QEMU would take as done)."""
+        lst = self.fds.setdefault((is_pio, addr, length), [])
+        if any(p.datamatch == datamatch and p.notifier.name == name for p in lst):
+            return
+        lst.append(Ioeventfd(addr, length, datamatch, EventNotifier(name), is_pio))
 
     def kvm_deassign_ioeventfd(self, is_pio: bool, addr: int, length: int,
                                datamatch: int | None) -> bool:
@@ -113,8 +118,12 @@ class IrqfdTable:
         self.irqfds: dict[int, Irqfd] = {}
 
     def kvm_irqfd_assign(self, gsi: int, name: str) -> None:
-        old = self.irqfds.pop(gsi, None)
+        """Route ``name``'s signals to ``gsi``, in place of what was there; the same irqfd
+        still active there is kept (as for ioeventfds, a QEMU taking over assigns again)."""
+        old = self.irqfds.get(gsi)
         if old is not None:
+            if old.active and old.notifier.name == name:
+                return
             old.shutdown()
         self.irqfds[gsi] = Irqfd(gsi, name, self.routing, self.stats)
 

@@ -72,8 +72,7 @@ class Kvm:
                 return [0 if ok else -ENOENT, None]
             if name not in self.allowed_names:
                 return [-EINVAL, None]
-            if not self.ioeventfd_assigned(is_pio, addr, length, dm, name):
-                self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
+            self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
             return [0, None]
         if op == KVM_IRQFD:
             _, gsi, flags, name = req
@@ -81,9 +80,7 @@ class Kvm:
                 return [0 if self.irqfds.kvm_irqfd_deassign(gsi) else -ENOENT, None]
             if name not in self.allowed_names:
                 return [-EINVAL, None]
-            old = self.irqfds.irqfds.get(gsi)
-            if old is None or not old.active or old.notifier.name != name:
-                self.irqfds.kvm_irqfd_assign(gsi, name)
+            self.irqfds.kvm_irqfd_assign(gsi, name)
             return [0, None]
         if op == KVM_SET_GSI_ROUTING:
             self.routing.kvm_set_irq_routing(req[1])
@@ -99,14 +96,6 @@ class Kvm:
             self.destroyed = True
             return [0, None]
         return [-EINVAL, None]
-
-    def ioeventfd_assigned(self, is_pio: bool, addr: int, length: int, datamatch: int | None,
-                           name: str) -> bool:
-        """Is this very ioeventfd registered? A QEMU that took over from one that died sets
-        its device up again; what KVM already holds it keeps, not doubled (real KVM answers
-        -EEXIST, which such a QEMU would take as done)."""
-        return any(p.datamatch == datamatch and p.notifier.name == name
-                   for p in self.bus.fds.get((is_pio, addr, length), []))
 
     def describe(self) -> dict:
         return {

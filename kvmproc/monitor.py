@@ -7,13 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import KVM_EXIT_NAMES
+from common.kvm_abi import KVM_EXIT_NAMES, NMI_VECTOR
 from common.monitor import Monitor, MonitorError, Reply, format_human
 from kvmproc.irqchip import KVM_IRQ_ROUTING_MSI
 from kvmproc.kvm_main import Kvm
 from kvmproc.lapic import HALTED, MODE_NAMES
-
-NMI_VECTOR = 2
 
 
 def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
