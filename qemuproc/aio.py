@@ -66,10 +66,6 @@ def qemu_bh_new(cb: Callable[[Any], None], opaque: Any, name: str = "") -> QEMUB
     return aio_bh_new(qemu_get_aio_context(), cb, opaque, name)
 
 
-def event_notifier_set(fd: int) -> None:
-    os.eventfd_write(fd, 1)
-
-
 def aio_notify(ctx: AioContext) -> None:
     """Wake the thread polling this context (event_notifier_set on ctx->notifier)."""
     if trace_aio_notify.on:
@@ -77,7 +73,7 @@ def aio_notify(ctx: AioContext) -> None:
     ctx.notifies += 1
     if not ctx.notified:
         ctx.notified = True
-        event_notifier_set(ctx.notifier)
+        os.eventfd_write(ctx.notifier, 1)  # event_notifier_set
 
 
 def aio_notify_accept(ctx: AioContext) -> None:

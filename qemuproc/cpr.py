@@ -86,7 +86,6 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_PCI_QUEUE_NOTIFY,
 )
-from qemuproc import virtio_net
 from qemuproc.kvm_all import CPUState, KvmError, KVMState, kvm_handle_exit
 from qemuproc.memory import MemoryRegionOps
 from qemuproc.vhost_user_inflight import InflightRegions, QueueRecovery, vu_check_queue_inflights
@@ -156,7 +155,7 @@ class Cpr:
                 "queues": [{"pa": vq.desc, "num": vq.num, "vector": vq.vector}
                            for vq in vdev.vq],
             },
-            "virtio_net": {"curr_queue_pairs": getattr(vdev, "curr_queue_pairs", 1)},
+            "virtio_net": {"curr_queue_pairs": vdev.curr_queue_pairs},
         }
 
     def save(self) -> None:
@@ -189,15 +188,7 @@ class Cpr:
                         self.save()
 
                 mr.ops = MemoryRegionOps(mr.ops.read, write)
-        handle_mq = getattr(virtio_net, "virtio_net_handle_mq", None)
-        if handle_mq is not None and not getattr(handle_mq, "cpr_hooked", False):
-            def virtio_net_handle_mq(n: Any, cmd: int, data: bytes) -> int:
-                ret = handle_mq(n, cmd, data)
-                self.save()
-                return ret
-
-            virtio_net_handle_mq.cpr_hooked = True  # type: ignore[attr-defined]
-            virtio_net.virtio_net_handle_mq = virtio_net_handle_mq
+        m.n.on_ctrl_mq = self.save
 
     # -- -incoming ------------------------------------------------------------------------------
 
@@ -242,8 +233,7 @@ class Cpr:
                 virtio_queue_set_addr(vdev, n, q["pa"])
         vdev.config_vector = v["config_vector"]
         vdev.queue_sel = v["queue_sel"]
-        if hasattr(vdev, "curr_queue_pairs"):
-            vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
+        vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
         virtio_set_status(vdev, v["status"])
         vdev.isr = v["isr"] | (1 if v["status"] & VIRTIO_CONFIG_S_DRIVER_OK else 0)
         if v["broken"]:

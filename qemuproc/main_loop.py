@@ -85,21 +85,6 @@ class MainLoop:
                                                         name or getattr(fd_read, "__name__", "")))
         self.qemu_notify_event()
 
-    def qemu_set_fd_handler2(self, fd: int, fd_read_poll: Callable[[Any], bool] | None,
-                             fd_read: IOHandler | None, fd_write: IOHandler | None,
-                             opaque: Any) -> None:
-        """The older form (QEMU <= 2.x) with a can-read callback; the poll callback is
-        folded into the read handler here."""
-        if fd_read is not None and fd_read_poll is not None:
-            read, poll = fd_read, fd_read_poll
-
-            def fd_read_when_ready(o: Any) -> None:
-                if poll(o):
-                    read(o)
-
-            fd_read = fd_read_when_ready
-        self.qemu_set_fd_handler(fd, fd_read, fd_write, opaque)
-
     def qemu_notify_event(self) -> None:
         aio_notify(self.ctx)
 

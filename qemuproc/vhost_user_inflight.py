@@ -41,7 +41,12 @@ from dataclasses import dataclass
 import posix_ipc
 
 from common.ipc import RUN_HEADER_SIZE, RunConfig, inflight_region_size
-from qemuproc.virtio import VirtIODevice, VirtQueue, virtio_error
+from qemuproc.virtio import (
+    VirtIODevice,
+    VirtQueue,
+    virtqueue_inflight_put_used,
+    virtqueue_num_heads,
+)
 
 INFLIGHT_VERSION = 1
 QUEUE_HEADER = 64
@@ -108,19 +113,17 @@ def vu_check_queue_inflights(vq: VirtQueue) -> QueueRecovery:
     assert v is not None
     num = vq.num
     used = v.used_hdr[1]
-    inflight = vq.inflight
     rec = QueueRecovery(vq.name, used, 0)
-    i = vq.inflight_used[0]
-    while i != used and rec.fixed_up <= num:  # published, not yet cleared in the record
-        inflight[v.used_ring[(i % num) << 1]] = 0
-        i = (i + 1) & 0xFFFF
-        rec.fixed_up += 1
+    start = vq.inflight_used[0]
+    # published, not yet cleared in the record
+    rec.fixed_up = min((used - start) & 0xFFFF, num + 1)
+    virtqueue_inflight_put_used(vq, start, rec.fixed_up)
     vq.inflight_used[0] = used
-    heads = sorted(h for h in range(num) if inflight[h])
+    inflight = vq.inflight
+    heads = [h for h in range(num) if inflight[h]]
     rec.resubmit = len(heads)
-    pending = (v.avail[1] - used) & 0xFFFF
-    if pending > num:
-        virtio_error(vq.vdev, f"Guest moved used index from {used} to {v.avail[1]}")
+    pending = virtqueue_num_heads(vq, used)
+    if pending < 0:
         return rec
     ring = sorted(v.avail[2 + (used + j) % num] for j in range(min(rec.resubmit, pending)))
     rec.mismatch = ring != heads

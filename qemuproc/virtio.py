@@ -522,6 +522,19 @@ def virtqueue_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int)
     v.used_ring[slot + 1] = length
 
 
+def virtqueue_inflight_put_used(vq: VirtQueue, start: int, count: int) -> None:
+    """The heads of the ``count`` used entries from ``start`` are no longer in flight. The ids
+    are read back from the used ring, which the guest can overwrite: one out of range is
+    skipped."""
+    used_ring = vq.views.used_ring  # type: ignore[union-attr]
+    inflight = vq.inflight
+    num = vq.num
+    for i in range(start, start + count):
+        head = used_ring[(i % num) << 1]
+        if head < num:
+            inflight[head] = 0
+
+
 @traced
 def virtqueue_flush(vq: VirtQueue, count: int) -> None:
     """Publish ``count`` filled entries by moving the used index."""
@@ -536,18 +549,13 @@ def virtqueue_flush(vq: VirtQueue, count: int) -> None:
     new = (old + count) & 0xFFFF
     v.used_hdr[1] = new
     # vu_queue_inflight_post_put: after the index, so a crash between leaves both readable
-    # the ids are read back from the used ring, which the guest can overwrite meanwhile
-    inflight = vq.inflight
-    num = vq.num
-    if count == 1:
+    if count == 1:  # virtqueue_inflight_put_used for one entry, inlined
+        num = vq.num
         head = v.used_ring[(old % num) << 1]
         if head < num:
-            inflight[head] = 0
+            vq.inflight[head] = 0
     else:
-        for i in range(old, old + count):
-            head = v.used_ring[(i % num) << 1]
-            if head < num:
-                inflight[head] = 0
+        virtqueue_inflight_put_used(vq, old, count)
     vq.inflight_used[0] = new
     vq.used_idx = new
     vq.inuse -= count

@@ -13,6 +13,7 @@ net queue until the guest refills (``virtio_net_handle_rx``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from common.guest_memory import GuestMemory
@@ -121,6 +122,8 @@ class VirtIONet(VirtIODevice):
         self.ctrl_vq: VirtQueue | None = None
         self.ncs: list[NetClientState] = []
         self.nic: NetClientState = None  # type: ignore[assignment]
+        self.on_ctrl_mq: Callable[[], None] = lambda: None
+        """Runs after each VIRTIO_NET_CTRL_MQ command, before its reply (cpr's record)."""
         features = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) \
             | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
         if any_layout:
@@ -225,7 +228,11 @@ def virtio_net_handle_ctrl_iov(n: VirtIONet, elem: VirtQueueElement) -> int:
         return 0
     cls, cmd = VIRTIO_NET_CTRL_HDR.unpack_from(out, 0)
     data = out[VIRTIO_NET_CTRL_HDR.size :]
-    status = virtio_net_handle_mq(n, cmd, data) if cls == VIRTIO_NET_CTRL_MQ else VIRTIO_NET_ERR
+    if cls == VIRTIO_NET_CTRL_MQ:
+        status = virtio_net_handle_mq(n, cmd, data)
+        n.on_ctrl_mq()
+    else:
+        status = VIRTIO_NET_ERR
     iov_from_buf(elem.in_sg, 0, memoryview(bytes([status])))
     return 1
 
@@ -271,11 +278,8 @@ def virtio_net_tx_bh(q: VirtIONetQueue) -> None:
     ret = virtio_net_flush_tx(q)
     if ret in (-EBUSY, -EINVAL):
         return  # re-enabled by virtio_net_tx_complete, or the device is broken
-    if ret >= n.tx_burst:  # a full burst: assume more is coming, go again at once
-        qemu_bh_schedule(q.tx_bh)  # type: ignore[arg-type]
-        q.tx_waiting = True
-        return
-    if n.poll_ns and virtio_net_tx_poll(q, n.poll_ns):
+    # a full burst: assume more is coming; or the guest added more while we polled: go again
+    if ret >= n.tx_burst or (n.poll_ns and virtio_net_tx_poll(q, n.poll_ns)):
         qemu_bh_schedule(q.tx_bh)  # type: ignore[arg-type]
         q.tx_waiting = True
         return
