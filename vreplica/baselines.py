@@ -45,13 +45,14 @@ from common.virtio_abi import (
     VIRTIO_RING_F_EVENT_IDX,
 )
 from common.vring import VringLayout
+from vreplica.hostside import SEQ_BYTES, big_receive_buffer
+from vreplica.hostside import expected_payload as payload
 
 QUEUE = 256
 BUF_SIZE = 2048
 RING_BASE = 4096  # guest-physical 0 means "no ring" to the legacy device
 BUF_BASE = 32768
 SHM_SIZE = 1 << 20
-SEQ_BYTES = 8
 TRANSPORTS = ("vring", "bare", "posix_mq", "mp_queue")
 TRANSPORT_NAMES = {
     "vring": "virtio split ring (replica driver + device code)",
@@ -60,7 +61,6 @@ TRANSPORT_NAMES = {
     "mp_queue": "multiprocessing.Queue",
 }
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 TIMESPEC = struct.Struct("@qq")
 _names = itertools.count()
 SPIN_MASK = 63
@@ -86,15 +86,6 @@ def _child(fn: Callable[..., None], *args: Any) -> None:
     fn(*args)
 
 
-_PATTERN = bytes(range(256)) * 8
-
-
-def payload(seq: int, size: int) -> bytes:
-    """Datagram ``seq`` as the guest's sender makes it (guestproc.programs.payload), fast."""
-    start = seq & 0xFF
-    return seq.to_bytes(SEQ_BYTES, "big") + _PATTERN[start : start + max(0, size - SEQ_BYTES)]
-
-
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -114,14 +105,11 @@ class UdpCapture:
     Payloads are checked after the run, not while packets arrive.
     """
 
-    def __init__(self, expect: int, size: int, rcvbuf: int = 64 << 20) -> None:
+    def __init__(self, expect: int, size: int) -> None:
         self.expect = expect
         self.size = size
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        big_receive_buffer(self.sock)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self.kernel_timestamps = True
@@ -254,23 +242,28 @@ def _vring_producer(shm: str, size: int, n: int, barrier: Any, out: Connection) 
     out.send({"t0": t0, "kicks": vq.kicks})
 
 
-def _vring_consumer(shm: str, size: int, n: int, barrier: Any, out: Connection) -> None:
+def _null_tx_device(mem: GuestMemory) -> tuple[Any, Any]:
+    """A device of one TX queue (EVENT_IDX on) on the ring at RING_BASE, that drops what it
+    pops: the device end of the vring transports. Returns the device and its queue."""
     from qemuproc.virtio import (
         VirtIODevice,
         virtio_add_queue,
-        virtio_notify,
         virtio_queue_set_addr,
         virtio_set_features,
-        virtqueue_pop,
-        virtqueue_push,
     )
 
-    mem = GuestMemory(shm)
     vdev = VirtIODevice("bench-null", 1, 0, mem)
     vq = virtio_add_queue(vdev, QUEUE, lambda d, q: None, "TX")
     vdev.host_features = 1 << VIRTIO_RING_F_EVENT_IDX
     virtio_set_features(vdev, vdev.host_features)
     virtio_queue_set_addr(vdev, 0, RING_BASE)
+    return vdev, vq
+
+
+def _vring_consumer(shm: str, size: int, n: int, barrier: Any, out: Connection) -> None:
+    from qemuproc.virtio import virtio_notify, virtqueue_pop, virtqueue_push
+
+    vdev, vq = _null_tx_device(GuestMemory(shm))
     got = nbytes = spins = 0
     barrier.wait()
     while got < n:
@@ -384,6 +377,17 @@ def _mpq_consumer(q: Any, size: int, n: int, barrier: Any, out: Connection) -> N
     out.send({"t1": time.monotonic_ns(), "got": n, "bytes": nbytes})
 
 
+def _reap(procs: list[Any], pipes: tuple[Connection, ...]) -> None:
+    """Wait for benchmark processes (terminating one that hangs), then close their pipes."""
+    for p in procs:
+        p.join(2.0)
+        if p.is_alive():
+            p.terminate()
+            p.join(1.0)
+    for c in pipes:
+        c.close()
+
+
 def _run_pair(producer: Callable[..., None], consumer: Callable[..., None], handle: Any,
               size: int, n: int, timeout: float,
               on_ready: Callable[[], None] | None = None) -> tuple[dict, dict]:
@@ -410,13 +414,7 @@ def _run_pair(producer: Callable[..., None], consumer: Callable[..., None], hand
                                f"in {timeout:g} s")
         return p_in.recv(), c_in.recv()
     finally:
-        for p in procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(1.0)
-        for c in (p_in, p_out, c_in, c_out):
-            c.close()
+        _reap(procs, (p_in, p_out, c_in, c_out))
 
 
 def _make_mq(name: str, size: int) -> posix_ipc.MessageQueue:
@@ -490,15 +488,7 @@ def ring_side_costs(size: int, rounds: int) -> dict[str, float]:
         virtqueue_notify,
         vring_create_virtqueue,
     )
-    from qemuproc.virtio import (
-        VirtIODevice,
-        virtio_add_queue,
-        virtio_notify,
-        virtio_queue_set_addr,
-        virtio_set_features,
-        virtqueue_pop,
-        virtqueue_push,
-    )
+    from qemuproc.virtio import virtio_notify, virtqueue_pop, virtqueue_push
 
     name = ipc_name("side")
     mem = GuestMemory(name, SHM_SIZE, create=True)
@@ -506,11 +496,7 @@ def ring_side_costs(size: int, rounds: int) -> dict[str, float]:
     ram = mem.ram
     vq = vring_create_virtqueue(1, QUEUE, RING_BASE, ram, None, lambda q: True, None,
                                 "output.0", True)
-    vdev = VirtIODevice("bench-null", 1, 0, mem)
-    dq = virtio_add_queue(vdev, QUEUE, lambda d, q: None, "TX")
-    vdev.host_features = 1 << VIRTIO_RING_F_EVENT_IDX
-    virtio_set_features(vdev, vdev.host_features)
-    virtio_queue_set_addr(vdev, 0, RING_BASE)
+    vdev, dq = _null_tx_device(mem)
     bname = ipc_name("side")
     bmem = GuestMemory(bname, SHM_SIZE, create=True)
     GuestMemory.unlink(bname)
@@ -692,12 +678,7 @@ def sendto_ceiling(size: int, n: int, timeout: float = 60.0) -> dict[str, Any]:
         t0 = r_in.recv()["t0"]
         cap.wait_for(n, 5.0)
     finally:
-        proc.join(2.0)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(1.0)
-        for c in (r_in, r_out):
-            c.close()
+        _reap([proc], (r_in, r_out))
         cap.close()
     sink = cap.summary()
     return {"size": size, "packets": n, "first_send_ns": t0, "sink": sink,
@@ -790,16 +771,10 @@ def sem_pingpong(rounds: int, warmup: int = 100, pace_s: float = 0.0,
             raise TimeoutError("semaphore ping-pong: no result")
         samples = [s / 1000 for s in a_in.recv()]
     finally:
-        for p in procs:
-            p.join(2.0)
-            if p.is_alive():
-                p.terminate()
-                p.join(1.0)
+        _reap(procs, (a_in, a_out, b_in, b_out))
         _unlink_sems(names)
         for s in sems:
             s.close()
-        for c in (a_in, a_out, b_in, b_out):
-            c.close()
     return {"rounds": rounds, "pace_ms": pace_s * 1000, "cpus": list(cpus) if cpus else None,
             "rtt_us_p50": percentile(samples, 50),
             "rtt_us_p99": percentile(samples, 99), "rtt_us_min": min(samples)}

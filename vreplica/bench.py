@@ -373,16 +373,19 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
     wanted = {"guest": ("virtqueue_kick_prepare",),
               "kvm": ("ioeventfd_write", "kvm_pio", "kvm_userspace_exit"),
               "qemu": ("virtqueue_pop", "virtio_queue_notify")}
-    stages = {True: ("ioeventfd_write", "virtio_queue_notify"), False: STAGES_OFF}
+    selection = [e for evs in wanted.values() for e in evs]
+
+    def stages(ioeventfd: bool, selected: bool) -> tuple[str, ...]:
+        """The stages a run times: those of its path that its trace events include."""
+        path = STAGES_ON if ioeventfd else STAGES_OFF
+        return tuple(s for s in path if s in selection) if selected else path
 
     def timed_run(ioeventfd: bool, selected: bool) -> dict[str, Any]:
-        events = ",".join(e for evs in wanted.values() for e in evs) if selected else None
         opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
                           pace_ms=plan.pace_ms, ioeventfd=ioeventfd, trace="bench",
-                          trace_events=events, timeout=120.0)
+                          trace_events=",".join(selection) if selected else None, timeout=120.0)
         r = run_replica(opts, sample_rss=False, keep_trace=True)
-        lat = kick_pop_latencies(r.pop("pieces"), stages[ioeventfd] if selected else
-                                 STAGES_ON if ioeventfd else STAGES_OFF)
+        lat = kick_pop_latencies(r.pop("pieces"), stages(ioeventfd, selected))
         return {"ioeventfd": ioeventfd, "trace": "selected" if selected else "all", **lat,
                 "sink": r["sink"], "kicks_reported": r["kicks"]}
 
@@ -424,8 +427,8 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
 
     for on in (True, False):
         key = "ioeventfd_on" if on else "ioeventfd_off"
-        out[key] = fold_runs([r for r in out["runs"] if r["ioeventfd"] == on], stages[on])
-    out["ioeventfd_on_all_traced"] = fold_runs(out["runs_all_traced"], STAGES_ON)
+        out[key] = fold_runs([r for r in out["runs"] if r["ioeventfd"] == on], stages(on, True))
+    out["ioeventfd_on_all_traced"] = fold_runs(out["runs_all_traced"], stages(True, False))
     for key in ("pingpong", "pingpong_paced", "pingpong_paced_cross_cpu"):
         out[f"{key}_rtt_us_p50"] = median([r["rtt_us_p50"] for r in out[key]])
         out[f"{key}_rtt_us_p99"] = median([r["rtt_us_p99"] for r in out[key]])
@@ -463,6 +466,20 @@ def pps_basis(runs: list[dict]) -> str:
     return "pps_arrival_window"
 
 
+def all_delivered(rs: list[dict]) -> bool:
+    """Every one of (at least one) runs delivered all its datagrams, in order and intact."""
+    return bool(rs) and all(r["sink"]["complete"] and not r["sink"]["bad_payloads"] for r in rs)
+
+
+def sink_check(what: str, r: dict) -> dict[str, Any]:
+    """A run's line in the correctness list: what its sink saw."""
+    sink = r["sink"]
+    return {"run": f"{what} {r['size']} B trial {r['trial'] + 1}",
+            "complete": sink["complete"], "in_order": sink["in_order"],
+            "bad_payloads": sink["bad_payloads"], "received": sink["received"],
+            "expected": r["packets"]}
+
+
 def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
     runs, base = e2e["runs"], e2e["baseline_runs"]
     basis = pps_basis(runs)
@@ -482,8 +499,7 @@ def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
                                           default=None)
                    for k in ("kicks_per_packet", "interrupts_per_packet") for f in (min, max)},
                 "trials": len(rs),
-                "all_delivered_in_order": bool(rs) and all(
-                    r["sink"]["complete"] and not r["sink"]["bad_payloads"] for r in rs),
+                "all_delivered_in_order": all_delivered(rs),
             }
     e2e_tab: dict[str, dict[str, Any]] = {}
     for size in plan.sizes:
@@ -499,8 +515,7 @@ def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
             "baseline_pps_max": max((b[basis] for b in bs if b.get(basis)), default=None),
             "baseline_pps_send_to_last_arrival": median(
                 [b.get("pps_send_to_last_arrival") for b in bs]),
-            "baseline_all_delivered_in_order": bool(bs) and all(
-                b["sink"]["complete"] and not b["sink"]["bad_payloads"] for b in bs)}
+            "baseline_all_delivered_in_order": all_delivered(bs)}
     rss: dict[str, dict[str, Any]] = {}
     plain = [r for r in runs if r["mode"] != "trace=on" and r.get("rss_mb")]
     for role in ROLES:
@@ -516,21 +531,9 @@ def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
                            "slowdown": ratio(modes["default"][str(s)]["pps"],
                                              modes["trace=on"][str(s)]["pps"])}
                   for s in plan.sizes}
-    correctness = [{"run": f"{r['mode']} {r['size']} B trial {r['trial'] + 1}",
-                    "complete": r["sink"]["complete"], "in_order": r["sink"]["in_order"],
-                    "bad_payloads": r["sink"]["bad_payloads"],
-                    "received": r["sink"]["received"], "expected": r["packets"]}
-                   for r in runs]
-    correctness += [{"run": f"mp.Queue+sendto {b['size']} B trial {b['trial'] + 1}",
-                     "complete": b["sink"]["complete"], "in_order": b["sink"]["in_order"],
-                     "bad_payloads": b["sink"]["bad_payloads"],
-                     "received": b["sink"]["received"], "expected": b["packets"]}
-                    for b in base]
-    correctness += [{"run": f"sendto alone {c['size']} B trial {c['trial'] + 1}",
-                     "complete": c["sink"]["complete"], "in_order": c["sink"]["in_order"],
-                     "bad_payloads": c["sink"]["bad_payloads"],
-                     "received": c["sink"]["received"], "expected": c["packets"]}
-                    for c in e2e.get("ceiling_runs", [])]
+    correctness = [sink_check(r["mode"], r) for r in runs]
+    correctness += [sink_check("mp.Queue+sendto", b) for b in base]
+    correctness += [sink_check("sendto alone", c) for c in e2e.get("ceiling_runs", [])]
     return {"basis": basis, "modes": modes, "end_to_end": e2e_tab, "rss": rss,
             "tracing_on": tracing_on, "correctness": correctness,
             "stalled_runs": [f"{r['mode']} {r['size']} B trial {r['trial'] + 1}"
@@ -540,49 +543,43 @@ def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
 def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     """Each target of the issue with the measured figure and PASS/FAIL."""
     out = []
-
-    def add(key: str, measured: str, ok: bool | None) -> None:
-        out.append({"target": TARGETS[key], "measured": measured,
-                    "result": "n/a" if ok is None else ("PASS" if ok else "FAIL")})
-
     sizes = [str(s) for s in plan.sizes]
+
+    def add(key: str, measured: str, values: list[Any], ok: Callable[[Any], bool]) -> None:
+        """PASS if ``ok`` holds for every value, n/a if one is missing."""
+        passed = None if None in values else all(ok(x) for x in values)
+        out.append({"target": TARGETS[key], "measured": measured,
+                    "result": "n/a" if passed is None else ("PASS" if passed else "FAIL")})
+
+    def per_size(values: list[Any], fmt: Callable[[Any], str]) -> str:
+        return ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt(x)}"
+                         for s, x in zip(sizes, values, strict=True))
+
     v = res["vring_only"]["median_pps"]
     vr = [v[s]["vring_over_bare"] for s in sizes]
-    add("vring", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_x(x)}" for s, x in zip(sizes, vr,
-                                                                             strict=True)),
-        None if None in vr else all(x >= 0.6 for x in vr))
+    add("vring", per_size(vr, fmt_x), vr, lambda x: x >= 0.6)
     e = res["end_to_end"]
     er = [e[s]["ratio"] for s in sizes]
-    ceil = [res["end_to_end"][s].get("sendto_alone_ratio") for s in sizes]
-    add("e2e", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_x(x)}" for s, x in zip(sizes, er,
-                                                                           strict=True))
-        + " (sendto() alone: " + ", ".join(fmt_x(x) for x in ceil) + ")",
-        None if None in er else all(x >= 3 for x in er))
+    ceil = [e[s].get("sendto_alone_ratio") for s in sizes]
+    add("e2e", per_size(er, fmt_x) + " (sendto() alone: " + ", ".join(fmt_x(x) for x in ceil)
+        + ")", er, lambda x: x >= 3)
     m = res["modes"]["default"]
-    kp = [m[s]["kicks_per_packet"] for s in sizes]
-    ip = [m[s]["interrupts_per_packet"] for s in sizes]
-    add("kicks", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_f(x, 4)}" for s, x in zip(sizes, kp,
-                                                                                strict=True)),
-        None if None in kp else all(x <= 0.01 for x in kp))
-    add("irqs", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_f(x, 4)}" for s, x in zip(sizes, ip,
-                                                                               strict=True)),
-        None if None in ip else all(x <= 0.01 for x in ip))
+    for key, k in (("kicks", "kicks_per_packet"), ("irqs", "interrupts_per_packet")):
+        per_packet = [m[s][k] for s in sizes]
+        add(key, per_size(per_packet, lambda x: fmt_f(x, 4)), per_packet, lambda x: x <= 0.01)
     lat = res["kick_latency"]
     r = lat["on_over_pingpong"]
     add("latency", f"p50 {fmt_f(lat['ioeventfd_on']['p50_us'], 1)} us vs paced ping-pong RTT "
                    f"{fmt_f(lat['pingpong_paced_rtt_us_p50'], 1)} us: {fmt_x(r)} (back to back: "
                    f"{fmt_f(lat['pingpong_rtt_us_p50'], 1)} us, "
                    f"{fmt_x(lat['on_over_pingpong_back_to_back'])})",
-        None if r is None else r <= 3)
+        [r], lambda x: x <= 3)
     costs = [res["tracing"]["off"]["per_size"][s]["cost"] for s in sizes]
-    worst = None if None in costs else max(costs)
-    add("trace_off", ", ".join(f"{SIZE_LABEL[int(s)]}: {fmt_pct(c)}" for s, c in
-                               zip(sizes, costs, strict=True)),
-        None if worst is None else worst <= 0.03)
+    add("trace_off", per_size(costs, fmt_pct), costs, lambda c: c <= 0.03)
     rss = res["rss"]
     peaks = [rss[role]["rss_mb_max"] for role in ROLES]
     add("rss", ", ".join(f"{role} {fmt_f(rss[role]['rss_mb_max'], 1)} MB" for role in ROLES),
-        None if None in peaks else all(p <= 50 for p in peaks))
+        peaks, lambda p: p <= 50)
     return out
 
 
@@ -774,12 +771,10 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
              fmt_f(lat["pingpong_rtt_us_p50"], 1), fmt_f(lat["pingpong_rtt_us_p99"], 1)],
             ["**ioeventfd on / paced ping-pong (p50)**", fmt_x(lat["on_over_pingpong"]), ""]]
     L += table(["microseconds", "p50", "p99"], rows)
-    stage_rows = [[f"ioeventfd on: kick -> `{s}`", fmt_f(x, 1)]
-                  for s, x in on["stages_p50_us"].items()]
-    stage_rows += [[f"ioeventfd off: kick -> `{s}`", fmt_f(x, 1)]
-                   for s, x in off["stages_p50_us"].items()]
-    stage_rows += [[f"ioeventfd on, every trace event on: kick -> `{s}`", fmt_f(x, 1)]
-                   for s, x in all_on.get("stages_p50_us", {}).items()]
+    stage_rows = [[f"{what}: kick -> `{s}`", fmt_f(x, 1)]
+                  for what, r in (("ioeventfd on", on), ("ioeventfd off", off),
+                                  ("ioeventfd on, every trace event on", all_on))
+                  for s, x in r.get("stages_p50_us", {}).items()]
     L += ["Where the time goes (p50 from the kick to the first such event, any process):", ""]
     L += table(["stage", "us"], stage_rows)
 

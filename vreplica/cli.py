@@ -6,8 +6,9 @@ import argparse
 import json
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.vring import is_power_of_2, vring_size
@@ -23,9 +24,11 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr, naming the program, and exit status 2."""
+    """Bad input is one line on stderr, naming the program (``label``), and exit status 2."""
 
-    label = "vreplica"
+    def __init__(self, *args: Any, label: str = "vreplica", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.label = label
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.label}: {message}", file=sys.stderr)
@@ -312,19 +315,30 @@ def build_parser() -> Parser:
     return p
 
 
+def reported(label: str, body: Callable[[], int]) -> int:
+    """``body()``'s exit status; a UsageError or a RunFailed is its one line on stderr,
+    naming ``label``, and status 2 or the run's own."""
+    try:
+        return body()
+    except UsageError as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return e.code
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in DELEGATED:
-            return run_delegated(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except UsageError as e:
-        print(f"vreplica: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"vreplica: {e}", file=sys.stderr)
-        return e.code
+        return reported("vreplica", lambda: _dispatch(argv))
     except KeyboardInterrupt:  # a Ctrl-C outside a run (execute() turns its own into RunFailed)
         print("vreplica: interrupted", file=sys.stderr)
         return 130

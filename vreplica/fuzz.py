@@ -140,6 +140,15 @@ PLAUSIBLE_DESC = st.tuples(
 """Descriptors a buggy driver writes: mostly near-valid, so the device walks deep into them."""
 
 
+def pack_table(ram: memoryview, table: int, pieces: list[tuple[int, int]], flags: int) -> None:
+    """An indirect table at ``table`` as a driver writes it: ``pieces`` (addr, len) chained
+    by NEXT in order, each with ``flags``."""
+    for k, (a, ln) in enumerate(pieces):
+        last = k == len(pieces) - 1
+        DESC.pack_into(ram, table + VRING_DESC_SIZE * k, a, ln,
+                       flags | (0 if last else VRING_DESC_F_NEXT), k + 1)
+
+
 class Driver:
     """A well-behaved driver's view of one ring (where it is, what it published)."""
 
@@ -430,10 +439,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
             if indirect and use_indirect and len(pieces) > 1:
                 table = data
                 data += VRING_DESC_SIZE * len(pieces)
-                for k, (a, ln) in enumerate(pieces):
-                    last = k == len(pieces) - 1
-                    DESC.pack_into(self.ram, table + VRING_DESC_SIZE * k, a, ln,
-                                   0 if last else VRING_DESC_F_NEXT, k + 1)
+                pack_table(self.ram, table, pieces, 0)
                 if next_desc + 1 > r.num:
                     break
                 r.desc(next_desc, table, VRING_DESC_SIZE * len(pieces), VRING_DESC_F_INDIRECT, 0)
@@ -490,10 +496,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         head = (r.avail_idx * 3) % r.num  # any slot; a clean ring has nothing pending
         if use_indirect:
             table = buf + room + 16
-            for k, (a, ln) in enumerate(pieces):
-                last = k == len(pieces) - 1
-                DESC.pack_into(self.ram, table + VRING_DESC_SIZE * k, a, ln,
-                               VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT), k + 1)
+            pack_table(self.ram, table, pieces, VRING_DESC_F_WRITE)
             r.desc(head, table, VRING_DESC_SIZE * len(pieces), VRING_DESC_F_INDIRECT, 0)
         else:
             i = head

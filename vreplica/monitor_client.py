@@ -3,7 +3,6 @@ of their processes (QEMU's HMP, over the process's Unix socket in the run direct
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import json
 import os
@@ -12,12 +11,13 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import psutil
 
 from common.ipc import RunConfig, live_runs
 from common.monitor import MonitorConnection, MonitorError, pid_path, socket_path
+from vreplica.cli import Parser
 
 ROLES = ("guest", "kvm", "qemu")
 PS_QUERY_TIMEOUT_S = 0.5
@@ -26,12 +26,6 @@ PROMPT_IDLE_S = 0.2
 
 class ClientError(Exception):
     """One line for the user, exit status 1."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"vreplica {self.prog.split()[-1]}: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 # -- finding runs and processes -----------------------------------------------------------------
@@ -107,7 +101,8 @@ def process_row(cfg: RunConfig, role: str) -> dict[str, Any]:
 
 
 def ps_main(argv: list[str]) -> int:
-    ap = Parser(prog="vreplica ps", description="the running replicas and their processes")
+    ap = Parser(prog="vreplica ps", label="vreplica ps",
+                description="the running replicas and their processes")
     ap.add_argument("--json", action="store_true", help="one JSON document")
     a = ap.parse_args(argv)
     try:
@@ -337,7 +332,7 @@ def _quiet_broken_pipe() -> int:
 
 
 def attach_main(argv: list[str]) -> int:
-    ap = Parser(prog="vreplica attach",
+    ap = Parser(prog="vreplica attach", label="vreplica attach",
                 description="a monitor prompt in one process of a running replica")
     ap.add_argument("role", choices=ROLES)
     ap.add_argument("--run", metavar="ID", help="the run (a unique prefix; optional when only "

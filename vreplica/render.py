@@ -27,11 +27,13 @@ from matplotlib.patches import Rectangle
 from vreplica.tracefile import (
     ROLES,
     RX,
+    TX,
     Event,
     Trace,
     TraceError,
     chain_events,
     load_trace,
+    packet,
 )
 
 matplotlib.use("Agg")
@@ -198,45 +200,41 @@ def draw(trace: Trace, events: list[Event], arrows: list[list[Event]], start: in
         fig.savefig(out, dpi=110)
 
 
-def render_packet(trace: Trace, seq: int, out: str | Path,
-                  window: tuple[float, float] | None = None) -> Path:
-    """Packet ``seq``'s chain (and the spans it ran inside of) as a swimlane picture."""
+def _render_chains(trace: Trace, seq: int, directions: tuple[str, ...], title: str,
+                   out: str | Path, window: tuple[float, float] | None) -> Path:
+    """Datagram ``seq``'s chains in ``directions`` (with the spans they ran inside of), x
+    relative to the guest's ``udp_sendmsg``; by default the window the chains span."""
     out = _check_out(out)
-    chain, context = chain_events(trace, seq)
-    first = chain[0].ts
-    last = max(ev.end for ev in chain)
+    chains = [chain_events(trace, seq, d) for d in directions]
+    first = chains[0][0][0].ts
+    last = max(ev.end for chain, _ in chains for ev in chain)
     pad = max((last - first) // 30, 1000)
     start, end = first - pad, last + pad + (last - first) // 12
     if window is not None:
         start, end = trace.start + round(window[0] * 1000), trace.start + round(window[1] * 1000)
-    events = [ev for ev in context + chain if ev.end >= start and ev.ts <= end]
-    title = (f"packet seq {seq}: guest udp_sendmsg -> KVM -> QEMU/slirp sendto -> "
-             "completion interrupt back in the guest")
-    draw(trace, events, [trace.packets[seq].steps], start, end, first,
+    union = list(dict.fromkeys([ev for _, context in chains for ev in context]
+                               + [ev for chain, _ in chains for ev in chain]))
+    events = [ev for ev in union if ev.end >= start and ev.ts <= end]
+    draw(trace, events, [packet(trace, seq, d).steps for d in directions], start, end, first,
          f"microseconds since the guest's udp_sendmsg of seq {seq}", title, out)
     return out
+
+
+def render_packet(trace: Trace, seq: int, out: str | Path,
+                  window: tuple[float, float] | None = None) -> Path:
+    """Packet ``seq``'s chain (and the spans it ran inside of) as a swimlane picture."""
+    return _render_chains(trace, seq, (TX,), f"packet seq {seq}: guest udp_sendmsg -> KVM -> "
+                          "QEMU/slirp sendto -> completion interrupt back in the guest",
+                          out, window)
 
 
 def render_round_trip(trace: Trace, seq: int, out: str | Path,
                       window: tuple[float, float] | None = None) -> Path:
     """Datagram ``seq``'s round trip of an echo run: its chain to the host and its reply's
     back to the guest socket (with the spans they ran inside of), as a swimlane picture."""
-    out = _check_out(out)
-    tx, tx_context = chain_events(trace, seq)
-    rx, rx_context = chain_events(trace, seq, RX)
-    first = tx[0].ts
-    last = max(ev.end for ev in tx + rx)
-    pad = max((last - first) // 30, 1000)
-    start, end = first - pad, last + pad + (last - first) // 12
-    if window is not None:
-        start, end = trace.start + round(window[0] * 1000), trace.start + round(window[1] * 1000)
-    union = list(dict.fromkeys(tx_context + rx_context + tx + rx))
-    events = [ev for ev in union if ev.end >= start and ev.ts <= end]
-    title = (f"round trip seq {seq}: guest udp_sendmsg -> KVM -> QEMU/slirp sendto -> host echo "
-             "(red); slirp recvfrom -> virtio-net RX -> irqfd -> guest recvfrom (blue)")
-    draw(trace, events, [trace.packets[seq].steps, trace.replies[seq].steps], start, end, first,
-         f"microseconds since the guest's udp_sendmsg of seq {seq}", title, out)
-    return out
+    return _render_chains(trace, seq, (TX, RX), f"round trip seq {seq}: guest udp_sendmsg -> "
+                          "KVM -> QEMU/slirp sendto -> host echo (red); slirp recvfrom -> "
+                          "virtio-net RX -> irqfd -> guest recvfrom (blue)", out, window)
 
 
 def render_seq(trace: Trace, seq: int, out: str | Path,

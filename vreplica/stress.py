@@ -20,12 +20,11 @@ from tqdm import tqdm
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
-from vreplica.cli import Parser, UsageError
-from vreplica.hostside import UdpEcho, UdpService, expected_payload
+from vreplica.cli import Parser, UsageError, free_udp_port, reported
+from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.summary import build_summary
-from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+from vreplica.supervisor import RunOptions, Supervisor
 
-SEQ_BYTES = 8
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
     "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
@@ -165,8 +164,7 @@ class Chaos:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = Parser(prog="vreplica stress", description=__doc__)
-    p.label = "vreplica stress"
+    p = Parser(prog="vreplica stress", description=__doc__, label="vreplica stress")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--duration", type=float, help="seconds of load (default 10)")
     g.add_argument("--packets", type=int, help="datagrams to send instead of a duration")
@@ -220,17 +218,14 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     hostfwd: list[tuple[int, int]] = []
     inbound = None
     if a.mode == "both":
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            hostfwd = [(s.getsockname()[1], 7000)]
+        hostfwd = [(free_udp_port(), 7000)]
         inbound = InboundStream(hostfwd[0][0], 2000.0)
     opts = RunOptions(mode="stress", packets=a.packets or 0, size=hi, dest_port=dest_port,
                       queues=a.queues, hostfwd=hostfwd, guest_port=7000, window=32,
-                      timeout=(duration or 60) + 60,
+                      timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
-                             "backend_rate": a.backend_rate,
-                             "reconnect": "kill-device" in kinds})
+                             "backend_rate": a.backend_rate})
     sup = Supervisor(opts)
     log = ChaosLog(time.monotonic())
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
@@ -393,14 +388,12 @@ def main(argv: list[str]) -> int:
         for kind, text in CHAOS_KINDS.items():
             print(f"{kind:12} {text}")
         return 0
-    try:
-        verdict, code = run_stress(a)
-    except UsageError as e:
-        print(f"vreplica stress: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"vreplica stress: {e}", file=sys.stderr)
-        return e.code
+    return reported("vreplica stress", lambda: stress(a))
+
+
+def stress(a: argparse.Namespace) -> int:
+    """Run, print the verdict (and write it with --json); 0 if it passed."""
+    verdict, code = run_stress(a)
     print(format_verdict(verdict))
     if a.json:
         Path(a.json).write_text(json.dumps(verdict, indent=1))

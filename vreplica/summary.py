@@ -86,7 +86,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     pci = q.get("virtio_pci", {})
     summary["ioeventfds"] = len(pci.get("ioeventfds", {}))  # registered at the end of the run
     summary["irqfds"] = len(pci.get("irqfds", {}))
-    summary["indirect_descs"] = sum(q.get("indirect", 0) for q in g.get("sq") or [])
+    summary["indirect_descs"] = sq.get("indirect", 0)
     if g.get("fault"):
         summary["guest_fault"] = g["fault"]
     if sent:

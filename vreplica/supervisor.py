@@ -203,8 +203,7 @@ class Supervisor:
                 else:
                     err = self.errors[-1] if self.errors else f"exit status {rc}"
                     why = f"{role} process (pid {pid}) failed: {err}"
-                if (role == "qemu" and self.cfg is not None
-                        and self.cfg.options.get("reconnect") and self.restarts < MAX_RESTARTS
+                if (role == "qemu" and self.opts.reconnect and self.restarts < MAX_RESTARTS
                         and exited.get("kvm") is None):
                     self._restart(role, why)
                     exited[role] = None

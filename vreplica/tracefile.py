@@ -430,11 +430,15 @@ def _correlate(ix: _Index, send: Event, seq: int, msi_gsi: dict[int, int]) -> Pa
     return Packet(seq, send, _monotonic(steps), head, avail_idx)
 
 
+def _msi_gsi(ix: _Index) -> dict[int, int]:
+    """The GSI KVM routes each MSI vector to (QEMU's kvm_irqchip_add_msi_route)."""
+    return {e.args.get("vector"): e.args.get("virq") for e in ix.all("kvm_irqchip_add_msi_route")}
+
+
 def find_packets(trace: Trace) -> dict[int, Packet]:
     """Each datagram the guest sent (by sequence number) and its path through the processes."""
     ix = trace.index
-    msi_gsi = {e.args.get("vector"): e.args.get("virq")
-               for e in ix.all("kvm_irqchip_add_msi_route")}
+    msi_gsi = _msi_gsi(ix)
     packets: dict[int, Packet] = {}
     for send in ix.all("udp_sendmsg"):
         seq = send.args.get("seq")
@@ -456,9 +460,9 @@ def _driver_rx_vq(dev_vq: Any) -> str:
 
 def _rx_origin(recv: Event) -> Event:
     """Where a reply's chain starts: the main loop's ``slirp_pollfds_poll`` that read it."""
-    for a in recv.ancestors():
-        if a.name == "slirp_pollfds_poll":
-            return a
+    poll = _ancestor(recv, "slirp_pollfds_poll")
+    if poll is not None:
+        return poll
     return recv.parent if recv.parent is not None and recv.parent.name == recv.name else recv
 
 
@@ -540,8 +544,7 @@ def find_replies(trace: Trace) -> dict[int, Packet]:
     """Each datagram slirp read from a host socket for the guest (an echo's reply), by the
     sequence number in its payload, and its path to the guest's socket."""
     ix = trace.index
-    msi_gsi = {e.args.get("vector"): e.args.get("virq")
-               for e in ix.all("kvm_irqchip_add_msi_route")}
+    msi_gsi = _msi_gsi(ix)
     guest_pid = next((pid for pid, role in trace.roles.items() if role == "guest"), None)
     replies: dict[int, Packet] = {}
     for recv in ix.all("sorecvfrom"):
@@ -747,14 +750,8 @@ def _replies_from_flows(trace: Trace, flow_points: dict[Any, list[tuple]]) -> di
 
 
 def _bisect_events(evs: list[Event], ts: int) -> int:
-    lo, hi = 0, len(evs)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if evs[mid].ts < ts:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """The index of the first of ``evs`` (in time order) at or after ``ts``."""
+    return bisect.bisect_left(evs, ts, key=lambda e: e.ts)
 
 
 # -- one packet's call chain --------------------------------------------------------------------
@@ -768,14 +765,10 @@ def _missing(seq: int, group: dict[int, Packet], what: str) -> TraceError:
 
 def packet(trace: Trace, seq: int, direction: str = TX) -> Packet:
     """Datagram ``seq`` as the guest sent it (``tx``) or its reply as it came back (``rx``)."""
-    if direction == RX:
-        p = trace.replies.get(seq)
-        if p is None:
-            raise _missing(seq, trace.replies, "reply")
-        return p
-    p = trace.packets.get(seq)
+    group, what = (trace.replies, "reply") if direction == RX else (trace.packets, "packet")
+    p = group.get(seq)
     if p is None:
-        raise _missing(seq, trace.packets, "packet")
+        raise _missing(seq, group, what)
     return p
 
 
