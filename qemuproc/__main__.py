@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import traceback
-from typing import Any
 
 from common.channel import Channel
 from common.guest_memory import GuestMemory
@@ -25,14 +23,9 @@ from qemuproc.kvm_all import CPUState, KvmError, KvmIoListener, KVMState, kvm_cp
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
 from qemuproc.monitor import qemu_monitor
-from qemuproc.net import (
-    NetClientInfo,
-    qemu_flush_queued_packets,
-    qemu_new_net_client,
-    qemu_send_packet,
-)
+from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_send_packet
 from qemuproc.pci import PCIHostState
-from qemuproc.slirp import Slirp, SlirpSocket, SlirpState, TokenBucket, net_slirp_receive
+from qemuproc.slirp import Slirp, SlirpState, net_slirp_receive
 from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
 from qemuproc.virtio_pci import VirtIOPCIProxy
 
@@ -59,11 +52,6 @@ class Machine:
         self.netdev = qemu_new_net_client(NetClientInfo("user", net_slirp_receive), None,
                                           "user", "n0")
         self.netdev.opaque = SlirpState(self.netdev, self.slirp)
-        self.slirp.would_block = self._slirp_would_block
-        if opts.get("backend_rate"):
-            self.slirp.backend = TokenBucket(opts["backend_rate"])
-        self._backend_timer = ml.timer_new(lambda _: qemu_flush_queued_packets(self.netdev),
-                                           None, "slirp-backend")
         ml.pollfds_fill.append(self.slirp.slirp_pollfds_fill)
         ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
         for host_port, guest_port in opts.get("hostfwd", []):
@@ -97,23 +85,6 @@ class Machine:
         ncs = self.n.ncs
         peer = ncs[queue] if queue < self.n.curr_queue_pairs else ncs[0]
         return qemu_send_packet(self.netdev, frame, peer)
-
-    def _slirp_would_block(self, so: SlirpSocket) -> None:
-        """The host side cannot take the frame now: retry the queued frame when the socket
-        can be written again (or, behind a rate-limited link, when it has room)."""
-        ml = self.main_loop
-        if self.slirp.backend is not None:
-            if not self._backend_timer.armed:
-                ml.timer_mod(self._backend_timer,
-                             time.monotonic_ns() + int(self.slirp.backend.wait_s() * 1e9))
-            return
-        fd = so.s.fileno()
-
-        def writable(_: Any) -> None:
-            ml.qemu_set_fd_handler(fd, None, None, None)
-            qemu_flush_queued_packets(self.netdev)
-
-        ml.qemu_set_fd_handler(fd, None, writable, None, "slirp-sndbuf")
 
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")

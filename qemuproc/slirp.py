@@ -11,12 +11,11 @@ other destination is dropped and counted. Idle flows expire and their sockets cl
 
 from __future__ import annotations
 
-import errno
 import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from common.inet import (
     ARP,
@@ -63,28 +62,6 @@ def special_ethaddr(ip: bytes) -> bytes:
     return b"\x52\x55" + ip
 
 
-class TokenBucket:
-    """A host link of ``rate`` datagrams per second (bursts of ``burst``): a slow backend."""
-
-    def __init__(self, rate: float, burst: int = 32) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-    def wait_s(self) -> float:
-        return max(0.0, (1.0 - self.tokens) / self.rate)
-
-
 @dataclass
 class SlirpSocket:
     """struct socket for a UDP flow: the guest end (laddr:lport) and its host socket."""
@@ -99,7 +76,6 @@ class SlirpSocket:
     queue: int = 0
     sent: int = 0
     received: int = 0
-    pending: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 class Slirp:
@@ -120,31 +96,29 @@ class Slirp:
         self.arp_requested: dict[bytes, float] = {}
         self.ip_id = 0
         self.input_queue = 0
-        self.backend: TokenBucket | None = None
-        self.would_block: Callable[[SlirpSocket], None] = lambda so: None
         self.stats = {"frames_in": 0, "frames_out": 0, "arp_requests": 0, "arp_replies_sent": 0,
                       "arp_requests_sent": 0, "ip_bad": 0, "udp_bad_csum": 0,
-                      "udp_sent": 0, "udp_received": 0, "udp_send_eagain": 0,
+                      "udp_sent": 0, "udp_received": 0,
                       "udp_send_errors": 0, "icmp_echo": 0, "no_route": 0, "flows_opened": 0,
                       "flows_expired": 0, "arp_drops": 0}
 
     # -- from the guest -----------------------------------------------------------------------
 
     @traced
-    def slirp_input(self, pkt: memoryview | bytes) -> int:
-        """One Ethernet frame from the guest; returns 0 if it must be retried (would block)."""
+    def slirp_input(self, pkt: memoryview | bytes) -> None:
+        """One Ethernet frame from the guest. Nothing is ever handed back to be retried:
+        what cannot go on is dropped, as in libslirp."""
         self.stats["frames_in"] += 1
         n = len(pkt)
         if n < ETH_HLEN:
-            return n
+            return
         proto = (pkt[12] << 8) | pkt[13]
         if trace_slirp_input.on:
             trace_slirp_input(len=n, proto=proto)
         if proto == ETH_P_IP:
-            return self.ip_input(pkt if isinstance(pkt, memoryview) else memoryview(pkt)) and n
-        if proto == ETH_P_ARP:
+            self.ip_input(pkt if isinstance(pkt, memoryview) else memoryview(pkt))
+        elif proto == ETH_P_ARP:
             self.arp_input(pkt)
-        return n
 
     def arp_input(self, pkt: memoryview | bytes) -> None:
         if len(pkt) < ETH_HLEN + ARP.size:
@@ -163,36 +137,35 @@ class Slirp:
             self.arp_table[sip] = sha
             self.if_start()
 
-    def ip_input(self, m: memoryview) -> bool:
+    def ip_input(self, m: memoryview) -> None:
         """The IPv4 packet after the frame's Ethernet header (m_adj(m, ETH_HLEN))."""
         ip = m[ETH_HLEN:]
         if len(ip) < IP_HLEN:
             self.stats["ip_bad"] += 1
-            return True
+            return
         ver_ihl, _, tot_len, _, frag, _, proto, _, saddr, daddr = IPV4.unpack_from(ip, 0)
         hlen = (ver_ihl & 0xF) << 2
         if ver_ihl >> 4 != 4 or hlen < IP_HLEN or tot_len > len(ip) or tot_len < hlen \
                 or csum_partial(ip[:hlen]) % 0xFFFF or frag & 0x3FFF:
             self.stats["ip_bad"] += 1
-            return True
+            return
         if saddr == self.client_ipaddr and saddr not in self.arp_table:
             self.arp_table[saddr] = bytes(m[6:12])
         if proto == IPPROTO_UDP:
-            return self.udp_input(ip, hlen, tot_len, saddr, daddr)
-        if proto == IPPROTO_ICMP:
+            self.udp_input(ip, hlen, tot_len, saddr, daddr)
+        elif proto == IPPROTO_ICMP:
             self.icmp_input(saddr, daddr, ip[hlen:tot_len])
-        return True
 
     def udp_input(self, ip: memoryview, hlen: int, tot_len: int, saddr: bytes,
-                  daddr: bytes) -> bool:
+                  daddr: bytes) -> None:
         """The UDP datagram in ``ip`` (header ``hlen`` bytes, ``tot_len`` in all)."""
         if tot_len - hlen < UDP_HLEN:
             self.stats["ip_bad"] += 1
-            return True
+            return
         sport, dport, length, check = UDP.unpack_from(ip, hlen)
         if length > tot_len - hlen or length < UDP_HLEN:
             self.stats["ip_bad"] += 1
-            return True
+            return
         if check:
             # the pseudo header's addresses are the 8 bytes that end an option-less IP header,
             # so they and the datagram are summed in one pass
@@ -203,14 +176,14 @@ class Slirp:
                                    pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length))
             if acc % 0xFFFF:
                 self.stats["udp_bad_csum"] += 1
-                return True
+                return
         so = self.udb.get((saddr, sport))
         if so is None:
             so = self.udp_attach(saddr, sport)
         so.faddr, so.fport = daddr, dport
         so.queue = self.input_queue
         so.expire = time.monotonic() + self.udp_expire_s
-        return self.sosendto(so, ip[hlen + UDP_HLEN : hlen + length], daddr, dport)
+        self.sosendto(so, ip[hlen + UDP_HLEN : hlen + length], daddr, dport)
 
     def udp_attach(self, laddr: bytes, lport: int) -> SlirpSocket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -228,31 +201,25 @@ class Slirp:
         so.s.close()
 
     @traced
-    def sosendto(self, so: SlirpSocket, payload: memoryview, daddr: bytes, dport: int) -> bool:
-        """Send the guest's datagram from the flow's host socket; False if it would block."""
+    def sosendto(self, so: SlirpSocket, payload: memoryview, daddr: bytes, dport: int) -> int:
+        """Send the guest's datagram from the flow's host socket: 0, or -1 if sendto failed
+        (a full socket buffer's EAGAIN too). libslirp's udp_input drops the datagram then:
+        nothing waits for the socket to drain, and the guest is never held back."""
         if daddr != self.vhost_addr and (daddr[:3] != self.vnetwork[:3]
                                          or daddr == self.vnameserver_addr):
             self.stats["no_route"] += 1  # only 10.0.2.2 (the host's loopback) is reachable here
-            return True
+            return -1
         if trace_sosendto.on:
             trace_sosendto(fd=so.s.fileno(), dport=dport, len=len(payload),
                            seq=int.from_bytes(payload[:8], "big") if len(payload) >= 8 else -1)
         try:
-            if self.backend is not None and not self.backend.take():
-                raise BlockingIOError  # the slow link is full: as the socket's EAGAIN
             so.s.sendto(payload, (self.host_ip, dport))
-        except BlockingIOError:
-            self.stats["udp_send_eagain"] += 1
-            self.would_block(so)
-            return False
-        except OSError as e:
-            if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                self.stats["udp_send_errors"] += 1
-                return True
-            raise
+        except OSError:
+            self.stats["udp_send_errors"] += 1
+            return -1
         so.sent += 1
         self.stats["udp_sent"] += 1
-        return True
+        return 0
 
     def icmp_input(self, saddr: bytes, daddr: bytes, body: memoryview) -> None:
         if len(body) < ICMP_ECHO_HDR.size or csum_partial(body) % 0xFFFF:
@@ -407,6 +374,8 @@ class SlirpState:
 
 @traced
 def net_slirp_receive(nc: object, buf: memoryview | bytes) -> int:
+    """slirp takes every frame: the size is always returned, never 0 ("queue it")."""
     s: SlirpState = nc.opaque  # type: ignore[attr-defined]
     s.slirp.input_queue = nc.rx_from_queue  # type: ignore[attr-defined]
-    return s.slirp.slirp_input(buf)
+    s.slirp.slirp_input(buf)
+    return len(buf)

@@ -79,9 +79,6 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
-    p.add_argument("--backend-rate", type=float, default=0.0, metavar="PPS",
-                   help="a slow host link: slirp sends at most PPS datagrams a second; beyond "
-                        "that it would block (EAGAIN) and the device parks the frame in async_tx")
     p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
                    help="the TX bottom half busy-polls the ring this long before it turns "
                         "kicks back on (vhost-net's poll-us)")
@@ -143,8 +140,6 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--queues must be between 1 and 8")
     if not 0 <= a.poll_us <= 10_000:
         raise UsageError("--poll-us must be between 0 and 10000")
-    if a.backend_rate < 0:
-        raise UsageError("--backend-rate must be >= 0 (0: no limit)")
     if a.udp_expire <= 0 or a.net_queue_len < 1:
         raise UsageError("--udp-expire must be positive and --net-queue-len at least 1")
     if not 1 <= a.packets <= 10_000_000:
@@ -195,7 +190,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                       reconnect=a.reconnect,
                       extra={"wait_attach": a.wait_attach, "hold": a.hold,
                              "netqueue_maxlen": a.net_queue_len,
-                             "backend_rate": a.backend_rate, "poll_us": a.poll_us,
+                             "poll_us": a.poll_us,
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault})
