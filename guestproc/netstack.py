@@ -63,6 +63,7 @@ class NetDevice:
         self.priv: Any = None
         self.ndo_start_xmit: Callable[[SkBuff, NetDevice], int] | None = None
         self.tx_stopped = [False] * num_tx_queues
+        self.tx_locked = [False] * num_tx_queues  # each TX queue's _xmit_lock
         self.real_num_tx_queues = num_tx_queues
         self.xmit_more = False
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_busy": 0,
@@ -95,6 +96,18 @@ def netif_device_attach(dev: NetDevice) -> None:
         netif_wake_subqueue(dev, q)
 
 
+def __netif_tx_trylock(dev: NetDevice, q: int) -> bool:
+    """Take TX queue ``q``'s lock unless someone holds it (start_xmit, here interrupted)."""
+    if dev.tx_locked[q]:
+        return False
+    dev.tx_locked[q] = True
+    return True
+
+
+def __netif_tx_unlock(dev: NetDevice, q: int) -> None:
+    dev.tx_locked[q] = False
+
+
 def netdev_xmit_more(dev: NetDevice) -> bool:
     return dev.xmit_more
 
@@ -114,7 +127,11 @@ def dev_queue_xmit(skb: SkBuff, dev: NetDevice, queue: int = 0, more: bool = Fal
     dev.xmit_more = more
     if trace_net_dev_xmit.on:
         trace_net_dev_xmit(dev=dev.name, len=skb.len, queue=queue)
-    return dev.ndo_start_xmit(skb, dev)  # type: ignore[misc]
+    dev.tx_locked[queue] = True  # HARD_TX_LOCK
+    try:
+        return dev.ndo_start_xmit(skb, dev)  # type: ignore[misc]
+    finally:
+        dev.tx_locked[queue] = False
 
 
 class UdpSocket:

@@ -51,6 +51,8 @@ from guestproc.mm import PageAllocator, SkbPool, SkBuff
 from guestproc.netstack import (
     NETDEV_TX_OK,
     NetDevice,
+    __netif_tx_trylock,
+    __netif_tx_unlock,
     netdev_xmit_more,
     netif_device_attach,
     netif_device_detach,
@@ -398,9 +400,30 @@ def virtnet_receive(rq: ReceiveQueue, budget: int) -> int:
     return received
 
 
+def virtnet_poll_cleantx(rq: ReceiveQueue) -> None:
+    """Reclaim the paired TX queue's finished skbs from the RX poll (napi_tx), unless
+    start_xmit holds that queue: a reply's interrupt then spares the TX one."""
+    vi: VirtnetInfo = rq.vq.vdev.priv
+    index = vq2rxq(rq.vq)
+    sq = vi.sq[index]
+    dev = vi.dev
+    if not sq.napi.weight or not __netif_tx_trylock(dev, index):
+        return
+    while True:
+        virtqueue_disable_cb(sq.vq)
+        free_old_xmit_skbs(sq, True)
+        if virtqueue_enable_cb_delayed(sq.vq):
+            break
+    if sq.vq.num_free >= 2 + MAX_SKB_FRAGS and netif_tx_queue_stopped(dev, index):
+        sq.stats["wakes"] += 1
+        netif_wake_subqueue(dev, index)
+    __netif_tx_unlock(dev, index)
+
+
 @traced
 def virtnet_poll(napi: Napi, budget: int) -> int:
     rq: ReceiveQueue = napi.owner  # type: ignore[assignment]
+    virtnet_poll_cleantx(rq)
     received = virtnet_receive(rq, budget)
     if received < budget:
         virtqueue_napi_complete(napi, rq.vq, received)

@@ -26,6 +26,7 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
     VringViews,
+    vring_need_event,
 )
 from guestproc.kernel import IRQ_HANDLED, IRQ_NONE
 
@@ -215,8 +216,8 @@ def virtqueue_kick_prepare(vq: Virtqueue) -> bool:
     added = vq.num_added
     old = (new - added) & 0xFFFF
     vq.num_added = 0
-    if vq.event:  # vring_need_event(avail_event, new, old), inlined: new - old is num_added
-        needs_kick = ((new - vq.avail_event_h[0] - 1) & 0xFFFF) < added
+    if vq.event:
+        needs_kick = vring_need_event(vq.avail_event_h[0], new, old)
     else:
         needs_kick = not (vq.used_hdr[0] & VRING_USED_F_NO_NOTIFY)
     if trace_virtqueue_kick_prepare.on:

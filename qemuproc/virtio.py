@@ -33,6 +33,7 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
     VringViews,
+    vring_need_event,
 )
 
 VIRTIO_QUEUE_MAX = 64
@@ -610,8 +611,7 @@ def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
     vq.signalled_used_valid = True
     old = vq.signalled_used
     new = vq.signalled_used = vq.used_idx
-    # vring_need_event(used_event, new, old), inlined
-    return not was_valid or ((new - v.avail[2 + vq.num] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+    return not was_valid or vring_need_event(v.avail[2 + vq.num], new, old)  # used_event
 
 
 def virtio_notify_vector(vdev: VirtIODevice, vector: int) -> None:

@@ -155,3 +155,14 @@ def test_need_event_matches_kernel_macro(c_results: dict[str, list[list[int]]]) 
 def test_need_event_truth_table(event: int, new: int, old: int, expected: bool) -> None:
     """The index moving old -> new (mod 2^16) passes event exactly when event is in [old, new)."""
     assert vring_need_event(event, new, old) is expected
+
+
+@pytest.mark.timeout(10)
+def test_driver_and_device_call_the_checked_need_event() -> None:
+    """The driver's kick decision and the device's interrupt decision use the very function
+    the C comparison above checks, not copies of its arithmetic."""
+    import guestproc.virtio_ring
+    import qemuproc.virtio
+
+    assert guestproc.virtio_ring.vring_need_event is vring_need_event
+    assert qemuproc.virtio.vring_need_event is vring_need_event
