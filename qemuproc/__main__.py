@@ -17,6 +17,7 @@ from common.channel import Channel
 from common.guest_memory import GuestMemory
 from common.process import ProcessRuntime, Stop
 from common.trace import register_thread
+from qemuproc.aio import QEMUBH
 from qemuproc.cpr import Cpr
 from qemuproc.dump import FilterDump
 from qemuproc.kvm_all import CPUState, KvmError, KvmIoListener, KVMState, kvm_cpu_exec
@@ -86,6 +87,10 @@ class Machine:
         peer = ncs[queue] if queue < self.n.curr_queue_pairs else ncs[0]
         return qemu_send_packet(self.netdev, frame, peer)
 
+    def bottom_halves(self) -> list[QEMUBH]:
+        """The bhs this machine created (only scheduled ones sit on a bh_list)."""
+        return [self.main_loop.qemu_notify_bh] + [q.tx_bh for q in self.n.vqs if q.tx_bh]
+
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")
         ml = self.main_loop
@@ -120,8 +125,9 @@ class Machine:
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
             "kvm_run_exits": self.cpu.exit_counts,
             "main_loop_iterations": self.main_loop.iterations,
-            "bh_runs": {bh.name: bh.runs for bh in self.main_loop.ctx.first_bh},
+            "bh_runs": {bh.name: bh.runs for bh in self.bottom_halves()},
             "aio_notifies": self.main_loop.ctx.notifies,
+            "aio_notifier_sets": self.main_loop.ctx.notifier_sets,
             "pcap_frames": self.dump.frames if self.dump else 0,
             "vm_ioctls": self.kvm.ioctls,
             "cpr": self.cpr.describe(),

@@ -1,183 +1,153 @@
-"""Stands for util/main-loop.c and util/iohandler.c: the I/O thread's loop.
+"""Stands for util/main-loop.c (with util/iohandler.c): the I/O thread's loop.
 
-``main_loop_wait`` gathers the fds to watch (slirp's sockets, the fd handlers, the
-AioContext notifier), sleeps in a real poll() with the Big QEMU Lock released, then
-dispatches what is ready: fd handlers, bottom halves, slirp, timers.
+``main_loop_wait`` lets the MAIN_LOOP_POLL_FILL notifiers add their fds (slirp's sockets and
+its timeout), bounds the wait by the main loop's timers in ns, and calls
+``os_host_main_loop_wait``: the glib sources prepare (the main AioContext, "aio-context",
+then the fd handlers' context, "io-handler"), the BQL is dropped for ``qemu_poll_ns``, and
+the sources that are ready dispatch in that order (each its bottom halves, then its fd
+handlers). Then slirp's MAIN_LOOP_POLL_OK notifier and the expired timers run.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import select
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from common.trace import trace_event, traced
 from qemuproc.aio import (
-    aio_bh_pending,
-    aio_bh_poll,
-    aio_notify,
-    aio_notify_accept,
+    AioContext,
+    AioHandler,
+    IOHandler,
+    aio_ctx_check,
+    aio_ctx_prepare,
+    aio_dispatch,
+    aio_set_fd_handler,
+    iohandler_get_aio_context,
+    qemu_bh_new,
+    qemu_bh_schedule,
     qemu_get_aio_context,
 )
+from qemuproc.qemu_timer import (
+    QEMU_CLOCK_VIRTUAL,
+    SCALE_MS,
+    GPollFD,
+    QEMUTimer,
+    QEMUTimerListGroup,
+    qemu_clock_run_all_timers,
+    qemu_poll_ns,
+    qemu_soonest_timeout,
+    timer_new_ns,
+    timerlistgroup_deadline_ns,
+)
 
-IOHandler = Callable[[Any], None]
 trace_main_loop_wait = trace_event("main_loop_wait")
 
 
-class IOHandlerRecord:
-    __slots__ = ("fd", "fd_read", "fd_write", "opaque", "deleted", "name")
-
-    def __init__(self, fd: int, fd_read: IOHandler | None, fd_write: IOHandler | None,
-                 opaque: Any, name: str) -> None:
-        self.fd = fd
-        self.fd_read = fd_read
-        self.fd_write = fd_write
-        self.opaque = opaque
-        self.deleted = False
-        self.name = name
-
-
-class QEMUTimer:
-    __slots__ = ("expire_ns", "cb", "opaque", "name", "armed")
-
-    def __init__(self, cb: Callable[[Any], None], opaque: Any, name: str) -> None:
-        self.cb = cb
-        self.opaque = opaque
-        self.name = name
-        self.expire_ns = -1
-        self.armed = False
+def notify_event_cb(opaque: Any) -> None:
+    """No need to do anything: this bh only kicks the loop out of its wait."""
 
 
 class MainLoop:
-    """The iothread: its AioContext, fd handlers, timers, and the Big QEMU Lock."""
+    """The iothread: its glib sources (two AioContexts), timers, and the Big QEMU Lock."""
 
     def __init__(self) -> None:
         self.ctx = qemu_get_aio_context()
-        self.io_handlers: list[IOHandlerRecord] = []
+        self.iohandler_ctx = iohandler_get_aio_context()
+        self.gsources: tuple[AioContext, ...] = (self.ctx, self.iohandler_ctx)
         self.bql = threading.RLock()
-        self.timers: list[tuple[int, int, QEMUTimer]] = []
-        self._seq = itertools.count()
+        self.main_loop_tlg = QEMUTimerListGroup(self.qemu_timer_notify_cb)
+        self.qemu_notify_bh = qemu_bh_new(notify_event_cb, None, "notify_event_cb")
         self.pollfds_fill: list[Callable[[list[tuple[int, int]], int], int]] = []
         self.pollfds_poll: list[Callable[[dict[int, int]], None]] = []
         self.iterations = 0
         self.quit = False
         self.on_iteration: Callable[[], None] | None = None
+        self._gpollfds_key: list[tuple[int, int]] = []
+        self._gpollfds: Any = (GPollFD * 0)()
+        self._prepared_ready: list[AioContext] = []
 
-    # -- fd handlers --------------------------------------------------------------------------
+    # -- fd handlers, notification, timers ------------------------------------------------------
 
     def qemu_set_fd_handler(self, fd: int, fd_read: IOHandler | None,
                             fd_write: IOHandler | None, opaque: Any, name: str = "") -> None:
         """Install, replace, or (both callbacks None) remove the handler of ``fd``."""
-        for rec in self.io_handlers:
-            if rec.fd == fd and not rec.deleted:
-                if fd_read is None and fd_write is None:
-                    rec.deleted = True
-                else:
-                    rec.fd_read, rec.fd_write, rec.opaque = fd_read, fd_write, opaque
-                break
-        else:
-            if fd_read is not None or fd_write is not None:
-                self.io_handlers.append(IOHandlerRecord(fd, fd_read, fd_write, opaque,
-                                                        name or getattr(fd_read, "__name__", "")))
-        self.qemu_notify_event()
+        aio_set_fd_handler(self.iohandler_ctx, fd, fd_read, fd_write, opaque, name)
+
+    @property
+    def io_handlers(self) -> list[AioHandler]:
+        return self.iohandler_ctx.aio_handlers
 
     def qemu_notify_event(self) -> None:
-        aio_notify(self.ctx)
+        """Wake the loop (from any thread): schedule the do-nothing notify bh."""
+        qemu_bh_schedule(self.qemu_notify_bh)
 
-    def qemu_iohandler_fill(self, fds: list[tuple[int, int]]) -> None:
-        for rec in self.io_handlers:
-            if rec.deleted:
-                continue
-            events = (select.POLLIN if rec.fd_read else 0) | (select.POLLOUT if rec.fd_write
-                                                               else 0)
-            fds.append((rec.fd, events))
-
-    def qemu_iohandler_poll(self, ready: dict[int, int]) -> None:
-        for rec in list(self.io_handlers):
-            if rec.deleted:
-                continue
-            ev = ready.get(rec.fd, 0)
-            if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and rec.fd_read:
-                rec.fd_read(rec.opaque)
-            if ev & select.POLLOUT and rec.fd_write and not rec.deleted:
-                rec.fd_write(rec.opaque)
-        self.io_handlers = [r for r in self.io_handlers if not r.deleted]
-
-    # -- timers (QEMU_CLOCK_REALTIME-like, on the monotonic clock) ----------------------------
-
-    def timer_new(self, cb: Callable[[Any], None], opaque: Any, name: str) -> QEMUTimer:
-        return QEMUTimer(cb, opaque, name)
-
-    def timer_mod(self, t: QEMUTimer, expire_ns: int) -> None:
-        t.expire_ns = expire_ns
-        t.armed = True
-        heapq.heappush(self.timers, (expire_ns, next(self._seq), t))
+    def qemu_timer_notify_cb(self, type_: int) -> None:
         self.qemu_notify_event()
 
-    @staticmethod
-    def timer_del(t: QEMUTimer) -> None:
-        t.armed = False
-
-    def timerlist_deadline_ns(self) -> int:
-        while self.timers and (not self.timers[0][2].armed
-                               or self.timers[0][2].expire_ns != self.timers[0][0]):
-            heapq.heappop(self.timers)
-        if not self.timers:
-            return -1
-        return max(0, self.timers[0][0] - time.monotonic_ns())
-
-    def qemu_clock_run_all_timers(self) -> None:
-        now = time.monotonic_ns()
-        while self.timers and self.timers[0][0] <= now:
-            expire, _, t = heapq.heappop(self.timers)
-            if t.armed and t.expire_ns == expire:
-                t.armed = False
-                t.cb(t.opaque)
+    def timer_new(self, cb: Callable[[Any], None], opaque: Any, name: str) -> QEMUTimer:
+        """timer_new_ns(QEMU_CLOCK_VIRTUAL, ...): a timer on the main loop's list."""
+        return timer_new_ns(self.main_loop_tlg, QEMU_CLOCK_VIRTUAL, cb, opaque, name)
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def os_host_main_loop_wait(self, fds: list[tuple[int, int]], timeout_ms: int) -> dict[int, int]:
-        """poll() with the BQL released, as QEMU's g_poll runs unlocked."""
-        p = select.poll()
-        for fd, ev in fds:
-            p.register(fd, ev)
+    def glib_pollfds_fill(self, fds: list[tuple[int, int]], cur_timeout: int) -> int:
+        """g_main_context_prepare + query: each source adds its fds; a source whose prepare
+        found work makes the timeout 0 (and glib will skip its check)."""
+        timeout = -1
+        ready = self._prepared_ready
+        ready.clear()
+        for ctx in self.gsources:
+            t = aio_ctx_prepare(ctx, fds)
+            if t == 0:
+                ready.append(ctx)
+            if t >= 0 and (timeout < 0 or t < timeout):
+                timeout = t
+        timeout_ns = -1 if timeout < 0 else timeout * SCALE_MS
+        return qemu_soonest_timeout(timeout_ns, cur_timeout)
+
+    def glib_pollfds_poll(self, ready: dict[int, int]) -> None:
+        """g_main_context_check + dispatch, in the sources' attach order."""
+        pending = [ctx for ctx in self.gsources
+                   if ctx in self._prepared_ready or aio_ctx_check(ctx, ready)]
+        for ctx in pending:
+            aio_dispatch(ctx, ready)
+
+    def gpollfds(self, fds: list[tuple[int, int]]) -> Any:
+        """The pollfd array for ``fds``, rebuilt only when the set changes."""
+        if fds != self._gpollfds_key:
+            self._gpollfds_key = fds
+            self._gpollfds = (GPollFD * len(fds))(*fds)
+        return self._gpollfds
+
+    def os_host_main_loop_wait(self, fds: list[tuple[int, int]], timeout: int) -> dict[int, int]:
+        timeout = self.glib_pollfds_fill(fds, timeout)
+        pfds = self.gpollfds(fds)
         self.bql.release()
         try:
-            ready = p.poll(timeout_ms)
+            ret = qemu_poll_ns(pfds, len(fds), timeout)
         finally:
             self.bql.acquire()
-        return dict(ready)
+        ready = {p.fd: p.revents for p in pfds if p.revents} if ret > 0 else {}
+        self.glib_pollfds_poll(ready)
+        return ready
 
     @traced
     def main_loop_wait(self, nonblocking: bool = False) -> None:
         self.iterations += 1
         if trace_main_loop_wait.on:
             trace_main_loop_wait(iteration=self.iterations)
-        fds: list[tuple[int, int]] = [(self.ctx.notifier, select.POLLIN)]
-        timeout = 0 if nonblocking else -1  # mlpoll.timeout; -1: UINT32_MAX, none
+        fds: list[tuple[int, int]] = []
+        timeout = 0 if nonblocking else -1  # mlpoll.timeout in ms; -1: UINT32_MAX, none
         for fill in self.pollfds_fill:  # MAIN_LOOP_POLL_FILL: slirp_pollfds_fill
             timeout = fill(fds, timeout)
-        self.qemu_iohandler_fill(fds)
-        if aio_bh_pending(self.ctx):
-            timeout = 0
-        else:
-            deadline = self.timerlist_deadline_ns()
-            if deadline >= 0:  # qemu_soonest_timeout
-                timer_ms = (deadline + 999_999) // 1_000_000
-                timeout = timer_ms if timeout < 0 else min(timeout, timer_ms)
-        ready = self.os_host_main_loop_wait(fds, timeout)
-        aio_notify_accept(self.ctx)
-        # glib_pollfds_poll: the fd handlers (an ioeventfd's among them), then the
-        # AioContext's bottom halves; slirp's MAIN_LOOP_POLL_OK notifier comes after both
-        self.qemu_iohandler_poll(ready)
-        aio_bh_poll(self.ctx)
+        timeout_ns = -1 if timeout < 0 else timeout * SCALE_MS
+        timeout_ns = qemu_soonest_timeout(timeout_ns,
+                                          timerlistgroup_deadline_ns(self.main_loop_tlg))
+        ready = self.os_host_main_loop_wait(fds, timeout_ns)
         for poll in self.pollfds_poll:  # MAIN_LOOP_POLL_OK: slirp_pollfds_poll
             poll(ready)
-        self.qemu_clock_run_all_timers()
+        qemu_clock_run_all_timers(self.main_loop_tlg)
 
     def run(self) -> None:
         with self.bql:

@@ -28,6 +28,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
 )
 from common.vring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from qemuproc.aio import bh_flag_names
 from qemuproc.kvm_all import KvmError
 
 if TYPE_CHECKING:
@@ -315,19 +316,25 @@ class QemuMonitor:
                          f"{s.get('udp_received', 0)}, {len(slirp['flows'])} flow(s)")
             return Reply({"clients": rows, "slirp": slirp}, "\n".join(lines))
 
-        @cmd("info bh", "", "show the main AioContext's bottom halves")
+        @cmd("info bh", "", "show the machine's bottom halves and the main AioContext's "
+                            "bh_list")
         def info_bh(args: list[str]) -> Reply:
             ctx = m.main_loop.ctx
             with self.bql():
+                listed = [bh for head in (ctx.bh_list, *(s.bh_list for s in ctx.bh_slice_list))
+                          for bh in reversed(head)]
                 rows = [{"name": bh.name, "callback": getattr(bh.cb, "__name__", str(bh.cb)),
-                         "scheduled": bh.scheduled, "idle": bh.idle, "deleted": bh.deleted,
-                         "runs": bh.runs} for bh in ctx.first_bh]
-                d = {"bhs": rows, "walking_bh": ctx.walking_bh, "notified": ctx.notified,
-                     "aio_notifies": ctx.notifies}
-            lines = [f"{r['callback']}: scheduled={int(r['scheduled'])} idle={int(r['idle'])} "
-                     f"deleted={int(r['deleted'])} runs={r['runs']}" for r in rows]
-            lines.append(f"walking_bh={d['walking_bh']} notified={int(d['notified'])} "
-                         f"aio_notify calls={d['aio_notifies']}")
+                         "flags": bh_flag_names(bh.flags), "on_bh_list": bh in listed,
+                         "runs": bh.runs} for bh in m.bottom_halves()]
+                d = {"bhs": rows, "bh_list": [bh.name for bh in listed],
+                     "notify_me": ctx.notify_me, "notified": ctx.notified,
+                     "aio_notifies": ctx.notifies, "notifier_sets": ctx.notifier_sets}
+            lines = [f"{r['name']} ({r['callback']}): {'|'.join(r['flags']) or '-'} "
+                     f"runs={r['runs']}" for r in rows]
+            lines.append(f"bh_list: {', '.join(d['bh_list']) or 'empty'}")
+            lines.append(f"notify_me={d['notify_me']} notified={int(d['notified'])} "
+                         f"aio_notify calls={d['aio_notifies']} (notifier written "
+                         f"{d['notifier_sets']})")
             return Reply(d, "\n".join(lines))
 
         @cmd("info iohandlers", "", "show the main loop's fd handlers, pollfds and timers")
@@ -335,14 +342,14 @@ class QemuMonitor:
             ml = m.main_loop
             with self.bql():
                 rows = [{"fd": r.fd, "name": r.name,
-                         "fd_read": getattr(r.fd_read, "__name__", None),
-                         "fd_write": getattr(r.fd_write, "__name__", None),
+                         "fd_read": getattr(r.io_read, "__name__", None),
+                         "fd_write": getattr(r.io_write, "__name__", None),
                          "deleted": r.deleted} for r in ml.io_handlers]
                 slirp_fds: list[tuple[int, int]] = []
                 for fill in ml.pollfds_fill:  # as the next iteration will (a due flow expires)
                     fill(slirp_fds, -1)
-                timers = [{"name": t.name, "expire_ns": exp} for exp, _, t in ml.timers
-                          if t.armed and t.expire_ns == exp]
+                timers = [{"name": t.name, "expire_ns": t.expire_time}
+                          for tl in ml.main_loop_tlg.tl for t in tl.active_timers]
                 d = {"aio_notifier": ml.ctx.notifier, "handlers": rows,
                      "pollfds": [fd for fd, _ in slirp_fds], "timers": timers,
                      "iterations": ml.iterations}

@@ -43,13 +43,20 @@ from common.virtio_abi import (
     virtio_net_hdr_len,
 )
 from qemuproc.aio import QEMUBH, qemu_bh_new, qemu_bh_schedule
-from qemuproc.main_loop import MainLoop, QEMUTimer
+from qemuproc.main_loop import MainLoop
 from qemuproc.net import (
     NetClientInfo,
     NetClientState,
     qemu_flush_queued_packets,
     qemu_new_net_client,
     qemu_sendv_packet_async,
+)
+from qemuproc.qemu_timer import (
+    QEMU_CLOCK_VIRTUAL,
+    QEMUTimer,
+    qemu_clock_get_ns,
+    timer_del,
+    timer_mod,
 )
 from qemuproc.virtio import (
     VirtIODevice,
@@ -162,7 +169,7 @@ class VirtIONet(VirtIODevice):
             q.tx_waiting = False
             q.async_tx = None
             if q.tx_timer is not None:
-                self.main_loop.timer_del(q.tx_timer)
+                timer_del(q.tx_timer)
         self.mergeable_rx_bufs = False
         self.guest_hdr_len = virtio_net_hdr_len(False)
         self.curr_queue_pairs = 1
@@ -311,15 +318,14 @@ def virtio_net_tx_poll(q: VirtIONetQueue, poll_ns: int) -> bool:
 @traced
 def virtio_net_handle_tx_timer(vdev: VirtIONet, vq: VirtQueue) -> None:
     q = _queue_of(vdev, vq)
-    ml = vdev.main_loop
     if not vdev.vm_running:
         q.tx_waiting = True
         return
     if q.tx_waiting:  # packets already queued: flush now
-        ml.timer_del(q.tx_timer)  # type: ignore[arg-type]
+        timer_del(q.tx_timer)  # type: ignore[arg-type]
         virtio_net_tx_timer(q)
     else:  # re-arm: flush this (and more) on the next tick
-        ml.timer_mod(q.tx_timer, time.monotonic_ns() + vdev.tx_timeout)  # type: ignore[arg-type]
+        timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + vdev.tx_timeout)  # type: ignore[arg-type]
         q.tx_waiting = True
         virtio_queue_set_notification(vq, False)
 
@@ -327,7 +333,6 @@ def virtio_net_handle_tx_timer(vdev: VirtIONet, vq: VirtQueue) -> None:
 @traced
 def virtio_net_tx_timer(q: VirtIONetQueue) -> None:
     n = q.n
-    ml = n.main_loop
     q.tx_waiting = False
     if not n.status & VIRTIO_CONFIG_S_DRIVER_OK:
         return
@@ -336,14 +341,14 @@ def virtio_net_tx_timer(q: VirtIONetQueue) -> None:
         return
     if ret >= n.tx_burst:
         q.tx_waiting = True
-        ml.timer_mod(q.tx_timer, time.monotonic_ns() + n.tx_timeout)  # type: ignore[arg-type]
+        timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + n.tx_timeout)  # type: ignore[arg-type]
         return
     virtio_queue_set_notification(q.tx_vq, True)
     ret = virtio_net_flush_tx(q)
     if ret > 0:
         virtio_queue_set_notification(q.tx_vq, False)
         q.tx_waiting = True
-        ml.timer_mod(q.tx_timer, time.monotonic_ns() + n.tx_timeout)  # type: ignore[arg-type]
+        timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + n.tx_timeout)  # type: ignore[arg-type]
 
 
 def iov_discard_front(sg: list[memoryview], nbytes: int) -> list[memoryview]:
