@@ -33,7 +33,7 @@ from qemuproc.qemu_timer import (
     SCALE_MS,
     GPollFD,
     QEMUTimer,
-    QEMUTimerListGroup,
+    init_clocks,
     qemu_clock_run_all_timers,
     qemu_poll_ns,
     qemu_soonest_timeout,
@@ -56,7 +56,7 @@ class MainLoop:
         self.iohandler_ctx = iohandler_get_aio_context()
         self.gsources: tuple[AioContext, ...] = (self.ctx, self.iohandler_ctx)
         self.bql = threading.RLock()
-        self.main_loop_tlg = QEMUTimerListGroup(self.qemu_timer_notify_cb)
+        self.main_loop_tlg = init_clocks(self.qemu_timer_notify_cb)
         self.qemu_notify_bh = qemu_bh_new(notify_event_cb, None, "notify_event_cb")
         self.pollfds_fill: list[Callable[[list[tuple[int, int]], int], int]] = []
         self.pollfds_poll: list[Callable[[dict[int, int]], None]] = []

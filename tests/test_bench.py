@@ -55,6 +55,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     for key in ("ioeventfd_on", "ioeventfd_off"):
         assert res["kick_latency"][key]["p50_us"] is not None
     assert all(r["matched"] > 0 for r in res["kick_latency"]["runs"])
+    assert all(r["matched"] > 0 and r["tx"] == "timer"
+               for r in res["kick_latency"]["runs_tx_timer"])
+    assert res["kick_latency"]["tx_timer"]["notify_to_pop_p50_us"] is not None
 
 
 @pytest.mark.timeout(90)
