@@ -15,13 +15,14 @@ from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
 from common.process import ProcessRuntime, Stop
 from guestproc.cpu import GuestShutdown, VCpu
+from guestproc.dev_addr_lists import dev_open
 from guestproc.faults import FaultInjector
 from guestproc.kernel import Kernel
 from guestproc.mm import PageAllocator
 from guestproc.monitor import GuestMonitor
 from guestproc.netstack import GuestStack
 from guestproc.programs import FAULT_REQUESTS, PROGRAMS
-from guestproc.virtio_net import virtio_net_driver, virtnet_open
+from guestproc.virtio_net import virtio_net_driver
 from guestproc.virtio_pci_legacy import virtio_pci_probe
 
 SLIRP_GATEWAY_MAC = bytes.fromhex("52550a000202")
@@ -46,7 +47,7 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
     neigh = {} if opts.get("arp", True) else {"10.0.2.2": SLIRP_GATEWAY_MAC}
     stack = GuestStack(kernel, mem.ram, vi.dev, vi.skb_pool, static_neigh=neigh)
     vi.rx_handler = stack.netif_receive_skb
-    virtnet_open(vi.dev)
+    dev_open(vi.dev)  # ip link set eth0 up
     fault = FaultInjector(vi, opts["guest_fault"]) if opts.get("guest_fault") else None
     mon.attach(kernel, vdev, stack)
     result = PROGRAMS[opts["mode"]](kernel, stack, opts,
@@ -75,6 +76,7 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
         "vm_exits": cpu.exits,
         "tx_drained": drained,
         "resets": vi.resets,
+        "ctrl_failures": vi.ctrl_failures,
     }
     if vi.reset_error:
         report["reset_error"] = vi.reset_error

@@ -38,11 +38,13 @@ from common.inet import (
     pseudo_header_sum,
 )
 from common.trace import trace_event, traced
+from guestproc.dev_addr_lists import NETDEV_UP, dev_mc_add, register_netdevice_notifier
 from guestproc.kernel import Kernel
 from guestproc.mm import SkbPool, SkBuff
 
 NETDEV_TX_OK = 0
 NETDEV_TX_BUSY = 0x10
+IGMP_ALL_HOSTS = bytes([224, 0, 0, 1])
 IP_DF = 0x4000
 UDP_SOCK_RCVQ_MAX = 4096
 
@@ -51,6 +53,11 @@ trace_netif_receive_skb = trace_event("netif_receive_skb")
 trace_udp_sendmsg = trace_event("udp_sendmsg")
 trace_udp_rcv = trace_event("udp_rcv")
 trace_recvfrom = trace_event("recvfrom")
+
+
+def ip_eth_mc_map(addr: bytes) -> bytes:
+    """The Ethernet multicast address of an IPv4 group: 01:00:5e and its low 23 bits."""
+    return b"\x01\x00\x5e" + bytes([addr[1] & 0x7F]) + addr[2:4]
 
 
 class NetDevice:
@@ -62,6 +69,11 @@ class NetDevice:
         self.mtu = 1500
         self.priv: Any = None
         self.ndo_start_xmit: Callable[[SkBuff, NetDevice], int] | None = None
+        self.ndo_open: Callable[[NetDevice], None] | None = None
+        self.ndo_set_rx_mode: Callable[[NetDevice], None] | None = None
+        self.flags = 0  # IFF_UP, IFF_PROMISC, ... (guestproc.dev_addr_lists)
+        self.uc: dict[bytes, int] = {}  # secondary unicast addresses, with references
+        self.mc: dict[bytes, int] = {}  # multicast addresses, with references
         self.tx_stopped = [False] * num_tx_queues
         self.tx_locked = [False] * num_tx_queues  # each TX queue's _xmit_lock
         self.real_num_tx_queues = num_tx_queues
@@ -182,9 +194,21 @@ class GuestStack:
         self._routes: dict[str, tuple[bytes, int, int]] = {}
         self.counters = {"arp_requests_sent": 0, "arp_replies_rcvd": 0, "arp_requests_rcvd": 0,
                          "udp_no_port": 0, "csum_errors": 0, "icmp_echo_replies": 0}
+        register_netdevice_notifier(self.inetdev_event)
         # IPv4 header fields that never change for this host: their checksum share, once
         self._ip_const = csum_partial(IPV4.pack(0x45, 0, 0, 0, IP_DF, 64, IPPROTO_UDP, 0,
                                                 self.ip, b"\0\0\0\0"))
+
+    # -- multicast (net/ipv4/devinet.c, igmp.c) --------------------------------------------------
+
+    def inetdev_event(self, event: int, dev: NetDevice) -> None:
+        if event == NETDEV_UP and dev is self.dev:
+            self.ip_mc_up()
+
+    def ip_mc_up(self) -> None:
+        """Join 224.0.0.1 (all hosts): its MAC goes on the device's multicast list. IGMP sends
+        no report for this group."""
+        dev_mc_add(self.dev, ip_eth_mc_map(IGMP_ALL_HOSTS))
 
     # -- sockets --------------------------------------------------------------------------------
 

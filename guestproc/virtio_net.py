@@ -25,8 +25,18 @@ from common.virtio_abi import (
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_HDR,
+    VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
@@ -37,6 +47,12 @@ from common.virtio_abi import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     virtio_net_hdr_len,
+)
+from guestproc.dev_addr_lists import (
+    IFF_ALLMULTI,
+    IFF_PROMISC,
+    netdev_mc_count,
+    netdev_uc_count,
 )
 from guestproc.kernel import (
     Kernel,
@@ -79,6 +95,7 @@ from guestproc.virtio_ring import (
     virtqueue_enable_cb_delayed,
     virtqueue_enable_cb_prepare,
     virtqueue_get_buf,
+    virtqueue_kick,
     virtqueue_kick_prepare,
     virtqueue_notify,
     virtqueue_poll,
@@ -151,6 +168,7 @@ class VirtnetInfo:
         self.resets = 0
         self.resetting = False
         self.reset_error = ""
+        self.ctrl_failures = 0
 
 
 def txq2vq(txq: int) -> int:
@@ -578,32 +596,64 @@ def virtnet_open(dev: NetDevice) -> None:
     vi.kernel.do_softirq()
 
 
+CTRL_BUF_SIZE = 1024
+"""struct control_buf and the MAC filter buffer, in one block of guest RAM: header, status,
+then the command's data."""
+
+
 @traced
-def virtnet_send_command(vi: VirtnetInfo, cls: int, cmd: int, data: bytes) -> bool:
-    """A command on the control queue: header and data out, a status byte in; the driver
-    kicks and then spins on the used ring until the device answers."""
+def virtnet_send_command(vi: VirtnetInfo, cls: int, cmd: int, out: list[bytes]) -> bool:
+    """A command on the control queue: the header and each ``out`` buffer readable, a status
+    byte writable; the driver kicks, then spins on the used ring until the device answers."""
     ram = vi.ram
-    hdr, status, out = vi.ctrl, vi.ctrl + 2, vi.ctrl + 4
+    hdr, status, at = vi.ctrl, vi.ctrl + 2, vi.ctrl + 4
     VIRTIO_NET_CTRL_HDR.pack_into(ram, hdr, cls, cmd)
     ram[status] = 0xFF
-    ram[out : out + len(data)] = data
+    sgs = [(hdr, VIRTIO_NET_CTRL_HDR.size)]
+    for data in out:
+        if at + len(data) > vi.ctrl + CTRL_BUF_SIZE:
+            return False
+        ram[at : at + len(data)] = data
+        sgs.append((at, len(data)))
+        at += len(data)
     cvq = vi.cvq
     assert cvq is not None
-    sgs = [(hdr, VIRTIO_NET_CTRL_HDR.size)] + ([(out, len(data))] if data else [])
     if virtqueue_add_split(cvq, sgs, [(status, 1)], vi) < 0:
         return False
-    if virtqueue_kick_prepare(cvq):
-        virtqueue_notify(cvq)
+    if not virtqueue_kick(cvq):
+        return ram[status] == VIRTIO_NET_OK
     while virtqueue_get_buf(cvq) is None and not cvq.broken:
         vi.kernel.cpu_relax()
     return ram[status] == VIRTIO_NET_OK
+
+
+@traced
+def virtnet_set_rx_mode(dev: NetDevice) -> None:
+    """ndo_set_rx_mode: promiscuous and all-multicast on or off, then the MAC filter table
+    (the unicast list, then the multicast list), three commands."""
+    vi: VirtnetInfo = dev.priv
+    if not virtio_has_feature(vi.vdev, VIRTIO_NET_F_CTRL_RX):
+        return
+    promisc = bool(dev.flags & IFF_PROMISC)
+    allmulti = bool(dev.flags & IFF_ALLMULTI)
+    if not virtnet_send_command(vi, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC,
+                                [bytes([promisc])]):
+        vi.ctrl_failures += 1  # dev_warn "Failed to %sable promisc mode."
+    if not virtnet_send_command(vi, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+                                [bytes([allmulti])]):
+        vi.ctrl_failures += 1
+    uc = netdev_uc_count(dev).to_bytes(4, "little") + b"".join(dev.uc)
+    mc = netdev_mc_count(dev).to_bytes(4, "little") + b"".join(dev.mc)
+    if not virtnet_send_command(vi, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+                                [uc, mc]):
+        vi.ctrl_failures += 1  # "Failed to set MAC filter table."
 
 
 def virtnet_set_queues(vi: VirtnetInfo, queue_pairs: int) -> int:
     if not vi.has_cvq or not virtio_has_feature(vi.vdev, VIRTIO_NET_F_MQ):
         return 0
     if not virtnet_send_command(vi, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-                                queue_pairs.to_bytes(2, "little")):
+                                [queue_pairs.to_bytes(2, "little")]):
         return -22
     vi.curr_queue_pairs = queue_pairs
     vi.dev.real_num_tx_queues = queue_pairs
@@ -625,6 +675,8 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
     dev.real_num_tx_queues = 1
     dev.priv = vi
     dev.ndo_start_xmit = start_xmit
+    dev.ndo_open = virtnet_open
+    dev.ndo_set_rx_mode = virtnet_set_rx_mode
     vi.mergeable_rx_bufs = virtio_has_feature(vdev, VIRTIO_NET_F_MRG_RXBUF)
     vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs)
     vi.zero_hdr = bytes(vi.hdr_len)
@@ -635,7 +687,7 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
     ring = vi.sq[0].vq.num
     vi.skb_pool = SkbPool(vi.pages, ring * 2 * vi.max_queue_pairs)
     if vi.has_cvq:
-        vi.ctrl = vi.pages.alloc(64, 64)
+        vi.ctrl = vi.pages.alloc(CTRL_BUF_SIZE, 64)
     for rq in vi.rq:
         rq.pool = SkbPool(vi.pages, rq.vq.num)
         rq.buf_len = vi.hdr_len + GOOD_PACKET_LEN
@@ -646,8 +698,10 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
 
 virtio_net_driver = VirtioDriver(
     name="virtio_net",
-    feature_table=[VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-                   VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
+    feature_table=[VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+                   VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX,
+                   VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_MQ,
+                   VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_RING_F_EVENT_IDX,
                    VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,
     config_changed=virtnet_config_changed,

@@ -97,6 +97,7 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
+from qemuproc.virtio_net import rx_filter_load, rx_filter_state
 
 if TYPE_CHECKING:
     from qemuproc.__main__ import Machine
@@ -155,7 +156,8 @@ class Cpr:
                 "queues": [{"pa": vq.desc, "num": vq.num, "vector": vq.vector}
                            for vq in vdev.vq],
             },
-            "virtio_net": {"curr_queue_pairs": vdev.curr_queue_pairs},
+            "virtio_net": {"curr_queue_pairs": vdev.curr_queue_pairs,
+                           "rx_filter": rx_filter_state(vdev)},
         }
 
     def save(self) -> None:
@@ -234,6 +236,7 @@ class Cpr:
         vdev.config_vector = v["config_vector"]
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
+        rx_filter_load(vdev, st["virtio_net"]["rx_filter"])
         virtio_set_status(vdev, v["status"])
         vdev.isr = v["isr"] | (1 if v["status"] & VIRTIO_CONFIG_S_DRIVER_OK else 0)
         if v["broken"]:

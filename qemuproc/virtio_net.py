@@ -24,19 +24,42 @@ from common.virtio_abi import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_ID_NET,
     VIRTIO_NET_CONFIG,
+    VIRTIO_NET_CTRL_ANNOUNCE,
+    VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+    VIRTIO_NET_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_CTRL_HDR,
+    VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET,
+    VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_ALLUNI,
+    VIRTIO_NET_CTRL_RX_NOBCAST,
+    VIRTIO_NET_CTRL_RX_NOMULTI,
+    VIRTIO_NET_CTRL_RX_NOUNI,
+    VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_CTRL_VLAN,
+    VIRTIO_NET_CTRL_VLAN_ADD,
+    VIRTIO_NET_CTRL_VLAN_DEL,
     VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_MRG_RXBUF,
     VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE,
     VIRTIO_NET_S_LINK_UP,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -84,7 +107,28 @@ EINVAL = 22
 NET_BUFSIZE = 4096 + 65536
 """net/net.c: the largest packet a backend is handed; a guest chain may map far more."""
 
+MAC_TABLE_ENTRIES = 64
+MAX_VLAN = 1 << 12
+ETH_ALEN = 6
+RX_MODES = {VIRTIO_NET_CTRL_RX_PROMISC: "promisc", VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti",
+            VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+            VIRTIO_NET_CTRL_RX_NOUNI: "nouni", VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
+"""VIRTIO_NET_CTRL_RX commands and the receive-filter flag each sets."""
+
 trace_virtio_net_receive = trace_event("virtio_net_receive")
+
+
+class MacTable:
+    """n->mac_table: unicast addresses, then multicast ones from ``first_multi`` on."""
+
+    __slots__ = ("macs", "first_multi", "uni_overflow", "multi_overflow")
+
+    def __init__(self, macs: list[bytes] | None = None, first_multi: int = 0,
+                 uni_overflow: bool = False, multi_overflow: bool = False) -> None:
+        self.macs = macs or []
+        self.first_multi = first_multi
+        self.uni_overflow = uni_overflow
+        self.multi_overflow = multi_overflow
 
 
 class VirtIONetQueue:
@@ -111,7 +155,7 @@ class VirtIONet(VirtIODevice):
                  poll_us: float = 0.0) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
-        self.mac = mac
+        self.conf_mac = self.mac = mac
         self.status_net = VIRTIO_NET_S_LINK_UP
         self.tx = tx
         self.tx_burst = tx_burst
@@ -125,14 +169,21 @@ class VirtIONet(VirtIODevice):
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
         self.multiqueue = False
+        self.virtio_net_reset_rx_filter()
         self.vqs: list[VirtIONetQueue] = []
         self.ctrl_vq: VirtQueue | None = None
         self.ncs: list[NetClientState] = []
         self.nic: NetClientState = None  # type: ignore[assignment]
         self.on_ctrl_mq: Callable[[], None] = lambda: None
-        """Runs after each VIRTIO_NET_CTRL_MQ command, before its reply (cpr's record)."""
+        """Runs after each control command, before its reply (cpr's record)."""
+        self.ctrl_commands = 0
+        self.virtio_net_reset_rx_filter()
+        # QEMU's defaults for -device virtio-net-pci (mq=off unless queues > 1)
         features = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) \
-            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY) | (1 << VIRTIO_NET_F_CTRL_VQ) \
+            | (1 << VIRTIO_NET_F_CTRL_RX) | (1 << VIRTIO_NET_F_CTRL_VLAN) \
+            | (1 << VIRTIO_NET_F_CTRL_RX_EXTRA) | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE) \
+            | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR) | (1 << VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
         if any_layout:
             features |= 1 << VIRTIO_F_ANY_LAYOUT
         if event_idx:
@@ -142,8 +193,17 @@ class VirtIONet(VirtIODevice):
         if mrg_rxbuf:
             features |= 1 << VIRTIO_NET_F_MRG_RXBUF
         if queues > 1:
-            features |= (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_MQ)
+            features |= 1 << VIRTIO_NET_F_MQ
         self.host_features = features
+
+    def virtio_net_reset_rx_filter(self) -> None:
+        """virtio_net_reset's filter part: promiscuous (compatibility mode), empty tables."""
+        self.promisc = True
+        self.allmulti = self.alluni = self.nomulti = self.nouni = self.nobcast = False
+        self.mac_table = MacTable()
+        self.mac = self.conf_mac
+        self.vlans = [0] * (MAX_VLAN >> 5)
+        self.status_net &= ~VIRTIO_NET_S_ANNOUNCE
 
     # -- VirtioDeviceClass hooks --------------------------------------------------------------
 
@@ -154,6 +214,9 @@ class VirtIONet(VirtIODevice):
         self.mergeable_rx_bufs = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
         self.guest_hdr_len = virtio_net_hdr_len(self.mergeable_rx_bufs)
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
+        # without VLAN filtering offered to the driver, every VLAN passes
+        fill = 0 if features & (1 << VIRTIO_NET_F_CTRL_VLAN) else 0xFFFFFFFF
+        self.vlans = [fill] * (MAX_VLAN >> 5)
 
     def set_status(self, status: int) -> None:
         """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
@@ -174,12 +237,13 @@ class VirtIONet(VirtIODevice):
         self.guest_hdr_len = virtio_net_hdr_len(False)
         self.curr_queue_pairs = 1
         self.multiqueue = False
+        self.virtio_net_reset_rx_filter()
 
 
 @traced
 def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientState:
     """Add each pair's rx/tx queues with their handlers and TX bottom half, the control
-    queue when multiqueue is offered, and the NIC's net clients (one per queue pair)."""
+    queue, and the NIC's net clients (one per queue pair)."""
     info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
     for i in range(n.max_queue_pairs):
         q = VirtIONetQueue(n, i)
@@ -199,9 +263,8 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
         if i:
             nc.peer = netdev  # every subqueue sends to the one slirp backend
         n.ncs.append(nc)
-    if n.max_queue_pairs > 1:
-        n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
-                                     f"CTRL(q{2 * n.max_queue_pairs})")
+    n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
+                                 f"CTRL(q{2 * n.max_queue_pairs})")
     n.nic = n.ncs[0]
     return n.nic
 
@@ -217,10 +280,83 @@ def _queue_of(n: VirtIONet, vq: VirtQueue) -> VirtIONetQueue:
 # -- the control queue ---------------------------------------------------------------------------
 
 
-def virtio_net_handle_mq(n: VirtIONet, cmd: int, data: bytes) -> int:
-    if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET or len(data) < 2:
+def virtio_net_handle_rx_mode(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    """VIRTIO_NET_CTRL_RX: one byte turns a receive-filter mode on or off."""
+    on = iov_to_buf(iov, 1)
+    if len(on) != 1:
         return VIRTIO_NET_ERR
-    queue_pairs = int.from_bytes(data[:2], "little")
+    attr = RX_MODES.get(cmd)
+    if attr is None:
+        return VIRTIO_NET_ERR
+    setattr(n, attr, bool(on[0]))
+    return VIRTIO_NET_OK
+
+
+def virtio_net_handle_mac(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    """VIRTIO_NET_CTRL_MAC: the MAC address, or the filter table (unicast entries then
+    multicast entries, each list a le32 count and that many addresses; more than
+    MAC_TABLE_ENTRIES in all turns that kind's overflow on instead)."""
+    if cmd == VIRTIO_NET_CTRL_MAC_ADDR_SET:
+        if iov_size(iov) != ETH_ALEN:
+            return VIRTIO_NET_ERR
+        n.mac = iov_to_buf(iov, ETH_ALEN)
+        return VIRTIO_NET_OK
+    if cmd != VIRTIO_NET_CTRL_MAC_TABLE_SET:
+        return VIRTIO_NET_ERR
+    macs: list[bytes] = []
+    overflow = [False, False]
+    for kind in (0, 1):  # unicast, multicast
+        s = iov_to_buf(iov, 4)
+        if len(s) != 4:
+            return VIRTIO_NET_ERR
+        entries = int.from_bytes(s, "little")
+        iov = iov_discard_front(iov, 4)
+        size = iov_size(iov)
+        if (entries * ETH_ALEN > size) if kind == 0 else (entries * ETH_ALEN != size):
+            return VIRTIO_NET_ERR
+        if entries <= MAC_TABLE_ENTRIES - len(macs):
+            table = iov_to_buf(iov, entries * ETH_ALEN)
+            macs += [table[i : i + ETH_ALEN] for i in range(0, len(table), ETH_ALEN)]
+        else:
+            overflow[kind] = True
+        if kind == 0:
+            first_multi = len(macs)
+            iov = iov_discard_front(iov, entries * ETH_ALEN)
+    n.mac_table = MacTable(macs, first_multi, *overflow)
+    return VIRTIO_NET_OK
+
+
+def virtio_net_handle_vlan_table(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    vid_b = iov_to_buf(iov, 2)
+    if len(vid_b) != 2:
+        return VIRTIO_NET_ERR
+    vid = int.from_bytes(vid_b, "little")
+    if vid >= MAX_VLAN:
+        return VIRTIO_NET_ERR
+    if cmd == VIRTIO_NET_CTRL_VLAN_ADD:
+        n.vlans[vid >> 5] |= 1 << (vid & 0x1F)
+    elif cmd == VIRTIO_NET_CTRL_VLAN_DEL:
+        n.vlans[vid >> 5] &= ~(1 << (vid & 0x1F))
+    else:
+        return VIRTIO_NET_ERR
+    return VIRTIO_NET_OK
+
+
+def virtio_net_handle_announce(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    """The driver acknowledges a VIRTIO_NET_S_ANNOUNCE (only a migration raises one)."""
+    if cmd == VIRTIO_NET_CTRL_ANNOUNCE_ACK and n.status_net & VIRTIO_NET_S_ANNOUNCE:
+        n.status_net &= ~VIRTIO_NET_S_ANNOUNCE
+        return VIRTIO_NET_OK
+    return VIRTIO_NET_ERR
+
+
+def virtio_net_handle_mq(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET or not n.guest_features & (1 << VIRTIO_NET_F_MQ):
+        return VIRTIO_NET_ERR
+    data = iov_to_buf(iov, 2)
+    if len(data) != 2:
+        return VIRTIO_NET_ERR
+    queue_pairs = int.from_bytes(data, "little")
     if not (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN <= queue_pairs <= VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX) \
             or queue_pairs > n.max_queue_pairs or not n.multiqueue:
         return VIRTIO_NET_ERR
@@ -228,18 +364,33 @@ def virtio_net_handle_mq(n: VirtIONet, cmd: int, data: bytes) -> int:
     return VIRTIO_NET_OK
 
 
+def virtio_net_handle_offloads(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
+    """GUEST_OFFLOADS_SET needs a backend with a vnet header; slirp has none."""
+    return VIRTIO_NET_ERR
+
+
+CTRL_HANDLERS: dict[int, Callable[[VirtIONet, int, list[memoryview]], int]] = {
+    VIRTIO_NET_CTRL_RX: virtio_net_handle_rx_mode,
+    VIRTIO_NET_CTRL_MAC: virtio_net_handle_mac,
+    VIRTIO_NET_CTRL_VLAN: virtio_net_handle_vlan_table,
+    VIRTIO_NET_CTRL_ANNOUNCE: virtio_net_handle_announce,
+    VIRTIO_NET_CTRL_MQ: virtio_net_handle_mq,
+    VIRTIO_NET_CTRL_GUEST_OFFLOADS: virtio_net_handle_offloads,
+}
+
+
 def virtio_net_handle_ctrl_iov(n: VirtIONet, elem: VirtQueueElement) -> int:
-    out = iov_to_buf(elem.out_sg, VIRTIO_NET_CTRL_HDR.size + 2)  # the largest command
-    if sum(len(m) for m in elem.in_sg) < 1 or len(out) < VIRTIO_NET_CTRL_HDR.size:
+    """One command: the class and command byte, then the class's data, from the readable
+    buffers; the status byte into the first writable one. Returns the bytes written."""
+    if iov_size(elem.in_sg) < 1 or iov_size(elem.out_sg) < VIRTIO_NET_CTRL_HDR.size:
         virtio_error(n, "virtio-net ctrl missing headers")
         return 0
-    cls, cmd = VIRTIO_NET_CTRL_HDR.unpack_from(out, 0)
-    data = out[VIRTIO_NET_CTRL_HDR.size :]
-    if cls == VIRTIO_NET_CTRL_MQ:
-        status = virtio_net_handle_mq(n, cmd, data)
-        n.on_ctrl_mq()
-    else:
-        status = VIRTIO_NET_ERR
+    cls, cmd = VIRTIO_NET_CTRL_HDR.unpack(iov_to_buf(elem.out_sg, VIRTIO_NET_CTRL_HDR.size))
+    handler = CTRL_HANDLERS.get(cls)
+    status = VIRTIO_NET_ERR if handler is None else \
+        handler(n, cmd, iov_discard_front(elem.out_sg, VIRTIO_NET_CTRL_HDR.size))
+    n.ctrl_commands += 1
+    n.on_ctrl_mq()
     iov_from_buf(elem.in_sg, 0, memoryview(bytes([status])))
     return 1
 
@@ -471,6 +622,10 @@ def virtio_net_has_buffers(q: VirtIONetQueue, bufsize: int) -> bool:
     return True
 
 
+def iov_size(sg: list[memoryview]) -> int:
+    return sum(len(m) for m in sg)
+
+
 def iov_to_buf(sg: list[memoryview], limit: int) -> bytes:
     """The first ``limit`` bytes of the scatter list (less if it is shorter)."""
     out = bytearray()
@@ -498,6 +653,31 @@ def iov_from_buf(sg: list[memoryview], offset: int, buf: memoryview) -> int:
     return done
 
 
+def receive_filter(n: VirtIONet, buf: memoryview | bytes) -> bool:
+    """Does the driver's receive filter (VIRTIO_NET_CTRL_RX/MAC/VLAN) let this frame in?"""
+    if n.promisc:
+        return True
+    if buf[12:14] == b"\x81\x00":
+        vid = ((buf[14] << 8) | buf[15]) & 0xFFF
+        if not n.vlans[vid >> 5] & (1 << (vid & 0x1F)):
+            return False
+    dst = bytes(buf[:ETH_ALEN])
+    t = n.mac_table
+    if buf[0] & 1:  # multicast
+        if dst == b"\xff" * ETH_ALEN:
+            return not n.nobcast
+        if n.nomulti:
+            return False
+        if n.allmulti or t.multi_overflow:
+            return True
+        return dst in t.macs[t.first_multi :]
+    if n.nouni:
+        return False
+    if n.alluni or t.uni_overflow or dst == n.mac:
+        return True
+    return dst in t.macs[: t.first_multi]
+
+
 @traced
 def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     """A frame for the guest: header + frame into RX buffers, then push and notify.
@@ -517,6 +697,8 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     if not virtio_net_has_buffers(q, size + hdr_len):
         q.rx_no_buffer += 1
         return 0
+    if not receive_filter(n, buf):
+        return size
     if trace_virtio_net_receive.on:
         trace_virtio_net_receive(len=size, seq=int.from_bytes(buf[42:50], "big") if size >= 50
                                  and buf[12:14] == b"\x08\x00" and buf[23] == 17 else -1)
@@ -569,6 +751,24 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     return size
 
 
+def rx_filter_state(n: VirtIONet) -> dict[str, Any]:
+    """The receive filter as virtio-net's vmstate carries it (cpr's record)."""
+    t = n.mac_table
+    return {"mac": n.mac.hex(), **{attr: getattr(n, attr) for attr in RX_MODES.values()},
+            "mac_table": [m.hex() for m in t.macs], "first_multi": t.first_multi,
+            "uni_overflow": t.uni_overflow, "multi_overflow": t.multi_overflow,
+            "vlans": n.vlans}
+
+
+def rx_filter_load(n: VirtIONet, d: dict[str, Any]) -> None:
+    n.mac = bytes.fromhex(d["mac"])
+    for attr in RX_MODES.values():
+        setattr(n, attr, d[attr])
+    n.mac_table = MacTable([bytes.fromhex(m) for m in d["mac_table"]], d["first_multi"],
+                           d["uni_overflow"], d["multi_overflow"])
+    n.vlans = list(d["vlans"])
+
+
 def describe(n: VirtIONet) -> dict[str, Any]:
     pairs = [{"tx_packets": q.tx_packets, "rx_packets": q.rx_packets,
               "rx_no_buffer": q.rx_no_buffer, "async_tx_parks": q.async_tx_parks,
@@ -581,4 +781,5 @@ def describe(n: VirtIONet) -> dict[str, Any]:
             "curr_queue_pairs": n.curr_queue_pairs,
             "mergeable_rx_bufs": n.mergeable_rx_bufs,
             "guest_hdr_len": n.guest_hdr_len, "tx": n.tx, "tx_burst": n.tx_burst,
-            "poll_us": n.poll_ns / 1000, "tx_polls": n.tx_polls, "tx_poll_hits": n.tx_poll_hits}
+            "poll_us": n.poll_ns / 1000, "tx_polls": n.tx_polls, "tx_poll_hits": n.tx_poll_hits,
+            "ctrl_commands": n.ctrl_commands, "rx_filter": rx_filter_state(n)}

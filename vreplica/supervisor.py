@@ -139,7 +139,7 @@ class Supervisor:
     def _start(self) -> RunConfig:
         cleanup_dead_runs()
         o = self.opts
-        nvqs = 2 * o.queues + (1 if o.queues > 1 else 0)
+        nvqs = 2 * o.queues + 1  # and the control queue
         vectors = o.msix_vectors(2 * o.queues)
         options = {
             "mode": o.mode, "packets": o.packets, "size": o.size, "dest_port": o.dest_port,
