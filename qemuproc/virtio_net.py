@@ -169,7 +169,6 @@ class VirtIONet(VirtIODevice):
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
         self.multiqueue = False
-        self.virtio_net_reset_rx_filter()
         self.vqs: list[VirtIONetQueue] = []
         self.ctrl_vq: VirtQueue | None = None
         self.ncs: list[NetClientState] = []
