@@ -114,7 +114,7 @@ def qtree(m: Machine) -> dict[str, Any]:
                  "indirect_desc": bool(opts.get("indirect_desc", True)),
                  "any_layout": bool(opts.get("any_layout", True)),
                  "mq": n.max_queue_pairs > 1, "ctrl_vq": n.max_queue_pairs > 1,
-                 "x-txtimer": n.tx_timeout // 1000, "x-txburst": n.tx_burst, "tx": n.tx,
+                 "x-txtimer": n.tx_timeout, "x-txburst": n.tx_burst, "tx": n.tx,
                  "rx_queue_size": n.queue_size, "tx_queue_size": n.queue_size}
     regions = pci_regions(m)
     cls = int.from_bytes(dev.config[0x0A:0x0C], "little")
