@@ -90,12 +90,7 @@ class _SessionStream:
 
 
 def pdb_session(mon: Monitor, stream: Any) -> None:
-    """A pdb session on the step gate's thread, over ``stream``; returns when it ends.
-
-    The thread takes the session at its gate and pdb stops at the next line of its loop.
-    A thread that does not come round (blocked on IPC) is held where it is instead, and
-    pdb shows its stack from the monitor's thread.
-    """
+    """A pdb session on the step gate's thread, over ``stream``; returns when it ends."""
     gate = mon.step_gate
     if gate is None:
         raise MonitorError("this process has no loop to debug")

@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from common import trace
 from common.monitor.commands import Arg, MonitorError
-from common.monitor.monitor import VERSION
 
 if TYPE_CHECKING:
     from common.monitor.monitor import Monitor
 
+VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "virtio-net-replica"}
+"""query-version: the QEMU release whose behaviour the replica reproduces, and who it is."""
 SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
 MAX_STEP = 1000
 FMT = Arg("fmt", "fmt", hmp_prefix="/")

@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from common import trace
 from common.cpus import Gate
-from common.monitor.commands import Arg, Command, CommandTable, MonitorError
+from common.monitor.commands import Arg, Command, CommandTable, MonitorError, hmp_bind
+from common.monitor.hmp import HmpMonitor
+from common.monitor.misc import register_common
 
 if TYPE_CHECKING:
-    from common.monitor.hmp import HmpMonitor
     from common.monitor.qmp import QmpMonitor
 
 STOP_SETTLE_S = 0.5
 STEP_TIMEOUT_S = 2.0
-VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "virtio-net-replica"}
-"""query-version: the QEMU release whose behaviour the replica reproduces, and who it is."""
 
 
 def socket_path(rundir: str | Path, role: str) -> Path:
@@ -48,9 +47,6 @@ class Monitor:
     """One process's monitor: its command table, its gates, its HMP and QMP servers."""
 
     def __init__(self, role: str, rundir: str | Path) -> None:
-        from common.monitor.hmp import HmpMonitor
-        from common.monitor.misc import register_common
-
         self.role = role
         self.rundir = Path(rundir)
         self.table = CommandTable(aliases={"c": "cont"})
@@ -84,8 +80,6 @@ class Monitor:
 
     def hmp_execute(self, line: str) -> tuple[Command, Any]:
         """Run one HMP line; the command and its data."""
-        from common.monitor.commands import hmp_bind
-
         cmd, words = self.table.hmp_lookup(line)
         data = (cmd.hmp_fn or cmd.fn)(**hmp_bind(cmd, words))
         return cmd, {} if data is None else data

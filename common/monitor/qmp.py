@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -41,6 +42,9 @@ QMP_REQ_QUEUE_LEN_MAX = 8
 MAX_TOKEN_SIZE = 64 << 20
 MAX_NESTING = 1024
 RECV_SIZE = 65536
+SEND_TIMEOUT_S = 5
+"""A client that stops reading is dropped after this long, rather than stalling the main
+loop that sends it a reply or an event."""
 
 
 class JsonMessageParser:
@@ -105,6 +109,8 @@ class MonitorQMP:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", SEND_TIMEOUT_S, 0))
         self.negotiated = False
         self.oob = False
         self.parser = JsonMessageParser()
