@@ -7,6 +7,7 @@ driver's own view, human-monitor-command, and quit.
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -312,3 +313,30 @@ def test_human_monitor_command_runs_hmp_from_the_same_table(held: Replica) -> No
     assert f"  used_idx:             {data['used-idx']}\n" in text
     assert f"    desc:         0x{data['vring-desc']:016x}\n" in text
     assert bad == "Error: unknown command: 'info nothing'\n"
+
+
+@pytest.mark.timeout(120)
+def test_trace_shows_requests_read_in_the_io_thread_and_run_in_the_main_loop(
+        replica: Callable[..., Replica], tmp_path: Path) -> None:
+    trace = tmp_path / "qmp.json"
+    r = replica("--hold", "--packets", "5", "--trace", str(trace), "--trace-events",
+                "handle_qmp_command,monitor_qmp_cmd_in_band,monitor_qmp_respond")
+    r.wait_program_done()
+
+    async def body(c: QMPClient) -> None:
+        await c.execute("query-status")
+
+    with_qmp(r, body)
+    r.quit()
+    events = json.loads(trace.read_text())["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e["name"] == "thread_name"}
+    seen = [(e["name"], threads.get((e["pid"], e["tid"])), e["args"]) for e in events
+            if e["ph"] == "i"]
+    read = [t for name, t, a in seen if name == "handle_qmp_command"
+            and json.loads(a["req"])["execute"] == "query-status"]
+    ran = [t for name, t, a in seen if name == "monitor_qmp_cmd_in_band"]
+    assert read and all(t != "main loop" for t in read)
+    assert ran and set(ran) == {"main loop"}
+    assert any('"status": "running"' in a["json"] for name, _, a in seen
+               if name == "monitor_qmp_respond")

@@ -34,9 +34,14 @@ from common.monitor.commands import (
     qmp_dispatch,
     qmp_error_response,
 )
+from common.trace import register_thread, trace_event
 
 if TYPE_CHECKING:
     from common.monitor.monitor import Monitor
+
+trace_handle_qmp_command = trace_event("handle_qmp_command")
+trace_monitor_qmp_cmd_in_band = trace_event("monitor_qmp_cmd_in_band")
+trace_monitor_qmp_respond = trace_event("monitor_qmp_respond")
 
 QMP_REQ_QUEUE_LEN_MAX = 8
 MAX_TOKEN_SIZE = 64 << 20
@@ -109,6 +114,7 @@ class MonitorQMP:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", SEND_TIMEOUT_S, 0))
         self.negotiated = False
@@ -120,7 +126,10 @@ class MonitorQMP:
         self._wlock = threading.Lock()
 
     def qmp_send_response(self, rsp: dict) -> None:
-        data = (json.dumps(rsp, default=str) + "\n").encode()
+        text = json.dumps(rsp, default=str)
+        if trace_monitor_qmp_respond.on:
+            trace_monitor_qmp_respond(mon=self.fd, json=text)
+        data = (text + "\n").encode()
         with self._wlock:
             if not self.open:
                 return
@@ -169,6 +178,7 @@ class QmpMonitor:
     # -- the I/O thread -------------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket) -> None:
+        register_thread()
         conn = MonitorQMP(sock)
         conn.qmp_send_response({"QMP": {"version": self.mon.table.by_name["query-version"].fn(),
                                         "capabilities": ["oob"]}})
@@ -188,6 +198,8 @@ class QmpMonitor:
                 self.conns.remove(conn)
 
     def handle_qmp_command(self, conn: MonitorQMP, req: Any, err: MonitorError | None) -> None:
+        if trace_handle_qmp_command.on and err is None:
+            trace_handle_qmp_command(mon=conn.fd, req=json.dumps(req, default=str))
         if (err is None and conn.oob and isinstance(req, dict) and "exec-oob" in req
                 and "execute" not in req):
             self._dispatch(conn, req)
@@ -211,6 +223,9 @@ class QmpMonitor:
             if err is not None:
                 conn.qmp_send_response(qmp_error_response(err))
             else:
+                if trace_monitor_qmp_cmd_in_band.on:
+                    trace_monitor_qmp_cmd_in_band(
+                        id=json.dumps(req.get("id")) if isinstance(req, dict) else "")
                 self._dispatch(conn, req)
             conn.resumed.set()  # monitor_resume
             fn = self.mon.take_after_reply()
