@@ -648,8 +648,14 @@ def write_chrome_json(trace: Trace, out: str | Path) -> None:
 
 
 def merge_traces(pieces: list[Path], out: str) -> Trace:
-    """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON."""
+    """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON, or,
+    for a ``.log`` file, into QEMU's log-backend text (``vreplica.tracelog``)."""
     trace = read_pieces(pieces)
+    if str(out).endswith(".log"):
+        from vreplica.tracelog import write_qemu_log
+
+        write_qemu_log(trace.events, out)
+        return trace
     trace.packets = find_packets(trace)
     trace.replies = find_replies(trace)
     write_chrome_json(trace, out)
