@@ -85,19 +85,22 @@ def format_event(name: str, args: dict[str, Any]) -> str | None:
         return None
     out: list[str] = []
     pos = 0
-    for m, a in zip(_CONV.finditer(ev.fmt), ev.args, strict=False):
-        out.append(ev.fmt[pos:m.start()].replace("%%", "%"))
-        v = args[a]
-        kind = m.group(2)
-        if kind == "p":
-            out.append(hexaddr(v))
-        elif kind in "xX":
-            out.append(format(int(v) & (2**64 - 1), kind))
-        elif kind == "s":
-            out.append(str(v))
-        else:
-            out.append(str(int(v)))
-        pos = m.end()
+    try:
+        for m, a in zip(_CONV.finditer(ev.fmt), ev.args, strict=False):
+            out.append(ev.fmt[pos:m.start()].replace("%%", "%"))
+            v = args[a]
+            kind = m.group(2)
+            if kind == "p":
+                out.append(hexaddr(v))
+            elif kind in "xX":
+                out.append(format(int(v) & (2**64 - 1), kind))
+            elif kind == "s":
+                out.append(str(v))
+            else:
+                out.append(str(int(v)))
+            pos = m.end()
+    except (TypeError, ValueError):  # a value of another type than QEMU's: not its event
+        return None
     out.append(ev.fmt[pos:])
     return "".join(out)
 

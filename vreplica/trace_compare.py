@@ -21,8 +21,9 @@ interrupt that follows a ``virtio_notify`` (TCG logs QEMU's own APIC, IOAPIC or 
 delivering it; under KVM the kernel's tracepoint shows the injection) and the elements
 (QEMU's heap addresses; the replica's addresses stand for descriptor heads).
 
-Exit status 0 when the warm-up's and the spaced phases' frames have the same event
-sequences and every phase the same number of frames, and a burst (whose kicks and
+Exit status 0 when the probe (DRIVER_OK to the first frame) has as many pops on each queue
+(the control queue's requests), the warm-up's and the spaced phases' frames have the same
+event sequences, every phase the same number of frames, and a burst (whose kicks and
 interrupts depend on timing) is well formed on both sides with kicks and interrupts
 between one and one per frame; 1 otherwise; 2 for unreadable input.
 """
@@ -398,13 +399,16 @@ def compare(real: Side, rep: Side) -> Report:
     for name, m in ONE_SIDED.items():
         r.say(f"  {name:24} {m.side:5} {m.stands_for}")
     r.say()
-    r.say("probe: DRIVER_OK to the first frame (shown, not part of the verdict)")
+    r.say("probe: DRIVER_OK to the first frame, real | replica (the pops are in the verdict: "
+          "the driver's requests; kicks and interrupts there depend on timing)")
     for q in ("RX", "TX", "CTRL"):
         line = []
         for kind in ("kick", "pop", "notify", "irq"):
             a = sum(1 for t in real.probe if t.kind == kind and t.queue == q)
             b = sum(1 for t in rep.probe if t.kind == kind and t.queue == q)
-            line.append(f"{kind} {a}{'' if a == b else ' != ' + str(b)}")
+            line.append(f"{kind} {a}{' | ' + str(b) if a != b else ''}")
+            if kind == "pop" and a != b:
+                r.differ(f"probe: {a} {q} pops in the real trace, {b} in the replica's")
         r.say(f"  {q:5} " + ", ".join(line))
     r.say()
     r.say("phases: real " + ", ".join(f"{p.name} {len(p.frames)}" for p in real.phases)
