@@ -5,15 +5,19 @@ back to the guest socket and the round trip as a whole, and their swimlane pictu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from common.trace import VDEV_ADDR, elem_addr, elem_head, vq_addr, vq_index
+from vreplica.qemu_trace_events import QEMU_EVENTS, format_event
 from vreplica.tracefile import (
     ROLES,
     RX_FLOW_ID_BASE,
@@ -24,6 +28,7 @@ from vreplica.tracefile import (
     packet_context,
     round_trip_chain,
 )
+from vreplica.tracelog import read_qemu_log
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -100,6 +105,83 @@ def test_trace_is_chrome_json_with_a_track_per_process_and_thread(tmp_path: Path
     pop = next(e for e in events if e["ph"] == "i" and e["name"] == "virtqueue_pop")
     assert list(pop["args"]) == ["vq", "elem", "in_num", "out_num"]  # QEMU 7.2's, no more
     assert vq_index(pop["args"]["vq"]) == 1 and pop["args"]["vq"].startswith("0x")
+
+
+VIRTIO_C = ("virtqueue_alloc_element", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
+            "virtio_queue_notify", "virtio_notify", "virtio_set_status")
+
+
+@pytest.mark.timeout(60)
+def test_virtio_events_carry_exactly_qemu_72s_arguments(tmp_path: Path) -> None:
+    """hw/virtio/trace-events: each virtio.c event has QEMU 7.2's arguments and no more, its
+    pointers one stable fake address per object (a queue's, a descriptor head's element)."""
+    events = [e for e in json.loads(traced_run(tmp_path).read_text())["traceEvents"]
+              if e["ph"] == "i"]
+    seen = {e["name"] for e in events}
+    assert set(VIRTIO_C) <= seen
+    for e in events:
+        if e["name"] in VIRTIO_C:
+            assert tuple(e["args"]) == QEMU_EVENTS[e["name"]].args, e
+    vdevs = {e["args"]["vdev"] for e in events if "vdev" in e.get("args", {})}
+    assert vdevs == {hex(VDEV_ADDR)}
+    by_vq = {e["args"]["vq"]: e["args"]["n"] for e in events if e["name"] == "virtio_queue_notify"}
+    assert all(vq_index(vq) == n for vq, n in by_vq.items()) and 1 in by_vq.values()
+    alloc = [e for e in events if e["name"] == "virtqueue_alloc_element"]
+    pops = [e for e in events if e["name"] == "virtqueue_pop"]
+    assert len(alloc) == len(pops) and {e["args"]["sz"] for e in alloc} == {56}
+    assert [a["args"]["elem"] for a in alloc] == [p["args"]["elem"] for p in pops]
+    filled = [e["args"]["elem"] for e in events if e["name"] == "virtqueue_fill"]
+    assert set(filled) <= {p["args"]["elem"] for p in pops}
+
+
+def not_qemus_format(lines: list[str], events: list, names: Iterable[str]) -> list[str]:
+    """The lines of events named ``names`` whose arguments or text are not QEMU 7.2's."""
+    wrong = []
+    for line, e in zip(lines, events, strict=True):
+        if e.name in names:
+            text = line.split(":", 1)[1][len(e.name) + 1:]
+            if tuple(e.args) != QEMU_EVENTS[e.name].args or format_event(e.name, e.args) != text:
+                wrong.append(line)
+    return wrong
+
+
+@pytest.mark.timeout(60)
+def test_trace_log_is_qemus_log_backend_format(tmp_path: Path) -> None:
+    """--trace FILE.log: TID@SEC.USEC:name args for every process's trace points, in time
+    order, each event under a QEMU name in QEMU 7.2's own format (what tools for QEMU logs
+    read); the legacy notify register has no virtio_pci_notify_write_pio (modern only)."""
+    out = tmp_path / "t.log"
+    t0 = time.time()
+    proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
+                    "--ioeventfd", "off", "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    events = read_qemu_log(out)
+    assert len(events) == len(lines) > 100
+    assert [e.ts for e in events] == sorted(e.ts for e in events)
+    assert t0 - 1 < events[0].ts / 1e9 < events[-1].ts / 1e9 < time.time() + 1
+    names = {e.name for e in events}
+    assert {"udp_sendmsg", "kvm_exit", "virtqueue_pop", "virtio_queue_notify"} <= names
+    assert "virtio_pci_notify_write_pio" not in names
+    assert len({e.tid for e in events}) >= 3
+    assert not not_qemus_format(lines, events, VIRTIO_C)
+    pop = next(line for line in lines if ":virtqueue_pop " in line)
+    assert re.fullmatch(r"\d+@\d+\.\d{6}:virtqueue_pop vq 0x[0-9a-f]+ elem 0x[0-9a-f]+ "
+                        r"in_num \d+ out_num \d+", pop)
+
+
+@pytest.mark.timeout(60)
+def test_every_event_under_a_qemu_name_has_qemus_arguments(tmp_path: Path) -> None:
+    """Nothing under a QEMU 7.2 trace-event name (hw/virtio, accel/kvm, hw/intc, ...) in any
+    process carries other arguments or prints otherwise than QEMU's."""
+    out = tmp_path / "t.log"
+    proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
+                    "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    wrong = not_qemus_format(lines, read_qemu_log(out), QEMU_EVENTS)
+    shown = sorted({re.sub(r"^\d+@[\d.]+:", "", w) for w in wrong})
+    assert not wrong, "not QEMU 7.2's:\n" + "\n".join(shown[:30])
 
 
 @pytest.mark.timeout(60)
