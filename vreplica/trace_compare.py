@@ -207,12 +207,41 @@ def _is_interrupt(e: LogEvent) -> bool:
     return int(e.args.get("level", 1)) != 0
 
 
+LINE_EVENTS = {"pic_set_irq": ("master", "irq"), "ioapic_set_irq": ("vector",),
+               "kvm_set_irq": ("gsi",)}
+"""INTx events, and the arguments that name the line: other devices (the serial port) raise
+other lines on the same thread."""
+
+
+def _line(e: LogEvent) -> tuple[Any, ...] | None:
+    keys = LINE_EVENTS.get(e.name)
+    return None if keys is None else (e.name, *(e.args.get(k) for k in keys))
+
+
+def device_lines(events: list[LogEvent]) -> set[tuple[Any, ...]]:
+    """The INTx lines of the device: for each kind of line event, the line most often raised
+    right after a ``virtio_notify`` on the same thread."""
+    after: dict[tuple[Any, ...], int] = {}
+    last: dict[int, str] = {}
+    for e in events:
+        line = _line(e)
+        if line is not None and _is_interrupt(e) and last.get(e.tid) == "virtio_notify":
+            after[line] = after.get(line, 0) + 1
+        last[e.tid] = e.name
+    best: dict[str, tuple[Any, ...]] = {}
+    for line, n in after.items():
+        if n > after.get(best.get(line[0], ()), 0):
+            best[line[0]] = line
+    return set(best.values())
+
+
 def tokens(events: list[LogEvent], queues: dict[str, str]) -> list[Tok]:
-    """The device's events as tokens, each interrupt (``ONE_SIDED``) as an ``irq`` of the
-    queue whose ``virtio_notify`` it follows."""
+    """The device's events as tokens, each interrupt (``ONE_SIDED``; on the device's own line,
+    ``device_lines``) as an ``irq`` of the queue whose ``virtio_notify`` it follows."""
     out: list[Tok] = []
     pending: Tok | None = None
     last_on: dict[int, Any] = {}
+    lines = device_lines(events)
     for e in events:
         if e.name in DEVICE_EVENTS:
             q = queues.get(str(e.args.get("vq")), f"?{e.args.get('vq')}")
@@ -229,7 +258,7 @@ def tokens(events: list[LogEvent], queues: dict[str, str]) -> list[Tok]:
             last_on[e.tid] = tok
             if kind == "notify":
                 pending = tok
-        elif _is_interrupt(e):
+        elif _is_interrupt(e) and (_line(e) is None or _line(e) in lines):
             rule = ONE_SIDED[e.name]
             if pending is not None and (not rule.same_thread or last_on.get(e.tid) is pending):
                 out.append(Tok(e.ts, e.tid, "irq", pending.queue, None, "",
