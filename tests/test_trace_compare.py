@@ -235,7 +235,7 @@ def test_a_late_rx_interrupt_or_a_missing_control_queue_is_a_difference(tmp_path
     assert report.problems == ["probe: 6 CTRL pops in the real trace, 0 in the replica's"]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_compare_command_exit_status_and_bad_input(tmp_path: Path) -> None:
     real = reference("trace-legacy-bh.log")
     p = vreplica("trace", "compare", str(real), str(real))
@@ -255,7 +255,7 @@ def test_compare_command_exit_status_and_bad_input(tmp_path: Path) -> None:
     assert p.returncode == 2 and "no virtqueue_pop" in p.stderr
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("spec", ["", "1,x", "0,5", "1@-3", "5@300@2"])
 def test_phases_option_rejects_bad_specs(spec: str) -> None:
     p = vreplica("run", "--phases", spec)

@@ -207,10 +207,9 @@ def _is_interrupt(e: LogEvent) -> bool:
     return int(e.args.get("level", 1)) != 0
 
 
-LINE_EVENTS = {"pic_set_irq": ("master", "irq"), "ioapic_set_irq": ("vector",),
-               "kvm_set_irq": ("gsi",)}
-"""INTx events, and the arguments that name the line: other devices (the serial port) raise
-other lines on the same thread."""
+LINE_EVENTS = {"pic_set_irq": ("master", "irq"), "ioapic_set_irq": ("vector",)}
+"""TCG's INTx events, and the arguments that name the line: other devices (the serial port)
+raise other lines on the same thread."""
 
 
 def _line(e: LogEvent) -> tuple[Any, ...] | None:
@@ -277,9 +276,9 @@ def _args(args: dict[str, Any]) -> str:
 
 
 def frames_of(toks: list[Tok]) -> tuple[list[Tok], list[Frame]]:
-    """(the probe's tokens, the frames): a TX pop opens a frame; a TX kick goes with the
-    closer in time of the token before it and the next TX pop; the rest with the frame
-    before them."""
+    """(the probe's tokens, the frames): a TX pop opens a frame; a TX kick goes with the next
+    TX pop if nothing but TX kicks comes between (else it was answered by no pop: the kicks
+    QEMU makes itself when it starts the ioeventfds); the rest with the frame before them."""
     pops = [i for i, t in enumerate(toks) if t.kind == "pop" and t.queue == "TX"]
     probe: list[Tok] = []
     frames: list[Frame] = [Frame(toks[i]) for i in pops]
@@ -291,10 +290,9 @@ def frames_of(toks: list[Tok]) -> tuple[list[Tok], list[Frame]]:
         if nxt < len(pops) and pops[nxt] == i:
             owner = nxt
         target = owner
-        if t.kind == "kick" and t.queue == "TX" and nxt < len(pops) and pops[nxt] > i:
-            before = t.ts - toks[i - 1].ts if i else float("inf")
-            if toks[pops[nxt]].ts - t.ts <= before:
-                target = nxt
+        if t.kind == "kick" and t.queue == "TX" and nxt < len(pops) and pops[nxt] > i \
+                and all(u.kind == "kick" and u.queue == "TX" for u in toks[i + 1:pops[nxt]]):
+            target = nxt
         (probe if target < 0 else frames[target].toks).append(t)
     return probe, frames
 
