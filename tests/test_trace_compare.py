@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from vreplica.trace_compare import BURST, SPACED, WARM, compare, read_side
+from vreplica.tracefile import load_trace
+from vreplica.tracelog import write_qemu_log
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -278,5 +280,10 @@ def test_the_recorded_scenario_against_the_real_log(tmp_path: Path) -> None:
     side = read_side(out)
     assert [(ph.name, len(ph.frames)) for ph in side.phases] == [(WARM, 2), (SPACED, 5),
                                                                    (BURST, 20)]
+    log = tmp_path / "replica.log"  # the same trace as QEMU's log backend writes it
+    write_qemu_log(load_trace(out).events, log)
+    as_log = read_side(log)
+    assert [[f.keys() for f in ph.frames] for ph in as_log.phases] == \
+        [[f.keys() for f in ph.frames] for ph in side.phases]
     c = vreplica("trace", "compare", str(real), str(out))
     assert c.returncode == 0, c.stdout
