@@ -21,6 +21,7 @@ from replica import Replica, private_runs_root
 
 from common.monitor.monitor import qmp_path
 from common.monitor.qmp import JsonMessageParser
+from vreplica.qemu_trace_events import format_event
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -340,3 +341,5 @@ def test_trace_shows_requests_read_in_the_io_thread_and_run_in_the_main_loop(
     assert ran and set(ran) == {"main loop"}
     assert any('"status": "running"' in a["json"] for name, _, a in seen
                if name == "monitor_qmp_respond")
+    for name, _, args in seen:  # monitor/trace-events: QEMU 7.2's arguments and format
+        assert format_event(name, args) is not None, (name, args)

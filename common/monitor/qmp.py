@@ -43,6 +43,10 @@ trace_handle_qmp_command = trace_event("handle_qmp_command")
 trace_monitor_qmp_cmd_in_band = trace_event("monitor_qmp_cmd_in_band")
 trace_monitor_qmp_respond = trace_event("monitor_qmp_respond")
 
+MONITOR_QMP_ADDR = 0x55D0_A4E1_2000
+MONITOR_QMP_SIZE = 0x2C0
+"""The fake addresses trace events give a connection's MonitorQMP (``mon %p``), one apart."""
+
 QMP_REQ_QUEUE_LEN_MAX = 8
 MAX_TOKEN_SIZE = 64 << 20
 MAX_NESTING = 1024
@@ -112,9 +116,9 @@ class JsonMessageParser:
 class MonitorQMP:
     """One QMP connection: its negotiation state and capabilities, and its output."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, seq: int) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
+        self.addr = hex(MONITOR_QMP_ADDR + MONITOR_QMP_SIZE * seq)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", SEND_TIMEOUT_S, 0))
         self.negotiated = False
@@ -128,7 +132,7 @@ class MonitorQMP:
     def qmp_send_response(self, rsp: dict) -> None:
         text = json.dumps(rsp, default=str)
         if trace_monitor_qmp_respond.on:
-            trace_monitor_qmp_respond(mon=self.fd, json=text)
+            trace_monitor_qmp_respond(mon=self.addr, json=text)
         data = (text + "\n").encode()
         with self._wlock:
             if not self.open:
@@ -149,6 +153,7 @@ class QmpMonitor:
         self.requests: deque[tuple[MonitorQMP, Any, MonitorError | None]] = deque()
         self.conns: list[MonitorQMP] = []
         self._lock = threading.Lock()
+        self._opened = 0
         self._cur = threading.local()
         self._chardev: SocketChardev | None = None
         self.negotiation = CommandTable()
@@ -179,7 +184,9 @@ class QmpMonitor:
 
     def _serve(self, sock: socket.socket) -> None:
         register_thread()
-        conn = MonitorQMP(sock)
+        with self._lock:
+            self._opened += 1
+            conn = MonitorQMP(sock, self._opened)
         conn.qmp_send_response({"QMP": {"version": self.mon.table.by_name["query-version"].fn(),
                                         "capabilities": ["oob"]}})
         with self._lock:
@@ -199,7 +206,7 @@ class QmpMonitor:
 
     def handle_qmp_command(self, conn: MonitorQMP, req: Any, err: MonitorError | None) -> None:
         if trace_handle_qmp_command.on and err is None:
-            trace_handle_qmp_command(mon=conn.fd, req=json.dumps(req, default=str))
+            trace_handle_qmp_command(mon=conn.addr, req=json.dumps(req, default=str))
         if (err is None and conn.oob and isinstance(req, dict) and "exec-oob" in req
                 and "execute" not in req):
             self._dispatch(conn, req)
@@ -225,7 +232,8 @@ class QmpMonitor:
             else:
                 if trace_monitor_qmp_cmd_in_band.on:
                     trace_monitor_qmp_cmd_in_band(
-                        id=json.dumps(req.get("id")) if isinstance(req, dict) else "")
+                        id=json.dumps(req["id"]) if isinstance(req, dict) and "id" in req
+                        else "")
                 self._dispatch(conn, req)
             conn.resumed.set()  # monitor_resume
             fn = self.mon.take_after_reply()
