@@ -114,9 +114,18 @@ class QemuMonitor:
                 pass
 
     def close(self) -> None:
-        """The main loop has ended: SHUTDOWN if the monitor asked for it, then close."""
+        """The main loop has ended (main_loop_should_exit): SHUTDOWN with its cause, then
+        close. The guest's triple fault is a reset request that -no-reboot makes a shutdown."""
         if self.shutdown_requested:
-            self.mon.qapi_event_send("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            cause = (False, "host-qmp-quit")
+        elif self.m.cpu.shutdown_requested:
+            cause = (True, "guest-reset")
+        elif self.m.rt.stopping:
+            cause = (False, "host-signal")
+        else:
+            cause = None
+        if cause is not None:
+            self.mon.qapi_event_send("SHUTDOWN", {"guest": cause[0], "reason": cause[1]})
         self.mon.close()
 
     @contextlib.contextmanager

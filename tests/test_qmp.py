@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -343,3 +344,38 @@ def test_trace_shows_requests_read_in_the_io_thread_and_run_in_the_main_loop(
                if name == "monitor_qmp_respond")
     for name, _, args in seen:  # monitor/trace-events: QEMU 7.2's arguments and format
         assert format_event(name, args) is not None, (name, args)
+
+
+@pytest.mark.timeout(90)
+def test_the_guests_shutdown_is_a_guest_reset_shutdown(replica: Callable[..., Replica]) -> None:
+    """Without --hold the guest ends with a triple fault: a reset request that -no-reboot
+    turns into a shutdown, which QMP clients hear as SHUTDOWN from the guest."""
+    r = replica("--wait-attach", "--packets", "10")
+
+    async def body(c: QMPClient) -> Message:
+        await c.execute("cont")
+        await next_event(c, "RESUME")
+        return await next_event(c, "SHUTDOWN")
+
+    ev = with_qmp(r, body)
+    assert ev["data"] == {"guest": True, "reason": "guest-reset"}
+    out, err = r.proc.communicate(timeout=30)
+    assert r.proc.returncode == 0, err
+    assert json.loads(r.summary_path.read_text())["sent"] == 10
+    r.assert_gone()
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_is_a_host_signal_shutdown(replica: Callable[..., Replica]) -> None:
+    r = replica("--hold", "--packets", "5")
+    r.wait_program_done()
+
+    async def body(c: QMPClient) -> Message:
+        r.proc.send_signal(signal.SIGINT)
+        return await next_event(c, "SHUTDOWN")
+
+    ev = with_qmp(r, body)
+    assert ev["data"] == {"guest": False, "reason": "host-signal"}
+    r.proc.communicate(timeout=30)
+    assert r.proc.returncode == 0
+    r.assert_gone()
