@@ -59,6 +59,7 @@ class QemuMonitor:
         gate.on_unpark = ml.bql.acquire
         gate.nudge = ml.qemu_notify_event
         gate.on_arm = self._arm_main_loop
+        gate.idle_check = self._dispatch_pending  # a request that came as the loop parked
         self._hook: Callable[[], None] | None = ml.on_iteration
         m.cpu.gate.nudge = self._kick_vcpu
         mon.gates += [gate, m.cpu.gate]
@@ -87,9 +88,13 @@ class QemuMonitor:
 
     def _dispatch_at_gate(self, frame: FrameType) -> bool:
         """The main loop is held: it runs the requests at its gate, and stays held."""
-        with self.m.main_loop.bql:
-            self.qmp.monitor_qmp_dispatcher_co()
+        self._dispatch_pending()
         return False
+
+    def _dispatch_pending(self) -> None:
+        if self.qmp.requests:
+            with self.m.main_loop.bql:
+                self.qmp.monitor_qmp_dispatcher_co()
 
     def _arm_main_loop(self, armed: bool) -> None:
         """The main loop calls its on_iteration hook only while the gate is armed."""

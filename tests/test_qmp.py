@@ -10,6 +10,8 @@ import asyncio
 import json
 import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -113,6 +115,10 @@ async def error_of(c: QMPClient, cmd: str, args: dict[str, Any] | None = None,
 
 @pytest.mark.timeout(60)
 def test_greeting_negotiation_and_the_basic_queries(held: Replica) -> None:
+    ps = subprocess.run([sys.executable, "-m", "vreplica.cli", "ps", "--json"], env=held.env,
+                        capture_output=True, text=True, timeout=30)
+    [run] = [x for x in json.loads(ps.stdout)["runs"] if x["run"] == held.cfg.rid]
+    assert run["qmp"] == str(qmp_path(held.rundir))
     st = qmp_path(held.rundir).stat()
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert stat.S_IMODE(held.rundir.stat().st_mode) == 0o700

@@ -17,7 +17,7 @@ import psutil
 from common.ipc import RunConfig, live_runs
 from common.monitor.client import MonitorConnection
 from common.monitor.commands import MonitorError
-from common.monitor.monitor import pid_path, socket_path
+from common.monitor.monitor import pid_path, qmp_path, socket_path
 from vreplica.cli import Parser
 
 ROLES = ("guest", "kvm", "qemu")
@@ -115,7 +115,8 @@ def ps_main(argv: list[str]) -> int:
 def _ps(as_json: bool) -> int:
     runs = []
     for cfg in live_runs():
-        runs.append({"run": cfg.rid, "rundir": cfg.rundir, "supervisor_pid": cfg.supervisor_pid,
+        runs.append({"run": cfg.rid, "rundir": cfg.rundir, "qmp": str(qmp_path(cfg.rundir)),
+                     "supervisor_pid": cfg.supervisor_pid,
                      "age_s": round(time.time() - cfg.supervisor_started, 1),
                      "mode": cfg.options.get("mode"),
                      "processes": [process_row(cfg, role) for role in ROLES]})
