@@ -40,6 +40,7 @@ class Machine:
         self.rt = rt
         self.mem = GuestMemory(cfg.ram)
         self.main_loop = ml = MainLoop()
+        self.bhs: list[QEMUBH] = []  # other parts' bhs (the monitor's), for info bh
         self.io_as = AddressSpace("I/O", is_io=True)
         self.mem_as = AddressSpace("memory", is_io=False)
         self.kvm = KVMState(Channel(cfg.channel("vm_req")), Channel(cfg.channel("vm_rep")))
@@ -89,8 +90,10 @@ class Machine:
         return qemu_send_packet(self.netdev, frame, peer)
 
     def bottom_halves(self) -> list[QEMUBH]:
-        """The bhs this machine created (only scheduled ones sit on a bh_list)."""
-        return [self.main_loop.qemu_notify_bh] + [q.tx_bh for q in self.n.vqs if q.tx_bh]
+        """The bhs this machine's parts created, for ``info bh`` (QEMU keeps no such list:
+        only scheduled bhs sit on a bh_list)."""
+        return [self.main_loop.qemu_notify_bh] + [q.tx_bh for q in self.n.vqs if q.tx_bh] \
+            + self.bhs
 
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")

@@ -53,6 +53,7 @@ class QemuMonitor:
         self.qmp.dispatcher_wake = self.qmp_dispatcher_co_wake
         self.co_schedule_bh = aio_bh_new(ml.ctx, self.co_schedule_bh_cb, None,
                                          "co_schedule_bh")
+        m.bhs.append(self.co_schedule_bh)
         self.shutdown_requested = False
         self.main_gate = gate = Gate("main-loop")
         gate.on_park = ml.bql.release
