@@ -3,9 +3,13 @@ nothing made (no IPC object, no run directory, no process)."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,3 +70,121 @@ def test_mem_error_names_a_size_that_is_enough(no_leftovers: RunWatcher) -> None
     assert m is not None, proc.stderr
     stated = f"{m.group(1)}M"
     cli.options_from_args(cli.build_parser().parse_args(["run", "--mem", stated]))
+
+
+# -- paths and ports, checked before anything starts ---------------------------------------------
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+
+
+def without_dac_override() -> None:
+    """In the child before exec: as root, give up the capabilities that override file
+    modes, so that a directory without write permission is one for the command too."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def vreplica(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vreplica.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=without_dac_override)
+
+
+@pytest.fixture
+def places(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """A directory that does not exist, a directory, and one the command may not write."""
+    ro = tmp_path / "read-only"
+    ro.mkdir(mode=0o555)
+    (tmp_path / "a-directory.svg").mkdir()
+    yield {"missing": tmp_path / "no-such-dir", "directory": tmp_path / "a-directory.svg",
+           "unwritable": ro}
+    ro.chmod(0o700)
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], label: str, option: str,
+                   watcher: RunWatcher) -> None:
+    """One stderr line naming ``label`` and ``option``, status 2, no run started."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{label}: ") and option in lines[0], lines[0]
+    watcher.scan()
+    assert not watcher.ours, f"runs started: {sorted(watcher.ours)}"
+
+
+OUTPUTS = [
+    (["run", "--trace", "{out}"], "vreplica", "--trace"),
+    (["run", "--pcap", "{out}"], "vreplica", "--pcap"),
+    (["run", "--summary-json", "{out}"], "vreplica", "--summary-json"),
+    (["stress", "--duration", "1", "--json", "{out}"], "vreplica stress", "--json"),
+    (["bench", "--quick", "--json", "{out}"], "vreplica bench", "--json"),
+    (["trace", "render", "{trace}", "{out}"], "vreplica trace render", "OUT"),
+]
+WHERE = {"missing": ("no-such-dir/x.svg", "No such file or directory"),
+         "directory": ("", "Is a directory"),
+         "unwritable": ("x.svg", "Permission denied")}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", list(WHERE))
+@pytest.mark.parametrize(("args", "label", "option"), OUTPUTS,
+                         ids=[f"{a[0]}_{o.lstrip('-')}" for a, _, o in OUTPUTS])
+def test_output_path_refused_before_anything_starts(
+        args: list[str], label: str, option: str, where: str, places: dict[str, Path],
+        tmp_path: Path, no_leftovers: RunWatcher) -> None:
+    """A file a command writes at its end, in a missing directory, that is a directory, or
+    in a directory it may not write: one line with the option and the reason, status 2, no
+    run, and nothing made where the file would have gone."""
+    tail, reason = WHERE[where]
+    base = {"missing": tmp_path, "directory": places["directory"],
+            "unwritable": places["unwritable"]}[where]
+    out = base / tail if tail else base
+    trace = tmp_path / "trace.json"
+    trace.write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    proc = vreplica([a.format(out=out, trace=trace) for a in args])
+    assert_refused(proc, label, option, no_leftovers)
+    assert reason in proc.stderr and str(out) in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_demo_out_refused_before_anything_starts(where: str, places: dict[str, Path],
+                                                 tmp_path: Path,
+                                                 no_leftovers: RunWatcher) -> None:
+    """``demo --out DIR`` that is a file, or under a directory it may not write."""
+    out = tmp_path / "a-file" if where == "file" else places["unwritable"] / "out"
+    if where == "file":
+        out.write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    proc = vreplica(["demo", "--out", str(out)])
+    assert_refused(proc, "vreplica demo", "--out", no_leftovers)
+    assert ("Not a directory" if where == "file" else "Permission denied") in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.timeout(60)
+def test_hostfwd_port_in_use_refused_before_anything_starts(no_leftovers: RunWatcher) -> None:
+    """The host port of --hostfwd is held by a socket of the test: refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        proc = vreplica(["run", "--mode", "sink", "--hostfwd", f"udp::{port}-:7000",
+                         "--packets", "5"])
+    assert_refused(proc, "vreplica", "--hostfwd", no_leftovers)
+    assert str(port) in proc.stderr and "in use" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_trace_render_help_exits_0() -> None:
+    proc = vreplica(["trace", "render", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: vreplica trace render")
+    assert "--packet" in proc.stdout and "--window" in proc.stdout
+    assert proc.stderr == ""

@@ -13,14 +13,11 @@ from typing import Any, NoReturn
 from common.inet import UDP_MAX_PAYLOAD
 from common.vring import is_power_of_2, vring_size
 from vreplica.hostside import UdpEcho, UdpSender, UdpSink
+from vreplica.preflight import UsageError, udp_port_free, writable_file
 from vreplica.summary import build_summary, format_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
 MAX_QUEUE_SIZE = 32768
-
-
-class UsageError(Exception):
-    pass
 
 
 class Parser(argparse.ArgumentParser):
@@ -185,6 +182,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         if a.packets <= FAULT_AFTER:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
+    check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
                       packets=a.packets, size=a.size, dest_port=a.dest_port,
@@ -199,6 +197,16 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault})
+
+
+def check_outputs(a: argparse.Namespace, hostfwd: list[tuple[int, int]]) -> None:
+    """The files the run writes can be written and the host ports it binds are free."""
+    for option, path in (("--trace", a.trace), ("--pcap", a.pcap),
+                         ("--summary-json", a.summary_json)):
+        if path:
+            writable_file(option, path)
+    for host_port, _ in hostfwd:
+        udp_port_free("--hostfwd", host_port)
 
 
 def free_udp_port() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vreplica.cli import Parser, execute
+from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
 from vreplica.supervisor import RunFailed, RunOptions
@@ -255,12 +256,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"vreplica demo: cannot make {a.out}: {e.strerror}", file=sys.stderr)
-        return 2
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
+    try:
+        writable_dir("--out", a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in (trace_path, pcap_path):
+            writable_file("--out", path)
+    except UsageError as e:
+        print(f"vreplica demo: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"vreplica demo: --out {a.out}: {e.strerror}", file=sys.stderr)
+        return 2
     opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
                       pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
                       timeout=60.0)

@@ -22,6 +22,7 @@ from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.cli import Parser, UsageError, free_udp_port, reported
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
+from vreplica.preflight import writable_file
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunOptions, Supervisor
 
@@ -205,6 +206,8 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     for k in kinds:
         if k not in CHAOS_KINDS:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
+    if a.json:
+        writable_file("--json", a.json)
     return lo, hi, kinds
 
 
