@@ -3,6 +3,7 @@ nothing made (no IPC object, no run directory, no process)."""
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import os
 import re
@@ -33,6 +34,11 @@ BAD_OPTIONS = [
     (["--ioeventfd", "maybe"], "--ioeventfd"),
     (["--tx", "bogus"], "--tx"),
     (["--trace-events", "virtqueue_pop"], "--trace-events"),
+    (["--trace", "/tmp/vnr-never-written.json", "--trace-events", "no_such_event"],
+     "'no_such_event'"),
+    (["--trace", "/tmp/vnr-never-written.json", "--trace-events", "virtqueue_pop,nosuch*"],
+     "'nosuch*'"),
+    (["--trace", "/tmp/vnr-never-written.json", "--trace-events", ","], "--trace-events"),
     (["--poll-us", "-1"], "--poll-us"),
     (["--no-such-flag"], "--no-such-flag"),
 ]
@@ -125,7 +131,7 @@ OUTPUTS = [
     (["bench", "--quick", "--json", "{out}"], "vreplica bench", "--json"),
     (["trace", "render", "{trace}", "{out}"], "vreplica trace render", "OUT"),
 ]
-WHERE = {"missing": ("no-such-dir/x.svg", "No such file or directory"),
+WHERE = {"missing": ("no-such-dir/x.svg", "no such directory"),
          "directory": ("", "Is a directory"),
          "unwritable": ("x.svg", "Permission denied")}
 
@@ -188,3 +194,64 @@ def test_trace_render_help_exits_0() -> None:
     assert proc.stdout.startswith("usage: vreplica trace render")
     assert "--packet" in proc.stdout and "--window" in proc.stdout
     assert proc.stderr == ""
+
+
+# -- --trace-events help: every event, by process, from the code --------------------------------
+
+PACKAGES = {"guest": "guestproc", "kvm": "kvmproc", "qemu": "qemuproc"}
+
+
+def declared_in_source(package: str) -> set[str]:
+    """The names of the ``trace_event("NAME")`` calls in a package's source, read with ast
+    (an account of the code independent of the registry the CLI reads)."""
+    names = set()
+    for path in (REPO / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "trace_event"):
+                [arg] = node.args
+                assert isinstance(arg, ast.Constant), f"{path}: a trace event without a name"
+                names.add(arg.value)
+    return names
+
+
+def parse_help(text: str) -> dict[str, set[str]]:
+    listed: dict[str, set[str]] = {}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("  "):
+            assert section is not None
+            listed[section].add(line.strip())
+        elif line.endswith(":"):
+            section = line.split()[0]
+            listed[section] = set()
+    return listed
+
+
+@pytest.mark.timeout(60)
+def test_trace_events_help_lists_every_event_by_process() -> None:
+    """``--trace-events help`` lists, under each process, exactly the trace points that
+    process's source declares, and nothing else; exit 0, no run needed."""
+    proc = vreplica(["run", "--trace-events", "help"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    listed = parse_help(proc.stdout)
+    assert set(listed) == set(PACKAGES)
+    for role, package in PACKAGES.items():
+        assert listed[role] == declared_in_source(package), role
+    assert any(line.startswith("spans") for line in proc.stdout.splitlines())
+
+
+@pytest.mark.timeout(60)
+def test_every_listed_event_is_accepted_as_a_pattern() -> None:
+    """Each name ``help`` lists, alone and as a glob, passes the check that refuses
+    patterns matching nothing."""
+    listed = parse_help(vreplica(["run", "--trace-events", "help"]).stdout)
+    names = sorted(set().union(*listed.values()))
+    assert names
+    for name in names:
+        cli.check_trace_events(name)
+        cli.check_trace_events(name[:-1] + "?")
+    cli.check_trace_events(",".join(names) + ",spans")
+    with pytest.raises(cli.UsageError, match="no trace event"):
+        cli.check_trace_events(names[0] + "_not")

@@ -72,7 +72,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
     p.add_argument("--trace-events", metavar="GLOB,...",
                    help="with --trace: only these trace events start on ('spans' for the "
-                        "function spans), as QEMU's -trace enable=PATTERN")
+                        "function spans), as QEMU's -trace enable=PATTERN; 'help' lists them")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
@@ -168,8 +168,10 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    if a.trace_events is not None and not a.trace:
-        raise UsageError("--trace-events needs --trace FILE")
+    if a.trace_events is not None:
+        check_trace_events(a.trace_events)
+        if not a.trace:
+            raise UsageError("--trace-events needs --trace FILE")
     if a.guest_fault is not None:
         from guestproc.faults import FAULT_AFTER, FAULTS
 
@@ -197,6 +199,20 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault})
+
+
+def check_trace_events(text: str) -> None:
+    """Every pattern of ``--trace-events`` selects an event (or the spans)."""
+    from vreplica.trace_events import unmatched_patterns
+
+    patterns = [p for p in text.split(",") if p]  # as common.trace.SELECTED reads them
+    if not patterns:
+        raise UsageError("--trace-events: no event named (--trace-events help lists them)")
+    bad = unmatched_patterns(patterns)
+    if bad:
+        raise UsageError(f"--trace-events: {', '.join(map(repr, bad))} "
+                         f"match{'es' if len(bad) == 1 else ''} no trace event "
+                         "(--trace-events help lists them)")
 
 
 def check_outputs(a: argparse.Namespace, hostfwd: list[tuple[int, int]]) -> None:
@@ -273,6 +289,11 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         for name, text in fault_kinds():
             print(f"{name:18} {text}")
+        return 0
+    if a.trace_events == "help":
+        from vreplica.trace_events import format_help
+
+        print(format_help())
         return 0
     opts = options_from_args(a)
     summary, _ = execute(opts)

@@ -44,7 +44,7 @@ def writable_file(option: str, path: str | Path) -> None:
     parent = p.parent
     pst = _stat(option, path, parent)
     if pst is None:
-        raise _refused(option, path, errno.ENOENT, f"no directory {parent}")
+        raise UsageError(f"{option} {path}: no such directory {parent}")
     if not stat.S_ISDIR(pst.st_mode):
         raise _refused(option, path, errno.ENOTDIR, parent)
     if st is not None:
