@@ -60,7 +60,8 @@ def test_ping_gateway_gets_replies(tmp_path: Path) -> None:
     s = run(tmp_path, "--mode", "ping", "--packets", "3", "--timeout", "20")
     assert s["replies"] == 3
     assert s["slirp"]["icmp_echo"] == 3
-    assert s["rtt_us_p50"] < 500_000  # woken by the reply's interrupt, not by the 1 s timeout
+    # each reply woke the waiting program with an RX interrupt, raised and handled
+    assert s["rx_interrupts"] >= 3 and s["guest_irqs"]["virtio0-input.0"] >= 3
 
 
 @pytest.mark.timeout(60)
