@@ -99,18 +99,43 @@ class Replica:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}")
 
+    def wait_parked(self, role: str) -> None:
+        """Until every thread of ``role`` that a stop holds is at its safe point."""
+        threads: dict = {}
+
+        def parked() -> bool:
+            threads.update(self.q(role, "info status")["threads"])
+            if (role == "qemu" and threads["CPU 0/KVM"]["state"] == "stopping"
+                    and self.q("kvm", "info vcpu")["halted"]):
+                # KVM here ends a halted vCPU's KVM_RUN on an interrupt only, not on QEMU's
+                # SIG_IPI alone (real KVM returns -EINTR): an NMI lets it see the signal
+                self.q("kvm", "nmi")
+            return all(t["state"] == "parked" for t in threads.values())
+
+        try:
+            self.wait_for(parked, 10, f"{role}'s threads at their safe points")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {threads}") from None
+
     def wait_program_done(self) -> None:
         self.wait_for(lambda: self.q("guest", "info status")["program"] == "done", 30,
                       "the guest program")
 
     def wait_quiet(self) -> dict:
-        """Until KVM's counters stop moving with vCPU 0 halted (the held guest idles)."""
+        """Until the held guest idles with nothing on its way to it: every interrupt QEMU
+        raised has reached KVM through its irqfd, and vCPU 0 is halted afterwards with no
+        vector pending and no timer armed. KVM's counters are then still."""
+        def notifies() -> int:
+            return sum(q["notifies"] for q in self.q("qemu", "info stats")["queues"].values())
+
         def quiet() -> dict | None:
-            a = self.q("kvm", "info kvm")
-            time.sleep(0.3)
-            b = self.q("kvm", "info kvm")
-            halted = self.q("kvm", "info vcpu")["halted"]
-            return b if halted and a["vcpu"] == b["vcpu"] else None
+            raised = notifies()
+            kvm = self.q("kvm", "info kvm")
+            vcpu = self.q("kvm", "info vcpu")
+            idle = (vcpu["halted"] and not vcpu["pending_vectors"]
+                    and not vcpu["apic_timer_armed"])
+            delivered = kvm["vcpu"]["irqfd_signals"] >= raised == notifies()
+            return kvm if idle and delivered and kvm == self.q("kvm", "info kvm") else None
 
         return self.wait_for(quiet, 20, "the VM to go quiet")
 
@@ -321,21 +346,20 @@ def test_sockets_private_and_ps_lists_the_run(held: Replica) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_commands_answer_within_100ms_while_blocked(held: Replica) -> None:
-    """The guest stopped: QEMU's vCPU thread and KVM's vcpu thread wait on IPC."""
+def test_commands_answer_while_blocked(held: Replica) -> None:
+    """The guest stopped: QEMU's vCPU thread and KVM's vcpu thread wait on IPC, and every
+    monitor still answers each command, with the state as it is. (How fast is the
+    benchmark's business.)"""
     held.q("guest", "stop")
     try:
         for role in ROLES:
             with MonitorConnection(socket_path(held.rundir, role)) as c:
-                worst = 0.0
-                for _ in range(20):
-                    t = time.monotonic()
-                    c.execute("info status")
-                    worst = max(worst, time.monotonic() - t)
-            assert worst < 0.1, f"{role}: {worst * 1e3:.1f} ms"
-        t = time.monotonic()
-        query(held.rundir, "qemu", "info virtio-queue-status 1")
-        assert time.monotonic() - t < 0.1
+                answers = [c.execute("info status") for _ in range(20)]
+            assert all(a["role"] == role for a in answers)
+            if role == "guest":
+                assert all(a["status"] == "paused" for a in answers)
+        st = query(held.rundir, "qemu", "info virtio-queue-status 1")
+        assert st["inuse"] == 0 and st["used-idx"] == st["last-avail-idx"]
     finally:
         held.q("guest", "cont")
 
@@ -370,9 +394,7 @@ def test_pdb_on_a_pty_shows_the_stack_and_c_resumes(held: Replica, role: str,
         child.expect(prompt)
         child.sendline("pdb")
         child.expect(r"\(Pdb\) ")
-        t = time.monotonic()
         assert held.q(role, "info status")["status"] == "debug"
-        assert time.monotonic() - t < 0.1
         child.sendline("where")
         child.expect(r"\(Pdb\) ")
         assert where in child.before and f"{role}proc" in child.before
@@ -427,18 +449,16 @@ def test_stop_freezes_step_advances_one_iteration_cont_resumes(
     stopped = r.q(role, "stop")
     assert stopped["status"] == "paused"
     loop = STEP_THREAD[role]
-    r.wait_for(lambda: r.q(role, "info status")["threads"][loop]["state"] == "parked", 10,
-               f"{loop} at its safe point")
-    time.sleep(0.3)
-    frozen = counters(r, role)
-    time.sleep(0.6)
+    r.wait_parked(role)
+    frozen = counters(r, role)  # every thread that moves them is held at its safe point
+    r.wait_parked(role)
     assert counters(r, role) == frozen, f"{role} moved while stopped"
 
     step = r.q(role, "step")
     assert step["thread"] == loop
     assert step["iterations"] == 1 and step["completed"] is True
     assert isinstance(step["events"], list)
-    time.sleep(0.3)  # what the step set off settles (an interrupt, a vCPU's KVM_EXIT_INTR)
+    r.wait_parked(role)  # the step's iteration is over and its thread held again
     after = counters(r, role)
     if role == "qemu":
         assert after[0] == frozen[0] + 1  # one main_loop_wait
@@ -450,7 +470,7 @@ def test_stop_freezes_step_advances_one_iteration_cont_resumes(
     else:
         assert after[0] - frozen[0] in (0, 1)  # up to the next exit: at most one
     assert r.q(role, "info status")["status"] == "paused"
-    time.sleep(0.3)
+    r.wait_parked(role)
     assert counters(r, role) == after
 
     assert r.q(role, "cont")["status"] == "running"
@@ -471,13 +491,12 @@ def test_wait_attach_holds_the_guest_until_cont(replica: Callable[..., Replica])
     assert st["threads"]["CPU 0/KVM"]["state"] == "parked"
     assert r.attach("qemu", "-c", "info status").stdout.startswith(
         "VM status: paused (prelaunch)")
-    for _ in range(2):
-        assert r.q("guest", "info status")["program"] == "not started"
-        assert r.q("guest", "info status")["vm_exits"] == 0
-        assert r.q("kvm", "info kvm")["vcpu"]["exits"] == 0
-        assert r.q("qemu", "info stats")["kvm_run_exits"] == {
-            k: 0 for k in r.q("qemu", "info stats")["kvm_run_exits"]}
-        time.sleep(0.5)
+    # the vCPU thread is parked before its first KVM_RUN: nothing can have run
+    assert r.q("guest", "info status")["program"] == "not started"
+    assert r.q("guest", "info status")["vm_exits"] == 0
+    assert r.q("kvm", "info kvm")["vcpu"]["exits"] == 0
+    assert r.q("qemu", "info stats")["kvm_run_exits"] == {
+        k: 0 for k in r.q("qemu", "info stats")["kvm_run_exits"]}
     assert r.q("qemu", "cont")["status"] == "running"
     r.wait_program_done()
     assert r.q("guest", "info netdev")["stats"]["tx_packets"] >= 20
