@@ -40,6 +40,9 @@ BAD_OPTIONS = [
      "'nosuch*'"),
     (["--trace", "/tmp/vnr-never-written.json", "--trace-events", ","], "--trace-events"),
     (["--poll-us", "-1"], "--poll-us"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--pace-ms", "inf"], "--pace-ms"),
+    (["--backend-rate", "nan"], "--backend-rate"),
     (["--no-such-flag"], "--no-such-flag"),
 ]
 
@@ -185,6 +188,34 @@ def test_hostfwd_port_in_use_refused_before_anything_starts(no_leftovers: RunWat
                          "--packets", "5"])
     assert_refused(proc, "vreplica", "--hostfwd", no_leftovers)
     assert str(port) in proc.stderr and "in use" in proc.stderr
+
+
+OTHER_COMMANDS = [
+    (["fuzz", "--bogus"], "vreplica fuzz", "--bogus"),
+    (["fuzz", "--examples", "0"], "vreplica fuzz", "--examples"),
+    (["stress", "--duration", "1", "--chaos-period", "-1"], "vreplica stress", "--chaos-period"),
+    (["stress", "--duration", "nan"], "vreplica stress", "--duration"),
+    (["stress", "--duration", "1", "--chaos", "bogus"], "vreplica stress", "--chaos"),
+    (["demo", "--pace-ms", "nan"], "vreplica demo", "--pace-ms"),
+    (["demo", "--packets", "0"], "vreplica demo", "--packets"),
+    (["bench", "--bogus"], "vreplica bench", "--bogus"),
+    (["trace", "render", "t.json", "o.svg", "--window", "1", "nan"], "vreplica trace render",
+     "--window"),
+    (["attach", "nosuch"], "vreplica attach", "role"),
+    (["ps", "--bogus"], "vreplica ps", "--bogus"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("args", "label", "option"), OTHER_COMMANDS,
+                         ids=["_".join(a[:2]).replace("-", "") for a, _, _ in OTHER_COMMANDS])
+def test_other_commands_refuse_bad_input_in_one_line(
+        args: list[str], label: str, option: str, no_leftovers: RunWatcher) -> None:
+    """Every command's bad input: one line naming the command and the option, status 2,
+    nothing started."""
+    proc = vreplica(args)
+    assert_refused(proc, label, option, no_leftovers)
+    assert proc.stdout == ""
 
 
 @pytest.mark.timeout(60)

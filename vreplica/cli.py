@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 from common.inet import UDP_MAX_PAYLOAD
 from common.vring import is_power_of_2, vring_size
 from vreplica.hostside import UdpEcho, UdpSender, UdpSink
-from vreplica.preflight import UsageError, udp_port_free, writable_file
+from vreplica.preflight import UsageError, finite_float, udp_port_free, writable_file
 from vreplica.summary import build_summary, format_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
@@ -51,7 +51,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="UDP payload bytes (8..1472)")
     p.add_argument("--dest-port", type=int, default=0,
                    help="host UDP port on 127.0.0.1 (0: a sink of the run's own)")
-    p.add_argument("--pace-ms", type=float, default=0.0, help="guest sleeps between datagrams")
+    p.add_argument("--pace-ms", type=finite_float, default=0.0,
+                   help="guest sleeps between datagrams")
     p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
     p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)")
@@ -75,17 +76,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "function spans), as QEMU's -trace enable=PATTERN; 'help' lists them")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
-    p.add_argument("--backend-rate", type=float, default=0.0, metavar="PPS",
+    p.add_argument("--timeout", type=finite_float, default=60.0,
+                   help="seconds before the run gives up")
+    p.add_argument("--backend-rate", type=finite_float, default=0.0, metavar="PPS",
                    help="a slow host link: slirp sends at most PPS datagrams a second; beyond "
                         "that it would block (EAGAIN) and the device parks the frame in async_tx")
-    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+    p.add_argument("--poll-us", type=finite_float, default=0.0, metavar="US",
                    help="the TX bottom half busy-polls the ring this long before it turns "
                         "kicks back on (vhost-net's poll-us)")
-    p.add_argument("--udp-expire", type=float, default=240.0, help=argparse.SUPPRESS)
+    p.add_argument("--udp-expire", type=finite_float, default=240.0, help=argparse.SUPPRESS)
     p.add_argument("--net-queue-len", type=int, default=10000, help=argparse.SUPPRESS)
     p.add_argument("--rx-stall-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--rx-stall-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--rx-stall-ms", type=finite_float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--wait-attach", action="store_true",
                    help="hold the vCPU before its first instruction until 'cont' (QEMU's -S)")
     p.add_argument("--hold", action="store_true",

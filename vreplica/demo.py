@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vreplica.cli import Parser, execute
+from vreplica.cli import Parser, execute, finite_float
 from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
@@ -234,12 +234,12 @@ def _pick(trace: Trace, wanted: int | None) -> int:
 
 
 def _parser() -> Parser:
-    p = Parser(prog="vreplica demo",
+    p = Parser(prog="vreplica demo", label="vreplica demo",
                description="Send a few datagrams from the guest to a host echo service and "
                            "follow one round trip.")
     p.add_argument("--out", default="out", help="directory for the trace, pcap and picture")
     p.add_argument("--packets", type=int, default=PACKETS, help="datagrams to send (1..100)")
-    p.add_argument("--pace-ms", type=float, default=PACE_MS,
+    p.add_argument("--pace-ms", type=finite_float, default=PACE_MS,
                    help="pause after each reply, so that each round trip travels alone")
     p.add_argument("--packet", type=int, default=None, metavar="SEQ",
                    help="the datagram whose round trip to follow (default: the median one)")

@@ -1,4 +1,5 @@
-"""Checks of the paths and ports a command will use, made before anything starts.
+"""Checks of a command's input made before anything starts: numbers, and the paths and
+ports it will use.
 
 A file the run writes at its end (``--trace``, ``--summary-json``, ...) or a host port it
 binds (``--hostfwd``) is checked here, so that a run that could not finish its work is
@@ -7,7 +8,9 @@ refused at once, in one line, instead of failing after it has run. Nothing is cr
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import socket
 import stat
@@ -16,6 +19,17 @@ from pathlib import Path
 
 class UsageError(Exception):
     """Bad input: the message is the one line the user sees (exit status 2)."""
+
+
+def finite_float(text: str) -> float:
+    """A number that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _refused(option: str, path: str | Path, code: int,

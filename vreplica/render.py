@@ -24,7 +24,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from vreplica.preflight import UsageError, writable_file
+from vreplica.preflight import UsageError, finite_float, writable_file
 from vreplica.tracefile import (
     ROLES,
     RX,
@@ -288,7 +288,7 @@ def _parser() -> _Parser:
     p.add_argument("--packet", type=int, metavar="SEQ",
                    help="the datagram whose journey (its round trip in an echo run) to draw "
                         "(default: the middle one)")
-    p.add_argument("--window", type=float, nargs=2, metavar=("START_US", "END_US"),
+    p.add_argument("--window", type=finite_float, nargs=2, metavar=("START_US", "END_US"),
                    help="the time range, in microseconds since the trace's first event")
     return p
 
