@@ -29,11 +29,15 @@ def _import_process_modules() -> None:
 
 
 def events_by_process() -> dict[str, list[str]]:
-    """Process -> the names of the trace events its modules declare, sorted."""
+    """Process -> the names of the trace events its modules declare, sorted; events declared
+    in a shared package (``common``) come under that package's name."""
     _import_process_modules()
-    return {role: sorted(name for name, packages in trace.DECLARED_BY.items()
-                         if package in packages)
-            for role, package in PROCESSES.items()}
+    label = {package: role for role, package in PROCESSES.items()}
+    out: dict[str, list[str]] = {role: [] for role in PROCESSES}
+    for name, packages in sorted(trace.DECLARED_BY.items()):
+        for package in packages:
+            out.setdefault(label.get(package, package), []).append(name)
+    return out
 
 
 def unmatched_patterns(patterns: list[str]) -> list[str]:
@@ -47,7 +51,7 @@ def format_help() -> str:
     """The events by process, one name a line, as QEMU's ``-trace help`` prints them."""
     lines = []
     for role, names in events_by_process().items():
-        lines.append(f"{role} ({PROCESSES[role]}):")
+        lines.append(f"{role} ({PROCESSES.get(role, 'every process that uses it')}):")
         lines += [f"  {name}" for name in names]
     lines.append(f"{SPANS}: the function spans of every process (@traced)")
     return "\n".join(lines)
