@@ -41,6 +41,8 @@ BAD_OPTIONS = [
     (["--trace", "/tmp/vnr-never-written.json", "--trace-events", ","], "--trace-events"),
     (["--poll-us", "-1"], "--poll-us"),
     (["--timeout", "nan"], "--timeout"),
+    (["--trace", "/tmp/vnr-never-written.x", "--pcap", "/tmp/../tmp/vnr-never-written.x"],
+     "--pcap"),
     (["--pace-ms", "inf"], "--pace-ms"),
     (["--backend-rate", "nan"], "--backend-rate"),
     (["--no-such-flag"], "--no-such-flag"),

@@ -218,11 +218,16 @@ def check_trace_events(text: str) -> None:
 
 
 def check_outputs(a: argparse.Namespace, hostfwd: list[tuple[int, int]]) -> None:
-    """The files the run writes can be written and the host ports it binds are free."""
+    """The files the run writes can be written, each its own, and the host ports it binds
+    are free."""
+    seen: dict[Path, str] = {}
     for option, path in (("--trace", a.trace), ("--pcap", a.pcap),
                          ("--summary-json", a.summary_json)):
         if path:
             writable_file(option, path)
+            other = seen.setdefault(Path(path).resolve(), option)
+            if other != option:
+                raise UsageError(f"{option} {path}: the file {other} writes too")
     for host_port, _ in hostfwd:
         udp_port_free("--hostfwd", host_port)
 
