@@ -50,8 +50,7 @@ BAD_OPTIONS = [
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vreplica.cli", "run", *args, "--timeout", "20"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return vreplica(["run", *args, "--timeout", "20"])
 
 
 @pytest.mark.timeout(60)
@@ -68,8 +67,7 @@ def test_bad_option_is_one_line_status_2_and_makes_nothing(
     assert lines[0].startswith("vreplica: ")
     assert option in lines[0]
     assert proc.stdout == ""
-    no_leftovers.scan()
-    assert not no_leftovers.ours, f"runs started: {sorted(no_leftovers.ours)}"
+    assert not started_by(no_leftovers, proc.pid), "the command started a run"  # type: ignore[attr-defined]
 
 
 @pytest.mark.timeout(60)
@@ -101,9 +99,20 @@ def without_dac_override() -> None:
 
 
 def vreplica(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vreplica.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60,
-                          preexec_fn=without_dac_override)
+    """``vreplica ARGS``; the result's ``pid`` is the command's process id."""
+    with subprocess.Popen([sys.executable, "-m", "vreplica.cli", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=without_dac_override) as p:
+        out, err = p.communicate(timeout=60)
+    done = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    done.pid = p.pid  # type: ignore[attr-defined]
+    return done
+
+
+def started_by(watcher: RunWatcher, pid: int) -> list[str]:
+    """The runs seen during the test whose supervisor was process ``pid``."""
+    watcher.scan()
+    return sorted(rid for rid, sup in watcher.supervisors.items() if sup == pid)
 
 
 @pytest.fixture
@@ -124,8 +133,7 @@ def assert_refused(proc: subprocess.CompletedProcess[str], label: str, option: s
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"{label}: ") and option in lines[0], lines[0]
-    watcher.scan()
-    assert not watcher.ours, f"runs started: {sorted(watcher.ours)}"
+    assert not started_by(watcher, proc.pid), "the command started a run"  # type: ignore[attr-defined]
 
 
 OUTPUTS = [
