@@ -246,7 +246,7 @@ def declared_in_source(package: str) -> set[str]:
     """The names of the ``trace_event("NAME")`` calls in a package's source, read with ast
     (an account of the code independent of the registry the CLI reads)."""
     names = set()
-    for path in (REPO / package).glob("*.py"):
+    for path in (REPO / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                     and node.func.id == "trace_event"):
