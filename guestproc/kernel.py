@@ -153,6 +153,9 @@ class Kernel:
         if cpu.need_resched:
             cpu.need_resched = False
             return
+        if self.poll_list:  # net_rx_action ran out of budget: ksoftirqd goes on, no HLT
+            self.do_softirq()
+            return
         cpu.hlt()
         cpu.need_resched = False
 
