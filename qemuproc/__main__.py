@@ -53,6 +53,50 @@ class Machine:
         self.mem_as.listeners.append(KvmIoListener(self.kvm))
         self.host = PCIHostState(self.io_as)
 
+        self.tap = None
+        if opts.get("netdev") == "tap":
+            self._init_tap(opts)
+        else:
+            self._init_slirp(opts)
+        self.dump = None
+        if opts.get("pcap"):
+            self.dump = FilterDump(opts["pcap"])
+            self.netdev.filters.append(self.dump)
+
+        # -device virtio-net-pci,netdev=n0,disable-modern=on,...
+        self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
+                           tx_burst=opts.get("tx_burst", 256),
+                           event_idx=opts.get("event_idx", True),
+                           mrg_rxbuf=opts.get("mrg_rxbuf", False),
+                           any_layout=opts.get("any_layout", True),
+                           indirect_desc=opts.get("indirect_desc", True),
+                           queues=opts.get("queues", 1),
+                           poll_us=opts.get("poll_us", 0.0),
+                           csum=opts.get("csum", True))
+        virtio_net_device_init(self.n, self.netdev)
+        for nc in self.n.ncs:
+            nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
+        self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
+                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+        self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
+                            ml.bql, self.io_as, self.mem_as)
+        self.cpu_error: str | None = None
+        self.cpr = Cpr(self, incoming)
+
+    def _init_tap(self, opts: dict) -> None:
+        """-netdev tap,id=n0,ifname=tap0,script=no,downscript=no[,sndbuf=N]: QEMU runs in
+        the run's network namespace, where the tap is."""
+        from common import netns
+        from qemuproc.tap import net_init_tap
+
+        netns.enter(opts["netns"])
+        self.slirp = None
+        self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
+                                   sndbuf=opts.get("tap_sndbuf", 0))
+        self.tap = self.netdev.opaque
+
+    def _init_slirp(self, opts: dict) -> None:
+        ml = self.main_loop
         # -netdev user,id=n0[,hostfwd=udp::H-:G]
         self.slirp = Slirp(self.net_slirp_send_packet,
                            udp_expire_s=opts.get("udp_expire_s", 240.0))
@@ -68,29 +112,6 @@ class Machine:
         ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
         for host_port, guest_port in opts.get("hostfwd", []):
             self.slirp.slirp_add_hostfwd(host_port, guest_port)
-        self.dump = None
-        if opts.get("pcap"):
-            self.dump = FilterDump(opts["pcap"])
-            self.netdev.filters.append(self.dump)
-
-        # -device virtio-net-pci,netdev=n0,disable-modern=on,...
-        self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
-                           tx_burst=opts.get("tx_burst", 256),
-                           event_idx=opts.get("event_idx", True),
-                           mrg_rxbuf=opts.get("mrg_rxbuf", False),
-                           any_layout=opts.get("any_layout", True),
-                           indirect_desc=opts.get("indirect_desc", True),
-                           queues=opts.get("queues", 1),
-                           poll_us=opts.get("poll_us", 0.0))
-        virtio_net_device_init(self.n, self.netdev)
-        for nc in self.n.ncs:
-            nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
-        self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
-                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
-        self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
-                            ml.bql, self.io_as, self.mem_as)
-        self.cpu_error: str | None = None
-        self.cpr = Cpr(self, incoming)
 
     def net_slirp_send_packet(self, frame: bytes, queue: int) -> int:
         """slirp's frames go to the NIC queue pair their flow uses (if that pair is on)."""
@@ -143,7 +164,8 @@ class Machine:
             "status": vdev.status,
             "broken": vdev.broken,
             "errors": vdev.errors,
-            "slirp": self.slirp.describe(),
+            **({"slirp": self.slirp.describe()} if self.slirp else {}),
+            **({"tap": self.tap.describe()} if self.tap else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
@@ -186,7 +208,8 @@ def main() -> int:
                     m.kvm.kvm_destroy_vm()
             except (KvmError, OSError, Stop):
                 pass
-            m.slirp.cleanup()
+            if m.slirp is not None:
+                m.slirp.cleanup()
         if mon is not None:
             mon.close()
         rt.finish()

@@ -30,11 +30,14 @@ from common.virtio_abi import (
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_MRG_RXBUF,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_LINK_UP,
@@ -48,8 +51,13 @@ from qemuproc.net import (
     NetClientInfo,
     NetClientState,
     qemu_flush_queued_packets,
+    qemu_has_vnet_hdr,
+    qemu_has_vnet_hdr_len,
     qemu_new_net_client,
     qemu_sendv_packet_async,
+    qemu_set_offload,
+    qemu_set_vnet_hdr_len,
+    qemu_using_vnet_hdr,
 )
 from qemuproc.virtio import (
     VirtIODevice,
@@ -101,7 +109,7 @@ class VirtIONet(VirtIODevice):
                  mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
                  tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
                  any_layout: bool = True, indirect_desc: bool = True, queues: int = 1,
-                 poll_us: float = 0.0) -> None:
+                 poll_us: float = 0.0, csum: bool = True) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
         self.mac = mac
@@ -115,6 +123,8 @@ class VirtIONet(VirtIODevice):
         self.mergeable_rx_bufs = False
         self.guest_hdr_len = virtio_net_hdr_len(False)
         self.host_hdr_len = 0  # slirp takes plain frames: no vnet header on the backend side
+        self.has_vnet_hdr = False  # the backend (a tap) takes and gives virtio-net headers
+        self.csum = csum  # csum=on|off: offer the checksum offloads a vnet header carries
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
         self.multiqueue = False
@@ -144,9 +154,10 @@ class VirtIONet(VirtIODevice):
         return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
-        self.mergeable_rx_bufs = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
-        self.guest_hdr_len = virtio_net_hdr_len(self.mergeable_rx_bufs)
+        virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
+        if self.has_vnet_hdr:
+            virtio_net_apply_guest_offloads(self, features)
 
     def set_status(self, status: int) -> None:
         """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
@@ -163,10 +174,32 @@ class VirtIONet(VirtIODevice):
             q.async_tx = None
             if q.tx_timer is not None:
                 self.main_loop.timer_del(q.tx_timer)
-        self.mergeable_rx_bufs = False
-        self.guest_hdr_len = virtio_net_hdr_len(False)
+        virtio_net_set_mrg_rx_bufs(self, False)
         self.curr_queue_pairs = 1
         self.multiqueue = False
+
+
+def peer_has_vnet_hdr(n: VirtIONet) -> bool:
+    return qemu_has_vnet_hdr(n.ncs[0].peer if n.ncs else None)
+
+
+def virtio_net_set_mrg_rx_bufs(n: VirtIONet, mergeable_rx_bufs: bool) -> None:
+    """The guest's header length; a backend that can take the same one gets it unchanged
+    (host_hdr_len == guest_hdr_len), a backend without vnet headers none."""
+    n.mergeable_rx_bufs = mergeable_rx_bufs
+    n.guest_hdr_len = virtio_net_hdr_len(mergeable_rx_bufs)
+    if n.has_vnet_hdr:
+        peer = n.ncs[0].peer
+        if qemu_has_vnet_hdr_len(peer, n.guest_hdr_len):
+            qemu_set_vnet_hdr_len(peer, n.guest_hdr_len)
+            n.host_hdr_len = n.guest_hdr_len
+
+
+def virtio_net_apply_guest_offloads(n: VirtIONet, features: int) -> None:
+    """What the guest can take goes to the backend: VIRTIO_NET_F_GUEST_CSUM -> TUN_F_CSUM
+    (the host may then hand it frames whose checksum is still partial)."""
+    qemu_set_offload(n.ncs[0].peer, bool(features & (1 << VIRTIO_NET_F_GUEST_CSUM)),
+                     False, False, False, False)
 
 
 @traced
@@ -196,6 +229,12 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
         n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
                                      f"CTRL(q{2 * n.max_queue_pairs})")
     n.nic = n.ncs[0]
+    if peer_has_vnet_hdr(n):  # virtio_net_get_features keeps the offloads; the tap takes ours
+        n.has_vnet_hdr = True
+        qemu_using_vnet_hdr(netdev, True)
+        if n.csum:
+            n.host_features |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
+        virtio_net_set_mrg_rx_bufs(n, False)
     return n.nic
 
 
@@ -394,7 +433,11 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
             virtio_error(n, "virtio-net nothing to send")
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
-        sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg, hdr_len)
+        if n.host_hdr_len == hdr_len:  # the backend wants the guest's header as is
+            sg = out_sg
+        else:
+            sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg,
+                                                                                 hdr_len)
         if size - hdr_len > NET_BUFSIZE:  # nc_sendv_compat would refuse it: dropped, completed
             ret = -1
         else:
@@ -506,16 +549,19 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     if not virtio_net_can_receive(nc):
         return -1
     size = len(buf)
-    if not size:  # nothing to put in a buffer: dropped (0 would mean "retry later")
+    host_hdr_len = n.host_hdr_len
+    if size <= host_hdr_len:  # nothing to put in a buffer: dropped (0 would mean "retry later")
         return -1
     hdr_len = n.guest_hdr_len
-    if not virtio_net_has_buffers(q, size + hdr_len):
+    if not virtio_net_has_buffers(q, size + hdr_len - host_hdr_len):
         q.rx_no_buffer += 1
         return 0
-    if trace_virtio_net_receive.on:
-        trace_virtio_net_receive(len=size, seq=int.from_bytes(buf[42:50], "big") if size >= 50
-                                 and buf[12:14] == b"\x08\x00" and buf[23] == 17 else -1)
     mv = memoryview(buf)
+    if trace_virtio_net_receive.on:
+        f = mv[host_hdr_len:]
+        trace_virtio_net_receive(len=len(f), seq=int.from_bytes(f[42:50], "big")
+                                 if len(f) >= 50 and f[12:14] == b"\x08\x00" and f[23] == 17
+                                 else -1)
     elems: list[tuple[VirtQueueElement, int]] = []
     offset = 0
     while offset < size:
@@ -533,13 +579,16 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
             virtqueue_detach_element(vq, elem, 0)
             return -1
         if not elems:
-            hdr = bytes(hdr_len)  # receive_header: no offloads, so a zeroed header
-            if iov_from_buf(elem.in_sg, 0, memoryview(hdr)) < hdr_len:
+            # receive_header: the backend's header (its checksum flags) or, without one, zeros
+            hdr = mv[: VIRTIO_NET_HDR.size] if host_hdr_len else memoryview(bytes(hdr_len))
+            if iov_from_buf(elem.in_sg, 0, hdr) < len(hdr) or \
+                    sum(len(m) for m in elem.in_sg) < hdr_len:
                 virtio_error(n, "virtio-net header incorrect")
                 virtqueue_detach_element(vq, elem, 0)
                 return -1
             guest_offset = hdr_len
             total = hdr_len
+            offset = host_hdr_len
         else:
             guest_offset = 0
             total = 0

@@ -1,11 +1,15 @@
 """Programs on the host side of the link: a UDP sink that checks what arrives, an echo
-service. They run in the supervisor's process, on loopback only."""
+service. They run in the supervisor's process, on loopback only, or, behind a tap, on the
+tap's address 10.0.2.2 inside the run's network namespace (their sockets are made there)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from contextlib import nullcontext
+
+from common import netns
 
 SEQ_BYTES = 8
 SO_RCVBUFFORCE = 33
@@ -36,10 +40,11 @@ class UdpService:
 
     thread_name = "udp-service"
 
-    def __init__(self, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, port: int = 0, ns: str | None = None) -> None:
+        with netns.entered(ns) if ns else nullcontext():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         big_receive_buffer(self.sock)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((netns.HOST_ADDR if ns else "127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = False
@@ -73,8 +78,8 @@ class UdpSink(UdpService):
 
     thread_name = "udp-sink"
 
-    def __init__(self, port: int = 0, size: int | None = None) -> None:
-        super().__init__(port)
+    def __init__(self, port: int = 0, size: int | None = None, ns: str | None = None) -> None:
+        super().__init__(port, ns)
         self.size = size
         self.seqs: list[int] = []
         self.bad = 0
@@ -110,8 +115,8 @@ class UdpEcho(UdpService):
 
     thread_name = "udp-echo"
 
-    def __init__(self, port: int = 0) -> None:
-        super().__init__(port)
+    def __init__(self, port: int = 0, ns: str | None = None) -> None:
+        super().__init__(port, ns)
         self.echoed = 0
         self.ignored = 0
         self.ignored_seqs: set[int] = set()
@@ -130,8 +135,11 @@ class UdpEcho(UdpService):
 class UdpSender:
     """A host program sending ``n`` datagrams to 127.0.0.1:port (toward a hostfwd)."""
 
-    def __init__(self, port: int, n: int, size: int, pace_every: int = 64) -> None:
+    def __init__(self, port: int, n: int, size: int, pace_every: int = 64,
+                 ns: str | None = None) -> None:
         self.port = port
+        self.ns = ns
+        self.dest = netns.GUEST_ADDR if ns else "127.0.0.1"
         self.n = n
         self.size = size
         self.pace_every = pace_every
@@ -142,9 +150,11 @@ class UdpSender:
         self._thread.start()
 
     def _run(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with netns.entered(self.ns) if self.ns else nullcontext():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
             for seq in range(self.n):
-                s.sendto(expected_payload(seq, self.size), ("127.0.0.1", self.port))
+                s.sendto(expected_payload(seq, self.size), (self.dest, self.port))
                 self.sent += 1
                 if self.pace_every and seq % self.pace_every == self.pace_every - 1:
                     time.sleep(0.001)
