@@ -77,7 +77,13 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
-    summary["slirp"] = q.get("slirp", {}).get("stats", {})
+    if "tap" in q:
+        summary["tap"] = q["tap"]
+        summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
+        summary["guest_csum"] = {k: g.get("stack", {}).get(k, 0)
+                                 for k in ("csum_offloaded", "csum_errors")}
+    else:
+        summary["slirp"] = q.get("slirp", {}).get("stats", {})
     cpr = q.get("cpr", {})
     if cpr.get("enabled"):  # --reconnect: TX chains in flight when a QEMU died, sent again
         summary["resubmitted"] = cpr.get("resubmitted", 0)
