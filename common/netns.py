@@ -101,6 +101,13 @@ def _ip(*args: str) -> None:
         raise OSError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
 
 
+def _in_netns(name: str, script: str) -> None:
+    r = subprocess.run(["ip", "netns", "exec", name, "sh", "-c", script], capture_output=True,
+                       text=True, check=False)
+    if r.returncode:
+        raise OSError(f"in {name}: {script}: {r.stderr.strip() or r.returncode}")
+
+
 def create(rid: str, backpressure_rate: str | None = None) -> str:
     """Make the run's namespace and its tap (persistent, vnet header on), give the host end
     its address and bring the links up; returns the namespace's name.
@@ -123,14 +130,14 @@ def create(rid: str, backpressure_rate: str | None = None) -> str:
         _ip(*n, "link", "set", TAP_NAME, "master", "br0")
         _ip(*n, "link", "set", "vport", "master", "br0")
         _ip(*n, "addr", "add", f"{HOST_ADDR}/{PREFIX_LEN}", "dev", "host0")
-        _ip(*n, "link", "set", "br0", "up")
+        _ip(*n, "link", "set", "br0", "arp", "off", "up")  # only host0 answers for 10.0.2.2
         _ip(*n, "link", "set", "vport", "up")
         _ip(*n, "link", "set", "host0", "up")
-        r = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "vport",
-                            "root", "tbf", "rate", backpressure_rate, "burst", "4k",
-                            "limit", "4m"], capture_output=True, text=True, check=False)
-        if r.returncode:
-            raise OSError(f"tc qdisc add tbf: {r.stderr.strip()}")
+        # bridged IPv4 bypasses iptables here (br_netfilter's hook would orphan the frames
+        # from the tap's socket), then the qdisc that drains them slowly
+        _in_netns(name, "for f in /proc/sys/net/bridge/bridge-nf-call-ip*tables; do "
+                        "[ -e $f ] && echo 0 > $f; done; tc qdisc add dev vport root tbf "
+                        f"rate {backpressure_rate} burst 4k limit 4m")
     _ip(*n, "link", "set", TAP_NAME, "up")
     return name
 
