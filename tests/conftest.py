@@ -1,8 +1,9 @@
 """Shared fixtures: the leftover check every run must pass, and a UDP receiver owned by a test.
 
 ``no_leftovers`` snapshots /dev/shm, /dev/mqueue, the run directories, the runs' network
-namespaces (``vnr-<rid>``, with their taps) and the replica's processes before a test and fails the test if anything new is still there after it (with a
-short grace for processes to exit).
+namespaces (``vnr-<rid>``, with their taps) and the replica's processes before a test and
+fails the test if anything new is still there after it (with a short grace for processes to
+exit).
 
 Other sessions may use this machine at the same time, so a new entry counts when it can be
 this test's: a run's object (``vnr.<rid>.``, also as ``sem.vnr.<rid>.``) unless the run
