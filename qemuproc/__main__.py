@@ -33,7 +33,12 @@ from qemuproc.net import (
 )
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpSocket, SlirpState, TokenBucket, net_slirp_receive
-from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
+from qemuproc.virtio_net import (
+    VirtIONet,
+    describe,
+    virtio_net_device_init,
+    virtio_net_vhost_status,
+)
 from qemuproc.virtio_pci import VirtIOPCIProxy
 
 
@@ -78,6 +83,7 @@ class Machine:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
                                     opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+        self.n.vhost_bus = self.proxy
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)
         self.cpu_error: str | None = None
@@ -92,7 +98,9 @@ class Machine:
         netns.enter(opts["netns"])
         self.slirp = None
         self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
-                                   sndbuf=opts.get("tap_sndbuf", 0))
+                                   sndbuf=opts.get("tap_sndbuf", 0),
+                                   vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
+                                   poll_us=int(opts.get("poll_us", 0)))
         self.tap = self.netdev.opaque
 
     def _init_slirp(self, opts: dict) -> None:
@@ -136,6 +144,19 @@ class Machine:
 
         ml.qemu_set_fd_handler(fd, None, writable, None, "slirp-sndbuf")
 
+    def vhost_describe(self) -> dict:
+        dev = self.tap.vhost_net.dev
+        return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
+                "acked_features": hex(dev.acked_features), "ioctls": dev.backend.calls,
+                "ring_bases": dev.ring_bases}
+
+    def vm_shutdown(self) -> None:
+        """The VM stops: vhost gives the rings back (virtio_net_vhost_status)."""
+        if self.n.vhost_started:
+            with self.main_loop.bql:
+                self.n.vm_running = False
+                virtio_net_vhost_status(self.n, self.n.status)
+
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")
         ml = self.main_loop
@@ -166,6 +187,7 @@ class Machine:
             "errors": vdev.errors,
             **({"slirp": self.slirp.describe()} if self.slirp else {}),
             **({"tap": self.tap.describe()} if self.tap else {}),
+            **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
@@ -201,6 +223,7 @@ def main() -> int:
     finally:
         if m is not None:
             try:
+                m.vm_shutdown()
                 rt.report(m.report())
                 if m.dump:
                     m.dump.close()

@@ -46,6 +46,7 @@ class NetClientInfo:
         self.set_offload = vnet.get("set_offload")
         self.get_using_vnet_hdr = vnet.get("get_using_vnet_hdr")
         self.get_vnet_hdr_len = vnet.get("get_vnet_hdr_len")
+        self.poll = vnet.get("poll")  # a backend vhost takes over stops being polled
 
 
 class NetPacket:

@@ -112,6 +112,7 @@ class TAPState:
         self.buf = bytearray(TAP_BUFSIZE)
         self.zero_hdr = bytes(12)
         self.offload = (False,) * 5
+        self.vhost_net: Any = None  # vhost=on: the VHostNetState (qemuproc/vhost_net.py)
         self.stats = {"written": 0, "write_eagain": 0, "writable_flushes": 0, "read": 0,
                       "read_stalls": 0}
 
@@ -244,6 +245,13 @@ def tap_get_vnet_hdr_len(nc: NetClientState) -> int:
     return nc.opaque.host_vnet_hdr_len
 
 
+def tap_poll(nc: NetClientState, enable: bool) -> None:
+    """vhost takes the tap (False) or gives it back (True)."""
+    s: TAPState = nc.opaque
+    tap_read_poll(s, enable)
+    tap_write_poll(s, enable)
+
+
 def tap_cleanup(nc: NetClientState) -> None:
     s: TAPState = nc.opaque
     if s.fd >= 0:
@@ -259,14 +267,17 @@ net_tap_info = NetClientInfo("tap", tap_receive, None, receive_iov=tap_receive_i
                              set_vnet_hdr_len=tap_set_vnet_hdr_len,
                              set_offload=tap_set_offload,
                              get_using_vnet_hdr=tap_get_using_vnet_hdr,
-                             get_vnet_hdr_len=tap_get_vnet_hdr_len)
+                             get_vnet_hdr_len=tap_get_vnet_hdr_len,
+                             poll=tap_poll)
 
 
 @traced
 def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = True,
-                 sndbuf: int = 0) -> NetClientState:
-    """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N]``: open the
-    tap, set its send buffer, start reading it (net_tap_fd_init + tap_read_poll)."""
+                 sndbuf: int = 0, vhost_rundir: str | None = None,
+                 poll_us: int = 0) -> NetClientState:
+    """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N][,vhost=on,
+    poll-us=N]``: open the tap, set its send buffer, start reading it (net_tap_fd_init +
+    tap_read_poll); with vhost, open /dev/vhost-net for it (net_init_tap_one)."""
     fd = tap_open(ifname, vnet_hdr)
     try:
         tap_set_sndbuf(fd, sndbuf or SNDBUF_DEFAULT)
@@ -280,4 +291,8 @@ def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = T
     s = TAPState(nc, fd, main_loop, vnet_hdr)
     nc.opaque = s
     tap_read_poll(s, True)
+    if vhost_rundir is not None:
+        from qemuproc.vhost_net import vhost_net_init
+
+        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us)
     return nc

@@ -59,10 +59,17 @@ from qemuproc.net import (
     qemu_set_vnet_hdr_len,
     qemu_using_vnet_hdr,
 )
+from qemuproc.vhost_net import (
+    get_vhost_net,
+    vhost_net_get_features,
+    vhost_net_start,
+    vhost_net_stop,
+)
 from qemuproc.virtio import (
     VirtIODevice,
     VirtQueue,
     VirtQueueElement,
+    error_report,
     virtio_add_queue,
     virtio_error,
     virtio_notify,
@@ -125,6 +132,8 @@ class VirtIONet(VirtIODevice):
         self.host_hdr_len = 0  # slirp takes plain frames: no vnet header on the backend side
         self.has_vnet_hdr = False  # the backend (a tap) takes and gives virtio-net headers
         self.csum = csum  # csum=on|off: offer the checksum offloads a vnet header carries
+        self.vhost_started = False
+        self.vhost_bus: Any = None  # the transport (virtio-pci), for vhost_net_start
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
         self.multiqueue = False
@@ -160,12 +169,14 @@ class VirtIONet(VirtIODevice):
             virtio_net_apply_guest_offloads(self, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
+        """virtio_net_set_status: vhost starts or stops; on DRIVER_OK resume a TX that was
+        waiting (unless vhost has the queues); flush RX."""
+        virtio_net_vhost_status(self, status)
         if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             for q in self.vqs:
-                if q.tx_waiting and q.tx_bh is not None:
+                if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
                     qemu_bh_schedule(q.tx_bh)
-            for nc in self.ncs:
+            for nc in self.ncs if not self.vhost_started else ():  # vhost has RX: they wait
                 qemu_flush_queued_packets(nc)
 
     def reset(self) -> None:
@@ -177,6 +188,28 @@ class VirtIONet(VirtIODevice):
         virtio_net_set_mrg_rx_bufs(self, False)
         self.curr_queue_pairs = 1
         self.multiqueue = False
+
+
+def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
+    """Start vhost-net when the driver is ready (and the link up), stop it otherwise; if it
+    cannot start, QEMU's userspace virtio-net serves the queues."""
+    nc = n.ncs[0]
+    if get_vhost_net(nc.peer) is None:
+        return
+    started = bool(status & VIRTIO_CONFIG_S_DRIVER_OK) and n.vm_running \
+        and not nc.peer.link_down  # type: ignore[union-attr]
+    if started == n.vhost_started:
+        return
+    if not n.vhost_started:
+        n.vhost_started = True
+        try:
+            vhost_net_start(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+        except OSError as e:
+            error_report(f"unable to start vhost net: {e}: falling back on userspace virtio")
+            n.vhost_started = False
+    else:
+        vhost_net_stop(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+        n.vhost_started = False
 
 
 def peer_has_vnet_hdr(n: VirtIONet) -> bool:
@@ -235,6 +268,9 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
         if n.csum:
             n.host_features |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
         virtio_net_set_mrg_rx_bufs(n, False)
+    vhost = get_vhost_net(netdev)
+    if vhost is not None:  # what the kernel's vhost-net cannot do is not offered
+        n.host_features = vhost_net_get_features(vhost, n.host_features)
     return n.nic
 
 

@@ -108,6 +108,9 @@ def add_tap_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netdev", choices=("user", "tap"), default="user",
                    help="user: slirp to 127.0.0.1; tap: a real tap in the run's own network "
                         "namespace, host end 10.0.2.2 (needs root)")
+    p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
+                   help="tap: vhost-net in the KVM process serves the rings (-netdev "
+                        "tap,vhost=on); --poll-us becomes its busy-poll timeout")
     p.add_argument("--csum", type=on_off, default=True, metavar="on|off",
                    help="tap: offer VIRTIO_NET_F_CSUM/GUEST_CSUM (checksums in the vnet header)")
     p.add_argument("--tap-sndbuf", type=int, default=0, metavar="BYTES",
@@ -126,8 +129,8 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     import re
 
     if a.netdev != "tap":
-        if a.tap_sndbuf or a.tap_rate:
-            raise UsageError("--tap-sndbuf and --tap-rate need --netdev tap")
+        if a.tap_sndbuf or a.tap_rate or a.vhost:
+            raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
         return {}
     from common.netns import privilege_problem
 
@@ -142,8 +145,12 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--tap-rate {a.tap_rate!r}: expected a rate such as 2mbit")
     if a.backend_rate:
         raise UsageError("--backend-rate is slirp's; over a tap use --tap-rate")
+    if a.vhost and (not a.ioeventfd or a.vectors == 0 or a.queues != 1 or a.reconnect
+                    or a.guest_fault):
+        raise UsageError("--vhost on needs --ioeventfd on, MSI-X (--vectors other than 0), "
+                         "one queue pair, and no --reconnect or --guest-fault")
     return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
-            "tap_backpressure": a.tap_rate}
+            "tap_backpressure": a.tap_rate, "vhost": a.vhost}
 
 
 def parse_size(text: str) -> int:
