@@ -617,9 +617,9 @@ class VhostNetMisc:
                     break
         finally:
             conn.close()
-            self.released.append(n.describe())
             self.devices.remove(n)
             vhost_net_release(n)
+            self.released.append(n.describe())
 
     def describe(self) -> dict[str, Any]:
         return {"open": [n.describe() for n in self.devices], "released": self.released}

@@ -289,8 +289,11 @@ class QemuMonitor:
             netdev = m.netdev
             with self.bql():
                 rows = []
+                backend = ("net=10.0.2.0,restrict=off" if m.slirp is not None else
+                           f"ifname=tap0,script=no,downscript=no,vhost="
+                           f"{'on' if m.tap.vhost_net else 'off'}")
                 for nc, info in ((nic, f"model={nic.model},macaddr={m.n.mac.hex(':')}"),
-                                 (netdev, "net=10.0.2.0,restrict=off")):
+                                 (netdev, backend)):
                     q = nc.incoming_queue
                     rows.append({"name": nc.name, "type": nc.info.type, "info": info,
                                  "peer": nc.peer.name if nc.peer else None,
@@ -300,7 +303,10 @@ class QemuMonitor:
                                  "incoming_queue": {"len": len(q.packets), "queued": q.queued,
                                                     "dropped": q.dropped,
                                                     "maxlen": q.nq_maxlen}})
-                slirp = m.slirp.describe()
+                slirp = m.slirp.describe() if m.slirp is not None else None
+                tap = m.tap.describe() if m.tap is not None else None
+                if tap is not None and m.tap.vhost_net:
+                    tap["vhost"] = m.vhost_describe()
             lines = []
             for j, r in enumerate(rows):
                 lead = "" if j == 0 else " \\ "
@@ -310,10 +316,22 @@ class QemuMonitor:
                 lines.append(f"{'   ' if j else ''}  sent {r['sent']}, received {r['received']},"
                              f" queue {q['len']}/{q['maxlen']} (queued {q['queued']}, dropped "
                              f"{q['dropped']}){off}")
-            s = slirp["stats"]
-            lines.append(f"   slirp: udp sent {s.get('udp_sent', 0)}, received "
-                         f"{s.get('udp_received', 0)}, {len(slirp['flows'])} flow(s)")
-            return Reply({"clients": rows, "slirp": slirp}, "\n".join(lines))
+            if slirp is not None:
+                s = slirp["stats"]
+                lines.append(f"   slirp: udp sent {s.get('udp_sent', 0)}, received "
+                             f"{s.get('udp_received', 0)}, {len(slirp['flows'])} flow(s)")
+            if tap is not None:
+                t = tap["stats"]
+                lines.append(f"   tap: fd {tap['fd']}, vnet header {tap['vnet_hdr_len']} B, "
+                             f"written {t['written']} (would block {t['write_eagain']}), "
+                             f"read {t['read']}")
+                if "vhost" in tap:
+                    v = tap["vhost"]
+                    who = ("the kernel's vhost worker serves the queues" if v["started"]
+                           else "QEMU serves the queues")
+                    lines.append(f"   vhost-net: {'started' if v['started'] else 'stopped'} "
+                                 f"(starts {v['starts']}, stops {v['stops']}): {who}")
+            return Reply({"clients": rows, "slirp": slirp, "tap": tap}, "\n".join(lines))
 
         @cmd("info bh", "", "show the main AioContext's bottom halves")
         def info_bh(args: list[str]) -> Reply:

@@ -113,11 +113,26 @@ class TAPState:
         self.zero_hdr = bytes(12)
         self.offload = (False,) * 5
         self.vhost_net: Any = None  # vhost=on: the VHostNetState (qemuproc/vhost_net.py)
+        self.ifname = ""
         self.stats = {"written": 0, "write_eagain": 0, "writable_flushes": 0, "read": 0,
                       "read_stalls": 0}
 
+    def kernel_counters(self) -> dict[str, int]:
+        """The tap's own counters in the kernel (/proc/net/dev of the namespace): what the
+        host sent toward the guest (tx) and what it dropped for want of room."""
+        try:
+            for line in open("/proc/thread-self/net/dev").read().splitlines()[2:]:
+                name, _, rest = line.partition(":")
+                if name.strip() == self.ifname:
+                    f = [int(x) for x in rest.split()]
+                    return {"rx_packets": f[1], "rx_dropped": f[3], "tx_packets": f[9],
+                            "tx_dropped": f[11]}
+        except OSError:
+            pass
+        return {}
+
     def describe(self) -> dict[str, Any]:
-        return {"fd": self.fd, "vnet_hdr_len": self.host_vnet_hdr_len,
+        return {"fd": self.fd, "kernel": self.kernel_counters(), "vnet_hdr_len": self.host_vnet_hdr_len,
                 "using_vnet_hdr": self.using_vnet_hdr, "read_poll": self.read_poll,
                 "write_poll": self.write_poll, "offload": dict(zip(
                     ("csum", "tso4", "tso6", "ecn", "ufo"), self.offload, strict=True)),
@@ -289,6 +304,7 @@ def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = T
         raise
     nc = qemu_new_net_client(net_tap_info, None, "tap", name)
     s = TAPState(nc, fd, main_loop, vnet_hdr)
+    s.ifname = ifname
     nc.opaque = s
     tap_read_poll(s, True)
     if vhost_rundir is not None:

@@ -15,7 +15,6 @@ from typing import Any
 from common.trace import traced
 from common.vhost_abi import VHOST_NET_SET_BACKEND
 from common.virtio_abi import (
-    VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_RING_F_EVENT_IDX,
@@ -35,8 +34,9 @@ from qemuproc.vhost_backend import VhostKernel
 from qemuproc.virtio import VirtIODevice
 
 kernel_feature_bits = [VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_INDIRECT_DESC,
-                       VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_F_ANY_LAYOUT]
-"""The features vhost-net must implement itself; the rest (checksums) the tap does."""
+                       VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF]
+"""The features vhost-net must implement itself; the rest (checksums, ANY_LAYOUT, whose bit
+is VHOST_NET_F_VIRTIO_NET_HDR's) the tap does or the kernel need not know."""
 VHOST_NET_VQS = 2
 
 

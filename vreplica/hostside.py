@@ -26,6 +26,7 @@ def big_receive_buffer(sock: socket.socket) -> None:
 
 
 PATTERN = bytes(range(256)) * 7
+ATF_COM = 0x02  # a complete neighbour entry in /proc/net/arp
 
 
 def expected_payload(seq: int, size: int) -> bytes:
@@ -156,8 +157,24 @@ class UdpSender:
             for seq in range(self.n):
                 s.sendto(expected_payload(seq, self.size), (self.dest, self.port))
                 self.sent += 1
+                if seq == 0 and self.ns:
+                    self.wait_neighbour()
                 if self.pace_every and seq % self.pace_every == self.pace_every - 1:
                     time.sleep(0.001)
+
+    def wait_neighbour(self, timeout: float = 5.0) -> bool:
+        """Behind a tap the kernel resolves the guest by ARP first, holding only about 200 KB
+        of datagrams meanwhile (unres_qlen_bytes): let the first one resolve it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with netns.entered(self.ns):  # type: ignore[arg-type]
+                table = open("/proc/thread-self/net/arp").read().splitlines()[1:]
+            for row in table:
+                f = row.split()
+                if f[0] == self.dest and int(f[2], 16) & ATF_COM:
+                    return True
+            time.sleep(0.002)
+        return False
 
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():

@@ -82,6 +82,13 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
         summary["guest_csum"] = {k: g.get("stack", {}).get(k, 0)
                                  for k in ("csum_offloaded", "csum_errors")}
+        if "vhost" in q:  # the interrupts came from the vhost worker, not from QEMU
+            kv = k.get("vhost", {})
+            devs = kv.get("open", []) + kv.get("released", [])
+            vqs = [v for d in devs for v in d["vqs"]]
+            summary["vhost"] = {"qemu": q["vhost"], "kernel": devs}
+            summary["tx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 1)
+            summary["rx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 0)
     else:
         summary["slirp"] = q.get("slirp", {}).get("stats", {})
     cpr = q.get("cpr", {})
@@ -101,6 +108,10 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     return summary
 
 
+def vhost_kicks(s: dict[str, Any]) -> int:
+    return sum(v["kicks"] for d in s["vhost"]["kernel"] for v in d["vqs"])
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run {s['run']}: mode {s['mode']}, {s['packets']} x {s['size']} B, "
@@ -108,7 +119,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}",
         f"  sent by the guest      {s['sent']}",
         f"  delivered              {s['delivered']}  (counted by the {s['delivered_counted_by']})",
-        f"  kicks (driver)         {s['kicks']}   handled by QEMU: {s['kicks_handled']}",
+        f"  kicks (driver)         {s['kicks']}   handled by QEMU: {s['kicks_handled']}"
+        + (f", by the vhost worker: {vhost_kicks(s)}" if "vhost" in s else ""),
         f"  TX interrupts          {s['tx_interrupts']}   RX interrupts: {s['rx_interrupts']}"
         f"   injected by KVM: {s['interrupts_injected']}",
     ]
