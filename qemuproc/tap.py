@@ -132,7 +132,8 @@ class TAPState:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"fd": self.fd, "kernel": self.kernel_counters(), "vnet_hdr_len": self.host_vnet_hdr_len,
+        return {"fd": self.fd, "kernel": self.kernel_counters(),
+                "vnet_hdr_len": self.host_vnet_hdr_len,
                 "using_vnet_hdr": self.using_vnet_hdr, "read_poll": self.read_poll,
                 "write_poll": self.write_poll, "offload": dict(zip(
                     ("csum", "tso4", "tso6", "ecn", "ufo"), self.offload, strict=True)),
