@@ -91,6 +91,8 @@ RX_BUFSIZE = 65536 + 64
 
 trace_handle_tx = trace_event("handle_tx")
 trace_handle_rx = trace_event("handle_rx")
+trace_tun_sendmsg = trace_event("tun_sendmsg")
+trace_tun_recvmsg = trace_event("tun_recvmsg")
 
 
 class VhostNetVirtqueue:
@@ -271,6 +273,8 @@ def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
         if inn:
             vq.vq_err(f"Unexpected descriptor format for TX: out {len(out)}, int {len(inn)}")
             break
+        if trace_tun_sendmsg.on:
+            trace_tun_sendmsg(head=head, len=sum(len(m) for m in out))
         try:
             length = writev(fd, out)
         except BlockingIOError:
@@ -377,6 +381,8 @@ def handle_rx(n: VhostNet) -> None:
             vhost_net_signal_used(nvq)
             return
         n.rx_pending = 0
+        if trace_tun_recvmsg.on:
+            trace_tun_recvmsg(len=sock_len, heads=headcount)
         if headcount > UIO_MAXIOV:  # it cannot fit: truncate and discard
             nvq.dropped += 1
             continue

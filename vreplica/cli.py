@@ -281,7 +281,7 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
                 sink = UdpSink(opts.dest_port, opts.size, ns=ns)
                 opts.dest_port = cfg.options["dest_port"] = sink.port
             elif opts.mode == "echo":
-                echo = UdpEcho(opts.dest_port, ns=ns)
+                echo = UdpEcho(opts.dest_port, ns=ns, record=opts.extra.get("record_echo", False))
                 opts.dest_port = cfg.options["dest_port"] = echo.port
             elif opts.mode == "sink":
                 sender = UdpSender(opts.guest_port, opts.packets, opts.size, ns=ns)
@@ -328,6 +328,8 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
             summary["trace"] = opts.trace
         if opts.pcap:
             summary["pcap"] = opts.pcap
+        if echo is not None and echo.record:  # the demo shows when the host's socket had it
+            summary["echo_times"] = dict(echo.times)
         return summary, sup
     finally:
         for helper in (sink, echo):

@@ -116,8 +116,10 @@ class UdpEcho(UdpService):
 
     thread_name = "udp-echo"
 
-    def __init__(self, port: int = 0, ns: str | None = None) -> None:
+    def __init__(self, port: int = 0, ns: str | None = None, record: bool = False) -> None:
         super().__init__(port, ns)
+        self.record = record
+        self.times: dict[int, tuple[int, int]] = {}  # with record: seq -> (got, answered) ns
         self.echoed = 0
         self.ignored = 0
         self.ignored_seqs: set[int] = set()
@@ -129,8 +131,11 @@ class UdpEcho(UdpService):
             self.ignored += 1
             self.ignored_seqs.add(int.from_bytes(data[:SEQ_BYTES], "big"))
             return
+        got = time.monotonic_ns() if self.record else 0
         self.sock.sendto(data, peer)
         self.echoed += 1
+        if self.record:
+            self.times[int.from_bytes(data[:SEQ_BYTES], "big")] = (got, time.monotonic_ns())
 
 
 class UdpSender:
