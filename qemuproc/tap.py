@@ -114,7 +114,8 @@ class TAPState:
         self.offload = (False,) * 5
         self.vhost_net: Any = None  # vhost=on: the VHostNetState (qemuproc/vhost_net.py)
         self.ifname = ""
-        self.stats = {"written": 0, "write_eagain": 0, "writable_flushes": 0, "read": 0,
+        self.stats = {"written": 0, "write_eagain": 0, "write_errors": 0, "writable_flushes": 0,
+                      "read": 0,
                       "read_stalls": 0}
 
     def kernel_counters(self) -> dict[str, int]:
@@ -167,6 +168,9 @@ def tap_write_packet(s: TAPState, iov: list[memoryview | bytes]) -> int:
             s.stats["write_eagain"] += 1
             tap_write_poll(s, True)
             return 0
+        except OSError:  # the tap refused the frame (EINVAL: too short, a bad header)
+            s.stats["write_errors"] += 1
+            return -1
         s.stats["written"] += 1
         return n
 
