@@ -187,3 +187,23 @@ def test_demo_follows_one_packet_through_vhost(tmp_path: Path) -> None:
             at = found
     assert "irqfd_wakeup" in out and "kvm_inj_virq" in out
     assert "virtio_net_tx_bh" not in out and "virtqueue_pop" not in out  # QEMU stayed out
+
+
+@pytest.mark.timeout(90)
+def test_qemu_command_line_netdev_tap_vhost(tmp_path: Path) -> None:
+    """QEMU's spelling, ``-netdev tap,id=n0,vhost=on -device virtio-net-pci,netdev=n0``,
+    runs the same path; a bad tap property gets QEMU's wording and exit status 2."""
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "-netdev",
+                           "tap,id=n0,vhost=on,script=no,downscript=no", "-device",
+                           "virtio-net-pci,netdev=n0", "--packets", "300", "--summary-json",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())
+    assert s["host"]["received"] == 300 and kernel_vq(s, 1)["packets"] == 301
+    bad = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "-netdev",
+                          "tap,id=n0,vhost=maybe", "-device", "virtio-net-pci,netdev=n0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+    assert bad.stderr == ("vreplica: -netdev tap,id=n0,vhost=maybe: Parameter 'vhost' expects "
+                          "'on' or 'off'\n")
