@@ -19,6 +19,7 @@ EXIT_REASON_EXTERNAL_INTERRUPT = 1
 EXIT_REASON_TRIPLE_FAULT = 2
 EXIT_REASON_HLT = 12
 EXIT_REASON_IO_INSTRUCTION = 30
+EXIT_REASON_MSR_WRITE = 32
 EXIT_REASON_EPT_VIOLATION = 48
 
 VMX_EXIT_REASONS = {
@@ -26,8 +27,47 @@ VMX_EXIT_REASONS = {
     EXIT_REASON_TRIPLE_FAULT: "TRIPLE_FAULT",
     EXIT_REASON_HLT: "HLT",
     EXIT_REASON_IO_INSTRUCTION: "IO_INSTRUCTION",
+    EXIT_REASON_MSR_WRITE: "MSR_WRITE",
     EXIT_REASON_EPT_VIOLATION: "EPT_VIOLATION",
 }
+
+# MSRs the guest writes (asm/msr-index.h, asm/apicdef.h): the TSC deadline, and the x2APIC's
+# EOI register (APIC_EOI 0xB0 at APIC_BASE_MSR 0x800 + 0xB0 >> 4)
+MSR_IA32_TSC_DEADLINE = 0x6E0
+APIC_BASE_MSR = 0x800
+APIC_EOI = 0xB0
+MSR_X2APIC_EOI = APIC_BASE_MSR + (APIC_EOI >> 4)
+
+# interrupt vectors (asm/irq_vectors.h) and delivery (asm/apicdef.h, asm/io_apic.h)
+ISA_IRQ_VECTOR_BASE = 0x30
+"""ISA_IRQ_VECTOR(irq): the vector of a legacy line (here the IOAPIC pin's vector)."""
+LOCAL_TIMER_VECTOR = 0xEC
+APIC_DM_FIXED = 0x000
+APIC_TRIG_EDGE = 0
+APIC_TRIG_LEVEL = 1
+MSI_ADDR_BASE = 0xFEE00000
+"""An MSI's address: the local APIC's window; the destination APIC id is in bits 12-19."""
+
+# the IOAPIC (arch/x86/kvm/ioapic.h): MMIO window, registers, redirection-table entry bits
+IOAPIC_DEFAULT_BASE_ADDRESS = 0xFEC00000
+IOAPIC_MEM_LENGTH = 0x100
+IOAPIC_REG_SELECT = 0x00
+IOAPIC_REG_WINDOW = 0x10
+IOAPIC_REG_VERSION = 0x01
+IOAPIC_REDIR_TABLE_BASE = 0x10
+IOAPIC_NUM_PINS = 24
+IOAPIC_VERSION_ID = 0x11
+IOAPIC_RTE_VECTOR_MASK = 0xFF
+IOAPIC_RTE_POLARITY = 1 << 13
+IOAPIC_RTE_REMOTE_IRR = 1 << 14
+IOAPIC_RTE_TRIG_MODE = 1 << 15
+IOAPIC_RTE_MASKED = 1 << 16
+
+# GSI routing (KVM_SET_GSI_ROUTING entry types; the irqchip an IRQCHIP route names)
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+KVM_IRQCHIP_IOAPIC = 2
+KVM_USERSPACE_IRQ_SOURCE_ID = 0
 
 # kvm_run->exit_reason
 KVM_EXIT_UNKNOWN = 0
@@ -54,6 +94,11 @@ KVM_RUN = "KVM_RUN"
 KVM_IOEVENTFD = "KVM_IOEVENTFD"
 KVM_IRQFD = "KVM_IRQFD"
 KVM_SET_GSI_ROUTING = "KVM_SET_GSI_ROUTING"
+KVM_SIGNAL_MSI = "KVM_SIGNAL_MSI"
+"""[KVM_SIGNAL_MSI, address, data]: inject one MSI now (struct kvm_msi)."""
+KVM_IRQ_LINE_STATUS = "KVM_IRQ_LINE_STATUS"
+"""[KVM_IRQ_LINE_STATUS, irq, level]: set a GSI's line level (struct kvm_irq_level); the
+reply's payload is the status (1 delivered, 0 coalesced, -1 masked)."""
 KVM_GET_STATS = "KVM_GET_STATS"
 KVM_DESTROY_VM = "KVM_DESTROY_VM"
 
@@ -82,11 +127,17 @@ def vmexit_mmio(gpa: int, length: int, is_write: bool, data: int = 0) -> bytes:
     return packb([EXIT_REASON_EPT_VIOLATION, gpa, length, int(is_write), data])
 
 
+def vmexit_wrmsr(msr: int, value: int) -> bytes:
+    """[EXIT_REASON_MSR_WRITE, msr, value]"""
+    return packb([EXIT_REASON_MSR_WRITE, msr, value])
+
+
 VMEXIT_HLT = packb([EXIT_REASON_HLT])
+VMEXIT_EOI = vmexit_wrmsr(MSR_X2APIC_EOI, 0)
 VMEXIT_EXTERNAL_INTERRUPT = packb([EXIT_REASON_EXTERNAL_INTERRUPT])
 VMEXIT_TRIPLE_FAULT = packb([EXIT_REASON_TRIPLE_FAULT])
 
-# -- KVM -> guest CPU (VM entries): [data for a pending IN or MMIO read, [injected vectors]] ---
+# -- KVM -> guest CPU (VM entries): [data for a pending IN or MMIO read, [injected vector]] ----
 
 VMENTRY_PLAIN = packb([0, []])
 NMI_VECTOR = 2

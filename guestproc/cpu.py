@@ -1,9 +1,10 @@
 """The vCPU as the guest sees it: instructions that trap to KVM, and interrupt entry.
 
-Every port access, MMIO access to a device BAR, HLT and the TSC-deadline MSR write is a VM
-exit: the record goes to KVM and this CPU stops until KVM enters it again. The entry may
-carry vectors that KVM injects; they are delivered through the IDT when interrupts are
-enabled (IF=1), otherwise held in the local APIC's IRR until ``sti``.
+Every port access, MMIO access to a device BAR or the IOAPIC, HLT and the MSR writes (the
+TSC deadline, the x2APIC EOI) is a VM exit: the record goes to KVM and this CPU stops until
+KVM enters it again. The entry may carry the one vector KVM injects; it is delivered through
+the IDT at once, or, if it came while a handler runs (IF=0 in a hardirq), when that handler
+returns (iret).
 
 KVM makes a running vCPU exit by signalling its kick semaphore (the IPI of kvm_vcpu_kick);
 the CPU notices at the next instruction boundary (``interrupt_window``).
@@ -18,9 +19,6 @@ from common.channel import Channel
 from common.monitor import Gate
 from common.notifier import EventNotifier
 
-MSR_IA32_TSC_DEADLINE = 0x6E0
-EXIT_REASON_MSR_WRITE = 32
-
 
 class GuestShutdown(Exception):
     """KVM tore the VM down (or the run ended) while this CPU was stopped in an exit."""
@@ -32,8 +30,7 @@ class VCpu:
         self._recv = entry_ch.recv_raw
         self._kick_sem = kick.sem
         self.idt: dict[int, Callable[[int], None]] = {}
-        self.if_flag = True
-        self.irr: list[int] = []
+        self.pending: list[int] = []
         self.irq_exit: Callable[[], None] = lambda: None
         self.exits = 0
         self.need_resched = False
@@ -55,7 +52,7 @@ class VCpu:
         if data is None:
             raise GuestShutdown
         if vectors:
-            self._accept(vectors)
+            self._accept(vectors[0])
         return data
 
     def _out(self, size: int, port: int, value: int) -> None:
@@ -92,7 +89,11 @@ class VCpu:
         return self._vmexit(kvm_abi.vmexit_mmio(gpa, size, False))
 
     def wrmsr(self, msr: int, value: int) -> None:
-        self._vmexit(kvm_abi.packb([EXIT_REASON_MSR_WRITE, msr, value]))
+        self._vmexit(kvm_abi.vmexit_wrmsr(msr, value))
+
+    def apic_eoi(self) -> None:
+        """The x2APIC EOI (native_apic_msr_eoi_write): a WRMSR that KVM intercepts."""
+        self._vmexit(kvm_abi.VMEXIT_EOI)
 
     def hlt(self) -> None:
         """Stop until an interrupt arrives; it is delivered before hlt returns."""
@@ -116,28 +117,24 @@ class VCpu:
 
     # -- interrupt entry ----------------------------------------------------------------------
 
-    def _accept(self, vectors: list[int]) -> None:
-        self.irr.extend(vectors)
-        if self.if_flag and not self._in_irq:
+    def _accept(self, vector: int) -> None:
+        self.pending.append(vector)
+        if not self._in_irq:
             self._deliver()
 
     def _deliver(self) -> None:
+        """Interrupt entry through the IDT; a vector with no handler is acknowledged and
+        dropped (Linux's "No irq handler for vector")."""
         self.need_resched = True
         self._in_irq = True
         try:
-            while self.irr:
-                vector = self.irr.pop(0)
+            while self.pending:
+                vector = self.pending.pop(0)
                 handler = self.idt.get(vector)
-                if handler is not None:
+                if handler is None:
+                    self.apic_eoi()
+                else:
                     handler(vector)
         finally:
             self._in_irq = False
         self.irq_exit()
-
-    def cli(self) -> None:
-        self.if_flag = False
-
-    def sti(self) -> None:
-        self.if_flag = True
-        if self.irr and not self._in_irq:
-            self._deliver()

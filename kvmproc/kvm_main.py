@@ -1,7 +1,8 @@
 """Stands for virt/kvm/kvm_main.c: the VM and its ioctls, as QEMU reaches them.
 
 QEMU's vCPU thread sends KVM_RUN on the vCPU channel; any QEMU thread sends VM ioctls
-(KVM_IOEVENTFD, KVM_IRQFD, KVM_SET_GSI_ROUTING, ...) on the VM channel and reads the result.
+(KVM_IOEVENTFD, KVM_IRQFD, KVM_SET_GSI_ROUTING, KVM_SIGNAL_MSI, KVM_IRQ_LINE_STATUS, ...) on
+the VM channel and reads the result.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from common.kvm_abi import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN,
     KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQ_LINE_STATUS,
     KVM_IRQFD,
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_RUN,
     KVM_RUN_MMAP,
     KVM_SET_GSI_ROUTING,
+    KVM_SIGNAL_MSI,
+    KVM_USERSPACE_IRQ_SOURCE_ID,
     VM_CHANNEL_SYNC,
 )
 from common.monitor import SIG_IPI
 from common.notifier import EventNotifier
-from common.trace import trace_event
 from kvmproc.eventfd import IoeventfdBus, IrqfdTable
+from kvmproc.ioapic import KvmIoapic
 from kvmproc.irqchip import IrqRouting
 from kvmproc.lapic import MODE_NAMES, KvmLapic
 from kvmproc.stats import KvmStats
@@ -33,7 +37,6 @@ from kvmproc.vcpu import KvmVcpu
 
 EINVAL = 22
 ENOENT = 2
-trace_kvm_vm_ioctl = trace_event("kvm_vm_ioctl")
 
 
 class Kvm:
@@ -43,11 +46,13 @@ class Kvm:
         self.cfg = cfg
         self.stats = KvmStats()
         self.lapic = KvmLapic(EventNotifier(cfg.kick))
-        self.routing = IrqRouting(self.lapic)
+        self.ioapic = KvmIoapic(self.lapic)
+        self.routing = IrqRouting(self.lapic, self.ioapic)
         self.bus = IoeventfdBus(self.stats)
         self.irqfds = IrqfdTable(self.routing, self.stats)
         self.vcpu = KvmVcpu(Channel(cfg.channel("guest_exit")),
-                            Channel(cfg.channel("guest_entry")), self.lapic, self.bus, self.stats)
+                            Channel(cfg.channel("guest_entry")), self.lapic, self.ioapic,
+                            self.bus, self.stats)
         self.destroyed = False
         self.allowed_names = set(cfg.semaphores())
 
@@ -61,8 +66,13 @@ class Kvm:
     def kvm_vm_ioctl(self, req: list) -> list:
         """Serve one VM ioctl; the reply is [ret, payload]."""
         op = req[0]
-        if trace_kvm_vm_ioctl.on:
-            trace_kvm_vm_ioctl(op=op)
+        if op == KVM_SIGNAL_MSI:
+            self.stats.vcpu["signal_msis"] += 1
+            return [self.routing.kvm_send_userspace_msi(req[1], req[2]), None]
+        if op == KVM_IRQ_LINE_STATUS:  # kvm_vm_ioctl_irq_line
+            self.stats.vcpu["irq_lines"] += 1
+            status = self.routing.kvm_set_irq(req[1], req[2], KVM_USERSPACE_IRQ_SOURCE_ID)
+            return [0, status]
         if op == KVM_IOEVENTFD:
             _, addr, length, datamatch, flags, name = req
             is_pio = bool(flags & KVM_IOEVENTFD_FLAG_PIO)
@@ -101,7 +111,9 @@ class Kvm:
         return {
             **self.stats.as_dict(),
             "vcpu_mode": MODE_NAMES[self.lapic.mode],
-            "pending_vectors": list(self.lapic.irr),
+            "lapic": self.lapic.describe(),
+            "eois": self.lapic.eois,
+            "ioapic": self.ioapic.describe(),
             "ipis": self.lapic.ipis,
             "apic_timer_fires": self.lapic.timer_fires,
             "ioeventfds": self.bus.describe(),

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import KVM_EXIT_NAMES, NMI_VECTOR
+from common.kvm_abi import KVM_EXIT_NAMES, KVM_IRQ_ROUTING_MSI
 from common.monitor import Monitor, MonitorError, Reply, format_human
-from kvmproc.irqchip import KVM_IRQ_ROUTING_MSI
 from kvmproc.kvm_main import Kvm
 from kvmproc.lapic import HALTED, MODE_NAMES
 
@@ -29,17 +28,17 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         return {
             "mode": MODE_NAMES[lapic.mode],
             "halted": lapic.mode == HALTED,
-            "pending_vectors": list(lapic.irr),
+            "mp_state": "halted" if vcpu.mp_state else "runnable",
+            **lapic.describe(),
             "last_userspace_exit": KVM_EXIT_NAMES.get(last[0]) if last else None,
             "complete_userspace_io": vcpu.complete_userspace_io,
             "tsc_deadline": lapic.tsc_deadline,
-            "apic_timer_armed": lapic.timer is not None and lapic.timer.is_alive(),
+            "apic_timer_armed": lapic.timer_armed(),
             "ipis": lapic.ipis,
             "nmis_injected": nmis[0],
         }
 
-    mon.status_info = lambda: {"vcpu0": MODE_NAMES[lapic.mode],
-                               "pending_vectors": list(lapic.irr)}
+    mon.status_info = lambda: {"vcpu0": MODE_NAMES[lapic.mode], **lapic.describe()}
 
     @mon.command("info kvm", "", "show KVM's counters (kvm_stat) and the VM's state")
     def info_kvm(args: list[str]) -> Reply:
@@ -49,8 +48,9 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         width = max(len(k) for k, _ in rows)
         lines = ["kvm support: enabled", f" {'Event':<{width}}  {'Total':>10}"]
         lines += [f" {k:<{width}}  {v:>10}" for k, v in rows]
-        lines.append(f"vcpu0: {d['vcpu_mode']}, pending vectors {d['pending_vectors']}, "
-                     f"{d['ipis']} IPIs, {d['apic_timer_fires']} APIC timer interrupts")
+        lines.append(f"vcpu0: {d['vcpu_mode']}, IRR {d['lapic']['irr']}, ISR "
+                     f"{d['lapic']['isr']}, {d['ipis']} IPIs, {d['eois']} EOIs, "
+                     f"{d['apic_timer_fires']} APIC timer interrupts")
         return Reply(d, "\n".join(lines))
 
     @mon.command("info ioeventfd", "", "show the ioeventfds on the PIO and MMIO buses")
@@ -65,15 +65,16 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
     @mon.command("info irqfd", "", "show the irqfds and the GSI routes they inject")
     def info_irqfd(args: list[str]) -> Reply:
         rows = kvm.irqfds.describe()
-        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip", "value": value}
-                  for gsi, (kind, value) in kvm.routing.routes.items()}
+        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip",
+                        "value": b, "address": a}
+                  for gsi, (kind, a, b) in kvm.routing.routes.items()}
 
         def route(gsi: int) -> str:
             r = routes.get(gsi)
             if r is None:
                 return "no route"
             if r["type"] == "msi":
-                return f"msi data {r['value']:#x}"
+                return f"msi address {r['address']:#x} data {r['value']:#x}"
             return f"irqchip pin {r['value']}"
 
         text = "\n".join(f"gsi {r['gsi']} <- {r['eventfd']}: {route(r['gsi'])}, "
@@ -90,7 +91,7 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         if kvm.destroyed:
             raise MonitorError("the VM is destroyed")
         nmis[0] += 1
-        lapic.kvm_apic_set_irq(NMI_VECTOR)
+        lapic.kvm_inject_nmi()
         return Reply({}, "")
 
     mon.start()
