@@ -12,6 +12,8 @@ Records are msgpack arrays; the field order is given beside each constructor.
 
 from __future__ import annotations
 
+import signal
+
 import msgpack
 
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h)
@@ -140,6 +142,11 @@ VMEXIT_TRIPLE_FAULT = packb([EXIT_REASON_TRIPLE_FAULT])
 # -- KVM -> guest CPU (VM entries): [data for a pending IN or MMIO read, [injected vector]] ----
 
 VMENTRY_PLAIN = packb([0, []])
+SIG_VCPU_KICK = signal.SIGUSR2
+"""The IPI kvm_vcpu_kick sends to the CPU running the guest: a signal to the guest process,
+whose vCPU takes the VM exit at once (besides the kick semaphore it polls)."""
+VCPU_PID_FILE = "vcpu0.pid"
+"""Where in the run directory the guest's vCPU (its process) says who it is, for the IPI."""
 NMI_VECTOR = 2
 """The vector KVM_NMI injects and the guest's IDT takes it at (asm/irq_vectors.h)."""
 

@@ -6,13 +6,20 @@ KVM enters it again. The entry may carry the one vector KVM injects; it is deliv
 the IDT at once, or, if it came while a handler runs (IF=0 in a hardirq), when that handler
 returns (iret).
 
-KVM makes a running vCPU exit by signalling its kick semaphore (the IPI of kvm_vcpu_kick);
-the CPU notices at the next instruction boundary (``interrupt_window``).
+KVM makes a running vCPU exit with the IPI of kvm_vcpu_kick: a signal to this process (and
+its kick semaphore). The signal handler runs at the next bytecode boundary of the vCPU's
+thread and takes the VM exit there, so KVM injects at once; the vector it brings is delivered
+through the IDT at the next point where the interrupted code can take it (an exit of its
+own, ``interrupt_window``, HLT), as an interrupt waits for IF=1. A signal that comes while
+the vCPU is in an exit is moot: KVM injects at that exit's entry.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 
 from common import kvm_abi
 from common.channel import Channel
@@ -35,24 +42,42 @@ class VCpu:
         self.exits = 0
         self.need_resched = False
         self._in_irq = False
+        self._in_exit = True  # until the first VM entry
         self._io_cache: dict[tuple[int, int, int], bytes] = {}
         self.gate = Gate("vCPU 0")
+        self.ipis = 0
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(kvm_abi.SIG_VCPU_KICK, self._ipi)
+
+    def power_on(self) -> bool:
+        """Wait for the first VM entry (QEMU's first KVM_RUN); False if the VM went first."""
+        first = self._recv(None)
+        if first is None or kvm_abi.unpackb(first)[0] is None:
+            return False
+        self._in_exit = False
+        return True
 
     # -- trapping instructions -----------------------------------------------------------------
 
-    def _vmexit(self, record: bytes) -> int:
+    def _vmexit(self, record: bytes, deliver: bool = True) -> int:
         if self.gate.armed:
             self.gate.wait()
         self.exits += 1
-        self._send(record)
-        entry = self._recv(None)
+        self._in_exit = True
+        try:
+            self._send(record)
+            entry = self._recv(None)
+        finally:
+            self._in_exit = False
         if entry is None:
             raise GuestShutdown
         data, vectors = kvm_abi.unpackb(entry)
         if data is None:
             raise GuestShutdown
         if vectors:
-            self._accept(vectors[0])
+            self.pending.append(vectors[0])
+        if deliver and self.pending and not self._in_irq:
+            self._deliver()
         return data
 
     def _out(self, size: int, port: int, value: int) -> None:
@@ -96,7 +121,11 @@ class VCpu:
         self._vmexit(kvm_abi.VMEXIT_EOI)
 
     def hlt(self) -> None:
-        """Stop until an interrupt arrives; it is delivered before hlt returns."""
+        """Stop until an interrupt arrives; it is delivered before hlt returns (one already
+        taken and waiting for this boundary ends the halt at once)."""
+        if self.pending and not self._in_irq:
+            self._deliver()
+            return
         self._vmexit(kvm_abi.VMEXIT_HLT)
 
     def triple_fault(self) -> None:
@@ -104,23 +133,30 @@ class VCpu:
         if self.gate.armed:
             self.gate.wait()
         self.exits += 1
+        self._in_exit = True
         self._send(kvm_abi.VMEXIT_TRIPLE_FAULT)
 
     def interrupt_window(self) -> None:
-        """An instruction boundary: take the exit a kick asked for, and the interrupts it brings."""
+        """An instruction boundary: take the exit a kick asked for, and deliver what came."""
         if self._kick_sem.value > 0:
-            try:
-                self._kick_sem.acquire(0)
-            except Exception:  # another boundary consumed it first
-                return
-            self._vmexit(kvm_abi.VMEXIT_EXTERNAL_INTERRUPT)
+            self._take_kick(True)
+        elif self.pending and not self._in_irq:
+            self._deliver()
+
+    def _take_kick(self, deliver: bool) -> None:
+        try:
+            self._kick_sem.acquire(0)
+        except Exception:  # another boundary consumed it first
+            return
+        self._vmexit(kvm_abi.VMEXIT_EXTERNAL_INTERRUPT, deliver)
+
+    def _ipi(self, signum: int, frame: FrameType | None) -> None:
+        """The kick's IPI: the VM exit now; the vector waits for the next boundary."""
+        self.ipis += 1
+        if not self._in_exit and not self.gate.armed:
+            self._take_kick(False)
 
     # -- interrupt entry ----------------------------------------------------------------------
-
-    def _accept(self, vector: int) -> None:
-        self.pending.append(vector)
-        if not self._in_irq:
-            self._deliver()
 
     def _deliver(self) -> None:
         """Interrupt entry through the IDT; a vector with no handler is acknowledged and

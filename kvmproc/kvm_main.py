@@ -7,6 +7,9 @@ the VM channel and reads the result.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from common.channel import Channel
 from common.ipc import RunConfig
 from common.kvm_abi import (
@@ -24,6 +27,8 @@ from common.kvm_abi import (
     KVM_SET_GSI_ROUTING,
     KVM_SIGNAL_MSI,
     KVM_USERSPACE_IRQ_SOURCE_ID,
+    SIG_VCPU_KICK,
+    VCPU_PID_FILE,
     VM_CHANNEL_SYNC,
 )
 from common.monitor import SIG_IPI
@@ -55,6 +60,20 @@ class Kvm:
                             self.bus, self.stats)
         self.destroyed = False
         self.allowed_names = set(cfg.semaphores())
+        self.vcpu_pid = 0
+        self.lapic.send_ipi = self.smp_send_reschedule
+
+    def smp_send_reschedule(self) -> None:
+        """The IPI to the CPU in guest mode (the guest process; it says its pid at boot)."""
+        if not self.vcpu_pid:
+            try:
+                self.vcpu_pid = int((Path(self.cfg.rundir) / VCPU_PID_FILE).read_text())
+            except (OSError, ValueError):
+                return
+        try:
+            os.kill(self.vcpu_pid, SIG_VCPU_KICK)
+        except OSError:
+            pass
 
     def kvm_vcpu_ioctl(self, req: list) -> list:
         if req[0] == KVM_RUN:

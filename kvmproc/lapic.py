@@ -66,6 +66,7 @@ class KvmLapic:
         self.timer_fires = 0
         self.ioapic_eoi: Callable[[int], None] = lambda vector: None
         self.nmi_pending = False
+        self.send_ipi: Callable[[], None] = lambda: None
 
     def kvm_apic_set_irq(self, vector: int, trig_mode: int = 0,
                          delivery_mode: int = APIC_DM_FIXED) -> None:
@@ -88,6 +89,7 @@ class KvmLapic:
             self.mode = EXITING_GUEST_MODE  # one IPI per entry is enough
             self.ipis += 1
             self.kick.set()
+            self.send_ipi()
         elif self.mode == HALTED:
             self.wake.notify()
 
