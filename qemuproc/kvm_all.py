@@ -60,6 +60,7 @@ trace_kvm_vcpu_ioctl = trace_event("kvm_vcpu_ioctl")
 trace_kvm_vm_ioctl = trace_event("kvm_vm_ioctl")
 trace_kvm_run_exit = trace_event("kvm_run_exit")
 trace_kvm_set_ioeventfd_pio = trace_event("kvm_set_ioeventfd_pio")
+trace_kvm_set_ioeventfd_mmio = trace_event("kvm_set_ioeventfd_mmio")
 trace_kvm_irqchip_add_msi_route = trace_event("kvm_irqchip_add_msi_route")
 trace_kvm_irqchip_commit_routes = trace_event("kvm_irqchip_commit_routes")
 trace_kvm_irqchip_release_virq = trace_event("kvm_irqchip_release_virq")
@@ -172,9 +173,9 @@ def kvm_io_ioeventfd_add(s: KVMState, addr: int, size: int, match_data: bool, da
                          notifier: str, is_pio: bool = True) -> None:
     flags = (KVM_IOEVENTFD_FLAG_PIO if is_pio else 0) | (
         KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
-    if trace_kvm_set_ioeventfd_pio.on and is_pio:
-        trace_kvm_set_ioeventfd_pio(fd=notifier, addr=addr, val=data, assign=True, size=size,
-                                    datamatch=match_data)
+    trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
+    if trace.on:
+        trace(fd=notifier, addr=addr, val=data, assign=True, size=size, datamatch=match_data)
     s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, notifier)
 
 
@@ -182,9 +183,9 @@ def kvm_io_ioeventfd_del(s: KVMState, addr: int, size: int, match_data: bool, da
                          is_pio: bool = True) -> None:
     flags = KVM_IOEVENTFD_FLAG_DEASSIGN | (KVM_IOEVENTFD_FLAG_PIO if is_pio else 0) | (
         KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
-    if trace_kvm_set_ioeventfd_pio.on and is_pio:
-        trace_kvm_set_ioeventfd_pio(fd="", addr=addr, val=data, assign=False, size=size,
-                                    datamatch=match_data)
+    trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
+    if trace.on:
+        trace(fd="", addr=addr, val=data, assign=False, size=size, datamatch=match_data)
     s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, "")
 
 
