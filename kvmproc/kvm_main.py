@@ -42,6 +42,8 @@ from kvmproc.vcpu import KvmVcpu
 
 EINVAL = 22
 ENOENT = 2
+IPI_WAIT_S = 0.001
+"""How long an interrupt ioctl waits for the kicked vCPU to take the interrupt (see README)."""
 
 
 class Kvm:
@@ -87,10 +89,13 @@ class Kvm:
         op = req[0]
         if op == KVM_SIGNAL_MSI:
             self.stats.vcpu["signal_msis"] += 1
-            return [self.routing.kvm_send_userspace_msi(req[1], req[2]), None]
+            ret = self.routing.kvm_send_userspace_msi(req[1], req[2])
+            self.lapic.kvm_wait_kicked(IPI_WAIT_S)
+            return [ret, None]
         if op == KVM_IRQ_LINE_STATUS:  # kvm_vm_ioctl_irq_line
             self.stats.vcpu["irq_lines"] += 1
             status = self.routing.kvm_set_irq(req[1], req[2], KVM_USERSPACE_IRQ_SOURCE_ID)
+            self.lapic.kvm_wait_kicked(IPI_WAIT_S)
             return [0, status]
         if op == KVM_IOEVENTFD:
             _, addr, length, datamatch, flags, name = req

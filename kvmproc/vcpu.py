@@ -79,7 +79,7 @@ class KvmVcpu:
         self.ioapic = ioapic
         self.bus = bus
         self.mp_state = KVM_MP_STATE_RUNNABLE
-        self.emulated_read = 0  # an in-kernel device's answer to a read, for the next entry
+        self.entry_data = 0  # a read's answer (user space's, or an in-kernel device's)
         self.stats = stats
         self.vcpu_stats = stats.vcpu
         self.complete_userspace_io = False
@@ -98,13 +98,23 @@ class KvmVcpu:
     @traced
     def kvm_arch_vcpu_ioctl_run(self, data: int) -> list:
         """Run the guest until an exit needs user space; return that kvm_run exit."""
-        entry_data = data if self.complete_userspace_io else 0
-        self.complete_userspace_io = False
+        if self.complete_userspace_io:
+            self.entry_data = data
+            self.complete_userspace_io = False
+        with self.lapic.lock:
+            self.lapic.in_run = True
+        try:
+            return self.vcpu_run()
+        finally:
+            with self.lapic.lock:
+                self.lapic.in_run = False
+                self.lapic.injected.notify_all()
+
+    def vcpu_run(self) -> list:
         errno = 0
         while True:
             if self.mp_state == KVM_MP_STATE_RUNNABLE:
-                r, run_exit = self.vcpu_enter_guest(entry_data)
-                entry_data, self.emulated_read = self.emulated_read, 0
+                r, run_exit = self.vcpu_enter_guest()
             else:
                 r, run_exit = self.vcpu_block()
             if r > 0 and self.signal_pending:  # kvm_xfer_to_guest_mode_handle_work
@@ -133,13 +143,15 @@ class KvmVcpu:
         with self.lapic.lock:
             if self.lapic.kvm_vcpu_block(lambda: self.signal_pending):
                 self.mp_state = KVM_MP_STATE_RUNNABLE
-        self.emulated_read = 0  # an in-kernel device's answer to a read, for the next entry
         return 1, None
 
-    def vcpu_enter_guest(self, data: int) -> ExitResult:
-        """Inject what is pending, enter the guest, run it until it exits, handle the exit."""
+    def vcpu_enter_guest(self) -> ExitResult:
+        """Inject what is pending, enter the guest, run it until it exits, handle the exit;
+        with a signal pending, no entry (kvm_vcpu_exit_request)."""
         if self.gate.armed:
             self.gate.wait()
+        if self.signal_pending:
+            return 1, None
         lapic = self.lapic
         with lapic.lock:
             if lapic.nmi_pending:
@@ -152,6 +164,7 @@ class KvmVcpu:
             self.vcpu_stats["irq_injections"] += 1
             if trace_kvm_inj_virq.on:
                 trace_kvm_inj_virq(irq=vector)
+        data, self.entry_data = self.entry_data, 0
         self.kvm_guest_enter(data, vector)
         rec = self.kvm_guest_exit()
         return self.handle_exit(rec)
@@ -205,7 +218,7 @@ class KvmVcpu:
             if is_write:
                 self.ioapic.ioapic_mmio_write(gpa, length, value)
             else:
-                value = self.emulated_read = self.ioapic.ioapic_mmio_read(gpa, length)
+                value = self.entry_data = self.ioapic.ioapic_mmio_read(gpa, length)
             if trace_kvm_mmio.on:
                 trace_kvm_mmio(type=KVM_TRACE_MMIO_WRITE if is_write else KVM_TRACE_MMIO_READ,
                                len=length, gpa=gpa, val=value)

@@ -849,8 +849,8 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
 
     L += ["## 4. Kicks and interrupts per packet, saturating burst", "",
           "From the default-mode runs of section 2 (the guest sends back to back): the "
-          "driver's kicks and the device's TX-queue interrupts (virtio_notify that reached "
-          "the irqfd), per packet sent.", ""]
+          "driver's kicks and the device's TX-queue interrupts (virtio_notify calls that raised "
+          "an interrupt), per packet sent.", ""]
     d = res["modes"]["default"]
     L += table(["per packet, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
                [[name] + [f"{fmt_f(d[s][k], 4)} ({fmt_f(d[s][k + '_min'], 4)}-"
