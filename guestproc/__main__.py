@@ -103,6 +103,7 @@ def main() -> int:
         traceback.print_exc()
         code = 1
     finally:
+        signal.signal(kvm_abi.SIG_VCPU_KICK, signal.SIG_IGN)  # a late IPI must not kill us
         mon.close()
         rt.finish()
     return code

@@ -8,6 +8,7 @@ the VM channel and reads the result.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from common.channel import Channel
@@ -42,8 +43,6 @@ from kvmproc.vcpu import KvmVcpu
 
 EINVAL = 22
 ENOENT = 2
-IPI_WAIT_S = 0.001
-"""How long an interrupt ioctl waits for the kicked vCPU to take the interrupt (see README)."""
 
 
 class Kvm:
@@ -62,18 +61,20 @@ class Kvm:
                             self.bus, self.stats)
         self.destroyed = False
         self.allowed_names = set(cfg.semaphores())
-        self.vcpu_pid = 0
+        self.vcpu_pidfd = -1
         self.lapic.send_ipi = self.smp_send_reschedule
 
     def smp_send_reschedule(self) -> None:
-        """The IPI to the CPU in guest mode (the guest process; it says its pid at boot)."""
-        if not self.vcpu_pid:
+        """The IPI to the CPU in guest mode: the guest process, which says its pid at boot
+        (held as a pidfd, so a pid reused after the guest died is never signalled)."""
+        if self.vcpu_pidfd < 0:
             try:
-                self.vcpu_pid = int((Path(self.cfg.rundir) / VCPU_PID_FILE).read_text())
+                pid = int((Path(self.cfg.rundir) / VCPU_PID_FILE).read_text())
+                self.vcpu_pidfd = os.pidfd_open(pid)
             except (OSError, ValueError):
                 return
         try:
-            os.kill(self.vcpu_pid, SIG_VCPU_KICK)
+            signal.pidfd_send_signal(self.vcpu_pidfd, SIG_VCPU_KICK)
         except OSError:
             pass
 
@@ -89,13 +90,10 @@ class Kvm:
         op = req[0]
         if op == KVM_SIGNAL_MSI:
             self.stats.vcpu["signal_msis"] += 1
-            ret = self.routing.kvm_send_userspace_msi(req[1], req[2])
-            self.lapic.kvm_wait_kicked(IPI_WAIT_S)
-            return [ret, None]
+            return [self.routing.kvm_send_userspace_msi(req[1], req[2]), None]
         if op == KVM_IRQ_LINE_STATUS:  # kvm_vm_ioctl_irq_line
             self.stats.vcpu["irq_lines"] += 1
             status = self.routing.kvm_set_irq(req[1], req[2], KVM_USERSPACE_IRQ_SOURCE_ID)
-            self.lapic.kvm_wait_kicked(IPI_WAIT_S)
             return [0, status]
         if op == KVM_IOEVENTFD:
             _, addr, length, datamatch, flags, name = req

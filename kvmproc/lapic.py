@@ -52,8 +52,6 @@ class KvmLapic:
     def __init__(self, kick: EventNotifier) -> None:
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
-        self.injected = threading.Condition(self.lock)
-        self.in_run = False  # the vCPU's thread is inside KVM_RUN
         self.irr = 0
         self.isr = 0
         self.tmr = 0
@@ -126,22 +124,7 @@ class KvmLapic:
             bit = 1 << vector
             self.irr &= ~bit
             self.isr |= bit
-            self.injected.notify_all()
         return vector
-
-    def kvm_wait_kicked(self, timeout_s: float) -> None:
-        """Until the vCPU inside KVM_RUN has taken the interrupt it was just kicked for (at
-        most ``timeout_s``): the IPI's microsecond, which a process wake-up here exceeds."""
-        with self.lock:
-            vector = self.kvm_apic_has_interrupt()
-            if vector < 0 or not self.in_run:
-                return
-            deadline = time.monotonic() + timeout_s
-            while self.in_run and self.kvm_apic_has_interrupt() == vector:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.injected.wait(left)
 
     def apic_set_eoi(self) -> int:
         """The guest's EOI: the highest vector in service leaves the ISR; a level-triggered

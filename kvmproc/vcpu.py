@@ -101,16 +101,6 @@ class KvmVcpu:
         if self.complete_userspace_io:
             self.entry_data = data
             self.complete_userspace_io = False
-        with self.lapic.lock:
-            self.lapic.in_run = True
-        try:
-            return self.vcpu_run()
-        finally:
-            with self.lapic.lock:
-                self.lapic.in_run = False
-                self.lapic.injected.notify_all()
-
-    def vcpu_run(self) -> list:
         errno = 0
         while True:
             if self.mp_state == KVM_MP_STATE_RUNNABLE:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.kvm_abi import LOCAL_TIMER_VECTOR
 from vreplica import bench
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -114,7 +115,7 @@ def test_notify_irq_matching() -> None:
         [9000, 3, "i", "virtio_notify", {"vq": "TX(q1)"}],
     ]}
     guest = {"role": "guest", "records": [
-        [1500, 1, "i", "irq_handler_entry", {"irq": 0xEC}],
+        [1500, 1, "i", "irq_handler_entry", {"irq": LOCAL_TIMER_VECTOR}],
         [3000, 1, "i", "irq_handler_entry", {"irq": 40}],
         [6200, 1, "i", "irq_handler_entry", {"irq": 39}],
     ]}

@@ -5,7 +5,6 @@ MSI delivery. The vCPU's kick is a real named semaphore, as in a run."""
 from __future__ import annotations
 
 import secrets
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -131,19 +130,3 @@ def test_msi_goes_to_the_vector_its_data_names_and_a_bad_address_finds_nobody(ch
     assert routing.kvm_set_irq(30, 1) == 1
     assert lapic.tmr & (1 << 44) and take(lapic) == 44
 
-
-@pytest.mark.timeout(20)
-def test_interrupt_ioctl_returns_once_the_vcpu_in_kvm_run_took_it(chip) -> None:
-    lapic, _, routing = chip
-    routing.kvm_send_userspace_msi(MSI_ADDR_BASE, 39)
-    lapic.kvm_wait_kicked(30.0)  # no vCPU in KVM_RUN: at once
-    lapic.in_run = True
-    waiter = threading.Thread(target=lapic.kvm_wait_kicked, args=(30.0,))
-    waiter.start()
-    waiter.join(0.3)
-    assert waiter.is_alive()  # 39 still waits in the IRR
-    assert take(lapic) == 39
-    waiter.join(5.0)
-    assert not waiter.is_alive()
-    routing.kvm_send_userspace_msi(MSI_ADDR_BASE, 40)  # behind 39 in service: not takeable
-    lapic.kvm_wait_kicked(30.0)

@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from common.kvm_abi import LOCAL_TIMER_VECTOR
 from vreplica import baselines as bl
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
@@ -290,7 +291,6 @@ def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str,
 IRQ_EVENTS = {"guest": ("irq_handler_entry",), "qemu": ("virtio_notify",)}
 IRQ_MODES = {"MSI-X": None, "INTx": 0}
 """The interrupt kinds timed: --vectors default (one MSI-X vector per queue) and 0 (INTx)."""
-LOCAL_TIMER_VECTOR = 0xEC
 
 
 def notify_irq_latencies(pieces: list[dict]) -> dict[str, Any]:
