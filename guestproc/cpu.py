@@ -11,7 +11,8 @@ its kick semaphore). The signal handler runs at the next bytecode boundary of th
 thread and takes the VM exit there, so KVM injects at once; the vector it brings is delivered
 through the IDT at the next point where the interrupted code can take it (an exit of its
 own, ``interrupt_window``, HLT), as an interrupt waits for IF=1. A signal that comes while
-the vCPU is in an exit is moot: KVM injects at that exit's entry.
+the vCPU is in an exit is left to the exit's end: KVM injects at that entry, or, if it kicked
+as it entered, the kick semaphore is still up and the vCPU takes the exit then.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class VCpu:
             raise GuestShutdown
         if vectors:
             self.pending.append(vectors[0])
+        if self._kick_sem.value > 0:  # an IPI that came as KVM entered us: take it now
+            self._take_kick(False)
         if deliver and self.pending and not self._in_irq:
             self._deliver()
         return data
