@@ -96,6 +96,15 @@ KVM_RUN = "KVM_RUN"
 KVM_IOEVENTFD = "KVM_IOEVENTFD"
 KVM_IRQFD = "KVM_IRQFD"
 KVM_SET_GSI_ROUTING = "KVM_SET_GSI_ROUTING"
+KVM_IOCTL_NR = {
+    KVM_RUN: 0xAE80,  # _IO(KVMIO, 0x80)
+    KVM_IOEVENTFD: 0x4040AE79,  # _IOW(KVMIO, 0x79, struct kvm_ioeventfd)
+    KVM_IRQFD: 0x4020AE76,  # _IOW(KVMIO, 0x76, struct kvm_irqfd)
+    KVM_SET_GSI_ROUTING: 0x4008AE6A,  # _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
+    "KVM_SIGNAL_MSI": 0x4020AEA5,  # _IOW(KVMIO, 0xa5, struct kvm_msi)
+    "KVM_IRQ_LINE_STATUS": 0xC008AE67,  # _IOWR(KVMIO, 0x67, struct kvm_irq_level)
+}
+"""The request numbers of the ioctls that have one (what QEMU's kvm_vm_ioctl trace prints)."""
 KVM_SIGNAL_MSI = "KVM_SIGNAL_MSI"
 """[KVM_SIGNAL_MSI, address, data]: inject one MSI now (struct kvm_msi)."""
 KVM_IRQ_LINE_STATUS = "KVM_IRQ_LINE_STATUS"

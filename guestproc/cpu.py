@@ -24,7 +24,7 @@ from types import FrameType
 
 from common import kvm_abi
 from common.channel import Channel
-from common.monitor import Gate
+from common.cpus import Gate
 from common.notifier import EventNotifier
 
 

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from common.channel import Channel
+from common.cpus import SIG_IPI
 from common.ipc import RunConfig
 from common.kvm_abi import (
     KVM_DESTROY_VM,
@@ -32,7 +33,6 @@ from common.kvm_abi import (
     VCPU_PID_FILE,
     VM_CHANNEL_SYNC,
 )
-from common.monitor import SIG_IPI
 from common.notifier import EventNotifier
 from kvmproc.eventfd import IoeventfdBus, IrqfdTable
 from kvmproc.ioapic import KvmIoapic

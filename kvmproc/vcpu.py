@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from common import kvm_abi
 from common.channel import Channel
+from common.cpus import Gate
 from common.kvm_abi import (
     EXIT_REASON_EPT_VIOLATION,
     EXIT_REASON_EXTERNAL_INTERRUPT,
@@ -42,7 +43,6 @@ from common.kvm_abi import (
     VMENTRY_PLAIN,
     VMX_EXIT_REASONS,
 )
-from common.monitor import Gate
 from common.trace import trace_event, traced
 from kvmproc.eventfd import IoeventfdBus
 from kvmproc.ioapic import KvmIoapic

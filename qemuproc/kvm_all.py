@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 from common.channel import Channel
+from common.cpus import Gate
 from common.kvm_abi import (
     KVM_DESTROY_VM,
     KVM_EXIT_INTR,
@@ -26,6 +27,7 @@ from common.kvm_abi import (
     KVM_EXIT_MMIO,
     KVM_EXIT_NAMES,
     KVM_EXIT_SHUTDOWN,
+    KVM_IOCTL_NR,
     KVM_IOEVENTFD,
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN,
@@ -43,7 +45,6 @@ from common.kvm_abi import (
     packb,
     unpackb,
 )
-from common.monitor import Gate
 from common.trace import trace_event, traced
 from qemuproc.memory import (
     AddressSpace,
@@ -54,6 +55,8 @@ from qemuproc.memory import (
 )
 
 FIRST_MSI_GSI = 24
+IOCTL_ARG_ADDR = 0x7FFD2C3A5E40
+"""A stable fake address for the struct an ioctl is passed (on QEMU's stack)."""
 EXCP_INTERRUPT = 0x10000
 
 trace_kvm_vcpu_ioctl = trace_event("kvm_vcpu_ioctl")
@@ -78,19 +81,20 @@ class KVMState:
         self.routes: dict[int, tuple[int, int, int]] = {}
         self.ioctls = 0
         self.msis_lost = 0
+        self.eventfd_fds: dict[str, int] = {}  # notifier -> its fd (event_notifier_get_fd)
         self._msi_records: dict[tuple[int, int], bytes] = {}
 
     def kvm_vm_ioctl(self, *req: Any) -> Any:
         """Send one VM ioctl and wait for its result; a negative errno raises KvmError."""
-        ret, payload = self._vm_ioctl(req[0], packb(list(req)), req[1:])
+        ret, payload = self._vm_ioctl(req[0], packb(list(req)))
         if ret < 0:
             raise KvmError(f"{req[0]}: errno {-ret}")
         return payload
 
-    def _vm_ioctl(self, op: str, record: bytes, arg: Any) -> list:
+    def _vm_ioctl(self, op: str, record: bytes) -> list:
         """One VM ioctl, already packed: [ret, payload]."""
-        if trace_kvm_vm_ioctl.on:
-            trace_kvm_vm_ioctl(type=op, arg=arg)
+        if trace_kvm_vm_ioctl.on and op in KVM_IOCTL_NR:
+            trace_kvm_vm_ioctl(type=KVM_IOCTL_NR[op], arg=IOCTL_ARG_ADDR)
         with self._lock:
             self.ioctls += 1
             self._vm_req.send_raw(record)
@@ -110,7 +114,7 @@ class KVMState:
             record = packb([KVM_SIGNAL_MSI, address, data])
             if len(self._msi_records) < 64:
                 self._msi_records[key] = record
-        ret = self._vm_ioctl(KVM_SIGNAL_MSI, record, key)[0]
+        ret = self._vm_ioctl(KVM_SIGNAL_MSI, record)[0]
         if ret < 0:
             self.msis_lost += 1
         return ret
@@ -166,7 +170,8 @@ class KvmIoListener(MemoryListener):
                              as_.is_io)
 
     def eventfd_del(self, as_: AddressSpace, mr: MemoryRegion, e: MemoryRegionIoeventfd) -> None:
-        kvm_io_ioeventfd_del(self.s, mr.base + e.addr, e.size, e.match_data, e.data, as_.is_io)
+        kvm_io_ioeventfd_del(self.s, mr.base + e.addr, e.size, e.match_data, e.data, e.notifier,
+                             as_.is_io)
 
 
 def kvm_io_ioeventfd_add(s: KVMState, addr: int, size: int, match_data: bool, data: int,
@@ -175,17 +180,19 @@ def kvm_io_ioeventfd_add(s: KVMState, addr: int, size: int, match_data: bool, da
         KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
     trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
     if trace.on:
-        trace(fd=notifier, addr=addr, val=data, assign=True, size=size, datamatch=match_data)
+        trace(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=data, assign=True, size=size,
+              datamatch=match_data)
     s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, notifier)
 
 
 def kvm_io_ioeventfd_del(s: KVMState, addr: int, size: int, match_data: bool, data: int,
-                         is_pio: bool = True) -> None:
+                         notifier: str, is_pio: bool = True) -> None:
     flags = KVM_IOEVENTFD_FLAG_DEASSIGN | (KVM_IOEVENTFD_FLAG_PIO if is_pio else 0) | (
         KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
     trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
     if trace.on:
-        trace(fd="", addr=addr, val=data, assign=False, size=size, datamatch=match_data)
+        trace(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=data, assign=False, size=size,
+              datamatch=match_data)
     s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, "")
 
 
@@ -211,7 +218,7 @@ class CPUState:
 
     def kvm_vcpu_ioctl_run(self) -> list:
         if trace_kvm_vcpu_ioctl.on:
-            trace_kvm_vcpu_ioctl(cpu_index=self.cpu_index, type=KVM_RUN, arg=self.run_data)
+            trace_kvm_vcpu_ioctl(cpu_index=self.cpu_index, type=KVM_IOCTL_NR[KVM_RUN], arg=0)
         data = self.run_data
         self.run_data = 0
         self._send(self._run_cache[0] if data == 0 else packb([KVM_RUN, data]))

@@ -130,6 +130,7 @@ class VirtIOPCIProxy:
             name = self.cfg.ioeventfd(n)
             bridge = PollBridge(EventNotifier(name))
             self.host_bridges[n] = bridge
+            self.kvm.eventfd_fds[name] = bridge.fileno()
             memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
             vq.host_notifier = bridge
             vq.host_notifier_enabled = True

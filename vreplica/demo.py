@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import KVM_EXIT_NAMES
+from common.kvm_abi import KVM_EXIT_NAMES, KVM_IOCTL_NR
+from common.trace import elem_head, vq_index
 from vreplica.cli import Parser, execute
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
@@ -33,6 +34,7 @@ WHERE_W = 16
 WIDTH = 98
 
 Detail = Callable[[dict[str, Any]], str]
+IOCTL_NAMES = {nr: name for name, nr in KVM_IOCTL_NR.items()}
 
 
 def _hex(v: Any) -> str:
@@ -41,6 +43,16 @@ def _hex(v: Any) -> str:
 
 def _exit_name(a: dict[str, Any]) -> str:
     return KVM_EXIT_NAMES.get(a.get("reason"), str(a.get("reason")))
+
+
+def _vq(a: dict[str, Any]) -> str:
+    """QEMU's ``vq %p``, with the queue the replica's address stands for."""
+    return f"vq {a.get('vq')} (queue {vq_index(a.get('vq'))})"
+
+
+def _elem(a: dict[str, Any]) -> str:
+    found = elem_head(a.get("elem"))
+    return f"elem {a.get('elem')} (head {found[1] if found else '?'})"
 
 
 SHOWN: dict[str, Detail] = {
@@ -63,25 +75,24 @@ SHOWN: dict[str, Detail] = {
     "virtio_ioport_write": lambda a: "",
     "main_loop_wait": lambda a: "",
     "virtio_queue_host_notifier_read": lambda a: "the ioeventfd is readable",
-    "virtio_queue_notify": lambda a: f"{a.get('vq')}",
+    "virtio_queue_notify": lambda a: f"n {a.get('n')}, {_vq(a)}",
     "virtio_net_handle_tx_bh": lambda a: "disable notifications, defer to the bh",
     "qemu_bh_schedule": lambda a: f"{a.get('bh')} -> aio_notify",
     "aio_bh_poll": lambda a: "",
     "virtio_net_tx_bh": lambda a: "",
     "virtio_net_tx_timer": lambda a: "",
     "virtio_net_flush_tx": lambda a: "",
-    "virtqueue_pop": lambda a: f"{a.get('vq')} head {a.get('elem')} "
-                               f"(avail_idx {a.get('avail_idx')})",
+    "virtqueue_pop": lambda a: f"{_vq(a)} {_elem(a)}",
     "qemu_sendv_packet_async": lambda a: "",
     "qemu_net_queue_send_iov": lambda a: "deliver, or queue",
     "nc_sendv_compat": lambda a: "one buffer for receive()",
     "net_slirp_receive": lambda a: "",
     "slirp_input": lambda a: f"{a.get('len')} B, ethertype {_hex(a.get('proto'))}",
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
-    "virtqueue_fill": lambda a: f"{a.get('vq')} head {a.get('elem')}, len {a.get('len')}",
+    "virtqueue_fill": lambda a: f"{_elem(a)}, len {a.get('len')}",
     "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
-    "virtio_notify": lambda a: f"{a.get('vq')} used_idx {a.get('used_idx')} -> interrupt",
-    "kvm_vm_ioctl": lambda a: f"{a['type']} {a.get('arg')}" if "type" in a else "",
+    "virtio_notify": lambda a: f"{_vq(a)} -> interrupt",
+    "kvm_vm_ioctl": lambda a: IOCTL_NAMES.get(a.get("type"), _hex(a.get("type"))),
     "kvm_msi_set_irq": lambda a: f"MSI to {_hex(a.get('address'))}, vector {a.get('data')}",
     "kvm_set_irq": lambda a: f"gsi {a.get('gsi')} level {a.get('level')} -> IOAPIC",
     "kvm_inj_virq": lambda a: f"inject vector {a.get('irq')} at VM entry",
