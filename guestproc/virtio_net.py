@@ -121,7 +121,8 @@ class ReceiveQueue:
         self.napi: Napi = None  # type: ignore[assignment]
         self.pool: SkbPool = None  # type: ignore[assignment]
         self.buf_len = 0
-        self.stats = {"packets": 0, "bytes": 0, "drops": 0, "kicks": 0, "refills": 0}
+        self.stats = {"packets": 0, "bytes": 0, "drops": 0, "kicks": 0, "refills": 0,
+                      "merged_frames": 0, "merged_buffers": 0}
         self.refill_enabled = True
 
 
@@ -360,6 +361,9 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> 
         num_buffers = VIRTIO_NET_HDR_MRG_RXBUF.unpack_from(ram, buf.data)[6]
         frame = bytearray(ram[buf.data + hdr_len : buf.data + length])
         rq.pool.kfree_skb(buf)
+        if num_buffers > 1:  # frames that spanned several buffers, and those buffers
+            rq.stats["merged_frames"] += 1
+            rq.stats["merged_buffers"] += num_buffers
         for _ in range(num_buffers - 1):
             r = virtqueue_get_buf(rq.vq)
             if r is None:

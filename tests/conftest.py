@@ -108,12 +108,14 @@ class RunWatcher:
 
     ``ours``: every run seen whose supervisor is (or was) this process or a descendant of
     it; ``foreign``: runs of other live supervisors. Directories in ``known`` (there before
-    the test) are left out.
+    the test) are left out. ``supervisors``: each run seen -> its supervisor's pid (a dead
+    run of another session counts as ours; its pid tells it from one a command started).
     """
 
     known: set[str] = field(default_factory=set)
     foreign: set[str] = field(default_factory=set)
     ours: set[str] = field(default_factory=set)
+    supervisors: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -139,6 +141,7 @@ class RunWatcher:
             self.classify(d.name, d)
         for _, (_, rid, ppid) in replica_processes().items():
             if rid and rid not in self.ours and rid not in self.foreign:
+                self.supervisors.setdefault(rid, ppid)
                 (self.foreign if foreign_pid(ppid) else self.ours).add(rid)
 
     def classify(self, rid: str, rundir: Path) -> None:
@@ -146,6 +149,7 @@ class RunWatcher:
             pid = json.loads((rundir / "config.json").read_text())["supervisor_pid"]
         except (OSError, ValueError, KeyError):
             return
+        self.supervisors[rid] = pid
         (self.foreign if foreign_pid(pid) else self.ours).add(rid)
 
 

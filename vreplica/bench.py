@@ -10,7 +10,6 @@ replica carries in a 1500-byte MTU.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import datetime
 import json
@@ -31,6 +30,8 @@ import psutil
 from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from vreplica import baselines as bl
+from vreplica.cli import Parser
+from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
@@ -1010,7 +1011,8 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vreplica bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="vreplica bench", description=__doc__.split("\n\n")[0],
+               label="vreplica bench")
     p.add_argument("--quick", action="store_true", help="fewer and smaller trials (~1 min)")
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
@@ -1018,6 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     out = Path(a.out) if a.out else ROOT
+    try:
+        writable_dir("--out", out)
+        if out.is_dir():
+            for name in ("BENCHMARKS.md", "bench.png"):
+                writable_file("--out", out / name)
+        if a.json:
+            writable_file("--json", a.json)
+    except UsageError as e:
+        print(f"vreplica bench: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
 
     def log(line: str) -> None:

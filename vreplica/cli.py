@@ -13,14 +13,11 @@ from typing import Any, NoReturn
 from common.inet import UDP_MAX_PAYLOAD
 from common.vring import is_power_of_2, vring_size
 from vreplica.hostside import UdpEcho, UdpSender, UdpSink
+from vreplica.preflight import UsageError, finite_float, udp_port_free, writable_file
 from vreplica.summary import build_summary, format_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
 
 MAX_QUEUE_SIZE = 32768
-
-
-class UsageError(Exception):
-    pass
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,7 +51,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=64, help="UDP payload bytes (8..1472)")
     p.add_argument("--dest-port", type=int, default=0,
                    help="host UDP port on 127.0.0.1 (0: a sink of the run's own)")
-    p.add_argument("--pace-ms", type=float, default=0.0, help="guest sleeps between datagrams")
+    p.add_argument("--pace-ms", type=finite_float, default=0.0,
+                   help="guest sleeps between datagrams")
     p.add_argument("--phases", metavar="N[@MS],...",
                    help="send in phases, a second apart: N datagrams each, MS apart (none: "
                         "back to back); e.g. 1,5@300,20 is the recorded QEMU run's warm-up, "
@@ -81,20 +79,21 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
     p.add_argument("--trace-events", metavar="GLOB,...",
                    help="with --trace: only these trace events start on ('spans' for the "
-                        "function spans), as QEMU's -trace enable=PATTERN")
+                        "function spans), as QEMU's -trace enable=PATTERN; 'help' lists them")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
     p.add_argument("--summary-json", metavar="FILE")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before the run gives up")
-    p.add_argument("--backend-rate", type=float, default=0.0, metavar="PPS",
+    p.add_argument("--timeout", type=finite_float, default=60.0,
+                   help="seconds before the run gives up")
+    p.add_argument("--backend-rate", type=finite_float, default=0.0, metavar="PPS",
                    help="a slow host link: slirp sends at most PPS datagrams a second; beyond "
                         "that it would block (EAGAIN) and the device parks the frame in async_tx")
-    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+    p.add_argument("--poll-us", type=finite_float, default=0.0, metavar="US",
                    help="the TX bottom half busy-polls the ring this long before it turns "
                         "kicks back on (vhost-net's poll-us)")
-    p.add_argument("--udp-expire", type=float, default=240.0, help=argparse.SUPPRESS)
+    p.add_argument("--udp-expire", type=finite_float, default=240.0, help=argparse.SUPPRESS)
     p.add_argument("--net-queue-len", type=int, default=10000, help=argparse.SUPPRESS)
     p.add_argument("--rx-stall-after", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--rx-stall-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--rx-stall-ms", type=finite_float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--wait-attach", action="store_true",
                    help="hold the vCPU before its first instruction until 'cont' (QEMU's -S)")
     p.add_argument("--hold", action="store_true",
@@ -206,8 +205,10 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    if a.trace_events is not None and not a.trace:
-        raise UsageError("--trace-events needs --trace FILE")
+    if a.trace_events is not None:
+        check_trace_events(a.trace_events)
+        if not a.trace:
+            raise UsageError("--trace-events needs --trace FILE")
     if a.guest_fault is not None:
         from guestproc.faults import FAULT_AFTER, FAULTS
 
@@ -220,6 +221,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         if a.packets <= FAULT_AFTER:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
+    check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
                       packets=a.packets, size=a.size, dest_port=a.dest_port,
@@ -235,6 +237,35 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault, "phases": phases,
                              "tx_timer_ns": a.tx_timer_ns})
+
+
+def check_trace_events(text: str) -> None:
+    """Every pattern of ``--trace-events`` selects an event (or the spans)."""
+    from vreplica.trace_events import unmatched_patterns
+
+    patterns = [p for p in text.split(",") if p]  # as common.trace.SELECTED reads them
+    if not patterns:
+        raise UsageError("--trace-events: no event named (--trace-events help lists them)")
+    bad = unmatched_patterns(patterns)
+    if bad:
+        raise UsageError(f"--trace-events: {', '.join(map(repr, bad))} "
+                         f"match{'es' if len(bad) == 1 else ''} no trace event "
+                         "(--trace-events help lists them)")
+
+
+def check_outputs(a: argparse.Namespace, hostfwd: list[tuple[int, int]]) -> None:
+    """The files the run writes can be written, each its own, and the host ports it binds
+    are free."""
+    seen: dict[Path, str] = {}
+    for option, path in (("--trace", a.trace), ("--pcap", a.pcap),
+                         ("--summary-json", a.summary_json)):
+        if path:
+            writable_file(option, path)
+            other = seen.setdefault(Path(path).resolve(), option)
+            if other != option:
+                raise UsageError(f"{option} {path}: the file {other} writes too")
+    for host_port, _ in hostfwd:
+        udp_port_free("--hostfwd", host_port)
 
 
 def free_udp_port() -> int:
@@ -301,6 +332,11 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         for name, text in fault_kinds():
             print(f"{name:18} {text}")
+        return 0
+    if a.trace_events == "help":
+        from vreplica.trace_events import format_help
+
+        print(format_help())
         return 0
     opts = options_from_args(a)
     summary, _ = execute(opts)

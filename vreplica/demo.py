@@ -21,7 +21,8 @@ from typing import Any
 
 from common.kvm_abi import KVM_EXIT_NAMES, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
-from vreplica.cli import Parser, execute
+from vreplica.cli import Parser, execute, finite_float
+from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
 from vreplica.supervisor import RunFailed, RunOptions
@@ -248,12 +249,12 @@ def _pick(trace: Trace, wanted: int | None) -> int:
 
 
 def _parser() -> Parser:
-    p = Parser(prog="vreplica demo",
+    p = Parser(prog="vreplica demo", label="vreplica demo",
                description="Send a few datagrams from the guest to a host echo service and "
                            "follow one round trip.")
     p.add_argument("--out", default="out", help="directory for the trace, pcap and picture")
     p.add_argument("--packets", type=int, default=PACKETS, help="datagrams to send (1..100)")
-    p.add_argument("--pace-ms", type=float, default=PACE_MS,
+    p.add_argument("--pace-ms", type=finite_float, default=PACE_MS,
                    help="pause after each reply, so that each round trip travels alone")
     p.add_argument("--packet", type=int, default=None, metavar="SEQ",
                    help="the datagram whose round trip to follow (default: the median one)")
@@ -270,12 +271,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"vreplica demo: cannot make {a.out}: {e.strerror}", file=sys.stderr)
-        return 2
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
+    try:
+        writable_dir("--out", a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in (trace_path, pcap_path):
+            writable_file("--out", path)
+    except UsageError as e:
+        print(f"vreplica demo: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"vreplica demo: --out {a.out}: {e.strerror}", file=sys.stderr)
+        return 2
     opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
                       pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
                       timeout=60.0)
