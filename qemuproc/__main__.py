@@ -21,7 +21,14 @@ from common.process import ProcessRuntime, Stop
 from common.trace import register_thread
 from qemuproc.cpr import Cpr
 from qemuproc.dump import FilterDump
-from qemuproc.kvm_all import CPUState, KvmError, KvmIoListener, KVMState, kvm_cpu_exec
+from qemuproc.kvm_all import (
+    CPUState,
+    KvmError,
+    KvmIoListener,
+    KVMState,
+    kvm_cpu_exec,
+    qemu_wait_io_event,
+)
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
 from qemuproc.monitor import qemu_monitor
@@ -164,7 +171,9 @@ class Machine:
         try:
             with ml.bql:
                 if self.cpr.vcpu_resume(self.cpu):
-                    kvm_cpu_exec(self.cpu)
+                    while not self.cpu.shutdown_requested:
+                        qemu_wait_io_event(self.cpu)
+                        kvm_cpu_exec(self.cpu)
         except Exception as e:  # noqa: BLE001 - the VM cannot go on; say why
             if not self.rt.stopping:
                 self.cpu_error = f"vCPU thread: {type(e).__name__}: {e}"

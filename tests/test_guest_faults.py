@@ -38,7 +38,8 @@ def check_recovered(s: dict, expect: str) -> None:
         s["device_errors"]
     assert s["guest_resets"] == 1
     assert s["sent"] == PACKETS and s["delivered"] == PACKETS - 1  # all but the faulty frame
-    assert s["ioeventfds"] == 2 and s["irqfds"] == 3  # re-registered at the new DRIVER_OK
+    assert s["ioeventfds"] == 2  # re-registered at the new DRIVER_OK
+    assert s["irqfds"] == 0  # virtio-net in QEMU sends its MSIs itself (KVM_SIGNAL_MSI)
 
 
 @pytest.mark.timeout(60)

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from vreplica import baselines as bl
 from vreplica.cli import Parser
@@ -309,6 +310,44 @@ def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str,
             "stages_p50_us": {s: bl.percentile(v, 50) for s, v in stage_us.items() if v}}
 
 
+IRQ_EVENTS = {"guest": ("irq_handler_entry",), "qemu": ("virtio_notify",)}
+IRQ_MODES = {"MSI-X": None, "INTx": 0}
+"""The interrupt kinds timed: --vectors default (one MSI-X vector per queue) and 0 (INTx)."""
+
+
+def notify_irq_latencies(pieces: list[dict]) -> dict[str, Any]:
+    """Each interrupt QEMU raised to the guest's handler for it: QEMU's ``virtio_notify``
+    (an interrupt is due) to the guest's next ``irq_handler_entry`` of a device vector.
+
+    A notify that another follows before the guest's handler ran shares that interrupt
+    (an edge already pending, a line already up): only the last one of them is timed.
+    """
+    notifies: list[int] = []
+    entries: list[int] = []
+    for p in pieces:
+        for ts, _, ph, name, args in p.get("records", []):
+            if ph != "i":
+                continue
+            if name == "virtio_notify" and p["role"] == "qemu":
+                notifies.append(ts)
+            elif name == "irq_handler_entry" and p["role"] == "guest" \
+                    and (args or {}).get("irq") != LOCAL_TIMER_VECTOR:
+                entries.append(ts)
+    notifies.sort()
+    entries.sort()
+    lat: list[float] = []
+    for i, ts in enumerate(notifies):
+        j = bisect.bisect_left(entries, ts)
+        if j == len(entries):
+            continue
+        if i + 1 < len(notifies) and notifies[i + 1] <= entries[j]:
+            continue
+        lat.append((entries[j] - ts) / 1000)
+    return {"notifies": len(notifies), "matched": len(lat),
+            "p50_us": bl.percentile(lat, 50), "p99_us": bl.percentile(lat, 99),
+            "max_us": max(lat) if lat else None}
+
+
 # -- the sections -------------------------------------------------------------------------------
 
 
@@ -411,8 +450,17 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
         return {"ioeventfd": ioeventfd, "trace": "selected" if selected else "all", **lat,
                 "sink": r["sink"], "kicks_reported": r["kicks"]}
 
+    def irq_run(vectors: int | None) -> dict[str, Any]:
+        opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
+                          pace_ms=plan.pace_ms, vectors=vectors, trace="bench",
+                          trace_events=",".join(e for evs in IRQ_EVENTS.values() for e in evs),
+                          timeout=120.0)
+        r = run_replica(opts, sample_rss=False, keep_trace=True)
+        return {**notify_irq_latencies(r.pop("pieces")), "sink": r["sink"]}
+
     out: dict[str, Any] = {"packets": plan.latency_packets, "pace_ms": plan.pace_ms,
-                           "size": 64, "runs": [], "runs_all_traced": [], "pingpong": [],
+                           "size": 64, "runs": [], "runs_all_traced": [], "irq_runs": [],
+                           "pingpong": [],
                            "pingpong_paced": [], "pingpong_paced_cross_cpu": [],
                            "trace_events": {r: list(e) for r, e in wanted.items()}}
     cross = (0, 1) if len(os.sched_getaffinity(0) & {0, 1}) == 2 else None
@@ -438,6 +486,11 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
             r = checked(label, lambda i=ioeventfd, s=selected: timed_run(i, s), log, failures)
             if r is not None:
                 out["runs" if selected else "runs_all_traced"].append({"trial": t, **r})
+        for irq, vectors in IRQ_MODES.items():
+            r = checked(f"latency trial {t + 1} notify -> interrupt, {irq}",
+                        lambda v=vectors: irq_run(v), log, failures)
+            if r is not None:
+                out["irq_runs"].append({"trial": t, "irq": irq, **r})
 
     def fold_runs(rs: list[dict], names: tuple[str, ...]) -> dict[str, Any]:
         return {"p50_us": median([r["p50_us"] for r in rs]),
@@ -451,6 +504,11 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
         key = "ioeventfd_on" if on else "ioeventfd_off"
         out[key] = fold_runs([r for r in out["runs"] if r["ioeventfd"] == on], stages(on, True))
     out["ioeventfd_on_all_traced"] = fold_runs(out["runs_all_traced"], stages(True, False))
+    out["notify_irq"] = {irq: {k: median([r[k] for r in out["irq_runs"] if r["irq"] == irq])
+                               for k in ("p50_us", "p99_us")}
+                         | {"matched": sum(r["matched"] for r in out["irq_runs"]
+                                           if r["irq"] == irq)}
+                         for irq in IRQ_MODES}
     for key in ("pingpong", "pingpong_paced", "pingpong_paced_cross_cpu"):
         out[f"{key}_rtt_us_p50"] = median([r["rtt_us_p50"] for r in out[key]])
         out[f"{key}_rtt_us_p99"] = median([r["rtt_us_p99"] for r in out[key]])
@@ -835,11 +893,22 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                   for s, x in r.get("stages_p50_us", {}).items()]
     L += ["Where the time goes (p50 from the kick to the first such event, any process):", ""]
     L += table(["stage", "us"], stage_rows)
+    irq = lat.get("notify_irq", {})
+    L += ["", "Notify -> interrupt, same trials, same pacing: QEMU's `virtio_notify` (an "
+          "interrupt is due; the main loop then sends it: KVM_SIGNAL_MSI, or KVM_IRQ_LINE_STATUS "
+          "for INTx) to the guest's `irq_handler_entry` of a device vector (after the x2APIC "
+          "EOI exit for an MSI, Linux's edge flow; before it for INTx, the fasteoi flow). A "
+          "notify another follows before the handler ran shares its interrupt and is not "
+          "timed. Trace events on: " + ", ".join(f"`{e}`" for evs in IRQ_EVENTS.values()
+                                                 for e in evs) + ".", ""]
+    L += table(["microseconds", "p50", "p99", "timed"],
+               [[f"notify -> interrupt, {k}", fmt_f(v.get("p50_us"), 1),
+                 fmt_f(v.get("p99_us"), 1), str(v.get("matched", 0))] for k, v in irq.items()])
 
     L += ["## 4. Kicks and interrupts per packet, saturating burst", "",
           "From the default-mode runs of section 2 (the guest sends back to back): the "
-          "driver's kicks and the device's TX-queue interrupts (virtio_notify that reached "
-          "the irqfd), per packet sent.", ""]
+          "driver's kicks and the device's TX-queue interrupts (virtio_notify calls that raised "
+          "an interrupt), per packet sent.", ""]
     d = res["modes"]["default"]
     L += table(["per packet, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
                [[name] + [f"{fmt_f(d[s][k], 4)} ({fmt_f(d[s][k + '_min'], 4)}-"

@@ -4,7 +4,7 @@ The guest sends a few UDP datagrams, one at a time, to an echo service this comm
 127.0.0.1, paced so that each round trip travels alone; then one round trip is printed as the
 call chain the three processes ran: to the host (guest driver -> KVM -> QEMU's virtio-net and
 slirp -> the host socket, and the completion interrupt back) and the reply back to the guest
-(slirp reads it -> virtio-net fills a guest RX buffer -> irqfd -> the guest's NAPI poll -> its
+(slirp reads it -> virtio-net fills a guest RX buffer -> an MSI -> the guest's NAPI poll -> its
 socket), with the run's summary and the files to look at next: the Chrome trace (Perfetto),
 the pcap, and a swimlane picture of that round trip.
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.kvm_abi import KVM_EXIT_NAMES, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
 from vreplica.cli import Parser, execute, finite_float
 from vreplica.preflight import UsageError, writable_dir, writable_file
@@ -34,10 +35,15 @@ WHERE_W = 16
 WIDTH = 98
 
 Detail = Callable[[dict[str, Any]], str]
+IOCTL_NAMES = {nr: name for name, nr in KVM_IOCTL_NR.items()}
 
 
 def _hex(v: Any) -> str:
     return f"{v:#x}" if isinstance(v, int) else str(v)
+
+
+def _exit_name(a: dict[str, Any]) -> str:
+    return KVM_EXIT_NAMES.get(a.get("reason"), str(a.get("reason")))
 
 
 def _vq(a: dict[str, Any]) -> str:
@@ -50,10 +56,6 @@ def _elem(a: dict[str, Any]) -> str:
     return f"elem {a.get('elem')} (head {found[1] if found else '?'})"
 
 
-def _vectors(a: dict[str, Any]) -> str:
-    return ",".join(map(str, a.get("vectors") or []))
-
-
 SHOWN: dict[str, Detail] = {
     "udp_sendmsg": lambda a: f"seq {a.get('seq')}: {a.get('len')} B to 10.0.2.2:{a.get('dport')}",
     "start_xmit": lambda a: f"{a.get('dev')}: {a.get('len')}-byte frame for {a.get('vq')}",
@@ -62,13 +64,14 @@ SHOWN: dict[str, Detail] = {
                                      f"avail_idx {a.get('avail_idx')}",
     "vp_notify": lambda a: f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps",
     "kvm_arch_vcpu_ioctl_run": lambda a: "KVM_RUN",
-    "kvm_exit": lambda a: f"VM exit: {a.get('reason')}",
+    "kvm_exit": lambda a: f"VM exit: {a.get('exit_reason')}",
     "handle_exit": lambda a: "",
-    "kvm_pio": lambda a: f"{a.get('rw')} port {_hex(a.get('port'))} = {a.get('val')}",
+    "kvm_pio": lambda a: f"pio_{'write' if a.get('rw') else 'read'} port {_hex(a.get('port'))} "
+                         f"= {a.get('val')}",
     "ioeventfd_write": lambda a: "datamatch: signal the eventfd, re-enter the guest",
-    "kvm_userspace_exit": lambda a: f"return to QEMU: {a.get('reason')}",
+    "kvm_userspace_exit": lambda a: f"return to QEMU: {_exit_name(a)}",
     "kvm_cpu_exec": lambda a: "",
-    "kvm_run_exit": lambda a: f"KVM_RUN returned {a.get('name')}",
+    "kvm_run_exit": lambda a: f"KVM_RUN returned {_exit_name(a)}",
     "kvm_handle_io": lambda a: "",
     "virtio_ioport_write": lambda a: "",
     "main_loop_wait": lambda a: "",
@@ -89,9 +92,11 @@ SHOWN: dict[str, Detail] = {
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
     "virtqueue_fill": lambda a: f"{_elem(a)}, len {a.get('len')}",
     "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
-    "virtio_notify": lambda a: f"{_vq(a)} -> irqfd",
-    "irqfd_wakeup": lambda a: f"gsi {a.get('gsi')} -> local APIC",
-    "kvm_inj_virq": lambda a: f"inject vector(s) {_vectors(a)} at VM entry",
+    "virtio_notify": lambda a: f"{_vq(a)} -> interrupt",
+    "kvm_vm_ioctl": lambda a: IOCTL_NAMES.get(a.get("type"), _hex(a.get("type"))),
+    "kvm_msi_set_irq": lambda a: f"MSI to {_hex(a.get('address'))}, vector {a.get('data')}",
+    "kvm_set_irq": lambda a: f"gsi {a.get('gsi')} level {a.get('level')} -> IOAPIC",
+    "kvm_inj_virq": lambda a: f"inject vector {a.get('irq')} at VM entry",
     "vring_interrupt": lambda a: f"irq {a.get('irq')}, {a.get('vq')} used_idx {a.get('used_idx')}",
     "skb_xmit_done": lambda a: "schedule NAPI",
     "net_rx_action": lambda a: "softirq: run the scheduled NAPI polls",
@@ -218,7 +223,7 @@ def format_round_trip(trace: Trace, seq: int) -> list[str]:
     return lines
 
 
-WHOLE_RX = ("irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "recvfrom")
+WHOLE_RX = ("kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "recvfrom")
 """A reply that took the whole way: its own interrupt through KVM, up to the socket."""
 
 
