@@ -96,6 +96,7 @@ SHOWN: dict[str, Detail] = {
     "kvm_vm_ioctl": lambda a: IOCTL_NAMES.get(a.get("type"), _hex(a.get("type"))),
     "kvm_msi_set_irq": lambda a: f"MSI to {_hex(a.get('address'))}, vector {a.get('data')}",
     "kvm_set_irq": lambda a: f"gsi {a.get('gsi')} level {a.get('level')} -> IOAPIC",
+    "irqfd_wakeup": lambda a: f"gsi {a.get('gsi')} -> local APIC",
     "kvm_inj_virq": lambda a: f"inject vector {a.get('irq')} at VM entry",
     "vring_interrupt": lambda a: f"irq {a.get('irq')}, {a.get('vq')} used_idx {a.get('used_idx')}",
     "skb_xmit_done": lambda a: "schedule NAPI",
