@@ -75,6 +75,7 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
         "vm_exits": cpu.exits,
         "tx_drained": drained,
         "resets": vi.resets,
+        "reset_log": vi.reset_log,
     }
     if vi.reset_error:
         report["reset_error"] = vi.reset_error
