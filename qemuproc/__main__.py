@@ -146,6 +146,8 @@ class Machine:
             "slirp": self.slirp.describe(),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
+                         "nic_flush_dropped": sum(nc.incoming_queue.flush_dropped
+                                                  for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
             "kvm_run_exits": self.cpu.exit_counts,
             "main_loop_iterations": self.main_loop.iterations,
