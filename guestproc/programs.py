@@ -244,7 +244,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
                     inbound_count += 1
                     if 0 <= seq < 1 << 24:
                         if seq >= len(inbound_ns):
-                            inbound_ns.extend(bytes(8 * (seq + 1 - len(inbound_ns))))
+                            inbound_ns.frombytes(bytes(8 * (seq + 1 - len(inbound_ns))))
                         inbound_ns[seq] = inbound_ns[seq] or arrived
                 elif not 0 <= seq < sent or data != payload(seq, len(data)):
                     bad += 1
