@@ -83,6 +83,7 @@ class Kernel:
         self.timer_deadline = 0
         self.timer_fired = False
         self.irq_count: dict[str, int] = {}
+        self.timer_interrupts = 0
         cpu.irq_exit = self.do_softirq
         cpu.idt[LOCAL_TIMER_VECTOR] = self._local_timer_interrupt
 
@@ -108,6 +109,7 @@ class Kernel:
 
     def _local_timer_interrupt(self, vector: int) -> None:
         self.timer_fired = True
+        self.timer_interrupts += 1
 
     # -- softirq ------------------------------------------------------------------------------
 
