@@ -135,8 +135,11 @@ class Chaos:
             self._thread.join(2.0)
 
     def _run(self) -> None:
+        deck: list[str] = []  # each kind once a round, in a random order: all of them fire
         while not self._stop.wait(self.period_s * (0.5 + self.rng.random())):
-            kind = self.rng.choice(self.kinds)
+            if not deck:
+                deck = self.rng.sample(self.kinds, len(self.kinds))
+            kind = deck.pop()
             try:
                 getattr(self, "do_" + kind.replace("-", "_"))()
             except (OSError, KeyError) as e:
