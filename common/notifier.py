@@ -110,12 +110,12 @@ class PollBridge:
     def set(self) -> None:
         self.notifier.set()
 
-    def test_and_clear(self) -> bool:
+    def test_and_clear(self) -> int:
+        """The eventfd read: how many signals it held (0: none), and now none."""
         try:
-            os.eventfd_read(self.efd)
+            return os.eventfd_read(self.efd)
         except BlockingIOError:
-            return False
-        return True
+            return 0
 
     def stop(self) -> None:
         self._stop = True

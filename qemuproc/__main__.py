@@ -134,6 +134,7 @@ class Machine:
         vdev = self.n
         return {
             "queues": {vq.name: {"pops": vq.pops, "kicks_handled": vq.kicks,
+                                 "kicks_coalesced": vq.kicks_coalesced,
                                  "notifies": vq.notifies, "inuse": vq.inuse,
                                  "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
                                  "vector": vq.vector} for vq in vdev.vq},

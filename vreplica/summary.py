@@ -49,6 +49,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         "delivered_counted_by": "host socket" if sink is not None else "slirp sendto",
         "kicks": sq.get("kicks", 0),
         "kicks_handled": tx_q.get("kicks_handled", 0),
+        "kicks_coalesced": tx_q.get("kicks_coalesced", 0),
         "tx_interrupts": tx_q.get("notifies", 0),
         "rx_interrupts": rx_q.get("notifies", 0),
         "interrupts_injected": vcpu.get("irq_injections", 0),
@@ -130,9 +131,10 @@ def kicks_line(s: dict[str, Any]) -> str:
     if not s["ioeventfd"] or s.get("device_restarts"):
         return line
     own = s["ioeventfd_starts"] * s["queue_pairs_max"]
-    merged = kicks + own - handled
-    return line + (f" (+{own} QEMU's own at ioeventfd start, -{merged} coalesced in the eventfd)"
-                   if own or merged else "")
+    merged = s["kicks_coalesced"]
+    line += f" (+{own} QEMU's own at ioeventfd start, -{merged} coalesced in the eventfd"
+    rest = kicks + own - merged - handled
+    return line + (f", {rest} not yet read at the end)" if rest else ")")
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -147,7 +149,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"   injected by KVM: {s['interrupts_injected']}",
         "  interrupts taken       " + ", ".join(
             f"{k} {n}" for k, n in s["interrupts_taken"].items() if n or k != "shared")
-        + " (by the guest's handlers)",
+        + " (by the guest's handlers; a vector raised again while still pending in the "
+        "LAPIC is taken once)",
     ]
     e = s["exits"]
     lines.append("  VM exits               " + ", ".join(
