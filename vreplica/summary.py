@@ -132,9 +132,9 @@ def kicks_line(s: dict[str, Any]) -> str:
         return line
     own = s["ioeventfd_starts"] * s["queue_pairs_max"]
     merged = s["kicks_coalesced"]
-    line += f" (+{own} QEMU's own at ioeventfd start, -{merged} coalesced in the eventfd"
+    line += f" (+{own} its own at start, -{merged} merged in eventfd"
     rest = kicks + own - merged - handled
-    return line + (f", {rest} not yet read at the end)" if rest else ")")
+    return line + (f", {rest} unread at the end)" if rest else ")")
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -149,8 +149,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"   injected by KVM: {s['interrupts_injected']}",
         "  interrupts taken       " + ", ".join(
             f"{k} {n}" for k, n in s["interrupts_taken"].items() if n or k != "shared")
-        + " (by the guest's handlers; a vector raised again while still pending in the "
-        "LAPIC is taken once)",
+        + " (guest's handlers)",
     ]
     e = s["exits"]
     lines.append("  VM exits               " + ", ".join(
