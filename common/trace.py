@@ -15,7 +15,12 @@ Two kinds of record, both stamped with CLOCK_MONOTONIC (one clock for all proces
 ``-trace enable=PATTERN``: comma-separated globs, ``spans`` for the spans.
 
 Each process dumps its records into the run directory; ``vreplica.tracefile`` merges them
-into Chrome Trace Event JSON.
+into Chrome Trace Event JSON or QEMU's log-backend text.
+
+QEMU's events carry pointers (``vq %p elem %p``). The replica's stand-ins are fixed fake
+addresses, one per object, laid out as QEMU's are (``vq_addr``, ``elem_addr``), so that a
+trace reads like QEMU's and the tooling can still tell which queue and descriptor head an
+address stands for (``vq_index``, ``elem_head``).
 """
 
 from __future__ import annotations
@@ -153,6 +158,63 @@ def switch(states: dict[str, bool]) -> None:
 
 def states() -> dict[str, bool]:
     return {name: ev.on for name, ev in EVENTS.items()}
+
+
+# -- the fake addresses of QEMU's objects ---------------------------------------------------
+
+VDEV_ADDR = 0x55D0_A4D5_0700
+"""The VirtIODevice (one virtio-net device per run)."""
+VQ_ARRAY_ADDR = 0x7F87_240A_C010
+VQ_STRIDE = 0x98
+"""QEMU allocates ``vdev->vq`` as one array of VirtQueue, 0x98 bytes each (7.2, x86-64)."""
+ELEM_BASE = 0x55D0_A000_0000
+ELEM_QUEUE_SHIFT = 24
+ELEM_HEAD_SHIFT = 8
+ELEM_SPARE = 0x80
+"""A second element for a head still in flight (a guest offering it twice) lies here."""
+VIRTQUEUE_ELEMENT_SIZE = 56
+"""sizeof(VirtQueueElement) in QEMU 7.2 on x86-64: what virtio-net passes to virtqueue_pop
+and ``virtqueue_alloc_element`` reports as ``size``."""
+
+
+def vq_addr(n: int) -> int:
+    return VQ_ARRAY_ADDR + n * VQ_STRIDE
+
+
+def elem_addr(n: int, head: int, spare: bool = False) -> int:
+    return ELEM_BASE + (n << ELEM_QUEUE_SHIFT) + (head << ELEM_HEAD_SHIFT) + (
+        ELEM_SPARE if spare else 0)
+
+
+def as_addr(value: Any) -> int | None:
+    """A pointer argument as recorded (int) or as printed (``0x...``), as an int."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value), 16)
+    except ValueError:
+        return None
+
+
+def vq_index(value: Any) -> int | None:
+    """The queue index a replica VirtQueue address stands for (None if it is none)."""
+    a = as_addr(value)
+    if a is None or a < VQ_ARRAY_ADDR or (a - VQ_ARRAY_ADDR) % VQ_STRIDE:
+        return None
+    n = (a - VQ_ARRAY_ADDR) // VQ_STRIDE
+    return n if n < 1024 else None
+
+
+def elem_head(value: Any) -> tuple[int, int] | None:
+    """(queue index, descriptor head) of a replica element address (None if it is none)."""
+    a = as_addr(value)
+    if a is None or a < ELEM_BASE:
+        return None
+    off = a - ELEM_BASE
+    n, rest = off >> ELEM_QUEUE_SHIFT, off & ((1 << ELEM_QUEUE_SHIFT) - 1)
+    if n >= 1024 or rest & ~ELEM_SPARE & ((1 << ELEM_HEAD_SHIFT) - 1):
+        return None
+    return n, rest >> ELEM_HEAD_SHIFT
 
 
 def register_thread(name: str | None = None) -> None:

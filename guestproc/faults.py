@@ -171,12 +171,6 @@ def fault_oob_overflow(r: Ring, vdev: Any) -> None:
     r.publish(d)
 
 
-def fault_hdr_short(r: Ring, vdev: Any) -> None:
-    [d] = r.take(1)
-    r.desc(d, r.start, r.hdr_len - 4)
-    r.publish(d)
-
-
 def fault_queue_pfn(r: Ring, vdev: Any) -> None:
     """Move the TX ring, while the device runs, to a page frame beyond guest RAM."""
     io = vdev.ioaddr
@@ -219,8 +213,6 @@ FAULTS: dict[str, Fault] = {
                       "a buffer that runs past the end of guest RAM"),
     "oob-overflow": Fault(fault_oob_overflow, "virtio: bogus descriptor or out of resources",
                           "a buffer whose addr + len overflows 64 bits"),
-    "hdr-short": Fault(fault_hdr_short, "virtio-net header incorrect",
-                       "a TX chain shorter than the negotiated virtio-net header"),
     "queue-pfn": Fault(fault_queue_pfn, "Cannot map desc",
                        "write a TX queue PFN beyond guest RAM while the device runs",
                        kick=False),

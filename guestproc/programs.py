@@ -34,23 +34,43 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[k]
 
 
+PHASE_PAUSE_MS = 1000.0
+"""The guest's pause between two phases of ``phases`` (the recorded QEMU run paused about a
+second between its warm-up, its spaced datagrams and its burst)."""
+
+
+def send_schedule(opts: dict[str, Any]) -> list[float]:
+    """How long the guest sleeps after each datagram: ``pace_ms`` after every one, or, with
+    ``phases`` ([count, gap_ms] each), ``gap_ms`` between the datagrams of a phase and
+    PHASE_PAUSE_MS between phases."""
+    phases = opts.get("phases")
+    if not phases:
+        return [opts.get("pace_ms", 0.0)] * opts["packets"]
+    sleeps: list[float] = []
+    for i, (count, gap) in enumerate(phases):
+        sleeps += [float(gap)] * (count - 1)
+        sleeps.append(PHASE_PAUSE_MS if i + 1 < len(phases) else 0.0)
+    return sleeps
+
+
 def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
              console: Console) -> dict[str, Any]:
     """Send ``packets`` datagrams of ``size`` bytes to 10.0.2.2:``dest_port``.
 
-    ``pace_ms`` spaces them out (the guest sleeps on its LAPIC timer); ``batch`` > 1 hands
-    them to the driver in batches with xmit_more set on all but the last of each.
+    ``pace_ms`` (or ``phases``: a warm-up, spaced datagrams, a burst...) spaces them out
+    (the guest sleeps on its LAPIC timer); ``batch`` > 1 hands them to the driver in
+    batches with xmit_more set on all but the last of each.
     """
     n, size, port = opts["packets"], opts["size"], opts["dest_port"]
-    pace = opts.get("pace_ms", 0.0)
+    sleeps = send_schedule(opts)
     batch = max(1, opts.get("batch", 1))
     sock = stack.socket()
     dst = (GATEWAY, port)
     t0 = kernel.now_ns()
     for seq in range(n):
         sock.sendto(payload(seq, size), dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
-        if pace:
-            kernel.msleep(pace)
+        if sleeps[seq]:
+            kernel.msleep(sleeps[seq])
     return {"sent": n, "send_ns": kernel.now_ns() - t0, "t0_ns": t0, "sport": sock.port}
 
 

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 from common.guest_memory import GuestMemory, GuestMemoryError
-from common.trace import trace_event, trace_group, traced
+from common.trace import (
+    VDEV_ADDR,
+    VIRTQUEUE_ELEMENT_SIZE,
+    elem_addr,
+    trace_event,
+    trace_group,
+    traced,
+    vq_addr,
+)
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -56,12 +64,15 @@ trace_virtio_error = trace_event("virtio_error")
 
 
 class VirtQueueElement:
-    """A popped chain: its head index and the mapped buffers (memoryviews into guest RAM)."""
+    """A popped chain: its head index and the mapped buffers (memoryviews into guest RAM);
+    ``addr`` is the address trace events show for it (QEMU's ``elem %p``)."""
 
-    __slots__ = ("index", "len", "ndescs", "out_sg", "in_sg", "out_addr", "in_addr", "busy")
+    __slots__ = ("index", "addr", "len", "ndescs", "out_sg", "in_sg", "out_addr", "in_addr",
+                 "busy")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, addr: int = 0) -> None:
         self.index = index
+        self.addr = addr
         self.len = 0
         self.ndescs = 1
         self.out_sg: list[memoryview] = []
@@ -103,7 +114,8 @@ class VirtQueue:
         self.handle_output = handle_output
         self.host_notifier: Any = None
         self.host_notifier_enabled = False
-        self.elems = [VirtQueueElement(i) for i in range(num)]
+        self.addr = vq_addr(queue_index)
+        self.elems = [VirtQueueElement(i, elem_addr(queue_index, i)) for i in range(num)]
         # vhost-user inflight tracking: a flag per head popped and not yet used, and the used
         # index the flags agree with (qemuproc/vhost_user_inflight.py maps them to shared memory)
         self.inflight = memoryview(bytearray(num))
@@ -138,6 +150,7 @@ class VirtIODevice:
         self.vm_running = True
         self.started = False
         self.dma = dma
+        self.addr = VDEV_ADDR
         self.event_idx = False
         self.notify_vector: Callable[[int], None] = lambda vector: None
         self.on_error: Callable[[str], None] = lambda message: None
@@ -412,7 +425,7 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
         v.avail_event_h[0] = last  # vring_set_avail_event, inlined on the hot path
     elem = vq.elems[head]
     if elem.busy:  # the guest offered a head that is still in flight: give it its own element
-        elem = VirtQueueElement(head)
+        elem = VirtQueueElement(head, elem_addr(vq.queue_index, head, spare=True))
     addr, length, flags, nxt = _desc_unpack_from(v.desc, head << 4)
     if not flags & _DESC_F_CHAIN_OR_WRITE:
         # one readable buffer, the common TX chain: the loop's checks below, for one entry
@@ -483,11 +496,11 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
     vq.pops += 1
     if trace_pop_points.on:
         if trace_virtqueue_alloc_element.on:
-            trace_virtqueue_alloc_element(elem=head, in_num=len(elem.in_sg),
-                                          out_num=len(elem.out_sg))
+            trace_virtqueue_alloc_element(elem=elem.addr, sz=VIRTQUEUE_ELEMENT_SIZE,
+                                          in_num=len(elem.in_sg), out_num=len(elem.out_sg))
         if trace_virtqueue_pop.on:
-            trace_virtqueue_pop(vq=vq.name, elem=head, in_num=len(elem.in_sg),
-                                out_num=len(elem.out_sg), avail_idx=(last - 1) & 0xFFFF)
+            trace_virtqueue_pop(vq=vq.addr, elem=elem.addr, in_num=len(elem.in_sg),
+                                out_num=len(elem.out_sg))
     return elem
 
 
@@ -513,12 +526,12 @@ def virtqueue_rewind(vq: VirtQueue, num: int) -> bool:
 @traced
 def virtqueue_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int) -> None:
     """Write the used-ring entry for ``elem`` at position ``idx`` after the current used_idx."""
+    if trace_virtqueue_fill.on:
+        trace_virtqueue_fill(vq=vq.addr, elem=elem.addr, len=length, idx=idx)
     elem.busy = False
     v = vq.views
     if vq.vdev.broken or v is None:
         return
-    if trace_virtqueue_fill.on:
-        trace_virtqueue_fill(vq=vq.name, elem=elem.index, len=length, idx=idx)
     slot = ((vq.used_idx + idx) % vq.num) << 1
     v.used_ring[slot] = elem.index
     v.used_ring[slot + 1] = length
@@ -546,7 +559,7 @@ def virtqueue_flush(vq: VirtQueue, count: int) -> None:
         return
     # smp_wmb: the entries are visible before the index
     if trace_virtqueue_flush.on:
-        trace_virtqueue_flush(vq=vq.name, count=count)
+        trace_virtqueue_flush(vq=vq.addr, count=count)
     old = vq.used_idx
     new = (old + count) & 0xFFFF
     v.used_hdr[1] = new
@@ -635,7 +648,7 @@ def virtio_notify(vdev: VirtIODevice, vq: VirtQueue) -> None:
     if not virtio_should_notify(vdev, vq):
         return
     if trace_virtio_notify.on:
-        trace_virtio_notify(vq=vq.name, used_idx=vq.used_idx)
+        trace_virtio_notify(vdev=vdev.addr, vq=vq.addr)
     virtio_irq(vq)
 
 
@@ -655,7 +668,7 @@ def virtio_queue_notify(vdev: VirtIODevice, n: int) -> None:
     if vq.views is None or vdev.broken:
         return
     if trace_virtio_queue_notify.on:
-        trace_virtio_queue_notify(n=n, vq=vq.name)
+        trace_virtio_queue_notify(vdev=vdev.addr, n=n, vq=vq.addr)
     vq.kicks += 1
     if vq.host_notifier_enabled and vq.host_notifier is not None:
         vq.host_notifier.set()
@@ -669,7 +682,7 @@ def virtio_queue_notify_vq(vq: VirtQueue) -> None:
     if vq.views is None or vdev.broken:
         return
     if trace_virtio_queue_notify.on:
-        trace_virtio_queue_notify(n=vq.queue_index, vq=vq.name)
+        trace_virtio_queue_notify(vdev=vdev.addr, n=vq.queue_index, vq=vq.addr)
     vq.kicks += 1
     vq.handle_output(vdev, vq)
 
@@ -696,7 +709,7 @@ def virtio_set_features(vdev: VirtIODevice, val: int) -> int:
 @traced
 def virtio_set_status(vdev: VirtIODevice, val: int) -> None:
     if trace_virtio_set_status.on:
-        trace_virtio_set_status(val=val)
+        trace_virtio_set_status(vdev=vdev.addr, val=val)
     if (vdev.status & VIRTIO_CONFIG_S_DRIVER_OK) != (val & VIRTIO_CONFIG_S_DRIVER_OK):
         vdev.started = bool(val & VIRTIO_CONFIG_S_DRIVER_OK)
     vdev.set_status(val)

@@ -62,7 +62,6 @@ VIRTIO_PCI_IRQ_LINE = 11
 VIRTIO_PCI_DEVFN = 3 << 3
 
 trace_virtio_pci_notify = trace_event("virtio_pci_notify")
-trace_virtio_pci_notify_write_pio = trace_event("virtio_pci_notify_write_pio")
 trace_virtio_ioport_write = trace_event("virtio_ioport_write")
 
 
@@ -247,8 +246,6 @@ def virtio_ioport_write(proxy: VirtIOPCIProxy, addr: int, val: int) -> None:
         if val < VIRTIO_QUEUE_MAX:
             vdev.queue_sel = val
     elif addr == VIRTIO_PCI_QUEUE_NOTIFY:
-        if trace_virtio_pci_notify_write_pio.on:
-            trace_virtio_pci_notify_write_pio(addr=addr, val=val, size=2)
         if val < VIRTIO_QUEUE_MAX:
             virtio_queue_notify(vdev, val)
     elif addr == VIRTIO_PCI_STATUS:

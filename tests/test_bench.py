@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.trace import elem_addr, vq_addr
 from vreplica import bench
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -93,9 +94,10 @@ def test_kick_pop_matching() -> None:
     ]}
     kvm = {"role": "kvm", "records": [[1600, 7, "i", "ioeventfd_write", {}]]}
     qemu = {"role": "qemu", "records": [
-        [4100, 3, "i", "virtqueue_pop", {"vq": "TX(q1)", "avail_idx": 0}],
-        [8000, 3, "i", "virtqueue_pop", {"vq": "TX(q1)", "avail_idx": 1}],
-        [8500, 3, "i", "virtqueue_pop", {"vq": "RX(q0)", "avail_idx": 1}],
+        [4100, 3, "i", "virtqueue_pop", {"vq": vq_addr(1), "elem": elem_addr(1, 0)}],
+        [6000, 3, "i", "virtqueue_pop", {"vq": vq_addr(0), "elem": elem_addr(0, 0)}],
+        [8000, 3, "i", "virtqueue_pop", {"vq": vq_addr(1), "elem": elem_addr(1, 1)}],
+        [8500, 3, "i", "virtqueue_pop", {"vq": vq_addr(0), "elem": elem_addr(0, 1)}],
     ]}
     r = bench.kick_pop_latencies([guest, kvm, qemu], ("ioeventfd_write",))
     assert r["kicks"] == 2 and r["matched"] == 1 and r["popped_before_kick"] == 1

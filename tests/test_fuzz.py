@@ -114,8 +114,6 @@ CHECKS: dict[str, tuple[Callable[[VirtioNetFuzz], None], str]] = {
                     "Unexpected descriptor format for TX: out 1, int 1"),
     "tx-no-out": (lambda g: chain(g, [(DATA_BASE, 16, W, 0)]),
                   "virtio-net header not in first element"),
-    "hdr-short": (lambda g: chain(g, [(DATA_BASE, 6, R, 0)]), "virtio-net header incorrect"),
-    "tx-empty": (lambda g: chain(g, [(DATA_BASE, 10, R, 0)]), "virtio-net nothing to send"),
     "queue-pfn": (pfn(RAM_SIZE // PAGE + 1), "Cannot map desc"),
     "queue-pfn-used": (pfn(RAM_SIZE // PAGE - 1), "Cannot map used"),
     "rx-readable": (rx_readable, "virtio-net receive queue contains no in buffers"),
@@ -167,6 +165,21 @@ def test_valid_indirect_and_mergeable_chains_are_used(fresh: Callable[..., Virti
         g.valid_rx(cap=20, size=100, split=True, indirect=True)
         g.valid_rx(cap=0, size=60, split=False, indirect=False)
         assert g.n is not None and not g.n.broken and len(g.frames) == 3
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("length", [6, 10])
+def test_tx_chain_no_longer_than_the_header_is_sent_as_qemu_72_does(
+        length: int, fresh: Callable[..., VirtioNetFuzz]) -> None:
+    """QEMU 7.2's virtio_net_flush_tx reads the header only for a backend with a vnet header
+    (tap); -netdev user has none, so a chain of at most the header is no ring error: the
+    backend is handed what follows the header, nothing."""
+    g = fresh()
+    chain(g, [(DATA_BASE, length, R, 0)])
+    n = g.n
+    assert n is not None and not n.has_vnet_hdr
+    assert not n.broken and n.errors == []
+    assert g.frames == [b""]
 
 
 def test_indirect_without_the_feature_is_refused(fresh: Callable[..., VirtioNetFuzz]) -> None:

@@ -56,7 +56,7 @@ def test_fault_is_reported_and_the_guest_recovers(tmp_path: Path, kind: str) -> 
     ("next", ["--ioeventfd", "off"]),
     ("indirect-nested", ["--any-layout", "off"]),
     ("tx-writable", ["--queues", "2"]),
-    ("hdr-short", ["--mrg-rxbuf", "on", "--tx", "timer"]),
+    ("zero-len", ["--mrg-rxbuf", "on", "--tx", "timer"]),
 ], ids=["intx", "msix-shared", "no-ioeventfd", "any-layout-off", "multiqueue", "mrg-timer"])
 def test_recovery_under_other_machine_options(tmp_path: Path, kind: str,
                                               options: list[str]) -> None:

@@ -5,14 +5,19 @@ back to the guest socket and the round trip as a whole, and their swimlane pictu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
 import pytest
 
+from common.trace import VDEV_ADDR, elem_addr, elem_head, vq_addr, vq_index
+from vreplica.qemu_trace_events import QEMU_EVENTS, format_event
 from vreplica.tracefile import (
     ROLES,
     RX_FLOW_ID_BASE,
@@ -23,6 +28,7 @@ from vreplica.tracefile import (
     packet_context,
     round_trip_chain,
 )
+from vreplica.tracelog import read_qemu_log
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -97,7 +103,85 @@ def test_trace_is_chrome_json_with_a_track_per_process_and_thread(tmp_path: Path
     assert {"vCPU 0", "vcpu0", "CPU 0/KVM", "main loop"} <= threads
     assert any(t.startswith("irqfd") for t in threads)
     pop = next(e for e in events if e["ph"] == "i" and e["name"] == "virtqueue_pop")
-    assert {"vq", "elem", "avail_idx"} <= set(pop["args"])
+    assert list(pop["args"]) == ["vq", "elem", "in_num", "out_num"]  # QEMU 7.2's, no more
+    assert vq_index(pop["args"]["vq"]) == 1 and pop["args"]["vq"].startswith("0x")
+
+
+VIRTIO_C = ("virtqueue_alloc_element", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
+            "virtio_queue_notify", "virtio_notify", "virtio_set_status")
+
+
+@pytest.mark.timeout(60)
+def test_virtio_events_carry_exactly_qemu_72s_arguments(tmp_path: Path) -> None:
+    """hw/virtio/trace-events: each virtio.c event has QEMU 7.2's arguments and no more, its
+    pointers one stable fake address per object (a queue's, a descriptor head's element)."""
+    events = [e for e in json.loads(traced_run(tmp_path).read_text())["traceEvents"]
+              if e["ph"] == "i"]
+    seen = {e["name"] for e in events}
+    assert set(VIRTIO_C) <= seen
+    for e in events:
+        if e["name"] in VIRTIO_C:
+            assert tuple(e["args"]) == QEMU_EVENTS[e["name"]].args, e
+    vdevs = {e["args"]["vdev"] for e in events if "vdev" in e.get("args", {})}
+    assert vdevs == {hex(VDEV_ADDR)}
+    by_vq = {e["args"]["vq"]: e["args"]["n"] for e in events if e["name"] == "virtio_queue_notify"}
+    assert all(vq_index(vq) == n for vq, n in by_vq.items()) and 1 in by_vq.values()
+    alloc = [e for e in events if e["name"] == "virtqueue_alloc_element"]
+    pops = [e for e in events if e["name"] == "virtqueue_pop"]
+    assert len(alloc) == len(pops) and {e["args"]["sz"] for e in alloc} == {56}
+    assert [a["args"]["elem"] for a in alloc] == [p["args"]["elem"] for p in pops]
+    filled = [e["args"]["elem"] for e in events if e["name"] == "virtqueue_fill"]
+    assert set(filled) <= {p["args"]["elem"] for p in pops}
+
+
+def not_qemus_format(lines: list[str], events: list, names: Iterable[str]) -> list[str]:
+    """The lines of events named ``names`` whose arguments or text are not QEMU 7.2's."""
+    wrong = []
+    for line, e in zip(lines, events, strict=True):
+        if e.name in names:
+            text = line.split(":", 1)[1][len(e.name) + 1:]
+            if tuple(e.args) != QEMU_EVENTS[e.name].args or format_event(e.name, e.args) != text:
+                wrong.append(line)
+    return wrong
+
+
+@pytest.mark.timeout(60)
+def test_trace_log_is_qemus_log_backend_format(tmp_path: Path) -> None:
+    """--trace FILE.log: TID@SEC.USEC:name args for every process's trace points, in time
+    order, each event under a QEMU name in QEMU 7.2's own format (what tools for QEMU logs
+    read); the legacy notify register has no virtio_pci_notify_write_pio (modern only)."""
+    out = tmp_path / "t.log"
+    t0 = time.time()
+    proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
+                    "--ioeventfd", "off", "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    events = read_qemu_log(out)
+    assert len(events) == len(lines) > 100
+    assert [e.ts for e in events] == sorted(e.ts for e in events)
+    assert t0 - 1 < events[0].ts / 1e9 < events[-1].ts / 1e9 < time.time() + 1
+    names = {e.name for e in events}
+    assert {"udp_sendmsg", "kvm_exit", "virtqueue_pop", "virtio_queue_notify"} <= names
+    assert "virtio_pci_notify_write_pio" not in names
+    assert len({e.tid for e in events}) >= 3
+    assert not not_qemus_format(lines, events, VIRTIO_C)
+    pop = next(line for line in lines if ":virtqueue_pop " in line)
+    assert re.fullmatch(r"\d+@\d+\.\d{6}:virtqueue_pop vq 0x[0-9a-f]+ elem 0x[0-9a-f]+ "
+                        r"in_num \d+ out_num \d+", pop)
+
+
+@pytest.mark.timeout(60)
+def test_every_event_under_a_qemu_name_has_qemus_arguments(tmp_path: Path) -> None:
+    """Nothing under a QEMU 7.2 trace-event name (hw/virtio, accel/kvm, hw/intc, ...) in any
+    process carries other arguments or prints otherwise than QEMU's."""
+    out = tmp_path / "t.log"
+    proc = vreplica("run", "--packets", "5", "--pace-ms", "10", "--trace", str(out),
+                    "--timeout", "30")
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    wrong = not_qemus_format(lines, read_qemu_log(out), QEMU_EVENTS)
+    shown = sorted({re.sub(r"^\d+@[\d.]+:", "", w) for w in wrong})
+    assert not wrong, "not QEMU 7.2's:\n" + "\n".join(shown[:30])
 
 
 @pytest.mark.timeout(60)
@@ -151,7 +235,7 @@ def test_one_packet_crosses_the_three_processes_in_order(tmp_path: Path,
     assert sent.args["seq"] == seq
     pop = next(c for c in chain if c.name == "virtqueue_pop" and c.dur is None)
     add = next(c for c in chain if c.name == "virtqueue_add_split" and c.dur is None)
-    assert pop.args["avail_idx"] == add.args["avail_idx"]
+    assert elem_head(pop.args["elem"]) == (1, add.args["head"])
     # the guest's part ends with the reclaim; QEMU may still be finishing the bottom half that
     # sent it (re-enable notifications, recheck the ring) or its main loop iteration
     guest_tail = [c for c in chain if c.process == "guest"][-1]
@@ -222,7 +306,8 @@ def piece(path: Path, role: str, pid: int, threads: dict[int, tuple[int, str]],
 
 def synthetic_pieces(tmp_path: Path) -> list[Path]:
     """One datagram (seq 7, head 3, avail_idx 9) through made-up dumps, with decoys."""
-    out, tx = {"vq": "output.0"}, {"vq": "TX(q1)"}
+    out, tx = {"vq": "output.0"}, {"vq": vq_addr(1)}
+    dev = {"vdev": VDEV_ADDR}
     guest = [
         (1000, 1, "B", "udp_sendmsg", None), (1010, 1, "i", "udp_sendmsg", {"seq": 7}),
         (1020, 1, "B", "start_xmit", None), (1030, 1, "i", "start_xmit", out),
@@ -257,17 +342,20 @@ def synthetic_pieces(tmp_path: Path) -> list[Path]:
     qemu = [
         (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 2, "virq": 26}),
         (1000, 21, "B", "main_loop_wait", None),
-        (1900, 21, "i", "virtqueue_pop", {**tx, "elem": 1, "avail_idx": 8}),
+        (1900, 21, "i", "virtqueue_pop", {**tx, "elem": elem_addr(1, 1), "in_num": 0,
+                                          "out_num": 1}),
         (2000, 21, "B", "virtio_queue_notify_vq", None),
-        (2010, 21, "i", "virtio_queue_notify", tx), (2020, 21, "E", "virtio_queue_notify_vq", None),
+        (2010, 21, "i", "virtio_queue_notify", {**dev, "n": 1, **tx}),
+        (2020, 21, "E", "virtio_queue_notify_vq", None),
         (2100, 21, "B", "aio_bh_poll", None), (2110, 21, "B", "virtqueue_pop", None),
-        (2120, 21, "i", "virtqueue_pop", {**tx, "elem": 3, "avail_idx": 9}),
+        (2120, 21, "i", "virtqueue_pop", {**tx, "elem": elem_addr(1, 3), "in_num": 0,
+                                          "out_num": 1}),
         (2130, 21, "E", "virtqueue_pop", None), (2200, 21, "B", "net_slirp_receive", None),
         (2210, 21, "B", "sosendto", None), (2220, 21, "i", "sosendto", {"seq": 7}),
         (2230, 21, "E", "sosendto", None), (2240, 21, "E", "net_slirp_receive", None),
-        (2300, 21, "i", "virtqueue_fill", {**tx, "elem": 3}),
+        (2300, 21, "i", "virtqueue_fill", {**tx, "elem": elem_addr(1, 3), "len": 0, "idx": 0}),
         (2310, 21, "i", "virtqueue_flush", {**tx, "count": 1}),
-        (2320, 21, "B", "virtio_notify", None), (2330, 21, "i", "virtio_notify", tx),
+        (2320, 21, "B", "virtio_notify", None), (2330, 21, "i", "virtio_notify", {**dev, **tx}),
         (2340, 21, "i", "virtio_pci_notify", {"vector": 2}), (2350, 21, "E", "virtio_notify", None),
         (2400, 21, "E", "aio_bh_poll", None), (2500, 21, "E", "main_loop_wait", None),
     ]
@@ -347,10 +435,12 @@ def test_reply_comes_back_through_the_three_processes_in_order(tmp_path: Path,
     for name in ("sorecvfrom", "virtio_net_receive", "udp_rcv", "recvfrom"):
         assert points[name].args["seq"] == seq, name
     pop, fill = points["virtqueue_pop"], points["virtqueue_fill"]
-    assert pop.args["vq"] == fill.args["vq"] == "RX(q0)" and pop.args["in_num"] >= 1
+    assert pop.args["vq"] == fill.args["vq"] and vq_index(pop.args["vq"]) == 0
+    assert pop.args["in_num"] >= 1
     got = next(c for c in chain if c.name == "virtqueue_get_buf" and c.dur is None
                and c.args["vq"] == "input.0")
-    assert pop.args["elem"] == fill.args["elem"] == got.args["head"] == reply.head
+    assert pop.args["elem"] == fill.args["elem"]
+    assert elem_head(pop.args["elem"]) == (0, got.args["head"]) and got.args["head"] == reply.head
     depth = {c.name: c.depth for c in chain if c.dur is not None}
     assert depth["virtio_net_receive"] > depth["nc_sendv_compat"] > depth["slirp_output"] \
         > depth["if_encap"] > depth["ip_output"] > depth["udp_output"] > depth["sorecvfrom"] \
@@ -408,7 +498,7 @@ def test_render_round_trip_of_an_echo_run(tmp_path: Path) -> None:
 def reply_pieces(tmp_path: Path) -> list[Path]:
     """One reply (seq 7, RX head 5) through made-up dumps, with decoys: the TX vector's
     wakeup and injection, an earlier RX buffer (head 4) with another datagram (seq 6)."""
-    rx, inp = {"vq": "RX(q0)"}, {"vq": "input.0"}
+    rx, inp = {"vq": vq_addr(0)}, {"vq": "input.0"}
     qemu = [
         (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 1, "virq": 25}),
         (6000, 21, "B", "main_loop_wait", None), (6100, 21, "B", "slirp_pollfds_poll", None),
@@ -424,12 +514,13 @@ def reply_pieces(tmp_path: Path) -> list[Path]:
         (6240, 21, "B", "virtio_net_receive", None),
         (6250, 21, "i", "virtio_net_receive", {"len": 106, "seq": 7}),
         (6260, 21, "B", "virtqueue_pop", None),
-        (6270, 21, "i", "virtqueue_pop", {**rx, "elem": 5, "avail_idx": 12, "in_num": 1}),
+        (6270, 21, "i", "virtqueue_pop", {**rx, "elem": elem_addr(0, 5), "in_num": 1,
+                                          "out_num": 0}),
         (6280, 21, "E", "virtqueue_pop", None),
-        (6290, 21, "i", "virtqueue_fill", {**rx, "elem": 5, "len": 116, "idx": 0}),
+        (6290, 21, "i", "virtqueue_fill", {**rx, "elem": elem_addr(0, 5), "len": 116, "idx": 0}),
         (6300, 21, "i", "virtqueue_flush", {**rx, "count": 1}),
         (6310, 21, "B", "virtio_notify", None),
-        (6320, 21, "i", "virtio_notify", {**rx, "used_idx": 13}),
+        (6320, 21, "i", "virtio_notify", {"vdev": VDEV_ADDR, **rx}),
         (6330, 21, "i", "virtio_pci_notify", {"vector": 1}), (6340, 21, "E", "virtio_notify", None),
         (6350, 21, "E", "virtio_net_receive", None), (6360, 21, "E", "nc_sendv_compat", None),
         (6370, 21, "E", "qemu_net_queue_send_iov", None),
@@ -487,7 +578,7 @@ def test_merge_follows_a_reply_by_seq_and_rx_head(tmp_path: Path) -> None:
     reply = trace.replies[7]
     assert [e.name for e in reply.steps] == RX_STEPS
     assert [e.name for e in find_replies(trace)[7].steps] == RX_STEPS
-    assert reply.head == 5 and reply.avail_idx == 12
+    assert reply.head == 5
     args = {e.name: e.args for e in reply.steps}
     assert args["irqfd_wakeup"]["gsi"] == 25 and args["kvm_inj_virq"]["vectors"] == [39]
     assert args["virtqueue_get_buf"]["head"] == 5 and args["udp_rcv"]["seq"] == 7

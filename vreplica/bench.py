@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from common.trace import vq_index
 from vreplica import baselines as bl
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunFailed, RunOptions, Supervisor
@@ -235,7 +236,8 @@ def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str,
 
     Kick time: the guest's ``virtqueue_notify`` span entry right after a
     ``virtqueue_kick_prepare`` that said needs_kick (the event's own time if spans are
-    missing). The buffer: avail index ``new - 1`` of that kick. Stages: the first record of
+    missing). The buffer: avail index ``new - 1`` of that kick; QEMU pops a TX queue in avail
+    order, so its k-th ``virtqueue_pop`` there took avail index k. Stages: the first record of
     each named event (any process) between the kick and the pop.
     """
     by_role = {p["role"]: p for p in pieces}
@@ -255,11 +257,14 @@ def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str,
     if pending is not None:
         kicks.append(pending[:3])
     pops: dict[int, list[int]] = {}
+    popped: dict[int, int] = {}  # TX queue index -> pops so far
     named: dict[str, list[int]] = {s: [] for s in stages}
     for p in pieces:
         for ts, _, ph, name, args in p.get("records", []):
-            if name == "virtqueue_pop" and args and str(args.get("vq", "")).startswith("TX"):
-                pops.setdefault(args["avail_idx"], []).append(ts)
+            n = vq_index(args.get("vq")) if name == "virtqueue_pop" and args else None
+            if n is not None and n % 2 == 1:
+                pops.setdefault(popped.get(n, 0) & 0xFFFF, []).append(ts)
+                popped[n] = popped.get(n, 0) + 1
             elif name in named and ph in ("i", "B"):
                 named[name].append(ts)
     for v in named.values():

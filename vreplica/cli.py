@@ -55,6 +55,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dest-port", type=int, default=0,
                    help="host UDP port on 127.0.0.1 (0: a sink of the run's own)")
     p.add_argument("--pace-ms", type=float, default=0.0, help="guest sleeps between datagrams")
+    p.add_argument("--phases", metavar="N[@MS],...",
+                   help="send in phases, a second apart: N datagrams each, MS apart (none: "
+                        "back to back); e.g. 1,5@300,20 is the recorded QEMU run's warm-up, "
+                        "5 spaced 300 ms apart and a burst of 20 (sets --packets)")
     p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
     p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
     p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)")
@@ -130,10 +134,37 @@ def parse_hostfwd(text: str) -> tuple[int, int]:
     return hp, gp
 
 
+MAX_PHASES = 16
+
+
+def parse_phases(text: str) -> list[list[float]]:
+    """``--phases N[@MS],...``: [count, gap in ms] per phase."""
+    out: list[list[float]] = []
+    for part in text.split(","):
+        count, _, gap = part.strip().partition("@")
+        try:
+            n, ms = int(count), float(gap) if gap else 0.0
+        except ValueError:
+            raise UsageError(f"--phases {text!r}: expected N[@MS],... "
+                             "(e.g. 1,5@300,20)") from None
+        if not 1 <= n <= 100_000 or not 0 <= ms <= 60_000:
+            raise UsageError("--phases: each phase sends 1..100000 datagrams, 0..60000 ms apart")
+        out.append([n, ms])
+    if len(out) > MAX_PHASES:
+        raise UsageError(f"--phases: at most {MAX_PHASES} phases")
+    return out
+
+
 def options_from_args(a: argparse.Namespace) -> RunOptions:
     """Check every option against its rule; the first broken rule is the error."""
     if a.mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    phases = parse_phases(a.phases) if a.phases is not None else None
+    if phases is not None:
+        if a.mode != "tx" or a.pace_ms or a.batch != 1 or a.guest_fault:
+            raise UsageError("--phases goes with --mode tx, without --pace-ms, --batch or "
+                             "--guest-fault")
+        a.packets = int(sum(n for n, _ in phases))
     hostfwd = [parse_hostfwd(a.hostfwd)] if a.hostfwd else []
     if a.mode == "sink" and not hostfwd:
         raise UsageError("--mode sink needs --hostfwd udp::HOSTPORT-:GUESTPORT")
@@ -198,7 +229,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "backend_rate": a.backend_rate, "poll_us": a.poll_us,
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
-                             "guest_fault": a.guest_fault})
+                             "guest_fault": a.guest_fault, "phases": phases})
 
 
 def free_udp_port() -> int:
@@ -285,7 +316,8 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
 
 DELEGATED = {
     "demo": ("vreplica.demo", "main", "one packet's journey through the three processes"),
-    "trace": ("vreplica.render", "main", "trace files: render TRACE.json OUT.svg|OUT.png"),
+    "trace": ("vreplica.render", "main",
+              "trace files: render TRACE.json OUT.svg|OUT.png; compare REAL.log REPLICA"),
     "bench": ("vreplica.bench", "main", "measure the path against its baselines"),
     "stress": ("vreplica.stress", "main", "sustained load with chaos, and a verdict"),
     "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.trace import elem_head, vq_index
 from vreplica.cli import Parser, execute
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
@@ -36,6 +37,16 @@ Detail = Callable[[dict[str, Any]], str]
 
 def _hex(v: Any) -> str:
     return f"{v:#x}" if isinstance(v, int) else str(v)
+
+
+def _vq(a: dict[str, Any]) -> str:
+    """QEMU's ``vq %p``, with the queue the replica's address stands for."""
+    return f"vq {a.get('vq')} (queue {vq_index(a.get('vq'))})"
+
+
+def _elem(a: dict[str, Any]) -> str:
+    found = elem_head(a.get("elem"))
+    return f"elem {a.get('elem')} (head {found[1] if found else '?'})"
 
 
 def _vectors(a: dict[str, Any]) -> str:
@@ -61,24 +72,23 @@ SHOWN: dict[str, Detail] = {
     "virtio_ioport_write": lambda a: "",
     "main_loop_wait": lambda a: "",
     "virtio_queue_host_notifier_read": lambda a: "the ioeventfd is readable",
-    "virtio_queue_notify": lambda a: f"{a.get('vq')}",
+    "virtio_queue_notify": lambda a: f"n {a.get('n')}, {_vq(a)}",
     "virtio_net_handle_tx_bh": lambda a: "disable notifications, defer to the bh",
     "qemu_bh_schedule": lambda a: f"{a.get('bh')} -> aio_notify",
     "aio_bh_poll": lambda a: "",
     "virtio_net_tx_bh": lambda a: "",
     "virtio_net_tx_timer": lambda a: "",
     "virtio_net_flush_tx": lambda a: "",
-    "virtqueue_pop": lambda a: f"{a.get('vq')} head {a.get('elem')} "
-                               f"(avail_idx {a.get('avail_idx')})",
+    "virtqueue_pop": lambda a: f"{_vq(a)} {_elem(a)}",
     "qemu_sendv_packet_async": lambda a: "",
     "qemu_net_queue_send_iov": lambda a: "deliver, or queue",
     "nc_sendv_compat": lambda a: "one buffer for receive()",
     "net_slirp_receive": lambda a: "",
     "slirp_input": lambda a: f"{a.get('len')} B, ethertype {_hex(a.get('proto'))}",
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
-    "virtqueue_fill": lambda a: f"{a.get('vq')} head {a.get('elem')}, len {a.get('len')}",
+    "virtqueue_fill": lambda a: f"{_elem(a)}, len {a.get('len')}",
     "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
-    "virtio_notify": lambda a: f"{a.get('vq')} used_idx {a.get('used_idx')} -> irqfd",
+    "virtio_notify": lambda a: f"{_vq(a)} -> irqfd",
     "irqfd_wakeup": lambda a: f"gsi {a.get('gsi')} -> local APIC",
     "kvm_inj_virq": lambda a: f"inject vector(s) {_vectors(a)} at VM entry",
     "vring_interrupt": lambda a: f"irq {a.get('irq')}, {a.get('vq')} used_idx {a.get('used_idx')}",

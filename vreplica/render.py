@@ -289,7 +289,7 @@ def _parser() -> _Parser:
 
 
 USAGE = ("usage: vreplica trace render TRACE.json OUT.svg|OUT.png [--packet SEQ] "
-         "[--window START_US END_US]")
+         "[--window START_US END_US] | vreplica trace compare REAL.log REPLICA.json|.log")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n  draws one packet's journey (an echo run: its round trip), or a time "
               "window, across the three processes' threads")
         return 0
+    if args[0] == "compare":
+        from vreplica.trace_compare import main as compare_main
+
+        return compare_main(args[1:])
     if args[0] != "render":
         print(f"vreplica trace: unknown command {args[0]!r} ({USAGE})", file=sys.stderr)
         return 2

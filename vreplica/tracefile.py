@@ -11,9 +11,9 @@ points instant events (``i``) with their arguments, timestamps microseconds of t
 CLOCK_MONOTONIC. Each transmitted packet gets a flow (``s``/``t``/``f``) through the trace
 points of its path, found by the ids they carry (the guest's ``udp_sendmsg`` and slirp's
 ``sosendto`` carry the datagram's sequence number, ``virtqueue_add_split`` and
-``virtqueue_pop`` the avail index, ``virtqueue_fill`` and ``virtqueue_get_buf`` the
-descriptor head) and, for the steps that carry none, by time: the next such event after the
-previous step.
+``virtqueue_get_buf`` the descriptor head, QEMU's ``virtqueue_pop`` and ``virtqueue_fill``
+the element, whose fake address stands for that head: ``common.trace.elem_head``) and, for
+the steps that carry none, by time: the next such event after the previous step.
 
 Each datagram that comes back from a host socket (an echo's reply) gets a flow of its own
 (``rx packet``), from slirp's ``sorecvfrom`` to the guest socket's ``recvfrom``: by sequence
@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
+
+from common.trace import elem_head, vq_index
+from vreplica.qemu_trace_events import hexaddr, pointer_args
 
 ROLES = ("guest", "kvm", "qemu")
 PROCESS_TITLES = {"guest": "guest (guestproc)", "kvm": "kvm (kvmproc)", "qemu": "qemu (qemuproc)"}
@@ -100,8 +103,9 @@ class Event:
 class Packet:
     """One datagram and the trace points of its path, in order: transmitted by the guest
     (``tx``: ``send`` is its ``udp_sendmsg``) or received by it (``rx``: ``send`` is slirp's
-    ``sorecvfrom``, also the first step). ``head`` and ``avail_idx`` are those of its
-    descriptor chain; ``origin`` is the span the chain starts with, when not ``send``'s own."""
+    ``sorecvfrom``, also the first step). ``head`` is its descriptor chain's, ``avail_idx``
+    (tx) the avail index the guest published it at; ``origin`` is the span the chain starts
+    with, when not ``send``'s own."""
 
     seq: int
     send: Event
@@ -271,7 +275,11 @@ def read_pieces(pieces: Iterable[Path | str]) -> Trace:
                             break
                 continue
             order += 1
-            ev = Event(ns, role, pid, tid, name, dict(args or {}),
+            args = dict(args or {})
+            for a in pointer_args(name):
+                if a in args:
+                    args[a] = hexaddr(args[a])
+            ev = Event(ns, role, pid, tid, name, args,
                        -1 if ph == "B" else None, stack[-1] if stack else None, order)
             events.append(ev)
             if ph == "B":
@@ -294,12 +302,18 @@ def _is_tx_driver(vq: Any) -> bool:
 
 
 def _device_vq(driver_vq: str) -> Callable[[Any], bool]:
-    """QEMU's name for the guest's TX queue ``output.N``: ``TX(q2N+1)`` (virtqueue 2N+1)."""
+    """QEMU's VirtQueue for the guest's TX queue ``output.N``: virtqueue 2N+1."""
     try:
-        name = f"TX(q{2 * int(driver_vq.split('.')[1]) + 1})"
+        index = 2 * int(driver_vq.split(".")[1]) + 1
     except (IndexError, ValueError):
-        return lambda vq: str(vq).startswith("TX")
-    return lambda vq: vq == name
+        return lambda vq: (vq_index(vq) or 0) % 2 == 1
+    return lambda vq: vq_index(vq) == index
+
+
+def _head(elem: Any) -> int | None:
+    """The descriptor head a replica element address stands for."""
+    found = elem_head(elem)
+    return found[1] if found is not None else None
 
 
 def _monotonic(steps: Iterable[Event | None]) -> list[Event]:
@@ -402,15 +416,14 @@ def _correlate(ix: _Index, send: Event, seq: int, msi_gsi: dict[int, int]) -> Pa
     driver_vq = add.args.get("vq")
     is_dev_vq = _device_vq(str(driver_vq))
     pop = ix.next("virtqueue_pop", add.ts, role="qemu",
-                  pred=lambda e: is_dev_vq(e.args.get("vq"))
-                  and e.args.get("avail_idx") == avail_idx)
+                  pred=lambda e: is_dev_vq(e.args.get("vq")) and _head(e.args.get("elem")) == head)
     steps: list[Event | None] = [xmit, add]
     steps += _kick_steps(ix, add, pop.ts if pop else None, is_dev_vq)
     if pop is not None:
         sent = ix.next("sosendto", pop.ts, role="qemu", pred=lambda e: e.args.get("seq") == seq)
         fill = ix.next("virtqueue_fill", (sent or pop).ts, pid=pop.pid, tid=pop.tid,
                        pred=lambda e: is_dev_vq(e.args.get("vq"))
-                       and e.args.get("elem") == head)
+                       and e.args.get("elem") == pop.args.get("elem"))
         flush = vnotify = None
         if fill is not None:
             flush = ix.next("virtqueue_flush", fill.ts, pid=fill.pid, tid=fill.tid,
@@ -451,11 +464,8 @@ def find_packets(trace: Trace) -> dict[int, Packet]:
 
 
 def _driver_rx_vq(dev_vq: Any) -> str:
-    """The guest's name for QEMU's RX queue ``RX(q2N)``: ``input.N``."""
-    try:
-        return f"input.{int(str(dev_vq)[4:-1]) // 2}"
-    except ValueError:
-        return "input.0"
+    """The guest's name for QEMU's RX queue 2N: ``input.N``."""
+    return f"input.{(vq_index(dev_vq) or 0) // 2}"
 
 
 def _rx_origin(recv: Event) -> Event:
@@ -494,18 +504,19 @@ def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None,
     bound = span.end if span is not None else None
 
     def on_rx(e: Event) -> bool:
-        return str(e.args.get("vq")).startswith("RX")
+        return (vq_index(e.args.get("vq")) or 0) % 2 == 0
 
     pop = ix.next("virtqueue_pop", vnr.ts, before=bound, pid=vnr.pid, tid=vnr.tid, pred=on_rx)
     steps += [nc, vnr, pop]
     if pop is None or guest_pid is None:
         p.steps = _monotonic(steps)
         return p
-    p.head, p.avail_idx = pop.args.get("elem"), pop.args.get("avail_idx")
+    p.head = _head(pop.args.get("elem"))
     dev_vq = pop.args.get("vq")
     driver_vq = _driver_rx_vq(dev_vq)
     fill = ix.next("virtqueue_fill", pop.ts, before=bound, pid=pop.pid, tid=pop.tid,
-                   pred=lambda e: e.args.get("vq") == dev_vq and e.args.get("elem") == p.head)
+                   pred=lambda e: e.args.get("vq") == dev_vq
+                   and e.args.get("elem") == pop.args.get("elem"))
     flush = vnotify = None
     if fill is not None:
         flush = ix.next("virtqueue_flush", fill.ts, before=bound, pid=fill.pid, tid=fill.tid,
@@ -637,8 +648,14 @@ def write_chrome_json(trace: Trace, out: str | Path) -> None:
 
 
 def merge_traces(pieces: list[Path], out: str) -> Trace:
-    """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON."""
+    """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON, or,
+    for a ``.log`` file, into QEMU's log-backend text (``vreplica.tracelog``)."""
     trace = read_pieces(pieces)
+    if str(out).endswith(".log"):
+        from vreplica.tracelog import write_qemu_log
+
+        write_qemu_log(trace.events, out)
+        return trace
     trace.packets = find_packets(trace)
     trace.replies = find_replies(trace)
     write_chrome_json(trace, out)
@@ -743,9 +760,8 @@ def _replies_from_flows(trace: Trace, flow_points: dict[Any, list[tuple]]) -> di
             continue
         seq = points[0][4]
         pop = next((e for e in steps if e.name == "virtqueue_pop"), None)
-        replies[seq] = Packet(seq, steps[0], steps, pop.args.get("elem") if pop else None,
-                              pop.args.get("avail_idx") if pop else None, RX,
-                              _rx_origin(steps[0]))
+        replies[seq] = Packet(seq, steps[0], steps, _head(pop.args.get("elem")) if pop else None,
+                              None, RX, _rx_origin(steps[0]))
     return replies
 
 
