@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from common import kvm_abi
 from common.channel import Channel
-from common.monitor import Gate
+from common.cpus import Gate
 from common.notifier import EventNotifier
 
 MSR_IA32_TSC_DEADLINE = 0x6E0

@@ -17,8 +17,11 @@ from typing import Any, NoReturn
 
 from common.channel import Channel
 from common.kvm_abi import NMI_VECTOR
-from common.monitor import Monitor, MonitorError, Reply, format_human, memory_dump, parse_int
-from common.monitor import query as monitor_query
+from common.monitor.client import query as monitor_query
+from common.monitor.commands import Arg, MonitorError
+from common.monitor.hmp import format_human
+from common.monitor.misc import register_memory_dump
+from common.monitor.monitor import Monitor
 from common.process import ProcessRuntime
 from common.vring import VRING_AVAIL_F_NO_INTERRUPT
 from guestproc.cpu import GuestShutdown, VCpu
@@ -192,33 +195,25 @@ class GuestMonitor:
     def _register(self) -> None:
         cmd = self.mon.command
 
-        @cmd("info virtqueues", "", "show the driver's virtqueues (struct vring_virtqueue)")
-        def info_virtqueues(args: list[str]) -> Reply:
-            rows = self.virtqueues()
-            lines = []
-            for r in rows:
-                lines.append(f"{r['name']} (vq {r['index']}): num {r['num']}, num_free "
-                             f"{r['num_free']}, avail idx {r['avail_idx_shadow']}, last_used_idx "
-                             f"{r['last_used_idx']}, used idx {r['used_idx']}")
-                lines.append(f"  callbacks {'enabled' if r['callbacks_enabled'] else 'disabled'}"
-                             f", used_event {r['used_event']}, avail_event {r['avail_event']}, "
-                             f"broken {str(r['broken']).lower()}, kicks {r['kicks']}, "
-                             f"interrupts {r['interrupts']}")
-                lines.append(f"  desc 0x{r['desc']:x} avail 0x{r['avail']:x} used "
-                             f"0x{r['used']:x}")
-            return Reply(rows, "\n".join(lines) or "no virtqueues yet")
+        @cmd(hmp="info virtqueues", qmp=False, human=virtqueues_text,
+             help="show the driver's virtqueues (struct vring_virtqueue)")
+        def info_virtqueues() -> list[dict[str, Any]]:
+            return self.virtqueues()
 
-        @cmd("info netdev", "", "show eth0: address, TX queue state, counters")
-        def info_netdev(args: list[str]) -> Reply:
-            d = self.netdev()
-            return Reply(d, format_human(d))
+        @cmd(hmp="info netdev", qmp=False, human=format_human,
+             help="show eth0: address, TX queue state, counters")
+        def info_netdev() -> dict[str, Any]:
+            return self.netdev()
 
-        @cmd("send", "N [size]", "the guest sends N more datagrams to the run's destination")
-        def send(args: list[str]) -> Reply:
-            if not args or len(args) > 2:
-                raise MonitorError("usage: send N [SIZE]", "InvalidParameter")
-            n = parse_int(args[0], "count")
-            size = parse_int(args[1], "size") if len(args) > 1 else int(self.opts.get("size", 64))
+        @cmd(hmp="send", qmp=False, args=(Arg("count", "int"), Arg("size", "int", True)),
+             params="N [size]",
+             human=lambda d: f"{d['queued']} datagrams of {d['size']} bytes to {d['to']}: "
+                             f"queued, sent {d['sent']}",
+             help="the guest sends N more datagrams to the run's destination")
+        def send(count: int, size: int | None = None) -> dict[str, Any]:
+            n = count
+            if size is None:
+                size = int(self.opts.get("size", 64))
             if not 1 <= n <= MAX_SEND or not 8 <= size <= 1472:
                 raise MonitorError(f"send: N must be 1..{MAX_SEND} and SIZE 8..1472",
                                    "InvalidParameter")
@@ -234,11 +229,21 @@ class GuestMonitor:
                                        f"(KVM's nmi: {e})") from None
             when = {"not started": "after the program",
                     "running": "when the program is done"}.get(self.program, "now")
-            return Reply({"queued": n, "size": size, "to": f"{GATEWAY}:{port}",
-                          "pending": self.status_info()["pending_sends"]},
-                         f"{n} datagrams of {size} bytes to {GATEWAY}:{port}: queued, sent "
-                         f"{when}")
+            return {"queued": n, "size": size, "to": f"{GATEWAY}:{port}",
+                    "pending": self.status_info()["pending_sends"], "sent": when}
 
-        @cmd("x", "/fmt addr", "dump guest memory (count, format x/d/u/o/c, size b/h/w/g)")
-        def x(args: list[str]) -> Reply:
-            return memory_dump(self._read, args, "x")
+        register_memory_dump(self.mon, self._read)
+
+
+def virtqueues_text(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"{r['name']} (vq {r['index']}): num {r['num']}, num_free "
+                     f"{r['num_free']}, avail idx {r['avail_idx_shadow']}, last_used_idx "
+                     f"{r['last_used_idx']}, used idx {r['used_idx']}")
+        lines.append(f"  callbacks {'enabled' if r['callbacks_enabled'] else 'disabled'}"
+                     f", used_event {r['used_event']}, avail_event {r['avail_event']}, "
+                     f"broken {str(r['broken']).lower()}, kicks {r['kicks']}, "
+                     f"interrupts {r['interrupts']}")
+        lines.append(f"  desc 0x{r['desc']:x} avail 0x{r['avail']:x} used 0x{r['used']:x}")
+    return "\n".join(lines) or "no virtqueues yet"

@@ -7,6 +7,7 @@ QEMU's vCPU thread sends KVM_RUN on the vCPU channel; any QEMU thread sends VM i
 from __future__ import annotations
 
 from common.channel import Channel
+from common.cpus import SIG_IPI
 from common.ipc import RunConfig
 from common.kvm_abi import (
     KVM_DESTROY_VM,
@@ -22,7 +23,6 @@ from common.kvm_abi import (
     KVM_SET_GSI_ROUTING,
     VM_CHANNEL_SYNC,
 )
-from common.monitor import SIG_IPI
 from common.notifier import EventNotifier
 from common.trace import trace_event
 from kvmproc.eventfd import IoeventfdBus, IrqfdTable

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from common.kvm_abi import KVM_EXIT_NAMES, NMI_VECTOR
-from common.monitor import Monitor, MonitorError, Reply, format_human
+from common.monitor.commands import MonitorError
+from common.monitor.hmp import format_human
+from common.monitor.monitor import Monitor
 from kvmproc.irqchip import KVM_IRQ_ROUTING_MSI
 from kvmproc.kvm_main import Kvm
 from kvmproc.lapic import HALTED, MODE_NAMES
@@ -41,9 +43,7 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
     mon.status_info = lambda: {"vcpu0": MODE_NAMES[lapic.mode],
                                "pending_vectors": list(lapic.irr)}
 
-    @mon.command("info kvm", "", "show KVM's counters (kvm_stat) and the VM's state")
-    def info_kvm(args: list[str]) -> Reply:
-        d = {"enabled": True, "present": True, **kvm.describe(), "destroyed": kvm.destroyed}
+    def info_kvm_text(d: dict[str, Any]) -> str:
         rows = [(k, v) for k, v in d["vcpu"].items()]
         rows += [(k, v) for k, v in d["userspace_exits"].items() if v]
         width = max(len(k) for k, _ in rows)
@@ -51,22 +51,24 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         lines += [f" {k:<{width}}  {v:>10}" for k, v in rows]
         lines.append(f"vcpu0: {d['vcpu_mode']}, pending vectors {d['pending_vectors']}, "
                      f"{d['ipis']} IPIs, {d['apic_timer_fires']} APIC timer interrupts")
-        return Reply(d, "\n".join(lines))
+        return "\n".join(lines)
 
-    @mon.command("info ioeventfd", "", "show the ioeventfds on the PIO and MMIO buses")
-    def info_ioeventfd(args: list[str]) -> Reply:
-        rows = kvm.bus.describe()
-        text = "\n".join(
-            f"{r['bus']} 0x{r['addr']:x}+{r['len']} datamatch="
-            f"{'any' if r['datamatch'] is None else r['datamatch']} -> {r['eventfd']} "
-            f"({r['signals']} signals)" for r in rows) or "no ioeventfds"
-        return Reply(rows, text)
+    @mon.command(hmp="info kvm", qmp=False, human=info_kvm_text,
+                 help="show KVM's counters (kvm_stat) and the VM's state")
+    def info_kvm() -> dict[str, Any]:
+        return {"enabled": True, "present": True, **kvm.describe(), "destroyed": kvm.destroyed}
 
-    @mon.command("info irqfd", "", "show the irqfds and the GSI routes they inject")
-    def info_irqfd(args: list[str]) -> Reply:
-        rows = kvm.irqfds.describe()
-        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip", "value": value}
-                  for gsi, (kind, value) in kvm.routing.routes.items()}
+    @mon.command(hmp="info ioeventfd", qmp=False,
+                 human=lambda rows: "\n".join(
+                     f"{r['bus']} 0x{r['addr']:x}+{r['len']} datamatch="
+                     f"{'any' if r['datamatch'] is None else r['datamatch']} -> {r['eventfd']} "
+                     f"({r['signals']} signals)" for r in rows) or "no ioeventfds",
+                 help="show the ioeventfds on the PIO and MMIO buses")
+    def info_ioeventfd() -> list[dict[str, Any]]:
+        return kvm.bus.describe()
+
+    def info_irqfd_text(d: dict[str, Any]) -> str:
+        routes = d["routes"]
 
         def route(gsi: int) -> str:
             r = routes.get(gsi)
@@ -76,22 +78,28 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
                 return f"msi data {r['value']:#x}"
             return f"irqchip pin {r['value']}"
 
-        text = "\n".join(f"gsi {r['gsi']} <- {r['eventfd']}: {route(r['gsi'])}, "
-                         f"{r['signals']} signals" for r in rows) or "no irqfds"
-        return Reply({"irqfds": rows, "routes": routes}, text)
+        return "\n".join(f"gsi {r['gsi']} <- {r['eventfd']}: {route(r['gsi'])}, "
+                         f"{r['signals']} signals" for r in d["irqfds"]) or "no irqfds"
 
-    @mon.command("info vcpu", "", "show vCPU 0: mode, pending vectors, last exit to user space")
-    def info_vcpu(args: list[str]) -> Reply:
-        d = {**vcpu_state(), "gate": vcpu.gate.describe(), "stats": dict(kvm.stats.vcpu)}
-        return Reply(d, format_human(d))
+    @mon.command(hmp="info irqfd", qmp=False, human=info_irqfd_text,
+                 help="show the irqfds and the GSI routes they inject")
+    def info_irqfd() -> dict[str, Any]:
+        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip", "value": value}
+                  for gsi, (kind, value) in kvm.routing.routes.items()}
+        return {"irqfds": kvm.irqfds.describe(), "routes": routes}
 
-    @mon.command("nmi", "", "inject an NMI into vCPU 0 (KVM_NMI): wakes it from HLT")
-    def nmi(args: list[str]) -> Reply:
+    @mon.command(hmp="info vcpu", qmp=False, human=format_human,
+                 help="show vCPU 0: mode, pending vectors, last exit to user space")
+    def info_vcpu() -> dict[str, Any]:
+        return {**vcpu_state(), "gate": vcpu.gate.describe(), "stats": dict(kvm.stats.vcpu)}
+
+    @mon.command("inject-nmi", hmp="nmi",
+                 help="inject an NMI into vCPU 0 (KVM_NMI): wakes it from HLT")
+    def nmi() -> None:
         if kvm.destroyed:
             raise MonitorError("the VM is destroyed")
         nmis[0] += 1
         lapic.kvm_apic_set_irq(NMI_VECTOR)
-        return Reply({}, "")
 
     mon.start()
     return mon

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from common import kvm_abi
 from common.channel import Channel
+from common.cpus import Gate
 from common.kvm_abi import (
     EXIT_REASON_EPT_VIOLATION,
     EXIT_REASON_EXTERNAL_INTERRUPT,
@@ -34,7 +35,6 @@ from common.kvm_abi import (
     VMENTRY_PLAIN,
     VMX_EXIT_REASONS,
 )
-from common.monitor import Gate
 from common.trace import trace_event, traced
 from kvmproc.eventfd import IoeventfdBus
 from kvmproc.lapic import IN_GUEST_MODE, OUTSIDE_GUEST_MODE, KvmLapic

@@ -82,6 +82,7 @@ class Machine:
                            indirect_desc=opts.get("indirect_desc", True),
                            queues=opts.get("queues", 1),
                            poll_us=opts.get("poll_us", 0.0))
+        self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
         virtio_net_device_init(self.n, self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from common.channel import Channel
+from common.cpus import Gate
 from common.kvm_abi import (
     KVM_DESTROY_VM,
     KVM_EXIT_INTR,
@@ -32,7 +33,6 @@ from common.kvm_abi import (
     kvm_run,
     packb,
 )
-from common.monitor import Gate
 from common.trace import trace_event, traced
 from qemuproc.memory import (
     AddressSpace,

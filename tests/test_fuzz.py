@@ -200,7 +200,7 @@ def test_device_reaches_guest_ram_only_through_the_accessor() -> None:
     offenders = []
     for path in sorted((REPO / "qemuproc").glob("*.py")):
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
+            code = re.sub(r'"[^"]*"|\'[^\']*\'', '""', line.split("#", 1)[0])  # no strings
             for pattern, what in SOURCE_RULES:
                 if re.search(pattern, code) and "GuestMemory(" not in code:
                     offenders.append(f"{path.name}:{lineno}: {what}: {line.strip()}")

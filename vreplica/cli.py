@@ -76,6 +76,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "recovers by reset ('list' shows the kinds)")
     p.add_argument("--tx", choices=("bh", "timer"), default="bh")
     p.add_argument("--tx-burst", type=int, default=256)
+    p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
+                   help="--tx timer: the TX timer's delay (QEMU's x-txtimer)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
     p.add_argument("--trace-events", metavar="GLOB,...",
                    help="with --trace: only these trace events start on ('spans' for the "
@@ -198,6 +200,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         raise UsageError("--vectors must be between 0 and 64")
     if not 1 <= a.tx_burst <= 4096:
         raise UsageError("--tx-burst must be between 1 and 4096")
+    if not 1_000 <= a.tx_timer_ns <= 1_000_000_000:
+        raise UsageError("--tx-timer-ns must be between 1000 and 1000000000")
     if a.pace_ms < 0 or a.batch < 1:
         raise UsageError("--pace-ms must be >= 0 and --batch >= 1")
     if a.timeout <= 0:
@@ -229,7 +233,8 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "backend_rate": a.backend_rate, "poll_us": a.poll_us,
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
-                             "guest_fault": a.guest_fault, "phases": phases})
+                             "guest_fault": a.guest_fault, "phases": phases,
+                             "tx_timer_ns": a.tx_timer_ns})
 
 
 def free_udp_port() -> int:
@@ -363,6 +368,16 @@ def reported(label: str, body: Callable[[], int]) -> int:
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
+    if argv and argv[0] == "run":  # QEMU's own options (-device, -netdev, -trace, -S, -m)
+        from vreplica.qemu_opts import QemuHelp, QemuOptsError, qemu_options
+
+        try:
+            argv = ["run", *qemu_options(argv[1:])]
+        except QemuHelp as h:
+            print(h)
+            return 0
+        except QemuOptsError as e:
+            raise UsageError(str(e)) from None
     args = build_parser().parse_args(argv)
     return args.func(args)
 

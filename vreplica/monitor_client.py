@@ -10,13 +10,14 @@ import select
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
 
 from common.ipc import RunConfig, live_runs
-from common.monitor import MonitorConnection, MonitorError, pid_path, socket_path
+from common.monitor.client import MonitorConnection
+from common.monitor.commands import MonitorError
+from common.monitor.monitor import pid_path, qmp_path, socket_path
 from vreplica.cli import Parser
 
 ROLES = ("guest", "kvm", "qemu")
@@ -114,7 +115,8 @@ def ps_main(argv: list[str]) -> int:
 def _ps(as_json: bool) -> int:
     runs = []
     for cfg in live_runs():
-        runs.append({"run": cfg.rid, "rundir": cfg.rundir, "supervisor_pid": cfg.supervisor_pid,
+        runs.append({"run": cfg.rid, "rundir": cfg.rundir, "qmp": str(qmp_path(cfg.rundir)),
+                     "supervisor_pid": cfg.supervisor_pid,
                      "age_s": round(time.time() - cfg.supervisor_started, 1),
                      "mode": cfg.options.get("mode"),
                      "processes": [process_row(cfg, role) for role in ROLES]})
@@ -141,11 +143,6 @@ def _ps(as_json: bool) -> int:
 # -- vreplica attach ----------------------------------------------------------------------------
 
 
-def history_file() -> Path | None:
-    base = os.environ.get("XDG_STATE_HOME") or (Path.home() / ".local" / "state")
-    return Path(base) / "vreplica" / "history"
-
-
 class Session:
     """A monitor prompt: readline editing, history and completion over one connection."""
 
@@ -165,15 +162,16 @@ class Session:
             raise ClientError(f"cannot reach the {self.role} monitor of run {self.cfg.rid} "
                               f"({self.path}): {e}") from None
 
-    def run_one(self, line: str) -> bool:
-        """Run one command line and print its reply; False if it failed."""
+    def run_one(self, line: str, history: bool = False) -> bool:
+        """Run one command line and print its reply; False if it failed. ``history``: the
+        line was typed at the prompt, so it goes into the monitor's history."""
         if not line.strip():
             return True
         if line.split(None, 1)[0] == "pdb":
             self.pdb()
             return True
         try:
-            rep = self.conn.request(line, human=not self.as_json)
+            rep = self.conn.request(line, human=not self.as_json, history=history)
         except (OSError, ValueError) as e:
             if line.split()[0] in ("quit", "q") and self.role == "qemu":
                 return True
@@ -194,21 +192,21 @@ class Session:
     def pdb(self) -> None:
         """A pdb session in the process, on a connection of its own; its prompts are read
         with readline, so pdb gets line editing and history too."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(self.path))
-            buf = b""
-            lines: list[bytes] = []
+            conn = MonitorConnection(self.path, timeout=None)
+        except (OSError, ValueError) as e:
+            raise ClientError(f"pdb: {e}") from None
+        sock = conn.sock
+        try:
             sock.sendall(b'{"execute": "pdb"}\n')
-            while len(lines) < 2:
+            buf = b""
+            while b"\n" not in buf:
                 data = sock.recv(4096)
                 if not data:
                     raise ClientError("the monitor closed the pdb connection")
                 buf += data
-                while b"\n" in buf and len(lines) < 2:
-                    line, buf = buf.split(b"\n", 1)
-                    lines.append(line)
-            rep = json.loads(lines[1])
+            line, buf = buf.split(b"\n", 1)
+            rep = json.loads(line)
             if "error" in rep:
                 print(f"Error: {rep['error']['desc']}", file=sys.stderr)
                 return
@@ -216,7 +214,7 @@ class Session:
         except OSError as e:
             raise ClientError(f"pdb: {e}") from None
         finally:
-            sock.close()
+            conn.close()
 
     @staticmethod
     def _bridge(sock: socket.socket, first: bytes) -> None:
@@ -257,50 +255,41 @@ class Session:
     # -- the prompt -----------------------------------------------------------------------------
 
     def interactive(self) -> int:
+        """The prompt. Its history is the monitor's own (``info history``): what was typed
+        in earlier sessions of this process's monitor comes back with the up arrow."""
         import readline
 
-        hist = history_file()
-        if hist is not None:
-            try:
-                readline.read_history_file(hist)
-            except OSError:
-                pass
+        readline.clear_history()
+        pid = "?"
         try:
+            for line in self.conn.execute("info history"):
+                readline.add_history(line)
             self.names = [c["name"] for c in self.conn.execute("help")]
             self.events = [e["name"] for e in self.conn.execute("info trace-events")]
+            pid = self.conn.execute("info status")["pid"]
         except (OSError, ValueError, MonitorError):
             pass
         readline.set_completer(self.complete)
         readline.set_completer_delims(" \t")
         readline.parse_and_bind("tab: complete")
-        greeting = self.conn.greeting
-        print(f"vreplica {self.role} monitor, run {self.cfg.rid}, pid {greeting.get('pid')} "
+        print(f"vreplica {self.role} monitor, run {self.cfg.rid}, pid {pid} "
               "- type 'help' for more information, Ctrl-D to leave")
-        try:
-            while True:
-                try:
-                    line = input(f"({self.role}) ").strip()
-                except EOFError:
-                    print()
-                    return 0
-                except KeyboardInterrupt:
-                    print()
-                    continue
-                if not line:
-                    continue
-                if line in ("exit", "quit", "q") and self.role != "qemu":
-                    return 0
-                self.run_one(line)
-                if line in ("quit", "q") and self.role == "qemu":
-                    return 0
-        finally:
-            if hist is not None:
-                try:
-                    hist.parent.mkdir(parents=True, exist_ok=True)
-                    readline.set_history_length(1000)
-                    readline.write_history_file(hist)
-                except OSError:
-                    pass
+        while True:
+            try:
+                line = input(f"({self.role}) ").strip()
+            except EOFError:
+                print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                continue
+            if not line:
+                continue
+            if line in ("exit", "quit", "q") and self.role != "qemu":
+                return 0
+            self.run_one(line, history=True)
+            if line in ("quit", "q") and self.role == "qemu":
+                return 0
 
     def complete(self, text: str, state: int) -> str | None:
         import readline

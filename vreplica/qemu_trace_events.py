@@ -1,4 +1,5 @@
-"""Stands for QEMU 7.2's trace-events files (hw/virtio, hw/net, hw/intc, accel/kvm, softmmu):
+"""Stands for QEMU 7.2's trace-events files (hw/virtio, hw/net, hw/intc, accel/kvm, softmmu,
+monitor):
 each event this project writes or reads under a QEMU name, its arguments and its format.
 
 An event recorded under one of these names carries exactly these arguments; the log writer
@@ -53,6 +54,10 @@ QEMU_EVENTS: dict[str, QemuEvent] = {
                                   "trigger_mode %d"),
     "ioapic_set_irq": QemuEvent(("vector", "level"), "vector: %d level: %d"),
     "pic_set_irq": QemuEvent(("master", "irq", "level"), "master %d irq %d level %d"),
+    # monitor/trace-events (qmp.c)
+    "handle_qmp_command": QemuEvent(("mon", "req"), "mon %p req: %s"),
+    "monitor_qmp_cmd_in_band": QemuEvent(("id",), "%s"),
+    "monitor_qmp_respond": QemuEvent(("mon", "json"), "mon %p resp: %s"),
     # softmmu/trace-events (memory.c)
     "memory_region_ops_write": QemuEvent(("cpu_index", "mr", "addr", "value", "size", "name"),
                                          "cpu %d mr %p addr 0x%lx value 0x%lx size %u "

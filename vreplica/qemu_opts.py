@@ -1,0 +1,277 @@
+"""Stands for QEMU's command line (softmmu/vl.c with util/qemu-option.c's QemuOpts and
+qdev's property setters), beside ``vreplica run``'s own options:
+
+    -device virtio-net-pci,netdev=ID,ioeventfd=on|off,event_idx=on|off,mq=on|off,vectors=N,
+            tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off
+    -netdev user,id=ID,hostfwd=udp::HOSTPORT-:GUESTPORT
+    -trace [enable=]PATTERN[,events=FILE][,file=FILE]      -trace help
+    -S      -m [size=]SIZE
+
+Each is rewritten into the replica's own option (``ioeventfd=off`` is ``--ioeventfd off``)
+where it stands in the command line, so the last of the two spellings wins, as the last
+``-device`` property does in QEMU. A bad property is refused with QEMU's wording
+(``Parameter 'ioeventfd' expects 'on' or 'off'``), prefixed like QEMU's by the option that
+carried it; ``-device virtio-net-pci,help`` lists the properties with their defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+UINT32_MAX = 0xFFFFFFFF
+INT32_MAX = 0x7FFFFFFF
+DEVICE = "virtio-net-pci"
+
+
+class QemuOptsError(Exception):
+    """A bad QEMU option: one line, QEMU's wording, exit status 2."""
+
+
+class QemuHelp(Exception):
+    """A ``help`` was asked for: its text is the whole output, and the exit status 0."""
+
+
+@dataclass(frozen=True)
+class Prop:
+    """One qdev property: its QEMU type, the replica's default, and the option it becomes."""
+
+    name: str
+    type: str
+    default: Any
+    option: str | None
+    description: str = ""
+
+
+NET_PROPS = {p.name: p for p in (
+    Prop("any_layout", "bool", True, "--any-layout", "on/off"),
+    Prop("event_idx", "bool", True, "--event-idx", "on/off"),
+    Prop("indirect_desc", "bool", True, "--indirect-desc", "on/off"),
+    Prop("ioeventfd", "bool", True, "--ioeventfd", "on/off"),
+    Prop("mq", "bool", False, None, "on/off"),
+    Prop("mrg_rxbuf", "bool", False, "--mrg-rxbuf", "on/off"),
+    Prop("netdev", "str", None, None, "ID of a netdev to use as a backend"),
+    Prop("tx", "str", "bh", "--tx"),
+    Prop("vectors", "uint32", UINT32_MAX, "--vectors",
+         f"{UINT32_MAX}: one per queue and one for config changes"),
+    Prop("x-txburst", "int32", 256, "--tx-burst"),
+    Prop("x-txtimer", "uint32", 150000, "--tx-timer-ns"),
+)}
+
+
+def object_property_help(p: Prop) -> str:
+    """qom/object_interfaces.c's object_property_help: one ``-device X,help`` line."""
+    import json
+
+    line = f"  {p.name}=<{p.type}>"
+    if p.description or p.default is not None:
+        line = f"{line:<24} - "
+    line += p.description
+    if p.default is not None:
+        line += f" (default: {json.dumps(p.default)})"
+    return line
+
+
+def qdev_device_help() -> str:
+    return "\n".join([f"{DEVICE} options:"] + [object_property_help(p) for _, p in
+                                               sorted(NET_PROPS.items())])
+
+
+def qemu_opts_parse(text: str, implied: str | None = None) -> list[tuple[str, str]]:
+    """QemuOpts: ``key=value`` pairs split on commas (``,,`` is a comma in a value); a bare
+    first word is the ``implied`` key's value, any other bare word ``key`` means ``key=on``."""
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    out = []
+    for n, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if n == 0 and implied is not None:
+                out.append((implied, part))
+                continue
+            key, value = part, "on"
+        out.append((key, value))
+    return out
+
+
+def _set_prop(p: Prop, value: str) -> str:
+    """The value checked as qdev's visitor checks it; returns it in the option's form."""
+    if p.type == "bool":
+        if value not in ("on", "off", "yes", "no", "true", "false"):
+            raise ValueError(f"Parameter '{p.name}' expects 'on' or 'off'")
+        return "on" if value in ("on", "yes", "true") else "off"
+    if p.type in ("uint32", "int32"):
+        lo, hi = (0, UINT32_MAX) if p.type == "uint32" else (-INT32_MAX - 1, INT32_MAX)
+        try:
+            n = int(value, 0)
+        except ValueError:
+            n = None
+        if n is None or not lo <= n <= hi or (p.type == "uint32" and value.startswith("-")):
+            raise ValueError(f"Parameter '{p.name}' expects {p.type}")
+        return str(n)
+    if p.name == "tx" and value not in ("timer", "bh"):
+        raise ValueError(f"virtio-net: Unknown option tx={value}, valid options: \"timer\" "
+                         "\"bh\"")
+    return value
+
+
+class QemuCommandLine:
+    """The QEMU options of one command line, and what they become."""
+
+    def __init__(self) -> None:
+        self.netdevs: dict[str, str] = {}
+        self.device_netdev: tuple[str, str] | None = None
+        self.mq: bool | None = None
+        self.devices = 0
+        self.trace_enable: list[str] = []
+        self.trace_file: str | None = None
+
+    def device(self, arg: str) -> list[str]:
+        opts = qemu_opts_parse(arg, implied="driver")
+        driver = opts[0][1] if opts and opts[0][0] == "driver" else ""
+        if driver != DEVICE:
+            if driver == "help":
+                raise QemuHelp(f"Network devices:\nname \"{DEVICE}\", bus PCI, alias "
+                               "\"virtio-net\"")
+            raise ValueError(f"'{driver}' is not a valid device model name")
+        out: list[str] = []
+        for key, value in opts[1:]:
+            if key == "help":
+                raise QemuHelp(qdev_device_help())
+            p = NET_PROPS.get(key)
+            if p is None:
+                raise ValueError(f"Property '{DEVICE}.{key}' not found")
+            value = _set_prop(p, value)
+            if key == "netdev":
+                self.device_netdev = (arg, value)
+            elif key == "mq":
+                self.mq = value == "on"
+            elif key == "vectors" and int(value) == UINT32_MAX:
+                continue
+            elif p.option is not None:
+                out += [p.option, value]
+        self.devices += 1
+        if self.devices > 1:
+            raise ValueError("the replica has one virtio-net-pci NIC")
+        return out
+
+    def netdev(self, arg: str) -> list[str]:
+        opts = qemu_opts_parse(arg, implied="type")
+        kind = opts[0][1] if opts and opts[0][0] == "type" else ""
+        if kind != "user":
+            raise ValueError(f"Parameter 'type' does not accept value '{kind}' (the replica's "
+                             "backend is -netdev user)")
+        ident = None
+        out: list[str] = []
+        for key, value in opts[1:]:
+            if key == "id":
+                ident = value
+            elif key == "hostfwd":
+                if "--hostfwd" in out:
+                    raise ValueError("the replica forwards one host port (one hostfwd=)")
+                out += ["--hostfwd", value]
+            else:
+                raise ValueError(f"Invalid parameter '{key}'")
+        if not ident:
+            raise ValueError("Parameter 'id' is missing")
+        if ident in self.netdevs:
+            raise ValueError(f"Duplicate ID '{ident}' for netdev")
+        self.netdevs[ident] = arg
+        return out
+
+    def trace(self, arg: str) -> list[str]:
+        if arg == "help":
+            return ["--trace-events", "help"]
+        for key, value in qemu_opts_parse(arg, implied="enable"):
+            if key == "enable":
+                self.trace_enable.append(value)
+            elif key == "events":
+                try:
+                    lines = Path(value).read_text().splitlines()
+                except OSError as e:
+                    raise ValueError(f"could not open trace events file '{value}': "
+                                     f"{e.strerror}") from None
+                self.trace_enable += [ln.strip() for ln in lines
+                                      if ln.strip() and not ln.lstrip().startswith("#")]
+            elif key == "file":
+                self.trace_file = value
+            else:
+                raise ValueError(f"Invalid parameter '{key}'")
+        return []
+
+    @staticmethod
+    def memory(arg: str) -> list[str]:
+        opts = qemu_opts_parse(arg, implied="size")
+        size = None
+        for key, value in opts:
+            if key != "size":
+                raise ValueError(f"Invalid parameter '{key}'")
+            size = value
+        if not size:
+            raise ValueError("missing 'size' option value")
+        return ["--mem", size + "M" if size.isdigit() else size]
+
+    def finish(self, argv: list[str]) -> list[str]:
+        """The checks that need the whole line, and the options gathered across it."""
+        if self.device_netdev is not None:
+            arg, ident = self.device_netdev
+            if ident not in self.netdevs:
+                raise QemuOptsError(f"-device {arg}: Property '{DEVICE}.netdev' can't find value "
+                                 f"'{ident}'")
+        queues = 1
+        for i, a in enumerate(argv[:-1]):
+            if a == "--queues" and argv[i + 1].isdigit():
+                queues = int(argv[i + 1])
+        if self.mq is False and queues > 1:
+            raise QemuOptsError(f"-device {DEVICE},mq=off: --queues {queues} needs mq=on")
+        if self.mq and queues == 1:
+            raise QemuOptsError(f"-device {DEVICE},mq=on: multiqueue needs the queue pairs of a "
+                             "multiqueue backend (--queues N)")
+        out = []
+        if self.trace_enable:
+            out += ["--trace-events", ",".join(self.trace_enable)]
+        if self.trace_file:
+            out += ["--trace", self.trace_file]
+        return out
+
+
+def qemu_options(argv: list[str]) -> list[str]:
+    """``vreplica run``'s arguments with QEMU's options rewritten as the replica's."""
+    line = QemuCommandLine()
+    handlers: dict[str, Callable[[str], list[str]]] = {
+        "-device": line.device, "-netdev": line.netdev, "-trace": line.trace,
+        "-m": line.memory}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-S":
+            out.append("--wait-attach")
+        elif a in handlers:
+            if i + 1 >= len(argv):
+                raise QemuOptsError(f"{a} requires an argument")
+            value = argv[i + 1]
+            try:
+                out += handlers[a](value)
+            except ValueError as e:
+                raise QemuOptsError(f"{a} {value}: {e}") from None
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out + line.finish(out)
