@@ -202,7 +202,7 @@ def test_without_event_idx_everything_is_delivered(
     assert_clean_delivery(run.summary, n)
     assert run.summary["event_idx"] is False
     assert not event_idx_negotiated(run)
-    assert 1 <= run.summary["kicks"] <= n
+    assert 1 <= run.summary["kicks"] <= n + 1  # n datagrams and the ARP request before them
 
 
 @pytest.mark.timeout(120)
