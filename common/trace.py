@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,11 @@ _records: list[tuple] = []
 _append = _records.append
 _ident = threading.get_ident
 EVENTS: dict[str, TraceEvent] = {}
+DECLARED_BY: dict[str, set[str]] = {}
+"""The registry of trace points, as QEMU's trace-events files: event name -> the top-level
+packages (``guestproc``, ``kvmproc``, ``qemuproc``) whose modules declare it. A process holds
+the entries of what it imported; ``vreplica.trace_events`` imports every process's modules to
+list them all."""
 _threads: dict[int, tuple[int, str]] = {}
 
 
@@ -105,7 +111,10 @@ def _refresh_groups() -> None:
 
 
 def trace_event(name: str) -> TraceEvent:
-    """Declare (or fetch) the trace point ``name``."""
+    """Declare (or fetch) the trace point ``name``; the registry notes which process's
+    package declared it (``DECLARED_BY``)."""
+    package = sys._getframe(1).f_globals.get("__name__", "").partition(".")[0]
+    DECLARED_BY.setdefault(name, set()).add(package)
     ev = EVENTS.get(name)
     if ev is None:
         ev = EVENTS[name] = TraceEvent(name)

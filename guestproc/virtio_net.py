@@ -27,11 +27,17 @@ from common.virtio_abi import (
     VIRTIO_NET_CTRL_HDR,
     VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_MRG_RXBUF,
     VIRTIO_NET_OK,
     VIRTIO_RING_F_EVENT_IDX,
@@ -47,7 +53,14 @@ from guestproc.kernel import (
     napi_enable,
     napi_schedule_prep,
 )
-from guestproc.mm import PageAllocator, SkbPool, SkBuff
+from guestproc.mm import (
+    CHECKSUM_NONE,
+    CHECKSUM_PARTIAL,
+    CHECKSUM_UNNECESSARY,
+    PageAllocator,
+    SkbPool,
+    SkBuff,
+)
 from guestproc.netstack import (
     NETDEV_TX_OK,
     NetDevice,
@@ -121,7 +134,8 @@ class ReceiveQueue:
         self.napi: Napi = None  # type: ignore[assignment]
         self.pool: SkbPool = None  # type: ignore[assignment]
         self.buf_len = 0
-        self.stats = {"packets": 0, "bytes": 0, "drops": 0, "kicks": 0, "refills": 0}
+        self.stats = {"packets": 0, "bytes": 0, "drops": 0, "kicks": 0, "refills": 0,
+                      "merged_frames": 0, "merged_buffers": 0}
         self.refill_enabled = True
 
 
@@ -144,7 +158,8 @@ class VirtnetInfo:
         self.hdr_len = 10
         self.mergeable_rx_bufs = False
         self.any_header_sg = False
-        self.rx_handler: Callable[[memoryview], None] = lambda frame: None
+        self.rx_handler: Callable[[memoryview, int], None] = lambda frame, ip_summed: None
+        self.guest_csum = False  # VIRTIO_NET_F_GUEST_CSUM: RX headers may vouch for checksums
         self.zero_hdr = b""
         self.resets = 0
         self.resetting = False
@@ -244,17 +259,28 @@ def virtnet_poll_tx(napi: Napi, budget: int) -> int:
 
 
 
+def virtio_net_hdr_from_skb(skb: SkBuff, ram: memoryview, at: int, zero_hdr: bytes) -> None:
+    """The header for the frame: NEEDS_CSUM with where the device completes the checksum
+    (CHECKSUM_PARTIAL), else all zero."""
+    if skb.ip_summed == CHECKSUM_PARTIAL:
+        ram[at : at + len(zero_hdr)] = zero_hdr
+        VIRTIO_NET_HDR.pack_into(ram, at, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
+                                 0, 0, skb.csum_start, skb.csum_offset)
+    else:
+        ram[at : at + len(zero_hdr)] = zero_hdr
+
+
 @traced
 def xmit_skb(sq: SendQueue, skb: SkBuff) -> int:
-    """Prepend the virtio-net header (no offloads: all zero) and add the buffers to the ring."""
+    """Prepend the virtio-net header and add the buffers to the ring."""
     vi: VirtnetInfo = sq.vq.vdev.priv
     hdr_len = vi.hdr_len
     ram = vi.ram
     if vi.any_header_sg:  # can_push: the header goes in the headroom, one descriptor
         start = skb.data - hdr_len
-        ram[start : skb.data] = vi.zero_hdr
+        virtio_net_hdr_from_skb(skb, ram, start, vi.zero_hdr)
         return virtqueue_add_outbuf(sq.vq, [(start, skb.len + hdr_len)], skb)
-    ram[skb.head : skb.head + hdr_len] = vi.zero_hdr
+    virtio_net_hdr_from_skb(skb, ram, skb.head, vi.zero_hdr)
     return virtqueue_add_outbuf(sq.vq, [(skb.head, hdr_len), (skb.data, skb.len)], skb)
 
 
@@ -359,10 +385,20 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> 
         rq.pool.kfree_skb(buf)
         return
     ram = vi.ram
+    ip_summed = CHECKSUM_NONE
+    if vi.guest_csum:  # virtio_net_hdr_to_skb
+        flags = ram[buf.data]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            ip_summed = CHECKSUM_PARTIAL
+        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
+            ip_summed = CHECKSUM_UNNECESSARY
     if vi.mergeable_rx_bufs:
         num_buffers = VIRTIO_NET_HDR_MRG_RXBUF.unpack_from(ram, buf.data)[6]
         frame = bytearray(ram[buf.data + hdr_len : buf.data + length])
         rq.pool.kfree_skb(buf)
+        if num_buffers > 1:  # frames that spanned several buffers, and those buffers
+            rq.stats["merged_frames"] += 1
+            rq.stats["merged_buffers"] += num_buffers
         for _ in range(num_buffers - 1):
             r = virtqueue_get_buf(rq.vq)
             if r is None:
@@ -381,7 +417,7 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> 
     rq.stats["bytes"] += len(view)
     vi.dev.stats["rx_packets"] += 1
     vi.dev.stats["rx_bytes"] += len(view)
-    vi.rx_handler(view)
+    vi.rx_handler(view, ip_summed)
     if not vi.mergeable_rx_bufs:
         rq.pool.kfree_skb(buf)
 
@@ -621,6 +657,8 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
     vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs)
     vi.zero_hdr = bytes(vi.hdr_len)
     vi.any_header_sg = virtio_has_feature(vdev, VIRTIO_F_ANY_LAYOUT)
+    dev.hw_csum = virtio_has_feature(vdev, VIRTIO_NET_F_CSUM)
+    vi.guest_csum = virtio_has_feature(vdev, VIRTIO_NET_F_GUEST_CSUM)
     if virtio_has_feature(vdev, VIRTIO_NET_F_STATUS):
         vi.link_status = VIRTIO_NET_CONFIG.unpack(virtio_cread_bytes(vdev, 0, 10))[1]
     init_vqs(vi)
@@ -638,7 +676,8 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
 
 virtio_net_driver = VirtioDriver(
     name="virtio_net",
-    feature_table=[VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    feature_table=[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
+                   VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
                    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX,
                    VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,

@@ -16,8 +16,8 @@ from kvmproc.kvm_main import Kvm
 from kvmproc.lapic import HALTED, MODE_NAMES
 
 
-def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
-    """Build and start the monitor of ``kvm``."""
+def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
+    """Build and start the monitor of ``kvm`` (and of its vhost-net devices, if any)."""
     mon = Monitor("kvm", rundir)
     vcpu = kvm.vcpu
     lapic = kvm.lapic
@@ -100,6 +100,29 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
             raise MonitorError("the VM is destroyed")
         nmis[0] += 1
         lapic.kvm_apic_set_irq(NMI_VECTOR)
+
+    def info_vhost_text(d: dict[str, Any]) -> str:
+        lines = []
+        for dev in d["open"]:
+            lines.append(f"vhost-net: owner pid {dev['owner']}, worker {dev['worker']}, "
+                         f"features {dev['features']}, {dev['works_run']} works run")
+            for q in dev["vqs"]:
+                lines.append(f"  vq {q['index']} ({'rx' if q['index'] == 0 else 'tx'}): "
+                             f"num {q['num']} last_avail_idx {q['last_avail_idx']} "
+                             f"last_used_idx {q['last_used_idx']}, backend fd {q['backend']}, "
+                             f"{q['packets']} packets in {q['batches']} batches, "
+                             f"{q['signals']} signals ({q['signals_suppressed']} suppressed), "
+                             f"kick {q['kick']} call {q['call']}, "
+                             f"busyloop {q['busyloop_timeout_us']} us"
+                             + (f", error: {q['last_error']}" if q["last_error"] else ""))
+        return "\n".join(lines) or "no open vhost-net device"
+
+    @mon.command(hmp="info vhost", qmp=False, human=info_vhost_text,
+                 help="show the vhost-net devices: worker, rings, batches")
+    def info_vhost() -> dict[str, Any]:
+        if vhost is None:
+            raise MonitorError("no vhost-net device (the run has no --vhost on)")
+        return vhost.describe()
 
     mon.start()
     return mon

@@ -33,7 +33,12 @@ from qemuproc.net import (
 )
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpSocket, SlirpState, TokenBucket, net_slirp_receive
-from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
+from qemuproc.virtio_net import (
+    VirtIONet,
+    describe,
+    virtio_net_device_init,
+    virtio_net_vhost_status,
+)
 from qemuproc.virtio_pci import VirtIOPCIProxy
 
 
@@ -53,6 +58,54 @@ class Machine:
         self.mem_as.listeners.append(KvmIoListener(self.kvm))
         self.host = PCIHostState(self.io_as)
 
+        self.tap = None
+        if opts.get("netdev") == "tap":
+            self._init_tap(opts)
+        else:
+            self._init_slirp(opts)
+        self.dump = None
+        if opts.get("pcap"):
+            self.dump = FilterDump(opts["pcap"])
+            self.netdev.filters.append(self.dump)
+
+        # -device virtio-net-pci,netdev=n0,disable-modern=on,...
+        self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
+                           tx_burst=opts.get("tx_burst", 256),
+                           event_idx=opts.get("event_idx", True),
+                           mrg_rxbuf=opts.get("mrg_rxbuf", False),
+                           any_layout=opts.get("any_layout", True),
+                           indirect_desc=opts.get("indirect_desc", True),
+                           queues=opts.get("queues", 1),
+                           poll_us=opts.get("poll_us", 0.0),
+                           csum=opts.get("csum", True))
+        self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
+        virtio_net_device_init(self.n, self.netdev)
+        for nc in self.n.ncs:
+            nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
+        self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
+                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+        self.n.vhost_bus = self.proxy
+        self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
+                            ml.bql, self.io_as, self.mem_as)
+        self.cpu_error: str | None = None
+        self.cpr = Cpr(self, incoming)
+
+    def _init_tap(self, opts: dict) -> None:
+        """-netdev tap,id=n0,ifname=tap0,script=no,downscript=no[,sndbuf=N]: QEMU runs in
+        the run's network namespace, where the tap is."""
+        from common import netns
+        from qemuproc.tap import net_init_tap
+
+        netns.enter(opts["netns"])
+        self.slirp = None
+        self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
+                                   sndbuf=opts.get("tap_sndbuf", 0),
+                                   vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
+                                   poll_us=int(opts.get("poll_us", 0)))
+        self.tap = self.netdev.opaque
+
+    def _init_slirp(self, opts: dict) -> None:
+        ml = self.main_loop
         # -netdev user,id=n0[,hostfwd=udp::H-:G]
         self.slirp = Slirp(self.net_slirp_send_packet,
                            udp_expire_s=opts.get("udp_expire_s", 240.0))
@@ -68,30 +121,6 @@ class Machine:
         ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
         for host_port, guest_port in opts.get("hostfwd", []):
             self.slirp.slirp_add_hostfwd(host_port, guest_port)
-        self.dump = None
-        if opts.get("pcap"):
-            self.dump = FilterDump(opts["pcap"])
-            self.netdev.filters.append(self.dump)
-
-        # -device virtio-net-pci,netdev=n0,disable-modern=on,...
-        self.n = VirtIONet(self.mem, ml, queue_size=cfg.queue_size, tx=opts.get("tx", "bh"),
-                           tx_burst=opts.get("tx_burst", 256),
-                           event_idx=opts.get("event_idx", True),
-                           mrg_rxbuf=opts.get("mrg_rxbuf", False),
-                           any_layout=opts.get("any_layout", True),
-                           indirect_desc=opts.get("indirect_desc", True),
-                           queues=opts.get("queues", 1),
-                           poll_us=opts.get("poll_us", 0.0))
-        self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
-        virtio_net_device_init(self.n, self.netdev)
-        for nc in self.n.ncs:
-            nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
-        self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
-                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
-        self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
-                            ml.bql, self.io_as, self.mem_as)
-        self.cpu_error: str | None = None
-        self.cpr = Cpr(self, incoming)
 
     def net_slirp_send_packet(self, frame: bytes, queue: int) -> int:
         """slirp's frames go to the NIC queue pair their flow uses (if that pair is on)."""
@@ -115,6 +144,19 @@ class Machine:
             qemu_flush_queued_packets(self.netdev)
 
         ml.qemu_set_fd_handler(fd, None, writable, None, "slirp-sndbuf")
+
+    def vhost_describe(self) -> dict:
+        dev = self.tap.vhost_net.dev
+        return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
+                "acked_features": hex(dev.acked_features), "ioctls": dev.backend.calls,
+                "ring_bases": dev.ring_bases}
+
+    def vm_shutdown(self) -> None:
+        """The VM stops: vhost gives the rings back (virtio_net_vhost_status)."""
+        if self.n.vhost_started:
+            with self.main_loop.bql:
+                self.n.vm_running = False
+                virtio_net_vhost_status(self.n, self.n.status)
 
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")
@@ -145,7 +187,9 @@ class Machine:
             "status": vdev.status,
             "broken": vdev.broken,
             "errors": vdev.errors,
-            "slirp": self.slirp.describe(),
+            **({"slirp": self.slirp.describe()} if self.slirp else {}),
+            **({"tap": self.tap.describe()} if self.tap else {}),
+            **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
                          "nic_flush_dropped": sum(nc.incoming_queue.flush_dropped
@@ -183,6 +227,7 @@ def main() -> int:
     finally:
         if m is not None:
             try:
+                m.vm_shutdown()
                 rt.report(m.report())
                 if m.dump:
                     m.dump.close()
@@ -190,7 +235,8 @@ def main() -> int:
                     m.kvm.kvm_destroy_vm()
             except (KvmError, OSError, Stop):
                 pass
-            m.slirp.cleanup()
+            if m.slirp is not None:
+                m.slirp.cleanup()
         if mon is not None:
             mon.close()
         rt.finish()

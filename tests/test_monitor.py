@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -305,18 +304,16 @@ def test_stop_freezes_step_advances_one_iteration_cont_resumes(
     stopped = r.q(role, "stop")
     assert stopped["status"] == "paused"
     loop = STEP_THREAD[role]
-    r.wait_for(lambda: r.q(role, "info status")["threads"][loop]["state"] == "parked", 10,
-               f"{loop} at its safe point")
-    time.sleep(0.3)
-    frozen = counters(r, role)
-    time.sleep(0.6)
+    r.wait_parked(role)
+    frozen = counters(r, role)  # every thread that moves them is held at its safe point
+    r.wait_parked(role)
     assert counters(r, role) == frozen, f"{role} moved while stopped"
 
     step = r.q(role, "step")
     assert step["thread"] == loop
     assert step["iterations"] == 1 and step["completed"] is True
     assert isinstance(step["events"], list)
-    time.sleep(0.3)  # what the step set off settles (an interrupt, a vCPU's KVM_EXIT_INTR)
+    r.wait_parked(role)  # the step's iteration is over and its thread held again
     after = counters(r, role)
     if role == "qemu":
         assert after[0] == frozen[0] + 1  # one main_loop_wait
@@ -328,7 +325,7 @@ def test_stop_freezes_step_advances_one_iteration_cont_resumes(
     else:
         assert after[0] - frozen[0] in (0, 1)  # up to the next exit: at most one
     assert r.q(role, "info status")["status"] == "paused"
-    time.sleep(0.3)
+    r.wait_parked(role)
     assert counters(r, role) == after
 
     assert r.q(role, "cont")["status"] == "running"
@@ -349,13 +346,12 @@ def test_wait_attach_holds_the_guest_until_cont(replica: Callable[..., Replica])
     assert st["threads"]["CPU 0/KVM"]["state"] == "parked"
     assert r.attach("qemu", "-c", "info status").stdout.startswith(
         "VM status: paused (prelaunch)")
-    for _ in range(2):
-        assert r.q("guest", "info status")["program"] == "not started"
-        assert r.q("guest", "info status")["vm_exits"] == 0
-        assert r.q("kvm", "info kvm")["vcpu"]["exits"] == 0
-        assert r.q("qemu", "info stats")["kvm_run_exits"] == {
-            k: 0 for k in r.q("qemu", "info stats")["kvm_run_exits"]}
-        time.sleep(0.5)
+    # the vCPU thread is parked before its first KVM_RUN: nothing can have run
+    assert r.q("guest", "info status")["program"] == "not started"
+    assert r.q("guest", "info status")["vm_exits"] == 0
+    assert r.q("kvm", "info kvm")["vcpu"]["exits"] == 0
+    assert r.q("qemu", "info stats")["kvm_run_exits"] == {
+        k: 0 for k in r.q("qemu", "info stats")["kvm_run_exits"]}
     assert r.q("qemu", "cont")["status"] == "running"
     r.wait_program_done()
     assert r.q("guest", "info netdev")["stats"]["tx_packets"] >= 20

@@ -147,16 +147,12 @@ def test_kill9_under_load_stops_the_run(host: HostSocket, role: str) -> None:
     p = start_run(port=host.port)
     procs = under_load(p, host)
     victim = procs[role]
-    t0 = time.monotonic()
     victim.send_signal(signal.SIGKILL)
-    p.wait(10)
-    elapsed = time.monotonic() - t0
     rc, _, err = finish(p)
     assert rc == 1
     assert re.fullmatch(rf"vreplica: {role} process \(pid {victim.pid}\) died: killed by "
                         r"SIGKILL\n", err), err
-    assert elapsed < 3.0, f"the run took {elapsed:.2f} s to end after the kill"
-    print(f"{role}: kill -9 to supervisor exit {elapsed * 1e3:.0f} ms")
+    assert len(host.seqs) < LOAD_PACKETS  # the run ended there, not when the program did
     for other in procs.values():
         assert not other.is_running() or other.status() == psutil.STATUS_ZOMBIE
 
@@ -168,27 +164,50 @@ def test_kill9_under_load_stops_the_run(host: HostSocket, role: str) -> None:
 def test_ctrl_c_under_load_exits_130(host: HostSocket) -> None:
     p = start_run(port=host.port)
     under_load(p, host)
-    t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     rc, _, err = finish(p)
     assert rc == 130
     assert err == "vreplica: interrupted\n"
-    assert time.monotonic() - t0 < 3.0
+    assert len(host.seqs) < LOAD_PACKETS  # the run ended there, not when the program did
+
+
+def own_run(p: subprocess.Popen) -> str | None:
+    """The id of the run ``p`` supervises, once its directory is made."""
+    root = runs_root()
+    for d in root.iterdir() if root.is_dir() else ():
+        try:
+            if RunConfig.load(d).supervisor_pid == p.pid:
+                return d.name
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+STARTING = {
+    "rundir": lambda p: own_run(p) is not None,
+    "objects": lambda p: bool((rid := own_run(p)) and object_entries(rid)),
+    "a process": lambda p: bool(psutil.Process(p.pid).children()),
+}
+"""Points in the making of a run, each seen from outside: the run directory, the IPC
+objects, the first of the three processes."""
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize("delay", [0.15, 0.25, 0.35])
-def test_ctrl_c_while_starting_leaves_nothing(host: HostSocket, delay: float) -> None:
-    """A Ctrl-C while the run is being made (directory, objects, processes) still ends in one
-    line, status 130 and no leftovers."""
+@pytest.mark.parametrize("stage", list(STARTING))
+def test_ctrl_c_while_starting_leaves_nothing(host: HostSocket, stage: str) -> None:
+    """A Ctrl-C once the run's making has reached ``stage`` (directory, objects,
+    processes) still ends in one line, status 130 and no leftovers."""
     p = start_run(port=host.port)
-    time.sleep(delay)
+    reached = STARTING[stage]
+    deadline = time.monotonic() + 20
+    while not reached(p):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, f"the run never reached {stage}"
+        time.sleep(0.001)
     p.send_signal(signal.SIGINT)
     rc, _, err = finish(p)
-    if rc == 130:
-        assert err == "vreplica: interrupted\n"
-    else:  # the signal came before Python's own start-up was over: nothing had been made
-        assert rc == -signal.SIGINT, err
+    assert rc == 130, err
+    assert err == "vreplica: interrupted\n"
 
 
 # -- the supervisor killed -----------------------------------------------------------------------

@@ -41,12 +41,16 @@ from guestproc.virtio_ring import (
     Virtqueue,
     virtqueue_add_inbuf,
     virtqueue_add_outbuf,
+    virtqueue_disable_cb,
+    virtqueue_enable_cb_delayed,
     virtqueue_get_buf,
     virtqueue_kick_prepare,
     virtqueue_notify,
     vring_create_virtqueue,
+    vring_interrupt,
 )
 from qemuproc.virtio import (
+    virtio_notify,
     virtio_queue_empty,
     virtio_queue_set_notification,
     virtqueue_pop,
@@ -419,3 +423,155 @@ def test_event_idx_disabled_notifications_suppress_kicks(ring: MockSplitQueue) -
     finally:
         drv.v.release()
         release_device(vq)
+
+
+# -- the interrupt side's used_event rule, across two processes ---------------------------------
+
+ROUNDS = (1, 2, 3, 4, 5, 8, 17, 64, 100, 255, 256, 7, 200)
+"""Buffers pending in each round (the first, of one, makes the device's signalled_used valid)."""
+IRQ_WAIT_S = 20.0
+
+
+def delayed_cb_driver_main(shm: str, kick_name: str, irq_name: str, start: int,
+                           conn: Connection) -> None:
+    """The guest, as start_xmit does: each round adds out-buffers, turns callbacks off, then
+    back on with ``virtqueue_enable_cb_delayed`` and kicks; it takes the one interrupt in
+    ``vring_interrupt``, waits until all are used, reclaims them. Reports, per round, the
+    used_event it left and how many callbacks the interrupt ran."""
+    out: dict[str, Any] = {"rounds": [], "error": None}
+    mem = GuestMemory(shm)
+    kick, irq = EventNotifier(kick_name), EventNotifier(irq_name)
+    callbacks = [0]
+
+    def notify(vq: Virtqueue) -> bool:
+        kick.set()
+        return True
+
+    def callback(vq: Virtqueue) -> None:
+        callbacks[0] += 1
+
+    vq = vring_create_virtqueue(1, NUM, RING_BASE, mem.ram, None, notify, callback,
+                                "output.0", True)
+    restore_driver_indices(vq, start)
+    conn.send("ready")
+    try:
+        for pending in ROUNDS:
+            before = vq.avail_idx_shadow
+            for i in range(pending):
+                addr = data_base() + i * SLOT
+                if virtqueue_add_outbuf(vq, [(addr, 64)], i) != 0:
+                    raise AssertionError(f"virtqueue_add_outbuf failed with {vq.num_free} free")
+            virtqueue_disable_cb(vq)
+            armed = virtqueue_enable_cb_delayed(vq)
+            used_event = vq.avail[2 + vq.num]
+            virtqueue_notify(vq)
+            if not irq.wait(IRQ_WAIT_S):
+                raise TimeoutError(f"no interrupt for a round of {pending}")
+            calls = callbacks[0]
+            vring_interrupt(0, vq)
+            calls = callbacks[0] - calls
+            last_progress = time.monotonic()
+            end = (before + pending) & 0xFFFF
+            while vq.used_hdr[1] != end:
+                if time.monotonic() - last_progress > NO_PROGRESS_S:
+                    raise TimeoutError(f"the device used {vq.used_hdr[1]} of {end}")
+                time.sleep(0.0002)
+            got = 0
+            while virtqueue_get_buf(vq) is not None:
+                got += 1
+            out["rounds"].append({"pending": pending, "before": before, "armed": armed,
+                                  "used_event": used_event, "callbacks": calls,
+                                  "reclaimed": got})
+    except Exception as e:  # noqa: BLE001 - reported to the test, which fails with it
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        conn.send(out)
+        vq.v.release()
+        kick.close()
+        irq.close()
+        mem.close()
+
+
+def delayed_cb_device_main(shm: str, kick_name: str, irq_name: str, start: int,
+                           conn: Connection) -> None:
+    """QEMU, as virtio_net_flush_tx does: on each kick, pop the round's buffers and push
+    them one by one, calling ``virtio_notify`` after each; its interrupt is the irq
+    semaphore. Reports the used index at every interrupt it raised, per round."""
+    out: dict[str, Any] = {"interrupts": [], "errors": [], "error": None}
+    mem = GuestMemory(shm)
+    kick, irq = EventNotifier(kick_name), EventNotifier(irq_name)
+    vdev, vq = make_device(mem, NUM, RING_BASE, event_idx=True)
+    restore_device_indices(vq, start)
+    round_no = [0]
+
+    def raise_irq(vector: int) -> None:
+        out["interrupts"].append((round_no[0], vq.used_idx))
+        irq.set()
+
+    vdev.notify_vector = raise_irq
+    try:
+        for r, pending in enumerate(ROUNDS):
+            round_no[0] = r
+            if not kick.wait(IRQ_WAIT_S):
+                raise TimeoutError(f"no kick for round {r}")
+            for _ in range(pending):
+                elem = virtqueue_pop(vq)
+                if elem is None:
+                    raise AssertionError(f"round {r}: fewer than {pending} buffers available")
+                virtqueue_push(vq, elem, 0)
+                virtio_notify(vdev, vq)
+    except Exception as e:  # noqa: BLE001 - reported to the test, which fails with it
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        out["errors"] = vdev.errors
+        conn.send(out)
+        release_device(vq)
+        kick.close()
+        irq.close()
+        mem.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start", [0, 0xFFC0], ids=["from0", "across_u16_wrap"])
+def test_interrupt_after_three_quarters_of_the_pending_buffers(start: int) -> None:
+    """Linux's ``virtqueue_enable_cb_delayed`` asks for the interrupt once 3/4 of the
+    pending buffers are used (used_event = last_used_idx + pending * 3 // 4), and QEMU's
+    ``virtio_notify`` in another process honours it: one interrupt per round, raised by
+    the push that moves the used index past used_event, none for the other pushes."""
+    ctx = multiprocessing.get_context("spawn")
+    with guest_memory(MEM_SIZE) as mem, event_notifier() as kick, event_notifier() as irq:
+        drv_r, drv_w = ctx.Pipe(duplex=False)
+        dev_r, dev_w = ctx.Pipe(duplex=False)
+        names = (mem.name, kick.name, irq.name, start)
+        driver = ctx.Process(target=delayed_cb_driver_main, name="driver",
+                             args=(*names, drv_w))
+        device = ctx.Process(target=delayed_cb_device_main, name="device",
+                             args=(*names, dev_w))
+        driver.start()
+        try:
+            assert receive(drv_r, driver, 60) == "ready"
+            device.start()
+            drv = receive(drv_r, driver, 90)
+            dev = receive(dev_r, device, 30)
+        finally:
+            for p in (driver, device):
+                if p.pid is None:
+                    continue
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    assert drv["error"] is None and dev["error"] is None, (drv["error"], dev["error"])
+    assert dev["errors"] == []
+    assert [r["pending"] for r in drv["rounds"]] == list(ROUNDS)
+    by_round: dict[int, list[int]] = {}
+    for r, used_idx in dev["interrupts"]:
+        by_round.setdefault(r, []).append(used_idx)
+    for r, rnd in enumerate(drv["rounds"]):
+        pending, before = rnd["pending"], rnd["before"]
+        wanted_event = (before + pending * 3 // 4) & 0xFFFF
+        assert rnd["armed"] is True, rnd
+        assert rnd["used_event"] == wanted_event, rnd
+        assert by_round.get(r) == [(wanted_event + 1) & 0xFFFF], (r, rnd, by_round.get(r))
+        assert rnd["callbacks"] == 1 and rnd["reclaimed"] == pending, rnd
+    assert drv["rounds"][-1]["before"] == (start + sum(ROUNDS[:-1])) & 0xFFFF

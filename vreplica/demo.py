@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from common.trace import elem_head, vq_index
-from vreplica.cli import Parser, execute
+from vreplica.cli import Parser, execute, finite_float
+from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
 from vreplica.supervisor import RunFailed, RunOptions
@@ -221,6 +222,86 @@ WHOLE_RX = ("irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "recvfrom")
 """A reply that took the whole way: its own interrupt through KVM, up to the socket."""
 
 
+# -- over a tap: by time, each round trip travels alone ------------------------------------------
+
+TAP_SHOWN: dict[str, Detail] = {
+    **{k: SHOWN[k] for k in ("udp_sendmsg", "start_xmit", "vp_notify", "kvm_exit", "kvm_pio",
+                             "ioeventfd_write", "virtio_queue_host_notifier_read",
+                             "virtio_queue_notify", "virtio_net_handle_tx_bh", "virtio_net_tx_bh",
+                             "virtqueue_pop", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",
+                             "kvm_inj_virq", "vring_interrupt", "skb_xmit_done",
+                             "free_old_xmit_skbs", "virtio_net_receive", "skb_recv_done",
+                             "receive_buf", "udp_rcv", "recvfrom")},
+    "virtqueue_add_outbuf": lambda a: "virtio-net header (NEEDS_CSUM) + frame into the ring",
+    "vhost_poll_wakeup": lambda a: f"{a.get('work')}: queue the work, wake the worker",
+    "handle_tx": lambda a: f"avail_idx {a.get('avail_idx')}, last_avail_idx "
+                           f"{a.get('last_avail_idx')}",
+    "handle_rx": lambda a: f"a {a.get('len')}-byte frame waits on the tap",
+    "vhost_get_vq_desc": lambda a: "the chain in guest RAM, as iovecs",
+    "tun_sendmsg": lambda a: f"{a.get('len')} B (vnet header + frame) into the tap",
+    "tun_recvmsg": lambda a: f"{a.get('len')} B from the tap into {a.get('heads')} guest "
+                             "buffer(s)",
+    "vhost_add_used_n": lambda a: "used ring entries, then used->idx",
+    "vhost_signal": lambda a: f"vq {a.get('vq')} used_idx {a.get('used_idx')} -> the call "
+                              "eventfd (irqfd)",
+    "tap_receive_iov": lambda a: "writev: vnet header + frame into the tap",
+    "tap_send": lambda a: "the tap is readable",
+}
+
+
+def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) -> list[str]:
+    """Round trip ``seq`` over the tap: every shown event between the guest's udp_sendmsg
+    and its recvfrom (the demo paces the datagrams, so nothing else is under way), with the
+    host echo socket's receive and reply from its own clock (CLOCK_MONOTONIC, as the
+    trace's)."""
+    send = next((e for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
+                 and e.args.get("seq") == seq), None)
+    got = next((e for e in trace.events if e.name == "recvfrom" and not e.is_span
+                and e.args.get("seq") == seq), None)
+    if send is None or got is None:
+        raise TraceError(f"seq {seq}: no udp_sendmsg and recvfrom in the trace")
+    t0 = send.parent.ts if send.parent is not None and send.parent.name == send.name \
+        else send.ts
+    window = [e for e in trace.events if t0 <= e.ts <= got.ts and e.name in TAP_SHOWN]
+    args: dict[Event, dict[str, Any]] = {}
+    for e in window:  # a span's own trace point lends it its arguments and is not shown
+        if not e.is_span and e.parent is not None and e.parent.name == e.name:
+            args[e.parent] = e.args
+    window = [e for e in window
+              if (e.is_span or e.parent is None or e.parent.name != e.name)
+              and not (e.is_span and EMPTY_UNLESS_TRACED.get(e.name) == e.name
+                       and e not in args)]  # a pop that found nothing
+    on_screen = set(window)
+    lines = [f"One round trip (seq {seq}) over the tap: the guest's driver, KVM's ioeventfd, "
+             "the device, the tap, the host's stack and echo socket, and back.",
+             "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
+             "        >> = control passes to another process or thread",
+             f"{'us':>8}    {'process/thread':<{WHERE_W}} function"]
+    host = []
+    if echo is not None:
+        host = [(echo[0], "host: the echo socket at 10.0.2.2 has it (the kernel's UDP stack, "
+                          "from the tap) and sends it back")]
+    merged = sorted([(e.ts, e) for e in window] + [(ts, text) for ts, text in host],
+                    key=lambda x: x[0])
+    prev = ""
+    for ts, item in merged:
+        if isinstance(item, str):
+            lines.append(f"{(ts - t0) / 1000:8.1f} >> {'host':<{WHERE_W}} {item}"[:WIDTH])
+            prev = "host"
+            continue
+        ev = item
+        where = f"{ev.role} {trace.thread_name(ev)}"[:WHERE_W]
+        depth = sum(1 for a in ev.ancestors() if a in on_screen)
+        mark = ">>" if where != prev else "  "
+        prev = where
+        detail = TAP_SHOWN[ev.name]({**args.get(ev, {}), **ev.args})
+        lines.append((f"{(ts - t0) / 1000:8.1f} {mark} {where:<{WHERE_W}} "
+                      f"{'  ' * depth}{ev.name}" + (f"  {detail}" if detail else ""))[:WIDTH])
+    lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
+                           "recvfrom", WIDTH)
+    return lines
+
+
 def _pick(trace: Trace, wanted: int | None) -> int:
     if wanted is not None:
         return wanted
@@ -243,15 +324,19 @@ def _pick(trace: Trace, wanted: int | None) -> int:
 
 
 def _parser() -> Parser:
-    p = Parser(prog="vreplica demo",
+    p = Parser(prog="vreplica demo", label="vreplica demo",
                description="Send a few datagrams from the guest to a host echo service and "
                            "follow one round trip.")
     p.add_argument("--out", default="out", help="directory for the trace, pcap and picture")
     p.add_argument("--packets", type=int, default=PACKETS, help="datagrams to send (1..100)")
-    p.add_argument("--pace-ms", type=float, default=PACE_MS,
+    p.add_argument("--pace-ms", type=finite_float, default=PACE_MS,
                    help="pause after each reply, so that each round trip travels alone")
     p.add_argument("--packet", type=int, default=None, metavar="SEQ",
                    help="the datagram whose round trip to follow (default: the median one)")
+    p.add_argument("--netdev", choices=("user", "tap"), default="user",
+                   help="tap: over a real tap in the run's namespace (root)")
+    p.add_argument("--vhost", choices=("on", "off"), default="off",
+                   help="with --netdev tap: vhost-net serves the rings")
     return p
 
 
@@ -265,15 +350,34 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out).resolve()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"vreplica demo: cannot make {a.out}: {e.strerror}", file=sys.stderr)
+    if a.vhost == "on" and a.netdev != "tap":
+        print("vreplica demo: --vhost on needs --netdev tap", file=sys.stderr)
         return 2
+    tap = a.netdev == "tap"
+    if tap:
+        from common.netns import privilege_problem
+
+        why = privilege_problem()
+        if why:
+            print(f"vreplica demo: --netdev tap {why}", file=sys.stderr)
+            return 2
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
+    try:
+        writable_dir("--out", a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in (trace_path, pcap_path):
+            writable_file("--out", path)
+    except UsageError as e:
+        print(f"vreplica demo: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"vreplica demo: --out {a.out}: {e.strerror}", file=sys.stderr)
+        return 2
     opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
                       pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
-                      timeout=60.0)
+                      timeout=60.0,
+                      extra={"netdev": "tap", "csum": True, "vhost": a.vhost == "on",
+                             "record_echo": True} if tap else {})
     try:
         summary, _ = execute(opts)  # dest_port 0: it opens the echo service on 127.0.0.1
     except RunFailed as e:
@@ -281,9 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     try:
         trace = load_trace(trace_path)
-        seq = _pick(trace, a.packet)
-        lines = format_round_trip(trace, seq)
-        picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
+        if tap:
+            seq = a.packet if a.packet is not None else a.packets // 2
+            lines = format_tap_round_trip(trace, seq, summary.get("echo_times", {}).get(seq))
+            picture = None
+        else:
+            seq = _pick(trace, a.packet)
+            lines = format_round_trip(trace, seq)
+            picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
     except (TraceError, RenderError) as e:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return 1
@@ -294,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                                        break_on_hyphens=False)))
     replies, bad = summary.get("replies") or 0, summary.get("bad_replies") or 0
     back = replies == a.packets and bad == 0
-    print(f"  echo service           127.0.0.1:{opts.dest_port}: the guest got {replies} of "
+    print(f"  echo service           {'10.0.2.2' if tap else '127.0.0.1'}:{opts.dest_port}: "
+          f"the guest got {replies} of "
           f"{a.packets} replies" + (", payloads intact" if back else
                                     f", {bad} damaged: NOT all came back"))
     print()
@@ -304,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {trace_path.name:<18} Chrome trace JSON: open https://ui.perfetto.dev, "
           "\"Open trace file\"")
     print(f"  {pcap_path.name:<18} every frame on the NIC, both ways (wireshark, tshark -r)")
-    print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
-          "browser)")
+    if picture is not None:
+        print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
+              "browser)")
     return 0 if back else 1
 
 

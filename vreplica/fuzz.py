@@ -20,7 +20,6 @@ step:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import secrets
@@ -75,6 +74,7 @@ from qemuproc.virtio import (
     virtqueue_push,
 )
 from qemuproc.virtio_net import VirtIONet, virtio_net_device_init
+from vreplica.cli import Parser
 
 PAGE = 4096
 RAM_SIZE = 128 << 10
@@ -567,8 +567,8 @@ def run(examples: int, steps: int = 40) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vreplica fuzz",
-                                description="A hostile guest against the device's ring code.")
+    p = Parser(prog="vreplica fuzz", label="vreplica fuzz",
+               description="A hostile guest against the device's ring code.")
     p.add_argument("--examples", type=int, default=200, help="state-machine runs (default 200)")
     p.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
     a = p.parse_args(argv)

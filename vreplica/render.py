@@ -24,6 +24,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from vreplica.preflight import UsageError, finite_float, writable_file
 from vreplica.tracefile import (
     ROLES,
     RX,
@@ -265,8 +266,10 @@ def _check_out(out: str | Path) -> Path:
     path = Path(out)
     if path.suffix.lower() not in FORMATS:
         raise RenderError(f"{path}: the picture must be .svg or .png")
-    if not path.parent.is_dir():
-        raise RenderError(f"{path.parent}: no such directory")
+    try:
+        writable_file("OUT", path)
+    except UsageError as e:
+        raise RenderError(str(e)) from None
     return path
 
 
@@ -278,12 +281,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     p = _Parser(prog="vreplica trace render", add_help=False,
                 description="Draw a trace as a swimlane picture.")
-    p.add_argument("trace", help="a trace written by --trace (Chrome trace JSON)")
-    p.add_argument("out", help="the picture: OUT.svg or OUT.png")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    p.add_argument("trace", metavar="TRACE.json",
+                   help="a trace written by --trace (Chrome trace JSON)")
+    p.add_argument("out", metavar="OUT", help="the picture: OUT.svg or OUT.png")
     p.add_argument("--packet", type=int, metavar="SEQ",
                    help="the datagram whose journey (its round trip in an echo run) to draw "
                         "(default: the middle one)")
-    p.add_argument("--window", type=float, nargs=2, metavar=("START_US", "END_US"),
+    p.add_argument("--window", type=finite_float, nargs=2, metavar=("START_US", "END_US"),
                    help="the time range, in microseconds since the trace's first event")
     return p
 
@@ -309,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] != "render":
         print(f"vreplica trace: unknown command {args[0]!r} ({USAGE})", file=sys.stderr)
         return 2
+    if any(arg in ("-h", "--help") for arg in args[1:]):
+        print(_parser().format_help(), end="")
+        return 0
     try:
         a = _parser().parse_args(args[1:])
         _check_out(a.out)

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.attribution import attribute, explain_seqs, outages, summary_of
-from vreplica.cli import Parser, UsageError, free_udp_port, reported
+from vreplica.cli import Parser, UsageError, finite_float, free_udp_port, reported
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
+from vreplica.preflight import writable_file
 from vreplica.summary import build_summary
 from vreplica.supervisor import RunOptions, Supervisor
 
@@ -179,7 +180,7 @@ class Chaos:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="vreplica stress", description=__doc__, label="vreplica stress")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--duration", type=float, help="seconds of load (default 10)")
+    g.add_argument("--duration", type=finite_float, help="seconds of load (default 10)")
     g.add_argument("--packets", type=int, help="datagrams to send instead of a duration")
     p.add_argument("--queues", type=int, default=2, help="queue pairs (default 2)")
     p.add_argument("--sizes", default="8-1472",
@@ -187,9 +188,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=("tx", "echo", "both"), default="tx")
     p.add_argument("--chaos", default="", help="comma list of: " + ", ".join(CHAOS_KINDS)
                    + " (or 'all', or 'list' to describe them)")
-    p.add_argument("--chaos-period", type=float, default=2.0, help="mean seconds between events")
+    p.add_argument("--chaos-period", type=finite_float, default=2.0,
+                   help="mean seconds between events")
     p.add_argument("--flows", type=int, default=0, help="guest sockets (default 2 per pair)")
-    p.add_argument("--backend-rate", type=float, default=0.0, metavar="PPS",
+    p.add_argument("--backend-rate", type=finite_float, default=0.0, metavar="PPS",
                    help="a slow host link (datagrams/s): the device parks frames in async_tx")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="FILE")
@@ -218,6 +220,10 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     for k in kinds:
         if k not in CHAOS_KINDS:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
+    if a.chaos_period <= 0 or a.flows < 0:
+        raise UsageError("--chaos-period must be positive and --flows >= 0 (0: two per pair)")
+    if a.json:
+        writable_file("--json", a.json)
     return lo, hi, kinds
 
 

@@ -95,7 +95,20 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
-    summary["slirp"] = q.get("slirp", {}).get("stats", {})
+    if "tap" in q:
+        summary["tap"] = q["tap"]
+        summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
+        summary["guest_csum"] = {k: g.get("stack", {}).get(k, 0)
+                                 for k in ("csum_offloaded", "csum_errors")}
+        if "vhost" in q:  # the interrupts came from the vhost worker, not from QEMU
+            kv = k.get("vhost", {})
+            devs = kv.get("open", []) + kv.get("released", [])
+            vqs = [v for d in devs for v in d["vqs"]]
+            summary["vhost"] = {"qemu": q["vhost"], "kernel": devs}
+            summary["tx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 1)
+            summary["rx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 0)
+    else:
+        summary["slirp"] = q.get("slirp", {}).get("stats", {})
     cpr = q.get("cpr", {})
     if cpr.get("enabled"):  # --reconnect: TX chains in flight when a QEMU died, sent again
         summary["resubmitted"] = cpr.get("resubmitted", 0)
@@ -113,6 +126,10 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     return summary
 
 
+def vhost_kicks(s: dict[str, Any]) -> int:
+    return sum(v["kicks"] for d in s["vhost"]["kernel"] for v in d["vqs"])
+
+
 def sent_line(s: dict[str, Any]) -> str:
     if s["sender"] == "host":
         rate = f" (arriving at {s['host_rate_pps']:,.0f} pkt/s)" if s.get("host_rate_pps") else ""
@@ -128,8 +145,8 @@ def kicks_line(s: dict[str, Any]) -> str:
     reads it are one read, one handler run."""
     kicks, handled = s["kicks"], s["kicks_handled"]
     line = f"  kicks (driver)         {kicks}   handled by QEMU: {handled}"
-    if not s["ioeventfd"] or s.get("device_restarts"):
-        return line
+    if not s["ioeventfd"] or s.get("device_restarts") or "vhost" in s:
+        return line  # vhost's worker takes the kicks; a restart starts QEMU's counts anew
     own = s["ioeventfd_starts"] * s["queue_pairs_max"]
     merged = s["kicks_coalesced"]
     line += f" (+{own} its own at start, -{merged} merged in eventfd"
@@ -144,7 +161,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}",
         sent_line(s),
         f"  delivered              {s['delivered']}  (counted by the {s['delivered_counted_by']})",
-        kicks_line(s),
+        kicks_line(s)
+        + (f", by the vhost worker: {vhost_kicks(s)}" if "vhost" in s else ""),
         f"  TX interrupts          {s['tx_interrupts']}   RX interrupts: {s['rx_interrupts']}"
         f"   injected by KVM: {s['interrupts_injected']}",
         "  interrupts taken       " + ", ".join(

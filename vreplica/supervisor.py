@@ -21,9 +21,11 @@ from typing import Any
 
 import psutil
 
+from common import netns
 from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
 from common.kvm_abi import unpackb
+from common.monitor import pid_path
 
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
@@ -120,6 +122,10 @@ class Supervisor:
         self.restarts = 0
         self.deaths: list[str] = []
         self._env: dict[str, str] = {}
+        self._announcement: str | None = None
+        self.before_spawn: Callable[[RunConfig], None] = lambda cfg: None
+        """Runs once the run's objects (and network namespace) exist, before its processes:
+        host services that live in the namespace start here."""
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -128,7 +134,9 @@ class Supervisor:
         was made is on record for stop() and cleanup()."""
         with deferred_sigint():
             try:
-                return self._start()
+                cfg = self._start()
+                self._announcement = self._announcement_for(cfg)
+                return cfg
             except OSError as e:
                 self.stop()
                 raise RunFailed(f"cannot set up the run: {e}") from None
@@ -152,6 +160,10 @@ class Supervisor:
         }
         self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, max(vectors, 1), options)
         create_objects(cfg)
+        if o.extra.get("netdev") == "tap":  # -netdev tap: the link lives in a namespace
+            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"))
+        self.before_spawn(cfg)
+        cfg.save()
         self.ctl = Channel(cfg.channel("ctl"))
         env = dict(os.environ)
         env.pop("VREPLICA_TRACE", None)
@@ -165,6 +177,29 @@ class Supervisor:
         for role in ROLES:
             self.procs[role] = self._spawn(role)
         return cfg
+
+    def _announcement_for(self, cfg: RunConfig) -> str | None:
+        """--hold / --wait-attach: the line saying which run this is, how to attach to it
+        and how to end it (such a run waits for someone); printed on stderr once the
+        monitors listen."""
+        hold = self.opts.extra.get("hold", False)
+        wait_attach = self.opts.extra.get("wait_attach", False)
+        if not (hold or wait_attach):
+            return None
+        attach = f"vreplica attach qemu --run {cfg.rid}"
+        if wait_attach:
+            what = "waits for cont (--wait-attach" + (", --hold)" if hold else ")")
+            how = f"attach with '{attach}' and type cont (or run '{attach} -c cont')"
+        else:
+            what = "stays up after its program (--hold)"
+            how = f"attach with '{attach}'"
+        return f"vreplica: run {cfg.rid} {what}: {how}; end it with '{attach} -c quit' or Ctrl-C"
+
+    def _announce_when_attachable(self) -> None:
+        assert self.cfg is not None
+        if self._announcement and all(pid_path(self.cfg.rundir, r).exists() for r in ROLES):
+            print(self._announcement, file=sys.stderr, flush=True)
+            self._announcement = None
 
     def _spawn(self, role: str, *flags: str) -> subprocess.Popen:
         """One process of the run, in a process group of its own: a terminal's Ctrl-C goes
@@ -193,6 +228,7 @@ class Supervisor:
                     raise
                 self.stop()  # --hold: Ctrl-C ends a finished run, as the monitor's quit does
             self.on_tick()
+            self._announce_when_attachable()
             exited = {r: p.poll() for r, p in self.procs.items()}
             for role, rc in exited.items():
                 if rc is None or rc == 0:
