@@ -76,6 +76,9 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
         "vm_exits": cpu.exits,
         "tx_drained": drained,
         "resets": vi.resets,
+        "sent_by_monitor": mon.sent,
+        "timer_interrupts": kernel.timer_interrupts,
+        "reset_log": vi.reset_log,
     }
     if vi.reset_error:
         report["reset_error"] = vi.reset_error

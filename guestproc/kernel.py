@@ -87,6 +87,7 @@ class Kernel:
         self.timer_fired = False
         self.irq_count: dict[str, int] = {}
         self.ioapic = IoApic(cpu)
+        self.timer_interrupts = 0
         cpu.irq_exit = self.do_softirq
         cpu.idt[LOCAL_TIMER_VECTOR] = self.sysvec_apic_timer_interrupt
 
@@ -137,6 +138,7 @@ class Kernel:
     def sysvec_apic_timer_interrupt(self, vector: int) -> None:
         self.cpu.apic_eoi()
         self.timer_fired = True
+        self.timer_interrupts += 1
 
     # -- softirq ------------------------------------------------------------------------------
 

@@ -164,6 +164,9 @@ class VirtnetInfo:
         self.resets = 0
         self.resetting = False
         self.reset_error = ""
+        self.reset_log: list[dict[str, int]] = []
+        """Per reset, monotonic ns: config interrupt, status 0, DRIVER_OK, RX buffers
+        posted, queues set; and how many used RX buffers the reset threw away."""
 
 
 def txq2vq(txq: int) -> int:
@@ -480,15 +483,19 @@ def remove_vq_common(vi: VirtnetInfo) -> None:
     virtnet_del_vqs(vi)
 
 
-def virtnet_restore_up(vdev: Any) -> None:
+def virtnet_restore_up(vdev: Any, log: dict[str, int] | None = None) -> None:
     """New rings on the same queues, DRIVER_OK, RX buffers posted, NAPI and TX running."""
     vi: VirtnetInfo = vdev.priv
     virtnet_find_vqs(vi)
     virtio_device_ready(vdev)
+    if log is not None:
+        log["driver_ok_ns"] = vi.kernel.now_ns()
     for rq in vi.rq:
         napi_enable(rq.napi)
         try_fill_recv(vi, rq)
         virtnet_napi_enable(rq.vq, rq.napi)
+    if log is not None:
+        log["rx_posted_ns"] = vi.kernel.now_ns()
     for sq in vi.sq:
         napi_enable(sq.napi)
     netif_device_attach(vi.dev)
@@ -500,19 +507,27 @@ def virtnet_reset(vi: VirtnetInfo) -> bool:
     rebuilds the device's state from nothing; the program above it carries on."""
     vdev = vi.vdev
     vi.resets += 1
+    log = {"start_ns": vi.kernel.now_ns()}
+    vi.reset_log.append(log)
     virtnet_freeze_down(vdev)
+    # frames the device handed over that NAPI had not yet taken: the reset frees their buffers
+    log["rx_unprocessed"] = sum((rq.vq.used_hdr[1] - rq.vq.last_used_idx) & 0xFFFF
+                                for rq in vi.rq)
+    log["status0_ns"] = vi.kernel.now_ns()
     remove_vq_common(vi)
     try:
         virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
         virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER)
         vdev.config.finalize_features(vdev)
         virtio_features_ok(vdev)
-        virtnet_restore_up(vdev)
+        virtnet_restore_up(vdev, log)
         virtnet_set_queues(vi, vi.curr_queue_pairs)
     except (OSError, VirtioFeaturesError) as e:
         vi.reset_error = f"{type(e).__name__}: {e}"
         virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED)
         return False
+    finally:
+        log["end_ns"] = vi.kernel.now_ns()
     return True
 
 

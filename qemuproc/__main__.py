@@ -186,6 +186,7 @@ class Machine:
         vdev = self.n
         return {
             "queues": {vq.name: {"pops": vq.pops, "kicks_handled": vq.kicks,
+                                 "kicks_coalesced": vq.kicks_coalesced,
                                  "notifies": vq.notifies, "inuse": vq.inuse,
                                  "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
                                  "vector": vq.vector} for vq in vdev.vq},
@@ -200,6 +201,8 @@ class Machine:
             **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
+                         "nic_flush_dropped": sum(nc.incoming_queue.flush_dropped
+                                                  for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
             "kvm_run_exits": self.cpu.exit_counts,
             "main_loop_iterations": self.main_loop.iterations,

@@ -310,6 +310,7 @@ class Cpr:
 
     def incoming_record(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "restore_ms": round(self.restore_ms, 2),
+                "ready_ns": time.monotonic_ns(),
                 "stale_vm_replies": self.stale_vm_replies,
                 "queues": [vars(r) for r in self.recovered if r.resubmit or r.fixed_up
                            or r.mismatch]}

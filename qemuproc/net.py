@@ -67,6 +67,9 @@ class NetQueue:
         self.delivering = False
         self.dropped = 0
         self.queued = 0
+        self.flush_dropped = 0
+        """Queued packets the receiver refused (-1) when flushed: virtio-net's flush at
+        DRIVER_OK runs before the status is stored, so its can_receive still says no."""
 
     def qemu_net_queue_append(self, sender: NetClientState, flags: int, data: bytes,
                               sent_cb: SentCb) -> None:
@@ -151,6 +154,8 @@ def qemu_net_queue_flush(queue: NetQueue) -> bool:
         if ret == 0:
             queue.packets.appendleft(packet)
             return False
+        if ret < 0:
+            queue.flush_dropped += 1
         if packet.sent_cb is not None:
             packet.sent_cb(packet.sender, ret)
     return True

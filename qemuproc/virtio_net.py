@@ -169,14 +169,22 @@ class VirtIONet(VirtIODevice):
             virtio_net_apply_guest_offloads(self, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: vhost starts or stops; on DRIVER_OK resume a TX that was
-        waiting (unless vhost has the queues); flush RX."""
+        """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
+        link up, within the pairs in use, not vhost's) flushes what waited for it; on
+        DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
+        virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
+        no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
+        on later gets its frames (virtio_net_handle_mq calls this again)."""
         virtio_net_vhost_status(self, status)
         if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             for q in self.vqs:
                 if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
                     qemu_bh_schedule(q.tx_bh)
-            for nc in self.ncs if not self.vhost_started else ():  # vhost has RX: they wait
+        if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
+                and self.vm_running) or self.vhost_started:
+            return  # vhost has RX: the frames wait for it
+        for i, nc in enumerate(self.ncs):
+            if (self.multiqueue or i == 0) and i < self.curr_queue_pairs:
                 qemu_flush_queued_packets(nc)
 
     def reset(self) -> None:
@@ -293,6 +301,7 @@ def virtio_net_handle_mq(n: VirtIONet, cmd: int, data: bytes) -> int:
             or queue_pairs > n.max_queue_pairs or not n.multiqueue:
         return VIRTIO_NET_ERR
     n.curr_queue_pairs = queue_pairs
+    n.set_status(n.status)  # virtio_net_set_queue_pairs, then virtio_net_set_status
     return VIRTIO_NET_OK
 
 

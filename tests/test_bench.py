@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("machine", "plan", "vring_only", "end_to_end", "kick_latency", "kicks_interrupts",
-            "tracing", "rss", "modes", "targets", "correctness", "failures")
+            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos")
 
 
 @pytest.mark.timeout(300)
@@ -39,7 +39,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     for t in res["targets"]:
         assert t["result"] in ("PASS", "FAIL"), t
         assert t["target"] in md
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
+    assert res["chaos"]["verdict"] == "PASS", res["chaos"]
+    assert res["chaos"]["resets"] >= 1 and res["chaos"]["restarts"] >= 1
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8."):
         assert heading in md
     assert res["vring_only"]["complete"]
     runs = res["correctness"]

@@ -24,6 +24,7 @@ from replica import ROLES, Replica, private_runs_root
 from common.monitor.client import MonitorConnection, query
 from common.monitor.commands import MonitorError
 from common.monitor.monitor import socket_path
+from vreplica.summary import sent_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -398,6 +399,20 @@ def test_info_kvm_agrees_with_the_summary(replica: Callable[..., Replica]) -> No
     assert s["userspace_exits"] == {k: n for k, n in kvm["userspace_exits"].items() if n}
     assert s["interrupts_injected"] == kvm["vcpu"]["irq_injections"]
     assert s["sent"] == 100
+
+
+@pytest.mark.timeout(90)
+def test_monitor_sends_count_in_the_summary(replica: Callable[..., Replica]) -> None:
+    """Datagrams the guest sent on the monitor's ``send`` are in the summary's ``sent``, and
+    said to be the monitor's."""
+    r = replica("--hold", "--packets", "20")
+    r.wait_program_done()
+    assert "queued" in r.q("guest", "send 30")
+    r.wait_for(lambda: r.q("guest", "info status")["pending_sends"] == 0
+               and r.q("guest", "info status")["sent_by_monitor"] == 30, 20, "the sends")
+    s = r.quit()
+    assert s["sent"] == 50 and s["sent_by_monitor"] == 30
+    assert "(30 by the monitor's send)" in sent_line(s)
 
 
 @pytest.mark.timeout(60)

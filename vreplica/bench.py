@@ -536,6 +536,24 @@ def section_trace_cost(plan: Plan, log: Callable[[str], None], failures: list[di
             "guards_stripped": trials[0]["guards_stripped"] if trials else None}
 
 
+def section_chaos(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """8. Device resets (ring faults) and restarts (kill -9 of QEMU) under load both ways:
+    how long each kept the device down and the most frames one of them lost."""
+    from vreplica.stress import parse_args, run_stress
+
+    a = parse_args(["--duration", "4" if plan.quick else "12", "--queues", "2", "--mode", "both",
+                    "--chaos", "ring-fault,kill-device", "--chaos-period", "1",
+                    "--no-progress"])
+    v = checked("chaos: ring-fault,kill-device", lambda: run_stress(a)[0], log, failures)
+    if v is None:
+        return {}
+    keys = ("resets", "reset_down_ms", "reset_down_ms_max", "reset_rx_down_ms_max",
+            "reset_lost_max", "restarts", "restart_down_ms", "restart_down_ms_max",
+            "restart_lost_max", "verdict", "reasons", "inbound_rate_pps")
+    return {k: v.get(k) for k in keys} | {"reset_down_ms_p50": median(v["reset_down_ms"]),
+                                         "restart_down_ms_p50": median(v["restart_down_ms"])}
+
+
 # -- folding the runs into figures --------------------------------------------------------------
 
 
@@ -986,6 +1004,21 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     L += ["Correctness: every run above was checked at the sink (count, order, payload "
           f"bytes): {sum(1 for c in res['correctness'] if c['complete'])} of "
           f"{len(res['correctness'])} complete and in order.", ""]
+    c = res.get("chaos") or {}
+    if c:
+        L += ["## 8. Device resets and restarts under load", "",
+              "`stress --mode both --queues 2 --chaos ring-fault,kill-device`: a reset runs from "
+              "the config interrupt to DRIVER_OK with RX buffers posted (the guest's own clock); "
+              "a restart from the kill to the new QEMU's device ready (its -incoming record). "
+              "Frames lost: those the event's outage took, by sequence number. "
+              f"Verdict: {c['verdict']}.", ""]
+        L += table(["event", "count", "down p50 (ms)", "down max (ms)", "most frames lost by one"],
+                   [["device reset (ring fault)", str(c["resets"]),
+                     fmt_f(c["reset_down_ms_p50"], 1), fmt_f(c["reset_down_ms_max"], 1),
+                     str(c["reset_lost_max"])],
+                    ["QEMU restart (kill -9)", str(c["restarts"]),
+                     fmt_f(c["restart_down_ms_p50"], 1), fmt_f(c["restart_down_ms_max"], 1),
+                     str(c["restart_lost_max"])]])
     return "\n".join(L)
 
 
@@ -1055,6 +1088,8 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                                    for k in ("kicks_per_packet", "interrupts_per_packet")}
                                for s in folded["modes"]["default"]}
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
+    log("8. chaos: resets and restarts")
+    res["chaos"] = section_chaos(plan, log, failures)
     res["failures"] = failures
     res["duration_s"] = time.monotonic() - t0
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
