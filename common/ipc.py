@@ -32,6 +32,7 @@ from pathlib import Path
 import posix_ipc
 import psutil
 
+from common import netns
 from common.channel import Channel
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
@@ -241,8 +242,10 @@ def unlink_objects(cfg: RunConfig) -> None:
 
 
 def unlink_entries(rid: str) -> None:
-    """Unlink what the file system shows of the run (whatever the config says), inflight last."""
+    """Unlink what the file system shows of the run (whatever the config says), its network
+    namespace included, inflight last."""
     inflight = inflight_name(rid)
+    netns.delete(netns.netns_name(rid))
     for p in object_entries(rid):
         name = "/" + p.name
         if name == inflight:
@@ -367,6 +370,8 @@ def _entries_by_run() -> dict[str, list[Path]]:
         parts = p.name.removeprefix("sem.").split(".")
         if len(parts) > 2:
             out.setdefault(parts[1], []).append(p)
+    for rid, p in netns.run_namespaces().items():
+        out.setdefault(rid, []).append(p)
     return out
 
 

@@ -18,7 +18,14 @@ from typing import Any
 
 from common import channel, trace
 from common.channel import Channel
-from common.ipc import RunConfig, run_alive, unlink_objects
+from common.ipc import (
+    RunConfig,
+    process_alive,
+    run_alive,
+    run_owner,
+    unlink_entries,
+    unlink_objects,
+)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -31,7 +38,14 @@ class Stop(Exception):
 class ProcessRuntime:
     def __init__(self, role: str, rundir: str) -> None:
         self.role = role
-        self.cfg = RunConfig.load(rundir)
+        try:
+            self.cfg = RunConfig.load(rundir)
+        except FileNotFoundError:  # the run was taken down before this process got going
+            rid = Path(rundir).name
+            owner = run_owner(rid)
+            if owner is None or not process_alive(*owner):
+                unlink_entries(rid)  # what is left of it (its network namespace too)
+            raise SystemExit(1) from None
         self.rundir = Path(rundir)
         self.stopping = False
         self._armed = False

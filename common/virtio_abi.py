@@ -90,6 +90,7 @@ def feature_names(bits: int) -> list[str]:
 VIRTIO_NET_S_LINK_UP = 1
 VIRTIO_NET_S_ANNOUNCE = 2
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start/offset
 VIRTIO_NET_HDR_MRG_RXBUF = struct.Struct("<BBHHHHH")  # ... and num_buffers

@@ -5,6 +5,7 @@ Usage: python -m guestproc RUNDIR
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -36,9 +37,9 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
     cpu = VCpu(Channel(cfg.channel("guest_exit")), Channel(cfg.channel("guest_entry")),
                EventNotifier(cfg.kick))
     mon.attach_cpu(cpu, mem.ram)
+    (rt.rundir / kvm_abi.VCPU_PID_FILE).write_text(str(os.getpid()))  # where the IPIs go
     # the vCPU starts running when QEMU first calls KVM_RUN: wait for that first VM entry
-    first = cpu._recv(None)
-    if first is None or kvm_abi.unpackb(first)[0] is None:
+    if not cpu.power_on():
         raise GuestShutdown
     kernel = Kernel(cpu)
     pages = PageAllocator(mem.size)
@@ -77,6 +78,9 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
         "tx_drained": drained,
         "resets": vi.resets,
         "ctrl_failures": vi.ctrl_failures,
+        "sent_by_monitor": mon.sent,
+        "timer_interrupts": kernel.timer_interrupts,
+        "reset_log": vi.reset_log,
     }
     if vi.reset_error:
         report["reset_error"] = vi.reset_error
@@ -104,6 +108,7 @@ def main() -> int:
         traceback.print_exc()
         code = 1
     finally:
+        signal.signal(kvm_abi.SIG_VCPU_KICK, signal.SIG_IGN)  # a late IPI must not kill us
         mon.close()
         rt.finish()
     return code

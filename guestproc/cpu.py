@@ -1,25 +1,31 @@
 """The vCPU as the guest sees it: instructions that trap to KVM, and interrupt entry.
 
-Every port access, MMIO access to a device BAR, HLT and the TSC-deadline MSR write is a VM
-exit: the record goes to KVM and this CPU stops until KVM enters it again. The entry may
-carry vectors that KVM injects; they are delivered through the IDT when interrupts are
-enabled (IF=1), otherwise held in the local APIC's IRR until ``sti``.
+Every port access, MMIO access to a device BAR or the IOAPIC, HLT and the MSR writes (the
+TSC deadline, the x2APIC EOI) is a VM exit: the record goes to KVM and this CPU stops until
+KVM enters it again. The entry may carry the one vector KVM injects; it is delivered through
+the IDT at once, or, if it came while a handler runs (IF=0 in a hardirq), when that handler
+returns (iret).
 
-KVM makes a running vCPU exit by signalling its kick semaphore (the IPI of kvm_vcpu_kick);
-the CPU notices at the next instruction boundary (``interrupt_window``).
+KVM makes a running vCPU exit with the IPI of kvm_vcpu_kick: a signal to this process (and
+its kick semaphore). The signal handler runs at the next bytecode boundary of the vCPU's
+thread and takes the VM exit there, so KVM injects at once; the vector it brings is delivered
+through the IDT at the next point where the interrupted code can take it (an exit of its
+own, ``interrupt_window``, HLT), as an interrupt waits for IF=1. A signal that comes while
+the vCPU is in an exit is left to the exit's end: KVM injects at that entry, or, if it kicked
+as it entered, the kick semaphore is still up and the vCPU takes the exit then.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
+from types import FrameType
 
 from common import kvm_abi
 from common.channel import Channel
 from common.cpus import Gate
 from common.notifier import EventNotifier
-
-MSR_IA32_TSC_DEADLINE = 0x6E0
-EXIT_REASON_MSR_WRITE = 32
 
 
 class GuestShutdown(Exception):
@@ -32,30 +38,49 @@ class VCpu:
         self._recv = entry_ch.recv_raw
         self._kick_sem = kick.sem
         self.idt: dict[int, Callable[[int], None]] = {}
-        self.if_flag = True
-        self.irr: list[int] = []
+        self.pending: list[int] = []
         self.irq_exit: Callable[[], None] = lambda: None
         self.exits = 0
         self.need_resched = False
         self._in_irq = False
+        self._in_exit = True  # until the first VM entry
         self._io_cache: dict[tuple[int, int, int], bytes] = {}
         self.gate = Gate("vCPU 0")
+        self.ipis = 0
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(kvm_abi.SIG_VCPU_KICK, self._ipi)
+
+    def power_on(self) -> bool:
+        """Wait for the first VM entry (QEMU's first KVM_RUN); False if the VM went first."""
+        first = self._recv(None)
+        if first is None or kvm_abi.unpackb(first)[0] is None:
+            return False
+        self._in_exit = False
+        return True
 
     # -- trapping instructions -----------------------------------------------------------------
 
-    def _vmexit(self, record: bytes) -> int:
+    def _vmexit(self, record: bytes, deliver: bool = True) -> int:
         if self.gate.armed:
             self.gate.wait()
         self.exits += 1
-        self._send(record)
-        entry = self._recv(None)
+        self._in_exit = True
+        try:
+            self._send(record)
+            entry = self._recv(None)
+        finally:
+            self._in_exit = False
         if entry is None:
             raise GuestShutdown
         data, vectors = kvm_abi.unpackb(entry)
         if data is None:
             raise GuestShutdown
         if vectors:
-            self._accept(vectors)
+            self.pending.append(vectors[0])
+        if self._kick_sem.value > 0:  # an IPI that came as KVM entered us: take it now
+            self._take_kick(False)
+        if deliver and self.pending and not self._in_irq:
+            self._deliver()
         return data
 
     def _out(self, size: int, port: int, value: int) -> None:
@@ -92,10 +117,18 @@ class VCpu:
         return self._vmexit(kvm_abi.vmexit_mmio(gpa, size, False))
 
     def wrmsr(self, msr: int, value: int) -> None:
-        self._vmexit(kvm_abi.packb([EXIT_REASON_MSR_WRITE, msr, value]))
+        self._vmexit(kvm_abi.vmexit_wrmsr(msr, value))
+
+    def apic_eoi(self) -> None:
+        """The x2APIC EOI (native_apic_msr_eoi_write): a WRMSR that KVM intercepts."""
+        self._vmexit(kvm_abi.VMEXIT_EOI)
 
     def hlt(self) -> None:
-        """Stop until an interrupt arrives; it is delivered before hlt returns."""
+        """Stop until an interrupt arrives; it is delivered before hlt returns (one already
+        taken and waiting for this boundary ends the halt at once)."""
+        if self.pending and not self._in_irq:
+            self._deliver()
+            return
         self._vmexit(kvm_abi.VMEXIT_HLT)
 
     def triple_fault(self) -> None:
@@ -103,41 +136,44 @@ class VCpu:
         if self.gate.armed:
             self.gate.wait()
         self.exits += 1
+        self._in_exit = True
         self._send(kvm_abi.VMEXIT_TRIPLE_FAULT)
 
     def interrupt_window(self) -> None:
-        """An instruction boundary: take the exit a kick asked for, and the interrupts it brings."""
+        """An instruction boundary: take the exit a kick asked for, and deliver what came."""
         if self._kick_sem.value > 0:
-            try:
-                self._kick_sem.acquire(0)
-            except Exception:  # another boundary consumed it first
-                return
-            self._vmexit(kvm_abi.VMEXIT_EXTERNAL_INTERRUPT)
+            self._take_kick(True)
+        elif self.pending and not self._in_irq:
+            self._deliver()
+
+    def _take_kick(self, deliver: bool) -> None:
+        try:
+            self._kick_sem.acquire(0)
+        except Exception:  # another boundary consumed it first
+            return
+        self._vmexit(kvm_abi.VMEXIT_EXTERNAL_INTERRUPT, deliver)
+
+    def _ipi(self, signum: int, frame: FrameType | None) -> None:
+        """The kick's IPI: the VM exit now; the vector waits for the next boundary."""
+        self.ipis += 1
+        if not self._in_exit and not self.gate.armed:
+            self._take_kick(False)
 
     # -- interrupt entry ----------------------------------------------------------------------
 
-    def _accept(self, vectors: list[int]) -> None:
-        self.irr.extend(vectors)
-        if self.if_flag and not self._in_irq:
-            self._deliver()
-
     def _deliver(self) -> None:
+        """Interrupt entry through the IDT; a vector with no handler is acknowledged and
+        dropped (Linux's "No irq handler for vector")."""
         self.need_resched = True
         self._in_irq = True
         try:
-            while self.irr:
-                vector = self.irr.pop(0)
+            while self.pending:
+                vector = self.pending.pop(0)
                 handler = self.idt.get(vector)
-                if handler is not None:
+                if handler is None:
+                    self.apic_eoi()
+                else:
                     handler(vector)
         finally:
             self._in_irq = False
         self.irq_exit()
-
-    def cli(self) -> None:
-        self.if_flag = False
-
-    def sti(self) -> None:
-        self.if_flag = True
-        if self.irr and not self._in_irq:
-            self._deliver()

@@ -1,8 +1,11 @@
 """The guest kernel's core that the driver leans on.
 
-kernel/irq (``request_irq``, the IDT), kernel/softirq.c (``irq_exit`` -> ``do_softirq``),
-net/core/dev.c's NAPI (``napi_schedule_prep``, ``__napi_schedule``, ``napi_complete_done``,
-``net_rx_action``), the local APIC timer in TSC-deadline mode, and the idle loop (HLT).
+kernel/irq (``request_irq``, the IDT, and the flow handlers: ``handle_edge_irq`` for MSIs
+and the APIC timer acknowledges the local APIC before the handler runs,
+``handle_fasteoi_irq`` for an IOAPIC line after it), kernel/softirq.c (``irq_exit`` ->
+``do_softirq``), net/core/dev.c's NAPI (``napi_schedule_prep``, ``__napi_schedule``,
+``napi_complete_done``, ``net_rx_action``), the local APIC timer in TSC-deadline mode, and
+the idle loop (HLT).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ import os
 import time
 from collections.abc import Callable
 
+from common.kvm_abi import ISA_IRQ_VECTOR_BASE, LOCAL_TIMER_VECTOR, MSR_IA32_TSC_DEADLINE
 from common.trace import trace_event, traced
-from guestproc.cpu import MSR_IA32_TSC_DEADLINE, VCpu
+from guestproc.cpu import VCpu
+from guestproc.io_apic import IoApic
 
-LOCAL_TIMER_VECTOR = 0xEC
-ISA_IRQ_VECTOR_BASE = 0x30
 NAPI_POLL_WEIGHT = 64
 NET_RX_BUDGET = 300  # netdev_budget
 
@@ -83,31 +86,59 @@ class Kernel:
         self.timer_deadline = 0
         self.timer_fired = False
         self.irq_count: dict[str, int] = {}
+        self.ioapic = IoApic(cpu)
+        self.timer_interrupts = 0
         cpu.irq_exit = self.do_softirq
-        cpu.idt[LOCAL_TIMER_VECTOR] = self._local_timer_interrupt
+        cpu.idt[LOCAL_TIMER_VECTOR] = self.sysvec_apic_timer_interrupt
 
     now_ns = staticmethod(time.monotonic_ns)  # rdtsc: the TSC is not intercepted
 
     # -- interrupts -----------------------------------------------------------------------------
 
-    def request_irq(self, vector: int, handler: Callable[[int], int], name: str) -> None:
+    def request_irq(self, vector: int, handler: Callable[[int], int], name: str,
+                    level: bool = False) -> None:
+        """Install ``handler`` at ``vector``: edge flow (an MSI), or fasteoi (``level``)."""
         self.irq_names[vector] = name
         self.irq_count.setdefault(name, 0)
+        cpu = self.cpu
 
-        def do_irq(v: int) -> None:
+        def handle_irq_event(v: int) -> None:
             self.irq_count[name] += 1
             if trace_irq_handler_entry.on:
                 trace_irq_handler_entry(irq=v, name=name)
             handler(v)
 
-        self.cpu.idt[vector] = do_irq
+        def handle_edge_irq(v: int) -> None:
+            cpu.apic_eoi()  # irq_chip_ack_parent -> apic_ack_edge
+            handle_irq_event(v)
+
+        def handle_fasteoi_irq(v: int) -> None:
+            handle_irq_event(v)
+            cpu.apic_eoi()  # ioapic_ack_level: the EOI that KVM broadcasts to the IOAPIC
+
+        cpu.idt[vector] = handle_fasteoi_irq if level else handle_edge_irq
 
     def free_irq(self, vector: int) -> None:
         self.cpu.idt.pop(vector, None)
         self.irq_names.pop(vector, None)
 
-    def _local_timer_interrupt(self, vector: int) -> None:
+    def request_intx(self, line: int, handler: Callable[[int], int], name: str) -> int:
+        """request_irq on a PCI line: the IOAPIC pin ``line`` gets its vector, level
+        triggered, and is unmasked once the handler is in place. Returns the vector."""
+        vector = ISA_IRQ_VECTOR_BASE + line
+        self.ioapic.setup_ioapic_irq(line, vector)
+        self.request_irq(vector, handler, name, level=True)
+        self.ioapic.unmask_ioapic_irq(line)
+        return vector
+
+    def free_intx(self, line: int) -> None:
+        self.ioapic.mask_ioapic_irq(line)
+        self.free_irq(ISA_IRQ_VECTOR_BASE + line)
+
+    def sysvec_apic_timer_interrupt(self, vector: int) -> None:
+        self.cpu.apic_eoi()
         self.timer_fired = True
+        self.timer_interrupts += 1
 
     # -- softirq ------------------------------------------------------------------------------
 

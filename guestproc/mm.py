@@ -27,10 +27,16 @@ class PageAllocator:
         return addr
 
 
+CHECKSUM_NONE = 0
+CHECKSUM_UNNECESSARY = 1
+CHECKSUM_PARTIAL = 3
+
+
 class SkBuff:
     """struct sk_buff, reduced: a buffer in guest RAM with the frame at [data, data+len)."""
 
-    __slots__ = ("head", "data", "len", "slot", "queue_mapping")
+    __slots__ = ("head", "data", "len", "slot", "queue_mapping", "ip_summed", "csum_start",
+                 "csum_offset")
 
     def __init__(self, head: int, slot: int) -> None:
         self.head = head
@@ -38,6 +44,9 @@ class SkBuff:
         self.data = head + SKB_HEADROOM
         self.len = 0
         self.queue_mapping = 0
+        self.ip_summed = CHECKSUM_NONE
+        self.csum_start = 0  # with CHECKSUM_PARTIAL: where the device starts summing (frame offset)
+        self.csum_offset = 0  # ... and where, from there, it stores the checksum
 
 
 class SkbPool:
@@ -55,6 +64,7 @@ class SkbPool:
         skb.data = skb.head + SKB_HEADROOM
         skb.len = 0
         skb.queue_mapping = 0
+        skb.ip_summed = CHECKSUM_NONE
         return skb
 
     def kfree_skb(self, skb: SkBuff) -> None:

@@ -49,6 +49,8 @@ class GuestMonitor:
         self.idle = False
         self.sent = 0
         self.sending = 0
+        self.reported = 0  # of ``sent``, how many the report on file counts (--hold)
+        self.report: dict | None = None
         self.nmis = 0
         self._seq = int(self.opts.get("packets", 0))
         self._sock: Any = None
@@ -106,13 +108,18 @@ class GuestMonitor:
         assert kernel is not None
         kernel.arm_timer(0)
         self.program = "done"
+        self.report = report
         self.rt.report(report)
+        self.reported = self.sent
         self.rt.tell("done")
         while True:
             self.idle = True
             kernel.wait_event(lambda: bool(self.requests))
             self.idle = False
             self.run_requests()
+            report["sent_by_monitor"] = self.sent  # the summary counts them in ``sent``
+            self.rt.report(report)
+            self.reported = self.sent
 
     def close(self) -> None:
         self.mon.close()
@@ -123,7 +130,8 @@ class GuestMonitor:
     def status_info(self) -> dict[str, Any]:
         cpu = self.cpu
         return {"program": self.program, "vm_exits": cpu.exits if cpu else 0,
-                "pending_sends": sum(n for n, _ in list(self.requests)) + self.sending,
+                "pending_sends": sum(n for n, _ in list(self.requests)) + self.sending
+                + (self.sent - self.reported if self.report is not None else 0),
                 "sent_by_monitor": self.sent}
 
     def virtqueues(self) -> list[dict[str, Any]]:

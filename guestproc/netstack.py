@@ -40,7 +40,7 @@ from common.inet import (
 from common.trace import trace_event, traced
 from guestproc.dev_addr_lists import NETDEV_UP, dev_mc_add, register_netdevice_notifier
 from guestproc.kernel import Kernel
-from guestproc.mm import SkbPool, SkBuff
+from guestproc.mm import CHECKSUM_NONE, CHECKSUM_PARTIAL, SkbPool, SkBuff
 
 NETDEV_TX_OK = 0
 NETDEV_TX_BUSY = 0x10
@@ -78,6 +78,7 @@ class NetDevice:
         self.tx_locked = [False] * num_tx_queues  # each TX queue's _xmit_lock
         self.real_num_tx_queues = num_tx_queues
         self.xmit_more = False
+        self.hw_csum = False  # NETIF_F_HW_CSUM: the device completes a partial checksum
         self.stats = {"tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_busy": 0,
                       "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "rx_errors": 0}
 
@@ -193,7 +194,8 @@ class GuestStack:
         self.ping_replies: deque[tuple[int, int]] = deque()
         self._routes: dict[str, tuple[bytes, int, int]] = {}
         self.counters = {"arp_requests_sent": 0, "arp_replies_rcvd": 0, "arp_requests_rcvd": 0,
-                         "udp_no_port": 0, "csum_errors": 0, "icmp_echo_replies": 0}
+                         "udp_no_port": 0, "csum_errors": 0, "csum_offloaded": 0,
+                         "icmp_echo_replies": 0}
         register_netdevice_notifier(self.inetdev_event)
         # IPv4 header fields that never change for this host: their checksum share, once
         self._ip_const = csum_partial(IPV4.pack(0x45, 0, 0, 0, IP_DF, 64, IPPROTO_UDP, 0,
@@ -266,8 +268,14 @@ class GuestStack:
         tot_len = IP_HLEN + udp_len
         self.ip_id = ip_id = (self.ip_id + 1) & 0xFFFF
         ip_csum = csum_fold(self._ip_const + tot_len + ip_id + daddr_sum)
-        udp_acc = pseudo_base + 2 * udp_len + sock.port + dport  # pseudo and UDP header lengths
-        udp_csum = csum_fold(csum_partial(payload, udp_acc))
+        if self.dev.hw_csum:  # udp4_hwcsum: the pseudo header's sum, the device does the rest
+            udp_csum = 0xFFFF - csum_fold(pseudo_base + udp_len)
+            skb.ip_summed = CHECKSUM_PARTIAL
+            skb.csum_start = ETH_HLEN + IP_HLEN
+            skb.csum_offset = 6  # offsetof(struct udphdr, check)
+        else:
+            udp_acc = pseudo_base + 2 * udp_len + sock.port + dport  # pseudo + UDP header lengths
+            udp_csum = csum_fold(csum_partial(payload, udp_acc))
         if trace_udp_sendmsg.on:
             trace_udp_sendmsg(sport=sock.port, dport=dport, len=n,
                               seq=int.from_bytes(payload[:8], "big") if n >= 8 else -1)
@@ -331,8 +339,9 @@ class GuestStack:
     # -- input ----------------------------------------------------------------------------------
 
     @traced
-    def netif_receive_skb(self, frame: memoryview) -> None:
-        """A frame the driver received; it is copied out before the buffer is reused."""
+    def netif_receive_skb(self, frame: memoryview, ip_summed: int = CHECKSUM_NONE) -> None:
+        """A frame the driver received; it is copied out before the buffer is reused.
+        ``ip_summed``: CHECKSUM_UNNECESSARY or PARTIAL (the host vouched for the checksum)."""
         if trace_netif_receive_skb.on:
             trace_netif_receive_skb(dev=self.dev.name, len=len(frame))
         if len(frame) < ETH_HLEN:
@@ -342,10 +351,10 @@ class GuestStack:
         if proto == ETH_P_ARP:
             self.arp_rcv(frame)
         elif proto == ETH_P_IP:
-            self.ip_rcv(frame[ETH_HLEN:])
+            self.ip_rcv(frame[ETH_HLEN:], ip_summed)
 
     @traced
-    def ip_rcv(self, pkt: memoryview) -> None:
+    def ip_rcv(self, pkt: memoryview, ip_summed: int = CHECKSUM_NONE) -> None:
         if len(pkt) < IP_HLEN:
             self.dev.stats["rx_errors"] += 1
             return
@@ -358,14 +367,17 @@ class GuestStack:
             return
         body = pkt[ihl:tot_len]
         if proto == IPPROTO_UDP:
-            self.udp_rcv(saddr, daddr, body)
+            self.udp_rcv(saddr, daddr, body, ip_summed)
         elif proto == IPPROTO_ICMP:
             self.icmp_rcv(saddr, body)
 
     @traced
-    def udp_rcv(self, saddr: bytes, daddr: bytes, seg: memoryview) -> None:
+    def udp_rcv(self, saddr: bytes, daddr: bytes, seg: memoryview,
+                ip_summed: int = CHECKSUM_NONE) -> None:
         sport, dport, length, check = UDP.unpack_from(seg, 0)
-        if check and csum_partial(seg[:length],
+        if ip_summed != CHECKSUM_NONE:  # skb_csum_unnecessary: the host vouched for it
+            self.counters["csum_offloaded"] += 1
+        elif check and csum_partial(seg[:length],
                                   pseudo_header_sum(saddr, daddr, IPPROTO_UDP, length)) % 0xFFFF:
             self.counters["csum_errors"] += 1
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.kvm_abi import MSI_ADDR_BASE
 from common.virtio_abi import (
     PCI_MSIX_ENTRY_DATA,
     PCI_MSIX_ENTRY_LOWER_ADDR,
@@ -37,7 +38,6 @@ PCI_COMMAND_IO = 0x1
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_STATUS_CAP_LIST = 0x10
-MSI_ADDR_BASE = 0xFEE00000
 
 
 @dataclass

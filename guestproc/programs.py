@@ -5,6 +5,7 @@ Each takes the kernel, the stack and the run's options, and returns what it meas
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,33 @@ FAULT_REQUESTS: list[int] = []
 CHAOS_FAULT_KINDS = ("loop", "head", "next", "zero-len", "oob-addr")
 
 
+def loss_runs(arrived_ns: array, paths: int) -> list[list[int]]:
+    """The sequence numbers that never came (``arrived_ns`` 0), in runs of consecutive
+    numbers on one path (path = seq % ``paths``: a flow, which is FIFO end to end), each as
+    [first, last, after_ns, before_ns]: the arrival of the path's last number before the run
+    and of its first after it (0: none). Whatever lost them did so in that silence."""
+    runs: list[list[int]] = []
+    n = len(arrived_ns)
+    for path in range(paths):
+        prev_ns = 0
+        run: list[int] | None = None
+        for seq in range(path, n, paths):
+            t = arrived_ns[seq]
+            if t:
+                if run is not None:
+                    run[3] = t
+                    runs.append(run)
+                    run = None
+                prev_ns = t
+            elif run is None:
+                run = [seq, seq, prev_ns, 0]
+            else:
+                run[1] = seq
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
            console: Console) -> dict[str, Any]:
     """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
@@ -214,6 +242,8 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     echo = mode in ("echo", "both")
     sent = replies = bad = dup = late = inbound_count = 0
     got = bytearray()  # one byte per sequence number: 1 once its reply came back
+    reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
+    inbound_ns = array("q")  # per host -> guest sequence number: when it came (0: never)
     outstanding: set[int] = set()
     gave_up: set[int] = set()
     t0 = last_report = kernel.now_ns()
@@ -228,16 +258,21 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
         for sock in socks:
             while sock.rcvq:
-                data = sock.rcvq.popleft()[0]
+                data, _, arrived = sock.rcvq.popleft()
                 seq = int.from_bytes(data[:SEQ_BYTES], "big")
                 if sock is inbound:
                     inbound_count += 1
+                    if 0 <= seq < 1 << 24:
+                        if seq >= len(inbound_ns):
+                            inbound_ns.frombytes(bytes(8 * (seq + 1 - len(inbound_ns))))
+                        inbound_ns[seq] = inbound_ns[seq] or arrived
                 elif not 0 <= seq < sent or data != payload(seq, len(data)):
                     bad += 1
                 elif got[seq]:
                     dup += 1
                 else:
                     got[seq] = 1
+                    reply_ns[seq] = arrived
                     replies += 1
                     if seq in gave_up:
                         gave_up.discard(seq)
@@ -270,6 +305,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         if echo:
             outstanding.add(sent)
             got.append(0)
+            reply_ns.append(0)
         sent += 1
         if sent % 64 == 0:
             drain(0.0)
@@ -286,7 +322,11 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         while kernel.now_ns() < quiet_until:
             drain(0.1)
     console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
-    return {"sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
+    nflows = len(flows)
+    return {"reply_gaps": loss_runs(reply_ns, nflows) if echo else [],
+            "inbound_gaps": loss_runs(inbound_ns, 1), "inbound_seen": len(inbound_ns),
+            "inbound_last_ns": max(inbound_ns, default=0),
+            "sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
             "inbound": inbound_count, "unanswered": len(outstanding) + len(gave_up),
             "late_replies": late, "faulted_seqs": faulted,
             "unanswered_seqs": [i for i, v in enumerate(got) if not v][:200_000],

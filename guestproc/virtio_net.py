@@ -32,16 +32,22 @@ from common.virtio_abi import (
     VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_ALLMULTI,
     VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,
     VIRTIO_NET_F_CTRL_RX_EXTRA,
     VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_MRG_RXBUF,
     VIRTIO_NET_OK,
     VIRTIO_RING_F_EVENT_IDX,
@@ -63,7 +69,14 @@ from guestproc.kernel import (
     napi_enable,
     napi_schedule_prep,
 )
-from guestproc.mm import PageAllocator, SkbPool, SkBuff
+from guestproc.mm import (
+    CHECKSUM_NONE,
+    CHECKSUM_PARTIAL,
+    CHECKSUM_UNNECESSARY,
+    PageAllocator,
+    SkbPool,
+    SkBuff,
+)
 from guestproc.netstack import (
     NETDEV_TX_OK,
     NetDevice,
@@ -164,12 +177,16 @@ class VirtnetInfo:
         self.hdr_len = 10
         self.mergeable_rx_bufs = False
         self.any_header_sg = False
-        self.rx_handler: Callable[[memoryview], None] = lambda frame: None
+        self.rx_handler: Callable[[memoryview, int], None] = lambda frame, ip_summed: None
+        self.guest_csum = False  # VIRTIO_NET_F_GUEST_CSUM: RX headers may vouch for checksums
         self.zero_hdr = b""
         self.resets = 0
         self.resetting = False
         self.reset_error = ""
         self.ctrl_failures = 0
+        self.reset_log: list[dict[str, int]] = []
+        """Per reset, monotonic ns: config interrupt, status 0, DRIVER_OK, RX buffers
+        posted, queues set; and how many used RX buffers the reset threw away."""
 
 
 def txq2vq(txq: int) -> int:
@@ -262,17 +279,28 @@ def virtnet_poll_tx(napi: Napi, budget: int) -> int:
 
 
 
+def virtio_net_hdr_from_skb(skb: SkBuff, ram: memoryview, at: int, zero_hdr: bytes) -> None:
+    """The header for the frame: NEEDS_CSUM with where the device completes the checksum
+    (CHECKSUM_PARTIAL), else all zero."""
+    if skb.ip_summed == CHECKSUM_PARTIAL:
+        ram[at : at + len(zero_hdr)] = zero_hdr
+        VIRTIO_NET_HDR.pack_into(ram, at, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
+                                 0, 0, skb.csum_start, skb.csum_offset)
+    else:
+        ram[at : at + len(zero_hdr)] = zero_hdr
+
+
 @traced
 def xmit_skb(sq: SendQueue, skb: SkBuff) -> int:
-    """Prepend the virtio-net header (no offloads: all zero) and add the buffers to the ring."""
+    """Prepend the virtio-net header and add the buffers to the ring."""
     vi: VirtnetInfo = sq.vq.vdev.priv
     hdr_len = vi.hdr_len
     ram = vi.ram
     if vi.any_header_sg:  # can_push: the header goes in the headroom, one descriptor
         start = skb.data - hdr_len
-        ram[start : skb.data] = vi.zero_hdr
+        virtio_net_hdr_from_skb(skb, ram, start, vi.zero_hdr)
         return virtqueue_add_outbuf(sq.vq, [(start, skb.len + hdr_len)], skb)
-    ram[skb.head : skb.head + hdr_len] = vi.zero_hdr
+    virtio_net_hdr_from_skb(skb, ram, skb.head, vi.zero_hdr)
     return virtqueue_add_outbuf(sq.vq, [(skb.head, hdr_len), (skb.data, skb.len)], skb)
 
 
@@ -377,6 +405,13 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> 
         rq.pool.kfree_skb(buf)
         return
     ram = vi.ram
+    ip_summed = CHECKSUM_NONE
+    if vi.guest_csum:  # virtio_net_hdr_to_skb
+        flags = ram[buf.data]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            ip_summed = CHECKSUM_PARTIAL
+        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
+            ip_summed = CHECKSUM_UNNECESSARY
     if vi.mergeable_rx_bufs:
         num_buffers = VIRTIO_NET_HDR_MRG_RXBUF.unpack_from(ram, buf.data)[6]
         frame = bytearray(ram[buf.data + hdr_len : buf.data + length])
@@ -402,7 +437,7 @@ def receive_buf(vi: VirtnetInfo, rq: ReceiveQueue, buf: SkBuff, length: int) -> 
     rq.stats["bytes"] += len(view)
     vi.dev.stats["rx_packets"] += 1
     vi.dev.stats["rx_bytes"] += len(view)
-    vi.rx_handler(view)
+    vi.rx_handler(view, ip_summed)
     if not vi.mergeable_rx_bufs:
         rq.pool.kfree_skb(buf)
 
@@ -489,15 +524,19 @@ def remove_vq_common(vi: VirtnetInfo) -> None:
     virtnet_del_vqs(vi)
 
 
-def virtnet_restore_up(vdev: Any) -> None:
+def virtnet_restore_up(vdev: Any, log: dict[str, int] | None = None) -> None:
     """New rings on the same queues, DRIVER_OK, RX buffers posted, NAPI and TX running."""
     vi: VirtnetInfo = vdev.priv
     virtnet_find_vqs(vi)
     virtio_device_ready(vdev)
+    if log is not None:
+        log["driver_ok_ns"] = vi.kernel.now_ns()
     for rq in vi.rq:
         napi_enable(rq.napi)
         try_fill_recv(vi, rq)
         virtnet_napi_enable(rq.vq, rq.napi)
+    if log is not None:
+        log["rx_posted_ns"] = vi.kernel.now_ns()
     for sq in vi.sq:
         napi_enable(sq.napi)
     netif_device_attach(vi.dev)
@@ -509,19 +548,27 @@ def virtnet_reset(vi: VirtnetInfo) -> bool:
     rebuilds the device's state from nothing; the program above it carries on."""
     vdev = vi.vdev
     vi.resets += 1
+    log = {"start_ns": vi.kernel.now_ns()}
+    vi.reset_log.append(log)
     virtnet_freeze_down(vdev)
+    # frames the device handed over that NAPI had not yet taken: the reset frees their buffers
+    log["rx_unprocessed"] = sum((rq.vq.used_hdr[1] - rq.vq.last_used_idx) & 0xFFFF
+                                for rq in vi.rq)
+    log["status0_ns"] = vi.kernel.now_ns()
     remove_vq_common(vi)
     try:
         virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
         virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER)
         vdev.config.finalize_features(vdev)
         virtio_features_ok(vdev)
-        virtnet_restore_up(vdev)
+        virtnet_restore_up(vdev, log)
         virtnet_set_queues(vi, vi.curr_queue_pairs)
     except (OSError, VirtioFeaturesError) as e:
         vi.reset_error = f"{type(e).__name__}: {e}"
         virtio_add_status(vdev, VIRTIO_CONFIG_S_FAILED)
         return False
+    finally:
+        log["end_ns"] = vi.kernel.now_ns()
     return True
 
 
@@ -685,6 +732,8 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
     vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs)
     vi.zero_hdr = bytes(vi.hdr_len)
     vi.any_header_sg = virtio_has_feature(vdev, VIRTIO_F_ANY_LAYOUT)
+    dev.hw_csum = virtio_has_feature(vdev, VIRTIO_NET_F_CSUM)
+    vi.guest_csum = virtio_has_feature(vdev, VIRTIO_NET_F_GUEST_CSUM)
     if virtio_has_feature(vdev, VIRTIO_NET_F_STATUS):
         vi.link_status = VIRTIO_NET_CONFIG.unpack(virtio_cread_bytes(vdev, 0, 10))[1]
     init_vqs(vi)
@@ -702,7 +751,8 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
 
 virtio_net_driver = VirtioDriver(
     name="virtio_net",
-    feature_table=[VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    feature_table=[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                   VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
                    VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX,
                    VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_MQ,
                    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_RING_F_EVENT_IDX,

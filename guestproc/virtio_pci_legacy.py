@@ -30,7 +30,7 @@ from common.virtio_abi import (
 )
 from common.vring import vring_size
 from guestproc.cpu import VCpu
-from guestproc.kernel import IRQ_HANDLED, IRQ_NONE, ISA_IRQ_VECTOR_BASE, Kernel
+from guestproc.kernel import IRQ_HANDLED, IRQ_NONE, Kernel
 from guestproc.mm import OutOfMemory, PageAllocator
 from guestproc.pci import PciDev, pci_get_device
 from guestproc.virtio import (
@@ -257,7 +257,7 @@ def vp_del_vqs(vdev: VirtioPciDevice) -> None:
     for v in vdev.idt_vectors:
         vdev.kernel.free_irq(v)
     if vdev.intx_enabled:
-        vdev.kernel.free_irq(ISA_IRQ_VECTOR_BASE + vdev.pci_dev.irq)
+        vdev.kernel.free_intx(vdev.pci_dev.irq)
         vdev.intx_enabled = False
     if vdev.msix_enabled:
         vdev.pci_dev.pci_free_irq_vectors()
@@ -273,8 +273,8 @@ def vp_try_to_find_vqs(vdev: VirtioPciDevice, nvqs: int,
                        per_vq_vectors: bool) -> list[Virtqueue | None]:
     if not use_msix:
         # old style: one normal interrupt for config changes and all queues
-        vector = ISA_IRQ_VECTOR_BASE + vdev.pci_dev.irq
-        vdev.kernel.request_irq(vector, lambda irq: vp_interrupt(irq, vdev), vdev.name)
+        vdev.kernel.request_intx(vdev.pci_dev.irq, lambda irq: vp_interrupt(irq, vdev),
+                                 vdev.name)
         vdev.intx_enabled = True
     else:
         nvectors = 1 + sum(1 for c in callbacks if c) if per_vq_vectors else 2

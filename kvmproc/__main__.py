@@ -43,7 +43,12 @@ def vcpu_destroy(rt: ProcessRuntime) -> None:
 def main() -> int:
     rt = ProcessRuntime("kvm", sys.argv[1])
     kvm = Kvm(rt.cfg)
-    mon = kvm_monitor(kvm, rt.rundir)
+    vhost = None
+    if rt.cfg.options.get("vhost"):  # modprobe vhost_net: /dev/vhost-net appears
+        from kvmproc.vhost_net import VhostNetMisc
+
+        vhost = VhostNetMisc(rt.rundir, set(rt.cfg.semaphores()), rt.cfg.ram)
+    mon = kvm_monitor(kvm, rt.rundir, vhost)
     threading.Thread(target=vcpu_thread, args=(kvm, rt), name="vcpu0", daemon=True).start()
     vm_req = Channel(rt.cfg.channel("vm_req"))
     vm_rep = Channel(rt.cfg.channel("vm_rep"))
@@ -68,7 +73,9 @@ def main() -> int:
         kvm.lapic.stop()
         kvm.irqfds.shutdown()
         vcpu_destroy(rt)
-        rt.report(kvm.describe())
+        rt.report({**kvm.describe(), **({"vhost": vhost.describe()} if vhost else {})})
+        if vhost is not None:
+            vhost.close()
         mon.close()
         rt.finish()
     return code

@@ -104,8 +104,8 @@ class Irqfd:
         self.stats.vcpu["irqfd_signals"] += 1
         if trace_irqfd_wakeup.on:
             trace_irqfd_wakeup(gsi=self.gsi)
-        if self.routing.kvm_set_irq(self.gsi):
-            self.stats.vcpu["irq_injections"] += 1
+        self.routing.kvm_set_irq(self.gsi, 1)  # an edge: a line irqfd raises and lowers it
+        self.routing.kvm_set_irq(self.gsi, 0)
 
     def shutdown(self) -> None:
         self.active = False

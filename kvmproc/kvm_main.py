@@ -1,10 +1,15 @@
 """Stands for virt/kvm/kvm_main.c: the VM and its ioctls, as QEMU reaches them.
 
 QEMU's vCPU thread sends KVM_RUN on the vCPU channel; any QEMU thread sends VM ioctls
-(KVM_IOEVENTFD, KVM_IRQFD, KVM_SET_GSI_ROUTING, ...) on the VM channel and reads the result.
+(KVM_IOEVENTFD, KVM_IRQFD, KVM_SET_GSI_ROUTING, KVM_SIGNAL_MSI, KVM_IRQ_LINE_STATUS, ...) on
+the VM channel and reads the result.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
 
 from common.channel import Channel
 from common.cpus import SIG_IPI
@@ -16,16 +21,21 @@ from common.kvm_abi import (
     KVM_IOEVENTFD_FLAG_DATAMATCH,
     KVM_IOEVENTFD_FLAG_DEASSIGN,
     KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQ_LINE_STATUS,
     KVM_IRQFD,
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_RUN,
     KVM_RUN_MMAP,
     KVM_SET_GSI_ROUTING,
+    KVM_SIGNAL_MSI,
+    KVM_USERSPACE_IRQ_SOURCE_ID,
+    SIG_VCPU_KICK,
+    VCPU_PID_FILE,
     VM_CHANNEL_SYNC,
 )
 from common.notifier import EventNotifier
-from common.trace import trace_event
 from kvmproc.eventfd import IoeventfdBus, IrqfdTable
+from kvmproc.ioapic import KvmIoapic
 from kvmproc.irqchip import IrqRouting
 from kvmproc.lapic import MODE_NAMES, KvmLapic
 from kvmproc.stats import KvmStats
@@ -33,7 +43,6 @@ from kvmproc.vcpu import KvmVcpu
 
 EINVAL = 22
 ENOENT = 2
-trace_kvm_vm_ioctl = trace_event("kvm_vm_ioctl")
 
 
 class Kvm:
@@ -43,13 +52,31 @@ class Kvm:
         self.cfg = cfg
         self.stats = KvmStats()
         self.lapic = KvmLapic(EventNotifier(cfg.kick))
-        self.routing = IrqRouting(self.lapic)
+        self.ioapic = KvmIoapic(self.lapic)
+        self.routing = IrqRouting(self.lapic, self.ioapic)
         self.bus = IoeventfdBus(self.stats)
         self.irqfds = IrqfdTable(self.routing, self.stats)
         self.vcpu = KvmVcpu(Channel(cfg.channel("guest_exit")),
-                            Channel(cfg.channel("guest_entry")), self.lapic, self.bus, self.stats)
+                            Channel(cfg.channel("guest_entry")), self.lapic, self.ioapic,
+                            self.bus, self.stats)
         self.destroyed = False
         self.allowed_names = set(cfg.semaphores())
+        self.vcpu_pidfd = -1
+        self.lapic.send_ipi = self.smp_send_reschedule
+
+    def smp_send_reschedule(self) -> None:
+        """The IPI to the CPU in guest mode: the guest process, which says its pid at boot
+        (held as a pidfd, so a pid reused after the guest died is never signalled)."""
+        if self.vcpu_pidfd < 0:
+            try:
+                pid = int((Path(self.cfg.rundir) / VCPU_PID_FILE).read_text())
+                self.vcpu_pidfd = os.pidfd_open(pid)
+            except (OSError, ValueError):
+                return
+        try:
+            signal.pidfd_send_signal(self.vcpu_pidfd, SIG_VCPU_KICK)
+        except OSError:
+            pass
 
     def kvm_vcpu_ioctl(self, req: list) -> list:
         if req[0] == KVM_RUN:
@@ -61,8 +88,13 @@ class Kvm:
     def kvm_vm_ioctl(self, req: list) -> list:
         """Serve one VM ioctl; the reply is [ret, payload]."""
         op = req[0]
-        if trace_kvm_vm_ioctl.on:
-            trace_kvm_vm_ioctl(op=op)
+        if op == KVM_SIGNAL_MSI:
+            self.stats.vcpu["signal_msis"] += 1
+            return [self.routing.kvm_send_userspace_msi(req[1], req[2]), None]
+        if op == KVM_IRQ_LINE_STATUS:  # kvm_vm_ioctl_irq_line
+            self.stats.vcpu["irq_lines"] += 1
+            status = self.routing.kvm_set_irq(req[1], req[2], KVM_USERSPACE_IRQ_SOURCE_ID)
+            return [0, status]
         if op == KVM_IOEVENTFD:
             _, addr, length, datamatch, flags, name = req
             is_pio = bool(flags & KVM_IOEVENTFD_FLAG_PIO)
@@ -101,7 +133,9 @@ class Kvm:
         return {
             **self.stats.as_dict(),
             "vcpu_mode": MODE_NAMES[self.lapic.mode],
-            "pending_vectors": list(self.lapic.irr),
+            "lapic": self.lapic.describe(),
+            "eois": self.lapic.eois,
+            "ioapic": self.ioapic.describe(),
             "ipis": self.lapic.ipis,
             "apic_timer_fires": self.lapic.timer_fires,
             "ioeventfds": self.bus.describe(),

@@ -7,17 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import KVM_EXIT_NAMES, NMI_VECTOR
+from common.kvm_abi import KVM_EXIT_NAMES, KVM_IRQ_ROUTING_MSI
 from common.monitor.commands import MonitorError
 from common.monitor.hmp import format_human
 from common.monitor.monitor import Monitor
-from kvmproc.irqchip import KVM_IRQ_ROUTING_MSI
 from kvmproc.kvm_main import Kvm
 from kvmproc.lapic import HALTED, MODE_NAMES
 
 
-def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
-    """Build and start the monitor of ``kvm``."""
+def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
+    """Build and start the monitor of ``kvm`` (and of its vhost-net devices, if any)."""
     mon = Monitor("kvm", rundir)
     vcpu = kvm.vcpu
     lapic = kvm.lapic
@@ -31,17 +30,17 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         return {
             "mode": MODE_NAMES[lapic.mode],
             "halted": lapic.mode == HALTED,
-            "pending_vectors": list(lapic.irr),
+            "mp_state": "halted" if vcpu.mp_state else "runnable",
+            **lapic.describe(),
             "last_userspace_exit": KVM_EXIT_NAMES.get(last[0]) if last else None,
             "complete_userspace_io": vcpu.complete_userspace_io,
             "tsc_deadline": lapic.tsc_deadline,
-            "apic_timer_armed": lapic.timer is not None and lapic.timer.is_alive(),
+            "apic_timer_armed": lapic.timer_armed(),
             "ipis": lapic.ipis,
             "nmis_injected": nmis[0],
         }
 
-    mon.status_info = lambda: {"vcpu0": MODE_NAMES[lapic.mode],
-                               "pending_vectors": list(lapic.irr)}
+    mon.status_info = lambda: {"vcpu0": MODE_NAMES[lapic.mode], **lapic.describe()}
 
     def info_kvm_text(d: dict[str, Any]) -> str:
         rows = [(k, v) for k, v in d["vcpu"].items()]
@@ -49,8 +48,9 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         width = max(len(k) for k, _ in rows)
         lines = ["kvm support: enabled", f" {'Event':<{width}}  {'Total':>10}"]
         lines += [f" {k:<{width}}  {v:>10}" for k, v in rows]
-        lines.append(f"vcpu0: {d['vcpu_mode']}, pending vectors {d['pending_vectors']}, "
-                     f"{d['ipis']} IPIs, {d['apic_timer_fires']} APIC timer interrupts")
+        lines.append(f"vcpu0: {d['vcpu_mode']}, IRR {d['lapic']['irr']}, ISR "
+                     f"{d['lapic']['isr']}, {d['ipis']} IPIs, {d['eois']} EOIs, "
+                     f"{d['apic_timer_fires']} APIC timer interrupts")
         return "\n".join(lines)
 
     @mon.command(hmp="info kvm", qmp=False, human=info_kvm_text,
@@ -75,7 +75,7 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
             if r is None:
                 return "no route"
             if r["type"] == "msi":
-                return f"msi data {r['value']:#x}"
+                return f"msi address {r['address']:#x} data {r['value']:#x}"
             return f"irqchip pin {r['value']}"
 
         return "\n".join(f"gsi {r['gsi']} <- {r['eventfd']}: {route(r['gsi'])}, "
@@ -84,8 +84,9 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
     @mon.command(hmp="info irqfd", qmp=False, human=info_irqfd_text,
                  help="show the irqfds and the GSI routes they inject")
     def info_irqfd() -> dict[str, Any]:
-        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip", "value": value}
-                  for gsi, (kind, value) in kvm.routing.routes.items()}
+        routes = {gsi: {"type": "msi" if kind == KVM_IRQ_ROUTING_MSI else "irqchip",
+                        "value": b, "address": a}
+                  for gsi, (kind, a, b) in kvm.routing.routes.items()}
         return {"irqfds": kvm.irqfds.describe(), "routes": routes}
 
     @mon.command(hmp="info vcpu", qmp=False, human=format_human,
@@ -99,7 +100,30 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path) -> Monitor:
         if kvm.destroyed:
             raise MonitorError("the VM is destroyed")
         nmis[0] += 1
-        lapic.kvm_apic_set_irq(NMI_VECTOR)
+        lapic.kvm_inject_nmi()
+
+    def info_vhost_text(d: dict[str, Any]) -> str:
+        lines = []
+        for dev in d["open"]:
+            lines.append(f"vhost-net: owner pid {dev['owner']}, worker {dev['worker']}, "
+                         f"features {dev['features']}, {dev['works_run']} works run")
+            for q in dev["vqs"]:
+                lines.append(f"  vq {q['index']} ({'rx' if q['index'] == 0 else 'tx'}): "
+                             f"num {q['num']} last_avail_idx {q['last_avail_idx']} "
+                             f"last_used_idx {q['last_used_idx']}, backend fd {q['backend']}, "
+                             f"{q['packets']} packets in {q['batches']} batches, "
+                             f"{q['signals']} signals ({q['signals_suppressed']} suppressed), "
+                             f"kick {q['kick']} call {q['call']}, "
+                             f"busyloop {q['busyloop_timeout_us']} us"
+                             + (f", error: {q['last_error']}" if q["last_error"] else ""))
+        return "\n".join(lines) or "no open vhost-net device"
+
+    @mon.command(hmp="info vhost", qmp=False, human=info_vhost_text,
+                 help="show the vhost-net devices: worker, rings, batches")
+    def info_vhost() -> dict[str, Any]:
+        if vhost is None:
+            raise MonitorError("no vhost-net device (the run has no --vhost on)")
+        return vhost.describe()
 
     mon.start()
     return mon

@@ -7,7 +7,7 @@ from common.kvm_abi import KVM_EXIT_NAMES
 VCPU_STATS = (
     "exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "msr_exits",
     "irq_injections", "halt_wakeup", "signal_exits", "request_irq_exits",
-    "ioeventfd_signals", "irqfd_signals",
+    "ioeventfd_signals", "irqfd_signals", "signal_msis", "irq_lines",
 )
 
 

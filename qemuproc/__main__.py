@@ -20,14 +20,26 @@ from common.trace import register_thread
 from qemuproc.aio import QEMUBH
 from qemuproc.cpr import Cpr
 from qemuproc.dump import FilterDump
-from qemuproc.kvm_all import CPUState, KvmError, KvmIoListener, KVMState, kvm_cpu_exec
+from qemuproc.kvm_all import (
+    CPUState,
+    KvmError,
+    KvmIoListener,
+    KVMState,
+    kvm_cpu_exec,
+    qemu_wait_io_event,
+)
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
 from qemuproc.monitor import qemu_monitor
 from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_send_packet
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpState, net_slirp_receive
-from qemuproc.virtio_net import VirtIONet, describe, virtio_net_device_init
+from qemuproc.virtio_net import (
+    VirtIONet,
+    describe,
+    virtio_net_device_init,
+    virtio_net_vhost_status,
+)
 from qemuproc.virtio_pci import VirtIOPCIProxy
 
 
@@ -48,16 +60,11 @@ class Machine:
         self.mem_as.listeners.append(KvmIoListener(self.kvm))
         self.host = PCIHostState(self.io_as)
 
-        # -netdev user,id=n0[,hostfwd=udp::H-:G]
-        self.slirp = Slirp(self.net_slirp_send_packet,
-                           udp_expire_s=opts.get("udp_expire_s", 240.0))
-        self.netdev = qemu_new_net_client(NetClientInfo("user", net_slirp_receive), None,
-                                          "user", "n0")
-        self.netdev.opaque = SlirpState(self.netdev, self.slirp)
-        ml.pollfds_fill.append(self.slirp.slirp_pollfds_fill)
-        ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
-        for host_port, guest_port in opts.get("hostfwd", []):
-            self.slirp.slirp_add_hostfwd(host_port, guest_port)
+        self.tap = None
+        if opts.get("netdev") == "tap":
+            self._init_tap(opts)
+        else:
+            self._init_slirp(opts)
         self.dump = None
         if opts.get("pcap"):
             self.dump = FilterDump(opts["pcap"])
@@ -71,17 +78,46 @@ class Machine:
                            any_layout=opts.get("any_layout", True),
                            indirect_desc=opts.get("indirect_desc", True),
                            queues=opts.get("queues", 1),
-                           poll_us=opts.get("poll_us", 0.0))
+                           poll_us=opts.get("poll_us", 0.0),
+                           csum=opts.get("csum", True))
         self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
         virtio_net_device_init(self.n, self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
                                     opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+        self.n.vhost_bus = self.proxy
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)
         self.cpu_error: str | None = None
         self.cpr = Cpr(self, incoming)
+
+    def _init_tap(self, opts: dict) -> None:
+        """-netdev tap,id=n0,ifname=tap0,script=no,downscript=no[,sndbuf=N]: QEMU runs in
+        the run's network namespace, where the tap is."""
+        from common import netns
+        from qemuproc.tap import net_init_tap
+
+        netns.enter(opts["netns"])
+        self.slirp = None
+        self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
+                                   sndbuf=opts.get("tap_sndbuf", 0),
+                                   vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
+                                   poll_us=int(opts.get("poll_us", 0)))
+        self.tap = self.netdev.opaque
+
+    def _init_slirp(self, opts: dict) -> None:
+        ml = self.main_loop
+        # -netdev user,id=n0[,hostfwd=udp::H-:G]
+        self.slirp = Slirp(self.net_slirp_send_packet,
+                           udp_expire_s=opts.get("udp_expire_s", 240.0))
+        self.netdev = qemu_new_net_client(NetClientInfo("user", net_slirp_receive), None,
+                                          "user", "n0")
+        self.netdev.opaque = SlirpState(self.netdev, self.slirp)
+        ml.pollfds_fill.append(self.slirp.slirp_pollfds_fill)
+        ml.pollfds_poll.append(self.slirp.slirp_pollfds_poll)
+        for host_port, guest_port in opts.get("hostfwd", []):
+            self.slirp.slirp_add_hostfwd(host_port, guest_port)
 
     def net_slirp_send_packet(self, frame: bytes, queue: int) -> int:
         """slirp's frames go to the NIC queue pair their flow uses (if that pair is on)."""
@@ -95,13 +131,28 @@ class Machine:
         return [self.main_loop.qemu_notify_bh] + [q.tx_bh for q in self.n.vqs if q.tx_bh] \
             + self.bhs
 
+    def vhost_describe(self) -> dict:
+        dev = self.tap.vhost_net.dev
+        return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
+                "acked_features": hex(dev.acked_features), "ioctls": dev.backend.calls,
+                "ring_bases": dev.ring_bases}
+
+    def vm_shutdown(self) -> None:
+        """The VM stops: vhost gives the rings back (virtio_net_vhost_status)."""
+        if self.n.vhost_started:
+            with self.main_loop.bql:
+                self.n.vm_running = False
+                virtio_net_vhost_status(self.n, self.n.status)
+
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")
         ml = self.main_loop
         try:
             with ml.bql:
                 if self.cpr.vcpu_resume(self.cpu):
-                    kvm_cpu_exec(self.cpu)
+                    while not self.cpu.shutdown_requested:
+                        qemu_wait_io_event(self.cpu)
+                        kvm_cpu_exec(self.cpu)
         except Exception as e:  # noqa: BLE001 - the VM cannot go on; say why
             if not self.rt.stopping:
                 self.cpu_error = f"vCPU thread: {type(e).__name__}: {e}"
@@ -114,6 +165,7 @@ class Machine:
         vdev = self.n
         return {
             "queues": {vq.name: {"pops": vq.pops, "kicks_handled": vq.kicks,
+                                 "kicks_coalesced": vq.kicks_coalesced,
                                  "notifies": vq.notifies, "inuse": vq.inuse,
                                  "last_avail_idx": vq.last_avail_idx, "used_idx": vq.used_idx,
                                  "vector": vq.vector} for vq in vdev.vq},
@@ -123,9 +175,13 @@ class Machine:
             "status": vdev.status,
             "broken": vdev.broken,
             "errors": vdev.errors,
-            "slirp": self.slirp.describe(),
+            **({"slirp": self.slirp.describe()} if self.slirp else {}),
+            **({"tap": self.tap.describe()} if self.tap else {}),
+            **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
+                         "nic_flush_dropped": sum(nc.incoming_queue.flush_dropped
+                                                  for nc in self.n.ncs),
                          "netdev_dropped": self.netdev.incoming_queue.dropped},
             "kvm_run_exits": self.cpu.exit_counts,
             "main_loop_iterations": self.main_loop.iterations,
@@ -160,6 +216,7 @@ def main() -> int:
     finally:
         if m is not None:
             try:
+                m.vm_shutdown()
                 rt.report(m.report())
                 if m.dump:
                     m.dump.close()
@@ -167,7 +224,8 @@ def main() -> int:
                     m.kvm.kvm_destroy_vm()
             except (KvmError, OSError, Stop):
                 pass
-            m.slirp.cleanup()
+            if m.slirp is not None:
+                m.slirp.cleanup()
         if mon is not None:
             mon.close()
         rt.finish()

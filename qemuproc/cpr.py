@@ -7,14 +7,12 @@ from where the dead one left it. The guest never resets; it only pauses.
 What survives QEMU, and what the new QEMU does with it:
 
 * Guest RAM (the shm segment): the rings and buffers, mapped again.
-* KVM (another process, as the kernel is): the VM, the vCPU, the LAPIC, GSI routes, and the
-  ioeventfds and irqfds registered on the run's named semaphores. The new QEMU replays the
-  device's DRIVER_OK set-up (``virtio_pci_set_guest_notifiers``,
-  ``virtio_pci_start_ioeventfd``): that rebuilds its own side (GSI routes, irqfd notifiers,
-  new PollBridge threads on the same semaphores). KVM takes a registration identical to one
-  it holds as done (real KVM's -EEXIST) and keeps the one it has, so its waiters and the
-  signals pending on them carry on; what it lacks (a QEMU that died inside DRIVER_OK) is
-  added. The GSI routing is set again whole (idempotent).
+* KVM (another process, as the kernel is): the VM, the vCPU, the LAPIC and IOAPIC, and
+  the ioeventfds registered on the run's named semaphores. The new QEMU replays the
+  device's DRIVER_OK set-up (``virtio_pci_start_ioeventfd``): that rebuilds its own side
+  (new PollBridge threads on the same semaphores). KVM takes a registration identical to
+  one it holds as done (real KVM's -EEXIST) and keeps the one it has, so the kicks pending
+  on them carry on; what it lacks (a QEMU that died inside DRIVER_OK) is added.
 * The device-state record, ``vmstate.json`` in the run directory, written atomically
   (temporary file + rename; no fsync: it must outlive QEMU, not the machine): PCI config
   space, the MSI-X table, the PCI host's CONFIG_ADDRESS, virtio status, features, queue
@@ -246,9 +244,8 @@ class Cpr:
 
     def replay_driver_ok(self) -> None:
         """DRIVER_OK's set-up again. KVM keeps its registrations and takes identical ones as
-        they are (kvmproc/kvm_main.py), so this rebuilds QEMU's side: routes, irqfd
-        notifiers, bridges; and completes a set-up a QEMU died in the middle of."""
-        self.m.proxy.virtio_pci_set_guest_notifiers(True)
+        they are (kvmproc/kvm_main.py), so this rebuilds QEMU's side (bridges) and completes
+        a set-up a QEMU died in the middle of."""
         self.m.proxy.virtio_pci_start_ioeventfd()
 
     def vm_channel_sync(self) -> None:
@@ -301,7 +298,10 @@ class Cpr:
             self.replayed_exit = KVM_EXIT_NAMES.get(run[0], "KVM_EXIT_UNKNOWN")
         self.log({"pid": os.getpid(), "replayed_exit": self.replayed_exit,
                   "stale_exits": self.stale_exits})
-        return run is None or kvm_handle_exit(cpu, run)  # None: the vCPU never ran
+        if run is None:  # the vCPU never ran
+            return True
+        kvm_handle_exit(cpu, run)
+        return not cpu.shutdown_requested
 
     def log(self, record: dict[str, Any]) -> None:
         """One line of this incarnation's story in the run's history of QEMUs."""
@@ -313,6 +313,7 @@ class Cpr:
 
     def incoming_record(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "restore_ms": round(self.restore_ms, 2),
+                "ready_ns": time.monotonic_ns(),
                 "stale_vm_replies": self.stale_vm_replies,
                 "queues": [vars(r) for r in self.recovered if r.resubmit or r.fixed_up
                            or r.mismatch]}

@@ -233,9 +233,21 @@ def hmp_info_network(d: dict[str, Any]) -> str:
         lines.append(f"{'   ' if j else ''}  sent {r['sent']}, received {r['received']},"
                      f" queue {q['len']}/{q['maxlen']} (queued {q['queued']}, dropped "
                      f"{q['dropped']}){off}")
-    s = d["slirp"]["stats"]
-    lines.append(f"   slirp: udp sent {s.get('udp_sent', 0)}, received "
-                 f"{s.get('udp_received', 0)}, {len(d['slirp']['flows'])} flow(s)")
+    if d.get("slirp") is not None:
+        s = d["slirp"]["stats"]
+        lines.append(f"   slirp: udp sent {s.get('udp_sent', 0)}, received "
+                     f"{s.get('udp_received', 0)}, {len(d['slirp']['flows'])} flow(s)")
+    tap = d.get("tap")
+    if tap is not None:
+        t = tap["stats"]
+        lines.append(f"   tap: fd {tap['fd']}, vnet header {tap['vnet_hdr_len']} B, written "
+                     f"{t['written']} (would block {t['write_eagain']}), read {t['read']}")
+        if "vhost" in tap:
+            v = tap["vhost"]
+            who = ("the kernel's vhost worker serves the queues" if v["started"]
+                   else "QEMU serves the queues")
+            lines.append(f"   vhost-net: {'started' if v['started'] else 'stopped'} "
+                         f"(starts {v['starts']}, stops {v['stops']}): {who}")
     return "\n".join(lines)
 
 
@@ -283,8 +295,11 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
         nic, netdev = m.n.nic, m.netdev
         with locked():
             rows = []
+            backend = ("net=10.0.2.0,restrict=off" if m.slirp is not None else
+                       f"ifname=tap0,script=no,downscript=no,vhost="
+                       f"{'on' if m.tap.vhost_net else 'off'}")
             for nc, info in ((nic, f"model={nic.model},macaddr={m.n.mac.hex(':')}"),
-                             (netdev, "net=10.0.2.0,restrict=off")):
+                             (netdev, backend)):
                 q = nc.incoming_queue
                 rows.append({"name": nc.name, "type": nc.info.type, "info": info,
                              "peer": nc.peer.name if nc.peer else None,
@@ -293,7 +308,11 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
                              "received": nc.received,
                              "incoming_queue": {"len": len(q.packets), "queued": q.queued,
                                                 "dropped": q.dropped, "maxlen": q.nq_maxlen}})
-            return {"clients": rows, "slirp": m.slirp.describe()}
+            tap = m.tap.describe() if m.tap is not None else None
+            if tap is not None and m.tap.vhost_net:
+                tap["vhost"] = m.vhost_describe()
+            return {"clients": rows, "slirp": m.slirp.describe() if m.slirp else None,
+                    "tap": tap}
 
     @cmd(hmp="info bh", qmp=False, human=hmp_info_bh,
          help="show the machine's bottom halves and the main AioContext's bh_list")

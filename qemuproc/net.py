@@ -32,10 +32,21 @@ class NetClientInfo:
     """The callbacks a client type provides (struct NetClientInfo)."""
 
     def __init__(self, type_: str, receive: Callable[[NetClientState, Any], int],
-                 can_receive: Callable[[NetClientState], bool] | None = None) -> None:
+                 can_receive: Callable[[NetClientState], bool] | None = None,
+                 **vnet: Callable[..., Any]) -> None:
         self.type = type_
         self.receive = receive
         self.can_receive = can_receive
+        # receive_iov and the vnet header / offload callbacks a tap has (has_vnet_hdr, ...)
+        self.receive_iov: Callable[[NetClientState, list], int] | None = vnet.get("receive_iov")
+        self.has_vnet_hdr = vnet.get("has_vnet_hdr")
+        self.has_vnet_hdr_len = vnet.get("has_vnet_hdr_len")
+        self.using_vnet_hdr = vnet.get("using_vnet_hdr")
+        self.set_vnet_hdr_len = vnet.get("set_vnet_hdr_len")
+        self.set_offload = vnet.get("set_offload")
+        self.get_using_vnet_hdr = vnet.get("get_using_vnet_hdr")
+        self.get_vnet_hdr_len = vnet.get("get_vnet_hdr_len")
+        self.poll = vnet.get("poll")  # a backend vhost takes over stops being polled
 
 
 class NetPacket:
@@ -56,6 +67,9 @@ class NetQueue:
         self.delivering = False
         self.dropped = 0
         self.queued = 0
+        self.flush_dropped = 0
+        """Queued packets the receiver refused (-1) when flushed: virtio-net's flush at
+        DRIVER_OK runs before the status is stored, so its can_receive still says no."""
 
     def qemu_net_queue_append(self, sender: NetClientState, flags: int, data: bytes,
                               sent_cb: SentCb) -> None:
@@ -118,7 +132,10 @@ def qemu_deliver_packet_iov(sender: NetClientState, flags: int, iov: list[memory
     if nc.receive_disabled:
         return 0
     nc.rx_from_queue = sender.queue_index
-    ret = nc_sendv_compat(nc, iov, flags)
+    if nc.info.receive_iov is not None:
+        ret = nc.info.receive_iov(nc, iov)
+    else:
+        ret = nc_sendv_compat(nc, iov, flags)
     if ret == 0:
         nc.receive_disabled = True
     else:
@@ -137,6 +154,8 @@ def qemu_net_queue_flush(queue: NetQueue) -> bool:
         if ret == 0:
             queue.packets.appendleft(packet)
             return False
+        if ret < 0:
+            queue.flush_dropped += 1
         if packet.sent_cb is not None:
             packet.sent_cb(packet.sender, ret)
     return True
@@ -183,3 +202,39 @@ def qemu_send_packet(nc: NetClientState, buf: bytes, peer: NetClientState | None
 def qemu_flush_queued_packets(nc: NetClientState) -> bool:
     nc.receive_disabled = False
     return qemu_net_queue_flush(nc.incoming_queue)
+
+
+# -- the vnet header and offloads of a peer (qemu_has_vnet_hdr, qemu_set_offload, ...) ----------
+
+
+def qemu_has_vnet_hdr(nc: NetClientState | None) -> bool:
+    return nc is not None and nc.info.has_vnet_hdr is not None and nc.info.has_vnet_hdr(nc)
+
+
+def qemu_has_vnet_hdr_len(nc: NetClientState | None, length: int) -> bool:
+    return nc is not None and nc.info.has_vnet_hdr_len is not None \
+        and nc.info.has_vnet_hdr_len(nc, length)
+
+
+def qemu_using_vnet_hdr(nc: NetClientState | None, enable: bool) -> None:
+    if nc is not None and nc.info.using_vnet_hdr is not None:
+        nc.info.using_vnet_hdr(nc, enable)
+
+
+def qemu_set_vnet_hdr_len(nc: NetClientState | None, length: int) -> None:
+    if nc is not None and nc.info.set_vnet_hdr_len is not None:
+        nc.info.set_vnet_hdr_len(nc, length)
+
+
+def qemu_set_offload(nc: NetClientState | None, csum: bool, tso4: bool, tso6: bool, ecn: bool,
+                     ufo: bool) -> None:
+    if nc is not None and nc.info.set_offload is not None:
+        nc.info.set_offload(nc, csum, tso4, tso6, ecn, ufo)
+
+
+def qemu_get_using_vnet_hdr(nc: NetClientState) -> bool:
+    return nc.info.get_using_vnet_hdr is not None and nc.info.get_using_vnet_hdr(nc)
+
+
+def qemu_get_vnet_hdr_len(nc: NetClientState) -> int:
+    return nc.info.get_vnet_hdr_len(nc) if nc.info.get_vnet_hdr_len is not None else 0

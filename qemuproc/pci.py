@@ -1,5 +1,12 @@
-"""Stands for hw/pci/pci.c, pci_host.c and msix.c: the i440FX-style config ports, a
-function's 256-byte configuration space, and its MSI-X table.
+"""Stands for hw/pci/pci.c, pci_host.c, msix.c and msi.c: the i440FX-style config ports, a
+function's 256-byte configuration space, its INTx pin, and its MSI-X table.
+
+An MSI-X message (``msix_notify`` -> ``msi_send_message``) is a write of the entry's data to
+its address on the bus master address space; that address is the local APIC's MSI window,
+whose write handler (``kvm_send_msi`` in hw/i386/kvm/apic.c) is ``msi_send``: with an
+in-kernel irqchip, KVM_SIGNAL_MSI. The INTx pin (``pci_set_irq``) reaches, through the host
+bridge's routing, the GSI of the configuration space's interrupt line: ``intx_set_irq``, with
+an in-kernel irqchip KVM_IRQ_LINE_STATUS (kvm_pc_gsi_handler).
 
 BAR addresses are fixed here, as the firmware would have assigned them before the guest
 kernel probes.
@@ -8,11 +15,14 @@ kernel probes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from common.virtio_abi import (
     PCI_MSIX_ENTRY_CTRL_MASKBIT,
     PCI_MSIX_ENTRY_DATA,
+    PCI_MSIX_ENTRY_LOWER_ADDR,
     PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_UPPER_ADDR,
     PCI_MSIX_ENTRY_VECTOR_CTRL,
 )
 from qemuproc.memory import AddressSpace, MemoryRegion, MemoryRegionOps
@@ -58,7 +68,11 @@ class PCIDevice:
         self.msix_pba = bytearray()
         self.msix_vector_changed: Callable[[int], None] = lambda v: None
         self.msix_enable_changed: Callable[[bool], None] = lambda on: None
+        self.msi_send: Callable[[int, int], Any] = lambda address, data: None
+        self.intx_set_irq: Callable[[int, int], Any] = lambda gsi, level: None
         self.irq_level = 0
+        self.msis_sent = 0
+        self.msis_masked = 0
 
     def set_bar(self, n: int, addr: int, is_io: bool) -> None:
         self.config[0x10 + 4 * n : 0x14 + 4 * n] = _le(addr | (1 if is_io else 0), 4)
@@ -114,6 +128,38 @@ class PCIDevice:
         off = vector * 16 + PCI_MSIX_ENTRY_DATA
         return int.from_bytes(self.msix_table[off : off + 4], "little")
 
+    def msix_get_message(self, vector: int) -> tuple[int, int]:
+        """The entry's (address, data)."""
+        base = vector * PCI_MSIX_ENTRY_SIZE
+        t = self.msix_table
+        lo = int.from_bytes(t[base + PCI_MSIX_ENTRY_LOWER_ADDR : base + 4], "little")
+        hi = int.from_bytes(t[base + PCI_MSIX_ENTRY_UPPER_ADDR : base + 8], "little")
+        return (hi << 32) | lo, self.msix_get_message_data(vector)
+
+    def msix_notify(self, vector: int) -> None:
+        """Send ``vector``'s message, or, while it is masked, set its pending bit."""
+        if vector >= self.msix_entries_nr:
+            return
+        if self.msix_is_masked(vector):
+            self.msis_masked += 1
+            self.msix_set_pending(vector)
+            return
+        self.msi_send_message(*self.msix_get_message(vector))
+
+    def msi_send_message(self, address: int, data: int) -> None:
+        """A DWORD write of ``data`` to ``address`` by the device (bus mastering)."""
+        self.msis_sent += 1
+        self.msi_send(address, data)
+
+    # -- INTx -----------------------------------------------------------------------------------
+
+    def pci_set_irq(self, level: int) -> None:
+        """pci_irq_handler: a change of the pin's level goes on to its GSI."""
+        if level == self.irq_level:
+            return
+        self.irq_level = level
+        self.intx_set_irq(self.config[PCI_INTERRUPT_LINE], level)
+
     def msix_table_mmio_read(self, opaque: object, addr: int, size: int) -> int:
         if addr >= MSIX_PBA_OFFSET:
             a = addr - MSIX_PBA_OFFSET
@@ -127,9 +173,13 @@ class PCIDevice:
         was_masked = self.msix_is_masked(vector)
         self.msix_table[addr : addr + size] = _le(val, size)
         self.msix_vector_changed(vector)
+        self.msix_handle_mask_update(vector, was_masked)
+
+    def msix_handle_mask_update(self, vector: int, was_masked: bool) -> None:
+        """Unmasked with a message pending: send it now."""
         if was_masked and not self.msix_is_masked(vector) and self.msix_is_pending(vector):
             self.msix_clr_pending(vector)
-            self.msix_vector_changed(-1 - vector)  # deliver the pending message now
+            self.msix_notify(vector)
 
     def msix_is_pending(self, vector: int) -> bool:
         return bool(self.msix_pba[vector // 8] & (1 << (vector % 8)))

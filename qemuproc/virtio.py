@@ -124,6 +124,8 @@ class VirtQueue:
         self.pops = 0
         self.notifies = 0
         self.kicks = 0
+        self.kicks_coalesced = 0
+        """ioeventfd signals that one read of the eventfd took together with another."""
 
     def __repr__(self) -> str:
         return self.name
@@ -688,7 +690,9 @@ def virtio_queue_notify_vq(vq: VirtQueue) -> None:
 @traced
 def virtio_queue_host_notifier_read(vq: VirtQueue) -> None:
     """The ioeventfd of ``vq`` fired: the main loop runs the queue's handler."""
-    if vq.host_notifier is not None and vq.host_notifier.test_and_clear():
+    n = vq.host_notifier.test_and_clear() if vq.host_notifier is not None else 0
+    if n:
+        vq.kicks_coalesced += n - 1
         virtio_queue_notify_vq(vq)
 
 

@@ -46,6 +46,7 @@ from common.virtio_abi import (
     VIRTIO_NET_CTRL_VLAN_ADD,
     VIRTIO_NET_CTRL_VLAN_DEL,
     VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,
@@ -53,10 +54,12 @@ from common.virtio_abi import (
     VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_MRG_RXBUF,
     VIRTIO_NET_OK,
     VIRTIO_NET_S_ANNOUNCE,
@@ -71,8 +74,13 @@ from qemuproc.net import (
     NetClientInfo,
     NetClientState,
     qemu_flush_queued_packets,
+    qemu_has_vnet_hdr,
+    qemu_has_vnet_hdr_len,
     qemu_new_net_client,
     qemu_sendv_packet_async,
+    qemu_set_offload,
+    qemu_set_vnet_hdr_len,
+    qemu_using_vnet_hdr,
 )
 from qemuproc.qemu_timer import (
     QEMU_CLOCK_VIRTUAL,
@@ -81,10 +89,17 @@ from qemuproc.qemu_timer import (
     timer_del,
     timer_mod,
 )
+from qemuproc.vhost_net import (
+    get_vhost_net,
+    vhost_net_get_features,
+    vhost_net_start,
+    vhost_net_stop,
+)
 from qemuproc.virtio import (
     VirtIODevice,
     VirtQueue,
     VirtQueueElement,
+    error_report,
     virtio_add_queue,
     virtio_error,
     virtio_notify,
@@ -152,7 +167,7 @@ class VirtIONet(VirtIODevice):
                  mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
                  tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
                  any_layout: bool = True, indirect_desc: bool = True, queues: int = 1,
-                 poll_us: float = 0.0) -> None:
+                 poll_us: float = 0.0, csum: bool = True) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
         self.conf_mac = self.mac = mac
@@ -167,6 +182,9 @@ class VirtIONet(VirtIODevice):
         self.guest_hdr_len = virtio_net_hdr_len(False)
         self.host_hdr_len = 0  # slirp takes plain frames: no vnet header on the backend side
         self.has_vnet_hdr = False  # peer_has_vnet_hdr: only tap has one, -netdev user not
+        self.csum = csum  # csum=on|off: offer the checksum offloads a vnet header carries
+        self.vhost_started = False
+        self.vhost_bus: Any = None  # the transport (virtio-pci), for vhost_net_start
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
         self.multiqueue = False
@@ -211,20 +229,31 @@ class VirtIONet(VirtIODevice):
         return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
-        self.mergeable_rx_bufs = bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF))
-        self.guest_hdr_len = virtio_net_hdr_len(self.mergeable_rx_bufs)
+        virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
         # without VLAN filtering offered to the driver, every VLAN passes
         fill = 0 if features & (1 << VIRTIO_NET_F_CTRL_VLAN) else 0xFFFFFFFF
         self.vlans = [fill] * (MAX_VLAN >> 5)
+        if self.has_vnet_hdr:
+            virtio_net_apply_guest_offloads(self, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: on DRIVER_OK resume a TX that was waiting; flush RX."""
+        """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
+        link up, within the pairs in use, not vhost's) flushes what waited for it; on
+        DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
+        virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
+        no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
+        on later gets its frames (virtio_net_handle_mq calls this again)."""
+        virtio_net_vhost_status(self, status)
         if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             for q in self.vqs:
-                if q.tx_waiting and q.tx_bh is not None:
+                if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
                     qemu_bh_schedule(q.tx_bh)
-            for nc in self.ncs:
+        if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
+                and self.vm_running) or self.vhost_started:
+            return  # vhost has RX: the frames wait for it
+        for i, nc in enumerate(self.ncs):
+            if (self.multiqueue or i == 0) and i < self.curr_queue_pairs:
                 qemu_flush_queued_packets(nc)
 
     def reset(self) -> None:
@@ -233,11 +262,55 @@ class VirtIONet(VirtIODevice):
             q.async_tx = None
             if q.tx_timer is not None:
                 timer_del(q.tx_timer)
-        self.mergeable_rx_bufs = False
-        self.guest_hdr_len = virtio_net_hdr_len(False)
+        virtio_net_set_mrg_rx_bufs(self, False)
         self.curr_queue_pairs = 1
         self.multiqueue = False
         self.virtio_net_reset_rx_filter()
+
+
+def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
+    """Start vhost-net when the driver is ready (and the link up), stop it otherwise; if it
+    cannot start, QEMU's userspace virtio-net serves the queues."""
+    nc = n.ncs[0]
+    if get_vhost_net(nc.peer) is None:
+        return
+    started = bool(status & VIRTIO_CONFIG_S_DRIVER_OK) and n.vm_running \
+        and not nc.peer.link_down  # type: ignore[union-attr]
+    if started == n.vhost_started:
+        return
+    if not n.vhost_started:
+        n.vhost_started = True
+        try:
+            vhost_net_start(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+        except OSError as e:
+            error_report(f"unable to start vhost net: {e}: falling back on userspace virtio")
+            n.vhost_started = False
+    else:
+        vhost_net_stop(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+        n.vhost_started = False
+
+
+def peer_has_vnet_hdr(n: VirtIONet) -> bool:
+    return qemu_has_vnet_hdr(n.ncs[0].peer if n.ncs else None)
+
+
+def virtio_net_set_mrg_rx_bufs(n: VirtIONet, mergeable_rx_bufs: bool) -> None:
+    """The guest's header length; a backend that can take the same one gets it unchanged
+    (host_hdr_len == guest_hdr_len), a backend without vnet headers none."""
+    n.mergeable_rx_bufs = mergeable_rx_bufs
+    n.guest_hdr_len = virtio_net_hdr_len(mergeable_rx_bufs)
+    if n.has_vnet_hdr:
+        peer = n.ncs[0].peer
+        if qemu_has_vnet_hdr_len(peer, n.guest_hdr_len):
+            qemu_set_vnet_hdr_len(peer, n.guest_hdr_len)
+            n.host_hdr_len = n.guest_hdr_len
+
+
+def virtio_net_apply_guest_offloads(n: VirtIONet, features: int) -> None:
+    """What the guest can take goes to the backend: VIRTIO_NET_F_GUEST_CSUM -> TUN_F_CSUM
+    (the host may then hand it frames whose checksum is still partial)."""
+    qemu_set_offload(n.ncs[0].peer, bool(features & (1 << VIRTIO_NET_F_GUEST_CSUM)),
+                     False, False, False, False)
 
 
 @traced
@@ -266,6 +339,15 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
     n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
                                  f"CTRL(q{2 * n.max_queue_pairs})")
     n.nic = n.ncs[0]
+    if peer_has_vnet_hdr(n):  # virtio_net_get_features keeps the offloads; the tap takes ours
+        n.has_vnet_hdr = True
+        qemu_using_vnet_hdr(netdev, True)
+        if n.csum:
+            n.host_features |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
+        virtio_net_set_mrg_rx_bufs(n, False)
+    vhost = get_vhost_net(netdev)
+    if vhost is not None:  # what the kernel's vhost-net cannot do is not offered
+        n.host_features = vhost_net_get_features(vhost, n.host_features)
     return n.nic
 
 
@@ -361,6 +443,7 @@ def virtio_net_handle_mq(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
             or queue_pairs > n.max_queue_pairs or not n.multiqueue:
         return VIRTIO_NET_ERR
     n.curr_queue_pairs = queue_pairs
+    n.set_status(n.status)  # virtio_net_set_queue_pairs, then virtio_net_set_status
     return VIRTIO_NET_OK
 
 
@@ -546,9 +629,12 @@ def virtio_net_flush_tx(q: VirtIONetQueue) -> int:
             virtio_error(n, "virtio-net header incorrect")
             virtqueue_detach_element(vq, elem, 0)
             return -EINVAL
-        # host_hdr_len != guest_hdr_len: the backend gets what follows the guest's header
-        # (nothing, from a chain no longer than the header: QEMU 7.2 sends it all the same)
-        sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg, hdr_len)
+        if n.host_hdr_len == hdr_len:  # the backend wants the guest's header as is
+            sg = out_sg
+        else:  # what follows the guest's header (nothing, from a chain no longer than the
+            # header: QEMU 7.2 sends it all the same)
+            sg = [out_sg[0][hdr_len:]] if len(out_sg) == 1 else iov_discard_front(out_sg,
+                                                                                 hdr_len)
         if size - hdr_len > NET_BUFSIZE:  # nc_sendv_compat would refuse it: dropped, completed
             ret = -1
         else:
@@ -689,18 +775,21 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
     if not virtio_net_can_receive(nc):
         return -1
     size = len(buf)
-    if not size:  # nothing to put in a buffer: dropped (0 would mean "retry later")
+    host_hdr_len = n.host_hdr_len
+    if size <= host_hdr_len:  # nothing to put in a buffer: dropped (0 would mean "retry later")
         return -1
     hdr_len = n.guest_hdr_len
-    if not virtio_net_has_buffers(q, size + hdr_len):
+    if not virtio_net_has_buffers(q, size + hdr_len - host_hdr_len):
         q.rx_no_buffer += 1
         return 0
     if not receive_filter(n, buf):
         return size
-    if trace_virtio_net_receive.on:
-        trace_virtio_net_receive(len=size, seq=int.from_bytes(buf[42:50], "big") if size >= 50
-                                 and buf[12:14] == b"\x08\x00" and buf[23] == 17 else -1)
     mv = memoryview(buf)
+    if trace_virtio_net_receive.on:
+        f = mv[host_hdr_len:]
+        trace_virtio_net_receive(len=len(f), seq=int.from_bytes(f[42:50], "big")
+                                 if len(f) >= 50 and f[12:14] == b"\x08\x00" and f[23] == 17
+                                 else -1)
     elems: list[tuple[VirtQueueElement, int]] = []
     offset = 0
     while offset < size:
@@ -718,13 +807,16 @@ def virtio_net_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
             virtqueue_detach_element(vq, elem, 0)
             return -1
         if not elems:
-            hdr = bytes(hdr_len)  # receive_header: no offloads, so a zeroed header
-            if iov_from_buf(elem.in_sg, 0, memoryview(hdr)) < hdr_len:
+            # receive_header: the backend's header (its checksum flags) or, without one, zeros
+            hdr = mv[: VIRTIO_NET_HDR.size] if host_hdr_len else memoryview(bytes(hdr_len))
+            if iov_from_buf(elem.in_sg, 0, hdr) < len(hdr) or \
+                    sum(len(m) for m in elem.in_sg) < hdr_len:
                 virtio_error(n, "virtio-net header incorrect")
                 virtqueue_detach_element(vq, elem, 0)
                 return -1
             guest_offset = hdr_len
             total = hdr_len
+            offset = host_hdr_len
         else:
             guest_offset = 0
             total = 0

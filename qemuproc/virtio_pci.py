@@ -2,9 +2,12 @@
 
 The BAR's registers are served by ``virtio_pci_config_read`` / ``virtio_pci_config_write``
 (QEMU's virtio_ioport_read / virtio_ioport_write). When the driver sets DRIVER_OK the proxy
-registers a KVM ioeventfd for each queue's notify (port BAR0+16, datamatch = queue index)
-and an irqfd for each interrupt vector in use; ``virtio_pci_notify`` raises an interrupt
-through the vector's irqfd (MSI-X) or the INTx line's.
+registers a KVM ioeventfd for each queue's notify (port BAR0+16, datamatch = queue index).
+``virtio_pci_notify`` raises an interrupt in the calling thread (the main loop's, for
+virtio-net in user space): ``msix_notify`` (KVM_SIGNAL_MSI) or ``pci_set_irq`` with the ISR's
+bit (KVM_IRQ_LINE_STATUS); reading the ISR lowers the line. Guest notifiers (an irqfd per
+vector, ``virtio_pci_set_guest_notifiers``) are for the devices whose interrupts do not come
+from QEMU's threads (vhost, dataplane); QEMU's own virtio-net does not set them.
 """
 
 from __future__ import annotations
@@ -61,7 +64,6 @@ VIRTIO_PCI_MSIX_BAR_ADDR = 0xFEBF1000
 VIRTIO_PCI_IRQ_LINE = 11
 VIRTIO_PCI_DEVFN = 3 << 3
 
-trace_virtio_pci_notify = trace_event("virtio_pci_notify")
 trace_virtio_ioport_write = trace_event("virtio_ioport_write")
 
 
@@ -75,6 +77,7 @@ class VirtIOPCIProxy:
         self.cfg = cfg
         self.ioeventfd = ioeventfd
         self.ioeventfd_started = False
+        self.ioeventfd_grabbed: set[int] = set()  # queues whose ioeventfd vhost polls
         self.pci_dev = dev = PCIDevice("virtio-net-pci", VIRTIO_PCI_DEVFN,
                                        PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET,
                                        PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID_REDHAT_QUMRANET,
@@ -88,61 +91,31 @@ class VirtIOPCIProxy:
             dev.msix_init(vectors, 1)
             mem_as.add_subregion(VIRTIO_PCI_MSIX_BAR_ADDR, dev.msix_mmio_region())
             dev.msix_vector_changed = self.msix_vector_changed
+            dev.msi_send = kvm.kvm_irqchip_send_msi
+        dev.intx_set_irq = kvm.kvm_set_irq
         host.pci_register(dev)
         vdev.notify_vector = self.virtio_pci_notify
         self.host_bridges: dict[int, PollBridge] = {}
         self.irqfd_gsis: dict[int, int] = {}  # vector (or -1 for INTx) -> gsi
         self.irqfds: dict[int, EventNotifier] = {}
-        self.irqs_sent = 0
-        self.irqs_lost = 0
-        self.irqs_masked = 0
 
     # -- notifications toward the guest -------------------------------------------------------
 
+    @traced
     def virtio_pci_notify(self, vector: int) -> None:
-        if trace_virtio_pci_notify.on:
-            trace_virtio_pci_notify(vector=vector)
-        if self.pci_dev.msix_enabled():
+        dev = self.pci_dev
+        if dev.msix_enabled():
             if vector != VIRTIO_MSI_NO_VECTOR:
-                self.msix_notify(vector)
-        elif self.vdev.isr & 1:
-            self.pci_set_irq(1)
-
-    def msix_notify(self, vector: int) -> None:
-        dev = self.pci_dev
-        if vector >= dev.msix_entries_nr:
-            return
-        if dev.msix_is_masked(vector):
-            self.irqs_masked += 1
-            dev.msix_set_pending(vector)
-            return
-        notifier = self.irqfds.get(vector)
-        if notifier is None:
-            self.irqs_lost += 1
-            return
-        self.irqs_sent += 1
-        notifier.set()
-
-    def pci_set_irq(self, level: int) -> None:
-        """INTx: raising the line signals its irqfd; the guest lowers it by reading ISR."""
-        dev = self.pci_dev
-        if level and not dev.irq_level:
-            notifier = self.irqfds.get(-1)
-            if notifier is None:
-                self.irqs_lost += 1
-            else:
-                self.irqs_sent += 1
-                notifier.set()
-        dev.irq_level = level
+                dev.msix_notify(vector)
+        else:
+            dev.pci_set_irq(self.vdev.isr & 1)
 
     def msix_vector_changed(self, vector: int) -> None:
-        if vector < 0:  # unmasked with a message pending
-            self.msix_notify(-1 - vector)
-            return
-        if vector in self.irqfd_gsis:
-            gsi = self.irqfd_gsis[vector]
-            self.kvm.routes[gsi] = (self.kvm.routes[gsi][0],
-                                    self.pci_dev.msix_get_message_data(vector))
+        """A table entry changed: the MSI route of its irqfd follows (kvm_virtio_pci_vq_vector
+        _unmask -> kvm_irqchip_update_msi_route), when guest notifiers are set."""
+        gsi = self.irqfd_gsis.get(vector)
+        if gsi is not None:
+            self.kvm.kvm_irqchip_update_msi_route(gsi, *self.pci_dev.msix_get_message(vector))
             self.kvm.kvm_irqchip_commit_routes()
 
     # -- DRIVER_OK: ioeventfds and irqfds ------------------------------------------------------
@@ -156,8 +129,12 @@ class VirtIOPCIProxy:
                 continue
             n = vq.queue_index
             name = self.cfg.ioeventfd(n)
+            if n in self.ioeventfd_grabbed:  # vhost's: KVM signals the fd, nobody here reads it
+                memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
+                continue
             bridge = PollBridge(EventNotifier(name))
             self.host_bridges[n] = bridge
+            self.kvm.eventfd_fds[name] = bridge.fileno()
             memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
             vq.host_notifier = bridge
             vq.host_notifier_enabled = True
@@ -171,6 +148,9 @@ class VirtIOPCIProxy:
     def virtio_pci_stop_ioeventfd(self) -> None:
         if not self.ioeventfd_started:
             return
+        for n in self.ioeventfd_grabbed:
+            memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
+                                      self.cfg.ioeventfd(n))
         for n, bridge in self.host_bridges.items():
             memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
                                       self.cfg.ioeventfd(n))
@@ -186,7 +166,8 @@ class VirtIOPCIProxy:
 
     @traced
     def virtio_pci_set_guest_notifiers(self, assign: bool) -> None:
-        """Route each vector in use to an irqfd (kvm_virtio_pci_vector_use), or undo it."""
+        """Route each vector in use to an irqfd (kvm_virtio_pci_vector_use), or undo it: what
+        vhost_net_start does for a vhost back end. Not called for virtio-net in user space."""
         kvm = self.kvm
         for vector, gsi in self.irqfd_gsis.items():
             kvm.kvm_irqchip_remove_irqfd_notifier_gsi(gsi)
@@ -200,7 +181,8 @@ class VirtIOPCIProxy:
             vectors = {self.vdev.config_vector} | {vq.vector for vq in self.vdev.vq}
             vectors.discard(VIRTIO_MSI_NO_VECTOR)
             for vector in sorted(vectors):
-                gsi = kvm.kvm_irqchip_add_msi_route(vector, dev.msix_get_message_data(vector))
+                gsi = kvm.kvm_irqchip_add_msi_route(dev.name, vector,
+                                                    *dev.msix_get_message(vector))
                 self.irqfd_gsis[vector] = gsi
         else:
             self.irqfd_gsis[-1] = kvm.kvm_irqchip_add_intx_route(dev.config[0x3C])
@@ -214,15 +196,16 @@ class VirtIOPCIProxy:
         self.virtio_pci_stop_ioeventfd()
         self.virtio_pci_set_guest_notifiers(False)
         virtio_reset(self.vdev)
-        self.pci_dev.irq_level = 0
+        self.pci_dev.pci_set_irq(0)
 
     def describe(self) -> dict[str, Any]:
         return {"ioeventfds": {self.vdev.vq[n].name: b.notifier.name
                                for n, b in self.host_bridges.items()},
                 "irqfds": {("INTx" if v < 0 else f"msix vector {v}"): f"gsi {g}"
                            for v, g in self.irqfd_gsis.items()},
-                "irqs_sent": self.irqs_sent, "irqs_lost": self.irqs_lost,
-                "irqs_masked": self.irqs_masked, "msix_enabled": self.pci_dev.msix_enabled()}
+                "msis_sent": self.pci_dev.msis_sent, "msis_lost": self.kvm.msis_lost,
+                "msis_masked": self.pci_dev.msis_masked, "intx_level": self.pci_dev.irq_level,
+                "msix_enabled": self.pci_dev.msix_enabled()}
 
 
 def msix_vector_use(proxy: VirtIOPCIProxy, vector: int) -> bool:
@@ -253,7 +236,6 @@ def virtio_ioport_write(proxy: VirtIOPCIProxy, addr: int, val: int) -> None:
             proxy.virtio_pci_stop_ioeventfd()
         virtio_set_status(vdev, val & 0xFF)
         if val & VIRTIO_CONFIG_S_DRIVER_OK:
-            proxy.virtio_pci_set_guest_notifiers(True)
             proxy.virtio_pci_start_ioeventfd()
         if vdev.status == 0:
             proxy.virtio_pci_reset()
@@ -284,7 +266,7 @@ def virtio_ioport_read(proxy: VirtIOPCIProxy, addr: int) -> int:
     if addr == VIRTIO_PCI_ISR:
         ret = vdev.isr  # reading the ISR also clears it, and lowers the INTx line
         vdev.isr = 0
-        proxy.pci_set_irq(0)
+        proxy.pci_dev.pci_set_irq(0)
         return ret
     if addr == VIRTIO_MSI_CONFIG_VECTOR:
         return vdev.config_vector

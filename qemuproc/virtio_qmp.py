@@ -223,7 +223,8 @@ def register_virtio_qmp(mon: Monitor, vdev: VirtIODevice, locked: Any) -> None:
         virtio_device_find(path)
         with locked():
             return {
-                "name": vdev.name, "device-id": vdev.device_id, "vhost-started": False,
+                "name": vdev.name, "device-id": vdev.device_id,
+                "vhost-started": getattr(vdev, "vhost_started", False),
                 "device-endian": "little",
                 "guest-features": qmp_decode_features(vdev.guest_features),
                 "host-features": qmp_decode_features(vdev.host_features),

@@ -1,8 +1,9 @@
 """Shared fixtures: the leftover check every run must pass, and a UDP receiver owned by a test.
 
-``no_leftovers`` snapshots /dev/shm, /dev/mqueue, the run directories and the replica's
-processes before a test and fails the test if anything new is still there after it (with a
-short grace for processes to exit).
+``no_leftovers`` snapshots /dev/shm, /dev/mqueue, the run directories, the runs' network
+namespaces (``vnr-<rid>``, with their taps) and the replica's processes before a test and
+fails the test if anything new is still there after it (with a short grace for processes to
+exit).
 
 Other sessions may use this machine at the same time, so a new entry counts when it can be
 this test's: a run's object (``vnr.<rid>.``, also as ``sem.vnr.<rid>.``) unless the run
@@ -28,6 +29,7 @@ import pytest
 from ringmock import TEST_PREFIX
 
 from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, runs_root
+from common.netns import run_namespaces
 
 ROLES = ("guestproc", "kvmproc", "qemuproc")
 GRACE_S = 2.0
@@ -92,6 +94,7 @@ class Snapshot:
     mqueue: set[str]
     rundirs: set[str]
     procs: dict[tuple[int, float], tuple[str, str | None, int]]
+    netns: set[str] = field(default_factory=set)  # the run ids of the namespaces
 
     @classmethod
     def take(cls) -> Snapshot:
@@ -99,7 +102,7 @@ class Snapshot:
         return cls(shm={p.name for p in SHM_DIR.iterdir()},
                    mqueue={p.name for p in MQUEUE_DIR.iterdir()},
                    rundirs={p.name for p in root.iterdir()} if root.is_dir() else set(),
-                   procs=replica_processes())
+                   procs=replica_processes(), netns=set(run_namespaces()))
 
 
 @dataclass
@@ -171,6 +174,8 @@ def leftovers(before: Snapshot, watcher: RunWatcher) -> list[str]:
         found += [f"{where}/{n}" for n in sorted(new - old) if could_be_ours(n, theirs)]
     found += [f"{runs_root()}/{n}" for n in sorted(now.rundirs - before.rundirs)
               if n not in theirs]
+    found += [f"network namespace vnr-{rid}" for rid in sorted(now.netns - before.netns)
+              if rid not in theirs]
     for key, (role, rid, ppid) in now.procs.items():
         if key in before.procs or rid in theirs or foreign_pid(ppid):
             continue

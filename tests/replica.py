@@ -118,8 +118,9 @@ class Replica:
 
     def wait_quiet(self) -> dict:
         """Until the held guest idles with nothing on its way to it: every interrupt QEMU
-        raised has reached KVM through its irqfd, and vCPU 0 is halted afterwards with no
-        vector pending and no timer armed. KVM's counters are then still."""
+        raised has reached KVM (a KVM_SIGNAL_MSI or KVM_IRQ_LINE_STATUS each), and vCPU 0 is
+        halted afterwards with no vector pending or in service and no timer armed. KVM's
+        counters are then still."""
         def notifies() -> int:
             """virtio_notify calls that raise an interrupt: under MSI-X a queue without a
             vector (the control queue: Linux gives it none) raises nothing."""
@@ -132,9 +133,10 @@ class Replica:
             raised = notifies()
             kvm = self.q("kvm", "info kvm")
             vcpu = self.q("kvm", "info vcpu")
-            idle = (vcpu["halted"] and not vcpu["pending_vectors"]
+            idle = (vcpu["halted"] and not vcpu["irr"] and not vcpu["isr"]
                     and not vcpu["apic_timer_armed"])
-            delivered = kvm["vcpu"]["irqfd_signals"] >= raised == notifies()
+            sent = kvm["vcpu"]["signal_msis"] + kvm["vcpu"]["irq_lines"]
+            delivered = sent >= raised == notifies()
             return kvm if idle and delivered and kvm == self.q("kvm", "info kvm") else None
 
         return self.wait_for(quiet, 20, "the VM to go quiet")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import elem_addr, vq_addr
 from vreplica import bench
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("machine", "plan", "vring_only", "end_to_end", "kick_latency", "kicks_interrupts",
-            "tracing", "rss", "modes", "targets", "correctness", "failures")
+            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos")
 
 
 @pytest.mark.timeout(300)
@@ -38,7 +39,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     for t in res["targets"]:
         assert t["result"] in ("PASS", "FAIL"), t
         assert t["target"] in md
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7."):
+    assert res["chaos"]["verdict"] == "PASS", res["chaos"]
+    assert res["chaos"]["resets"] >= 1 and res["chaos"]["restarts"] >= 1
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8."):
         assert heading in md
     assert res["vring_only"]["complete"]
     runs = res["correctness"]
@@ -59,6 +62,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert all(r["matched"] > 0 and r["tx"] == "timer"
                for r in res["kick_latency"]["runs_tx_timer"])
     assert res["kick_latency"]["tx_timer"]["notify_to_pop_p50_us"] is not None
+    for irq in bench.IRQ_MODES:
+        assert res["kick_latency"]["notify_irq"][irq]["matched"] > 0, irq
+        assert f"notify -> interrupt, {irq}" in md
 
 
 @pytest.mark.timeout(90)
@@ -104,3 +110,22 @@ def test_kick_pop_matching() -> None:
     assert r["kicks"] == 2 and r["matched"] == 1 and r["popped_before_kick"] == 1
     assert r["p50_us"] == pytest.approx(3.0)
     assert r["stages_p50_us"]["ioeventfd_write"] == pytest.approx(0.5)
+
+
+def test_notify_irq_matching() -> None:
+    """A notify pairs with the guest's next handler entry of a device vector; the timer's
+    vector does not count, and a notify followed by another before the handler shares it."""
+    qemu = {"role": "qemu", "records": [
+        [1000, 3, "i", "virtio_notify", {"vq": "TX(q1)"}],
+        [5000, 3, "i", "virtio_notify", {"vq": "RX(q0)"}],
+        [5200, 3, "i", "virtio_notify", {"vq": "TX(q1)"}],
+        [9000, 3, "i", "virtio_notify", {"vq": "TX(q1)"}],
+    ]}
+    guest = {"role": "guest", "records": [
+        [1500, 1, "i", "irq_handler_entry", {"irq": LOCAL_TIMER_VECTOR}],
+        [3000, 1, "i", "irq_handler_entry", {"irq": 40}],
+        [6200, 1, "i", "irq_handler_entry", {"irq": 39}],
+    ]}
+    r = bench.notify_irq_latencies([qemu, guest])
+    assert r["notifies"] == 4 and r["matched"] == 2
+    assert r["p50_us"] == pytest.approx(1.0) and r["max_us"] == pytest.approx(2.0)

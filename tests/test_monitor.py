@@ -24,6 +24,7 @@ from replica import ROLES, Replica, private_runs_root
 from common.monitor.client import MonitorConnection, query
 from common.monitor.commands import MonitorError
 from common.monitor.monitor import socket_path
+from vreplica.summary import sent_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -168,7 +169,9 @@ def test_info_commands_answer(held: Replica) -> None:
     assert {h["name"] for h in handlers} >= {"ioeventfd:TX(q1)", "ioeventfd:RX(q0)"}
     kvm = held.q("kvm", "info ioeventfd")
     assert any(e["bus"] == "pio" and e["datamatch"] == 1 and e["signals"] > 0 for e in kvm)
-    assert held.q("kvm", "info irqfd")["irqfds"]
+    assert held.q("kvm", "info irqfd")["irqfds"] == []  # virtio-net in QEMU sets none
+    info = held.q("kvm", "info kvm")
+    assert info["vcpu"]["signal_msis"] > 0 and info["eois"] > 0
     names = [c["name"] for c in held.q("guest", "help")]
     assert {"send", "x", "info virtqueues", "info netdev", "pdb", "step"} <= set(names)
     assert held.q("qemu", "trace-event virtqueue_* on") == {}
@@ -335,6 +338,33 @@ def test_stop_freezes_step_advances_one_iteration_cont_resumes(
     r.quit()
 
 
+@pytest.mark.timeout(90)
+def test_stop_gets_a_halted_vcpu_out_of_kvm_run_with_a_signal(
+        replica: Callable[..., Replica]) -> None:
+    """qemu_cpu_kick: SIG_IPI ends the halted vCPU's block in KVM (no interrupt needed), KVM_RUN
+    returns KVM_EXIT_INTR and the vCPU thread parks; the vCPU stays halted, and after cont
+    the next KVM_RUN blocks again until the guest has work."""
+    r = replica("--hold", "--packets", "20")
+    r.wait_program_done()
+    kvm = r.wait_quiet()
+    exits = r.q("qemu", "info stats")["kvm_run_exits"]
+    assert r.q("qemu", "stop")["status"] == "paused"
+    r.wait_for(lambda: r.q("qemu", "info status")["threads"]["CPU 0/KVM"]["state"] == "parked",
+               10, "the vCPU thread at its stop point")
+    after = r.q("kvm", "info kvm")
+    assert after["vcpu"]["signal_exits"] == kvm["vcpu"]["signal_exits"] + 1
+    assert after["vcpu"]["exits"] == kvm["vcpu"]["exits"]  # the guest never ran
+    assert after["userspace_exits"]["KVM_EXIT_INTR"] == kvm["userspace_exits"]["KVM_EXIT_INTR"] + 1
+    assert r.q("kvm", "info vcpu")["mp_state"] == "halted"
+    got = r.q("qemu", "info stats")["kvm_run_exits"]
+    assert got["KVM_EXIT_INTR"] == exits["KVM_EXIT_INTR"] + 1
+    assert r.q("qemu", "cont")["status"] == "running"
+    assert "queued" in r.q("guest", "send 10")
+    r.wait_for(lambda: r.q("guest", "info stats")["sent_by_monitor"] >= 10, 20, "the guest")
+    s = r.quit()
+    assert s["delivered"] >= 30
+
+
 # -- -S and the end of a held run ---------------------------------------------------------------
 
 
@@ -370,6 +400,20 @@ def test_info_kvm_agrees_with_the_summary(replica: Callable[..., Replica]) -> No
     assert s["userspace_exits"] == {k: n for k, n in kvm["userspace_exits"].items() if n}
     assert s["interrupts_injected"] == kvm["vcpu"]["irq_injections"]
     assert s["sent"] == 100
+
+
+@pytest.mark.timeout(90)
+def test_monitor_sends_count_in_the_summary(replica: Callable[..., Replica]) -> None:
+    """Datagrams the guest sent on the monitor's ``send`` are in the summary's ``sent``, and
+    said to be the monitor's."""
+    r = replica("--hold", "--packets", "20")
+    r.wait_program_done()
+    assert "queued" in r.q("guest", "send 30")
+    r.wait_for(lambda: r.q("guest", "info status")["pending_sends"] == 0
+               and r.q("guest", "info status")["sent_by_monitor"] == 30, 20, "the sends")
+    s = r.quit()
+    assert s["sent"] == 50 and s["sent_by_monitor"] == 30
+    assert "(30 by the monitor's send)" in sent_line(s)
 
 
 @pytest.mark.timeout(60)

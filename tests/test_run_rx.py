@@ -53,6 +53,12 @@ def test_udp_echo_every_reply_arrives(tmp_path: Path, vectors: str) -> None:
     if vectors == "0":  # a line interrupt: the handler must read ISR, a trapping port read
         assert s["userspace_exits"]["KVM_EXIT_IO"] > 100
         assert s["guest_irqs"].get("virtio0", 0) > 0
+    # QEMU raised them itself: KVM_IRQ_LINE_STATUS through the IOAPIC, or KVM_SIGNAL_MSI
+    exits = s["exits"]
+    assert exits["irqfd_signals"] == 0
+    lines, msis = (exits["irq_lines"], exits["signal_msis"])
+    assert (lines > 0 and msis == 0) if vectors == "0" else (msis > 0 and lines == 0)
+    assert exits["msr_exits"] >= s["interrupts_injected"] > 0  # an x2APIC EOI for each
 
 
 @pytest.mark.timeout(60)

@@ -22,47 +22,59 @@ def stress(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, dict,
     return proc.returncode, verdict, proc.stdout + proc.stderr
 
 
-@pytest.mark.timeout(150)
-def test_short_stress_with_chaos_two_queue_pairs(tmp_path: Path) -> None:
-    """15 s over two queue pairs while the device process is killed and restarted, the guest
-    corrupts its ring and resets the device, and the guest is paused: only the frames that
-    carried a fault are lost; a restart may duplicate at most a queue's worth."""
-    code, v, text = stress(tmp_path, "--duration", "15", "--queues", "2", "--mode", "tx",
-                           "--chaos", "kill-device,ring-fault,guest-pause",
-                           "--chaos-period", "2")
+MODES = ("tx", "echo", "both")
+CHAOS = ("guest-pause", "echo-pause", "kill-device", "ring-fault", "all")
+LOSSY = ("ring-fault", "kill-device")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("queues", (1, 2))
+@pytest.mark.parametrize("chaos", CHAOS)
+@pytest.mark.parametrize("mode", MODES)
+def test_stress_matrix(tmp_path: Path, mode: str, chaos: str, queues: int) -> None:
+    """Each chaos kind alone and all together, in each direction, over one and two queue
+    pairs: the verdict passes, and every datagram lost is one the chaos lost, named event by
+    event: a paused guest or echo service loses nothing in flight (the net queue and rings
+    hold it), a ring fault its faulted frame and what its reset dropped, a restart what the
+    dead QEMU held."""
+    code, v, text = stress(tmp_path, "--duration", "2", "--queues", str(queues),
+                           "--mode", mode, "--chaos", chaos, "--chaos-period", "0.6")
     assert code == 0, text
-    assert v["verdict"] == "PASS"
-    assert v["sent"] > 1000
-    assert v["lost_unexpected"] == 0
-    faults = sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
-    assert v["lost"] == v["lost_expected"] <= faults
-    assert v["duplicated"] <= v["device_restarts"] * 256
+    assert v["verdict"] == "PASS" and v["reasons"] == []
+    assert v["sent"] > 500
+    kinds = {e["kind"] for e in v["chaos"]}
+    if chaos == "all":
+        assert kinds, "no chaos event fired"
+    elif not (chaos == "echo-pause" and mode == "tx"):  # no echo service to pause in tx
+        assert kinds == {chaos}, v["chaos"]
+    assert v["lost_unexpected"] == 0 and v["inbound_lost_unexpected"] == 0
+    assert v["unexplained_runs"] == [] and v["inbound_unexplained_runs"] == []
+    assert v["bad_payloads"] == 0 and v["leftovers"] == []
+    events_lost = sum(e["lost"] for e in v["chaos"])
+    if "kill-device" not in kinds:  # a restart may answer an ignored request's resubmission
+        assert v["duplicated"] == 0
+        assert events_lost == v["lost_expected"] + v["inbound_lost_expected"], v["chaos"]
+    for e in v["chaos"]:
+        if e["kind"] == "guest-pause":
+            assert e["lost"] == 0, e
+        if e["kind"] == "ring-fault" and "faulted_seq" in e:
+            assert e["down_ms"] is not None and e["rx_down_ms"] <= e["down_ms"], e
+    if mode == "both":
+        assert v["inbound_received"] > 0
+        assert v["inbound_received"] + v["inbound_lost"] == v["inbound_sent"]
+    assert v["lost"] == v["sent"] - v["delivered"]
+    if not kinds & set(LOSSY):
+        assert v["inbound_lost"] == 0
+        assert v["lost"] == sum(e["lost"] for e in v["chaos"] if e["kind"] == "echo-pause")
+    # a fault asked for as the guest stops sending is never committed: no reset follows
+    assert v["resets"] <= sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
     assert v["device_restarts"] == sum(1 for e in v["chaos"] if e["kind"] == "kill-device")
-    assert v["reordered"] == 0 and v["bad_payloads"] == 0
-    assert v["chaos"], "chaos was asked for but no event fired"
-    assert v["leftovers"] == []
-    for role in ("guest", "kvm", "qemu"):
-        assert v["rss_end_mb"][role] - v["rss_start_mb"][role] < 20, (role, v)
-
-
-@pytest.mark.timeout(120)
-def test_stress_both_directions_with_pauses(tmp_path: Path) -> None:
-    """Echo plus a host -> guest stream; replies the paused echo service ignored are the
-    only loss, and the verdict says so."""
-    code, v, text = stress(tmp_path, "--duration", "8", "--queues", "2", "--mode", "both",
-                           "--chaos", "guest-pause,echo-pause", "--chaos-period", "1.5")
-    assert code == 0, text
-    assert v["verdict"] == "PASS"
-    assert v["sent"] > 1000
-    assert v["lost_unexpected"] == 0
-    assert v["lost"] == v["lost_expected"]
-    assert v["inbound_sent"] > 0 and v["inbound_lost"] == 0
-    assert v["duplicated"] == 0 and v["bad_payloads"] == 0
-    assert v["chaos"], "chaos was asked for but no event fired"
-    assert v["leftovers"] == []
-    for role in ("guest", "kvm", "qemu"):
-        assert v["rss_end_mb"][role] - v["rss_start_mb"][role] < 20, (role, v)
-    assert "verdict" in text and "PASS" in text
+    if chaos == "ring-fault":
+        # QEMU's own count agrees: what the resets lost beyond their faulted frames is what the
+        # net queue's flush at DRIVER_OK dropped and what the guest threw away unprocessed
+        faulted = sum(1 for e in v["chaos"] if "faulted_seq" in e)
+        unprocessed = sum(e.get("rx_unprocessed", 0) for e in v["chaos"])
+        assert events_lost - faulted == v["netqueue_dropped_at_driver_ok"] + unprocessed, v
 
 
 @pytest.mark.timeout(90)

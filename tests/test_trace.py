@@ -40,13 +40,15 @@ TX_CHAIN = ["start_xmit", "vp_notify", "kvm_exit", "virtio_queue_notify", "virtq
 RX_CHAIN = ["slirp_pollfds_poll", "sorecvfrom", "udp_output", "ip_output", "if_encap",
             "slirp_output", "qemu_send_packet", "qemu_sendv_packet_async",
             "qemu_net_queue_send_iov", "nc_sendv_compat", "virtio_net_receive", "virtqueue_pop",
-            "virtqueue_fill", "virtqueue_flush", "virtio_notify", "irqfd_wakeup", "kvm_inj_virq",
-            "vring_interrupt", "skb_recv_done", "net_rx_action", "virtnet_poll",
+            "virtqueue_fill", "virtqueue_flush", "virtio_notify", "kvm_vm_ioctl",
+            "kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "skb_recv_done",
+            "net_rx_action", "virtnet_poll",
             "virtnet_receive", "virtqueue_get_buf", "receive_buf", "netif_receive_skb", "ip_rcv",
             "udp_rcv", "recvfrom"]
 RX_STEPS = ["sorecvfrom", "slirp_output", "qemu_net_queue_send_iov", "nc_sendv_compat",
             "virtio_net_receive", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
-            "virtio_notify", "irqfd_wakeup", "kvm_inj_virq", "irq_handler_entry",
+            "virtio_notify", "kvm_vm_ioctl", "kvm_msi_set_irq", "kvm_inj_virq",
+            "irq_handler_entry",
             "vring_interrupt", "skb_recv_done", "napi_poll", "virtqueue_get_buf", "receive_buf",
             "netif_receive_skb", "udp_rcv", "recvfrom"]
 
@@ -101,7 +103,7 @@ def test_trace_is_chrome_json_with_a_track_per_process_and_thread(tmp_path: Path
     assert procs == {"guest (guestproc)", "kvm (kvmproc)", "qemu (qemuproc)"}
     threads = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert {"vCPU 0", "vcpu0", "CPU 0/KVM", "main loop"} <= threads
-    assert any(t.startswith("irqfd") for t in threads)
+    assert "VM ioctls" in threads
     pop = next(e for e in events if e["ph"] == "i" and e["name"] == "virtqueue_pop")
     assert list(pop["args"]) == ["vq", "elem", "in_num", "out_num"]  # QEMU 7.2's, no more
     # the first pop is a control command at link-up (CTRL(q2)), as in the real run
@@ -264,7 +266,7 @@ def test_render_png_and_svg(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     root = ET.parse(svg).getroot()
     texts = " ".join(t for el in root.iter() if el.tag.endswith("text") for t in el.itertext())
-    for name in TX_CHAIN + ["kvm_pio", "irqfd_wakeup", "kvm_inj_virq", "main_loop_wait"]:
+    for name in TX_CHAIN + ["kvm_pio", "kvm_vm_ioctl", "kvm_inj_virq", "main_loop_wait"]:
         assert name in texts, name
     window = tmp_path / "w.svg"
     trace = load_trace(path)
@@ -327,21 +329,20 @@ def synthetic_pieces(tmp_path: Path) -> list[Path]:
     ]
     kvm = [
         (500, 11, "B", "kvm_arch_vcpu_ioctl_run", None),
-        (1100, 11, "i", "kvm_exit", {"reason": "IO_INSTRUCTION"}),
+        (1100, 11, "i", "kvm_exit", {"exit_reason": "IO_INSTRUCTION"}),
         (1110, 11, "B", "handle_exit", None),
-        (1120, 11, "i", "kvm_pio", {"rw": "write", "port": 49168, "val": 1}),
+        (1120, 11, "i", "kvm_pio", {"rw": 1, "port": 49168, "size": 2, "count": 1, "val": 1}),
         (1130, 11, "i", "ioeventfd_write", {}), (1140, 11, "E", "handle_exit", None),
         (1150, 11, "i", "kvm_entry", {}),
-        (3000, 13, "i", "irqfd_wakeup", {"gsi": 25}),
-        (4000, 12, "B", "irqfd_wakeup", None), (4010, 12, "i", "irqfd_wakeup", {"gsi": 26}),
-        (4020, 12, "i", "kvm_msi_set_irq", {"gsi": 26, "vector": 40}),
-        (4030, 12, "E", "irqfd_wakeup", None),
-        (4100, 99, "i", "kvm_apic_accept_irq", {"vector": 236}),
-        (4400, 11, "i", "kvm_inj_virq", {"vectors": [236]}),
-        (4500, 11, "i", "kvm_inj_virq", {"vectors": [40]}),
+        (2000, 12, "i", "kvm_msi_set_irq", {"address": 0xFEE00000, "data": 39}),
+        (2400, 12, "B", "kvm_vm_ioctl", None),
+        (2410, 12, "i", "kvm_msi_set_irq", {"address": 0xFEE00000, "data": 40}),
+        (2420, 12, "E", "kvm_vm_ioctl", None),
+        (4100, 99, "i", "kvm_apic_accept_irq", {"apicid": 0, "dm": 0, "tm": 0, "vec": 236}),
+        (4400, 11, "i", "kvm_inj_virq", {"irq": 236}),
+        (4500, 11, "i", "kvm_inj_virq", {"irq": 40}),
     ]
     qemu = [
-        (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 2, "virq": 26}),
         (1000, 21, "B", "main_loop_wait", None),
         (1900, 21, "i", "virtqueue_pop", {**tx, "elem": elem_addr(1, 1), "in_num": 0,
                                           "out_num": 1}),
@@ -357,12 +358,13 @@ def synthetic_pieces(tmp_path: Path) -> list[Path]:
         (2300, 21, "i", "virtqueue_fill", {**tx, "elem": elem_addr(1, 3), "len": 0, "idx": 0}),
         (2310, 21, "i", "virtqueue_flush", {**tx, "count": 1}),
         (2320, 21, "B", "virtio_notify", None), (2330, 21, "i", "virtio_notify", {**dev, **tx}),
-        (2340, 21, "i", "virtio_pci_notify", {"vector": 2}), (2350, 21, "E", "virtio_notify", None),
+        (2340, 21, "i", "kvm_vm_ioctl", {"type": 0x4020AEA5, "arg": 0x7FFD2C3A5E40}),
+        (2350, 21, "E", "virtio_notify", None),
         (2400, 21, "E", "aio_bh_poll", None), (2500, 21, "E", "main_loop_wait", None),
     ]
     return [piece(tmp_path / "trace.guest.msgpack", "guest", 100, {1: (100, "MainThread")}, guest),
             piece(tmp_path / "trace.kvm.msgpack", "kvm", 200,
-                  {11: (201, "vcpu0"), 12: (202, "irqfd-gsi26"), 13: (203, "irqfd-gsi25")}, kvm),
+                  {11: (201, "vcpu0"), 12: (200, "MainThread")}, kvm),
             piece(tmp_path / "trace.qemu.msgpack", "qemu", 300, {21: (300, "MainThread")}, qemu)]
 
 
@@ -374,7 +376,7 @@ def test_merge_pairs_spans_names_threads_and_follows_the_ids(tmp_path: Path) -> 
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e["name"] == "thread_name"}
     assert threads[(100, 100)] == "vCPU 0" and threads[(300, 300)] == "main loop"
-    assert threads[(200, 201)] == "vcpu0" and threads[(200, 202)] == "irqfd-gsi26"
+    assert threads[(200, 201)] == "vcpu0" and threads[(200, 200)] == "VM ioctls"
     assert "exited threads" in threads.values()
     run = next(e for e in events if e["name"] == "kvm_arch_vcpu_ioctl_run")
     assert run["ph"] == "X" and run["args"]["unfinished"] and run["dur"] == 4.0
@@ -385,13 +387,13 @@ def test_merge_pairs_spans_names_threads_and_follows_the_ids(tmp_path: Path) -> 
     steps = [e.name for e in trace.packets[7].steps]
     assert steps == ["start_xmit", "virtqueue_add_split", "vp_notify", "kvm_exit", "kvm_pio",
                      "ioeventfd_write", "virtio_queue_notify", "virtqueue_pop", "sosendto",
-                     "virtqueue_fill", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",
-                     "kvm_inj_virq", "irq_handler_entry", "vring_interrupt", "skb_xmit_done",
-                     "virtqueue_get_buf"]
-    wake = next(e for e in trace.packets[7].steps if e.name == "irqfd_wakeup")
-    assert wake.args["gsi"] == 26
+                     "virtqueue_fill", "virtqueue_flush", "virtio_notify", "kvm_vm_ioctl",
+                     "kvm_msi_set_irq", "kvm_inj_virq", "irq_handler_entry", "vring_interrupt",
+                     "skb_xmit_done", "virtqueue_get_buf"]
+    msi = next(e for e in trace.packets[7].steps if e.name == "kvm_msi_set_irq")
+    assert msi.args["data"] == 40
     inj = next(e for e in trace.packets[7].steps if e.name == "kvm_inj_virq")
-    assert inj.args["vectors"] == [40]
+    assert inj.args["irq"] == 40
     chain = packet_chain(trace, 7)
     assert chain[0].name == "udp_sendmsg" and chain[0].ts == 1.0 and chain[0].dur == 0.22
     assert chain[-1].name == "virtqueue_get_buf"
@@ -414,9 +416,9 @@ def test_reply_comes_back_through_the_three_processes_in_order(tmp_path: Path,
     assert sorted(trace.packets) == sorted(trace.replies) == [0, 1, 2, 3, 4]
     # paced and one at a time, each reply travels alone: its own interrupt through KVM
     whole = [seq for seq, p in trace.replies.items()
-             if [e.name for e in p.steps if e.name in ("irqfd_wakeup", "kvm_inj_virq",
+             if [e.name for e in p.steps if e.name in ("kvm_msi_set_irq", "kvm_inj_virq",
                                                        "vring_interrupt", "skb_recv_done")]
-             == ["irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "skb_recv_done"]]
+             == ["kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "skb_recv_done"]]
     assert len(whole) >= 3, {s: [e.name for e in p.steps] for s, p in trace.replies.items()}
     seq = whole[len(whole) // 2]
     reply = trace.replies[seq]
@@ -509,10 +511,9 @@ def test_render_round_trip_of_an_echo_run(tmp_path: Path) -> None:
 
 def reply_pieces(tmp_path: Path) -> list[Path]:
     """One reply (seq 7, RX head 5) through made-up dumps, with decoys: the TX vector's
-    wakeup and injection, an earlier RX buffer (head 4) with another datagram (seq 6)."""
+    MSI and injection, an earlier RX buffer (head 4) with another datagram (seq 6)."""
     rx, inp = {"vq": vq_addr(0)}, {"vq": "input.0"}
     qemu = [
-        (100, 21, "i", "kvm_irqchip_add_msi_route", {"vector": 1, "virq": 25}),
         (6000, 21, "B", "main_loop_wait", None), (6100, 21, "B", "slirp_pollfds_poll", None),
         (6110, 21, "B", "sorecvfrom", None),
         (6120, 21, "i", "sorecvfrom", {"fd": 14, "sport": 5555, "len": 64, "seq": 7}),
@@ -533,7 +534,8 @@ def reply_pieces(tmp_path: Path) -> list[Path]:
         (6300, 21, "i", "virtqueue_flush", {**rx, "count": 1}),
         (6310, 21, "B", "virtio_notify", None),
         (6320, 21, "i", "virtio_notify", {"vdev": VDEV_ADDR, **rx}),
-        (6330, 21, "i", "virtio_pci_notify", {"vector": 1}), (6340, 21, "E", "virtio_notify", None),
+        (6330, 21, "i", "kvm_vm_ioctl", {"type": 0x4020AEA5, "arg": 0x7FFD2C3A5E40}),
+        (6340, 21, "E", "virtio_notify", None),
         (6350, 21, "E", "virtio_net_receive", None), (6360, 21, "E", "nc_sendv_compat", None),
         (6370, 21, "E", "qemu_net_queue_send_iov", None),
         (6380, 21, "E", "qemu_sendv_packet_async", None),
@@ -543,12 +545,12 @@ def reply_pieces(tmp_path: Path) -> list[Path]:
         (6450, 21, "E", "slirp_pollfds_poll", None), (6460, 21, "E", "main_loop_wait", None),
     ]
     kvm = [
-        (6500, 13, "i", "irqfd_wakeup", {"gsi": 26}),
-        (6600, 14, "B", "irqfd_wakeup", None), (6610, 14, "i", "irqfd_wakeup", {"gsi": 25}),
-        (6620, 14, "i", "kvm_msi_set_irq", {"gsi": 25, "vector": 39}),
-        (6630, 14, "E", "irqfd_wakeup", None),
-        (6700, 11, "i", "kvm_inj_virq", {"vectors": [40]}),
-        (6800, 11, "i", "kvm_inj_virq", {"vectors": [39]}),
+        (6200, 13, "i", "kvm_msi_set_irq", {"address": 0xFEE00000, "data": 40}),
+        (6600, 13, "B", "kvm_vm_ioctl", None),
+        (6610, 13, "i", "kvm_msi_set_irq", {"address": 0xFEE00000, "data": 39}),
+        (6630, 13, "E", "kvm_vm_ioctl", None),
+        (6700, 11, "i", "kvm_inj_virq", {"irq": 40}),
+        (6800, 11, "i", "kvm_inj_virq", {"irq": 39}),
     ]
     guest = [
         (6850, 1, "i", "irq_handler_entry", {"irq": 39}), (6860, 1, "B", "vring_interrupt", None),
@@ -577,7 +579,7 @@ def reply_pieces(tmp_path: Path) -> list[Path]:
     ]
     return [piece(tmp_path / "trace.guest.msgpack", "guest", 100, {1: (100, "MainThread")}, guest),
             piece(tmp_path / "trace.kvm.msgpack", "kvm", 200,
-                  {11: (201, "vcpu0"), 13: (203, "irqfd-gsi26"), 14: (204, "irqfd-gsi25")}, kvm),
+                  {11: (201, "vcpu0"), 13: (200, "MainThread")}, kvm),
             piece(tmp_path / "trace.qemu.msgpack", "qemu", 300, {21: (300, "MainThread")}, qemu)]
 
 
@@ -592,7 +594,8 @@ def test_merge_follows_a_reply_by_seq_and_rx_head(tmp_path: Path) -> None:
     assert [e.name for e in find_replies(trace)[7].steps] == RX_STEPS
     assert reply.head == 5
     args = {e.name: e.args for e in reply.steps}
-    assert args["irqfd_wakeup"]["gsi"] == 25 and args["kvm_inj_virq"]["vectors"] == [39]
+    assert args["kvm_msi_set_irq"]["data"] == 39 and args["kvm_inj_virq"]["irq"] == 39
+    assert args["kvm_vm_ioctl"]["type"] == 0x4020AEA5  # KVM_SIGNAL_MSI
     assert args["virtqueue_get_buf"]["head"] == 5 and args["udp_rcv"]["seq"] == 7
     assert args["napi_poll"]["napi"] == "virtnet_poll/input.0"
     assert args["recvfrom"]["seq"] == 7

@@ -32,11 +32,13 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from contextlib import nullcontext
 from multiprocessing.connection import Connection
 from typing import Any
 
 import posix_ipc
 
+from common import netns
 from common.guest_memory import GuestMemory
 from common.inet import ETH_IP_UDP, ETH_P_IP, IPPROTO_UDP, csum_fold, csum_partial, ip_aton
 from common.virtio_abi import (
@@ -105,17 +107,18 @@ class UdpCapture:
     Payloads are checked after the run, not while packets arrive.
     """
 
-    def __init__(self, expect: int, size: int) -> None:
+    def __init__(self, expect: int, size: int, ns: str | None = None) -> None:
         self.expect = expect
         self.size = size
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns.entered(ns) if ns else nullcontext():  # behind a tap: at 10.0.2.2 there
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         big_receive_buffer(self.sock)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self.kernel_timestamps = True
         except OSError:
             self.kernel_timestamps = False
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((netns.HOST_ADDR if ns else "127.0.0.1", 0))
         self.sock.settimeout(0.1)
         self.port: int = self.sock.getsockname()[1]
         self.data = bytearray(expect * size)

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import psutil
 
+from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
 from vreplica import baselines as bl
@@ -50,9 +51,12 @@ MODES: dict[str, dict[str, Any]] = {
     "event-idx=off": {"event_idx": False},
     "ioeventfd=off": {"ioeventfd": False},
     "poll-us=50": {"extra": {"poll_us": 50.0}},
+    "tap": {"extra": {"netdev": "tap", "csum": True}},
+    "tap+vhost": {"extra": {"netdev": "tap", "csum": True, "vhost": True}},
 }
 """QEMU configurations run end to end; "default" is --tx bh --tx-burst 256 --event-idx on
---ioeventfd on --poll-us 0, and every other changes one setting."""
+--ioeventfd on --poll-us 0 over slirp, and every other changes one setting ("tap": QEMU's
+tap backend into the run's namespace; "tap+vhost": vhost-net serves the rings)."""
 
 TARGETS = {
     "vring": "vring-only >= 0.6x bare ring at both sizes",
@@ -63,6 +67,8 @@ TARGETS = {
     "tx_timer": "tx=timer kick->pop p50 <= 2x the 150 us x-txtimer",
     "trace_off": "tracing off costs <= 3%",
     "rss": "each process <= 50 MB RSS",
+    "vhost": "tap+vhost >= 2x userspace tap and >= 2x mp.Queue+sendto at 64 B",
+    "vhost_burst": "tap+vhost <= 0.01 kicks and <= 0.01 interrupts/packet in a burst",
 }
 
 
@@ -157,9 +163,18 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
     The Supervisor is driven directly (not cli.execute) so that the pids can be sampled
     while the run goes on, and the trace pieces read before the run directory goes away.
     """
-    cap = bl.UdpCapture(opts.packets, opts.size)
-    opts.dest_port = cap.port
     sup = Supervisor(opts)
+    if opts.extra.get("netdev") == "tap":  # the sink lives in the run's namespace
+        caps: list[bl.UdpCapture] = []
+
+        def start_capture(cfg: Any) -> None:
+            caps.append(bl.UdpCapture(opts.packets, opts.size, ns=cfg.options["netns"]))
+            opts.dest_port = cfg.options["dest_port"] = caps[0].port
+
+        sup.before_spawn = start_capture
+    else:
+        caps = [bl.UdpCapture(opts.packets, opts.size)]
+        opts.dest_port = caps[0].port
     sampler: RssSampler | None = None
     mem: dict[str, Any] = {}
     pieces: list[dict] = []
@@ -175,12 +190,14 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
         finally:
             if sampler is not None:
                 mem = sampler.stop()
+        cap = caps[0]
         cap.wait_for(opts.packets, 5.0)
         reports = sup.reports()
         if keep_trace:
             pieces = load_pieces(sup.trace_pieces())
     finally:
-        cap.close()
+        for c in caps:
+            c.close()
         sup.cleanup()
     sink = cap.summary()
     summary = build_summary(cfg.rid, opts, reports, sink, sup.t_end - sup.t_start)
@@ -295,6 +312,44 @@ def kick_pop_latencies(pieces: list[dict], stages: tuple[str, ...]) -> dict[str,
             "stages_p50_us": {s: bl.percentile(v, 50) for s, v in stage_us.items() if v}}
 
 
+IRQ_EVENTS = {"guest": ("irq_handler_entry",), "qemu": ("virtio_notify",)}
+IRQ_MODES = {"MSI-X": None, "INTx": 0}
+"""The interrupt kinds timed: --vectors default (one MSI-X vector per queue) and 0 (INTx)."""
+
+
+def notify_irq_latencies(pieces: list[dict]) -> dict[str, Any]:
+    """Each interrupt QEMU raised to the guest's handler for it: QEMU's ``virtio_notify``
+    (an interrupt is due) to the guest's next ``irq_handler_entry`` of a device vector.
+
+    A notify that another follows before the guest's handler ran shares that interrupt
+    (an edge already pending, a line already up): only the last one of them is timed.
+    """
+    notifies: list[int] = []
+    entries: list[int] = []
+    for p in pieces:
+        for ts, _, ph, name, args in p.get("records", []):
+            if ph != "i":
+                continue
+            if name == "virtio_notify" and p["role"] == "qemu":
+                notifies.append(ts)
+            elif name == "irq_handler_entry" and p["role"] == "guest" \
+                    and (args or {}).get("irq") != LOCAL_TIMER_VECTOR:
+                entries.append(ts)
+    notifies.sort()
+    entries.sort()
+    lat: list[float] = []
+    for i, ts in enumerate(notifies):
+        j = bisect.bisect_left(entries, ts)
+        if j == len(entries):
+            continue
+        if i + 1 < len(notifies) and notifies[i + 1] <= entries[j]:
+            continue
+        lat.append((entries[j] - ts) / 1000)
+    return {"notifies": len(notifies), "matched": len(lat),
+            "p50_us": bl.percentile(lat, 50), "p99_us": bl.percentile(lat, 99),
+            "max_us": max(lat) if lat else None}
+
+
 # -- the sections -------------------------------------------------------------------------------
 
 
@@ -397,9 +452,18 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
         return {"ioeventfd": ioeventfd, "trace": "selected" if selected else "all", "tx": tx,
                 **lat, "sink": r["sink"], "kicks_reported": r["kicks"]}
 
+    def irq_run(vectors: int | None) -> dict[str, Any]:
+        opts = RunOptions(mode="tx", packets=plan.latency_packets, size=64,
+                          pace_ms=plan.pace_ms, vectors=vectors, trace="bench",
+                          trace_events=",".join(e for evs in IRQ_EVENTS.values() for e in evs),
+                          timeout=120.0)
+        r = run_replica(opts, sample_rss=False, keep_trace=True)
+        return {**notify_irq_latencies(r.pop("pieces")), "sink": r["sink"]}
+
     out: dict[str, Any] = {"packets": plan.latency_packets, "pace_ms": plan.pace_ms,
                            "size": 64, "runs": [], "runs_all_traced": [], "runs_tx_timer": [],
-                           "tx_timeout_us": TX_TIMER_INTERVAL_NS / 1000, "pingpong": [],
+                           "irq_runs": [], "tx_timeout_us": TX_TIMER_INTERVAL_NS / 1000,
+                           "pingpong": [],
                            "pingpong_paced": [], "pingpong_paced_cross_cpu": [],
                            "trace_events": {r: list(e) for r, e in wanted.items()}}
     cross = (0, 1) if len(os.sched_getaffinity(0) & {0, 1}) == 2 else None
@@ -429,6 +493,11 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
                     log, failures)
         if r is not None:
             out["runs_tx_timer"].append({"trial": t, **r})
+        for irq, vectors in IRQ_MODES.items():
+            r = checked(f"latency trial {t + 1} notify -> interrupt, {irq}",
+                        lambda v=vectors: irq_run(v), log, failures)
+            if r is not None:
+                out["irq_runs"].append({"trial": t, "irq": irq, **r})
 
     def fold_runs(rs: list[dict], names: tuple[str, ...]) -> dict[str, Any]:
         return {"p50_us": median([r["p50_us"] for r in rs]),
@@ -447,6 +516,11 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
     tt["notify_to_pop_p50_us"] = None if tt["p50_us"] is None or notify is None \
         else tt["p50_us"] - notify
     tt["over_timeout"] = ratio(tt["p50_us"], out["tx_timeout_us"])
+    out["notify_irq"] = {irq: {k: median([r[k] for r in out["irq_runs"] if r["irq"] == irq])
+                               for k in ("p50_us", "p99_us")}
+                         | {"matched": sum(r["matched"] for r in out["irq_runs"]
+                                           if r["irq"] == irq)}
+                         for irq in IRQ_MODES}
     for key in ("pingpong", "pingpong_paced", "pingpong_paced_cross_cpu"):
         out[f"{key}_rtt_us_p50"] = median([r["rtt_us_p50"] for r in out[key]])
         out[f"{key}_rtt_us_p99"] = median([r["rtt_us_p99"] for r in out[key]])
@@ -472,6 +546,24 @@ def section_trace_cost(plan: Plan, log: Callable[[str], None], failures: list[di
                 for s in plan.sizes}
     return {"rounds": plan.flush_rounds, "trials": trials, "per_size": per_size,
             "guards_stripped": trials[0]["guards_stripped"] if trials else None}
+
+
+def section_chaos(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """8. Device resets (ring faults) and restarts (kill -9 of QEMU) under load both ways:
+    how long each kept the device down and the most frames one of them lost."""
+    from vreplica.stress import parse_args, run_stress
+
+    a = parse_args(["--duration", "4" if plan.quick else "12", "--queues", "2", "--mode", "both",
+                    "--chaos", "ring-fault,kill-device", "--chaos-period", "1",
+                    "--no-progress"])
+    v = checked("chaos: ring-fault,kill-device", lambda: run_stress(a)[0], log, failures)
+    if v is None:
+        return {}
+    keys = ("resets", "reset_down_ms", "reset_down_ms_max", "reset_rx_down_ms_max",
+            "reset_lost_max", "restarts", "restart_down_ms", "restart_down_ms_max",
+            "restart_lost_max", "verdict", "reasons", "inbound_rate_pps")
+    return {k: v.get(k) for k in keys} | {"reset_down_ms_p50": median(v["reset_down_ms"]),
+                                         "restart_down_ms_p50": median(v["restart_down_ms"])}
 
 
 # -- folding the runs into figures --------------------------------------------------------------
@@ -526,7 +618,13 @@ def fold(e2e: dict, plan: Plan) -> dict[str, Any]:
         r_pps = modes["default"][str(size)]["pps"]
         c_pps = median([c.get(basis) for c in e2e.get("ceiling_runs", [])
                         if c["size"] == size])
+        tap_pps = modes.get("tap", {}).get(str(size), {}).get("pps")
+        vhost_pps = modes.get("tap+vhost", {}).get(str(size), {}).get("pps")
         e2e_tab[str(size)] = {
+            "tap_pps": tap_pps, "vhost_pps": vhost_pps,
+            "vhost_over_tap": ratio(vhost_pps, tap_pps),
+            "vhost_over_baseline": ratio(vhost_pps, b_pps),
+            "tap_over_baseline": ratio(tap_pps, b_pps),
             "replica_pps": r_pps, "baseline_pps": b_pps, "ratio": ratio(r_pps, b_pps),
             "sendto_alone_pps": c_pps, "sendto_alone_ratio": ratio(c_pps, b_pps),
             "baseline_pps_min": min((b[basis] for b in bs if b.get(basis)), default=None),
@@ -603,6 +701,17 @@ def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     peaks = [rss[role]["rss_mb_max"] for role in ROLES]
     add("rss", ", ".join(f"{role} {fmt_f(rss[role]['rss_mb_max'], 1)} MB" for role in ROLES),
         peaks, lambda p: p <= 50)
+    t64 = e.get("64", {})
+    vt, vb = t64.get("vhost_over_tap"), t64.get("vhost_over_baseline")
+    add("vhost", f"64: {fmt_x(vt)} the userspace tap path, {fmt_x(vb)} the baseline",
+        [vt, vb], lambda x: x >= 2)
+    vh = res["modes"].get("tap+vhost", {})
+    burst = [vh.get(s, {}).get(k) for s in sizes
+             for k in ("kicks_per_packet", "interrupts_per_packet")]
+    add("vhost_burst", ", ".join(
+        f"{SIZE_LABEL[int(s)]}: kicks {fmt_f(vh.get(s, {}).get('kicks_per_packet'), 4)}, "
+        f"interrupts {fmt_f(vh.get(s, {}).get('interrupts_per_packet'), 4)}" for s in sizes),
+        burst, lambda x: x <= 0.01)
     return out
 
 
@@ -742,6 +851,18 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
             ["mp.Queue + sendto (2 processes)"] + [fmt_spread(e[s], "baseline_pps")
                                                    for s in sizes],
             ["**replica / baseline**"] + [fmt_x(e[s]["ratio"]) for s in sizes],
+            ["replica over a tap (QEMU's tap backend, the host's stack, a socket at "
+             "10.0.2.2)"] + [fmt_spread(res["modes"].get("tap", {}).get(s, {}), "pps")
+                             for s in sizes],
+            ["replica over a tap with vhost-net (the KVM process's worker serves the rings)"]
+            + [fmt_spread(res["modes"].get("tap+vhost", {}).get(s, {}), "pps") for s in sizes],
+            ["guest send rate over the tap / with vhost-net"] + [
+                f"{fmt_f(res['modes'].get('tap', {}).get(s, {}).get('guest_send_pps'))} / "
+                f"{fmt_f(res['modes'].get('tap+vhost', {}).get(s, {}).get('guest_send_pps'))}"
+                for s in sizes],
+            ["**tap+vhost / tap**"] + [fmt_x(e[s].get("vhost_over_tap")) for s in sizes],
+            ["**tap+vhost / baseline**"] + [fmt_x(e[s].get("vhost_over_baseline"))
+                                            for s in sizes],
             ["replica: guest send rate (summary's packets/s)"] + [
                 fmt_f(res["modes"]["default"][s]["guest_send_pps"]) for s in sizes],
             ["sendto() alone, 1 process: the ceiling of one sendto per datagram"] + [
@@ -749,6 +870,13 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
             ["ceiling / baseline"] + [fmt_x(e[s].get("sendto_alone_ratio")) for s in sizes]]
     L += table(["packets/s, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
                rows)
+    L += ["The tap rows run the same guest program into a real tap in the run's own network "
+          "namespace, to the same kind of sink bound at 10.0.2.2 there (its kernel "
+          "timestamps, every payload checked). The guest's send rate equals the arrival "
+          "rate in every path: the guest's driver, one Python process, bounds all of them, "
+          "so what vhost-net saves on the device side shows only as far as the guest can "
+          "send faster; on a loaded machine the trials' ranges show how much the scheduler "
+          "decides.", ""]
 
     lat = res["kick_latency"]
     L += ["## 3. Kick -> virtqueue_pop latency", "",
@@ -811,11 +939,22 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                   for s, x in r.get("stages_p50_us", {}).items()]
     L += ["Where the time goes (p50 from the kick to the first such event, any process):", ""]
     L += table(["stage", "us"], stage_rows)
+    irq = lat.get("notify_irq", {})
+    L += ["", "Notify -> interrupt, same trials, same pacing: QEMU's `virtio_notify` (an "
+          "interrupt is due; the main loop then sends it: KVM_SIGNAL_MSI, or KVM_IRQ_LINE_STATUS "
+          "for INTx) to the guest's `irq_handler_entry` of a device vector (after the x2APIC "
+          "EOI exit for an MSI, Linux's edge flow; before it for INTx, the fasteoi flow). A "
+          "notify another follows before the handler ran shares its interrupt and is not "
+          "timed. Trace events on: " + ", ".join(f"`{e}`" for evs in IRQ_EVENTS.values()
+                                                 for e in evs) + ".", ""]
+    L += table(["microseconds", "p50", "p99", "timed"],
+               [[f"notify -> interrupt, {k}", fmt_f(v.get("p50_us"), 1),
+                 fmt_f(v.get("p99_us"), 1), str(v.get("matched", 0))] for k, v in irq.items()])
 
     L += ["## 4. Kicks and interrupts per packet, saturating burst", "",
           "From the default-mode runs of section 2 (the guest sends back to back): the "
-          "driver's kicks and the device's TX-queue interrupts (virtio_notify that reached "
-          "the irqfd), per packet sent.", ""]
+          "driver's kicks and the device's TX-queue interrupts (virtio_notify calls that raised "
+          "an interrupt), per packet sent.", ""]
     d = res["modes"]["default"]
     L += table(["per packet, median (range over trials)"] + [SIZE_LABEL[int(s)] for s in sizes],
                [[name] + [f"{fmt_f(d[s][k], 4)} ({fmt_f(d[s][k + '_min'], 4)}-"
@@ -893,6 +1032,21 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     L += ["Correctness: every run above was checked at the sink (count, order, payload "
           f"bytes): {sum(1 for c in res['correctness'] if c['complete'])} of "
           f"{len(res['correctness'])} complete and in order.", ""]
+    c = res.get("chaos") or {}
+    if c:
+        L += ["## 8. Device resets and restarts under load", "",
+              "`stress --mode both --queues 2 --chaos ring-fault,kill-device`: a reset runs from "
+              "the config interrupt to DRIVER_OK with RX buffers posted (the guest's own clock); "
+              "a restart from the kill to the new QEMU's device ready (its -incoming record). "
+              "Frames lost: those the event's outage took, by sequence number. "
+              f"Verdict: {c['verdict']}.", ""]
+        L += table(["event", "count", "down p50 (ms)", "down max (ms)", "most frames lost by one"],
+                   [["device reset (ring fault)", str(c["resets"]),
+                     fmt_f(c["reset_down_ms_p50"], 1), fmt_f(c["reset_down_ms_max"], 1),
+                     str(c["reset_lost_max"])],
+                    ["QEMU restart (kill -9)", str(c["restarts"]),
+                     fmt_f(c["restart_down_ms_p50"], 1), fmt_f(c["restart_down_ms_max"], 1),
+                     str(c["restart_lost_max"])]])
     return "\n".join(L)
 
 
@@ -962,6 +1116,8 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                                    for k in ("kicks_per_packet", "interrupts_per_packet")}
                                for s in folded["modes"]["default"]}
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
+    log("8. chaos: resets and restarts")
+    res["chaos"] = section_chaos(plan, log, failures)
     res["failures"] = failures
     res["duration_s"] = time.monotonic() - t0
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -98,6 +98,60 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="keep the processes up after the program ends, until 'quit' or Ctrl-C")
     p.add_argument("--reconnect", action="store_true",
                    help="if QEMU dies, start a new one on the same guest (the guest and KVM go on)")
+    add_tap_options(p)
+
+
+# -- -netdev tap ---------------------------------------------------------------------------------
+
+TAP_GUEST_PORT = 5555
+"""--mode sink over a tap: the guest's port the host's sender sends to (no hostfwd needed)."""
+
+
+def add_tap_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--netdev", choices=("user", "tap"), default="user",
+                   help="user: slirp to 127.0.0.1; tap: a real tap in the run's own network "
+                        "namespace, host end 10.0.2.2 (needs root)")
+    p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
+                   help="tap: vhost-net in the KVM process serves the rings (-netdev "
+                        "tap,vhost=on); --poll-us becomes its busy-poll timeout")
+    p.add_argument("--csum", type=on_off, default=True, metavar="on|off",
+                   help="tap: offer VIRTIO_NET_F_CSUM/GUEST_CSUM (checksums in the vnet header)")
+    p.add_argument("--tap-sndbuf", type=int, default=0, metavar="BYTES",
+                   help="tap: the tap's send buffer (TUNSETSNDBUF; 0: unlimited, QEMU's default)")
+    p.add_argument("--tap-rate", metavar="RATE",
+                   help="tap: the host drains the guest's frames through a token-bucket qdisc "
+                        "at RATE (tc's units, e.g. 2mbit); with --tap-sndbuf the tap's write "
+                        "would block and the device parks frames in async_tx")
+
+
+TC_RATE_RE = r"[0-9]+(\.[0-9]+)?(bit|kbit|mbit|gbit|bps|kbps|mbps)"
+
+
+def tap_options(a: argparse.Namespace) -> dict[str, Any]:
+    """Check the tap options; what they put in RunOptions.extra."""
+    import re
+
+    if a.netdev != "tap":
+        if a.tap_sndbuf or a.tap_rate or a.vhost:
+            raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
+        return {}
+    from common.netns import privilege_problem
+
+    why = privilege_problem()
+    if why:
+        raise UsageError(f"--netdev tap {why}")
+    if a.hostfwd:
+        raise UsageError("--hostfwd is slirp's; over a tap the host reaches 10.0.2.15 directly")
+    if a.tap_sndbuf < 0:
+        raise UsageError("--tap-sndbuf must be >= 0")
+    if a.tap_rate is not None and not re.fullmatch(TC_RATE_RE, a.tap_rate):
+        raise UsageError(f"--tap-rate {a.tap_rate!r}: expected a rate such as 2mbit")
+    if a.vhost and (not a.ioeventfd or a.vectors == 0 or a.queues != 1 or a.reconnect
+                    or a.guest_fault):
+        raise UsageError("--vhost on needs --ioeventfd on, MSI-X (--vectors other than 0), "
+                         "one queue pair, and no --reconnect or --guest-fault")
+    return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
+            "tap_backpressure": a.tap_rate, "vhost": a.vhost}
 
 
 def parse_size(text: str) -> int:
@@ -158,6 +212,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
     """Check every option against its rule; the first broken rule is the error."""
     if a.mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    tap = tap_options(a)
     phases = parse_phases(a.phases) if a.phases is not None else None
     if phases is not None:
         if a.mode != "tx" or a.pace_ms or a.batch != 1 or a.guest_fault:
@@ -165,7 +220,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "--guest-fault")
         a.packets = int(sum(n for n, _ in phases))
     hostfwd = [parse_hostfwd(a.hostfwd)] if a.hostfwd else []
-    if a.mode == "sink" and not hostfwd:
+    if a.mode == "sink" and not hostfwd and not tap:
         raise UsageError("--mode sink needs --hostfwd udp::HOSTPORT-:GUESTPORT")
     if not 1 <= a.window <= 256:
         raise UsageError("--window must be between 1 and 256")
@@ -219,7 +274,9 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
     check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
-                      guest_port=hostfwd[0][1] if hostfwd else 0, udp_expire_s=a.udp_expire,
+                      guest_port=hostfwd[0][1] if hostfwd else
+                      (TAP_GUEST_PORT if tap and a.mode == "sink" else 0),
+                      udp_expire_s=a.udp_expire,
                       packets=a.packets, size=a.size, dest_port=a.dest_port,
                       pace_ms=a.pace_ms, batch=a.batch, mem=mem, queue_size=a.queue_size,
                       vectors=a.vectors, ioeventfd=a.ioeventfd, event_idx=a.event_idx,
@@ -232,7 +289,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault, "phases": phases,
-                             "tx_timer_ns": a.tx_timer_ns})
+                             "tx_timer_ns": a.tx_timer_ns, **tap})
 
 
 def check_trace_events(text: str) -> None:
@@ -275,7 +332,23 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
     sink: UdpSink | None = None
     echo: UdpEcho | None = None
     sender: UdpSender | None = None
-    if opts.mode == "tx":
+    sup = Supervisor(opts)
+    if opts.extra.get("netdev") == "tap":
+        def start_services(cfg: Any) -> None:
+            """The host's services on 10.0.2.2, inside the run's namespace."""
+            nonlocal sink, echo, sender
+            ns = cfg.options["netns"]
+            if opts.mode == "tx":
+                sink = UdpSink(opts.dest_port, opts.size, ns=ns)
+                opts.dest_port = cfg.options["dest_port"] = sink.port
+            elif opts.mode == "echo":
+                echo = UdpEcho(opts.dest_port, ns=ns, record=opts.extra.get("record_echo", False))
+                opts.dest_port = cfg.options["dest_port"] = echo.port
+            elif opts.mode == "sink":
+                sender = UdpSender(opts.guest_port, opts.packets, opts.size, ns=ns)
+
+        sup.before_spawn = start_services
+    elif opts.mode == "tx":
         try:
             sink = UdpSink(opts.dest_port, opts.size)
             opts.dest_port = sink.port
@@ -289,10 +362,12 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
         if host_port == 0:
             opts.hostfwd = [(free_udp_port(), guest_port)]
         sender = UdpSender(opts.hostfwd[0][0], opts.packets, opts.size)
-    sup = Supervisor(opts)
-    if sender is not None:
-        s = sender
-        sup.on_console = lambda role, line: s.start() if line.startswith("listening") else None
+
+    def on_console(role: str, line: str) -> None:
+        if sender is not None and line.startswith("listening"):
+            sender.start()
+
+    sup.on_console = on_console
     try:
         cfg = sup.run()
         if sender is not None:
@@ -314,6 +389,8 @@ def execute(opts: RunOptions, quiet: bool = False) -> tuple[dict, Supervisor]:
             summary["trace"] = opts.trace
         if opts.pcap:
             summary["pcap"] = opts.pcap
+        if echo is not None and echo.record:  # the demo shows when the host's socket had it
+            summary["echo_times"] = dict(echo.times)
         return summary, sup
     finally:
         for helper in (sink, echo):

@@ -4,7 +4,7 @@ The guest sends a few UDP datagrams, one at a time, to an echo service this comm
 127.0.0.1, paced so that each round trip travels alone; then one round trip is printed as the
 call chain the three processes ran: to the host (guest driver -> KVM -> QEMU's virtio-net and
 slirp -> the host socket, and the completion interrupt back) and the reply back to the guest
-(slirp reads it -> virtio-net fills a guest RX buffer -> irqfd -> the guest's NAPI poll -> its
+(slirp reads it -> virtio-net fills a guest RX buffer -> an MSI -> the guest's NAPI poll -> its
 socket), with the run's summary and the files to look at next: the Chrome trace (Perfetto),
 the pcap, and a swimlane picture of that round trip.
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.kvm_abi import KVM_EXIT_NAMES, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
 from vreplica.cli import Parser, execute, finite_float
 from vreplica.preflight import UsageError, writable_dir, writable_file
@@ -34,10 +35,15 @@ WHERE_W = 16
 WIDTH = 98
 
 Detail = Callable[[dict[str, Any]], str]
+IOCTL_NAMES = {nr: name for name, nr in KVM_IOCTL_NR.items()}
 
 
 def _hex(v: Any) -> str:
     return f"{v:#x}" if isinstance(v, int) else str(v)
+
+
+def _exit_name(a: dict[str, Any]) -> str:
+    return KVM_EXIT_NAMES.get(a.get("reason"), str(a.get("reason")))
 
 
 def _vq(a: dict[str, Any]) -> str:
@@ -50,10 +56,6 @@ def _elem(a: dict[str, Any]) -> str:
     return f"elem {a.get('elem')} (head {found[1] if found else '?'})"
 
 
-def _vectors(a: dict[str, Any]) -> str:
-    return ",".join(map(str, a.get("vectors") or []))
-
-
 SHOWN: dict[str, Detail] = {
     "udp_sendmsg": lambda a: f"seq {a.get('seq')}: {a.get('len')} B to 10.0.2.2:{a.get('dport')}",
     "start_xmit": lambda a: f"{a.get('dev')}: {a.get('len')}-byte frame for {a.get('vq')}",
@@ -62,13 +64,14 @@ SHOWN: dict[str, Detail] = {
                                      f"avail_idx {a.get('avail_idx')}",
     "vp_notify": lambda a: f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps",
     "kvm_arch_vcpu_ioctl_run": lambda a: "KVM_RUN",
-    "kvm_exit": lambda a: f"VM exit: {a.get('reason')}",
+    "kvm_exit": lambda a: f"VM exit: {a.get('exit_reason')}",
     "handle_exit": lambda a: "",
-    "kvm_pio": lambda a: f"{a.get('rw')} port {_hex(a.get('port'))} = {a.get('val')}",
+    "kvm_pio": lambda a: f"pio_{'write' if a.get('rw') else 'read'} port {_hex(a.get('port'))} "
+                         f"= {a.get('val')}",
     "ioeventfd_write": lambda a: "datamatch: signal the eventfd, re-enter the guest",
-    "kvm_userspace_exit": lambda a: f"return to QEMU: {a.get('reason')}",
+    "kvm_userspace_exit": lambda a: f"return to QEMU: {_exit_name(a)}",
     "kvm_cpu_exec": lambda a: "",
-    "kvm_run_exit": lambda a: f"KVM_RUN returned {a.get('name')}",
+    "kvm_run_exit": lambda a: f"KVM_RUN returned {_exit_name(a)}",
     "kvm_handle_io": lambda a: "",
     "virtio_ioport_write": lambda a: "",
     "main_loop_wait": lambda a: "",
@@ -89,9 +92,12 @@ SHOWN: dict[str, Detail] = {
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
     "virtqueue_fill": lambda a: f"{_elem(a)}, len {a.get('len')}",
     "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
-    "virtio_notify": lambda a: f"{_vq(a)} -> irqfd",
+    "virtio_notify": lambda a: f"{_vq(a)} -> interrupt",
+    "kvm_vm_ioctl": lambda a: IOCTL_NAMES.get(a.get("type"), _hex(a.get("type"))),
+    "kvm_msi_set_irq": lambda a: f"MSI to {_hex(a.get('address'))}, vector {a.get('data')}",
+    "kvm_set_irq": lambda a: f"gsi {a.get('gsi')} level {a.get('level')} -> IOAPIC",
     "irqfd_wakeup": lambda a: f"gsi {a.get('gsi')} -> local APIC",
-    "kvm_inj_virq": lambda a: f"inject vector(s) {_vectors(a)} at VM entry",
+    "kvm_inj_virq": lambda a: f"inject vector {a.get('irq')} at VM entry",
     "vring_interrupt": lambda a: f"irq {a.get('irq')}, {a.get('vq')} used_idx {a.get('used_idx')}",
     "skb_xmit_done": lambda a: "schedule NAPI",
     "net_rx_action": lambda a: "softirq: run the scheduled NAPI polls",
@@ -218,8 +224,88 @@ def format_round_trip(trace: Trace, seq: int) -> list[str]:
     return lines
 
 
-WHOLE_RX = ("irqfd_wakeup", "kvm_inj_virq", "vring_interrupt", "recvfrom")
+WHOLE_RX = ("kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "recvfrom")
 """A reply that took the whole way: its own interrupt through KVM, up to the socket."""
+
+
+# -- over a tap: by time, each round trip travels alone ------------------------------------------
+
+TAP_SHOWN: dict[str, Detail] = {
+    **{k: SHOWN[k] for k in ("udp_sendmsg", "start_xmit", "vp_notify", "kvm_exit", "kvm_pio",
+                             "ioeventfd_write", "virtio_queue_host_notifier_read",
+                             "virtio_queue_notify", "virtio_net_handle_tx_bh", "virtio_net_tx_bh",
+                             "virtqueue_pop", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",
+                             "kvm_inj_virq", "vring_interrupt", "skb_xmit_done",
+                             "free_old_xmit_skbs", "virtio_net_receive", "skb_recv_done",
+                             "receive_buf", "udp_rcv", "recvfrom")},
+    "virtqueue_add_outbuf": lambda a: "virtio-net header (NEEDS_CSUM) + frame into the ring",
+    "vhost_poll_wakeup": lambda a: f"{a.get('work')}: queue the work, wake the worker",
+    "handle_tx": lambda a: f"avail_idx {a.get('avail_idx')}, last_avail_idx "
+                           f"{a.get('last_avail_idx')}",
+    "handle_rx": lambda a: f"a {a.get('len')}-byte frame waits on the tap",
+    "vhost_get_vq_desc": lambda a: "the chain in guest RAM, as iovecs",
+    "tun_sendmsg": lambda a: f"{a.get('len')} B (vnet header + frame) into the tap",
+    "tun_recvmsg": lambda a: f"{a.get('len')} B from the tap into {a.get('heads')} guest "
+                             "buffer(s)",
+    "vhost_add_used_n": lambda a: "used ring entries, then used->idx",
+    "vhost_signal": lambda a: f"vq {a.get('vq')} used_idx {a.get('used_idx')} -> the call "
+                              "eventfd (irqfd)",
+    "tap_receive_iov": lambda a: "writev: vnet header + frame into the tap",
+    "tap_send": lambda a: "the tap is readable",
+}
+
+
+def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) -> list[str]:
+    """Round trip ``seq`` over the tap: every shown event between the guest's udp_sendmsg
+    and its recvfrom (the demo paces the datagrams, so nothing else is under way), with the
+    host echo socket's receive and reply from its own clock (CLOCK_MONOTONIC, as the
+    trace's)."""
+    send = next((e for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
+                 and e.args.get("seq") == seq), None)
+    got = next((e for e in trace.events if e.name == "recvfrom" and not e.is_span
+                and e.args.get("seq") == seq), None)
+    if send is None or got is None:
+        raise TraceError(f"seq {seq}: no udp_sendmsg and recvfrom in the trace")
+    t0 = send.parent.ts if send.parent is not None and send.parent.name == send.name \
+        else send.ts
+    window = [e for e in trace.events if t0 <= e.ts <= got.ts and e.name in TAP_SHOWN]
+    args: dict[Event, dict[str, Any]] = {}
+    for e in window:  # a span's own trace point lends it its arguments and is not shown
+        if not e.is_span and e.parent is not None and e.parent.name == e.name:
+            args[e.parent] = e.args
+    window = [e for e in window
+              if (e.is_span or e.parent is None or e.parent.name != e.name)
+              and not (e.is_span and EMPTY_UNLESS_TRACED.get(e.name) == e.name
+                       and e not in args)]  # a pop that found nothing
+    on_screen = set(window)
+    lines = [f"One round trip (seq {seq}) over the tap: the guest's driver, KVM's ioeventfd, "
+             "the device, the tap, the host's stack and echo socket, and back.",
+             "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
+             "        >> = control passes to another process or thread",
+             f"{'us':>8}    {'process/thread':<{WHERE_W}} function"]
+    host = []
+    if echo is not None:
+        host = [(echo[0], "host: the echo socket at 10.0.2.2 has it (the kernel's UDP stack, "
+                          "from the tap) and sends it back")]
+    merged = sorted([(e.ts, e) for e in window] + [(ts, text) for ts, text in host],
+                    key=lambda x: x[0])
+    prev = ""
+    for ts, item in merged:
+        if isinstance(item, str):
+            lines.append(f"{(ts - t0) / 1000:8.1f} >> {'host':<{WHERE_W}} {item}"[:WIDTH])
+            prev = "host"
+            continue
+        ev = item
+        where = f"{ev.role} {trace.thread_name(ev)}"[:WHERE_W]
+        depth = sum(1 for a in ev.ancestors() if a in on_screen)
+        mark = ">>" if where != prev else "  "
+        prev = where
+        detail = TAP_SHOWN[ev.name]({**args.get(ev, {}), **ev.args})
+        lines.append((f"{(ts - t0) / 1000:8.1f} {mark} {where:<{WHERE_W}} "
+                      f"{'  ' * depth}{ev.name}" + (f"  {detail}" if detail else ""))[:WIDTH])
+    lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
+                           "recvfrom", WIDTH)
+    return lines
 
 
 def _pick(trace: Trace, wanted: int | None) -> int:
@@ -253,6 +339,10 @@ def _parser() -> Parser:
                    help="pause after each reply, so that each round trip travels alone")
     p.add_argument("--packet", type=int, default=None, metavar="SEQ",
                    help="the datagram whose round trip to follow (default: the median one)")
+    p.add_argument("--netdev", choices=("user", "tap"), default="user",
+                   help="tap: over a real tap in the run's namespace (root)")
+    p.add_argument("--vhost", choices=("on", "off"), default="off",
+                   help="with --netdev tap: vhost-net serves the rings")
     return p
 
 
@@ -266,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out).resolve()
+    if a.vhost == "on" and a.netdev != "tap":
+        print("vreplica demo: --vhost on needs --netdev tap", file=sys.stderr)
+        return 2
+    tap = a.netdev == "tap"
+    if tap:
+        from common.netns import privilege_problem
+
+        why = privilege_problem()
+        if why:
+            print(f"vreplica demo: --netdev tap {why}", file=sys.stderr)
+            return 2
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
     try:
         writable_dir("--out", a.out)
@@ -280,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
                       pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
-                      timeout=60.0)
+                      timeout=60.0,
+                      extra={"netdev": "tap", "csum": True, "vhost": a.vhost == "on",
+                             "record_echo": True} if tap else {})
     try:
         summary, _ = execute(opts)  # dest_port 0: it opens the echo service on 127.0.0.1
     except RunFailed as e:
@@ -288,9 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     try:
         trace = load_trace(trace_path)
-        seq = _pick(trace, a.packet)
-        lines = format_round_trip(trace, seq)
-        picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
+        if tap:
+            seq = a.packet if a.packet is not None else a.packets // 2
+            lines = format_tap_round_trip(trace, seq, summary.get("echo_times", {}).get(seq))
+            picture = None
+        else:
+            seq = _pick(trace, a.packet)
+            lines = format_round_trip(trace, seq)
+            picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
     except (TraceError, RenderError) as e:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return 1
@@ -301,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                                        break_on_hyphens=False)))
     replies, bad = summary.get("replies") or 0, summary.get("bad_replies") or 0
     back = replies == a.packets and bad == 0
-    print(f"  echo service           127.0.0.1:{opts.dest_port}: the guest got {replies} of "
+    print(f"  echo service           {'10.0.2.2' if tap else '127.0.0.1'}:{opts.dest_port}: "
+          f"the guest got {replies} of "
           f"{a.packets} replies" + (", payloads intact" if back else
                                     f", {bad} damaged: NOT all came back"))
     print()
@@ -311,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {trace_path.name:<18} Chrome trace JSON: open https://ui.perfetto.dev, "
           "\"Open trace file\"")
     print(f"  {pcap_path.name:<18} every frame on the NIC, both ways (wireshark, tshark -r)")
-    print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
-          "browser)")
+    if picture is not None:
+        print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
+              "browser)")
     return 0 if back else 1
 
 

@@ -1,11 +1,15 @@
 """Programs on the host side of the link: a UDP sink that checks what arrives, an echo
-service. They run in the supervisor's process, on loopback only."""
+service. They run in the supervisor's process, on loopback only, or, behind a tap, on the
+tap's address 10.0.2.2 inside the run's network namespace (their sockets are made there)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from contextlib import nullcontext
+
+from common import netns
 
 SEQ_BYTES = 8
 SO_RCVBUFFORCE = 33
@@ -22,6 +26,7 @@ def big_receive_buffer(sock: socket.socket) -> None:
 
 
 PATTERN = bytes(range(256)) * 7
+ATF_COM = 0x02  # a complete neighbour entry in /proc/net/arp
 
 
 def expected_payload(seq: int, size: int) -> bytes:
@@ -36,10 +41,11 @@ class UdpService:
 
     thread_name = "udp-service"
 
-    def __init__(self, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, port: int = 0, ns: str | None = None) -> None:
+        with netns.entered(ns) if ns else nullcontext():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         big_receive_buffer(self.sock)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((netns.HOST_ADDR if ns else "127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = False
@@ -73,8 +79,8 @@ class UdpSink(UdpService):
 
     thread_name = "udp-sink"
 
-    def __init__(self, port: int = 0, size: int | None = None) -> None:
-        super().__init__(port)
+    def __init__(self, port: int = 0, size: int | None = None, ns: str | None = None) -> None:
+        super().__init__(port, ns)
         self.size = size
         self.seqs: list[int] = []
         self.bad = 0
@@ -110,8 +116,10 @@ class UdpEcho(UdpService):
 
     thread_name = "udp-echo"
 
-    def __init__(self, port: int = 0) -> None:
-        super().__init__(port)
+    def __init__(self, port: int = 0, ns: str | None = None, record: bool = False) -> None:
+        super().__init__(port, ns)
+        self.record = record
+        self.times: dict[int, tuple[int, int]] = {}  # with record: seq -> (got, answered) ns
         self.echoed = 0
         self.ignored = 0
         self.ignored_seqs: set[int] = set()
@@ -123,15 +131,21 @@ class UdpEcho(UdpService):
             self.ignored += 1
             self.ignored_seqs.add(int.from_bytes(data[:SEQ_BYTES], "big"))
             return
+        got = time.monotonic_ns() if self.record else 0
         self.sock.sendto(data, peer)
         self.echoed += 1
+        if self.record:
+            self.times[int.from_bytes(data[:SEQ_BYTES], "big")] = (got, time.monotonic_ns())
 
 
 class UdpSender:
     """A host program sending ``n`` datagrams to 127.0.0.1:port (toward a hostfwd)."""
 
-    def __init__(self, port: int, n: int, size: int, pace_every: int = 64) -> None:
+    def __init__(self, port: int, n: int, size: int, pace_every: int = 64,
+                 ns: str | None = None) -> None:
         self.port = port
+        self.ns = ns
+        self.dest = netns.GUEST_ADDR if ns else "127.0.0.1"
         self.n = n
         self.size = size
         self.pace_every = pace_every
@@ -142,12 +156,30 @@ class UdpSender:
         self._thread.start()
 
     def _run(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with netns.entered(self.ns) if self.ns else nullcontext():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
             for seq in range(self.n):
-                s.sendto(expected_payload(seq, self.size), ("127.0.0.1", self.port))
+                s.sendto(expected_payload(seq, self.size), (self.dest, self.port))
                 self.sent += 1
+                if seq == 0 and self.ns:
+                    self.wait_neighbour()
                 if self.pace_every and seq % self.pace_every == self.pace_every - 1:
                     time.sleep(0.001)
+
+    def wait_neighbour(self, timeout: float = 5.0) -> bool:
+        """Behind a tap the kernel resolves the guest by ARP first, holding only about 200 KB
+        of datagrams meanwhile (unres_qlen_bytes): let the first one resolve it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with netns.entered(self.ns):  # type: ignore[arg-type]
+                table = open("/proc/thread-self/net/arp").read().splitlines()[1:]
+            for row in table:
+                f = row.split()
+                if f[0] == self.dest and int(f[2], 16) & ATF_COM:
+                    return True
+            time.sleep(0.002)
+        return False
 
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():

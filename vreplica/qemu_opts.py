@@ -4,6 +4,8 @@ qdev's property setters), beside ``vreplica run``'s own options:
     -device virtio-net-pci,netdev=ID,ioeventfd=on|off,event_idx=on|off,mq=on|off,vectors=N,
             tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off
     -netdev user,id=ID,hostfwd=udp::HOSTPORT-:GUESTPORT
+    -netdev tap,id=ID[,ifname=tap0][,script=no][,downscript=no][,vhost=on|off][,sndbuf=N]
+            [,poll-us=N]
     -trace [enable=]PATTERN[,events=FILE][,file=FILE]      -trace help
     -S      -m [size=]SIZE
 
@@ -130,6 +132,29 @@ def _set_prop(p: Prop, value: str) -> str:
     return value
 
 
+def netdev_tap_option(key: str, value: str) -> list[str]:
+    """One property of ``-netdev tap`` as the replica's option (net/tap.c's NetdevTapOptions);
+    the run makes the tap (``tap0`` in its namespace), so no script runs."""
+    if key in ("vhost", "vhostforce"):
+        if value not in ("on", "off"):
+            raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+        return ["--vhost", value] if key == "vhost" else []
+    if key in ("sndbuf", "poll-us"):
+        if not value.isdigit():
+            kind = "a size" if key == "sndbuf" else "a number"
+            raise ValueError(f"Parameter '{key}' expects {kind}")
+        return ["--tap-sndbuf", value] if key == "sndbuf" else ["--poll-us", value]
+    if key == "ifname":
+        if value != "tap0":
+            raise ValueError("the replica's tap is tap0, in the run's own network namespace")
+        return []
+    if key in ("script", "downscript"):
+        if value != "no":
+            raise ValueError(f"{key}={value}: the run sets the tap up itself ({key}=no)")
+        return []
+    raise ValueError(f"Invalid parameter '{key}'")
+
+
 class QemuCommandLine:
     """The QEMU options of one command line, and what they become."""
 
@@ -173,14 +198,16 @@ class QemuCommandLine:
     def netdev(self, arg: str) -> list[str]:
         opts = qemu_opts_parse(arg, implied="type")
         kind = opts[0][1] if opts and opts[0][0] == "type" else ""
-        if kind != "user":
+        if kind not in ("user", "tap"):
             raise ValueError(f"Parameter 'type' does not accept value '{kind}' (the replica's "
-                             "backend is -netdev user)")
+                             "backends are -netdev user and -netdev tap)")
         ident = None
-        out: list[str] = []
+        out: list[str] = ["--netdev", "tap"] if kind == "tap" else []
         for key, value in opts[1:]:
             if key == "id":
                 ident = value
+            elif kind == "tap":
+                out += netdev_tap_option(key, value)
             elif key == "hostfwd":
                 if "--hostfwd" in out:
                     raise ValueError("the replica forwards one host port (one hostfwd=)")

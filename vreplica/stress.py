@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
+from vreplica.attribution import attribute, explain_seqs, outages, summary_of
 from vreplica.cli import Parser, UsageError, finite_float, free_udp_port, reported
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.preflight import writable_file
@@ -72,7 +73,8 @@ class FlowSink(UdpService):
 
 
 class InboundStream:
-    """Host -> guest traffic through the hostfwd port, at a steady rate, until stopped."""
+    """Host -> guest traffic through the hostfwd port, at a steady rate, until stopped;
+    datagram N carries sequence number N, as the guest's do."""
 
     def __init__(self, port: int, rate_pps: float) -> None:
         self.port = port
@@ -101,8 +103,13 @@ class ChaosLog:
     t0: float
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, kind: str, **details: Any) -> None:
-        self.events.append({"t_s": round(time.monotonic() - self.t0, 3), "kind": kind, **details})
+    def add(self, kind: str, start_ns: int = 0, **details: Any) -> dict[str, Any]:
+        """One event; ``start_ns`` (monotonic) when it began, if not now."""
+        start_ns = start_ns or time.monotonic_ns()
+        event = {"t_s": round(start_ns / 1e9 - self.t0, 3), "kind": kind, "start_ns": start_ns,
+                 **details}
+        self.events.append(event)
+        return event
 
 
 class Chaos:
@@ -129,8 +136,11 @@ class Chaos:
             self._thread.join(2.0)
 
     def _run(self) -> None:
+        deck: list[str] = []  # each kind once a round, in a random order: all of them fire
         while not self._stop.wait(self.period_s * (0.5 + self.rng.random())):
-            kind = self.rng.choice(self.kinds)
+            if not deck:
+                deck = self.rng.sample(self.kinds, len(self.kinds))
+            kind = deck.pop()
             try:
                 getattr(self, "do_" + kind.replace("-", "_"))()
             except (OSError, KeyError) as e:
@@ -140,18 +150,21 @@ class Chaos:
         p = self.sup.procs["guest"]
         pause = 0.2 + 0.3 * self.rng.random()
         p.send_signal(signal.SIGSTOP)
-        self.log.add("guest-pause", seconds=round(pause, 3))
+        event = self.log.add("guest-pause", seconds=round(pause, 3))
         self._stop.wait(pause)
         p.send_signal(signal.SIGCONT)
+        event["end_ns"] = time.monotonic_ns()
 
     def do_echo_pause(self) -> None:
         if self.echo is None:
             return
         before = self.echo.ignored
+        start_ns = time.monotonic_ns()
         self.echo.paused = True
         self._stop.wait(0.3)
         self.echo.paused = False
-        self.log.add("echo-pause", seconds=0.3, replies_dropped=self.echo.ignored - before)
+        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns(),
+                     replies_dropped=self.echo.ignored - before)
 
     def do_kill_device(self) -> None:
         p = self.sup.procs["qemu"]
@@ -303,59 +316,109 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         sup.cleanup()
     leftovers = [str(p) for p in object_entries(cfg.rid)] + (
         [cfg.rundir] if Path(cfg.rundir).exists() else [])
-    prog = reports.get("guest", {}).get("program", {})
+    guest = reports.get("guest", {})
+    prog = guest.get("program", {})
+    qemu = reports.get("qemu", {})
     sent = prog.get("sent", 0)
+    events = outages(log.events, guest.get("reset_log", []),
+                     qemu.get("cpr", {}).get("incomings", []))
+    now_ns = time.monotonic_ns()
+    faulted = set(prog.get("faulted_seqs", []))  # frames that carried a ring fault
+    faults = [e for e in events if e.kind == "ring-fault"]
+    for e, seq in zip(faults, prog.get("faulted_seqs", []), strict=False):
+        e.lost += 1
+        e.detail["faulted_seq"] = seq
     if sink is not None:
         delivered, duplicated, reordered = len(sink.seen), sink.duplicates, sink.reordered
+        lost = max(0, sent - delivered)
+        lost_expected = len(faulted - sink.seen)
+        unexplained_runs: list[list[int]] = []
     else:
         delivered = prog.get("replies", 0)
         duplicated = prog.get("duplicate_replies", 0)
         reordered = 0
-    lost = max(0, sent - delivered)
-    faulted = set(prog.get("faulted_seqs", []))  # frames that carried a ring fault
-    if echo is not None:  # exactly the requests the paused echo service ignored, or faulted
-        lost_expected = len(set(prog.get("unanswered_seqs", [])) & (echo.ignored_seqs | faulted))
-    else:
-        lost_expected = len(faulted - sink.seen) if sink is not None else 0
+        ignored = echo.ignored_seqs if echo is not None else set()
+        runs = explain_seqs(faulted | ignored, prog.get("reply_gaps", []), flows)
+        lost_w, explained_w, unexplained_runs = attribute(runs, flows, events, now_ns)
+        unanswered = set(prog.get("unanswered_seqs", []))
+        lost = max(0, sent - delivered)
+        lost_expected = len(unanswered & (ignored | faulted)) + explained_w
+    inbound_runs = list(prog.get("inbound_gaps", []))
+    if inbound is not None and inbound.sent > prog.get("inbound_seen", 0):
+        inbound_runs.append([prog.get("inbound_seen", 0), inbound.sent - 1,
+                             prog.get("inbound_last_ns", 0), 0])
+    in_lost, in_explained, in_unexplained = attribute(inbound_runs, 1, events, now_ns)
     restarts = sup.restarts
-    sqs = reports.get("guest", {}).get("sq", [])
+    sqs = guest.get("sq", [])
+    outage_figures = summary_of(events)
     verdict = {
         "mode": a.mode, "queues": a.queues, "flows": flows, "sizes": [lo, hi],
         "duration_s": round(sup.t_end - sup.t_start, 2), "sent": sent, "delivered": delivered,
         "lost": lost, "lost_expected": lost_expected, "lost_unexpected": lost - lost_expected,
+        "unexplained_runs": unexplained_runs[:20],
         "duplicated": duplicated, "reordered": reordered,
         "bad_payloads": (sink.bad if sink else prog.get("bad_replies", 0)),
         "inbound_sent": inbound.sent if inbound else 0, "inbound_received": prog.get("inbound", 0),
-        "inbound_lost": (inbound.sent - prog.get("inbound", 0)) if inbound else 0,
+        "inbound_lost": in_lost, "inbound_lost_expected": in_explained,
+        "inbound_lost_unexpected": in_lost - in_explained,
+        "inbound_unexplained_runs": in_unexplained[:20],
+        "inbound_rate_pps": round(inbound.sent / max(1e-9, sup.t_end - sup.t_start), 1)
+        if inbound else 0,
         "kicks_per_packet": round(summary["kicks"] / sent, 4) if sent else None,
         "interrupts_per_packet": round((summary["tx_interrupts"] + summary["rx_interrupts"])
                                        / sent, 4) if sent else None,
         "exits": summary["exits"], "userspace_exits": summary["userspace_exits"],
         "rss_start_mb": {r: round(v / 2**20, 1) for r, v in rss_start.items()},
         "rss_end_mb": {r: round(v / 2**20, 1) for r, v in rss_end.items()},
-        "chaos": log.events, "device_restarts": restarts,
+        "chaos": [{"t_s": e.t_s, "kind": e.kind, "down_ms": e.down_ms, "lost": e.lost,
+                   **e.detail} for e in events],
+        **outage_figures,
+        "netqueue_dropped_at_driver_ok": qemu.get("netqueue", {}).get("nic_flush_dropped", 0),
+        "device_restarts": restarts,
         "tx_ring_full_stops": sum(q.get("stops", 0) for q in sqs),
         "tx_ring_wakes": sum(q.get("wakes", 0) for q in sqs),
-        "slirp_send_errors": reports.get("qemu", {}).get("slirp", {}).get("stats", {})
-        .get("udp_send_errors", 0),
+        "slirp_send_errors": qemu.get("slirp", {}).get("stats", {}).get("udp_send_errors", 0),
         "device_errors": summary["device_errors"], "leftovers": leftovers,
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
     }
-    ok = (verdict["lost_unexpected"] == 0 and verdict["inbound_lost"] == 0 and not leftovers
-          and verdict["bad_payloads"] == 0
-          and (duplicated == 0 or "kill-device" in kinds))
-    verdict["verdict"] = "PASS" if ok else "FAIL"
-    return verdict, 0 if ok else 1
+    verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
+    verdict["verdict"] = "FAIL" if reasons else "PASS"
+    return verdict, 1 if reasons else 0
+
+
+def fail_reasons(v: dict[str, Any], kinds: list[str]) -> list[str]:
+    """Why the run failed, one line each; none if it passed."""
+    out = []
+    direction = "guest->host" if v["mode"] == "tx" else "echo"
+    if v["lost_unexpected"]:
+        out.append(f"{v['lost']:,} {direction} datagrams lost, {v['lost_expected']:,} explained "
+                   f"by chaos ({v['lost_unexpected']:,} not)")
+    if v["inbound_lost_unexpected"]:
+        out.append(f"{v['inbound_lost']:,} host->guest datagrams lost, "
+                   f"{v['inbound_lost_expected']:,} explained by chaos")
+    if v["duplicated"] and "kill-device" not in kinds:
+        out.append(f"{v['duplicated']:,} duplicates without a device restart to explain them")
+    if v["bad_payloads"]:
+        out.append(f"{v['bad_payloads']:,} datagrams arrived with a wrong payload")
+    if v["leftovers"]:
+        out.append(f"left behind: {', '.join(v['leftovers'])}")
+    return out
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.1f} ms"
 
 
 def format_verdict(v: dict[str, Any]) -> str:
+    lost_row = (f"{v['lost']:,} (explained by chaos: {v['lost_expected']:,}, "
+                f"unexplained: {v['lost_unexpected']:,})")
     rows = [
         ("mode", f"{v['mode']}, {v['queues']} queue pairs, {v['flows']} flows, "
                  f"sizes {v['sizes'][0]}-{v['sizes'][1]} B"),
-        ("sent", f"{v['sent']:,} in {v['duration_s']} s ({v['packets_per_second']:,.0f} pkt/s)"),
-        ("delivered", f"{v['delivered']:,}"),
-        ("lost", f"{v['lost']:,} (expected from chaos: {v['lost_expected']:,}, "
-                 f"unexpected: {v['lost_unexpected']:,})"),
+        ("sent (guest)", f"{v['sent']:,} in {v['duration_s']} s "
+                         f"({v['packets_per_second']:,.0f} pkt/s)"),
+        ("delivered", f"{v['delivered']:,}" + (" replies" if v["mode"] != "tx" else "")),
+        ("lost", lost_row),
         ("duplicated", f"{v['duplicated']:,}"), ("reordered", f"{v['reordered']:,}"),
         ("bad payloads", f"{v['bad_payloads']:,}"),
         ("kicks / packet", f"{v['kicks_per_packet']}"),
@@ -365,8 +428,15 @@ def format_verdict(v: dict[str, Any]) -> str:
         ("RSS MB start -> end", ", ".join(f"{r} {v['rss_start_mb'].get(r, '?')} -> "
                                           f"{v['rss_end_mb'].get(r, '?')}"
                                           for r in ("guest", "kvm", "qemu"))),
-        ("chaos events", ", ".join(f"{e['t_s']}s {e['kind']}" for e in v["chaos"]) or "none"),
-        ("device restarts", f"{v['device_restarts']}"),
+        ("chaos events", ", ".join(
+            f"{e['t_s']}s {e['kind']}" + (f" (lost {e['lost']})" if e["lost"] else "")
+            for e in v["chaos"]) or "none"),
+        ("device resets", f"{v['resets']}: down at most {_ms(v['reset_down_ms_max'])} "
+                          f"(RX back with buffers after {_ms(v['reset_rx_down_ms_max'])}), "
+                          f"at most {v['reset_lost_max']:,} frames lost by one"),
+        ("device restarts", f"{v['device_restarts']}: down at most "
+                            f"{_ms(v['restart_down_ms_max'])}, at most "
+                            f"{v['restart_lost_max']:,} frames lost by one"),
         ("TX ring full", f"queue stopped {v['tx_ring_full_stops']:,} times, woken "
                          f"{v['tx_ring_wakes']:,} (skb_xmit_done)"),
         ("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)"),
@@ -375,9 +445,13 @@ def format_verdict(v: dict[str, Any]) -> str:
     ]
     if v["mode"] == "both":
         rows.insert(3, ("inbound (host -> guest)",
-                        f"{v['inbound_received']:,} of {v['inbound_sent']:,} received"))
+                        f"{v['inbound_received']:,} of {v['inbound_sent']:,} received "
+                        f"({v['inbound_rate_pps']:,.0f} pkt/s); lost {v['inbound_lost']:,} "
+                        f"(explained by chaos: {v['inbound_lost_expected']:,}, unexplained: "
+                        f"{v['inbound_lost_unexpected']:,})"))
     w = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {k.ljust(w)}  {val}" for k, val in rows)
+    text = "\n".join(f"  {k.ljust(w)}  {val}" for k, val in rows)
+    return text + "".join(f"\n  FAIL: {r}" for r in v["reasons"])
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,9 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     queues = q.get("queues", {})
     tx_q = _sum_dicts([v for name, v in queues.items() if name.startswith("TX")] or [{}])
     rx_q = _sum_dicts([v for name, v in queues.items() if name.startswith("RX")] or [{}])
+    by_monitor = g.get("sent_by_monitor", 0)
+    sent += by_monitor
+    irqs = g.get("irqs", {})
     summary: dict[str, Any] = {
         "run": rid,
         "mode": opts.mode,
@@ -37,15 +40,27 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         "event_idx": opts.event_idx,
         "interrupt_mode": g.get("interrupt_mode"),
         "queue_pairs": g.get("queue_pairs", 1),
+        "queue_pairs_max": len(g.get("sq") or [{}]),
         "sent": sent,
+        "sent_by_monitor": by_monitor,
+        "sender": "guest",
         "delivered": sink["received"] if sink is not None else
         q.get("slirp", {}).get("stats", {}).get("udp_sent"),
         "delivered_counted_by": "host socket" if sink is not None else "slirp sendto",
         "kicks": sq.get("kicks", 0),
         "kicks_handled": tx_q.get("kicks_handled", 0),
+        "kicks_coalesced": tx_q.get("kicks_coalesced", 0),
         "tx_interrupts": tx_q.get("notifies", 0),
         "rx_interrupts": rx_q.get("notifies", 0),
         "interrupts_injected": vcpu.get("irq_injections", 0),
+        "interrupts_taken": {
+            "TX": sum(n for name, n in irqs.items() if "output" in name),
+            "RX": sum(n for name, n in irqs.items() if "input" in name),
+            "config": sum(n for name, n in irqs.items() if name.endswith("-config")),
+            "shared": sum(n for name, n in irqs.items()
+                          if "virtqueues" in name or name.startswith("virtio") and "-" not in name),
+            "timer": g.get("timer_interrupts", 0)},
+        "ioeventfd_starts": (1 + g.get("resets", 0)) if opts.ioeventfd else 0,
         "exits": vcpu,
         "userspace_exits": {r: n for r, n in k.get("userspace_exits", {}).items() if n},
         "guest_irqs": g.get("irqs", {}),
@@ -65,6 +80,9 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         summary.update({"arrived": prog.get("received"), "unique": prog.get("unique"),
                         "duplicates": prog.get("duplicates"), "in_order": prog.get("in_order")})
         summary["sent"] = opts.packets
+        summary["sender"] = "host"
+        rx_s = prog.get("receive_ns", 0) / 1e9
+        summary["host_rate_pps"] = round(prog.get("received", 0) / rx_s, 1) if rx_s else None
         summary["delivered"] = prog.get("received")
         summary["delivered_counted_by"] = "guest socket"
     elif opts.mode == "ping":
@@ -77,7 +95,20 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
-    summary["slirp"] = q.get("slirp", {}).get("stats", {})
+    if "tap" in q:
+        summary["tap"] = q["tap"]
+        summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
+        summary["guest_csum"] = {k: g.get("stack", {}).get(k, 0)
+                                 for k in ("csum_offloaded", "csum_errors")}
+        if "vhost" in q:  # the interrupts came from the vhost worker, not from QEMU
+            kv = k.get("vhost", {})
+            devs = kv.get("open", []) + kv.get("released", [])
+            vqs = [v for d in devs for v in d["vqs"]]
+            summary["vhost"] = {"qemu": q["vhost"], "kernel": devs}
+            summary["tx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 1)
+            summary["rx_interrupts"] = sum(v["signals"] for v in vqs if v["index"] == 0)
+    else:
+        summary["slirp"] = q.get("slirp", {}).get("stats", {})
     cpr = q.get("cpr", {})
     if cpr.get("enabled"):  # --reconnect: TX chains in flight when a QEMU died, sent again
         summary["resubmitted"] = cpr.get("resubmitted", 0)
@@ -95,16 +126,48 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     return summary
 
 
+def vhost_kicks(s: dict[str, Any]) -> int:
+    return sum(v["kicks"] for d in s["vhost"]["kernel"] for v in d["vqs"])
+
+
+def sent_line(s: dict[str, Any]) -> str:
+    if s["sender"] == "host":
+        rate = f" (arriving at {s['host_rate_pps']:,.0f} pkt/s)" if s.get("host_rate_pps") else ""
+        return f"  sent by the host       {s['sent']}{rate}"
+    extra = f" ({s['sent_by_monitor']} by the monitor's send)" if s["sent_by_monitor"] else ""
+    return f"  sent by the guest      {s['sent']}{extra}"
+
+
+def kicks_line(s: dict[str, Any]) -> str:
+    """Driver kicks against the handler runs they caused, and why the two differ: with
+    ioeventfd QEMU kicks each TX queue itself once when it starts the ioeventfd (a kick
+    the driver made meanwhile is not lost), and kicks that reach the eventfd before QEMU
+    reads it are one read, one handler run."""
+    kicks, handled = s["kicks"], s["kicks_handled"]
+    line = f"  kicks (driver)         {kicks}   handled by QEMU: {handled}"
+    if not s["ioeventfd"] or s.get("device_restarts") or "vhost" in s:
+        return line  # vhost's worker takes the kicks; a restart starts QEMU's counts anew
+    own = s["ioeventfd_starts"] * s["queue_pairs_max"]
+    merged = s["kicks_coalesced"]
+    line += f" (+{own} its own at start, -{merged} merged in eventfd"
+    rest = kicks + own - merged - handled
+    return line + (f", {rest} unread at the end)" if rest else ")")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run {s['run']}: mode {s['mode']}, {s['packets']} x {s['size']} B, "
         f"ioeventfd {'on' if s['ioeventfd'] else 'off'}, "
         f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}",
-        f"  sent by the guest      {s['sent']}",
+        sent_line(s),
         f"  delivered              {s['delivered']}  (counted by the {s['delivered_counted_by']})",
-        f"  kicks (driver)         {s['kicks']}   handled by QEMU: {s['kicks_handled']}",
+        kicks_line(s)
+        + (f", by the vhost worker: {vhost_kicks(s)}" if "vhost" in s else ""),
         f"  TX interrupts          {s['tx_interrupts']}   RX interrupts: {s['rx_interrupts']}"
         f"   injected by KVM: {s['interrupts_injected']}",
+        "  interrupts taken       " + ", ".join(
+            f"{k} {n}" for k, n in s["interrupts_taken"].items() if n or k != "shared")
+        + " (guest's handlers)",
     ]
     e = s["exits"]
     lines.append("  VM exits               " + ", ".join(

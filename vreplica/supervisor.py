@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from common import netns
 from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
 from common.kvm_abi import unpackb
@@ -122,6 +123,9 @@ class Supervisor:
         self.deaths: list[str] = []
         self._env: dict[str, str] = {}
         self._announcement: str | None = None
+        self.before_spawn: Callable[[RunConfig], None] = lambda cfg: None
+        """Runs once the run's objects (and network namespace) exist, before its processes:
+        host services that live in the namespace start here."""
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -156,6 +160,10 @@ class Supervisor:
         }
         self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, max(vectors, 1), options)
         create_objects(cfg)
+        if o.extra.get("netdev") == "tap":  # -netdev tap: the link lives in a namespace
+            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"))
+        self.before_spawn(cfg)
+        cfg.save()
         self.ctl = Channel(cfg.channel("ctl"))
         env = dict(os.environ)
         env.pop("VREPLICA_TRACE", None)

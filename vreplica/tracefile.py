@@ -34,10 +34,12 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from common.kvm_abi import ISA_IRQ_VECTOR_BASE, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
 from vreplica.qemu_trace_events import hexaddr, pointer_args
 
 ROLES = ("guest", "kvm", "qemu")
+INTERRUPT_IOCTLS = (KVM_IOCTL_NR["KVM_SIGNAL_MSI"], KVM_IOCTL_NR["KVM_IRQ_LINE_STATUS"])
 PROCESS_TITLES = {"guest": "guest (guestproc)", "kvm": "kvm (kvmproc)", "qemu": "qemu (qemuproc)"}
 MAIN_THREAD_NAMES = {"guest": "vCPU 0", "kvm": "VM ioctls", "qemu": "main loop"}
 EXITED_THREADS = "exited threads"
@@ -53,7 +55,6 @@ RUN_ON_GRACE_NS = 1_000_000
 this: a thread descheduled in mid-function (the main loop after its irqfd write, while the
 guest already took the interrupt) still owns the rest of its function; a loop that runs on
 for another packet (a KVM_RUN through the next pause) does not."""
-ISA_IRQ_VECTOR_BASE = 0x30
 
 _RUN_PREFIX = re.compile(r"/vnr\.[0-9a-zA-Z]+\.")
 
@@ -335,7 +336,7 @@ def _kick_steps(ix: _Index, add: Event, limit: int | None,
     steps = [notify]
     port = notify.args.get("port")
     pio = ix.next("kvm_pio", notify.ts, before=limit, role="kvm",
-                  pred=lambda e: e.args.get("port") == port and e.args.get("rw") == "write")
+                  pred=lambda e: e.args.get("port") == port and e.args.get("rw") == 1)
     if pio is not None:
         vmexit = ix.prev("kvm_exit", pio.ts, tid=pio.tid, pid=pio.pid)
         if vmexit is not None and vmexit.ts >= notify.ts:
@@ -361,39 +362,41 @@ def _kick_steps(ix: _Index, add: Event, limit: int | None,
 
 
 def _interrupt_steps(ix: _Index, vnotify: Event, guest_pid: int, driver_vq: Any,
-                     limit: int | None, msi_gsi: dict[int, int],
-                     callback: str = "skb_xmit_done") -> list[Event]:
-    """virtio_notify -> irqfd in KVM -> injected at the next entry -> the guest's handler and
-    the queue's ``callback``. An interrupt already on its way (a shared line or vector the
-    guest has not serviced yet) carries this notification too: then the steps go on from the
-    last one found to the queue's ``vring_interrupt``, up to ``limit`` (the guest's reclaim)."""
-    pci = ix.next("virtio_pci_notify", vnotify.ts, pid=vnotify.pid, tid=vnotify.tid,
-                  before=vnotify.parent.end if vnotify.parent else None)
-    gsi = msi_gsi.get(pci.args.get("vector")) if pci is not None else None
-    wake = ix.next("irqfd_wakeup", vnotify.ts, before=limit, role="kvm",
-                   pred=lambda e: gsi is None or e.args.get("gsi") == gsi)
-    if wake is None and limit is None:
-        return []
+                     limit: int | None, callback: str = "skb_xmit_done") -> list[Event]:
+    """virtio_notify -> QEMU's VM ioctl (KVM_SIGNAL_MSI, or KVM_IRQ_LINE_STATUS raising the
+    INTx line) -> KVM's delivery to the local APIC -> injected at an entry -> the guest's
+    handler and the queue's ``callback``. An interrupt already on its way (a shared line or
+    vector the guest has not serviced yet) carries this notification too: then the steps go
+    on from the last one found to the queue's ``vring_interrupt``, up to ``limit`` (the
+    guest's reclaim)."""
+    bound = vnotify.parent.end if vnotify.parent else None
+    ioctl = ix.next("kvm_vm_ioctl", vnotify.ts, pid=vnotify.pid, tid=vnotify.tid, before=bound,
+                    pred=lambda e: e.args.get("type") in INTERRUPT_IOCTLS)
     steps: list[Event] = []
-    vector = None
-    if wake is not None:
-        steps.append(wake)
-        bound = wake.parent.end if wake.parent is not None else None
-        msi = ix.next("kvm_msi_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
-        if msi is not None:
-            vector = msi.args.get("vector", 0) & 0xFF
+    if ioctl is not None:
+        steps.append(ioctl)
+        vector = None
+        if ioctl.args.get("type") == KVM_IOCTL_NR["KVM_SIGNAL_MSI"]:
+            deliver = ix.next("kvm_msi_set_irq", ioctl.ts, before=limit, role="kvm")
+            if deliver is not None:
+                vector = deliver.args.get("data", 0) & 0xFF
         else:
-            line = ix.next("kvm_set_irq", wake.ts, before=bound, pid=wake.pid, tid=wake.tid)
-            if line is not None:
-                vector = ISA_IRQ_VECTOR_BASE + line.args.get("pin", 0)
-        inj = ix.next("kvm_inj_virq", wake.ts, before=limit, role="kvm",
-                      pred=lambda e: vector is None or vector in (e.args.get("vectors") or ()))
-        if inj is not None:
-            steps.append(inj)
-            entry = ix.next("irq_handler_entry", inj.ts, before=limit, pid=guest_pid,
-                            pred=lambda e: vector is None or e.args.get("irq") == vector)
-            if entry is not None:
-                steps.append(entry)
+            deliver = ix.next("kvm_set_irq", ioctl.ts, before=limit, role="kvm",
+                              pred=lambda e: e.args.get("level") == 1)
+            if deliver is not None:
+                vector = ISA_IRQ_VECTOR_BASE + deliver.args.get("gsi", 0)
+        if deliver is not None:
+            steps.append(deliver)
+            inj = ix.next("kvm_inj_virq", deliver.ts, before=limit, role="kvm",
+                          pred=lambda e: e.args.get("irq") == vector)
+            if inj is not None:
+                steps.append(inj)
+                entry = ix.next("irq_handler_entry", inj.ts, before=limit, pid=guest_pid,
+                                pred=lambda e: e.args.get("irq") == vector)
+                if entry is not None:
+                    steps.append(entry)
+    elif limit is None:
+        return []
     vint = ix.next("vring_interrupt", (steps[-1] if steps else vnotify).ts, before=limit,
                    pid=guest_pid, pred=lambda e: e.args.get("vq") == driver_vq)
     if vint is not None:
@@ -405,7 +408,7 @@ def _interrupt_steps(ix: _Index, vnotify: Event, guest_pid: int, driver_vq: Any,
     return steps
 
 
-def _correlate(ix: _Index, send: Event, seq: int, msi_gsi: dict[int, int]) -> Packet | None:
+def _correlate(ix: _Index, send: Event, seq: int) -> Packet | None:
     g_pid, g_tid = send.pid, send.tid
     xmit = ix.next("start_xmit", send.ts, pid=g_pid, tid=g_tid)
     add = ix.next("virtqueue_add_split", xmit.ts if xmit else send.ts, pid=g_pid, tid=g_tid,
@@ -438,26 +441,20 @@ def _correlate(ix: _Index, send: Event, seq: int, msi_gsi: dict[int, int]) -> Pa
         steps += [pop, sent, fill, flush]
         if vnotify is not None and (limit is None or vnotify.ts <= limit):
             steps.append(vnotify)
-            steps += _interrupt_steps(ix, vnotify, g_pid, driver_vq, limit, msi_gsi)
+            steps += _interrupt_steps(ix, vnotify, g_pid, driver_vq, limit)
         steps.append(reclaim)
     return Packet(seq, send, _monotonic(steps), head, avail_idx)
-
-
-def _msi_gsi(ix: _Index) -> dict[int, int]:
-    """The GSI KVM routes each MSI vector to (QEMU's kvm_irqchip_add_msi_route)."""
-    return {e.args.get("vector"): e.args.get("virq") for e in ix.all("kvm_irqchip_add_msi_route")}
 
 
 def find_packets(trace: Trace) -> dict[int, Packet]:
     """Each datagram the guest sent (by sequence number) and its path through the processes."""
     ix = trace.index
-    msi_gsi = _msi_gsi(ix)
     packets: dict[int, Packet] = {}
     for send in ix.all("udp_sendmsg"):
         seq = send.args.get("seq")
         if not isinstance(seq, int) or seq < 0 or seq in packets:
             continue
-        p = _correlate(ix, send, seq, msi_gsi)
+        p = _correlate(ix, send, seq)
         if p is not None:
             packets[seq] = p
     return packets
@@ -480,8 +477,7 @@ def _ancestor(ev: Event, name: str) -> Event | None:
     return next((a for a in ev.ancestors() if a.name == name), None)
 
 
-def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None,
-                  msi_gsi: dict[int, int]) -> Packet:
+def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None) -> Packet:
     """A reply from ``sorecvfrom`` on: slirp's output to the NIC, ``virtio_net_receive`` into
     a guest RX buffer, the interrupt, and the guest's NAPI poll up to its socket."""
     q_pid, q_tid = recv.pid, recv.tid
@@ -531,8 +527,7 @@ def _correlate_rx(ix: _Index, recv: Event, seq: int, guest_pid: int | None,
     steps += [fill, flush]
     if vnotify is not None and (limit is None or vnotify.ts <= limit):
         steps.append(vnotify)
-        steps += _interrupt_steps(ix, vnotify, guest_pid, driver_vq, limit, msi_gsi,
-                                  "skb_recv_done")
+        steps += _interrupt_steps(ix, vnotify, guest_pid, driver_vq, limit, "skb_recv_done")
     if reclaim is not None:
         napi = ix.prev("napi_poll", reclaim.ts, pid=reclaim.pid, tid=reclaim.tid,
                        after=(fill or pop).ts)
@@ -555,13 +550,12 @@ def find_replies(trace: Trace) -> dict[int, Packet]:
     """Each datagram slirp read from a host socket for the guest (an echo's reply), by the
     sequence number in its payload, and its path to the guest's socket."""
     ix = trace.index
-    msi_gsi = _msi_gsi(ix)
     guest_pid = next((pid for pid, role in trace.roles.items() if role == "guest"), None)
     replies: dict[int, Packet] = {}
     for recv in ix.all("sorecvfrom"):
         seq = recv.args.get("seq")
         if isinstance(seq, int) and seq >= 0 and seq not in replies:
-            replies[seq] = _correlate_rx(ix, recv, seq, guest_pid, msi_gsi)
+            replies[seq] = _correlate_rx(ix, recv, seq, guest_pid)
     return replies
 
 

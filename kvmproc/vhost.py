@@ -1,0 +1,471 @@
+"""Stands for drivers/vhost/vhost.c: the vhost core in the kernel (here the KVM process).
+
+A ``VhostDev`` belongs to the process that did VHOST_SET_OWNER; its worker thread
+``vhost-<owner pid>`` runs the queued works one after another (``vhost_worker``). A
+``VhostPoll`` watches an eventfd (a queue's kick, the KVM ioeventfd's semaphore) or a file
+(the tap) and, when it fires, ``vhost_poll_wakeup`` queues its work and wakes the worker.
+The rings are read in guest RAM directly, through the memory table QEMU gave
+(VHOST_SET_MEM_TABLE): ``vhost_get_vq_desc`` turns a chain into iovecs, checking every
+index, length and address the guest wrote (``vq_err`` on a bad one: the queue stops until
+the next kick, the process goes on); ``vhost_add_used_n`` and ``vhost_signal`` complete
+them and signal the call eventfd (the irqfd) unless the guest suppressed it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from common.guest_memory import GuestMemory, GuestMemoryError
+from common.notifier import EventNotifier
+from common.trace import register_thread, trace_event, traced
+from common.virtio_abi import (
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
+from common.vring import (
+    DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_DESC_SIZE,
+    VRING_USED_F_NO_NOTIFY,
+    VringLayout,
+    VringViews,
+    vring_need_event,
+)
+
+EFAULT = 14
+EINVAL = 22
+ENOBUFS = 105
+POLL_TICK_S = 0.25
+PR_SET_NAME = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+UIO_MAXIOV = 1024
+
+trace_vhost_poll_wakeup = trace_event("vhost_poll_wakeup")
+trace_vhost_signal = trace_event("vhost_signal")
+_desc_unpack_from = DESC.unpack_from
+
+
+class VhostWork:
+    __slots__ = ("fn", "queued", "name")
+
+    def __init__(self, fn: Callable[[VhostWork], None], name: str) -> None:
+        self.fn = fn
+        self.queued = False
+        self.name = name
+
+
+class VhostPoll:
+    """struct vhost_poll: a wait-queue entry on an eventfd or a file, and the work it queues.
+
+    An eventfd (a named semaphore here) is watched by a waiter thread; a file (the tap) is
+    in the worker's own poll() set, with ``mask`` the events that matter (POLLIN, POLLOUT).
+    """
+
+    def __init__(self, dev: VhostDev, fn: Callable[[VhostWork], None], mask: int,
+                 name: str) -> None:
+        self.dev = dev
+        self.work = VhostWork(fn, name)
+        self.mask = mask
+        self.fd = -1
+        self.notifier: EventNotifier | None = None
+        self._waiter: threading.Thread | None = None
+        self.wakeups = 0
+
+    def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
+        if notifier is not None:
+            self.notifier = notifier
+            self._waiter = threading.Thread(target=self._wait, args=(notifier,),
+                                            name=f"vhost-poll:{notifier.name}", daemon=True)
+            self._waiter.start()
+        else:
+            self.fd = fd
+            self.dev.worker_poll_changed()
+
+    def vhost_poll_stop(self) -> None:
+        if self.notifier is not None:
+            self.notifier = None  # the waiter sees it and leaves, handing a late signal back
+        if self.fd >= 0:
+            self.fd = -1
+            self.dev.worker_poll_changed()
+
+    def _wait(self, notifier: EventNotifier) -> None:
+        while self.notifier is notifier:
+            if not notifier.wait(POLL_TICK_S):
+                continue
+            if self.notifier is not notifier:
+                notifier.set()  # not ours any more: leave the kick to the next owner
+                break
+            self.vhost_poll_wakeup()
+        notifier.close()
+
+    def vhost_poll_wakeup(self) -> None:
+        """The eventfd was signalled (or the file became ready): queue the work."""
+        self.wakeups += 1
+        if trace_vhost_poll_wakeup.on:
+            trace_vhost_poll_wakeup(work=self.work.name)
+        self.dev.vhost_work_queue(self.work)
+
+    def vhost_poll_queue(self) -> None:
+        self.dev.vhost_work_queue(self.work)
+
+
+class VhostVirtqueue:
+    """struct vhost_virtqueue: a ring in guest RAM as vhost sees it."""
+
+    def __init__(self, dev: VhostDev, index: int,
+                 handle_kick: Callable[[VhostWork], None]) -> None:
+        self.dev = dev
+        self.index = index
+        self.num = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0
+        self.views: VringViews | None = None
+        self.last_avail_idx = 0
+        self.avail_idx = 0
+        self.last_used_idx = 0
+        self.used_flags = 0
+        self.signalled_used = 0
+        self.signalled_used_valid = False
+        self.poll = VhostPoll(dev, handle_kick, select.POLLIN, f"handle_kick:{index}")
+        self.kick: EventNotifier | None = None
+        self.call_ctx: EventNotifier | None = None
+        self.private_data: Any = None  # the backend (the tap's fd)
+        self.busyloop_timeout = 0  # microseconds
+        self.heads: list[tuple[int, int]] = []
+        self.error: str | None = None
+        self.stats = {"descs": 0, "signals": 0, "signals_suppressed": 0,
+                      "errors": 0, "busypoll_hits": 0, "busypolls": 0}
+
+    def vq_err(self, message: str) -> int:
+        """A guest mistake: counted and kept for ``info vhost``, the queue stops here."""
+        self.error = message
+        self.stats["errors"] += 1
+        return -EINVAL
+
+    def describe(self) -> dict[str, Any]:
+        return {"index": self.index, "num": self.num, "last_avail_idx": self.last_avail_idx,
+                "avail_idx": self.avail_idx, "last_used_idx": self.last_used_idx,
+                "kick": self.kick.name if self.kick else None,
+                "call": self.call_ctx.name if self.call_ctx else None,
+                "backend": self.private_data, "busyloop_timeout_us": self.busyloop_timeout,
+                "notify": not self.used_flags & VRING_USED_F_NO_NOTIFY,
+                "kicks": self.poll.wakeups, "last_error": self.error, **self.stats}
+
+
+class VhostDev:
+    """struct vhost_dev: the owner, the memory table, the virtqueues and the worker."""
+
+    def __init__(self, nvqs: int, handle_kicks: list[Callable[[VhostWork], None]]) -> None:
+        self.vqs = [VhostVirtqueue(self, i, fn) for i, fn in enumerate(handle_kicks[:nvqs])]
+        self.owner = 0
+        self.mm: GuestMemory | None = None
+        self.acked_features = 0
+        self.work_list: deque[VhostWork] = deque()
+        self.file_polls: list[VhostPoll] = []
+        self.worker: threading.Thread | None = None
+        self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.stopping = False
+        self.works_run = 0
+        self.lock = threading.Lock()  # the vq mutexes: ioctls vs. the worker
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def vhost_dev_set_owner(self, pid: int) -> int:
+        if self.owner:
+            return -16  # -EBUSY
+        self.owner = pid
+        self.worker = threading.Thread(target=self.vhost_worker, name=f"vhost-{pid}",
+                                       daemon=True)
+        self.worker.start()
+        return 0
+
+    def vhost_work_queue(self, work: VhostWork) -> None:
+        if not work.queued:
+            work.queued = True
+            self.work_list.append(work)
+            os.eventfd_write(self.wake_efd, 1)
+
+    def vhost_has_work(self) -> bool:
+        return bool(self.work_list)
+
+    def worker_poll_changed(self) -> None:
+        """A file poll started or stopped: the worker rebuilds its poll set."""
+        os.eventfd_write(self.wake_efd, 1)
+
+    def vhost_worker(self) -> None:
+        """Run queued works; sleep in poll() on the wake eventfd and the files being watched."""
+        name = f"vhost-{self.owner}"
+        register_thread(name)
+        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # as ps shows it
+        work_list = self.work_list
+        efd = self.wake_efd
+        while not self.stopping:
+            p = select.poll()
+            p.register(efd, select.POLLIN)
+            polls: dict[int, list[VhostPoll]] = {}
+            masks: dict[int, int] = {}
+            for vp in self.file_polls:
+                if vp.fd >= 0:
+                    polls.setdefault(vp.fd, []).append(vp)
+                    masks[vp.fd] = masks.get(vp.fd, 0) | vp.mask
+            for fd, mask in masks.items():
+                p.register(fd, mask)
+            for fd, ev in p.poll(None if not work_list else 0):
+                if fd == efd:
+                    try:
+                        os.eventfd_read(efd)
+                    except BlockingIOError:
+                        pass
+                    continue
+                for vp in polls.get(fd, ()):
+                    if ev & (vp.mask | select.POLLERR | select.POLLHUP):
+                        vp.fd = -1  # one-shot until the handler starts it again
+                        vp.vhost_poll_wakeup()
+            while work_list and not self.stopping:
+                work = work_list.popleft()
+                work.queued = False
+                with self.lock:
+                    work.fn(work)
+                self.works_run += 1
+
+    def vhost_dev_stop(self) -> None:
+        """The owner's file went away (vhost_dev_cleanup): stop polls and the worker."""
+        for vq in self.vqs:
+            vq.poll.vhost_poll_stop()
+        self.stopping = True
+        os.eventfd_write(self.wake_efd, 1)
+        if self.worker is not None and self.worker is not threading.current_thread():
+            self.worker.join(2.0)
+        for vq in self.vqs:
+            if vq.views is not None:
+                vq.views.release()
+                vq.views = None
+            if vq.call_ctx is not None:
+                vq.call_ctx.close()
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        os.close(self.wake_efd)
+
+    # -- memory and ring setup ----------------------------------------------------------------
+
+    def vhost_set_memory(self, regions: list[dict], allowed: set[str]) -> int:
+        """VHOST_SET_MEM_TABLE: the one region is guest RAM, the shared segment QEMU maps."""
+        if len(regions) != 1 or regions[0].get("guest_phys_addr") != 0 \
+                or regions[0].get("shm") not in allowed:
+            return -EINVAL
+        mm = GuestMemory(regions[0]["shm"])
+        if regions[0].get("memory_size") != mm.size:
+            mm.close()
+            return -EINVAL
+        if self.mm is not None:
+            self.mm.close()
+        self.mm = mm
+        return 0
+
+    def vq_access_ok(self, vq: VhostVirtqueue) -> bool:
+        """vq_access_ok: the three parts of the ring lie in guest RAM; map them."""
+        if self.mm is None or not vq.num:
+            return False
+        layout = VringLayout(vq.num, vq.desc_addr)
+        if vq.avail_addr != layout.avail or vq.used_addr != layout.used:
+            return False  # one legacy ring: the parts where vring_init puts them
+        try:
+            self.mm.check(layout.base, layout.size)
+        except GuestMemoryError:
+            return False
+        if vq.views is not None:
+            vq.views.release()
+        vq.views = VringViews(self.mm.address_space_map(layout.base, layout.size),
+                              VringLayout(vq.num, 0))
+        return True
+
+    def vhost_has_feature(self, bit: int) -> bool:
+        return bool(self.acked_features >> bit & 1)
+
+
+# -- the ring ------------------------------------------------------------------------------------
+
+
+def translate_desc(dev: VhostDev, addr: int, length: int) -> memoryview | None:
+    """A guest buffer as a view of guest RAM (the iotlb / memory-table lookup); None if any
+    byte of it falls outside."""
+    mm = dev.mm
+    if mm is None or addr < 0 or length < 0 or addr + length > mm.size:
+        return None
+    return mm.ram[addr : addr + length]
+
+
+@traced
+def vhost_get_vq_desc(vq: VhostVirtqueue, out_iov: list[memoryview],
+                      in_iov: list[memoryview]) -> int:
+    """The next chain the guest made available, as iovecs: its head, ``vq.num`` if there is
+    none, or a negative error (vq_err) if the guest broke a rule."""
+    views = vq.views
+    if views is None:
+        return -EFAULT
+    last_avail_idx = vq.last_avail_idx
+    if vq.avail_idx == last_avail_idx:
+        vq.avail_idx = views.avail[1]
+        if ((vq.avail_idx - last_avail_idx) & 0xFFFF) > vq.num:
+            return vq.vq_err(f"Guest moved used index from {last_avail_idx} to {vq.avail_idx}")
+        if vq.avail_idx == last_avail_idx:
+            return vq.num
+    head = views.avail[2 + last_avail_idx % vq.num]
+    if head >= vq.num:
+        return vq.vq_err(f"Guest says index {head} > {vq.num} is available")
+    dev = vq.dev
+    out_iov.clear()
+    in_iov.clear()
+    desc = views.desc
+    table, limit = desc, vq.num
+    i = head
+    found = 0
+    indirect_seen = False
+    while True:
+        found += 1
+        if found > limit:
+            return vq.vq_err(f"Loop detected: last one at {i} vq size {limit} head {head}")
+        addr, length, flags, nxt = _desc_unpack_from(table, i * VRING_DESC_SIZE)
+        if flags & VRING_DESC_F_INDIRECT:
+            if indirect_seen or table is not desc:
+                return vq.vq_err("Indirect buffer in an indirect table")
+            if not dev.vhost_has_feature(VIRTIO_RING_F_INDIRECT_DESC):
+                return vq.vq_err("Indirect descriptors not negotiated")
+            if length % VRING_DESC_SIZE or not length:
+                return vq.vq_err(f"Invalid length in indirect descriptor: len 0x{length:x}")
+            t = translate_desc(dev, addr, length)
+            if t is None:
+                return vq.vq_err(f"Translation failure {-EFAULT} in indirect.")
+            indirect_seen = True
+            table, limit, i, found = t, length // VRING_DESC_SIZE, 0, 0
+            continue
+        buf = translate_desc(dev, addr, length)
+        if buf is None:
+            return vq.vq_err(f"Translation failure {-EFAULT} descriptor idx {i}")
+        if flags & VRING_DESC_F_WRITE:
+            in_iov.append(buf)
+        else:
+            if in_iov:
+                return vq.vq_err(f"Descriptor has out after in: idx {i}")
+            out_iov.append(buf)
+        if len(out_iov) + len(in_iov) > UIO_MAXIOV:
+            return vq.vq_err(f"Too many descriptors in a chain: head {head}")
+        if not flags & VRING_DESC_F_NEXT:
+            break
+        i = nxt
+        if i >= limit:
+            return vq.vq_err(f"Desc index is {i} > {limit}, head = {head}")
+    vq.last_avail_idx = (last_avail_idx + 1) & 0xFFFF
+    vq.stats["descs"] += 1
+    return head
+
+
+def vhost_discard_vq_desc(vq: VhostVirtqueue, n: int) -> None:
+    """Give back the last ``n`` chains taken (their packets could not go)."""
+    vq.last_avail_idx = (vq.last_avail_idx - n) & 0xFFFF
+
+
+@traced
+def vhost_add_used_n(vq: VhostVirtqueue, heads: list[tuple[int, int]]) -> int:
+    """Write (id, len) of each completed chain to the used ring, then publish the index."""
+    views = vq.views
+    if views is None:
+        return -EFAULT
+    ring = views.used_ring
+    num = vq.num
+    idx = vq.last_used_idx
+    for head, length in heads:
+        slot = (idx % num) * 2
+        ring[slot] = head
+        ring[slot + 1] = length
+        idx = (idx + 1) & 0xFFFF
+    # smp_wmb: the entries are visible before the index that covers them
+    views.used_hdr[1] = idx
+    vq.last_used_idx = idx
+    return 0
+
+
+def vhost_notify(dev: VhostDev, vq: VhostVirtqueue) -> bool:
+    """Does the guest want an interrupt for what was just used?"""
+    views = vq.views
+    if views is None:
+        return False
+    if dev.vhost_has_feature(VIRTIO_F_NOTIFY_ON_EMPTY) and vq.avail_idx == vq.last_avail_idx:
+        return True
+    if not dev.vhost_has_feature(VIRTIO_RING_F_EVENT_IDX):
+        return not views.avail[0] & VRING_AVAIL_F_NO_INTERRUPT
+    old = vq.signalled_used
+    valid = vq.signalled_used_valid
+    new = vq.signalled_used = vq.last_used_idx
+    vq.signalled_used_valid = True
+    if not valid:
+        return True
+    return vring_need_event(views.avail[2 + vq.num], new, old)
+
+
+@traced
+def vhost_signal(dev: VhostDev, vq: VhostVirtqueue) -> None:
+    """eventfd_signal on the call eventfd: KVM's irqfd injects the queue's interrupt."""
+    if vq.call_ctx is not None and vhost_notify(dev, vq):
+        vq.stats["signals"] += 1
+        if trace_vhost_signal.on:
+            trace_vhost_signal(vq=vq.index, used_idx=vq.last_used_idx)
+        vq.call_ctx.set()
+    else:
+        vq.stats["signals_suppressed"] += 1
+
+
+def vhost_add_used_and_signal_n(dev: VhostDev, vq: VhostVirtqueue,
+                                heads: list[tuple[int, int]]) -> None:
+    vhost_add_used_n(vq, heads)
+    vhost_signal(dev, vq)
+
+
+def vhost_update_used_flags(vq: VhostVirtqueue) -> None:
+    if vq.views is not None:
+        vq.views.used_hdr[0] = vq.used_flags
+
+
+def vhost_disable_notify(dev: VhostDev, vq: VhostVirtqueue) -> None:
+    """No kicks wanted while the worker is on the ring (with EVENT_IDX the guest stops
+    kicking by itself once it passes avail_event)."""
+    if vq.used_flags & VRING_USED_F_NO_NOTIFY:
+        return
+    vq.used_flags |= VRING_USED_F_NO_NOTIFY
+    if not dev.vhost_has_feature(VIRTIO_RING_F_EVENT_IDX):
+        vhost_update_used_flags(vq)
+
+
+def vhost_enable_notify(dev: VhostDev, vq: VhostVirtqueue) -> bool:
+    """Kicks wanted again; True if the guest added buffers meanwhile (look once more)."""
+    if not vq.used_flags & VRING_USED_F_NO_NOTIFY:
+        return False
+    vq.used_flags &= ~VRING_USED_F_NO_NOTIFY
+    views = vq.views
+    if views is None:
+        return False
+    if not dev.vhost_has_feature(VIRTIO_RING_F_EVENT_IDX):
+        vhost_update_used_flags(vq)
+    else:
+        views.avail_event_h[0] = vq.avail_idx  # vhost_update_avail_event
+    # smp_mb: the flag (or event) is visible before the index is read again
+    return views.avail[1] != vq.avail_idx
+
+
+def vhost_vq_avail_empty(dev: VhostDev, vq: VhostVirtqueue) -> bool:
+    if vq.avail_idx != vq.last_avail_idx:
+        return False
+    if vq.views is None:
+        return True
+    vq.avail_idx = vq.views.avail[1]
+    return vq.avail_idx == vq.last_avail_idx

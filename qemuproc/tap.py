@@ -1,0 +1,319 @@
+"""Stands for net/tap.c and net/tap-linux.c: ``-netdev tap``, a net client on a Linux tap.
+
+``tap_open`` attaches to the tap with TUNSETIFF (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), sets its
+send buffer (TUNSETSNDBUF), and the virtio-net header length (TUNSETVNETHDRSZ) and offloads
+(TUNSETOFFLOAD) the NIC asks for. TX: ``tap_receive_iov`` writes the vnet header and the
+frame with one writev; a write that would block returns 0, so the net queue keeps the
+packet, and ``tap_writable`` (the fd's POLLOUT) flushes it. RX: ``tap_send`` reads frames
+off the fd in the main loop and sends them to the NIC; a NIC that cannot take one turns the
+fd's read handler off until ``tap_send_completed``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from typing import Any
+
+from common.trace import traced
+from qemuproc.main_loop import MainLoop
+from qemuproc.net import (
+    NetClientInfo,
+    NetClientState,
+    qemu_flush_queued_packets,
+    qemu_new_net_client,
+    qemu_sendv_packet_async,
+)
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETSNDBUF = 0x400454D4
+TUNGETVNETHDRSZ = 0x800454D7
+TUNSETVNETHDRSZ = 0x400454D8
+TUNGETFEATURES = 0x800454CF
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+IFNAMSIZ = 16
+IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")
+TAP_BUFSIZE = 4096 + 65536  # NET_BUFSIZE
+TAP_SEND_BATCH = 50
+"""tap_send hands at most this many frames to the NIC per call, not to hog the BQL."""
+SNDBUF_DEFAULT = 0x7FFFFFFF  # INT_MAX: sndbuf= not given
+
+
+def tap_open(ifname: str, vnet_hdr: bool = True) -> int:
+    """Open /dev/net/tun and attach to ``ifname`` (made if missing): a non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(ifname.encode(), flags))
+        os.set_blocking(fd, False)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def tap_set_sndbuf(fd: int, sndbuf: int) -> None:
+    fcntl.ioctl(fd, TUNSETSNDBUF, struct.pack("i", min(sndbuf, SNDBUF_DEFAULT)))
+
+
+def tap_probe_vnet_hdr_len(fd: int, length: int) -> bool:
+    """Can the tap take a vnet header of ``length`` bytes? (sets it and puts the old back)"""
+    try:
+        orig = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, b"\0" * 4))[0]
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", length))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", orig))
+    except OSError:
+        return False
+    return True
+
+
+def tap_fd_set_vnet_hdr_len(fd: int, length: int) -> None:
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", length))
+
+
+def tap_fd_set_offload(fd: int, csum: bool, tso4: bool, tso6: bool, ecn: bool,
+                       ufo: bool) -> None:
+    offload = 0
+    if csum:
+        offload |= TUN_F_CSUM
+        if tso4:
+            offload |= TUN_F_TSO4
+        if tso6:
+            offload |= TUN_F_TSO6
+        if (tso4 or tso6) and ecn:
+            offload |= TUN_F_TSO_ECN
+        if ufo:
+            offload |= TUN_F_UFO
+    fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+
+
+class TAPState:
+    """struct TAPState: the tap's fd, its vnet header state and poll flags."""
+
+    def __init__(self, nc: NetClientState, fd: int, main_loop: MainLoop, vnet_hdr: bool) -> None:
+        self.nc = nc
+        self.fd = fd
+        self.main_loop = main_loop
+        self.host_vnet_hdr_len = 10 if vnet_hdr else 0
+        self.using_vnet_hdr = False
+        self.read_poll = False
+        self.write_poll = False
+        self.enabled = True
+        self.buf = bytearray(TAP_BUFSIZE)
+        self.zero_hdr = bytes(12)
+        self.offload = (False,) * 5
+        self.vhost_net: Any = None  # vhost=on: the VHostNetState (qemuproc/vhost_net.py)
+        self.ifname = ""
+        self.stats = {"written": 0, "write_eagain": 0, "write_errors": 0, "writable_flushes": 0,
+                      "read": 0,
+                      "read_stalls": 0}
+
+    def kernel_counters(self) -> dict[str, int]:
+        """The tap's own counters in the kernel (/proc/net/dev of the namespace): what the
+        host sent toward the guest (tx) and what it dropped for want of room."""
+        try:
+            for line in open("/proc/thread-self/net/dev").read().splitlines()[2:]:
+                name, _, rest = line.partition(":")
+                if name.strip() == self.ifname:
+                    f = [int(x) for x in rest.split()]
+                    return {"rx_packets": f[1], "rx_dropped": f[3], "tx_packets": f[9],
+                            "tx_dropped": f[11]}
+        except OSError:
+            pass
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"fd": self.fd, "kernel": self.kernel_counters(),
+                "vnet_hdr_len": self.host_vnet_hdr_len,
+                "using_vnet_hdr": self.using_vnet_hdr, "read_poll": self.read_poll,
+                "write_poll": self.write_poll, "offload": dict(zip(
+                    ("csum", "tso4", "tso6", "ecn", "ufo"), self.offload, strict=True)),
+                "stats": dict(self.stats)}
+
+
+def tap_update_fd_handler(s: TAPState) -> None:
+    s.main_loop.qemu_set_fd_handler(s.fd, tap_send if s.read_poll and s.enabled else None,
+                                    tap_writable if s.write_poll and s.enabled else None,
+                                    s, "tap")
+
+
+def tap_read_poll(s: TAPState, enable: bool) -> None:
+    s.read_poll = enable
+    tap_update_fd_handler(s)
+
+
+def tap_write_poll(s: TAPState, enable: bool) -> None:
+    s.write_poll = enable
+    tap_update_fd_handler(s)
+
+
+def tap_write_packet(s: TAPState, iov: list[memoryview | bytes]) -> int:
+    """writev the frame; would-block: watch for POLLOUT and return 0 (the queue keeps it)."""
+    while True:
+        try:
+            n = os.writev(s.fd, iov)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            s.stats["write_eagain"] += 1
+            tap_write_poll(s, True)
+            return 0
+        except OSError:  # the tap refused the frame (EINVAL: too short, a bad header)
+            s.stats["write_errors"] += 1
+            return -1
+        s.stats["written"] += 1
+        return n
+
+
+@traced
+def tap_receive_iov(nc: NetClientState, iov: list[memoryview | bytes]) -> int:
+    """A frame from the NIC: with a vnet header the NIC did not write, a zeroed one first."""
+    s: TAPState = nc.opaque
+    if s.host_vnet_hdr_len and not s.using_vnet_hdr:
+        iov = [s.zero_hdr[: s.host_vnet_hdr_len], *iov]
+    return tap_write_packet(s, iov)
+
+
+def tap_receive(nc: NetClientState, buf: memoryview | bytes) -> int:
+    return tap_receive_iov(nc, [buf])
+
+
+@traced
+def tap_writable(s: TAPState) -> None:
+    """POLLOUT on the tap after a write would have blocked: send what the queue kept."""
+    tap_write_poll(s, False)
+    s.stats["writable_flushes"] += 1
+    qemu_flush_queued_packets(s.nc)
+
+
+def tap_send_completed(nc: NetClientState, length: int) -> None:
+    tap_read_poll(nc.opaque, True)
+
+
+@traced
+def tap_send(s: TAPState) -> None:
+    """The tap is readable: up to TAP_SEND_BATCH frames from the host to the NIC."""
+    buf = s.buf
+    view = memoryview(buf)
+    for _ in range(TAP_SEND_BATCH):
+        try:
+            size = os.readv(s.fd, [buf])
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as e:
+            if e.errno == errno.EIO:  # the tap went down
+                break
+            raise
+        if size <= 0:
+            break
+        s.stats["read"] += 1
+        frame = view[:size]
+        if s.host_vnet_hdr_len and not s.using_vnet_hdr:
+            frame = frame[s.host_vnet_hdr_len :]
+        ret = qemu_sendv_packet_async(s.nc, [frame], tap_send_completed)
+        if ret == 0:  # queued (copied) in the NIC's net queue: stop reading until it goes
+            s.stats["read_stalls"] += 1
+            tap_read_poll(s, False)
+            break
+        if ret < 0:
+            break
+
+
+# -- NetClientInfo's vnet header and offload callbacks (tap_has_vnet_hdr, ...) ----------------
+
+
+def tap_has_vnet_hdr(nc: NetClientState) -> bool:
+    return nc.opaque.host_vnet_hdr_len > 0
+
+
+def tap_has_vnet_hdr_len(nc: NetClientState, length: int) -> bool:
+    return tap_has_vnet_hdr(nc) and tap_probe_vnet_hdr_len(nc.opaque.fd, length)
+
+
+def tap_using_vnet_hdr(nc: NetClientState, using: bool) -> None:
+    nc.opaque.using_vnet_hdr = using
+
+
+def tap_set_vnet_hdr_len(nc: NetClientState, length: int) -> None:
+    s: TAPState = nc.opaque
+    tap_fd_set_vnet_hdr_len(s.fd, length)
+    s.host_vnet_hdr_len = length
+
+
+def tap_set_offload(nc: NetClientState, csum: bool, tso4: bool, tso6: bool, ecn: bool,
+                    ufo: bool) -> None:
+    s: TAPState = nc.opaque
+    tap_fd_set_offload(s.fd, csum, tso4, tso6, ecn, ufo)
+    s.offload = (csum, tso4, tso6, ecn, ufo)
+
+
+def tap_get_using_vnet_hdr(nc: NetClientState) -> bool:
+    return nc.opaque.using_vnet_hdr
+
+
+def tap_get_vnet_hdr_len(nc: NetClientState) -> int:
+    return nc.opaque.host_vnet_hdr_len
+
+
+def tap_poll(nc: NetClientState, enable: bool) -> None:
+    """vhost takes the tap (False) or gives it back (True)."""
+    s: TAPState = nc.opaque
+    tap_read_poll(s, enable)
+    tap_write_poll(s, enable)
+
+
+def tap_cleanup(nc: NetClientState) -> None:
+    s: TAPState = nc.opaque
+    if s.fd >= 0:
+        s.main_loop.qemu_set_fd_handler(s.fd, None, None, None)
+        os.close(s.fd)
+        s.fd = -1
+
+
+net_tap_info = NetClientInfo("tap", tap_receive, None, receive_iov=tap_receive_iov,
+                             has_vnet_hdr=tap_has_vnet_hdr,
+                             has_vnet_hdr_len=tap_has_vnet_hdr_len,
+                             using_vnet_hdr=tap_using_vnet_hdr,
+                             set_vnet_hdr_len=tap_set_vnet_hdr_len,
+                             set_offload=tap_set_offload,
+                             get_using_vnet_hdr=tap_get_using_vnet_hdr,
+                             get_vnet_hdr_len=tap_get_vnet_hdr_len,
+                             poll=tap_poll)
+
+
+@traced
+def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = True,
+                 sndbuf: int = 0, vhost_rundir: str | None = None,
+                 poll_us: int = 0) -> NetClientState:
+    """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N][,vhost=on,
+    poll-us=N]``: open the tap, set its send buffer, start reading it (net_tap_fd_init +
+    tap_read_poll); with vhost, open /dev/vhost-net for it (net_init_tap_one)."""
+    fd = tap_open(ifname, vnet_hdr)
+    try:
+        tap_set_sndbuf(fd, sndbuf or SNDBUF_DEFAULT)
+        if vnet_hdr:
+            tap_fd_set_vnet_hdr_len(fd, 10)
+            tap_fd_set_offload(fd, False, False, False, False, False)
+    except OSError:
+        os.close(fd)
+        raise
+    nc = qemu_new_net_client(net_tap_info, None, "tap", name)
+    s = TAPState(nc, fd, main_loop, vnet_hdr)
+    s.ifname = ifname
+    nc.opaque = s
+    tap_read_poll(s, True)
+    if vhost_rundir is not None:
+        from qemuproc.vhost_net import vhost_net_init
+
+        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us)
+    return nc

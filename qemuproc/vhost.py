@@ -1,0 +1,134 @@
+"""Stands for hw/virtio/vhost.c: QEMU's side of a vhost device.
+
+``vhost_dev_init`` takes ownership (VHOST_SET_OWNER, VHOST_GET_FEATURES, the busy-poll
+timeout of each queue); ``vhost_dev_start`` gives the kernel the features, the memory
+table and each ring (``vhost_virtqueue_start``: VHOST_SET_VRING_NUM/BASE/ADDR/KICK/CALL);
+``vhost_dev_stop`` takes the rings' state back (VHOST_GET_VRING_BASE), so that the
+userspace device carries on where vhost stopped. ``vhost_dev_enable_notifiers`` hands each
+queue's host notifier (the KVM ioeventfd) to the kernel: QEMU stops polling it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.trace import traced
+from common.vhost_abi import (
+    VHOST_GET_FEATURES,
+    VHOST_GET_VRING_BASE,
+    VHOST_SET_FEATURES,
+    VHOST_SET_MEM_TABLE,
+    VHOST_SET_OWNER,
+    VHOST_SET_VRING_ADDR,
+    VHOST_SET_VRING_BASE,
+    VHOST_SET_VRING_BUSYLOOP_TIMEOUT,
+    VHOST_SET_VRING_CALL,
+    VHOST_SET_VRING_KICK,
+    VHOST_SET_VRING_NUM,
+)
+from common.virtio_abi import VIRTIO_MSI_NO_VECTOR
+from qemuproc.vhost_backend import VhostKernel
+from qemuproc.virtio import VirtIODevice
+
+
+class VhostDev:
+    """struct vhost_dev: ``nvqs`` queues of ``vdev`` from ``vq_index`` on, and the backend."""
+
+    def __init__(self, backend: VhostKernel, nvqs: int, busyloop_timeout: int) -> None:
+        self.backend = backend
+        self.nvqs = nvqs
+        self.vq_index = 0
+        self.busyloop_timeout = busyloop_timeout
+        self.features = 0
+        self.acked_features = 0
+        self.started = False
+        self.starts = 0
+        self.stops = 0
+        self.ring_bases: dict[int, int] = {}  # what VHOST_GET_VRING_BASE gave at the last stop
+
+
+@traced
+def vhost_dev_init(hdev: VhostDev) -> None:
+    call = hdev.backend.vhost_kernel_call
+    call(VHOST_SET_OWNER)
+    hdev.features = call(VHOST_GET_FEATURES)
+    for i in range(hdev.nvqs):
+        call(VHOST_SET_VRING_BUSYLOOP_TIMEOUT, i, hdev.busyloop_timeout)
+
+
+def vhost_get_features(hdev: VhostDev, feature_bits: list[int], features: int) -> int:
+    """Clear each of ``feature_bits`` the kernel does not have; others stay."""
+    for bit in feature_bits:
+        if not hdev.features >> bit & 1:
+            features &= ~(1 << bit)
+    return features
+
+
+@traced
+def vhost_dev_enable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
+    """The queues' ioeventfds go to the kernel (virtio_bus_set_host_notifier): QEMU's own
+    handling of them stops (virtio_device_grab_ioeventfd)."""
+    queues = range(hdev.vq_index, hdev.vq_index + hdev.nvqs)
+    started = bus.ioeventfd_started
+    if started:
+        bus.virtio_pci_stop_ioeventfd()
+    bus.ioeventfd_grabbed.update(queues)
+    if started:
+        bus.virtio_pci_start_ioeventfd()
+
+
+@traced
+def vhost_dev_disable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
+    """Back to QEMU (virtio_device_release_ioeventfd): it polls the ioeventfds again."""
+    started = bus.ioeventfd_started
+    if started:
+        bus.virtio_pci_stop_ioeventfd()
+    bus.ioeventfd_grabbed.difference_update(range(hdev.vq_index, hdev.vq_index + hdev.nvqs))
+    if started:
+        bus.virtio_pci_start_ioeventfd()
+
+
+@traced
+def vhost_virtqueue_start(hdev: VhostDev, vdev: VirtIODevice, bus: Any, idx: int) -> None:
+    vq = vdev.vq[idx]
+    call = hdev.backend.vhost_kernel_call
+    i = idx - hdev.vq_index
+    call(VHOST_SET_VRING_NUM, i, vq.num)
+    call(VHOST_SET_VRING_BASE, i, vq.last_avail_idx)
+    call(VHOST_SET_VRING_ADDR, i, vq.desc, vq.avail, vq.used, 0)
+    call(VHOST_SET_VRING_KICK, i, bus.cfg.ioeventfd(idx))
+    irqfd = bus.irqfds.get(vq.vector) if vq.vector != VIRTIO_MSI_NO_VECTOR else None
+    call(VHOST_SET_VRING_CALL, i, irqfd.name if irqfd is not None else None)
+
+
+@traced
+def vhost_dev_start(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
+    call = hdev.backend.vhost_kernel_call
+    call(VHOST_SET_FEATURES, hdev.acked_features)
+    call(VHOST_SET_MEM_TABLE, [{"guest_phys_addr": 0, "memory_size": vdev.dma.size,
+                                "userspace_addr": 0, "shm": vdev.dma.name}])
+    for i in range(hdev.nvqs):
+        vhost_virtqueue_start(hdev, vdev, bus, hdev.vq_index + i)
+    hdev.started = True
+    hdev.starts += 1
+
+
+@traced
+def vhost_virtqueue_stop(hdev: VhostDev, vdev: VirtIODevice, idx: int) -> None:
+    """Where the kernel got to: QEMU's queue continues from there."""
+    base = hdev.backend.vhost_kernel_call(VHOST_GET_VRING_BASE, idx - hdev.vq_index)
+    hdev.ring_bases[idx] = base
+    vq = vdev.vq[idx]
+    vq.last_avail_idx = vq.shadow_avail_idx = base  # virtio_queue_set_last_avail_idx
+    if vq.views is not None:  # virtio_queue_update_used_idx
+        vq.used_idx = vq.views.used_hdr[1]
+    vq.inuse = 0
+    vq.signalled_used_valid = False
+
+
+@traced
+def vhost_dev_stop(hdev: VhostDev, vdev: VirtIODevice) -> None:
+    for i in range(hdev.nvqs):
+        vhost_virtqueue_stop(hdev, vdev, hdev.vq_index + i)
+    hdev.started = False
+    hdev.stops += 1

@@ -1,0 +1,209 @@
+"""``--netdev tap --vhost on``: vhost-net in the KVM process serves the rings in guest RAM;
+QEMU only sets it up (vhost_net_start) and takes the rings back (vhost_net_stop).
+
+Runs go through a real ``python -m vreplica.cli run``; one test drives the Supervisor
+itself so that it can kill QEMU and look into KVM before the run is taken down.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from common.monitor import query
+from common.netns import privilege_problem
+from vreplica.supervisor import RunOptions, Supervisor
+
+pytestmark = [pytest.mark.usefixtures("no_leftovers"),
+              pytest.mark.skipif(privilege_problem() is not None,
+                                 reason=f"--netdev tap: {privilege_problem()}")]
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 60
+
+
+def run(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"summary-{time.monotonic_ns()}.json"
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--netdev", "tap",
+                           "--vhost", "on", *args, "--timeout", str(TIMEOUT_S),
+                           "--summary-json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def kernel_vq(s: dict, index: int) -> dict:
+    (dev,) = s["vhost"]["kernel"]
+    return dev["vqs"][index]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("size", [64, 1472])
+def test_vhost_guest_to_host_exactly(tmp_path: Path, size: int) -> None:
+    """Every datagram reaches the socket once and in order; every TX chain (the guest's
+    ARP request too) went through the vhost worker's handle_tx, none through QEMU."""
+    n = 2000
+    s = run(tmp_path, "--packets", str(n), "--size", str(size))
+    assert s["host"] == {"received": n, "unique": n, "bad_payloads": 0, "duplicates": 0,
+                         "in_order": True}
+    tx = kernel_vq(s, 1)
+    assert tx["packets"] == n + 1 and tx["errors"] == 0
+    assert s["kicks_handled"] == 0  # QEMU's virtio_queue_notify never ran for TX
+    assert s["tap"]["stats"]["written"] == 0  # nor did QEMU write the tap
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("size", "mrg"), [(64, "off"), (1472, "off")])
+def test_vhost_host_to_guest_exactly(tmp_path: Path, size: int, mrg: str) -> None:
+    """The tap's frames go into the guest's buffers straight from the worker's handle_rx
+    (with mergeable buffers a 1514-byte frame spans three 512-byte ones)."""
+    n = 500
+    s = run(tmp_path, "--mode", "sink", "--packets", str(n), "--size", str(size),
+            "--mrg-rxbuf", mrg)
+    assert (s["arrived"], s["unique"], s["duplicates"], s["in_order"]) == (n, n, 0, True)
+    rx = kernel_vq(s, 0)
+    assert rx["packets"] >= n and rx["errors"] == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("size", "mrg"), [(64, "off"), (1472, "on")])
+def test_vhost_echo_round_trips_and_rings_go_back_to_qemu(tmp_path: Path, size: int,
+                                                          mrg: str) -> None:
+    """Round trips through both of the worker's handlers (with mergeable buffers a 1514-byte
+    reply spans three 512-byte ones, num_buffers written by handle_rx); at the end
+    vhost_net_stop takes the rings back (VHOST_GET_VRING_BASE) and QEMU's queues stand
+    where vhost left them."""
+    n = 300
+    s = run(tmp_path, "--mode", "echo", "--packets", str(n), "--window", "8", "--size",
+            str(size), "--mrg-rxbuf", mrg)
+    assert (s["replies"], s["bad_replies"], s["duplicate_replies"]) == (n, 0, 0)
+    if mrg == "on":
+        assert kernel_vq(s, 0)["last_used_idx"] >= 3 * n
+    q = s["vhost"]["qemu"]
+    assert (q["starts"], q["stops"], q["started"]) == (1, 1, False)
+    rx, tx = kernel_vq(s, 0), kernel_vq(s, 1)
+    assert q["ring_bases"] == {"0": rx["last_avail_idx"], "1": tx["last_avail_idx"]}
+    assert tx["last_avail_idx"] == tx["last_used_idx"] >= n
+
+
+@pytest.mark.timeout(60)
+def test_vhost_qemu_tx_bottom_half_never_runs(tmp_path: Path) -> None:
+    """While vhost owns the queues QEMU's TX bottom half is never scheduled: its main loop
+    polls neither the ioeventfds nor the tap."""
+    run_dir_reports: dict = {}
+
+    opts = RunOptions(mode="tx", packets=1000, dest_port=9,
+                      extra={"netdev": "tap", "vhost": True, "csum": True})
+    sup = Supervisor(opts)
+    try:
+        sup.run()
+        run_dir_reports = sup.reports()
+    finally:
+        sup.cleanup()
+    q = run_dir_reports["qemu"]
+    assert q["bh_runs"].get("virtio_net_tx_bh0") == 0
+    assert all(v["kicks_handled"] == 0 and v["pops"] == 0 for name, v in q["queues"].items()
+               if name.startswith("TX"))
+    assert q["vhost"]["ring_bases"]["1"] == 1001
+
+
+@pytest.mark.timeout(60)
+def test_vhost_stops_when_qemu_dies() -> None:
+    """kill -9 of QEMU closes its /dev/vhost-net: the kernel releases the device, its worker
+    stops and the tap is dropped, as in the real kernel; KVM goes on until it is stopped."""
+    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9,
+                      extra={"netdev": "tap", "vhost": True, "csum": True})
+    sup = Supervisor(opts)
+    try:
+        cfg = sup.start()
+        deadline = time.monotonic() + 20
+        tx_packets = 0
+        while time.monotonic() < deadline and tx_packets < 1000:
+            try:
+                d = query(cfg.rundir, "kvm", "info vhost")
+                tx_packets = d["open"][0]["vqs"][1]["packets"] if d["open"] else 0
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.05)
+        assert tx_packets >= 1000, "vhost moved no traffic"
+        qemu = psutil.Process(sup.procs["qemu"].pid)
+        worker = f"vhost-{qemu.pid}"
+        kvm = psutil.Process(sup.procs["kvm"].pid)
+        assert worker in {t.name() for t in _threads(kvm)}
+        qemu.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        d = {}
+        while time.monotonic() < deadline:
+            d = query(cfg.rundir, "kvm", "info vhost")
+            if not d["open"] and d["released"]:
+                break
+            time.sleep(0.02)
+        assert d["open"] == [] and len(d["released"]) == 1
+        assert [v["backend"] for v in d["released"][0]["vqs"]] == [None, None]
+        assert worker not in {t.name() for t in _threads(kvm)}  # joined by the release
+    finally:
+        sup.stop()
+        sup.cleanup()
+
+
+def _threads(p: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for t in p.threads():
+        try:
+            out.append(psutil.Process(t.id))
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_demo_follows_one_packet_through_vhost(tmp_path: Path) -> None:
+    """``demo --netdev tap --vhost on``: the chain vp_notify -> KVM's ioeventfd -> the vhost
+    worker's handle_tx -> the tap -> the host's echo socket, the completion back through the
+    irqfd, and the reply through handle_rx to the guest's socket, in that order."""
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "demo", "--netdev", "tap",
+                           "--vhost", "on", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # causal order only: what the worker does after its write races the host socket
+    for chain in (["udp_sendmsg", "vp_notify", "ioeventfd_write", "vhost_poll_wakeup",
+                   "handle_tx", "vhost_get_vq_desc", "tun_sendmsg",
+                   "host: the echo socket at 10.0.2.2 has it", "handle_rx", "tun_recvmsg",
+                   "udp_rcv", "recvfrom"],
+                  ["tun_sendmsg", "vhost_signal  vq 1", "irqfd_wakeup", "kvm_inj_virq",
+                   "vring_interrupt  irq", "skb_xmit_done"]):
+        at = 0
+        for step in chain:
+            found = out.find(f" {step}", at)
+            assert found >= 0, f"{step} missing after position {at}:\n{out}"
+            at = found
+    assert "irqfd_wakeup" in out and "kvm_inj_virq" in out
+    assert "virtio_net_tx_bh" not in out and "virtqueue_pop" not in out  # QEMU stayed out
+
+
+@pytest.mark.timeout(90)
+def test_qemu_command_line_netdev_tap_vhost(tmp_path: Path) -> None:
+    """QEMU's spelling, ``-netdev tap,id=n0,vhost=on -device virtio-net-pci,netdev=n0``,
+    runs the same path; a bad tap property gets QEMU's wording and exit status 2."""
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "-netdev",
+                           "tap,id=n0,vhost=on,script=no,downscript=no", "-device",
+                           "virtio-net-pci,netdev=n0", "--packets", "300", "--summary-json",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())
+    assert s["host"]["received"] == 300 and kernel_vq(s, 1)["packets"] == 301
+    bad = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "-netdev",
+                          "tap,id=n0,vhost=maybe", "-device", "virtio-net-pci,netdev=n0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+    assert bad.stderr == ("vreplica: -netdev tap,id=n0,vhost=maybe: Parameter 'vhost' expects "
+                          "'on' or 'off'\n")
