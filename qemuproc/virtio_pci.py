@@ -284,6 +284,7 @@ def virtio_pci_config_read(proxy: VirtIOPCIProxy, addr: int, size: int) -> int:
     return int.from_bytes(data[off : off + size].ljust(size, b"\xff"), "little")
 
 
+@traced
 def virtio_pci_config_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: int) -> None:
     config = virtio_pci_config_off(proxy.pci_dev.msix_enabled())
     if addr < config:

@@ -82,7 +82,7 @@ def test_demo_follows_one_round_trip_through_the_three_processes(tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     lines = text.splitlines()
-    assert len(lines) <= 85, text
+    assert len(lines) <= 88, text  # one screen
     assert max(len(line) for line in lines if str(out) not in line) <= 100, text
     assert lines[1].startswith("legend:")
     seq = int(re.search(r"One round trip \(seq (\d+)\)", lines[0])[1])
@@ -148,3 +148,119 @@ def test_demo_bad_option_is_one_line_and_status_2(tmp_path: Path) -> None:
         proc = demo(*args, "--out", str(tmp_path / "o"))
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def tx_section(lines: list[str]) -> list[Line]:
+    there = next(i for i, line in enumerate(lines) if line.startswith(TO_HOST))
+    end = next((i for i, line in enumerate(lines[there + 1:], there + 1)
+                if not chain_line(line)), len(lines))
+    return [c for c in map(chain_line, lines[there + 1:end]) if c]
+
+
+KICK_THROUGH_QEMU = ["kvm_cpu_exec", "kvm_handle_io", "address_space_rw",
+                     "virtio_pci_config_write", "virtio_ioport_write", "virtio_queue_notify",
+                     "virtio_net_handle_tx_bh"]
+"""QEMU 7.2's calls for a guest's OUT to the legacy virtio-pci notify port without ioeventfd:
+the vCPU thread's KVM_EXIT_IO, down to virtio-net's TX handler, each inside the last."""
+
+
+@pytest.mark.timeout(60)
+def test_demo_ioeventfd_off_shows_the_kick_through_qemus_vcpu_thread(tmp_path: Path) -> None:
+    proc = demo("--ioeventfd", "off", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tx = tx_section(proc.stdout.splitlines())
+    names = [name for _, name, *_ in tx]
+    assert "ioeventfd_write" not in names, proc.stdout
+    at = names.index("vp_notify")
+    steps = []
+    for name in KICK_THROUGH_QEMU:
+        assert name in names[at:], f"{name} missing or out of order in:\n{proc.stdout}"
+        at = names.index(name, at)
+        steps.append(tx[at])
+    assert {(proc_, when is None or when > 0) for proc_, _, when, *_ in steps} == {("qemu", True)}
+    depths = [depth for _, _, _, depth, _, _ in steps]
+    assert depths == sorted(set(depths)), proc.stdout  # each called by the one before
+    pio = next(c for c in tx if c[1] == "kvm_pio")
+    uexit = next(c for c in tx if c[1] == "kvm_userspace_exit")
+    assert "KVM_EXIT_IO" in uexit[5] and pio[2] <= uexit[2]
+    assert KICK_HINT_START not in proc.stdout
+
+
+KICK_HINT_START = "the kick went by KVM's ioeventfd; ./run.sh demo --ioeventfd off"
+
+
+@pytest.mark.timeout(60)
+def test_default_demo_says_how_to_see_the_kick_through_qemu(tmp_path: Path) -> None:
+    proc = demo("--packets", "3", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    hint = [line for line in proc.stdout.splitlines() if line.startswith(KICK_HINT_START)]
+    assert len(hint) == 1 and "kvm_cpu_exec" in hint[0], proc.stdout
+    names = [name for _, name, *_ in tx_section(proc.stdout.splitlines())]
+    assert "ioeventfd_write" in names and "kvm_handle_io" not in names, proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_demo_passes_the_device_properties_to_the_run(tmp_path: Path) -> None:
+    proc = demo("--tx", "timer", "--vectors", "0", "--event-idx", "off", "--mrg-rxbuf", "on",
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    names = [name for _, name, *_ in tx_section(lines)]
+    assert "virtio_net_handle_tx_timer" in names and "virtio_net_tx_timer" in names
+    assert "virtio_net_tx_bh" not in names and "kvm_set_irq" in names, proc.stdout
+    assert "kvm_msi_set_irq" not in names
+    assert re.search(r"event_idx off, interrupts intx", proc.stdout)
+    reclaim = [c for c in map(chain_line, lines) if c and c[1] == "virtqueue_get_buf"
+               and "input." in c[5]]
+    frame = [c for c in map(chain_line, lines) if c and c[1] == "receive_buf"]
+    # mergeable RX buffers: the device writes the 12-byte virtio_net_hdr_mrg_rxbuf before the frame
+    got = int(re.search(r"len (\d+)", reclaim[0][5])[1])
+    assert got == int(re.match(r"(\d+)-byte frame", frame[0][5])[1]) + 12, proc.stdout
+
+
+@pytest.mark.timeout(30)
+def test_demo_device_options_are_checked_as_the_run_checks_them(tmp_path: Path) -> None:
+    for args, says in ((["--ioeventfd", "maybe"], "on or off"),
+                       (["--vectors", "99"], "--vectors must be between 0 and 64"),
+                       (["--queue-size", "100"], "--queue-size must be a power of 2")):
+        proc = demo(*args, "--out", str(tmp_path / "o"))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1 and says in proc.stderr and proc.stdout == ""
+        assert not (tmp_path / "o").exists()
+
+
+def trace_show(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vreplica.cli", "trace", "show", *args],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+
+
+@pytest.mark.timeout(90)
+def test_trace_show_prints_a_packets_chain_from_the_demos_trace(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    proc = demo("--packets", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trace = str(out / "trace.json")
+    for seq in (1, 3):
+        shown = trace_show(trace, "--packet", str(seq))
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0].startswith(f"One round trip (seq {seq})")
+        tx = tx_section(lines)
+        follows(tx, TRANSMIT_PATH, shown.stdout)
+        assert tx[0][1] == "udp_sendmsg" and f"seq {seq}:" in tx[0][5]
+        recv = [c for c in map(chain_line, lines) if c and c[1] == "recvfrom"]
+        assert len(recv) == 1 and f"seq {seq}: 64 B returned" in recv[0][5], shown.stdout
+    default = trace_show(trace)
+    demo_seq = re.search(r"One round trip \(seq (\d+)\)", proc.stdout)[1]
+    assert default.returncode == 0 and f"(seq {demo_seq})" in default.stdout.splitlines()[0]
+
+    missing = trace_show(trace, "--packet", "7")
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "seq 7" in missing.stderr
+    not_trace = tmp_path / "x.json"
+    not_trace.write_text('{"a": 1}')
+    for args in ([str(tmp_path / "none.json")], [str(not_trace)], [], [trace, "--packet", "x"]):
+        bad = trace_show(*args)
+        assert bad.returncode == 2 and bad.stdout == "", bad.stderr
+        assert bad.stderr.count("\n") == 1, bad.stderr
+    assert trace_show("--help").returncode == 0

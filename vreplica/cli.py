@@ -59,23 +59,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "5 spaced 300 ms apart and a burst of 20 (sets --packets)")
     p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
     p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
-    p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)")
-    p.add_argument("--vectors", type=int, default=None,
-                   help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue (default)")
-    p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off")
-    p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off")
-    p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off")
-    p.add_argument("--any-layout", type=on_off, default=True, metavar="on|off",
-                   help="off: TX puts the virtio-net header in a buffer of its own")
-    p.add_argument("--indirect-desc", type=on_off, default=True, metavar="on|off",
-                   help="VIRTIO_RING_F_INDIRECT_DESC (used by chains of 2+ buffers)")
+    add_device_options(p)
     p.add_argument("--guest-fault", metavar="KIND",
                    help="the guest driver breaks one ring rule after 5 good frames and "
                         "recovers by reset ('list' shows the kinds)")
-    p.add_argument("--tx", choices=("bh", "timer"), default="bh")
-    p.add_argument("--tx-burst", type=int, default=256)
-    p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
-                   help="--tx timer: the TX timer's delay (QEMU's x-txtimer)")
     p.add_argument("--trace", metavar="FILE", help="write a Chrome trace (Perfetto) here")
     p.add_argument("--trace-events", metavar="GLOB,...",
                    help="with --trace: only these trace events start on ('spans' for the "
@@ -99,6 +86,27 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconnect", action="store_true",
                    help="if QEMU dies, start a new one on the same guest (the guest and KVM go on)")
     add_tap_options(p)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> list[str]:
+    """The virtio-net-pci device's properties (QEMU's -device virtio-net-pci,...), which
+    ``vreplica demo`` takes too; returns their destinations."""
+    return [a.dest for a in (
+        p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)"),
+        p.add_argument("--vectors", type=int, default=None,
+                       help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue (default)"),
+        p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off"),
+        p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off"),
+        p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off"),
+        p.add_argument("--any-layout", type=on_off, default=True, metavar="on|off",
+                       help="off: TX puts the virtio-net header in a buffer of its own"),
+        p.add_argument("--indirect-desc", type=on_off, default=True, metavar="on|off",
+                       help="VIRTIO_RING_F_INDIRECT_DESC (used by chains of 2+ buffers)"),
+        p.add_argument("--tx", choices=("bh", "timer"), default="bh"),
+        p.add_argument("--tx-burst", type=int, default=256),
+        p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
+                       help="--tx timer: the TX timer's delay (QEMU's x-txtimer)"),
+    )]
 
 
 # -- -netdev tap ---------------------------------------------------------------------------------
@@ -431,7 +439,8 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
 DELEGATED = {
     "demo": ("vreplica.demo", "main", "one packet's journey through the three processes"),
     "trace": ("vreplica.render", "main",
-              "trace files: render TRACE.json OUT.svg|OUT.png; compare REAL.log REPLICA"),
+              "trace files: render TRACE.json OUT.svg|OUT.png; show TRACE.json "
+              "[--packet SEQ]; compare REAL.log REPLICA"),
     "bench": ("vreplica.bench", "main", "measure the path against its baselines"),
     "stress": ("vreplica.stress", "main", "sustained load with chaos, and a verdict"),
     "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),

@@ -13,6 +13,7 @@ Not part of the replicated system: a guided tour of it.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import textwrap
 from collections.abc import Callable
@@ -21,12 +22,28 @@ from typing import Any
 
 from common.kvm_abi import KVM_EXIT_NAMES, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
-from vreplica.cli import Parser, execute, finite_float
+from vreplica.cli import (
+    Parser,
+    add_device_options,
+    add_run_options,
+    execute,
+    finite_float,
+    on_off,
+    options_from_args,
+)
 from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.render import RenderError, render_round_trip
 from vreplica.summary import format_summary
 from vreplica.supervisor import RunFailed, RunOptions
-from vreplica.tracefile import Event, Trace, TraceError, load_trace, round_trip_events
+from vreplica.tracefile import (
+    TX,
+    Event,
+    Trace,
+    TraceError,
+    chain_events,
+    load_trace,
+    round_trip_events,
+)
 
 PACKETS = 5
 SIZE = 64
@@ -72,12 +89,15 @@ SHOWN: dict[str, Detail] = {
     "kvm_userspace_exit": lambda a: f"return to QEMU: {_exit_name(a)}",
     "kvm_cpu_exec": lambda a: "",
     "kvm_run_exit": lambda a: f"KVM_RUN returned {_exit_name(a)}",
-    "kvm_handle_io": lambda a: "",
+    "kvm_handle_io": lambda a: "the BQL, then the port's region",
+    "address_space_rw": lambda a: "",
+    "virtio_pci_config_write": lambda a: "virtio-pci's legacy I/O BAR",
     "virtio_ioport_write": lambda a: "",
     "main_loop_wait": lambda a: "",
     "virtio_queue_host_notifier_read": lambda a: "the ioeventfd is readable",
     "virtio_queue_notify": lambda a: f"n {a.get('n')}, {_vq(a)}",
     "virtio_net_handle_tx_bh": lambda a: "disable notifications, defer to the bh",
+    "virtio_net_handle_tx_timer": lambda a: "arm the TX timer (x-txtimer), or flush now",
     "qemu_bh_schedule": lambda a: f"{a.get('bh')} -> aio_notify",
     "aio_bh_poll": lambda a: "",
     "virtio_net_tx_bh": lambda a: "",
@@ -123,11 +143,12 @@ SHOWN: dict[str, Detail] = {
     "recvfrom": lambda a: f"seq {a.get('seq')}: {a.get('len')} B returned to the program",
 }
 EMPTY_UNLESS_TRACED = {"virtqueue_pop": "virtqueue_pop",
+                       "slirp_pollfds_poll": "sorecvfrom",
                        "free_old_xmit_skbs": "free_old_xmit_skbs",
                        "virtio_net_flush_tx": "virtqueue_pop",
                        "virtqueue_get_buf": "virtqueue_get_buf"}
 """Spans shown only if the trace point named here ran inside them (a pop that found the ring
-empty, a flush that popped nothing)."""
+empty, a flush that popped nothing, a slirp poll that read no datagram)."""
 TX_HIDDEN = {"xmit_skb", "handle_exit", "net_rx_action", "virtqueue_get_buf"}
 """Steps the way to the host leaves out, for room: a line above or below tells of each."""
 RX_HIDDEN = {"qemu_sendv_packet_async", "ip_rcv"}
@@ -194,6 +215,11 @@ def _point(events: list[Event], name: str) -> Event | None:
     return next((e for e in events if e.name == name and not e.is_span), None)
 
 
+LEGEND = ["legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
+          "        >> = control passes to another process; ... = was already running",
+          f"{'us':>8}    {'process/thread':<{WHERE_W}} function"]
+
+
 def format_round_trip(trace: Trace, seq: int) -> list[str]:
     """Round trip ``seq``: the datagram's chain to the host, then its reply's back to the
     guest socket, each line with its offset from the guest's ``udp_sendmsg``."""
@@ -206,9 +232,7 @@ def format_round_trip(trace: Trace, seq: int) -> list[str]:
     lines = [
         f"One round trip (seq {seq}) through the three processes: to the host's echo service "
         "and back.",
-        "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
-        "        >> = control passes to another process; ... = was already running",
-        f"{'us':>8}    {'process/thread':<{WHERE_W}} function",
+        *LEGEND,
         f"-> to the host: seq {seq} to 10.0.2.2:{port}, which slirp sends to 127.0.0.1:{port}",
     ]
     lines += _section(trace, tx, tx_context, t0, TX_HIDDEN)
@@ -222,6 +246,23 @@ def format_round_trip(trace: Trace, seq: int) -> list[str]:
         lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
                                f"recvfrom{host}", WIDTH)
     return lines
+
+
+KICK_HINT = ("the kick went by KVM's ioeventfd; ./run.sh demo --ioeventfd off sends it through "
+             "kvm_cpu_exec")
+"""The default demo's pointer to the path a kick takes without ioeventfd: QEMU's vCPU thread
+(kvm_cpu_exec -> kvm_handle_io -> address_space_rw -> ... -> virtio_queue_notify)."""
+
+def format_packet(trace: Trace, seq: int) -> list[str]:
+    """Datagram ``seq``'s chain as the demo prints it: its round trip if the trace holds its
+    reply (an echo run), else its way to the host and the completion back."""
+    if seq in trace.packets and seq in trace.replies:
+        return format_round_trip(trace, seq)
+    tx, context = chain_events(trace, seq, TX)
+    send = _point(tx, "udp_sendmsg")
+    port = send.args.get("dport") if send is not None else "?"
+    return [f"Datagram seq {seq} through the three processes, to 10.0.2.2:{port}.", *LEGEND,
+            "-> to the host", *_section(trace, tx, context, tx[0].ts, TX_HIDDEN)]
 
 
 WHOLE_RX = ("kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "recvfrom")
@@ -329,6 +370,36 @@ def _pick(trace: Trace, wanted: int | None) -> int:
     return sorted(seqs, key=rtt)[len(seqs) // 2]  # a typical one: the median round trip
 
 
+def _pick_any(trace: Trace, wanted: int | None) -> int:
+    """``wanted``, or the round trip the demo would pick, or (no replies) the median datagram."""
+    if wanted is not None or set(trace.packets) & set(trace.replies):
+        return _pick(trace, wanted)
+    if not trace.packets:
+        raise TraceError("no packet paths in this trace")
+    seqs = sorted(trace.packets)
+    return seqs[len(seqs) // 2]
+
+
+def show_main(argv: list[str]) -> int:
+    """``vreplica trace show TRACE.json [--packet SEQ]``: a datagram's chain from a trace file,
+    printed as the demo prints it."""
+    p = Parser(prog="vreplica trace show", label="vreplica trace show",
+               description="Print one datagram's call chain through the three processes (an "
+                           "echo run: its round trip) from a trace file, as the demo does.")
+    p.add_argument("trace", metavar="TRACE.json", help="a trace written by run --trace or demo")
+    p.add_argument("--packet", type=int, default=None, metavar="SEQ",
+                   help="the datagram's sequence number (default: the demo's pick)")
+    a = p.parse_args(argv)
+    try:
+        trace = load_trace(a.trace)
+        lines = format_packet(trace, _pick_any(trace, a.packet))
+    except TraceError as e:
+        print(f"vreplica trace show: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def _parser() -> Parser:
     p = Parser(prog="vreplica demo", label="vreplica demo",
                description="Send a few datagrams from the guest to a host echo service and "
@@ -341,9 +412,27 @@ def _parser() -> Parser:
                    help="the datagram whose round trip to follow (default: the median one)")
     p.add_argument("--netdev", choices=("user", "tap"), default="user",
                    help="tap: over a real tap in the run's namespace (root)")
-    p.add_argument("--vhost", choices=("on", "off"), default="off",
+    p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
                    help="with --netdev tap: vhost-net serves the rings")
+    add_device_options(p)
     return p
+
+
+def _run_options(a: argparse.Namespace) -> RunOptions:
+    """An echo run, checked as ``vreplica run`` checks its options: the demo's options that
+    the run has too (the device's properties, --packets, --pace-ms, --netdev, --vhost) mean
+    the same there."""
+    run = Parser(prog="vreplica demo", label="vreplica demo")
+    add_run_options(run)
+    r = run.parse_args([])
+    for name, value in vars(a).items():
+        if hasattr(r, name):
+            setattr(r, name, value)
+    r.mode, r.size = "echo", SIZE  # dest_port 0: execute() opens the echo service
+    opts = options_from_args(r)
+    if a.netdev == "tap":
+        opts.extra["record_echo"] = True
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,19 +445,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = Path(a.out).resolve()
-    if a.vhost == "on" and a.netdev != "tap":
-        print("vreplica demo: --vhost on needs --netdev tap", file=sys.stderr)
-        return 2
     tap = a.netdev == "tap"
-    if tap:
-        from common.netns import privilege_problem
-
-        why = privilege_problem()
-        if why:
-            print(f"vreplica demo: --netdev tap {why}", file=sys.stderr)
-            return 2
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
     try:
+        opts = _run_options(a)
         writable_dir("--out", a.out)
         out.mkdir(parents=True, exist_ok=True)
         for path in (trace_path, pcap_path):
@@ -379,11 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"vreplica demo: --out {a.out}: {e.strerror}", file=sys.stderr)
         return 2
-    opts = RunOptions(mode="echo", packets=a.packets, size=SIZE, dest_port=0, window=1,
-                      pace_ms=a.pace_ms, trace=str(trace_path), pcap=str(pcap_path),
-                      timeout=60.0,
-                      extra={"netdev": "tap", "csum": True, "vhost": a.vhost == "on",
-                             "record_echo": True} if tap else {})
+    opts.trace, opts.pcap = str(trace_path), str(pcap_path)
     try:
         summary, _ = execute(opts)  # dest_port 0: it opens the echo service on 127.0.0.1
     except RunFailed as e:
@@ -403,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return 1
     print("\n".join(lines))
+    if a.ioeventfd and not a.vhost:
+        print(KICK_HINT)
     print()
     for line in format_summary(summary).splitlines():
         print("\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * 25,

@@ -294,7 +294,8 @@ def _parser() -> _Parser:
 
 
 USAGE = ("usage: vreplica trace render TRACE.json OUT.svg|OUT.png [--packet SEQ] "
-         "[--window START_US END_US] | vreplica trace compare REAL.log REPLICA.json|.log")
+         "[--window START_US END_US] | vreplica trace show TRACE.json [--packet SEQ] | "
+         "vreplica trace compare REAL.log REPLICA.json|.log")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE + "\n  draws one packet's journey (an echo run: its round trip), or a time "
               "window, across the three processes' threads")
         return 0
+    if args[0] == "show":
+        from vreplica.demo import show_main
+
+        return show_main(args[1:])
     if args[0] == "compare":
         from vreplica.trace_compare import main as compare_main
 
