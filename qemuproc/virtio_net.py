@@ -741,6 +741,9 @@ def receive_filter(n: VirtIONet, buf: memoryview | bytes) -> bool:
     """Does the driver's receive filter (VIRTIO_NET_CTRL_RX/MAC/VLAN) let this frame in?"""
     if n.promisc:
         return True
+    h = n.host_hdr_len
+    if h:
+        buf = buf[h:]
     if buf[12:14] == b"\x81\x00":
         vid = ((buf[14] << 8) | buf[15]) & 0xFFF
         if not n.vlans[vid >> 5] & (1 << (vid & 0x1F)):
