@@ -500,28 +500,34 @@ def virtnet_freeze_down(vdev: Any) -> None:
         napi_disable(sq.napi)
 
 
-def free_unused_bufs(vi: VirtnetInfo) -> None:
-    """Buffers the device never used go back to their pools (in-flight TX skbs included)."""
+def free_unused_bufs(vi: VirtnetInfo) -> int:
+    """Buffers the device never used go back to their pools (in-flight TX skbs included);
+    returns how many TX skbs were freed unsent."""
+    unsent = 0
     for sq in vi.sq:
         while (skb := virtqueue_detach_unused_buf(sq.vq)) is not None:
             vi.skb_pool.kfree_skb(skb)
+            unsent += 1
     for rq in vi.rq:
         while (buf := virtqueue_detach_unused_buf(rq.vq)) is not None:
             rq.pool.kfree_skb(buf)
     if vi.cvq is not None:
         while virtqueue_detach_unused_buf(vi.cvq) is not None:
             pass
+    return unsent
 
 
 def virtnet_del_vqs(vi: VirtnetInfo) -> None:
     vi.vdev.config.del_vqs(vi.vdev)
 
 
-def remove_vq_common(vi: VirtnetInfo) -> None:
-    """Reset the device first (it stops touching the rings), then take the rings down."""
+def remove_vq_common(vi: VirtnetInfo) -> int:
+    """Reset the device first (it stops touching the rings), then take the rings down;
+    returns how many TX skbs the reset freed unsent."""
     vi.vdev.config.reset(vi.vdev)
-    free_unused_bufs(vi)
+    unsent = free_unused_bufs(vi)
     virtnet_del_vqs(vi)
+    return unsent
 
 
 def virtnet_restore_up(vdev: Any, log: dict[str, int] | None = None) -> None:
@@ -555,7 +561,7 @@ def virtnet_reset(vi: VirtnetInfo) -> bool:
     log["rx_unprocessed"] = sum((rq.vq.used_hdr[1] - rq.vq.last_used_idx) & 0xFFFF
                                 for rq in vi.rq)
     log["status0_ns"] = vi.kernel.now_ns()
-    remove_vq_common(vi)
+    log["tx_unsent"] = remove_vq_common(vi)
     try:
         virtio_add_status(vdev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
         virtio_add_status(vdev, VIRTIO_CONFIG_S_DRIVER)

@@ -64,7 +64,8 @@ def outages(events: list[dict[str, Any]], reset_log: list[dict[str, int]],
                     if r.get("rx_posted_ns") else None,
                     "reset_ms": round((r["end_ns"] - r["start_ns"]) / 1e6, 2)
                     if r.get("end_ns") else None,
-                    "rx_unprocessed": r.get("rx_unprocessed", 0)}
+                    "rx_unprocessed": r.get("rx_unprocessed", 0),
+                    "tx_unsent": r.get("tx_unsent", 0)}
         elif o.kind == "kill-device":
             o.end_ns = next((t for t in readies if t > o.start_ns), 0)
         out.append(o)
