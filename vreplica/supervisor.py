@@ -224,6 +224,8 @@ class Supervisor:
             try:
                 self._read_ctl(0.1)
             except KeyboardInterrupt:
+                if hold:
+                    self._read_ctl(0.2)  # the guest's "done" may be queued still
                 if not (hold and "guest" in self.done):
                     raise
                 self.stop()  # --hold: Ctrl-C ends a finished run, as the monitor's quit does
