@@ -126,7 +126,9 @@ class VCpu:
     def hlt(self) -> None:
         """Stop until an interrupt arrives; it is delivered before hlt returns (one already
         taken and waiting for this boundary ends the halt at once)."""
+        self._in_exit = True  # sti; hlt: a kick's signal from here on is left to KVM's entry
         if self.pending and not self._in_irq:
+            self._in_exit = False
             self._deliver()
             return
         self._vmexit(kvm_abi.VMEXIT_HLT)
