@@ -20,15 +20,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
+from replica import Replica, private_runs_root
 from ringmock import TEST_PREFIX
 
-from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, runs_root
+from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR
+from common.ipc import runs_root as all_runs_root
 from common.netns import run_namespaces
 
 ROLES = ("guestproc", "kvmproc", "qemuproc")
@@ -98,7 +100,7 @@ class Snapshot:
 
     @classmethod
     def take(cls) -> Snapshot:
-        root = runs_root()
+        root = all_runs_root()
         return cls(shm={p.name for p in SHM_DIR.iterdir()},
                    mqueue={p.name for p in MQUEUE_DIR.iterdir()},
                    rundirs={p.name for p in root.iterdir()} if root.is_dir() else set(),
@@ -137,7 +139,7 @@ class RunWatcher:
             self.scan()
 
     def scan(self) -> None:
-        root = runs_root()
+        root = all_runs_root()
         for d in root.iterdir() if root.is_dir() else ():
             if d.name in self.known or d.name in self.ours or d.name in self.foreign:
                 continue
@@ -172,7 +174,7 @@ def leftovers(before: Snapshot, watcher: RunWatcher) -> list[str]:
     for where, old, new in (("/dev/shm", before.shm, now.shm),
                             ("/dev/mqueue", before.mqueue, now.mqueue)):
         found += [f"{where}/{n}" for n in sorted(new - old) if could_be_ours(n, theirs)]
-    found += [f"{runs_root()}/{n}" for n in sorted(now.rundirs - before.rundirs)
+    found += [f"{all_runs_root()}/{n}" for n in sorted(now.rundirs - before.rundirs)
               if n not in theirs]
     found += [f"network namespace vnr-{rid}" for rid in sorted(now.netns - before.netns)
               if rid not in theirs]
@@ -252,3 +254,26 @@ def udp_collector() -> Iterator[UdpCollector]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def runs_root() -> Iterator[Path]:
+    """A private runs directory for one test module's replicas (see tests/replica.py)."""
+    with private_runs_root() as root:
+        yield root
+
+
+@pytest.fixture
+def replica(runs_root: Path) -> Iterator[Callable[..., Replica]]:
+    """Start replicas with the given options; each is closed after the test."""
+    made: list[Replica] = []
+
+    def start(*args: str) -> Replica:
+        made.append(Replica(runs_root, *args))
+        return made[-1]
+
+    try:
+        yield start
+    finally:
+        for r in made:
+            r.close()

@@ -8,39 +8,17 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pexpect
 import pytest
-from replica import Replica, private_runs_root
+from replica import Replica
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 UP_ARROW = "\x1b[A"
 MTREE_LINE = re.compile(r"^( *)([0-9a-f]{16})-([0-9a-f]{16}) \((prio (\d+), ([a-z/]+)|ioeventfd)\)"
                         r": (.*)$")
-
-
-@pytest.fixture(scope="module")
-def runs_root() -> Iterator[Path]:
-    with private_runs_root() as root:
-        yield root
-
-
-@pytest.fixture
-def replica(runs_root: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def start(*args: str) -> Replica:
-        made.append(Replica(runs_root, *args))
-        return made[-1]
-
-    try:
-        yield start
-    finally:
-        for r in made:
-            r.close()
 
 
 def hmp(r: Replica, line: str, role: str = "qemu") -> str:

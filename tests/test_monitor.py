@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import psutil
 import pytest
-from replica import ROLES, Replica, private_runs_root
+from replica import ROLES, Replica
 
 from common.monitor.client import MonitorConnection, query
 from common.monitor.commands import MonitorError
@@ -33,12 +33,6 @@ UDP_FRAME = 14 + 20 + 8  # Ethernet, IPv4, UDP headers
 
 
 @pytest.fixture(scope="module")
-def runs_root() -> Iterator[Path]:
-    with private_runs_root() as root:
-        yield root
-
-
-@pytest.fixture(scope="module")
 def held(runs_root: Path) -> Iterator[Replica]:
     """One finished run kept up with --hold, shared by the tests that only look."""
     r = Replica(runs_root, "--hold", "--packets", "300", "--size", "64")
@@ -49,21 +43,6 @@ def held(runs_root: Path) -> Iterator[Replica]:
         r.quit()
     finally:
         r.close()
-
-
-@pytest.fixture
-def replica(runs_root: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def start(*args: str) -> Replica:
-        made.append(Replica(runs_root, *args))
-        return made[-1]
-
-    try:
-        yield start
-    finally:
-        for r in made:
-            r.close()
 
 
 def tx_queue(vqs: list[dict]) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from replica import Replica, private_runs_root
+from replica import Replica
 
 from vreplica.qemu_opts import qemu_options
 
@@ -70,27 +70,6 @@ def test_options_become_the_replicas_own_where_they_stand() -> None:
     assert qemu_options(["-netdev", "user,id=n0,hostfwd=udp::5555-:7000", "-device",
                          f"{DEV},netdev=n0,mrg_rxbuf,event_idx=off"]) == [
         "--hostfwd", "udp::5555-:7000", "--mrg-rxbuf", "on", "--event-idx", "off"]
-
-
-@pytest.fixture(scope="module")
-def runs_root() -> Iterator[Path]:
-    with private_runs_root() as root:
-        yield root
-
-
-@pytest.fixture
-def replica(runs_root: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def start(*args: str) -> Replica:
-        made.append(Replica(runs_root, *args))
-        return made[-1]
-
-    try:
-        yield start
-    finally:
-        for r in made:
-            r.close()
 
 
 def qtree_props(r: Replica) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
-from replica import Replica, private_runs_root
+from replica import Replica
 
 from common.monitor.monitor import qmp_path
 from common.monitor.qmp import JsonMessageParser
@@ -44,12 +44,6 @@ QUEUE_ELEMENT = {"name", "index", "descs", "avail", "used"}
 
 
 @pytest.fixture(scope="module")
-def runs_root() -> Iterator[Path]:
-    with private_runs_root() as root:
-        yield root
-
-
-@pytest.fixture(scope="module")
 def held(runs_root: Path) -> Iterator[Replica]:
     r = Replica(runs_root, "--hold", "--packets", "200", "--size", "64")
     try:
@@ -59,21 +53,6 @@ def held(runs_root: Path) -> Iterator[Replica]:
         r.quit()
     finally:
         r.close()
-
-
-@pytest.fixture
-def replica(runs_root: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def start(*args: str) -> Replica:
-        made.append(Replica(runs_root, *args))
-        return made[-1]
-
-    try:
-        yield start
-    finally:
-        for r in made:
-            r.close()
 
 
 def with_qmp(r: Replica, body: Callable[[QMPClient], Awaitable[T]], negotiate: bool = True,
