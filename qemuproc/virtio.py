@@ -1,4 +1,9 @@
-"""Stands for hw/virtio/virtio.c: the device side of split virtqueues, transport-agnostic.
+"""Stands for hw/virtio/virtio.c: the device side of split and packed virtqueues.
+
+The public calls (``virtqueue_pop``, ``virtqueue_fill``, ``virtqueue_flush``,
+``virtio_should_notify``, ``virtio_queue_set_notification``, ``virtio_queue_empty``, ...)
+dispatch on VIRTIO_F_RING_PACKED to their ``_split``/``_packed`` halves, as QEMU's do; one
+VirtQueue carries the state of both.
 
 Everything read from the rings is guest-controlled. A ring is placed only if it lies wholly
 inside guest RAM; each descriptor's buffer is mapped through ``address_space_map`` (bounds-
@@ -26,6 +31,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -43,8 +49,25 @@ from common.vring import (
     VringViews,
     vring_need_event,
 )
+from common.vring_packed import (
+    AVAIL_USED_F,
+    DESC_FLAGS_H,
+    PACKED_DESC,
+    VRING_PACKED_DESC_SIZE,
+    VRING_PACKED_EVENT_F_WRAP_CTR,
+    VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE,
+    VRING_PACKED_EVENT_FLAG_ENABLE,
+    VRING_PACKED_EVENT_SIZE,
+    PackedViews,
+    is_avail_desc,
+)
 
 VIRTIO_QUEUE_MAX = 64
+VIRTQUEUE_SG_MAX = 1024
+"""QEMU's VIRTQUEUE_MAX_SIZE: the iovec arrays one pop collects a chain into."""
+_F_RING_PACKED = 1 << VIRTIO_F_RING_PACKED
+_packed_desc_unpack_from = PACKED_DESC.unpack_from
 VIRTIO_NO_VECTOR = VIRTIO_MSI_NO_VECTOR
 
 _desc_unpack_from = DESC.unpack_from
@@ -104,6 +127,13 @@ class VirtQueue:
         self.avail = 0
         self.used = 0
         self.views: VringViews | None = None
+        self.packed: PackedViews | None = None
+        """The packed ring's mappings (desc, driver and device areas) when RING_PACKED."""
+        self.last_avail_wrap_counter = True
+        self.shadow_avail_wrap_counter = True
+        self.used_wrap_counter = True
+        self.used_elems = [VirtQueueElement(0) for _ in range(num)]
+        """virtqueue_packed_fill's staging: index, len and ndescs of each filled element."""
         self.last_avail_idx = 0
         self.shadow_avail_idx = 0
         self.used_idx = 0
@@ -225,34 +255,71 @@ def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
 
 
 def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
-    """Place queue ``n``'s rings (virtio_init_region_cache): each part must lie in guest RAM,
-    and the device keeps one mapping of the ring, made by the bounds-checked accessor."""
+    """Legacy: the avail and used rings follow the descriptor table at ``vq.desc``."""
     vq = vdev.vq[n]
-    if vq.views is not None:
-        vq.views.release()
-        vq.views = None
+    if vq.desc:
+        layout = VringLayout(vq.num, vq.desc, vq.align)
+        vq.avail = layout.avail
+        vq.used = layout.used
+    virtio_init_region_cache(vdev, n)
+
+
+def virtio_queue_set_rings(vdev: VirtIODevice, n: int, desc: int, avail: int, used: int) -> None:
+    """Modern: the driver gave the three areas' addresses (queue_desc/driver/device)."""
+    vq = vdev.vq[n]
+    if not vq.num:
+        return
+    vq.desc = desc
+    vq.avail = avail
+    vq.used = used
+    virtio_init_region_cache(vdev, n)
+
+
+def virtio_virtqueue_reset_region_cache(vq: VirtQueue) -> None:
+    for views in (vq.views, vq.packed):
+        if views is not None:
+            views.release()
+    vq.views = None
+    vq.packed = None
+
+
+def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
+    """Map queue ``n``'s rings: each part must lie in guest RAM, and the device keeps one
+    mapping of each, made by the bounds-checked accessor (a part outside RAM: virtio_error)."""
+    vq = vdev.vq[n]
+    virtio_virtqueue_reset_region_cache(vq)
     if not vq.desc:
         vq.avail = vq.used = 0
         return
-    layout = VringLayout(vq.num, vq.desc, vq.align)
     dma = vdev.dma
-    for what, start, end in (("desc", layout.desc, layout.avail),
-                             ("used", layout.used, layout.end),
-                             ("avail", layout.avail, layout.used_event + 2)):
+    if vdev.guest_features & _F_RING_PACKED:
+        parts = (("desc", vq.desc, VRING_PACKED_DESC_SIZE * vq.num),
+                 ("used", vq.used, VRING_PACKED_EVENT_SIZE),
+                 ("avail", vq.avail, VRING_PACKED_EVENT_SIZE))
+    else:
+        layout = VringLayout(vq.num, vq.desc, vq.align)
+        parts = (("desc", layout.desc, layout.avail - layout.desc),
+                 ("used", layout.used, layout.end - layout.used),
+                 ("avail", layout.avail, layout.used_event + 2 - layout.avail))
+    for what, start, size in parts:
         try:
-            dma.check(start, end - start)
+            dma.check(start, size)
         except GuestMemoryError:
             virtio_error(vdev, f"Cannot map {what}")
             vq.desc = vq.avail = vq.used = 0
             return
-    vq.avail = layout.avail
-    vq.used = layout.used
+    if vdev.guest_features & _F_RING_PACKED:
+        amap = dma.address_space_map
+        vq.packed = PackedViews(vq.num, amap(vq.desc, VRING_PACKED_DESC_SIZE * vq.num),
+                                amap(vq.avail, VRING_PACKED_EVENT_SIZE),
+                                amap(vq.used, VRING_PACKED_EVENT_SIZE))
+        return
     ring = dma.address_space_map(layout.base, layout.size)
     vq.views = VringViews(ring, VringLayout(vq.num, 0, vq.align))
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:
-    return vq.views is not None
+    return vq.views is not None or vq.packed is not None
 
 
 def vring_avail_idx(vq: VirtQueue) -> int:
@@ -261,6 +328,12 @@ def vring_avail_idx(vq: VirtQueue) -> int:
 
 
 def virtio_queue_empty(vq: VirtQueue) -> bool:
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        return virtio_queue_packed_empty(vq)
+    return virtio_queue_split_empty(vq)
+
+
+def virtio_queue_split_empty(vq: VirtQueue) -> bool:
     if vq.views is None or vq.vdev.broken:
         return True
     if vq.shadow_avail_idx != vq.last_avail_idx:
@@ -277,6 +350,13 @@ def vring_set_avail_event(vq: VirtQueue, val: int) -> None:
 
 def virtio_queue_set_notification(vq: VirtQueue, enable: bool) -> None:
     vq.notification = enable
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtio_queue_packed_set_notification(vq, enable)
+    else:
+        virtio_queue_split_set_notification(vq, enable)
+
+
+def virtio_queue_split_set_notification(vq: VirtQueue, enable: bool) -> None:
     v = vq.views
     if v is None:
         return
@@ -331,6 +411,13 @@ def virtqueue_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
                               max_out_bytes: int) -> tuple[int, int]:
     """Writable and readable bytes the available chains offer, counting no further than the
     two limits; (0, 0) if the guest's rings are inconsistent (reported by virtio_error)."""
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        return virtqueue_packed_get_avail_bytes(vq, max_in_bytes, max_out_bytes)
+    return virtqueue_split_get_avail_bytes(vq, max_in_bytes, max_out_bytes)
+
+
+def virtqueue_split_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
+                                    max_out_bytes: int) -> tuple[int, int]:
     vdev = vq.vdev
     v = vq.views
     if v is None or vdev.broken:
@@ -389,9 +476,14 @@ def virtqueue_avail_bytes(vq: VirtQueue, in_bytes: int, out_bytes: int) -> bool:
 
 @traced
 def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
-    """Take the next available chain, validated and mapped; None if empty or on error.
+    """Take the next available chain, validated and mapped; None if empty or on error."""
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        return virtqueue_packed_pop(vq)
+    return virtqueue_split_pop(vq)
 
-    Every check of QEMU's virtqueue_split_pop (and vhost's nested-table check) ends in
+
+def virtqueue_split_pop(vq: VirtQueue) -> VirtQueueElement | None:
+    """Every check of QEMU's virtqueue_split_pop (and vhost's nested-table check) ends in
     virtio_error; every buffer is mapped by ``address_space_map``, which refuses anything
     outside guest RAM (also an addr + len past 2**64).
     """
@@ -506,32 +598,53 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
 
 
 def virtqueue_detach_element(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
-    vq.inuse -= 1
+    vq.inuse -= elem.ndescs
     elem.busy = False
-    vq.inflight[elem.index] = 0
+    if elem.index < vq.num:
+        vq.inflight[elem.index] = 0
+
+
+def virtqueue_split_rewind(vq: VirtQueue, num: int) -> None:
+    vq.last_avail_idx = (vq.last_avail_idx - num) & 0xFFFF
 
 
 def virtqueue_unpop(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
-    vq.last_avail_idx = (vq.last_avail_idx - 1) & 0xFFFF
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtqueue_packed_rewind(vq, 1)
+    else:
+        virtqueue_split_rewind(vq, 1)
     virtqueue_detach_element(vq, elem, length)
 
 
 def virtqueue_rewind(vq: VirtQueue, num: int) -> bool:
     if num > vq.inuse:
         return False
-    vq.last_avail_idx = (vq.last_avail_idx - num) & 0xFFFF
     vq.inuse -= num
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtqueue_packed_rewind(vq, num)
+    else:
+        virtqueue_split_rewind(vq, num)
     return True
 
 
 @traced
 def virtqueue_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int) -> None:
-    """Write the used-ring entry for ``elem`` at position ``idx`` after the current used_idx."""
+    """Record ``elem`` as used with ``length`` bytes written, at position ``idx`` of the
+    coming flush (split: the used-ring entry; packed: the staged element)."""
     if trace_virtqueue_fill.on:
         trace_virtqueue_fill(vq=vq.addr, elem=elem.addr, len=length, idx=idx)
     elem.busy = False
+    if vq.vdev.broken:
+        return
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtqueue_packed_fill(vq, elem, length, idx)
+    else:
+        virtqueue_split_fill(vq, elem, length, idx)
+
+
+def virtqueue_split_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int) -> None:
     v = vq.views
-    if vq.vdev.broken or v is None:
+    if v is None:
         return
     slot = ((vq.used_idx + idx) % vq.num) << 1
     v.used_ring[slot] = elem.index
@@ -553,9 +666,19 @@ def virtqueue_inflight_put_used(vq: VirtQueue, start: int, count: int) -> None:
 
 @traced
 def virtqueue_flush(vq: VirtQueue, count: int) -> None:
-    """Publish ``count`` filled entries by moving the used index."""
+    """Publish ``count`` filled entries (split: by moving the used index)."""
+    if vq.vdev.broken:
+        vq.inuse -= count
+        return
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtqueue_packed_flush(vq, count)
+    else:
+        virtqueue_split_flush(vq, count)
+
+
+def virtqueue_split_flush(vq: VirtQueue, count: int) -> None:
     v = vq.views
-    if vq.vdev.broken or v is None:
+    if v is None:
         vq.inuse -= count
         return
     # smp_wmb: the entries are visible before the index
@@ -584,7 +707,7 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
 
     Done here in one step, with the same stores and inflight bookkeeping, while their trace
     points and spans are off; else by the two calls, which record them."""
-    if trace_push_points.on:
+    if trace_push_points.on or vq.vdev.guest_features & _F_RING_PACKED:
         virtqueue_fill(vq, elem, length, 0)
         virtqueue_flush(vq, 1)
         return
@@ -613,7 +736,371 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
         vq.signalled_used_valid = False
 
 
+# -- the packed ring (virtio 1.1) ------------------------------------------------------------
+
+
+def vring_packed_desc_read(vdev: VirtIODevice, desc: memoryview,
+                           i: int) -> tuple[int, int, int, int]:
+    """Descriptor ``i`` of ``desc`` as (addr, len, id, flags); an empty table (an indirect
+    one of zero length) reads as zeros. The flags are read first (smp_rmb), then the rest."""
+    if (i + 1) * VRING_PACKED_DESC_SIZE > len(desc):
+        return 0, 0, 0, 0
+    return _packed_desc_unpack_from(desc, i << 4)
+
+
+def virtqueue_packed_read_next_desc(vq: VirtQueue, desc: memoryview, flags: int, max_: int,
+                                    i: int, indirect: bool) -> int:
+    """The next descriptor of the chain after ``i``, or -1 at its end. In the ring a chain
+    goes on while NEXT is set, wrapping past the last entry; in an indirect table it is the
+    whole table."""
+    if not indirect and not flags & VRING_DESC_F_NEXT:
+        return -1
+    i += 1
+    if i == max_:
+        if indirect:
+            return -1
+        i -= vq.num
+    return i
+
+
+def virtio_queue_packed_empty(vq: VirtQueue) -> bool:
+    p = vq.packed
+    if p is None or vq.vdev.broken:
+        return True
+    return not is_avail_desc(p.desc_h[(vq.last_avail_idx << 3) + DESC_FLAGS_H],
+                             vq.last_avail_wrap_counter)
+
+
+def virtio_queue_packed_set_notification(vq: VirtQueue, enable: bool) -> None:
+    """The device event structure: DISABLE, or ENABLE, or (EVENT_IDX) DESC with the offset
+    and wrap counter the driver should kick at; off_wrap is stored before the flags."""
+    p = vq.packed
+    if p is None:
+        return
+    if not enable:
+        flags = VRING_PACKED_EVENT_FLAG_DISABLE
+    elif vq.vdev.event_idx:
+        p.device[0] = vq.shadow_avail_idx | (
+            vq.shadow_avail_wrap_counter << VRING_PACKED_EVENT_F_WRAP_CTR)
+        flags = VRING_PACKED_EVENT_FLAG_DESC
+    else:
+        flags = VRING_PACKED_EVENT_FLAG_ENABLE
+    p.device[1] = flags
+    # smp_mb when enabling: the flags are visible before the caller looks at the ring again
+
+
+def vring_packed_indirect_table(vdev: VirtIODevice, addr: int, length: int) -> memoryview | None:
+    if length % VRING_PACKED_DESC_SIZE:
+        virtio_error(vdev, "Invalid size for indirect buffer table")
+        return None
+    try:
+        return vdev.dma.address_space_map(addr, length)
+    except GuestMemoryError:
+        virtio_error(vdev, "Cannot map indirect buffer")
+        return None
+
+
+@traced
+def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
+    """Take the chain at last_avail_idx if its head is available in the current wrap.
+
+    The chain's descriptors follow the head in the ring (NEXT), or fill the indirect table
+    the head names; the buffer id is the head's. Every check ends in virtio_error; every
+    buffer is mapped by ``address_space_map``. The ring positions taken (``ndescs``: 1 for an
+    indirect chain) move last_avail_idx, flipping its wrap counter past the end."""
+    vdev = vq.vdev
+    p = vq.packed
+    if p is None or virtio_queue_packed_empty(vq):
+        return None
+    num = vq.num
+    if vq.inuse >= num:
+        virtio_error(vdev, "Virtqueue size exceeded")
+        return None
+    i = vq.last_avail_idx
+    desc = p.desc
+    max_ = num
+    addr, length, buf_id, flags = vring_packed_desc_read(vdev, desc, i)
+    indirect = bool(flags & VRING_DESC_F_INDIRECT)
+    if indirect:
+        table = vring_packed_indirect_table(vdev, addr, length)
+        if table is None:
+            return None
+        desc = table
+        max_ = length // VRING_PACKED_DESC_SIZE
+        i = 0
+        addr, length, _, flags = vring_packed_desc_read(vdev, desc, 0)
+    out_sg: list[memoryview] = []
+    in_sg: list[memoryview] = []
+    out_addr: list[int] = []
+    in_addr: list[int] = []
+    amap = vdev.dma.address_space_map
+    entries = 0
+    while True:
+        if not length:
+            virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+            return None
+        if len(out_sg) + len(in_sg) == VIRTQUEUE_SG_MAX:
+            virtio_error(vdev, "virtio: too many write descriptors in indirect table")
+            return None
+        try:
+            sg = amap(addr, length)
+        except GuestMemoryError:
+            virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+            return None
+        if flags & VRING_DESC_F_WRITE:
+            in_sg.append(sg)
+            in_addr.append(addr)
+        else:
+            if in_sg:
+                virtio_error(vdev, "Incorrect order for descriptors")
+                return None
+            out_sg.append(sg)
+            out_addr.append(addr)
+        entries += 1
+        if entries > max_:
+            virtio_error(vdev, "Looped descriptor")
+            return None
+        i = virtqueue_packed_read_next_desc(vq, desc, flags, max_, i, indirect)
+        if i < 0:
+            break
+        addr, length, _, flags = vring_packed_desc_read(vdev, desc, i)
+    elem = vq.elems[buf_id] if buf_id < num else None
+    if elem is None or elem.busy:  # an id out of range or still in flight: its own element
+        elem = VirtQueueElement(buf_id, elem_addr(vq.queue_index, buf_id % num, spare=True))
+    elem.out_sg, elem.in_sg, elem.out_addr, elem.in_addr = out_sg, in_sg, out_addr, in_addr
+    elem.ndescs = 1 if indirect else entries
+    elem.busy = True
+    last = vq.last_avail_idx + elem.ndescs
+    vq.inuse += elem.ndescs
+    if last >= num:
+        last -= num
+        vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
+    vq.last_avail_idx = last
+    vq.shadow_avail_idx = last
+    vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
+    vq.pops += 1
+    if trace_pop_points.on:
+        if trace_virtqueue_alloc_element.on:
+            trace_virtqueue_alloc_element(elem=elem.addr, sz=VIRTQUEUE_ELEMENT_SIZE,
+                                          in_num=len(in_sg), out_num=len(out_sg))
+        if trace_virtqueue_pop.on:
+            trace_virtqueue_pop(vq=vq.addr, elem=elem.addr, in_num=len(in_sg),
+                                out_num=len(out_sg))
+    return elem
+
+
+def virtqueue_packed_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
+                                     max_out_bytes: int) -> tuple[int, int]:
+    """Walk the available chains from last_avail_idx as virtqueue_packed_pop would, summing
+    their buffers; the position reached is kept in shadow_avail_idx/_wrap_counter."""
+    vdev = vq.vdev
+    p = vq.packed
+    if p is None or vdev.broken:
+        return 0, 0
+    num = vq.num
+    idx = vq.last_avail_idx
+    wrap_counter = vq.last_avail_wrap_counter
+    in_total = out_total = total_bufs = 0
+    while True:
+        num_bufs = total_bufs
+        i = idx
+        desc = p.desc
+        max_ = num
+        addr, length, _, flags = vring_packed_desc_read(vdev, desc, idx)
+        if not is_avail_desc(flags, wrap_counter):
+            break
+        indirect = bool(flags & VRING_DESC_F_INDIRECT)
+        if indirect:
+            if length % VRING_PACKED_DESC_SIZE:
+                virtio_error(vdev, "Invalid size for indirect buffer table")
+                return 0, 0
+            if num_bufs >= max_:
+                virtio_error(vdev, "Looped descriptor")
+                return 0, 0
+            table = vring_packed_indirect_table(vdev, addr, length)
+            if table is None:
+                return 0, 0
+            desc = table
+            max_ = length // VRING_PACKED_DESC_SIZE
+            num_bufs = i = 0
+            addr, length, _, flags = vring_packed_desc_read(vdev, desc, 0)
+        while True:
+            num_bufs += 1
+            if num_bufs > max_:
+                virtio_error(vdev, "Looped descriptor")
+                return 0, 0
+            if flags & VRING_DESC_F_WRITE:
+                in_total += length
+            else:
+                out_total += length
+            if in_total >= max_in_bytes and out_total >= max_out_bytes:
+                return in_total, out_total
+            i = virtqueue_packed_read_next_desc(vq, desc, flags, max_, i, indirect)
+            if i < 0:
+                break
+            addr, length, _, flags = vring_packed_desc_read(vdev, desc, i)
+        if indirect:
+            total_bufs += 1
+            idx += 1
+        else:
+            idx += num_bufs - total_bufs
+            total_bufs = num_bufs
+        if idx >= num:
+            idx -= num
+            wrap_counter = not wrap_counter
+    vq.shadow_avail_idx = idx
+    vq.shadow_avail_wrap_counter = wrap_counter
+    return in_total, out_total
+
+
+def virtqueue_packed_rewind(vq: VirtQueue, num: int) -> None:
+    if vq.last_avail_idx < num:
+        vq.last_avail_idx = vq.num + vq.last_avail_idx - num
+        vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
+    else:
+        vq.last_avail_idx -= num
+
+
+def virtqueue_packed_fill(vq: VirtQueue, elem: VirtQueueElement, length: int, idx: int) -> None:
+    ue = vq.used_elems[idx]
+    ue.index = elem.index
+    ue.len = length
+    ue.ndescs = elem.ndescs
+
+
+def virtqueue_packed_fill_desc(vq: VirtQueue, elem: VirtQueueElement, idx: int,
+                               strict_order: bool) -> None:
+    """Write one used descriptor at used_idx + ``idx``: id and len, then (after smp_wmb when
+    ``strict_order``) the flags with AVAIL and USED both equal to the used wrap counter."""
+    p = vq.packed
+    if p is None:
+        return
+    head = vq.used_idx + idx
+    wrap_counter = vq.used_wrap_counter
+    if head >= vq.num:
+        head -= vq.num
+        wrap_counter = not wrap_counter
+    h = p.desc_h
+    base = head << 3
+    h[base + 6] = elem.index & 0xFFFF
+    h[base + 4] = elem.len & 0xFFFF
+    h[base + 5] = (elem.len >> 16) & 0xFFFF
+    # smp_wmb (strict_order): id and len are visible before the flags that hand them over
+    h[base + DESC_FLAGS_H] = AVAIL_USED_F if wrap_counter else 0
+
+
+def virtqueue_packed_flush(vq: VirtQueue, count: int) -> None:
+    """Hand ``count`` staged elements back: every descriptor but the first's first, the
+    first one's flags last, so the driver sees the batch whole (7.2 places element i at
+    used_idx + i)."""
+    if vq.packed is None:
+        return
+    ndescs = 0
+    used = vq.used_elems
+    for i in range(1, count):
+        virtqueue_packed_fill_desc(vq, used[i], i, False)
+        ndescs += used[i].ndescs
+    virtqueue_packed_fill_desc(vq, used[0], 0, True)
+    ndescs += used[0].ndescs
+    vq.inuse -= ndescs
+    vq.used_idx += ndescs
+    if vq.used_idx >= vq.num:
+        vq.used_idx -= vq.num
+        vq.used_wrap_counter = not vq.used_wrap_counter
+
+
+def vring_packed_need_event(vq: VirtQueue, wrap: bool, off_wrap: int, new: int,
+                            old: int) -> bool:
+    """The driver's event offset, moved back a ring's length if it names the other wrap,
+    then the split ring's vring_need_event."""
+    off = off_wrap & ~(1 << VRING_PACKED_EVENT_F_WRAP_CTR)
+    if wrap != bool(off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR):
+        off -= vq.num
+    return vring_need_event(off, new, old)
+
+
+def virtio_packed_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
+    p = vq.packed
+    if p is None:
+        return False
+    flags = p.driver[1]
+    # smp_rmb: the flags are read before off_wrap
+    off_wrap = p.driver[0]
+    old = vq.signalled_used
+    new = vq.signalled_used = vq.used_idx
+    was_valid = vq.signalled_used_valid
+    vq.signalled_used_valid = True
+    if flags == VRING_PACKED_EVENT_FLAG_DISABLE:
+        return False
+    if flags == VRING_PACKED_EVENT_FLAG_ENABLE:
+        return True
+    return not was_valid or vring_packed_need_event(vq, vq.used_wrap_counter, off_wrap, new, old)
+
+
+def virtqueue_packed_drop_all(vq: VirtQueue) -> int:
+    """Hand every available chain back unused (length 0), without mapping anything."""
+    p = vq.packed
+    if p is None:
+        return 0
+    virtio_queue_set_notification(vq, False)
+    dropped = 0
+    elem = VirtQueueElement(0)
+    while vq.inuse < vq.num:
+        idx = vq.last_avail_idx
+        _, _, buf_id, flags = vring_packed_desc_read(vq.vdev, p.desc, idx)
+        if not is_avail_desc(flags, vq.last_avail_wrap_counter):
+            break
+        elem.index = buf_id
+        elem.ndescs = 1
+        while (idx := virtqueue_packed_read_next_desc(vq, p.desc, flags, vq.num, idx,
+                                                      False)) >= 0:
+            elem.ndescs += 1
+            if elem.ndescs > vq.num:  # a ring of NEXT flags: QEMU would loop here forever
+                break
+            flags = vring_packed_desc_read(vq.vdev, p.desc, idx)[3]
+        vq.inuse += elem.ndescs  # 7.2 omits it, and its unsigned inuse wraps at the push
+        virtqueue_push(vq, elem, 0)
+        dropped += 1
+        vq.last_avail_idx += elem.ndescs
+        if vq.last_avail_idx >= vq.num:
+            vq.last_avail_idx -= vq.num
+            vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
+    return dropped
+
+
+def virtqueue_split_drop_all(vq: VirtQueue) -> int:
+    dropped = 0
+    elem = VirtQueueElement(0)
+    while not virtio_queue_empty(vq) and vq.inuse < vq.num:
+        head = virtqueue_get_head(vq, vq.last_avail_idx)
+        if head < 0:
+            break
+        elem.index = head
+        vq.inuse += 1
+        vq.last_avail_idx = (vq.last_avail_idx + 1) & 0xFFFF
+        if vq.vdev.event_idx:
+            vring_set_avail_event(vq, vq.last_avail_idx)
+        virtqueue_push(vq, elem, 0)
+        dropped += 1
+    return dropped
+
+
+def virtqueue_drop_all(vq: VirtQueue) -> int:
+    """Return every queued buffer to the guest as done, unprocessed."""
+    if vq.vdev.broken:
+        return 0
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        return virtqueue_packed_drop_all(vq)
+    return virtqueue_split_drop_all(vq)
+
+
 def virtio_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
+    if vdev.guest_features & _F_RING_PACKED:
+        return virtio_packed_should_notify(vdev, vq)
+    return virtio_split_should_notify(vdev, vq)
+
+
+def virtio_split_should_notify(vdev: VirtIODevice, vq: VirtQueue) -> bool:
     # smp_mb: used entries are visible before the driver's event index is read
     v = vq.views
     if v is None:
@@ -665,7 +1152,7 @@ def virtio_queue_notify(vdev: VirtIODevice, n: int) -> None:
     if n >= len(vdev.vq):
         return
     vq = vdev.vq[n]
-    if vq.views is None or vdev.broken:
+    if (vq.views is None and vq.packed is None) or vdev.broken:
         return
     if trace_virtio_queue_notify.on:
         trace_virtio_queue_notify(vdev=vdev.addr, n=n, vq=vq.addr)
@@ -679,7 +1166,7 @@ def virtio_queue_notify(vdev: VirtIODevice, n: int) -> None:
 @traced
 def virtio_queue_notify_vq(vq: VirtQueue) -> None:
     vdev = vq.vdev
-    if vq.views is None or vdev.broken:
+    if (vq.views is None and vq.packed is None) or vdev.broken:
         return
     if trace_virtio_queue_notify.on:
         trace_virtio_queue_notify(vdev=vdev.addr, n=vq.queue_index, vq=vq.addr)
@@ -729,11 +1216,11 @@ def virtio_reset(vdev: VirtIODevice) -> None:
     vdev.queue_sel = 0
     vdev.config_vector = VIRTIO_NO_VECTOR
     for vq in vdev.vq:
-        if vq.views is not None:
-            vq.views.release()
-        vq.views = None
+        virtio_virtqueue_reset_region_cache(vq)
         vq.desc = vq.avail = vq.used = 0
         vq.last_avail_idx = vq.shadow_avail_idx = vq.used_idx = 0
+        vq.last_avail_wrap_counter = vq.shadow_avail_wrap_counter = True
+        vq.used_wrap_counter = True
         vq.signalled_used = 0
         vq.signalled_used_valid = False
         vq.notification = True
@@ -744,3 +1231,4 @@ def virtio_reset(vdev: VirtIODevice) -> None:
         vq.inflight_used[0] = 0
         for e in vq.elems:
             e.busy = False
+            e.ndescs = 1

@@ -2,7 +2,11 @@
 
 The C program runs ``vring_init`` / ``vring_size`` / ``vring_need_event`` and the
 ``vring_used_event`` / ``vring_avail_event`` macros on real memory and prints what they give;
-the tests hold the Python layout and event arithmetic to exactly those numbers.
+the tests hold the Python layout and event arithmetic to exactly those numbers. For the packed
+ring it prints ``struct vring_packed_desc`` / ``struct vring_packed_desc_event`` (sizes,
+offsets, the bytes of one filled-in descriptor), the header's packed constants, and the
+event-offset decision Linux's ``virtqueue_kick_prepare_packed`` makes from the header's
+``vring_need_event``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ from common.vring import (
     vring_need_event,
     vring_size,
 )
+from common.vring_packed import (
+    DESC_FLAGS_H,
+    DESC_ID_H,
+    EVENT_FLAGS_H,
+    EVENT_OFF_WRAP_H,
+    PACKED_DESC,
+    PACKED_DESC_EVENT,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    VRING_PACKED_DESC_SIZE,
+    VRING_PACKED_EVENT_F_WRAP_CTR,
+    VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE,
+    VRING_PACKED_EVENT_FLAG_ENABLE,
+    VRING_PACKED_EVENT_SIZE,
+)
 
 HEADER = Path("/usr/include/linux/virtio_ring.h")
 NUMS = (1, 2, 4, 8, 256, 1024, 32768)
@@ -29,21 +49,58 @@ ALIGNS = (4096, 64)
 BASE = 0x10000
 """Where the Python layouts are placed: a guest-physical address that is not 0."""
 
+PACKED_NUMS = (1, 4, 256, 1000)
+"""Packed rings need not be a power of two in size."""
+
 EDGE_U16 = (0, 1, 2, 3, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFD, 0xFFFE, 0xFFFF)
 
 C_PROGRAM = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <linux/virtio_ring.h>
 
 static const unsigned nums[] = {%(nums)s};
 static const unsigned long aligns[] = {%(aligns)s};
 static const unsigned short grid[] = {%(grid)s};
+static const unsigned short pnums[] = {%(pnums)s};
+
+/* The event decision of virtqueue_kick_prepare_packed (drivers/virtio/virtio_ring.c). */
+static int packed_need_event(unsigned num, int wrap_counter, uint16_t off_wrap, uint16_t new,
+                             uint16_t old)
+{
+    int wrap = off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR;
+    uint16_t event_idx = off_wrap & ~(1 << VRING_PACKED_EVENT_F_WRAP_CTR);
+    if (wrap != wrap_counter)
+        event_idx -= num;
+    return vring_need_event(event_idx, new, old);
+}
 
 int main(void)
 {
     printf("sizes %%zu %%zu\n", sizeof(struct vring_desc), sizeof(struct vring_used_elem));
+    printf("packed %%zu %%zu %%zu %%zu %%zu %%zu %%zu %%zu\n",
+           sizeof(struct vring_packed_desc), offsetof(struct vring_packed_desc, addr),
+           offsetof(struct vring_packed_desc, len), offsetof(struct vring_packed_desc, id),
+           offsetof(struct vring_packed_desc, flags), sizeof(struct vring_packed_desc_event),
+           offsetof(struct vring_packed_desc_event, off_wrap),
+           offsetof(struct vring_packed_desc_event, flags));
+    printf("pconst %%d %%d %%d %%d %%d %%d\n", VRING_PACKED_DESC_F_AVAIL,
+           VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_ENABLE,
+           VRING_PACKED_EVENT_FLAG_DISABLE, VRING_PACKED_EVENT_FLAG_DESC,
+           VRING_PACKED_EVENT_F_WRAP_CTR);
+    struct vring_packed_desc d = {
+        .addr = 0x1122334455667788ULL, .len = 0x99aabbcc, .id = 0xddee,
+        .flags = 1 << VRING_PACKED_DESC_F_AVAIL | VRING_DESC_F_NEXT,
+    };
+    struct vring_packed_desc_event ev = {.off_wrap = 0x8123, .flags = 0x0002};
+    printf("pbytes ");
+    for (unsigned k = 0; k < sizeof(d); k++)
+        printf("%%u ", ((unsigned char *)&d)[k]);
+    for (unsigned k = 0; k < sizeof(ev); k++)
+        printf("%%u ", ((unsigned char *)&ev)[k]);
+    printf("\n");
     for (unsigned i = 0; i < sizeof(nums) / sizeof(nums[0]); i++) {
         for (unsigned j = 0; j < sizeof(aligns) / sizeof(aligns[0]); j++) {
             unsigned num = nums[i];
@@ -67,6 +124,17 @@ int main(void)
             for (unsigned o = 0; o < n; o++)
                 printf("need %%u %%u %%u %%d\n", grid[e], grid[w], grid[o],
                        vring_need_event(grid[e], grid[w], grid[o]));
+    for (unsigned k = 0; k < sizeof(pnums) / sizeof(pnums[0]); k++)
+        for (unsigned wc = 0; wc < 2; wc++)
+            for (unsigned ow = 0; ow < 2; ow++)
+                for (unsigned off = 0; off < pnums[k]; off += 1 + pnums[k] / 7)
+                    for (unsigned o = 0; o < pnums[k]; o += 1 + pnums[k] / 5)
+                        for (unsigned a = 0; a <= pnums[k]; a += 1 + pnums[k] / 6) {
+                            uint16_t off_wrap = off | ow << VRING_PACKED_EVENT_F_WRAP_CTR;
+                            uint16_t new = (o + a) %% pnums[k];
+                            printf("pneed %%u %%u %%u %%u %%u %%d\n", pnums[k], wc, off_wrap,
+                                   new, o, packed_need_event(pnums[k], wc, off_wrap, new, o));
+                        }
     return 0;
 }
 """
@@ -92,6 +160,7 @@ def c_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[list[i
         "nums": ", ".join(map(str, NUMS)),
         "aligns": ", ".join(f"{a}UL" for a in ALIGNS),
         "grid": ", ".join(f"0x{v:x}" for v in need_event_grid()),
+        "pnums": ", ".join(map(str, PACKED_NUMS)),
     })
     exe = d / "vring_check"
     subprocess.run([gcc, "-std=gnu11", "-Wall", "-Werror", "-O1", "-o", str(exe), str(src)],
@@ -174,3 +243,48 @@ def test_driver_and_device_call_the_checked_need_event() -> None:
 
     assert guestproc.virtio_ring.vring_need_event is vring_need_event
     assert qemuproc.virtio.vring_need_event is vring_need_event
+
+
+@pytest.mark.timeout(60)
+def test_packed_structs_match_kernel(c_results: dict[str, list[list[int]]]) -> None:
+    """struct vring_packed_desc and struct vring_packed_desc_event: sizes and field offsets
+    are what common.vring_packed packs and indexes, and one filled-in descriptor and event
+    structure are byte for byte what PACKED_DESC / PACKED_DESC_EVENT pack."""
+    [[dsize, o_addr, o_len, o_id, o_flags, esize, o_off_wrap, o_eflags]] = c_results["packed"]
+    assert (dsize, esize) == (VRING_PACKED_DESC_SIZE, VRING_PACKED_EVENT_SIZE)
+    assert (PACKED_DESC.size, PACKED_DESC_EVENT.size) == (dsize, esize)
+    assert (o_addr, o_len) == (0, 8)
+    assert (o_id, o_flags) == (DESC_ID_H * 2, DESC_FLAGS_H * 2)
+    assert (o_off_wrap, o_eflags) == (EVENT_OFF_WRAP_H * 2, EVENT_FLAGS_H * 2)
+    [raw] = c_results["pbytes"]
+    flags = (1 << VRING_PACKED_DESC_F_AVAIL) | 1
+    want = PACKED_DESC.pack(0x1122334455667788, 0x99AABBCC, 0xDDEE, flags) + \
+        PACKED_DESC_EVENT.pack(0x8123, 0x0002)
+    assert bytes(raw) == want
+
+
+@pytest.mark.timeout(60)
+def test_packed_constants_match_kernel(c_results: dict[str, list[list[int]]]) -> None:
+    [consts] = c_results["pconst"]
+    assert consts == [VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED,
+                      VRING_PACKED_EVENT_FLAG_ENABLE, VRING_PACKED_EVENT_FLAG_DISABLE,
+                      VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_F_WRAP_CTR]
+
+
+@pytest.mark.timeout(60)
+def test_packed_need_event_matches_linux_kick_decision(
+        c_results: dict[str, list[list[int]]]) -> None:
+    """QEMU's vring_packed_need_event (the device's interrupt decision) agrees with the
+    offset/wrap arithmetic Linux's virtqueue_kick_prepare_packed does in C around the
+    header's vring_need_event, over ring sizes, both wrap counters and both off_wrap wraps."""
+    from qemuproc.virtio import vring_packed_need_event
+
+    class Q:
+        def __init__(self, num: int) -> None:
+            self.num = num
+
+    rows = c_results["pneed"]
+    assert {r[0] for r in rows} == set(PACKED_NUMS)
+    wrong = [r for r in rows
+             if vring_packed_need_event(Q(r[0]), bool(r[1]), r[2], r[3], r[4]) != bool(r[5])]
+    assert not wrong, f"(num, wrap, off_wrap, new, old, C) where Python differs: {wrong[:10]}"
