@@ -35,6 +35,8 @@ VRING_PACKED_EVENT_SIZE = 4
 
 PACKED_DESC = struct.Struct("<QIHH")
 """struct vring_packed_desc: addr, len, id, flags."""
+PACKED_DESC_NO_FLAGS = struct.Struct("<QIH")
+"""Its addr, len and id: what a driver stores before it hands the head over with the flags."""
 PACKED_DESC_EVENT = struct.Struct("<HH")
 """struct vring_packed_desc_event: off_wrap, flags."""
 
@@ -99,3 +101,14 @@ class PackedViews:
     def release(self) -> None:
         for v in (self.desc_h, self.desc, self.driver, self.device):
             v.release()
+
+
+def vring_packed_size(num: int) -> int:
+    """Bytes of one contiguous block holding a packed ring's three areas (``layout_at``)."""
+    return VRING_PACKED_DESC_SIZE * num + 2 * VRING_PACKED_EVENT_SIZE
+
+
+def layout_at(base: int, num: int) -> PackedLayout:
+    """The three areas of a ring of ``num`` placed one after the other from ``base``."""
+    driver = base + VRING_PACKED_DESC_SIZE * num
+    return PackedLayout(num, base, driver, driver + VRING_PACKED_EVENT_SIZE)

@@ -24,6 +24,7 @@ from common.monitor.misc import register_memory_dump
 from common.monitor.monitor import Monitor
 from common.process import ProcessRuntime
 from common.vring import VRING_AVAIL_F_NO_INTERRUPT
+from common.vring_packed import VRING_PACKED_EVENT_FLAG_DISABLE
 from guestproc.cpu import GuestShutdown, VCpu
 from guestproc.kernel import Kernel
 from guestproc.netstack import GuestStack
@@ -142,6 +143,9 @@ class GuestMonitor:
             if vq is None:
                 continue
             lay = vq.layout
+            if vq.packed_ring:
+                out.append(packed_virtqueue_row(vq))
+                continue
             out.append({
                 "name": vq.name, "index": vq.index, "num": vq.num, "num_free": vq.num_free,
                 "free_head": vq.free_head, "avail_idx_shadow": vq.avail_idx_shadow,
@@ -235,9 +239,43 @@ class GuestMonitor:
         register_memory_dump(self.mon, self._read)
 
 
+def packed_virtqueue_row(vq: Any) -> dict[str, Any]:
+    """One packed ring's driver state: positions, wrap counters, both event structures."""
+    lay = vq.layout
+    drv, dev = vq.v.driver, vq.v.device
+    return {
+        "name": vq.name, "index": vq.index, "num": vq.num, "num_free": vq.num_free,
+        "free_head": vq.free_head, "packed": True, "next_avail_idx": vq.next_avail_idx,
+        "avail_wrap_counter": int(vq.avail_wrap_counter),
+        "last_used_idx": vq.last_used_idx & 0x7FFF,
+        "used_wrap_counter": vq.last_used_idx >> 15, "num_added": vq.num_added,
+        "event_flags_shadow": vq.event_flags_shadow,
+        "callbacks_enabled": vq.event_flags_shadow != VRING_PACKED_EVENT_FLAG_DISABLE,
+        "event_idx": vq.event, "driver_event": {"off_wrap": drv[0], "flags": drv[1]},
+        "device_event": {"off_wrap": dev[0], "flags": dev[1]},
+        "event_triggered": vq.event_triggered, "broken": vq.broken, "kicks": vq.kicks,
+        "interrupts": vq.interrupts, "desc": lay.desc, "avail": lay.driver,
+        "used": lay.device,
+    }
+
+
 def virtqueues_text(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
+        if r.get("packed"):
+            lines.append(f"{r['name']} (vq {r['index']}, packed): num {r['num']}, num_free "
+                         f"{r['num_free']}, next_avail_idx {r['next_avail_idx']} wrap "
+                         f"{r['avail_wrap_counter']}, last_used_idx {r['last_used_idx']} wrap "
+                         f"{r['used_wrap_counter']}")
+            de, ve = r["driver_event"], r["device_event"]
+            lines.append(f"  callbacks {'enabled' if r['callbacks_enabled'] else 'disabled'}"
+                         f", driver event off_wrap 0x{de['off_wrap']:x} flags {de['flags']}, "
+                         f"device event off_wrap 0x{ve['off_wrap']:x} flags {ve['flags']}, "
+                         f"broken {str(r['broken']).lower()}, kicks {r['kicks']}, "
+                         f"interrupts {r['interrupts']}")
+            lines.append(f"  desc 0x{r['desc']:x} driver 0x{r['avail']:x} "
+                         f"device 0x{r['used']:x}")
+            continue
         lines.append(f"{r['name']} (vq {r['index']}): num {r['num']}, num_free "
                      f"{r['num_free']}, avail idx {r['avail_idx_shadow']}, last_used_idx "
                      f"{r['last_used_idx']}, used idx {r['used_idx']}")

@@ -102,7 +102,7 @@ from guestproc.virtio_ring import (
     Virtqueue,
     virtqueue_add_inbuf,
     virtqueue_add_outbuf,
-    virtqueue_add_split,
+    virtqueue_add_sgs,
     virtqueue_detach_unused_buf,
     virtqueue_disable_cb,
     virtqueue_enable_cb_delayed,
@@ -112,6 +112,8 @@ from guestproc.virtio_ring import (
     virtqueue_kick_prepare,
     virtqueue_notify,
     virtqueue_poll,
+    vring_used_idx_hint,
+    vring_used_pending,
 )
 
 MAX_SKB_FRAGS = 17
@@ -231,7 +233,7 @@ def skb_xmit_done(vq: Virtqueue) -> None:
     """The TX queue's interrupt callback: suppress further interrupts, let NAPI reclaim."""
     vi: VirtnetInfo = vq.vdev.priv
     if trace_skb_xmit_done.on:
-        trace_skb_xmit_done(vq=vq.name, used_idx=vq.used_hdr[1])
+        trace_skb_xmit_done(vq=vq.name, used_idx=vring_used_idx_hint(vq))
     napi = vi.sq[vq2txq(vq)].napi
     virtqueue_disable_cb(vq)
     virtqueue_napi_schedule(napi, vq)
@@ -350,7 +352,7 @@ def skb_recv_done(rvq: Virtqueue) -> None:
     """The RX queue's interrupt callback: schedule NAPI, which disables further interrupts."""
     vi: VirtnetInfo = rvq.vdev.priv
     if trace_skb_recv_done.on:
-        trace_skb_recv_done(vq=rvq.name, used_idx=rvq.used_hdr[1])
+        trace_skb_recv_done(vq=rvq.name, used_idx=vring_used_idx_hint(rvq))
     rq = vi.rq[vq2rxq(rvq)]
     virtqueue_napi_schedule(rq.napi, rvq)
 
@@ -558,8 +560,7 @@ def virtnet_reset(vi: VirtnetInfo) -> bool:
     vi.reset_log.append(log)
     virtnet_freeze_down(vdev)
     # frames the device handed over that NAPI had not yet taken: the reset frees their buffers
-    log["rx_unprocessed"] = sum((rq.vq.used_hdr[1] - rq.vq.last_used_idx) & 0xFFFF
-                                for rq in vi.rq)
+    log["rx_unprocessed"] = sum(vring_used_pending(rq.vq) for rq in vi.rq)
     log["status0_ns"] = vi.kernel.now_ns()
     log["tx_unsent"] = remove_vq_common(vi)
     try:
@@ -675,7 +676,7 @@ def virtnet_send_command(vi: VirtnetInfo, cls: int, cmd: int, out: list[bytes]) 
         at += len(data)
     cvq = vi.cvq
     assert cvq is not None
-    if virtqueue_add_split(cvq, sgs, [(status, 1)], vi) < 0:
+    if virtqueue_add_sgs(cvq, sgs, [(status, 1)], vi) < 0:
         return False
     if not virtqueue_kick(cvq):
         return ram[status] == VIRTIO_NET_OK
