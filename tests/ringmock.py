@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
-from common.virtio_abi import VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX
+from common.virtio_abi import (
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_ID_NET,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+)
 from common.vring import (
     DESC,
     VRING_DESC_F_NEXT,
@@ -29,12 +35,23 @@ from common.vring import (
     VringLayout,
     VringViews,
 )
+from common.vring_packed import (
+    AVAIL_F,
+    PACKED_DESC,
+    USED_F,
+    VRING_PACKED_DESC_SIZE,
+    PackedLayout,
+    PackedViews,
+    layout_at,
+    vring_packed_size,
+)
 from qemuproc.virtio import (
     VirtIODevice,
     VirtQueue,
     virtio_add_queue,
     virtio_queue_ready,
     virtio_queue_set_addr,
+    virtio_queue_set_rings,
     virtio_set_features,
 )
 
@@ -261,3 +278,100 @@ def restore_device_indices(vq: VirtQueue, idx: int) -> None:
     vq.last_avail_idx = vq.shadow_avail_idx = vq.used_idx = vq.signalled_used = idx & 0xFFFF
     assert vq.views is not None
     vq.views.used_hdr[1] = idx & 0xFFFF
+
+
+class MockPackedQueue:
+    """The driver's half of one packed ring in ``mem`` (the three areas one after the other
+    from ``base``), written field by field as a driver, or an attacker, would."""
+
+    def __init__(self, mem: GuestMemory, num: int, base: int = PAGE) -> None:
+        self.mem = mem
+        self.num = num
+        self.layout = layout_at(base, num)
+        mem.check(base, vring_packed_size(num))
+        mem.ram[base : base + vring_packed_size(num)] = bytes(vring_packed_size(num))
+        self.views = PackedViews.over(mem.ram, self.layout)
+        end = base + vring_packed_size(num)
+        self.data_base = (end + PAGE - 1) & ~(PAGE - 1)
+        self.next_data = self.data_base
+        self.next_avail = 0
+        self.wrap = True
+
+    def release(self) -> None:
+        self.views.release()
+
+    def alloc(self, length: int, align: int = 16) -> int:
+        addr = (self.next_data + align - 1) & ~(align - 1)
+        self.mem.check(addr, length)
+        self.next_data = addr + length
+        return addr
+
+    def avail_flags(self, wrap: bool | None = None) -> int:
+        """AVAIL/USED bits that make a descriptor available in ``wrap`` (default: current)."""
+        w = self.wrap if wrap is None else wrap
+        return AVAIL_F if w else USED_F
+
+    def write_desc(self, index: int, addr: int, length: int, buf_id: int = 0,
+                   flags: int = 0) -> None:
+        """Store descriptor ``index`` with arbitrary fields, flags included."""
+        PACKED_DESC.pack_into(self.views.desc, index * VRING_PACKED_DESC_SIZE,
+                              addr & (2**64 - 1), length, buf_id, flags)
+
+    def offer(self, descs: list[tuple[int, int, int]], buf_id: int = 0) -> int:
+        """Make a chain of (addr, len, flags) available from next_avail: NEXT on all but the
+        last, AVAIL/USED of the wrap each position falls in; the head's flags stored last.
+        Returns the head position."""
+        head = self.next_avail
+        head_flags = 0
+        for k, (addr, length, flags) in enumerate(descs):
+            f = flags | (VRING_DESC_F_NEXT if k < len(descs) - 1 else 0) | self.avail_flags()
+            if k == 0:
+                head_flags = f
+                self.write_desc(self.next_avail, addr, length, buf_id, 0)
+            else:
+                self.write_desc(self.next_avail, addr, length, buf_id, f)
+            self.next_avail += 1
+            if self.next_avail == self.num:
+                self.next_avail = 0
+                self.wrap = not self.wrap
+        self.views.desc_h[head * 8 + 7] = head_flags
+        return head
+
+    def used_desc(self, index: int) -> tuple[int, int, int]:
+        """(id, len, flags) the device wrote at ring position ``index``."""
+        _, length, buf_id, flags = PACKED_DESC.unpack_from(self.views.desc,
+                                                           index * VRING_PACKED_DESC_SIZE)
+        return buf_id, length, flags
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        return self.views.device[0], self.views.device[1]
+
+    def set_driver_event(self, off_wrap: int, flags: int) -> None:
+        self.views.driver[0] = off_wrap
+        self.views.driver[1] = flags
+
+
+def make_packed_device(mem: GuestMemory, num: int, layout: PackedLayout, *,
+                       event_idx: bool = False, indirect: bool = False,
+                       handle_output: Callable[[VirtIODevice, VirtQueue], None] | None = None
+                       ) -> tuple[VirtIODevice, VirtQueue]:
+    """A device with one queue whose three areas are ``layout``'s (as a modern transport's
+    queue_desc/driver/device writes place them), VIRTIO_F_RING_PACKED negotiated."""
+    vdev = VirtIODevice("virtio-net", VIRTIO_ID_NET, 0, mem)
+    vq = virtio_add_queue(vdev, num, handle_output or (lambda d, q: None), "TX(q1)")
+    features = (1 << VIRTIO_F_RING_PACKED) | (int(event_idx) << VIRTIO_RING_F_EVENT_IDX) | (
+        int(indirect) << VIRTIO_RING_F_INDIRECT_DESC)
+    vdev.host_features = features
+    if virtio_set_features(vdev, features) != 0:
+        raise RuntimeError("feature negotiation refused")
+    virtio_queue_set_rings(vdev, vq.queue_index, layout.desc, layout.driver, layout.device)
+    if not virtio_queue_ready(vq):
+        raise RuntimeError(f"packed queue refused: {vdev.errors}")
+    return vdev, vq
+
+
+def release_packed_device(vq: VirtQueue) -> None:
+    if vq.packed is not None:
+        vq.packed.release()
+        vq.packed = None
