@@ -77,6 +77,7 @@ class Machine:
                            mrg_rxbuf=opts.get("mrg_rxbuf", False),
                            any_layout=opts.get("any_layout", True),
                            indirect_desc=opts.get("indirect_desc", True),
+                           packed=opts.get("ring") == "packed",
                            queues=opts.get("queues", 1),
                            poll_us=opts.get("poll_us", 0.0),
                            csum=opts.get("csum", True))

@@ -114,6 +114,7 @@ def qtree(m: Machine) -> dict[str, Any]:
                  "event_idx": bool(opts.get("event_idx", True)),
                  "indirect_desc": bool(opts.get("indirect_desc", True)),
                  "any_layout": bool(opts.get("any_layout", True)),
+                 "packed": opts.get("ring") == "packed",
                  "mq": n.max_queue_pairs > 1, "ctrl_vq": n.max_queue_pairs > 1,
                  "x-txtimer": n.tx_timeout, "x-txburst": n.tx_burst, "tx": n.tx,
                  "rx_queue_size": n.queue_size, "tx_queue_size": n.queue_size}

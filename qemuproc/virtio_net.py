@@ -22,6 +22,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_ID_NET,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_ANNOUNCE,
@@ -167,6 +168,7 @@ class VirtIONet(VirtIODevice):
                  mac: bytes = bytes.fromhex("525400123456"), tx: str = "bh",
                  tx_burst: int = TX_BURST, event_idx: bool = True, mrg_rxbuf: bool = False,
                  any_layout: bool = True, indirect_desc: bool = True, queues: int = 1,
+                 packed: bool = False,
                  poll_us: float = 0.0, csum: bool = True) -> None:
         super().__init__("virtio-net", VIRTIO_ID_NET, VIRTIO_NET_CONFIG.size, dma)
         self.main_loop = main_loop
@@ -208,6 +210,8 @@ class VirtIONet(VirtIODevice):
             features |= 1 << VIRTIO_RING_F_EVENT_IDX
         if indirect_desc:
             features |= 1 << VIRTIO_RING_F_INDIRECT_DESC
+        if packed:  # virtio-device's packed=on (DEFINE_PROP_BIT64 in host_features)
+            features |= 1 << VIRTIO_F_RING_PACKED
         if mrg_rxbuf:
             features |= 1 << VIRTIO_NET_F_MRG_RXBUF
         if queues > 1:

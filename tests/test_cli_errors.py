@@ -45,6 +45,9 @@ BAD_OPTIONS = [
      "--pcap"),
     (["--pace-ms", "inf"], "--pace-ms"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--ring", "packed"], "--ring packed"),
+    (["--ring", "ring"], "--ring"),
+    (["-device", "virtio-net-pci,packed=on"], "--ring packed"),
 ]
 
 

@@ -106,7 +106,26 @@ def add_device_options(p: argparse.ArgumentParser) -> list[str]:
         p.add_argument("--tx-burst", type=int, default=256),
         p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
                        help="--tx timer: the TX timer's delay (QEMU's x-txtimer)"),
+        p.add_argument("--ring", choices=RINGS, default="split",
+                       help="virtqueue layout: split, or packed (virtio 1.1's "
+                            "VIRTIO_F_RING_PACKED, QEMU's packed=on; needs a modern transport)"),
     )]
+
+
+RINGS = ("split", "packed")
+
+
+def check_ring(a: argparse.Namespace) -> None:
+    """VIRTIO_F_RING_PACKED is a feature bit above 31: only a virtio 1.0 device offers it, and
+    vhost-net (Linux's, and the replica's) serves split rings only."""
+    if a.ring != "packed":
+        return
+    transport = getattr(a, "transport", "legacy")
+    if transport == "legacy":
+        raise UsageError("--ring packed needs --transport modern or transitional "
+                         "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
+    if getattr(a, "vhost", False):
+        raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
 
 
 # -- -netdev tap ---------------------------------------------------------------------------------
@@ -280,6 +299,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         if a.packets <= FAULT_AFTER:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
+    check_ring(a)
     check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else
@@ -297,7 +317,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault, "phases": phases,
-                             "tx_timer_ns": a.tx_timer_ns, **tap})
+                             "tx_timer_ns": a.tx_timer_ns, "ring": a.ring, **tap})
 
 
 def check_trace_events(text: str) -> None:

@@ -2,7 +2,7 @@
 qdev's property setters), beside ``vreplica run``'s own options:
 
     -device virtio-net-pci,netdev=ID,ioeventfd=on|off,event_idx=on|off,mq=on|off,vectors=N,
-            tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off
+            tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off,packed=on|off
     -netdev user,id=ID,hostfwd=udp::HOSTPORT-:GUESTPORT
     -netdev tap,id=ID[,ifname=tap0][,script=no][,downscript=no][,vhost=on|off][,sndbuf=N]
             [,poll-us=N]
@@ -55,6 +55,7 @@ NET_PROPS = {p.name: p for p in (
     Prop("mq", "bool", False, None, "on/off"),
     Prop("mrg_rxbuf", "bool", False, "--mrg-rxbuf", "on/off"),
     Prop("netdev", "str", None, None, "ID of a netdev to use as a backend"),
+    Prop("packed", "bool", False, "--ring", "on/off"),
     Prop("tx", "str", "bh", "--tx"),
     Prop("vectors", "uint32", UINT32_MAX, "--vectors",
          f"{UINT32_MAX}: one per queue and one for config changes"),
@@ -188,6 +189,8 @@ class QemuCommandLine:
                 self.mq = value == "on"
             elif key == "vectors" and int(value) == UINT32_MAX:
                 continue
+            elif key == "packed":
+                out += ["--ring", "packed" if value == "on" else "split"]
             elif p.option is not None:
                 out += [p.option, value]
         self.devices += 1
