@@ -29,9 +29,12 @@ from common.trace import (
 )
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -45,6 +48,7 @@ from common.vring import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
     VRING_USED_F_NO_NOTIFY,
+    VringAddrs,
     VringLayout,
     VringViews,
     vring_need_event,
@@ -255,7 +259,8 @@ def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
 
 
 def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
-    """Legacy: the avail and used rings follow the descriptor table at ``vq.desc``."""
+    """Legacy: the avail and used rings follow the descriptor table where vring_init puts
+    them (``align`` apart); then map them."""
     vq = vdev.vq[n]
     if vq.desc:
         layout = VringLayout(vq.num, vq.desc, vq.align)
@@ -264,8 +269,9 @@ def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
     virtio_init_region_cache(vdev, n)
 
 
-def virtio_queue_set_rings(vdev: VirtIODevice, n: int, desc: int, avail: int, used: int) -> None:
-    """Modern: the driver gave the three areas' addresses (queue_desc/driver/device)."""
+def virtio_queue_set_rings(vdev: VirtIODevice, n: int, desc: int, avail: int,
+                           used: int) -> None:
+    """virtio 1.0: the driver gave each part's address (queue_desc/avail/used); map them."""
     vq = vdev.vq[n]
     if not vq.num:
         return
@@ -273,6 +279,16 @@ def virtio_queue_set_rings(vdev: VirtIODevice, n: int, desc: int, avail: int, us
     vq.avail = avail
     vq.used = used
     virtio_init_region_cache(vdev, n)
+
+
+def virtio_queue_set_num(vdev: VirtIODevice, n: int, num: int) -> None:
+    """The driver's queue_size: a queue cannot be made to exist or vanish, nor grow beyond
+    what the device gave it (QEMU's bound is VIRTQUEUE_MAX_SIZE; the replica's elements are
+    allocated for the device's size)."""
+    vq = vdev.vq[n]
+    if bool(num) != bool(vq.num) or num > vq.num_default or num < 0:
+        return
+    vq.num = num
 
 
 def virtio_virtqueue_reset_region_cache(vq: VirtQueue) -> None:
@@ -284,38 +300,35 @@ def virtio_virtqueue_reset_region_cache(vq: VirtQueue) -> None:
 
 
 def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
-    """Map queue ``n``'s rings: each part must lie in guest RAM, and the device keeps one
-    mapping of each, made by the bounds-checked accessor (a part outside RAM: virtio_error)."""
+    """Map queue ``n``'s three parts (split: descriptor table, avail and used rings; packed:
+    the descriptor ring and the driver's and device's event structures): each must lie in
+    guest RAM, else virtio_error with QEMU's message; the views go through the bounds-checked
+    accessor."""
     vq = vdev.vq[n]
     virtio_virtqueue_reset_region_cache(vq)
     if not vq.desc:
         vq.avail = vq.used = 0
         return
     dma = vdev.dma
-    if vdev.guest_features & _F_RING_PACKED:
-        parts = (("desc", vq.desc, VRING_PACKED_DESC_SIZE * vq.num),
-                 ("used", vq.used, VRING_PACKED_EVENT_SIZE),
-                 ("avail", vq.avail, VRING_PACKED_EVENT_SIZE))
-    else:
-        layout = VringLayout(vq.num, vq.desc, vq.align)
-        parts = (("desc", layout.desc, layout.avail - layout.desc),
-                 ("used", layout.used, layout.end - layout.used),
-                 ("avail", layout.avail, layout.used_event + 2 - layout.avail))
-    for what, start, size in parts:
+    packed = vdev.guest_features & _F_RING_PACKED
+    addrs = VringAddrs(vq.num, vq.desc, vq.avail, vq.used)
+    parts = (("desc", vq.desc, VRING_PACKED_DESC_SIZE * vq.num),
+             ("used", vq.used, VRING_PACKED_EVENT_SIZE),
+             ("avail", vq.avail, VRING_PACKED_EVENT_SIZE)) if packed else addrs.parts()
+    for what, start, length in parts:
         try:
-            dma.check(start, size)
+            dma.check(start, length)
         except GuestMemoryError:
             virtio_error(vdev, f"Cannot map {what}")
             vq.desc = vq.avail = vq.used = 0
             return
-    if vdev.guest_features & _F_RING_PACKED:
+    if packed:
         amap = dma.address_space_map
         vq.packed = PackedViews(vq.num, amap(vq.desc, VRING_PACKED_DESC_SIZE * vq.num),
                                 amap(vq.avail, VRING_PACKED_EVENT_SIZE),
                                 amap(vq.used, VRING_PACKED_EVENT_SIZE))
         return
-    ring = dma.address_space_map(layout.base, layout.size)
-    vq.views = VringViews(ring, VringLayout(vq.num, 0, vq.align))
+    vq.views = VringViews(dma.address_space_map(0, dma.size), addrs)
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:
@@ -1193,14 +1206,32 @@ def virtio_set_features(vdev: VirtIODevice, val: int) -> int:
     return -1 if bad else 0
 
 
+def virtio_validate_features(vdev: VirtIODevice) -> int:
+    """A device that offers VIRTIO_F_IOMMU_PLATFORM (ACCESS_PLATFORM) cannot work with a
+    driver that did not accept it; virtio-net has no validate_features of its own."""
+    if vdev.host_features & (1 << VIRTIO_F_ACCESS_PLATFORM) and \
+            not virtio_vdev_has_feature(vdev, VIRTIO_F_ACCESS_PLATFORM):
+        return -14  # -EFAULT
+    return 0
+
+
 @traced
-def virtio_set_status(vdev: VirtIODevice, val: int) -> None:
+def virtio_set_status(vdev: VirtIODevice, val: int) -> int:
+    """The driver's status write. With VIRTIO_F_VERSION_1, FEATURES_OK is set only if the
+    features validate: otherwise the status stays as it was, and the driver, reading it
+    back, sees FEATURES_OK clear (the device refused its features)."""
     if trace_virtio_set_status.on:
         trace_virtio_set_status(vdev=vdev.addr, val=val)
+    if virtio_vdev_has_feature(vdev, VIRTIO_F_VERSION_1) and \
+            not vdev.status & VIRTIO_CONFIG_S_FEATURES_OK and val & VIRTIO_CONFIG_S_FEATURES_OK:
+        ret = virtio_validate_features(vdev)
+        if ret:
+            return ret
     if (vdev.status & VIRTIO_CONFIG_S_DRIVER_OK) != (val & VIRTIO_CONFIG_S_DRIVER_OK):
         vdev.started = bool(val & VIRTIO_CONFIG_S_DRIVER_OK)
     vdev.set_status(val)
     vdev.status = val
+    return 0
 
 
 def virtio_reset(vdev: VirtIODevice) -> None:

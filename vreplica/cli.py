@@ -109,6 +109,10 @@ def add_device_options(p: argparse.ArgumentParser) -> list[str]:
         p.add_argument("--ring", choices=RINGS, default="split",
                        help="virtqueue layout: split, or packed (virtio 1.1's "
                             "VIRTIO_F_RING_PACKED, QEMU's packed=on; needs a modern transport)"),
+        p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
+                       help="virtio-pci interface: legacy (I/O BAR, the seed's path), modern "
+                            "(virtio 1.0: capabilities, MMIO notify) or transitional (both; "
+                            "the guest picks modern), as QEMU's disable-legacy/disable-modern"),
     )]
 
 
@@ -120,12 +124,14 @@ def check_ring(a: argparse.Namespace) -> None:
     vhost-net (Linux's, and the replica's) serves split rings only."""
     if a.ring != "packed":
         return
-    transport = getattr(a, "transport", "legacy")
-    if transport == "legacy":
+    if a.transport == "legacy":
         raise UsageError("--ring packed needs --transport modern or transitional "
                          "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
-    if getattr(a, "vhost", False):
+    if a.vhost:
         raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
+
+
+TRANSPORTS = ("legacy", "modern", "transitional")
 
 
 # -- -netdev tap ---------------------------------------------------------------------------------
@@ -299,6 +305,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         if a.packets <= FAULT_AFTER:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
+        check_fault_transport(a.guest_fault, a.transport)
     check_ring(a)
     check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
@@ -317,7 +324,19 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault, "phases": phases,
-                             "tx_timer_ns": a.tx_timer_ns, "ring": a.ring, **tap})
+                             "tx_timer_ns": a.tx_timer_ns, "ring": a.ring,
+                             "transport": a.transport, **tap})
+
+
+def check_fault_transport(kind: str, transport: str) -> None:
+    """A fault written through one interface's registers needs a device that has them
+    (a transitional device has both)."""
+    from guestproc.faults import FAULTS
+
+    needs = FAULTS[kind].transport
+    if needs is not None and transport not in (needs, "transitional"):
+        raise UsageError(f"--guest-fault {kind} writes {needs} registers: it needs "
+                         f"--transport {needs} or transitional")
 
 
 def check_trace_events(text: str) -> None:

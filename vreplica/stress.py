@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.attribution import attribute, explain_seqs, outages, summary_of
-from vreplica.cli import Parser, UsageError, finite_float, free_udp_port, reported
+from vreplica.cli import TRANSPORTS, Parser, UsageError, finite_float, free_udp_port, reported
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.preflight import writable_file
 from vreplica.summary import build_summary
@@ -192,6 +192,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="mean seconds between events")
     p.add_argument("--flows", type=int, default=0, help="guest sockets (default 2 per pair)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
+                   help="virtio-pci interface (as vreplica run's --transport)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -239,7 +241,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
                       queues=a.queues, hostfwd=hostfwd, guest_port=7000, window=32,
                       timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
-                             "seed": a.seed, "flows": flows, "live_stats": True})
+                             "seed": a.seed, "flows": flows, "live_stats": True,
+                             "transport": a.transport})
     sup = Supervisor(opts)
     log = ChaosLog(time.monotonic())
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
