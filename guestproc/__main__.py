@@ -64,6 +64,7 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
         "program": result,
         "features": vdev.features,
         "transport": vdev.transport,
+        "ring": "packed" if vi.sq[0].vq.packed_ring else "split",
         "interrupt_mode": "msix-per-vq" if vdev.per_vq_vectors else
         ("msix-shared" if vdev.msix_enabled else "intx"),
         "msix_names": vdev.msix_names,

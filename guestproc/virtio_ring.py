@@ -541,7 +541,7 @@ def virtqueue_add_indirect_packed(vq: Virtqueue, out_sgs: list[tuple[int, int]],
         _pdesc_pack_into(table, off, addr, length, 0, 0)
         off += VRING_PACKED_DESC_SIZE
     for addr, length in in_sgs:
-        _pdesc_pack_into(table, off, addr, length, VRING_DESC_F_WRITE, 0)
+        _pdesc_pack_into(table, off, addr, length, 0, VRING_DESC_F_WRITE)
         off += VRING_PACKED_DESC_SIZE
     _pdesc_head_pack_into(vq.desc, head << 4, vq.indir_base + base, off - base, buf_id)
     # virtio_wmb: the table and the head's fields are visible before the head's flags

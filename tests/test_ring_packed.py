@@ -530,3 +530,33 @@ def test_driver_refuses_a_device_that_returns_a_bad_id(mem: GuestMemory) -> None
         assert drv.num_free == 8
     finally:
         drv.v.release()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_driver_chain_of_out_and_in_buffers_as_the_device_sees_it(mem: GuestMemory,
+                                                                  indirect: bool) -> None:
+    """virtqueue_add_sgs (the control queue's call) of two readable and one writable buffer:
+    the device pops them as two out and one in buffers, at the driver's addresses, under the
+    buffer id the driver chose; what the device writes and its length come back."""
+    vdev, vq = make_packed_device(mem, 8, layout_at(RING_BASE, 8), indirect=indirect)
+    drv = driver_queue(mem, False, indirect, num=8)
+    try:
+        base = data_base(8)
+        mem.ram[base : base + 8] = b"hdrcmd!!"
+        for k in range(11):  # past the ring's end: the chain wraps, the wrap counter flips
+            assert virtqueue_add_sgs(drv, [(base, 2), (base + 2, 6)], [(base + 64, 1)], k) == 0
+            assert drv.indirect_adds == (k + 1 if indirect else 0)
+            elem = virtqueue_pop(vq)
+            assert elem is not None
+            assert [bytes(s) for s in elem.out_sg] == [b"hd", b"rcmd!!"]
+            assert elem.out_addr == [base, base + 2] and elem.in_addr == [base + 64]
+            assert elem.ndescs == (1 if indirect else 3)
+            elem.in_sg[0][0] = k
+            virtqueue_push(vq, elem, 1)
+            assert virtqueue_get_buf(drv) == (k, 1)
+            assert mem.ram[base + 64] == k
+        assert vdev.errors == [] and drv.num_free == 8
+    finally:
+        drv.v.release()
+        release_packed_device(vq)

@@ -41,6 +41,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         "interrupt_mode": g.get("interrupt_mode"),
         "transport": opts.extra.get("transport", "legacy"),
         "driver_transport": g.get("transport"),
+        "ring": g.get("ring", "split"),
         "queue_pairs": g.get("queue_pairs", 1),
         "queue_pairs_max": len(g.get("sq") or [{}]),
         "sent": sent,
@@ -162,7 +163,8 @@ def transport_part(s: dict[str, Any]) -> str:
     t, drv = s.get("transport", "legacy"), s.get("driver_transport")
     if t == "legacy":
         return ""
-    return f", transport {t}" + (f" (driver: {drv})" if t == "transitional" and drv else "")
+    ring = ", ring packed" if s.get("ring") == "packed" else ""
+    return f", transport {t}" + (f" (driver: {drv})" if t == "transitional" and drv else "") + ring
 
 
 def format_summary(s: dict[str, Any]) -> str:
