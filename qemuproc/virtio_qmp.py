@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from common.guest_memory import GuestMemoryError
 from common.monitor.commands import Arg, MonitorError
+from common.virtio_abi import VIRTIO_F_RING_PACKED
 from common.vring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from common.vring_packed import VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
 
 if TYPE_CHECKING:
     from common.monitor.monitor import Monitor
     from qemuproc.virtio import VirtIODevice, VirtQueue
 
 VIRTIO_PATH = "/machine/peripheral-anon/device[0]/virtio-backend"
-VRING_PACKED_DESC_F_AVAIL = 7
-VRING_PACKED_DESC_F_USED = 15
 
 VIRTIO_TRANSPORT_MAP = [
     (24, "VIRTIO_F_NOTIFY_ON_EMPTY: Notify when device runs out of avail. descs. on VQ"),
@@ -78,6 +78,10 @@ VIRTIO_NET_FEATURE_MAP = [
     (26, "VHOST_F_LOG_ALL: Logging write descriptors supported"),
     (30, "VHOST_USER_F_PROTOCOL_FEATURES: Vhost-user protocol features negotiation supported"),
 ]
+PACKED_WRAP_COUNTERS = ("last-avail-wrap-counter", "shadow-avail-wrap-counter",
+                        "used-wrap-counter")
+"""The packed ring's wrap counters: the replica adds them to the queue status (7.2's
+VirtQueueStatus has no field for them)."""
 DESC_FLAGS_MAP = [(VRING_DESC_F_NEXT, "next"), (VRING_DESC_F_WRITE, "write"),
                   (VRING_DESC_F_INDIRECT, "indirect"), (1 << VRING_PACKED_DESC_F_AVAIL, "avail"),
                   (1 << VRING_PACKED_DESC_F_USED, "used")]
@@ -161,6 +165,8 @@ def hmp_virtio_status(d: dict[str, Any]) -> str:
 
 
 def hmp_virtio_queue_status(d: dict[str, Any]) -> str:
+    wraps = [f"  {k.replace('-', '_') + ':':<22}{str(d[k]).lower()}"
+             for k in PACKED_WRAP_COUNTERS if k in d]
     return "\n".join([
         f"{VIRTIO_PATH}:",
         f"  device_name:          {d['name']}",
@@ -171,6 +177,7 @@ def hmp_virtio_queue_status(d: dict[str, Any]) -> str:
         f"  signalled_used_valid: {str(d['signalled-used-valid']).lower()}",
         f"  last_avail_idx:       {d['last-avail-idx']}",
         f"  shadow_avail_idx:     {d['shadow-avail-idx']}",
+        *wraps,
         "  VRing:",
         f"    num:          {d['vring-num']}",
         f"    num_default:  {d['vring-num-default']}",
@@ -252,6 +259,10 @@ def register_virtio_qmp(mon: Monitor, vdev: VirtIODevice, locked: Any) -> None:
                 "shadow-avail-idx": vq.shadow_avail_idx, "used-idx": vq.used_idx,
                 "signalled-used": vq.signalled_used,
                 "signalled-used-valid": vq.signalled_used_valid,
+                **({"last-avail-wrap-counter": vq.last_avail_wrap_counter,
+                    "shadow-avail-wrap-counter": vq.shadow_avail_wrap_counter,
+                    "used-wrap-counter": vq.used_wrap_counter}
+                   if vdev.guest_features >> VIRTIO_F_RING_PACKED & 1 else {}),
             }
 
     @mon.command("x-query-virtio-queue-element", hmp="info virtio-queue-element",
@@ -263,6 +274,8 @@ def register_virtio_qmp(mon: Monitor, vdev: VirtIODevice, locked: Any) -> None:
                                      index: int | None = None) -> dict[str, Any]:
         virtio_device_find(path, "VirtIO device")
         vq = virtqueue(queue)
+        if vdev.guest_features >> VIRTIO_F_RING_PACKED & 1:
+            raise MonitorError("Packed ring not supported")
         if not vq.desc:
             raise MonitorError("Region caches not initialized")
         dma = vdev.dma
