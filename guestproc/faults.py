@@ -31,11 +31,18 @@ from common.vring import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
 )
+from common.vring_packed import AVAIL_USED_F, DESC_FLAGS_H, PACKED_DESC, VRING_PACKED_DESC_SIZE
 from guestproc.mm import SkBuff
 from guestproc.netstack import NETDEV_TX_OK, NetDevice, netif_device_detach
 from guestproc.virtio_net import free_old_xmit_skbs
 from guestproc.virtio_pci_modern_dev import vp_modern_queue_address, vp_modern_set_queue_enable
-from guestproc.virtio_ring import INDIRECT_STRIDE, Virtqueue, virtqueue_notify
+from guestproc.virtio_ring import (
+    INDIRECT_STRIDE,
+    Virtqueue,
+    virtqueue_get_avail_addr,
+    virtqueue_get_used_addr,
+    virtqueue_notify,
+)
 
 FAULT_AFTER = 5
 DRAIN_TIMEOUT_S = 2.0
@@ -183,8 +190,8 @@ def fault_queue_addr(r: Ring, vdev: Any) -> None:
     """virtio 1.0: give the TX queue a descriptor table beyond guest RAM and enable it
     again, while the device runs."""
     mdev = vdev.mdev
-    vp_modern_queue_address(mdev, r.vq.index, r.ram_size + 0x10000, r.vq.layout.avail,
-                            r.vq.layout.used)
+    vp_modern_queue_address(mdev, r.vq.index, r.ram_size + 0x10000,
+                            virtqueue_get_avail_addr(r.vq), virtqueue_get_used_addr(r.vq))
     vp_modern_set_queue_enable(mdev, r.vq.index, True)
 
 
@@ -192,6 +199,92 @@ def fault_queue_enable(r: Ring, vdev: Any) -> None:
     """virtio 1.0: write queue_enable with a value other than 1 (a driver may not disable
     a queue that way)."""
     vp_modern_set_queue_enable(vdev.mdev, r.vq.index, False)
+
+
+class PackedRing:
+    """Raw access to a packed TX ring: chains written from next_avail_idx in the current
+    wrap, head flags last, as ``virtqueue_add_packed`` writes them but with any fields."""
+
+    def __init__(self, r: Ring) -> None:
+        self.r = r
+        self.vq = r.vq
+
+    def take(self) -> int:
+        """One buffer id off the driver's free list, recorded as the skb's."""
+        vq = self.vq
+        buf_id = vq.free_head
+        vq.free_head = vq.desc_extra_next[buf_id]
+        vq.num_free -= 1
+        vq.desc_state[buf_id] = self.r.skb
+        vq.desc_state_num[buf_id] = 1
+        vq.desc_state_last[buf_id] = buf_id
+        return buf_id
+
+    def offer(self, descs: list[tuple[int, int, int]]) -> None:
+        """(addr, len, flags) from next_avail on; NEXT as given, AVAIL/USED of each
+        position's wrap; the head's flags stored last."""
+        vq = self.vq
+        buf_id = self.take()
+        head = vq.next_avail_idx
+        head_flags = 0
+        for addr, length, flags in descs:
+            i = vq.next_avail_idx
+            f = flags | vq.avail_used_flags
+            PACKED_DESC.pack_into(vq.desc, i * VRING_PACKED_DESC_SIZE, addr & (2**64 - 1),
+                                  length, buf_id, 0 if i == head else f)
+            if i == head:
+                head_flags = f
+            vq.next_avail_idx += 1
+            if vq.next_avail_idx == vq.num:
+                vq.next_avail_idx = 0
+                vq.avail_wrap_counter = not vq.avail_wrap_counter
+                vq.avail_used_flags ^= AVAIL_USED_F
+        vq.desc_h[head * 8 + DESC_FLAGS_H] = head_flags
+
+    def table(self, entries: list[tuple[int, int, int]]) -> int:
+        """An indirect table of (addr, len, flags) entries in the next id's own area."""
+        vq = self.vq
+        base = vq.indir_base + vq.free_head * INDIRECT_STRIDE if vq.indir_base \
+            else self.r.skb.head
+        for k, (a, n, f) in enumerate(entries):
+            PACKED_DESC.pack_into(self.r.ram, base + k * VRING_PACKED_DESC_SIZE, a, n, 0, f)
+        return base
+
+
+def fault_packed_loop(r: Ring, vdev: Any) -> None:
+    """Every ring position, from next_avail on, chains on with NEXT: a chain longer than
+    the ring."""
+    PackedRing(r).offer([(r.start, r.total, VRING_DESC_F_NEXT)] * r.num)
+
+
+def fault_packed_zero_len(r: Ring, vdev: Any) -> None:
+    PackedRing(r).offer([(r.start, 0, 0)])
+
+
+def fault_packed_oob_addr(r: Ring, vdev: Any) -> None:
+    PackedRing(r).offer([(r.ram_size - 8, 64, 0)])
+
+
+def fault_packed_order(r: Ring, vdev: Any) -> None:
+    PackedRing(r).offer([(r.start, r.hdr_len, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT),
+                         (r.skb.data, r.skb.len, 0)])
+
+
+def fault_packed_indirect_size(r: Ring, vdev: Any) -> None:
+    p = PackedRing(r)
+    p.offer([(p.table([(r.start, r.total, 0)]), VRING_PACKED_DESC_SIZE + 8,
+              VRING_DESC_F_INDIRECT)])
+
+
+def fault_packed_indirect_oob(r: Ring, vdev: Any) -> None:
+    PackedRing(r).offer([(r.ram_size - VRING_PACKED_DESC_SIZE, 2 * VRING_PACKED_DESC_SIZE,
+                          VRING_DESC_F_INDIRECT)])
+
+
+def fault_packed_indirect_zero(r: Ring, vdev: Any) -> None:
+    """An indirect table of length 0 (7.2 checks only that it is a multiple of 16)."""
+    p = PackedRing(r)
+    p.offer([(p.table([]), 0, VRING_DESC_F_INDIRECT)])
 
 
 @dataclass(frozen=True)
@@ -203,6 +296,8 @@ class Fault:
     kick: bool = True
     transport: str | None = None
     """The transport the fault's registers belong to (None: any)."""
+    ring: str | None = "split"
+    """The ring layout the fault writes (None: it writes registers, any ring)."""
 
 
 FAULTS: dict[str, Fault] = {
@@ -233,13 +328,33 @@ FAULTS: dict[str, Fault] = {
                           "a buffer whose addr + len overflows 64 bits"),
     "queue-pfn": Fault(fault_queue_pfn, "Cannot map desc",
                        "write a TX queue PFN beyond guest RAM while the device runs",
-                       kick=False, transport="legacy"),
+                       kick=False, transport="legacy", ring=None),
     "queue-addr": Fault(fault_queue_addr, "Cannot map desc",
                         "modern: enable the TX queue again with its descriptor table beyond "
-                        "guest RAM", kick=False, transport="modern"),
+                        "guest RAM", kick=False, transport="modern", ring=None),
     "queue-enable": Fault(fault_queue_enable, "wrong value for queue_enable 0",
                           "modern: write 0 to the TX queue's queue_enable", kick=False,
-                          transport="modern"),
+                          transport="modern", ring=None),
+    "packed-loop": Fault(fault_packed_loop, "Looped descriptor",
+                         "packed: a chain of NEXT flags longer than the ring", ring="packed"),
+    "packed-zero-len": Fault(fault_packed_zero_len, "virtio: zero sized buffers are not allowed",
+                             "packed: a descriptor of length 0", ring="packed"),
+    "packed-oob-addr": Fault(fault_packed_oob_addr,
+                             "virtio: bogus descriptor or out of resources",
+                             "packed: a buffer that runs past the end of guest RAM",
+                             ring="packed"),
+    "packed-order": Fault(fault_packed_order, "Incorrect order for descriptors",
+                          "packed: a readable descriptor after a writable one", ring="packed"),
+    "packed-indirect-size": Fault(fault_packed_indirect_size,
+                                  "Invalid size for indirect buffer table",
+                                  "packed: an indirect table whose length is not a multiple "
+                                  "of 16", ring="packed"),
+    "packed-indirect-oob": Fault(fault_packed_indirect_oob, "Cannot map indirect buffer",
+                                 "packed: an indirect table past the end of guest RAM",
+                                 ring="packed"),
+    "packed-indirect-zero": Fault(fault_packed_indirect_zero,
+                                  "virtio: zero sized buffers are not allowed",
+                                  "packed: an indirect table of length 0", ring="packed"),
 }
 
 

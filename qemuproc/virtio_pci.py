@@ -67,6 +67,7 @@ from qemuproc.virtio import (
     VirtIODevice,
     virtio_queue_host_notifier_read,
     virtio_queue_notify,
+    virtio_queue_ready,
     virtio_queue_set_addr,
     virtio_reset,
     virtio_set_features,
@@ -185,7 +186,7 @@ class VirtIOPCIProxy:
         if not self.ioeventfd or self.ioeventfd_started:
             return
         for vq in self.vdev.vq:
-            if vq.views is None:
+            if not virtio_queue_ready(vq):
                 continue
             n = vq.queue_index
             name = self.cfg.ioeventfd(n)

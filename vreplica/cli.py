@@ -129,6 +129,9 @@ def check_ring(a: argparse.Namespace) -> None:
                          "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
     if a.vhost:
         raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
+    if a.reconnect:
+        raise UsageError("--ring packed works without --reconnect (the replica's inflight "
+                         "record is the split ring's)")
 
 
 TRANSPORTS = ("legacy", "modern", "transitional")
@@ -306,6 +309,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
         check_fault_transport(a.guest_fault, a.transport)
+        check_fault_ring(a.guest_fault, a.ring)
     check_ring(a)
     check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
@@ -326,6 +330,15 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "guest_fault": a.guest_fault, "phases": phases,
                              "tx_timer_ns": a.tx_timer_ns, "ring": a.ring,
                              "transport": a.transport, **tap})
+
+
+def check_fault_ring(kind: str, ring: str) -> None:
+    """A fault that writes ring entries writes one layout's."""
+    from guestproc.faults import FAULTS
+
+    needs = FAULTS[kind].ring
+    if needs is not None and ring != needs:
+        raise UsageError(f"--guest-fault {kind} writes a {needs} ring: it needs --ring {needs}")
 
 
 def check_fault_transport(kind: str, transport: str) -> None:
