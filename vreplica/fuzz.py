@@ -47,6 +47,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_HDR_MRG_RXBUF,
@@ -239,7 +240,6 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         assert not n.broken and n.status == 0, "a reset must make the device usable again"
         for r in self.rings:
             self.ram[r.base : r.base + RING_PAGES * PAGE] = bytes(RING_PAGES * PAGE)
-            r.layout = VringLayout(r.num, r.base)
         features = n.host_features & ~((1 << VIRTIO_NET_F_MQ) | (1 << VIRTIO_NET_F_CTRL_VQ)) \
             if len(n.vq) == 2 else n.host_features
         virtio_set_status(n, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
@@ -248,7 +248,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
                           | VIRTIO_CONFIG_S_FEATURES_OK)
         n.config_vector = CONFIG_VECTOR
         for i, r in enumerate(self.rings):
-            virtio_queue_set_addr(n, i, r.base)
+            self.place_ring(i, r)
             n.vq[i].vector = 1 + i
         virtio_set_status(n, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                           | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
@@ -257,6 +257,12 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         self.irqs.clear()
         self.clean = True
         self.run_bottom_halves()
+
+    def place_ring(self, i: int, r: Any) -> None:
+        """Give queue ``i`` its ring, as the transport's queue registers do (legacy PFN)."""
+        assert self.n is not None
+        r.layout = VringLayout(r.num, r.base)
+        virtio_queue_set_addr(self.n, i, r.base)
 
     def teardown(self) -> None:
         if self.n is not None:
@@ -536,8 +542,9 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         n = self.n
         if n is None:
             return
-        for vq in n.vq:
-            assert 0 <= vq.inuse <= vq.num
+        packed = n.guest_features >> VIRTIO_F_RING_PACKED & 1
+        for vq in n.vq:  # a packed chain popped at inuse < num may take num more positions
+            assert 0 <= vq.inuse <= (2 * vq.num - 1 if packed else vq.num)
         if n.broken:
             assert n.status & VIRTIO_CONFIG_S_NEEDS_RESET and n.errors
             if n.status & VIRTIO_CONFIG_S_DRIVER_OK:
@@ -551,15 +558,21 @@ def fuzz_settings(examples: int, steps: int = 40) -> settings:
                                            HealthCheck.filter_too_much])
 
 
-def run(examples: int, steps: int = 40) -> dict[str, Any]:
-    """Run the machine for ``examples`` examples; raises on the first broken property."""
+def run(examples: int, steps: int = 40, ring: str = "split") -> dict[str, Any]:
+    """Run the machine (``ring``: split, or vreplica.fuzz_packed's) for ``examples``
+    examples; raises on the first broken property."""
+    machine: type[VirtioNetFuzz] = VirtioNetFuzz
+    if ring == "packed":
+        from vreplica.fuzz_packed import VirtioNetPackedFuzz
+
+        machine = VirtioNetPackedFuzz
     for k in STATS_KEYS:
         stats[k] = 0
     stats["messages"] = set()
     quiet = qvirtio.error_report
     qvirtio.error_report = lambda message: None
     try:
-        run_state_machine_as_test(VirtioNetFuzz, settings=fuzz_settings(examples, steps))
+        run_state_machine_as_test(machine, settings=fuzz_settings(examples, steps))
     finally:
         qvirtio.error_report = quiet
     return dict(stats)
@@ -570,13 +583,15 @@ def main(argv: list[str]) -> int:
                description="A hostile guest against the device's ring code.")
     p.add_argument("--examples", type=int, default=200, help="state-machine runs (default 200)")
     p.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
+    p.add_argument("--ring", choices=("split", "packed"), default="split",
+                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED)")
     a = p.parse_args(argv)
     if a.examples < 1 or a.steps < 1:
         print("vreplica fuzz: --examples and --steps must be at least 1", file=sys.stderr)
         return 2
     t0 = time.monotonic()
     try:
-        s = run(a.examples, a.steps)
+        s = run(a.examples, a.steps, a.ring)
     except KeyboardInterrupt:
         print("vreplica fuzz: interrupted", file=sys.stderr)
         return 130
