@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("machine", "plan", "vring_only", "end_to_end", "kick_latency", "kicks_interrupts",
-            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos")
+            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos", "rings")
 
 
 @pytest.mark.timeout(300)
@@ -41,8 +41,14 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
         assert t["target"] in md
     assert res["chaos"]["verdict"] == "PASS", res["chaos"]
     assert res["chaos"]["resets"] >= 1 and res["chaos"]["restarts"] >= 1
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8."):
+    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.",
+                    "## 9."):
         assert heading in md
+    for ring in ("split", "packed"):  # section 9: the same device on both rings
+        for size in bench.QUICK.sizes:
+            r = res["rings"]["per_ring"][ring][str(size)]
+            assert r["trials"] == 1 and r["all_delivered_in_order"], (ring, size, r)
+            assert r["pps"] > 0 and r["kicks_per_packet"] is not None
     assert res["vring_only"]["complete"]
     runs = res["correctness"]
     plan = bench.QUICK

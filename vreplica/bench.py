@@ -31,6 +31,7 @@ from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
 from vreplica import baselines as bl
+from vreplica.bench_rings import render_rings, section_rings
 from vreplica.cli import Parser
 from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.summary import build_summary
@@ -1047,6 +1048,7 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                     ["QEMU restart (kill -9)", str(c["restarts"]),
                      fmt_f(c["restart_down_ms_p50"], 1), fmt_f(c["restart_down_ms_max"], 1),
                      str(c["restart_lost_max"])]])
+    L += render_rings(res.get("rings") or {}, plan)
     return "\n".join(L)
 
 
@@ -1118,6 +1120,8 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
     log("8. chaos: resets and restarts")
     res["chaos"] = section_chaos(plan, log, failures)
+    log("9. split ring against packed ring")
+    res["rings"] = section_rings(plan, log, failures, trials=1 if plan.quick else None)
     res["failures"] = failures
     res["duration_s"] = time.monotonic() - t0
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1130,6 +1134,9 @@ def main(argv: list[str] | None = None) -> int:
                label="vreplica bench")
     p.add_argument("--quick", action="store_true", help="fewer and smaller trials (~1 min)")
     p.add_argument("--json", metavar="FILE", help="write every figure here")
+    p.add_argument("--only", choices=("rings",),
+                   help="rings: only section 9 (split against packed), printed, not written "
+                        "to BENCHMARKS.md")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
                    "(default: the repository root)")
     a = p.parse_args(argv)
@@ -1149,6 +1156,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
+
+    if a.only == "rings":
+        failures: list[dict] = []
+        sec = section_rings(plan, log, failures)
+        print("\n".join(render_rings(sec, plan)))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"rings": sec, "failures": failures}, indent=1,
+                                               default=str))
+        return 1 if failures else 0
 
     res = run_bench(plan, log)
     png = out / "bench.png"
