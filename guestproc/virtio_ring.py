@@ -561,8 +561,8 @@ def virtqueue_add_indirect_packed(vq: Virtqueue, out_sgs: list[tuple[int, int]],
     vq.num_added += 1
     vq.indirect_adds += 1
     if trace_virtqueue_add_packed.on:
-        trace_virtqueue_add_packed(vq=vq.name, head=head, id=buf_id, sgs=len(out_sgs) +
-                                   len(in_sgs))
+        trace_virtqueue_add_packed(vq=vq.name, head=buf_id, pos=head,
+                                   sgs=len(out_sgs) + len(in_sgs))
     return 0
 
 
@@ -613,7 +613,7 @@ def virtqueue_add_packed(vq: Virtqueue, out_sgs: list[tuple[int, int]],
     vq.desc_h[(head << 3) + DESC_FLAGS_H] = head_flags
     vq.num_added += total
     if trace_virtqueue_add_packed.on:
-        trace_virtqueue_add_packed(vq=vq.name, head=head, id=buf_id, sgs=total)
+        trace_virtqueue_add_packed(vq=vq.name, head=buf_id, pos=head, sgs=total)
     return 0
 
 

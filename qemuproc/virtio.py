@@ -813,7 +813,6 @@ def vring_packed_indirect_table(vdev: VirtIODevice, addr: int, length: int) -> m
         return None
 
 
-@traced
 def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     """Take the chain at last_avail_idx if its head is available in the current wrap.
 

@@ -79,6 +79,8 @@ SHOWN: dict[str, Detail] = {
     "xmit_skb": lambda a: "virtio-net header + frame",
     "virtqueue_add_split": lambda a: f"head {a.get('head')} into the avail ring, "
                                      f"avail_idx {a.get('avail_idx')}",
+    "virtqueue_add_packed": lambda a: f"id {a.get('head')} at ring position {a.get('pos')}, "
+                                      "its flags stored last",
     "vp_notify": lambda a: f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps",
     "kvm_arch_vcpu_ioctl_run": lambda a: "KVM_RUN",
     "kvm_exit": lambda a: f"VM exit: {a.get('exit_reason')}",
@@ -111,7 +113,8 @@ SHOWN: dict[str, Detail] = {
     "slirp_input": lambda a: f"{a.get('len')} B, ethertype {_hex(a.get('proto'))}",
     "sosendto": lambda a: f"host socket fd {a.get('fd')} -> 127.0.0.1:{a.get('dport')}",
     "virtqueue_fill": lambda a: f"{_elem(a)}, len {a.get('len')}",
-    "virtqueue_flush": lambda a: f"used_idx += {a.get('count')}",
+    "virtqueue_flush": lambda a: f"used_idx += {a['count']}" if a.get("count") is not None
+    else "packed: used flags written, the first descriptor's last",
     "virtio_notify": lambda a: f"{_vq(a)} -> interrupt",
     "kvm_vm_ioctl": lambda a: IOCTL_NAMES.get(a.get("type"), _hex(a.get("type"))),
     "kvm_msi_set_irq": lambda a: f"MSI to {_hex(a.get('address'))}, vector {a.get('data')}",

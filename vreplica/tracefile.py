@@ -59,6 +59,10 @@ for another packet (a KVM_RUN through the next pause) does not."""
 _RUN_PREFIX = re.compile(r"/vnr\.[0-9a-zA-Z]+\.")
 
 
+VIRTQUEUE_ADDS = ("virtqueue_add_split", "virtqueue_add_packed")
+"""The driver's add, as a split or a packed ring makes it: ``head`` is what the device's
+element and the driver's virtqueue_get_buf name (the packed ring's buffer id)."""
+
 class TraceError(Exception):
     """The file is not a trace this module can read, or lacks what was asked of it."""
 
@@ -411,11 +415,12 @@ def _interrupt_steps(ix: _Index, vnotify: Event, guest_pid: int, driver_vq: Any,
 def _correlate(ix: _Index, send: Event, seq: int) -> Packet | None:
     g_pid, g_tid = send.pid, send.tid
     xmit = ix.next("start_xmit", send.ts, pid=g_pid, tid=g_tid)
-    add = ix.next("virtqueue_add_split", xmit.ts if xmit else send.ts, pid=g_pid, tid=g_tid,
-                  pred=lambda e: _is_tx_driver(e.args.get("vq")))
+    adds = [ix.next(name, xmit.ts if xmit else send.ts, pid=g_pid, tid=g_tid,
+                    pred=lambda e: _is_tx_driver(e.args.get("vq"))) for name in VIRTQUEUE_ADDS]
+    add = min((a for a in adds if a is not None), key=lambda e: e.ts, default=None)
     if add is None:
         return None
-    head, avail_idx = add.args.get("head"), add.args.get("avail_idx")
+    head, avail_idx = add.args.get("head"), add.args.get("avail_idx", add.args.get("pos"))
     driver_vq = add.args.get("vq")
     is_dev_vq = _device_vq(str(driver_vq))
     pop = ix.next("virtqueue_pop", add.ts, role="qemu",
@@ -740,9 +745,10 @@ def _packets_from_flows(trace: Trace, flow_points: dict[Any, list[tuple]]) -> di
         seq = points[0][4]
         send = sends.get(seq)
         if send is not None and steps:
-            add = next((e for e in steps if e.name == "virtqueue_add_split"), None)
+            add = next((e for e in steps if e.name in VIRTQUEUE_ADDS), None)
             packets[seq] = Packet(seq, send, steps, add.args.get("head") if add else None,
-                                  add.args.get("avail_idx") if add else None)
+                                  add.args.get("avail_idx", add.args.get("pos"))
+                                  if add else None)
     return packets
 
 
