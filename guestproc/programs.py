@@ -189,6 +189,9 @@ def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
 FAULT_REQUESTS: list[int] = []
 """Ring faults asked for from outside (SIGUSR1, the stress run's ring-fault chaos)."""
 CHAOS_FAULT_KINDS = ("loop", "head", "next", "zero-len", "oob-addr")
+PACKED_CHAOS_FAULT_KINDS = ("packed-loop", "packed-zero-len", "packed-oob-addr", "packed-order",
+                            "packed-indirect-size")
+"""The same chaos on a packed ring: faults written the packed ring's way."""
 
 
 def loss_runs(arrived_ns: array, paths: int) -> list[list[int]]:
@@ -287,7 +290,9 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             from guestproc.faults import FaultInjector
 
             FAULT_REQUESTS.clear()
-            kind = CHAOS_FAULT_KINDS[len(faulted) % len(CHAOS_FAULT_KINDS)]
+            kinds = PACKED_CHAOS_FAULT_KINDS if stack.dev.priv.sq[0].vq.packed_ring \
+                else CHAOS_FAULT_KINDS
+            kind = kinds[len(faulted) % len(kinds)]
             FaultInjector(stack.dev.priv, kind, after=0)
             faulted.append(sent)
         if echo and len(outstanding) >= window:

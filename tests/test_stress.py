@@ -91,8 +91,29 @@ def test_tx_stress_counts_every_datagram(tmp_path: Path) -> None:
     assert v["sizes"] == [8, 1472]  # the sequence number needs 8 bytes
 
 
+@pytest.mark.timeout(90)
+def test_stress_on_packed_rings_with_chaos(tmp_path: Path) -> None:
+    """The packed ring under load both ways over two queue pairs with ring faults (written
+    the packed ring's way), guest pauses and echo pauses: the verdict passes and every
+    datagram lost is one a ring fault's reset or an echo pause lost."""
+    code, v, text = stress(tmp_path, "--duration", "2", "--queues", "2", "--mode", "both",
+                           "--transport", "modern", "--ring", "packed",
+                           "--chaos", "ring-fault,guest-pause,echo-pause", "--chaos-period",
+                           "0.5")
+    assert code == 0, text
+    assert v["verdict"] == "PASS" and v["reasons"] == []
+    assert v["sent"] > 500 and v["inbound_received"] > 0
+    assert v["lost_unexpected"] == 0 and v["inbound_lost_unexpected"] == 0
+    assert v["bad_payloads"] == 0 and v["duplicated"] == 0 and v["leftovers"] == []
+    faults = [e for e in v["chaos"] if e["kind"] == "ring-fault" and "faulted_seq" in e]
+    assert v["resets"] == len(faults)
+    assert sum(e["lost"] for e in v["chaos"]) == v["lost_expected"] + v["inbound_lost_expected"]
+
+
 def test_bad_stress_options_one_line_exit_2(tmp_path: Path) -> None:
-    for args in (["--chaos", "meteor"], ["--sizes", "9-3"], ["--queues", "0"]):
+    for args in (["--chaos", "meteor"], ["--sizes", "9-3"], ["--queues", "0"],
+                 ["--ring", "packed"],
+                 ["--ring", "packed", "--transport", "modern", "--chaos", "kill-device"]):
         proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "stress", *args],
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2

@@ -21,7 +21,15 @@ from tqdm import tqdm
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.attribution import attribute, explain_seqs, outages, summary_of
-from vreplica.cli import TRANSPORTS, Parser, UsageError, finite_float, free_udp_port, reported
+from vreplica.cli import (
+    RINGS,
+    TRANSPORTS,
+    Parser,
+    UsageError,
+    finite_float,
+    free_udp_port,
+    reported,
+)
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.preflight import writable_file
 from vreplica.summary import build_summary
@@ -194,6 +202,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
                    help="virtio-pci interface (as vreplica run's --transport)")
+    p.add_argument("--ring", choices=RINGS, default="split",
+                   help="virtqueue layout (as vreplica run's --ring; packed needs a modern "
+                        "--transport)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -220,6 +231,12 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
     if a.chaos_period <= 0 or a.flows < 0:
         raise UsageError("--chaos-period must be positive and --flows >= 0 (0: two per pair)")
+    if a.ring == "packed" and a.transport == "legacy":
+        raise UsageError("--ring packed needs --transport modern or transitional "
+                         "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
+    if a.ring == "packed" and "kill-device" in kinds:
+        raise UsageError("--chaos kill-device restarts QEMU with --reconnect, which --ring "
+                         "packed does not have (the in-flight record is the split ring's)")
     if a.json:
         writable_file("--json", a.json)
     return lo, hi, kinds
@@ -242,7 +259,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
                       timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
-                             "transport": a.transport})
+                             "transport": a.transport, "ring": a.ring})
     sup = Supervisor(opts)
     log = ChaosLog(time.monotonic())
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
