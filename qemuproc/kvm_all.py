@@ -257,14 +257,6 @@ def kvm_handle_io(cpu: CPUState, port: int, data: int, direction: int, size: int
             cpu.run_data = val
 
 
-@traced
-def kvm_handle_mmio(cpu: CPUState, addr: int, data: int, length: int, is_write: bool) -> None:
-    with cpu.bql:  # prepare_mmio_access
-        val = address_space_rw(cpu.mem_as, addr, data, length, is_write)
-    if not is_write:
-        cpu.run_data = val
-
-
 def kvm_handle_exit(cpu: CPUState, run: list) -> int:
     """One turn of kvm_cpu_exec's ``switch (run->exit_reason)``, without the BQL: 0 to go on
     with KVM_RUN, EXCP_INTERRUPT to return to the vCPU thread (a signal, or a shutdown:
@@ -279,7 +271,10 @@ def kvm_handle_exit(cpu: CPUState, run: list) -> int:
         kvm_handle_io(cpu, port, data, direction, size, count)
     elif reason == KVM_EXIT_MMIO:
         _, addr, length, is_write, data = run
-        kvm_handle_mmio(cpu, addr, data, length, bool(is_write))
+        with cpu.bql:  # prepare_mmio_access; kvm_cpu_exec calls address_space_rw itself
+            val = address_space_rw(cpu.mem_as, addr, data, length, bool(is_write))
+        if not is_write:
+            cpu.run_data = val
     elif reason == KVM_EXIT_SHUTDOWN:
         cpu.shutdown_requested = True
         return EXCP_INTERRUPT

@@ -42,9 +42,9 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert res["chaos"]["verdict"] == "PASS", res["chaos"]
     assert res["chaos"]["resets"] >= 1 and res["chaos"]["restarts"] >= 1
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.",
-                    "## 9."):
+                    "## 9.", "## 10."):
         assert heading in md
-    for ring in ("split", "packed"):  # section 9: the same device on both rings
+    for ring in ("split", "packed"):  # section 10: the same device on both rings
         for size in bench.QUICK.sizes:
             r = res["rings"]["per_ring"][ring][str(size)]
             assert r["trials"] == 1 and r["all_delivered_in_order"], (ring, size, r)

@@ -52,6 +52,10 @@ BAD_OPTIONS = [
     (["--transport", "modern", "--guest-fault", "packed-loop", "--packets", "8"], "--ring packed"),
     (["--transport", "modern", "--ring", "packed", "--guest-fault", "loop", "--packets", "8"],
      "--ring split"),
+    (["--transport", "pci"], "--transport"),
+    (["--transport", "modern", "--guest-fault", "queue-pfn", "--packets", "10"], "queue-pfn"),
+    (["--transport", "legacy", "--guest-fault", "queue-addr", "--packets", "10"],
+     "queue-addr"),
 ]
 
 

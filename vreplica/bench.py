@@ -32,6 +32,7 @@ from common.trace import vq_index
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
 from vreplica import baselines as bl
 from vreplica.bench_rings import render_rings, section_rings
+from vreplica.bench_transport import section_transport, transport_table
 from vreplica.cli import Parser
 from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.summary import build_summary
@@ -1048,6 +1049,14 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                     ["QEMU restart (kill -9)", str(c["restarts"]),
                      fmt_f(c["restart_down_ms_p50"], 1), fmt_f(c["restart_down_ms_max"], 1),
                      str(c["restart_lost_max"])]])
+    tr = res.get("transport") or {}
+    if tr:
+        L += ["", "## 9. Legacy against modern virtio-pci, same run", "",
+              f"64-byte datagrams, {tr['packets']} a run end to end; notify -> pop paced "
+              f"({tr['pace_ms']} ms, {tr['latency_packets']} a run) with ioeventfd off, so "
+              "each kick is a VM exit QEMU's vCPU thread handles: KVM_EXIT_IO (legacy port "
+              "write) or KVM_EXIT_MMIO (modern notify store). Medians of the trials.", "",
+              *transport_table(tr)]
     L += render_rings(res.get("rings") or {}, plan)
     return "\n".join(L)
 
@@ -1120,8 +1129,10 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
     log("8. chaos: resets and restarts")
     res["chaos"] = section_chaos(plan, log, failures)
-    log("9. split ring against packed ring")
-    res["rings"] = section_rings(plan, log, failures, trials=1 if plan.quick else None)
+    log("9. legacy vs modern transport")
+    res["transport"] = section_transport(plan, log, failures)
+    log("10. split ring against packed ring")
+    res["rings"] = section_rings(plan, log, failures)
     res["failures"] = failures
     res["duration_s"] = time.monotonic() - t0
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -1129,18 +1140,45 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     return res
 
 
+def only_section(plan: Plan, json_path: str | None, which: str = "transport") -> int:
+    """``--only transport|rings``: the legacy-vs-modern or split-vs-packed section alone."""
+    if json_path:
+        try:
+            writable_file("--json", json_path)
+        except UsageError as e:
+            print(f"vreplica bench: {e}", file=sys.stderr)
+            return 2
+    failures: list[dict] = []
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if which == "rings":
+        sec = section_rings(plan, log, failures)
+        print("\n".join(render_rings(sec, plan)))
+    else:
+        sec = section_transport(plan, log, failures)
+        print("\n".join(transport_table(sec)))
+    if json_path:
+        Path(json_path).write_text(json.dumps({which: sec, "failures": failures},
+                                              indent=1, default=str))
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="vreplica bench", description=__doc__.split("\n\n")[0],
                label="vreplica bench")
     p.add_argument("--quick", action="store_true", help="fewer and smaller trials (~1 min)")
     p.add_argument("--json", metavar="FILE", help="write every figure here")
-    p.add_argument("--only", choices=("rings",),
-                   help="rings: only section 9 (split against packed), printed, not written "
-                        "to BENCHMARKS.md")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
                    "(default: the repository root)")
+    p.add_argument("--only", choices=("transport", "rings"),
+                   help="run one section and print its table (no BENCHMARKS.md): transport "
+                        "(9, legacy against modern) or rings (10, split against packed)")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
+    if a.only:
+        return only_section(plan, a.json, a.only)
     out = Path(a.out) if a.out else ROOT
     try:
         writable_dir("--out", out)
@@ -1156,15 +1194,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
-
-    if a.only == "rings":
-        failures: list[dict] = []
-        sec = section_rings(plan, log, failures)
-        print("\n".join(render_rings(sec, plan)))
-        if a.json:
-            Path(a.json).write_text(json.dumps({"rings": sec, "failures": failures}, indent=1,
-                                               default=str))
-        return 1 if failures else 0
 
     res = run_bench(plan, log)
     png = out / "bench.png"

@@ -1,4 +1,4 @@
-"""vreplica bench, section 9: the split ring against the packed ring, in the same run.
+"""vreplica bench, section 10: the split ring against the packed ring, in the same run.
 
 Both on the modern transport (VIRTIO_F_RING_PACKED needs VERSION_1), otherwise the default
 configuration, toward the bench's own sink: packets/s, kicks and TX interrupts per packet,
@@ -15,7 +15,8 @@ RINGS = ("split", "packed")
 
 def section_rings(plan: Any, log: Callable[[str], None], failures: list[dict],
                   trials: int | None = None) -> dict:
-    """``trials`` (default: the plan's) rounds of both rings at each size."""
+    """``trials`` (default: the plan's, as ``--trials`` sets it) rounds of both rings at
+    each size."""
     from vreplica.bench import checked, replica_options, run_replica
 
     runs: list[dict] = []
@@ -66,7 +67,7 @@ def render_rings(sec: dict, plan: Any) -> list[str]:
             rows.append([ring, SIZE_LABEL[int(size)], fmt_spread(r, "pps"),
                          fmt_f(r["kicks_per_packet"], 4), fmt_f(r["interrupts_per_packet"], 4),
                          "yes" if r["all_delivered_in_order"] else "**no**"])
-    L = ["## 9. Split ring against packed ring", "",
+    L = ["## 10. Split ring against packed ring", "",
          f"`--transport modern`, `--ring split` and `--ring packed` interleaved in each of "
          f"{sec['trials']} trial(s), {sec['packets']:,} datagrams a run, the default device "
          "otherwise; same sink and basis as section 2. Interrupts = TX-queue interrupts.", ""]

@@ -81,17 +81,23 @@ SHOWN: dict[str, Detail] = {
                                      f"avail_idx {a.get('avail_idx')}",
     "virtqueue_add_packed": lambda a: f"id {a.get('head')} at ring position {a.get('pos')}, "
                                       "its flags stored last",
-    "vp_notify": lambda a: f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps",
+    "vp_notify": lambda a: (f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps"
+                            if a.get("addr") is None else
+                            f"iowrite16({a.get('index')}, {_hex(a.get('addr'))}): an MMIO "
+                            "store, traps"),
     "kvm_arch_vcpu_ioctl_run": lambda a: "KVM_RUN",
     "kvm_exit": lambda a: f"VM exit: {a.get('exit_reason')}",
     "handle_exit": lambda a: "",
     "kvm_pio": lambda a: f"pio_{'write' if a.get('rw') else 'read'} port {_hex(a.get('port'))} "
                          f"= {a.get('val')}",
-    "ioeventfd_write": lambda a: "datamatch: signal the eventfd, re-enter the guest",
+    "kvm_mmio": lambda a: f"mmio_write gpa {_hex(a.get('gpa'))} = {a.get('val')}",
+    "ioeventfd_write": lambda a: "address (and datamatch) match: signal the eventfd, re-enter "
+                                 "the guest",
     "kvm_userspace_exit": lambda a: f"return to QEMU: {_exit_name(a)}",
     "kvm_cpu_exec": lambda a: "",
     "kvm_run_exit": lambda a: f"KVM_RUN returned {_exit_name(a)}",
     "kvm_handle_io": lambda a: "the BQL, then the port's region",
+    "virtio_pci_notify_write": lambda a: "virtio-pci's modern notify region: queue = addr / 4",
     "address_space_rw": lambda a: "",
     "virtio_pci_config_write": lambda a: "virtio-pci's legacy I/O BAR",
     "virtio_ioport_write": lambda a: "",
@@ -276,6 +282,7 @@ WHOLE_RX = ("kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "recvfrom")
 
 TAP_SHOWN: dict[str, Detail] = {
     **{k: SHOWN[k] for k in ("udp_sendmsg", "start_xmit", "vp_notify", "kvm_exit", "kvm_pio",
+                             "kvm_mmio",
                              "ioeventfd_write", "virtio_queue_host_notifier_read",
                              "virtio_queue_notify", "virtio_net_handle_tx_bh", "virtio_net_tx_bh",
                              "virtqueue_pop", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",
@@ -301,7 +308,8 @@ TAP_SHOWN: dict[str, Detail] = {
 
 def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) -> list[str]:
     """Round trip ``seq`` over the tap: every shown event between the guest's udp_sendmsg
-    and its recvfrom (the demo paces the datagrams, so nothing else is under way), with the
+    and its recvfrom, or its TX interrupt if that comes later (the demo paces the datagrams,
+    so nothing else is under way), with the
     host echo socket's receive and reply from its own clock (CLOCK_MONOTONIC, as the
     trace's)."""
     send = next((e for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
@@ -312,7 +320,13 @@ def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) 
         raise TraceError(f"seq {seq}: no udp_sendmsg and recvfrom in the trace")
     t0 = send.parent.ts if send.parent is not None and send.parent.name == send.name \
         else send.ts
-    window = [e for e in trace.events if t0 <= e.ts <= got.ts and e.name in TAP_SHOWN]
+    # the TX completion's interrupt may come after the reply's: follow it until the next send
+    next_send = min((e.ts for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
+                     and e.ts > send.ts and e.args.get("seq") != seq), default=None)
+    done = next((e.ts for e in trace.events if e.name == "skb_xmit_done" and e.ts > t0
+                 and (next_send is None or e.ts < next_send)), 0)
+    window = [e for e in trace.events
+              if t0 <= e.ts <= max(got.ts, done) and e.name in TAP_SHOWN]
     args: dict[Event, dict[str, Any]] = {}
     for e in window:  # a span's own trace point lends it its arguments and is not shown
         if not e.is_span and e.parent is not None and e.parent.name == e.name:

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
-from vreplica.attribution import attribute, explain_seqs, outages, summary_of
+from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
 from vreplica.cli import (
     RINGS,
     TRANSPORTS,
@@ -88,6 +89,7 @@ class InboundStream:
         self.port = port
         self.interval = 1.0 / rate_pps
         self.sent = 0
+        self.sent_ns = array("q")  # per sequence number: when it left the host (monotonic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stress-inbound", daemon=True)
 
@@ -97,6 +99,7 @@ class InboundStream:
     def _run(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             while not self._stop.wait(self.interval):
+                self.sent_ns.append(time.monotonic_ns())
                 s.sendto(expected_payload(self.sent, 64), ("127.0.0.1", self.port))
                 self.sent += 1
 
@@ -367,6 +370,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if inbound is not None and inbound.sent > prog.get("inbound_seen", 0):
         inbound_runs.append([prog.get("inbound_seen", 0), inbound.sent - 1,
                              prog.get("inbound_last_ns", 0), 0])
+    if inbound is not None:
+        begin_at_entry(inbound_runs, inbound.sent_ns)
     in_lost, in_explained, in_unexplained = attribute(inbound_runs, 1, events, now_ns)
     restarts = sup.restarts
     sqs = guest.get("sq", [])
