@@ -720,9 +720,12 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
 
     Done here in one step, with the same stores and inflight bookkeeping, while their trace
     points and spans are off; else by the two calls, which record them."""
-    if trace_push_points.on or vq.vdev.guest_features & _F_RING_PACKED:
+    if trace_push_points.on:
         virtqueue_fill(vq, elem, length, 0)
         virtqueue_flush(vq, 1)
+        return
+    if vq.vdev.guest_features & _F_RING_PACKED:
+        virtqueue_packed_push(vq, elem, length)
         return
     elem.busy = False
     v = vq.views
@@ -831,7 +834,38 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     i = vq.last_avail_idx
     desc = p.desc
     max_ = num
-    addr, length, buf_id, flags = vring_packed_desc_read(vdev, desc, i)
+    addr, length, buf_id, flags = _packed_desc_unpack_from(desc, i << 4)
+    if not flags & _DESC_F_CHAIN_OR_WRITE:
+        # one readable buffer, the common TX chain: the loop's checks below, for one entry
+        if not length:
+            virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+            return None
+        try:
+            sg = vdev.dma.address_space_map(addr, length)
+        except GuestMemoryError:
+            virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+            return None
+        elem = vq.elems[buf_id] if buf_id < num else None
+        if elem is None or elem.busy:
+            elem = VirtQueueElement(buf_id, elem_addr(vq.queue_index, buf_id % num, spare=True))
+        elem.out_sg = [sg]
+        elem.out_addr = [addr]
+        if elem.in_sg:
+            elem.in_sg = []
+            elem.in_addr = []
+        elem.ndescs = 1
+        elem.busy = True
+        i += 1
+        vq.inuse += 1
+        if i >= num:
+            i -= num
+            vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
+        vq.last_avail_idx = vq.shadow_avail_idx = i
+        vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
+        vq.pops += 1
+        if trace_pop_points.on:
+            virtqueue_packed_pop_trace(vq, elem)
+        return elem
     indirect = bool(flags & VRING_DESC_F_INDIRECT)
     if indirect:
         table = vring_packed_indirect_table(vdev, addr, length)
@@ -892,13 +926,17 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
     vq.pops += 1
     if trace_pop_points.on:
-        if trace_virtqueue_alloc_element.on:
-            trace_virtqueue_alloc_element(elem=elem.addr, sz=VIRTQUEUE_ELEMENT_SIZE,
-                                          in_num=len(in_sg), out_num=len(out_sg))
-        if trace_virtqueue_pop.on:
-            trace_virtqueue_pop(vq=vq.addr, elem=elem.addr, in_num=len(in_sg),
-                                out_num=len(out_sg))
+        virtqueue_packed_pop_trace(vq, elem)
     return elem
+
+
+def virtqueue_packed_pop_trace(vq: VirtQueue, elem: VirtQueueElement) -> None:
+    if trace_virtqueue_alloc_element.on:
+        trace_virtqueue_alloc_element(elem=elem.addr, sz=VIRTQUEUE_ELEMENT_SIZE,
+                                      in_num=len(elem.in_sg), out_num=len(elem.out_sg))
+    if trace_virtqueue_pop.on:
+        trace_virtqueue_pop(vq=vq.addr, elem=elem.addr, in_num=len(elem.in_sg),
+                            out_num=len(elem.out_sg))
 
 
 def virtqueue_packed_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
@@ -999,6 +1037,34 @@ def virtqueue_packed_fill_desc(vq: VirtQueue, elem: VirtQueueElement, idx: int,
     h[base + 5] = (elem.len >> 16) & 0xFFFF
     # smp_wmb (strict_order): id and len are visible before the flags that hand them over
     h[base + DESC_FLAGS_H] = AVAIL_USED_F if wrap_counter else 0
+
+
+def virtqueue_packed_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
+    """virtqueue_packed_fill and virtqueue_packed_flush of one element in one step (the same
+    stores: id and len, then the flags), while their trace points and spans are off."""
+    elem.busy = False
+    if vq.vdev.broken:
+        vq.inuse -= 1  # virtqueue_flush's count on a broken device, as 7.2
+        return
+    p = vq.packed
+    if p is None:
+        return
+    head = vq.used_idx
+    h = p.desc_h
+    base = head << 3
+    h[base + 6] = elem.index & 0xFFFF
+    h[base + 4] = length & 0xFFFF
+    h[base + 5] = (length >> 16) & 0xFFFF
+    # smp_wmb: id and len are visible before the flags that hand them over
+    wrap = vq.used_wrap_counter
+    h[base + DESC_FLAGS_H] = AVAIL_USED_F if wrap else 0
+    ndescs = elem.ndescs
+    vq.inuse -= ndescs
+    head += ndescs
+    if head >= vq.num:
+        head -= vq.num
+        vq.used_wrap_counter = not wrap
+    vq.used_idx = head
 
 
 def virtqueue_packed_flush(vq: VirtQueue, count: int) -> None:
