@@ -67,8 +67,9 @@ RUN_VERSION = 1
 
 
 def inflight_region_size(queue_size: int) -> int:
-    """Bytes of one virtqueue's inflight region: a 64-byte header and a byte per descriptor."""
-    return 64 + ((queue_size + 63) & ~63)
+    """Bytes of one virtqueue's inflight region: a 64-byte header, a byte per head (split
+    ring) and a u16 per buffer id (packed ring: the ring positions the buffer took)."""
+    return 64 + ((queue_size + 63) & ~63) + ((2 * queue_size + 63) & ~63)
 
 
 def inflight_name(rid: str) -> str:

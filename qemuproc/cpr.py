@@ -87,10 +87,16 @@ from common.virtio_abi import (
 )
 from qemuproc.kvm_all import CPUState, KvmError, KVMState, kvm_handle_exit
 from qemuproc.memory import MemoryRegionOps
-from qemuproc.vhost_user_inflight import InflightRegions, QueueRecovery, vu_check_queue_inflights
+from qemuproc.vhost_user_inflight import (
+    InflightRegions,
+    QueueRecovery,
+    vu_check_queue_inflights,
+    vu_check_queue_inflights_packed,
+)
 from qemuproc.virtio import (
     virtio_notify,
     virtio_queue_notify_vq,
+    virtio_queue_ready,
     virtio_queue_set_addr,
     virtio_queue_set_notification,
     virtio_queue_set_rings,
@@ -215,13 +221,15 @@ class Cpr:
         self._last = json.dumps(self.vmstate())
         vdev = m.n
         for vq in vdev.vq:
-            if vq.views is not None:
+            if vq.packed is not None:
+                self.recovered.append(vu_check_queue_inflights_packed(vq))
+            elif vq.views is not None:
                 self.recovered.append(vu_check_queue_inflights(vq))
         if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK or vdev.broken:
             return
         self.replay_driver_ok()
         for vq in vdev.vq:
-            if vq.views is None:
+            if not virtio_queue_ready(vq):
                 continue
             virtio_queue_set_notification(vq, True)
             virtio_notify(vdev, vq)  # signalled_used_valid is off: this raises the interrupt

@@ -152,9 +152,12 @@ class VirtQueue:
         self.addr = vq_addr(queue_index)
         self.elems = [VirtQueueElement(i, elem_addr(queue_index, i)) for i in range(num)]
         # vhost-user inflight tracking: a flag per head popped and not yet used, and the used
-        # index the flags agree with (qemuproc/vhost_user_inflight.py maps them to shared memory)
+        # index the flags agree with (qemuproc/vhost_user_inflight.py maps them to shared memory);
+        # packed: the positions each buffer id in flight took, and [1] the used wrap counter
         self.inflight = memoryview(bytearray(num))
-        self.inflight_used = memoryview(bytearray(2)).cast("H")
+        self.inflight_num = memoryview(bytearray(2 * num)).cast("H")
+        self.inflight_used = memoryview(bytearray(4)).cast("H")
+        self.inflight_used[1] = 1
         self.pops = 0
         self.notifies = 0
         self.kicks = 0
@@ -615,6 +618,7 @@ def virtqueue_detach_element(vq: VirtQueue, elem: VirtQueueElement, length: int)
     elem.busy = False
     if elem.index < vq.num:
         vq.inflight[elem.index] = 0
+        vq.inflight_num[elem.index] = 0
 
 
 def virtqueue_split_rewind(vq: VirtQueue, num: int) -> None:
@@ -855,6 +859,8 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
             elem.in_addr = []
         elem.ndescs = 1
         elem.busy = True
+        if buf_id < num:
+            vq.inflight_num[buf_id] = 1  # vu_queue_inflight_get
         i += 1
         vq.inuse += 1
         if i >= num:
@@ -916,6 +922,8 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     elem.out_sg, elem.in_sg, elem.out_addr, elem.in_addr = out_sg, in_sg, out_addr, in_addr
     elem.ndescs = 1 if indirect else entries
     elem.busy = True
+    if buf_id < num:
+        vq.inflight_num[buf_id] = elem.ndescs  # vu_queue_inflight_get
     last = vq.last_avail_idx + elem.ndescs
     vq.inuse += elem.ndescs
     if last >= num:
@@ -1063,8 +1071,13 @@ def virtqueue_packed_push(vq: VirtQueue, elem: VirtQueueElement, length: int) ->
     head += ndescs
     if head >= vq.num:
         head -= vq.num
-        vq.used_wrap_counter = not wrap
+        wrap = vq.used_wrap_counter = not wrap
     vq.used_idx = head
+    # vu_queue_inflight_post_put: after the flags, so a crash between leaves both readable
+    if elem.index < vq.num:
+        vq.inflight_num[elem.index] = 0
+    vq.inflight_used[0] = head
+    vq.inflight_used[1] = wrap
 
 
 def virtqueue_packed_flush(vq: VirtQueue, count: int) -> None:
@@ -1085,6 +1098,11 @@ def virtqueue_packed_flush(vq: VirtQueue, count: int) -> None:
     if vq.used_idx >= vq.num:
         vq.used_idx -= vq.num
         vq.used_wrap_counter = not vq.used_wrap_counter
+    for i in range(count):  # vu_queue_inflight_post_put
+        if used[i].index < vq.num:
+            vq.inflight_num[used[i].index] = 0
+    vq.inflight_used[0] = vq.used_idx
+    vq.inflight_used[1] = vq.used_wrap_counter
 
 
 def vring_packed_need_event(vq: VirtQueue, wrap: bool, off_wrap: int, new: int,
@@ -1324,7 +1342,9 @@ def virtio_reset(vdev: VirtIODevice) -> None:
         vq.vector = VIRTIO_NO_VECTOR
         vq.num = vq.num_default
         vq.inflight[:] = bytes(len(vq.inflight))
+        vq.inflight_num[:] = memoryview(bytes(2 * len(vq.inflight_num))).cast("H")
         vq.inflight_used[0] = 0
+        vq.inflight_used[1] = 1
         for e in vq.elems:
             e.busy = False
             e.ndescs = 1

@@ -48,7 +48,6 @@ BAD_OPTIONS = [
     (["--ring", "packed"], "--ring packed"),
     (["--ring", "ring"], "--ring"),
     (["-device", "virtio-net-pci,packed=on"], "--ring packed"),
-    (["--transport", "modern", "--ring", "packed", "--reconnect"], "--reconnect"),
     (["--transport", "modern", "--guest-fault", "packed-loop", "--packets", "8"], "--ring packed"),
     (["--transport", "modern", "--ring", "packed", "--guest-fault", "loop", "--packets", "8"],
      "--ring split"),

@@ -129,9 +129,6 @@ def check_ring(a: argparse.Namespace) -> None:
                          "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
     if a.vhost:
         raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
-    if a.reconnect:
-        raise UsageError("--ring packed works without --reconnect (the replica's inflight "
-                         "record is the split ring's)")
 
 
 TRANSPORTS = ("legacy", "modern", "transitional")

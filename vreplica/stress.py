@@ -237,9 +237,6 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     if a.ring == "packed" and a.transport == "legacy":
         raise UsageError("--ring packed needs --transport modern or transitional "
                          "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
-    if a.ring == "packed" and "kill-device" in kinds:
-        raise UsageError("--chaos kill-device restarts QEMU with --reconnect, which --ring "
-                         "packed does not have (the in-flight record is the split ring's)")
     if a.json:
         writable_file("--json", a.json)
     return lo, hi, kinds
