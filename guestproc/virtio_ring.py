@@ -297,12 +297,16 @@ def virtqueue_add(vq: Virtqueue, out_sgs: list[tuple[int, int]],
 
 @traced
 def virtqueue_add_outbuf(vq: Virtqueue, sg: list[tuple[int, int]], data: Any) -> int:
-    return virtqueue_add(vq, sg, [], data)
+    if vq.packed_ring:  # virtqueue_add, inlined on the hot path
+        return virtqueue_add_packed(vq, sg, [], data)
+    return virtqueue_add_split(vq, sg, [], data)
 
 
 @traced
 def virtqueue_add_inbuf(vq: Virtqueue, sg: list[tuple[int, int]], data: Any) -> int:
-    return virtqueue_add(vq, [], sg, data)
+    if vq.packed_ring:  # virtqueue_add, inlined on the hot path
+        return virtqueue_add_packed(vq, [], sg, data)
+    return virtqueue_add_split(vq, [], sg, data)
 
 
 def virtqueue_add_sgs(vq: Virtqueue, out_sgs: list[tuple[int, int]],
