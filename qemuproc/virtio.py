@@ -280,7 +280,11 @@ def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
             virtio_error(vdev, f"Cannot map {what}")
             vq.desc = vq.avail = vq.used = 0
             return
-    vq.views = VringViews(dma.address_space_map(0, dma.size), addrs)
+    parts = addrs.parts()
+    lo = min(start for _, start, _ in parts)
+    hi = max(start + length for _, start, length in parts)
+    ring = dma.address_space_map(lo, hi - lo)  # the span the three parts lie in
+    vq.views = VringViews(ring, VringAddrs(vq.num, vq.desc - lo, vq.avail - lo, vq.used - lo))
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:
