@@ -203,3 +203,20 @@ def test_notify_write_kicks_the_queue_of_its_address(proxy: Any) -> None:
     virtio_pci_notify_write(proxy, abi.QEMU_VIRTIO_PCI_QUEUE_MEM_MULT * 63, 0, 2)  # no queue
     virtio_pci_notify_write(proxy, 0xFFF, 0, 1)  # beyond VIRTIO_QUEUE_MAX: ignored
     assert kicked == [0]
+
+
+@pytest.mark.timeout(30)
+def test_wide_and_odd_accesses_do_not_reach_beyond_the_fields(proxy: Any) -> None:
+    """An 8-byte store to queue_desc_lo keeps 32 bits (QEMU's uint32_t field); accesses at
+    offsets that start no field, or past the structure, change nothing and read 0."""
+    _w(proxy, abi.VIRTIO_PCI_COMMON_Q_SELECT, 0, 2)
+    _w(proxy, abi.VIRTIO_PCI_COMMON_Q_DESCLO, 0x1234_5678_0000_4000, 8)
+    assert _r(proxy, abi.VIRTIO_PCI_COMMON_Q_DESCLO) == 0x4000
+    assert _r(proxy, abi.VIRTIO_PCI_COMMON_Q_DESCHI) == 0
+    before = [(q.num, q.enabled, list(q.desc)) for q in proxy.vqs[:2]]
+    for addr in (1, 3, 33, 0x3F, 0xFFF):
+        _w(proxy, addr, 0xFFFFFFFF, 1)
+        assert _r(proxy, addr, 1) == 0
+    assert [(q.num, q.enabled, list(q.desc)) for q in proxy.vqs[:2]] == before
+    _w(proxy, abi.VIRTIO_PCI_COMMON_Q_SELECT, 0xFFFF, 2)  # beyond VIRTIO_QUEUE_MAX: kept
+    assert _r(proxy, abi.VIRTIO_PCI_COMMON_Q_SELECT, 2) == 0
