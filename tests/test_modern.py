@@ -1,5 +1,7 @@
 """The virtio 1.0 (modern) PCI transport: end to end in the three processes, and QEMU's
-common-configuration handlers driven register by register the way a hostile driver could.
+common-configuration handlers driven register by register the way a hostile driver could
+(the hostile guest's own register faults over modern, queue-addr and queue-enable, are in
+test_guest_faults).
 
 Port I/O is left to PCI configuration cycles on a modern device: every kick, ISR read and
 device register is MMIO. A bounded KVM_EXIT_IO count over a run with hundreds of kicks and
