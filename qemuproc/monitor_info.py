@@ -240,8 +240,10 @@ def hmp_info_mtree(spaces: list[dict[str, Any]]) -> str:
                      f"(prio {r['priority']}, {r['type']}): {r['name']}")
         for e in r["ioeventfds"]:
             match = "any" if e["datamatch"] is None else e["datamatch"]
-            lines.append(f"{pad}{MTREE_INDENT}{e['addr']:016x}-{e['addr'] + e['size'] - 1:016x}"
-                         f" (ioeventfd): datamatch={match} -> {e['eventfd']}")
+            end = e["addr"] + max(e["size"], 1) - 1
+            width = "" if e["size"] else ", any length"
+            lines.append(f"{pad}{MTREE_INDENT}{e['addr']:016x}-{end:016x}"
+                         f" (ioeventfd{width}): datamatch={match} -> {e['eventfd']}")
         for s in r["subregions"]:
             mr(s, level + 1)
 

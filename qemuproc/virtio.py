@@ -331,7 +331,10 @@ def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
                                 amap(vq.avail, VRING_PACKED_EVENT_SIZE),
                                 amap(vq.used, VRING_PACKED_EVENT_SIZE))
         return
-    vq.views = VringViews(dma.address_space_map(0, dma.size), addrs)
+    lo = min(start for _, start, _ in parts)
+    hi = max(start + length for _, start, length in parts)
+    ring = dma.address_space_map(lo, hi - lo)  # the span the three parts lie in
+    vq.views = VringViews(ring, VringAddrs(vq.num, vq.desc - lo, vq.avail - lo, vq.used - lo))
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:

@@ -159,7 +159,10 @@ def virtio_pci_common_read(proxy: VirtIOPCIProxy, addr: int, size: int) -> int:
 
 @traced
 def virtio_pci_common_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: int) -> None:
+    """The fields are C integers: a wider value is cut to the field's width, as storing it
+    into QEMU's uint32_t/uint16_t fields does."""
     vdev = proxy.vdev
+    val &= 0xFFFFFFFF
     sel = vdev.queue_sel
     q = proxy.vqs[sel]
     if addr == VIRTIO_PCI_COMMON_DFSELECT:
@@ -184,7 +187,7 @@ def virtio_pci_common_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: in
         if val < VIRTIO_QUEUE_MAX:
             vdev.queue_sel = val
     elif addr == VIRTIO_PCI_COMMON_Q_SIZE:
-        q.num = val
+        q.num = val & 0xFFFF
         if sel < len(vdev.vq):
             virtio_queue_set_num(vdev, sel, q.num)
     elif addr == VIRTIO_PCI_COMMON_Q_MSIX:

@@ -54,6 +54,8 @@ def fault_device(kind: str) -> list[str]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", FAULTS)
 def test_fault_is_reported_and_the_guest_recovers(tmp_path: Path, kind: str) -> None:
+    """Each kind on the device it needs: the legacy default, the modern transport for the
+    modern registers' faults (queue-addr, queue-enable), a packed ring for the packed ones."""
     s = run(tmp_path, "--guest-fault", kind, *fault_device(kind))
     check_recovered(s, FAULTS[kind].expect)
     assert s["host"]["bad_payloads"] == 0 and s["host"]["duplicates"] == 0
