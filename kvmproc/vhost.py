@@ -138,6 +138,7 @@ class VhostVirtqueue:
         self.poll = VhostPoll(dev, handle_kick, select.POLLIN, f"handle_kick:{index}")
         self.kick: EventNotifier | None = None
         self.call_ctx: EventNotifier | None = None
+        self.error_ctx: EventNotifier | None = None
         self.private_data: Any = None  # the backend (the tap's fd)
         self.busyloop_timeout = 0  # microseconds
         self.heads: list[tuple[int, int]] = []
@@ -146,9 +147,12 @@ class VhostVirtqueue:
                       "errors": 0, "busypoll_hits": 0, "busypolls": 0}
 
     def vq_err(self, message: str) -> int:
-        """A guest mistake: counted and kept for ``info vhost``, the queue stops here."""
+        """A guest mistake (vhost.h's vq_err): counted and kept for ``info vhost``, the error
+        eventfd QEMU gave (VHOST_SET_VRING_ERR) signalled; the queue stops here."""
         self.error = message
         self.stats["errors"] += 1
+        if self.error_ctx is not None:
+            self.error_ctx.set()
         return -EINVAL
 
     def describe(self) -> dict[str, Any]:
@@ -249,8 +253,9 @@ class VhostDev:
             if vq.views is not None:
                 vq.views.release()
                 vq.views = None
-            if vq.call_ctx is not None:
-                vq.call_ctx.close()
+            for ctx in (vq.call_ctx, vq.error_ctx):
+                if ctx is not None:
+                    ctx.close()
         if self.mm is not None:
             self.mm.close()
             self.mm = None

@@ -103,7 +103,8 @@ class Machine:
         self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
                                    sndbuf=opts.get("tap_sndbuf", 0),
                                    vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
-                                   poll_us=int(opts.get("poll_us", 0)))
+                                   poll_us=int(opts.get("poll_us", 0)),
+                                   vhost_err_name=self.rt.cfg.vring_err)
         self.tap = self.netdev.opaque
 
     def _init_slirp(self, opts: dict) -> None:
@@ -135,6 +136,7 @@ class Machine:
         dev = self.tap.vhost_net.dev
         return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
                 "acked_features": hex(dev.acked_features), "ioctls": dev.backend.calls,
+                "vring_errors": dev.vring_errors,
                 "ring_bases": dev.ring_bases}
 
     def vm_shutdown(self) -> None:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from common.trace import traced
@@ -294,7 +295,8 @@ net_tap_info = NetClientInfo("tap", tap_receive, None, receive_iov=tap_receive_i
 @traced
 def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = True,
                  sndbuf: int = 0, vhost_rundir: str | None = None,
-                 poll_us: int = 0) -> NetClientState:
+                 poll_us: int = 0,
+                 vhost_err_name: Callable[[int], str] | None = None) -> NetClientState:
     """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N][,vhost=on,
     poll-us=N]``: open the tap, set its send buffer, start reading it (net_tap_fd_init +
     tap_read_poll); with vhost, open /dev/vhost-net for it (net_init_tap_one)."""
@@ -315,5 +317,5 @@ def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = T
     if vhost_rundir is not None:
         from qemuproc.vhost_net import vhost_net_init
 
-        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us)
+        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us, main_loop, vhost_err_name)
     return nc
