@@ -95,7 +95,7 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
-from qemuproc.virtio_net import rx_filter_load, rx_filter_state
+from qemuproc.virtio_net import rx_filter_load, rx_filter_state, virtio_net_vhost_status
 
 if TYPE_CHECKING:
     from qemuproc.__main__ import Machine
@@ -202,21 +202,28 @@ class Cpr:
             st = None  # died before its first record: the device was never touched
         if st is None or st.get("version") != VMSTATE_VERSION:
             return
+        vdev = m.n
+        vhost = m.tap is not None and m.tap.vhost_net is not None
+        vdev.vm_running = not vhost  # vhost starts when the VM runs, after the state is in
         self.vmstate_load(st)
         self._last = json.dumps(self.vmstate())
-        vdev = m.n
         for vq in vdev.vq:
             if vq.views is not None:
                 self.recovered.append(vu_check_queue_inflights(vq))
         if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK or vdev.broken:
+            vdev.vm_running = True
             return
+        if vhost:  # virtio_vmstate_change: the kernel's vhost takes the rings from used->idx
+            vdev.vm_running = True  # and grabs their ioeventfds before QEMU would poll them
+            virtio_net_vhost_status(vdev, vdev.status)
         self.replay_driver_ok()
         for vq in vdev.vq:
             if vq.views is None:
                 continue
             virtio_queue_set_notification(vq, True)
             virtio_notify(vdev, vq)  # signalled_used_valid is off: this raises the interrupt
-            virtio_queue_notify_vq(vq)
+            if vq.queue_index not in m.proxy.ioeventfd_grabbed:  # vhost looks by itself
+                virtio_queue_notify_vq(vq)
 
     def vmstate_load(self, st: dict[str, Any]) -> None:
         m = self.m

@@ -233,7 +233,6 @@ def test_vhost_guest_fault_ends_in_the_vq_error_and_a_clean_run(tmp_path: Path, 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("args", "why"), [
     (["--ioeventfd", "off"], "host notifiers"),
-    (["--reconnect"], "vhost-user"),
 ])
 def test_vhost_refuses_what_vhost_net_cannot_do(args: list[str], why: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--netdev", "tap",

@@ -159,9 +159,6 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
                          "notifiers (QEMU: 'binding does not support host notifiers')")
     if a.vhost and a.queues != 1:
         raise UsageError("--vhost on with more than one queue pair is not built yet")
-    if a.vhost and a.reconnect:
-        raise UsageError("--reconnect is a vhost-user back end's: with vhost-net (the "
-                         "kernel's) the device dies with QEMU's fds and nothing reconnects")
     return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
             "tap_backpressure": a.tap_rate, "vhost": a.vhost}
 
