@@ -95,7 +95,12 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
-from qemuproc.virtio_net import rx_filter_load, rx_filter_state, virtio_net_vhost_status
+from qemuproc.virtio_net import (
+    rx_filter_load,
+    rx_filter_state,
+    virtio_net_set_queue_pairs,
+    virtio_net_vhost_status,
+)
 
 if TYPE_CHECKING:
     from qemuproc.__main__ import Machine
@@ -241,6 +246,7 @@ class Cpr:
         vdev.config_vector = v["config_vector"]
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
+        virtio_net_set_queue_pairs(vdev)
         rx_filter_load(vdev, st["virtio_net"]["rx_filter"])
         virtio_set_status(vdev, v["status"])
         vdev.isr = v["isr"] | (1 if v["status"] & VIRTIO_CONFIG_S_DRIVER_OK else 0)

@@ -298,8 +298,10 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
             backend = ("net=10.0.2.0,restrict=off" if m.slirp is not None else
                        f"ifname=tap0,script=no,downscript=no,vhost="
                        f"{'on' if m.tap.vhost_net else 'off'}")
-            for nc, info in ((nic, f"model={nic.model},macaddr={m.n.mac.hex(':')}"),
-                             (netdev, backend)):
+            clients = [(nic, f"model={nic.model},macaddr={m.n.mac.hex(':')}")]
+            clients += [(nc, f"index={nc.queue_index},{backend}") for nc in m.tap_ncs] \
+                if m.tap_ncs else [(netdev, backend)]
+            for nc, info in clients:
                 q = nc.incoming_queue
                 rows.append({"name": nc.name, "type": nc.info.type, "info": info,
                              "peer": nc.peer.name if nc.peer else None,
@@ -309,6 +311,8 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
                              "incoming_queue": {"len": len(q.packets), "queued": q.queued,
                                                 "dropped": q.dropped, "maxlen": q.nq_maxlen}})
             tap = m.tap.describe() if m.tap is not None else None
+            if tap is not None and len(m.tap_ncs) > 1:
+                tap["queues"] = [nc.opaque.describe() for nc in m.tap_ncs]
             if tap is not None and m.tap.vhost_net:
                 tap["vhost"] = m.vhost_describe()
             return {"clients": rows, "slirp": m.slirp.describe() if m.slirp else None,

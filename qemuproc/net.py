@@ -97,6 +97,13 @@ class NetClientState:
         self.rx_from_queue = 0  # the sender's queue pair of the frame being received
 
 
+def qemu_purge_queued_packets(nc: NetClientState) -> None:
+    """Drop what ``nc`` sent that waits in its peer's incoming queue (qemu_net_queue_purge)."""
+    if nc.peer is not None:
+        q = nc.peer.incoming_queue
+        q.packets = type(q.packets)(p for p in q.packets if p.sender is not nc)
+
+
 def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model: str,
                         name: str) -> NetClientState:
     nc = NetClientState(info, name, model)

@@ -157,8 +157,6 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     if a.vhost and not a.ioeventfd:
         raise UsageError("--vhost on needs --ioeventfd on: vhost takes the queues' host "
                          "notifiers (QEMU: 'binding does not support host notifiers')")
-    if a.vhost and a.queues != 1:
-        raise UsageError("--vhost on with more than one queue pair is not built yet")
     return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
             "tap_backpressure": a.tap_rate, "vhost": a.vhost}
 

@@ -428,6 +428,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "tx_ring_wakes": sum(q.get("wakes", 0) for q in sqs),
         "slirp_send_errors": qemu.get("slirp", {}).get("stats", {}).get("udp_send_errors", 0),
         "device_errors": summary["device_errors"], "leftovers": leftovers,
+        "vhost_packets": [[vq["packets"] for vq in dev["vqs"]]  # per queue pair: RX, TX
+                          for dev in summary.get("vhost", {}).get("kernel", [])],
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)

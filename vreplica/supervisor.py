@@ -163,7 +163,8 @@ class Supervisor:
         self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, irqfds, options)
         create_objects(cfg)
         if o.extra.get("netdev") == "tap":  # -netdev tap: the link lives in a namespace
-            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"))
+            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"),
+                                                o.queues > 1)
         self.before_spawn(cfg)
         cfg.save()
         self.ctl = Channel(cfg.channel("ctl"))
