@@ -159,7 +159,7 @@ class TAPState:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"fd": self.fd, "kernel": self.kernel_counters(),
+        return {"fd": self.fd, "enabled": self.enabled, "kernel": self.kernel_counters(),
                 "vnet_hdr_len": self.host_vnet_hdr_len,
                 "using_vnet_hdr": self.using_vnet_hdr, "read_poll": self.read_poll,
                 "write_poll": self.write_poll, "offload": dict(zip(

@@ -116,9 +116,11 @@ def test_vhost_qemu_tx_bottom_half_never_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_vhost_stops_when_qemu_dies() -> None:
-    """kill -9 of QEMU closes its /dev/vhost-net: the kernel releases the device, its worker
-    stops and the tap is dropped, as in the real kernel; KVM goes on until it is stopped."""
-    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9,
+    """Two queue pairs: ``info vhost`` shows a device with its worker per pair and ``info
+    network`` each NIC queue with its tap queue. kill -9 of QEMU closes its /dev/vhost-net
+    files: the kernel releases both devices, their workers stop and the tap queues are
+    dropped, as in the real kernel; KVM goes on until it is stopped."""
+    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9, queues=2,
                       extra={"netdev": "tap", "vhost": True, "csum": True})
     sup = Supervisor(opts)
     try:
@@ -133,20 +135,26 @@ def test_vhost_stops_when_qemu_dies() -> None:
                 pass
             time.sleep(0.05)
         assert tx_packets >= 1000, "vhost moved no traffic"
+        assert len(d["open"]) == 2
+        net = query(cfg.rundir, "qemu", "info network")
+        assert [(c["name"], c["index"]) for c in net["clients"]] == [
+            ("virtio-net-pci.0", 0), ("n0", 0), ("virtio-net-pci.1", 1), ("n0", 1)]
+        assert len(net["tap"]["queues"]) == 2
+        assert [p["vq_index"] for p in net["tap"]["vhost"]["pairs"]] == [0, 2]
         qemu = psutil.Process(sup.procs["qemu"].pid)
         worker = f"vhost-{qemu.pid}"
         kvm = psutil.Process(sup.procs["kvm"].pid)
-        assert worker in {t.name() for t in _threads(kvm)}
+        assert [t.name() for t in _threads(kvm)].count(worker) == 2
         qemu.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 5
         d = {}
         while time.monotonic() < deadline:
             d = query(cfg.rundir, "kvm", "info vhost")
-            if not d["open"] and d["released"]:
+            if not d["open"] and len(d["released"]) == 2:
                 break
             time.sleep(0.02)
-        assert d["open"] == [] and len(d["released"]) == 1
-        assert [v["backend"] for v in d["released"][0]["vqs"]] == [None, None]
+        assert d["open"] == [] and len(d["released"]) == 2
+        assert all([v["backend"] for v in r["vqs"]] == [None, None] for r in d["released"])
         assert worker not in {t.name() for t in _threads(kvm)}  # joined by the release
     finally:
         sup.stop()
