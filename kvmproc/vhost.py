@@ -41,6 +41,7 @@ from common.vring import (
     VringViews,
     vring_need_event,
 )
+from kvmproc.eventfd import add_wait_queue, eventfd_signal, remove_wait_queue
 
 EFAULT = 14
 EINVAL = 22
@@ -82,8 +83,12 @@ class VhostPoll:
         self.wakeups = 0
 
     def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
+        """Watch the eventfd (on its wait queue: KVM's ioeventfd in this process wakes us
+        directly; a thread takes what is posted from elsewhere, a kick that came before we
+        watched among it) or the file."""
         if notifier is not None:
             self.notifier = notifier
+            add_wait_queue(notifier.name, self.vhost_poll_wakeup)
             self._waiter = threading.Thread(target=self._wait, args=(notifier,),
                                             name=f"vhost-poll:{notifier.name}", daemon=True)
             self._waiter.start()
@@ -93,6 +98,7 @@ class VhostPoll:
 
     def vhost_poll_stop(self) -> None:
         if self.notifier is not None:
+            remove_wait_queue(self.notifier.name, self.vhost_poll_wakeup)
             self.notifier = None  # the waiter sees it and leaves, handing a late signal back
         if self.fd >= 0:
             self.fd = -1
@@ -425,7 +431,7 @@ def vhost_signal(dev: VhostDev, vq: VhostVirtqueue) -> None:
         vq.stats["signals"] += 1
         if trace_vhost_signal.on:
             trace_vhost_signal(vq=vq.index, used_idx=vq.last_used_idx)
-        vq.call_ctx.set()
+        eventfd_signal(vq.call_ctx)
     else:
         vq.stats["signals_suppressed"] += 1
 
