@@ -184,6 +184,7 @@ class VhostDev:
         self.worker: threading.Thread | None = None
         self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = False
+        self.polls_changed = True
         self.works_run = 0
         self.lock = threading.Lock()  # the vq mutexes: ioctls vs. the worker
 
@@ -209,6 +210,7 @@ class VhostDev:
 
     def worker_poll_changed(self) -> None:
         """A file poll started or stopped: the worker rebuilds its poll set."""
+        self.polls_changed = True
         os.eventfd_write(self.wake_efd, 1)
 
     def vhost_worker(self) -> None:
@@ -218,17 +220,21 @@ class VhostDev:
         _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # as ps shows it
         work_list = self.work_list
         efd = self.wake_efd
+        p = select.poll()
+        polls: dict[int, list[VhostPoll]] = {}
         while not self.stopping:
-            p = select.poll()
-            p.register(efd, select.POLLIN)
-            polls: dict[int, list[VhostPoll]] = {}
-            masks: dict[int, int] = {}
-            for vp in self.file_polls:
-                if vp.fd >= 0:
-                    polls.setdefault(vp.fd, []).append(vp)
-                    masks[vp.fd] = masks.get(vp.fd, 0) | vp.mask
-            for fd, mask in masks.items():
-                p.register(fd, mask)
+            if self.polls_changed:  # the poll set is rebuilt only when a file poll changed
+                self.polls_changed = False
+                p = select.poll()
+                p.register(efd, select.POLLIN)
+                polls = {}
+                masks: dict[int, int] = {}
+                for vp in self.file_polls:
+                    if vp.fd >= 0:
+                        polls.setdefault(vp.fd, []).append(vp)
+                        masks[vp.fd] = masks.get(vp.fd, 0) | vp.mask
+                for fd, mask in masks.items():
+                    p.register(fd, mask)
             for fd, ev in p.poll(None if not work_list else 0):
                 if fd == efd:
                     try:
@@ -239,6 +245,7 @@ class VhostDev:
                 for vp in polls.get(fd, ()):
                     if ev & (vp.mask | select.POLLERR | select.POLLHUP):
                         vp.fd = -1  # one-shot until the handler starts it again
+                        self.polls_changed = True
                         vp.vhost_poll_wakeup()
             while work_list and not self.stopping:
                 work = work_list.popleft()
