@@ -27,9 +27,29 @@ if [ "$(id -u)" = 0 ] && ! mountpoint -q /dev/mqueue 2>/dev/null; then
     mkdir -p /dev/mqueue && mount -t mqueue none /dev/mqueue 2>/dev/null || true
 fi
 
+# The tests' system tools (README, "Tests"): gcc and the kernel's UAPI headers for the C layout
+# checks, tshark to read the pcaps' checksums. Installed once, as root, from Debian's packages.
+system_tools() {
+    local missing=()
+    command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+    [ -f /usr/include/linux/virtio_ring.h ] || missing+=(linux-libc-dev)
+    command -v tshark >/dev/null || missing+=(tshark)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "run.sh: the tests need ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+        return 0
+    fi
+    echo "run.sh: installing ${missing[*]} (Debian packages, once)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    local log="$venv/apt.log"
+    { apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }; } \
+        >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: apt-get failed (log: $log)" >&2; }
+}
+
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
-    test) shift; exec "$py" -m pytest "$@" ;;
+    test) shift; system_tools; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;

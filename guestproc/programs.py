@@ -191,11 +191,15 @@ FAULT_REQUESTS: list[int] = []
 CHAOS_FAULT_KINDS = ("loop", "head", "next", "zero-len", "oob-addr")
 
 
-def loss_runs(arrived_ns: array, paths: int) -> list[list[int]]:
+def loss_runs(arrived_ns: array, paths: int, entered_ns: array | None = None) -> list[list[int]]:
     """The sequence numbers that never came (``arrived_ns`` 0), in runs of consecutive
     numbers on one path (path = seq % ``paths``: a flow, which is FIFO end to end), each as
-    [first, last, after_ns, before_ns]: the arrival of the path's last number before the run
-    and of its first after it (0: none). Whatever lost them did so in that silence."""
+    [first, last, after_ns, before_ns]: the silence in which whatever lost them did so.
+    It ends with the arrival of the path's first number after the run (0: none). It begins
+    with the arrival of the last number before it (0: none) or, if earlier, when the run's
+    first number entered the path (``entered_ns``): the guest sees a used entry only at the
+    device's next interrupt, and a killed QEMU never sends it, so the number before a loss
+    can arrive after the loss, once the new QEMU interrupts."""
     runs: list[list[int]] = []
     n = len(arrived_ns)
     for path in range(paths):
@@ -210,7 +214,10 @@ def loss_runs(arrived_ns: array, paths: int) -> list[list[int]]:
                     run = None
                 prev_ns = t
             elif run is None:
-                run = [seq, seq, prev_ns, 0]
+                start = prev_ns
+                if start and entered_ns is not None and 0 < entered_ns[seq] < start:
+                    start = entered_ns[seq]
+                run = [seq, seq, start, 0]
             else:
                 run[1] = seq
         if run is not None:
@@ -243,6 +250,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     sent = replies = bad = dup = late = inbound_count = 0
     got = bytearray()  # one byte per sequence number: 1 once its reply came back
     reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
+    sent_ns = array("q")  # per sequence number: when it was sent (echo)
     inbound_ns = array("q")  # per host -> guest sequence number: when it came (0: never)
     outstanding: set[int] = set()
     gave_up: set[int] = set()
@@ -306,6 +314,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             outstanding.add(sent)
             got.append(0)
             reply_ns.append(0)
+            sent_ns.append(kernel.now_ns())
         sent += 1
         if sent % 64 == 0:
             drain(0.0)
@@ -323,7 +332,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             drain(0.1)
     console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
     nflows = len(flows)
-    return {"reply_gaps": loss_runs(reply_ns, nflows) if echo else [],
+    return {"reply_gaps": loss_runs(reply_ns, nflows, sent_ns) if echo else [],
             "inbound_gaps": loss_runs(inbound_ns, 1), "inbound_seen": len(inbound_ns),
             "inbound_last_ns": max(inbound_ns, default=0),
             "sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,

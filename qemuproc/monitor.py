@@ -163,6 +163,7 @@ class QemuMonitor:
         def quit_() -> None:
             def shutdown() -> None:  # qemu_system_shutdown_request(HOST_QMP_QUIT)
                 self.shutdown_requested = True
+                m.rt.tell("quit")
                 m.main_loop.quit = True
                 self.main_gate.release()
                 m.main_loop.qemu_notify_event()

@@ -121,3 +121,24 @@ def test_wait_attach_announces_the_run_and_its_cont_starts_it(runs_root: Path) -
         assert out.startswith(f"run {rid}:") and err == ""
     finally:
         end(proc)
+
+
+@pytest.mark.timeout(90)
+def test_quit_before_cont_ends_the_run_with_status_0(runs_root: Path) -> None:
+    """The announced way to end a run, taken before the guest ever ran: QEMU's quit exits 0,
+    and so does the run, with one line saying it has no summary."""
+    proc = start(runs_root, "--wait-attach", "--packets", "5")
+    try:
+        m = ANNOUNCE_RE.fullmatch(first_stderr_line(proc, 30).rstrip("\n"))
+        assert m is not None
+        env = dict(os.environ, VREPLICA_RUNS=str(runs_root))
+        r = subprocess.run(as_command(m["end"]), env=env, capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0, r.stderr
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out == ""
+        assert err.splitlines() == ["vreplica: ended by the monitor's quit before the "
+                                    "guest's program finished: no summary"]
+    finally:
+        end(proc)

@@ -59,8 +59,14 @@ def test_linux_sets_the_rx_filter_over_the_control_queue_at_link_up(
     assert guest["ctrl_failures"] == 0
     ctrl = qemu["queues"]["CTRL(q2)"]
     assert ctrl["pops"] == 6
-    # QEMU kicks every queue itself when its ioeventfds start; then one kick per command
-    assert ctrl["kicks_handled"] == (7 if ioeventfd == "on" else 6)
+    # QEMU kicks every queue itself when its ioeventfds start (an event_notifier_set on the
+    # queue's eventfd), then one kick per command; kicks that meet in the eventfd before the
+    # main loop reads it are one read, one handler run
+    if ioeventfd == "on":
+        assert ctrl["kicks_handled"] + ctrl["kicks_coalesced"] == 7
+        assert ctrl["kicks_handled"] >= 1
+    else:
+        assert (ctrl["kicks_handled"], ctrl["kicks_coalesced"]) == (6, 0)
     # the driver never moves used_event on a queue without a callback: one interrupt
     assert ctrl["notifies"] == 1
     vnet = qemu["virtio_net"]

@@ -15,6 +15,7 @@ new QEMU's device being ready (its -incoming record).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,15 @@ def outages(events: list[dict[str, Any]], reset_log: list[dict[str, int]],
             o.end_ns = next((t for t in readies if t > o.start_ns), 0)
         out.append(o)
     return out
+
+
+def begin_at_entry(runs: list[list[int]], entered_ns: Sequence[int]) -> None:
+    """Start each run's silence no later than its first number entered the path (its send
+    from the host): the receiver's arrival time of the number before it can come after the
+    loss (``guestproc.programs.loss_runs`` does the same for the guest's own sends)."""
+    for run in runs:
+        if run[2] and run[0] < len(entered_ns) and 0 < entered_ns[run[0]] < run[2]:
+            run[2] = entered_ns[run[0]]
 
 
 def attribute(runs: list[list[int]], stride: int, events: list[Outage],

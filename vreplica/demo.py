@@ -298,7 +298,8 @@ TAP_SHOWN: dict[str, Detail] = {
 
 def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) -> list[str]:
     """Round trip ``seq`` over the tap: every shown event between the guest's udp_sendmsg
-    and its recvfrom (the demo paces the datagrams, so nothing else is under way), with the
+    and its recvfrom, or its TX interrupt if that comes later (the demo paces the datagrams,
+    so nothing else is under way), with the
     host echo socket's receive and reply from its own clock (CLOCK_MONOTONIC, as the
     trace's)."""
     send = next((e for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
@@ -309,7 +310,13 @@ def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) 
         raise TraceError(f"seq {seq}: no udp_sendmsg and recvfrom in the trace")
     t0 = send.parent.ts if send.parent is not None and send.parent.name == send.name \
         else send.ts
-    window = [e for e in trace.events if t0 <= e.ts <= got.ts and e.name in TAP_SHOWN]
+    # the TX completion's interrupt may come after the reply's: follow it until the next send
+    next_send = min((e.ts for e in trace.events if e.name == "udp_sendmsg" and not e.is_span
+                     and e.ts > send.ts and e.args.get("seq") != seq), default=None)
+    done = next((e.ts for e in trace.events if e.name == "skb_xmit_done" and e.ts > t0
+                 and (next_send is None or e.ts < next_send)), 0)
+    window = [e for e in trace.events
+              if t0 <= e.ts <= max(got.ts, done) and e.name in TAP_SHOWN]
     args: dict[Event, dict[str, Any]] = {}
     for e in window:  # a span's own trace point lends it its arguments and is not shown
         if not e.is_span and e.parent is not None and e.parent.name == e.name:

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from common import netns
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
-from vreplica.attribution import attribute, explain_seqs, outages, summary_of
+from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
 from vreplica.cli import (
     Parser,
     UsageError,
@@ -93,6 +94,7 @@ class InboundStream:
         self.dest = netns.GUEST_ADDR if ns else "127.0.0.1"
         self.interval = 1.0 / rate_pps
         self.sent = 0
+        self.sent_ns = array("q")  # per sequence number: when it left the host (monotonic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stress-inbound", daemon=True)
 
@@ -104,6 +106,7 @@ class InboundStream:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sock as s:
             while not self._stop.wait(self.interval):
+                self.sent_ns.append(time.monotonic_ns())
                 s.sendto(expected_payload(self.sent, 64), (self.dest, self.port))
                 self.sent += 1
 
@@ -396,6 +399,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if inbound is not None and inbound.sent > prog.get("inbound_seen", 0):
         inbound_runs.append([prog.get("inbound_seen", 0), inbound.sent - 1,
                              prog.get("inbound_last_ns", 0), 0])
+    if inbound is not None:
+        begin_at_entry(inbound_runs, inbound.sent_ns)
     in_lost, in_explained, in_unexplained = attribute(inbound_runs, 1, events, now_ns)
     restarts = sup.restarts
     sqs = guest.get("sq", [])

@@ -112,6 +112,7 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen] = {}
         self.ctl: Channel | None = None
         self.done: set[str] = set()
+        self.quit_by_monitor = False
         self.errors: list[str] = []
         self.t_start = 0.0
         self.t_end = 0.0
@@ -255,6 +256,9 @@ class Supervisor:
             if all(rc == 0 for rc in exited.values()):
                 self._read_ctl(0)
                 if "guest" not in self.done:
+                    if self.quit_by_monitor:  # QEMU's quit: it exits 0, and so does the run
+                        raise RunFailed("ended by the monitor's quit before the guest's "
+                                        "program finished: no summary", 0)
                     raise RunFailed("the guest stopped before its program finished")
                 self.t_end = time.monotonic()
                 return
@@ -271,6 +275,8 @@ class Supervisor:
             kind, role, fields = unpackb(rec)
             if kind == "done":
                 self.done.add(role)
+            elif kind == "quit":
+                self.quit_by_monitor = True
             elif kind == "console":
                 self.console.append(f"{role}: {fields.get('line')}")
                 self.on_console(role, fields.get("line", ""))
