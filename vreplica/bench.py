@@ -1129,11 +1129,19 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="vreplica bench", description=__doc__.split("\n\n")[0],
                label="vreplica bench")
     p.add_argument("--quick", action="store_true", help="fewer and smaller trials (~1 min)")
+    p.add_argument("--trials", type=int, metavar="N",
+                   help="trials behind each figure (default 3; 5 for the ring alone, full "
+                        "run); 1 is a smoke run whose medians are single samples")
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
                    "(default: the repository root)")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
+    if a.trials is not None:
+        if not 1 <= a.trials <= 50:
+            print("vreplica bench: --trials: from 1 to 50", file=sys.stderr)
+            return 2
+        plan = replace(plan, trials=a.trials, micro_trials=a.trials, latency_trials=a.trials)
     out = Path(a.out) if a.out else ROOT
     try:
         writable_dir("--out", out)

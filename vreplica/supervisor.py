@@ -71,13 +71,16 @@ class RunOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def msix_vectors(self, nvqs: int = 2) -> int:
-        """The MSI-X table size QEMU offers: ``vectors`` (0 = no MSI-X) or one per queue + config.
+        """The MSI-X table size QEMU offers: ``vectors`` (0 = no MSI-X) or, as
+        virtio-net-pci's default, one per data queue (``nvqs``), the config interrupt's and
+        the control queue's (2 * queues + 2; Linux gives the callback-less control queue
+        none, so one entry stays unused).
 
         ``--vectors 1`` means one vector shared by the queues; that scheme needs two table
         entries (config + shared), so the table gets two.
         """
         if self.vectors is None:
-            return nvqs + 1
+            return nvqs + 2
         return 0 if self.vectors == 0 else max(2, self.vectors)
 
 
