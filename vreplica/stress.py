@@ -407,6 +407,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     outage_figures = summary_of(events)
     verdict = {
         "mode": a.mode, "queues": a.queues, "flows": flows, "sizes": [lo, hi],
+        "netdev": ("tap+vhost" if tap.get("vhost") else "tap") if tap else "user",
         "duration_s": round(sup.t_end - sup.t_start, 2), "sent": sent, "delivered": delivered,
         "lost": lost, "lost_expected": lost_expected, "lost_unexpected": lost - lost_expected,
         "unexplained_runs": unexplained_runs[:20],
@@ -469,7 +470,8 @@ def format_verdict(v: dict[str, Any]) -> str:
     lost_row = (f"{v['lost']:,} (explained by chaos: {v['lost_expected']:,}, "
                 f"unexplained: {v['lost_unexpected']:,})")
     rows = [
-        ("mode", f"{v['mode']}, {v['queues']} queue pairs, {v['flows']} flows, "
+        ("mode", f"{v['mode']} over {v.get('netdev', 'user')}, {v['queues']} queue pairs, "
+                 f"{v['flows']} flows, "
                  f"sizes {v['sizes'][0]}-{v['sizes'][1]} B"),
         ("sent (guest)", f"{v['sent']:,} in {v['duration_s']} s "
                          f"({v['packets_per_second']:,.0f} pkt/s)"),
@@ -495,7 +497,8 @@ def format_verdict(v: dict[str, Any]) -> str:
                             f"{v['restart_lost_max']:,} frames lost by one"),
         ("TX ring full", f"queue stopped {v['tx_ring_full_stops']:,} times, woken "
                          f"{v['tx_ring_wakes']:,} (skb_xmit_done)"),
-        ("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)"),
+        *([("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)")]
+          if v.get("netdev", "user") == "user" else []),
         ("leftovers", ", ".join(v["leftovers"]) or "none"),
         ("verdict", v["verdict"]),
     ]
