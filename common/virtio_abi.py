@@ -1,4 +1,5 @@
-"""Stands for include/uapi/linux/virtio_pci.h, virtio_config.h and virtio_net.h (legacy)."""
+"""Stands for include/uapi/linux/virtio_pci.h, virtio_config.h and virtio_net.h: the legacy
+I/O BAR and the virtio 1.0 (modern) capabilities and common configuration structure."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ VIRTIO_F_NOTIFY_ON_EMPTY = 24
 VIRTIO_F_ANY_LAYOUT = 27
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
+# transport features (virtio_config.h): bits 28..41; the modern transport's are above 31
+VIRTIO_TRANSPORT_F_START = 28
+VIRTIO_TRANSPORT_F_END = 42
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_NET_F_GSO = 6
 
 FEATURE_NAMES = {
     VIRTIO_NET_F_CSUM: "VIRTIO_NET_F_CSUM",
@@ -79,6 +87,9 @@ FEATURE_NAMES = {
     VIRTIO_F_ANY_LAYOUT: "VIRTIO_F_ANY_LAYOUT",
     VIRTIO_RING_F_INDIRECT_DESC: "VIRTIO_RING_F_INDIRECT_DESC",
     VIRTIO_RING_F_EVENT_IDX: "VIRTIO_RING_F_EVENT_IDX",
+    VIRTIO_F_VERSION_1: "VIRTIO_F_VERSION_1",
+    VIRTIO_F_ACCESS_PLATFORM: "VIRTIO_F_ACCESS_PLATFORM",
+    VIRTIO_F_RING_PACKED: "VIRTIO_F_RING_PACKED",
 }
 
 
@@ -134,3 +145,65 @@ VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN = 1
 VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
 VIRTIO_NET_CTRL_GUEST_OFFLOADS = 5
 VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET = 0
+
+
+# -- virtio 1.0 over PCI (virtio_pci.h): vendor capabilities naming regions of a memory BAR -----
+
+PCI_DEVICE_ID_VIRTIO_NET_MODERN = 0x1041
+"""A modern-only (non-transitional) virtio-net function: 0x1040 + VIRTIO_ID_NET, revision 1."""
+PCI_CAP_ID_VNDR = 0x09
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+
+# struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id, padding[2], offset,
+# length (le32); struct virtio_pci_notify_cap adds notify_off_multiplier (le32)
+VIRTIO_PCI_CAP = struct.Struct("<BBBBBB2xII")
+VIRTIO_PCI_CAP_VNDR = 0
+VIRTIO_PCI_CAP_NEXT = 1
+VIRTIO_PCI_CAP_LEN = 2
+VIRTIO_PCI_CAP_CFG_TYPE = 3
+VIRTIO_PCI_CAP_BAR = 4
+VIRTIO_PCI_CAP_ID = 5
+VIRTIO_PCI_CAP_OFFSET = 8
+VIRTIO_PCI_CAP_LENGTH = 12
+VIRTIO_PCI_NOTIFY_CAP_MULT = 16
+VIRTIO_PCI_NOTIFY_CAP_SIZE = 20
+VIRTIO_PCI_CFG_CAP_SIZE = 20  # struct virtio_pci_cfg_cap: the cap and pci_cfg_data[4]
+
+# struct virtio_pci_common_cfg, field offsets (virtio_pci_modern.h's VIRTIO_PCI_COMMON_*)
+VIRTIO_PCI_COMMON_DFSELECT = 0  # le32 device_feature_select
+VIRTIO_PCI_COMMON_DF = 4  # le32 device_feature, read-only
+VIRTIO_PCI_COMMON_GFSELECT = 8  # le32 guest_feature_select
+VIRTIO_PCI_COMMON_GF = 12  # le32 guest_feature
+VIRTIO_PCI_COMMON_MSIX = 16  # le16 msix_config
+VIRTIO_PCI_COMMON_NUMQ = 18  # le16 num_queues, read-only
+VIRTIO_PCI_COMMON_STATUS = 20  # u8 device_status
+VIRTIO_PCI_COMMON_CFGGENERATION = 21  # u8 config_generation, read-only
+VIRTIO_PCI_COMMON_Q_SELECT = 22  # le16 queue_select
+VIRTIO_PCI_COMMON_Q_SIZE = 24  # le16 queue_size
+VIRTIO_PCI_COMMON_Q_MSIX = 26  # le16 queue_msix_vector
+VIRTIO_PCI_COMMON_Q_ENABLE = 28  # le16 queue_enable
+VIRTIO_PCI_COMMON_Q_NOFF = 30  # le16 queue_notify_off, read-only
+VIRTIO_PCI_COMMON_Q_DESCLO = 32  # le32 queue_desc_lo
+VIRTIO_PCI_COMMON_Q_DESCHI = 36
+VIRTIO_PCI_COMMON_Q_AVAILLO = 40  # le32 queue_avail_lo (the driver area)
+VIRTIO_PCI_COMMON_Q_AVAILHI = 44
+VIRTIO_PCI_COMMON_Q_USEDLO = 48  # le32 queue_used_lo (the device area)
+VIRTIO_PCI_COMMON_Q_USEDHI = 52
+VIRTIO_PCI_COMMON_CFG_SIZE = 56
+
+# QEMU's layout of the modern memory BAR (virtio-pci.c: the regions, each 4 KiB)
+VIRTIO_PCI_MODERN_MEM_BAR = 4
+VIRTIO_PCI_COMMON_OFFSET = 0x0
+VIRTIO_PCI_ISR_OFFSET = 0x1000
+VIRTIO_PCI_DEVICE_OFFSET = 0x2000
+VIRTIO_PCI_NOTIFY_OFFSET = 0x3000
+VIRTIO_PCI_MODERN_REGION_SIZE = 0x1000
+VIRTIO_PCI_MODERN_BAR_SIZE = 0x4000
+QEMU_VIRTIO_PCI_QUEUE_MEM_MULT = 4
+"""notify_off_multiplier: queue N's notify address is notify + 4 * N (queue_notify_off = N)."""
+SMP_CACHE_BYTES = 64
+"""The alignment Linux's modern transport gives a split ring's used ring."""

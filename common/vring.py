@@ -87,6 +87,33 @@ class VringLayout:
         return self.base + self.size
 
 
+@dataclass(frozen=True)
+class VringAddrs:
+    """A split ring whose three parts lie where the driver put each (virtio 1.0's descriptor
+    table, driver area and device area: queue_desc, queue_avail, queue_used); the views take
+    it as they take a ``VringLayout``."""
+
+    num: int
+    desc: int
+    avail: int
+    used: int
+
+    @property
+    def used_event(self) -> int:
+        return self.avail + 4 + 2 * self.num
+
+    @property
+    def avail_event(self) -> int:
+        return self.used + 4 + VRING_USED_ELEM_SIZE * self.num
+
+    def parts(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, address, length) of each part, in the order QEMU maps them."""
+        n = self.num
+        return (("desc", self.desc, VRING_DESC_SIZE * n),
+                ("used", self.used, 6 + VRING_USED_ELEM_SIZE * n),
+                ("avail", self.avail, 2 * (3 + n)))
+
+
 class VringViews:
     """Typed views over one ring in guest RAM, for both sides' hot paths.
 
@@ -97,7 +124,7 @@ class VringViews:
 
     __slots__ = ("layout", "num", "desc", "avail", "used_hdr", "used_ring", "avail_event_h")
 
-    def __init__(self, ram: memoryview, layout: VringLayout) -> None:
+    def __init__(self, ram: memoryview, layout: VringLayout | VringAddrs) -> None:
         n = layout.num
         self.layout = layout
         self.num = n

@@ -24,7 +24,7 @@ from guestproc.monitor import GuestMonitor
 from guestproc.netstack import GuestStack
 from guestproc.programs import FAULT_REQUESTS, PROGRAMS
 from guestproc.virtio_net import virtio_net_driver
-from guestproc.virtio_pci_legacy import virtio_pci_probe
+from guestproc.virtio_pci_common import virtio_pci_probe
 
 SLIRP_GATEWAY_MAC = bytes.fromhex("52550a000202")
 TX_DRAIN_TIMEOUT_S = 10.0
@@ -63,6 +63,7 @@ def boot(rt: ProcessRuntime, mon: GuestMonitor) -> dict:
     report = {
         "program": result,
         "features": vdev.features,
+        "transport": vdev.transport,
         "interrupt_mode": "msix-per-vq" if vdev.per_vq_vectors else
         ("msix-shared" if vdev.msix_enabled else "intx"),
         "msix_names": vdev.msix_names,

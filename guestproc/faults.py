@@ -34,6 +34,7 @@ from common.vring import (
 from guestproc.mm import SkBuff
 from guestproc.netstack import NETDEV_TX_OK, NetDevice, netif_device_detach
 from guestproc.virtio_net import free_old_xmit_skbs
+from guestproc.virtio_pci_modern_dev import vp_modern_queue_address, vp_modern_set_queue_enable
 from guestproc.virtio_ring import INDIRECT_STRIDE, Virtqueue, virtqueue_notify
 
 FAULT_AFTER = 5
@@ -178,6 +179,21 @@ def fault_queue_pfn(r: Ring, vdev: Any) -> None:
     vdev.cpu.outl((r.ram_size >> VIRTIO_PCI_QUEUE_ADDR_SHIFT) + 16, io + VIRTIO_PCI_QUEUE_PFN)
 
 
+def fault_queue_addr(r: Ring, vdev: Any) -> None:
+    """virtio 1.0: give the TX queue a descriptor table beyond guest RAM and enable it
+    again, while the device runs."""
+    mdev = vdev.mdev
+    vp_modern_queue_address(mdev, r.vq.index, r.ram_size + 0x10000, r.vq.layout.avail,
+                            r.vq.layout.used)
+    vp_modern_set_queue_enable(mdev, r.vq.index, True)
+
+
+def fault_queue_enable(r: Ring, vdev: Any) -> None:
+    """virtio 1.0: write queue_enable with a value other than 1 (a driver may not disable
+    a queue that way)."""
+    vp_modern_set_queue_enable(vdev.mdev, r.vq.index, False)
+
+
 @dataclass(frozen=True)
 class Fault:
     commit: Callable[[Ring, Any], None]
@@ -185,6 +201,8 @@ class Fault:
     """What the device says (its message starts so), with the run's default options."""
     help: str
     kick: bool = True
+    transport: str | None = None
+    """The transport the fault's registers belong to (None: any)."""
 
 
 FAULTS: dict[str, Fault] = {
@@ -215,7 +233,13 @@ FAULTS: dict[str, Fault] = {
                           "a buffer whose addr + len overflows 64 bits"),
     "queue-pfn": Fault(fault_queue_pfn, "Cannot map desc",
                        "write a TX queue PFN beyond guest RAM while the device runs",
-                       kick=False),
+                       kick=False, transport="legacy"),
+    "queue-addr": Fault(fault_queue_addr, "Cannot map desc",
+                        "modern: enable the TX queue again with its descriptor table beyond "
+                        "guest RAM", kick=False, transport="modern"),
+    "queue-enable": Fault(fault_queue_enable, "wrong value for queue_enable 0",
+                          "modern: write 0 to the TX queue's queue_enable", kick=False,
+                          transport="modern"),
 }
 
 

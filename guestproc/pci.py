@@ -38,6 +38,14 @@ PCI_COMMAND_IO = 0x1
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
 PCI_STATUS_CAP_LIST = 0x10
+PCI_REVISION_ID = 0x08
+PCI_STD_NUM_BARS = 6
+PCI_BASE_ADDRESS_SPACE_IO = 0x01
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
+PCI_BASE_ADDRESS_IO_MASK = ~0x3
+PCI_BASE_ADDRESS_MEM_MASK = ~0xF
+IORESOURCE_IO = 0x100
+IORESOURCE_MEM = 0x200
 
 
 @dataclass
@@ -49,6 +57,7 @@ class PciDev:
     vendor: int
     device: int
     subsystem_device: int = 0
+    revision: int = 0
     io_bar: int = 0
     mem_bar: int = 0
     irq: int = 0
@@ -57,6 +66,10 @@ class PciDev:
     msix_size: int = 0
     msix_enabled: bool = False
     msix_vectors: list[int] = field(default_factory=list)
+    resources: dict[int, tuple[int, int, int]] | None = None
+    """BAR -> (start, length, IORESOURCE_IO or IORESOURCE_MEM), as pci_read_bases sized them
+    (the PCI core does it at enumeration; here at the first look, which only the modern
+    transport takes)."""
 
     def _addr(self, reg: int) -> int:
         return 0x80000000 | (self.devfn << 8) | (reg & 0xFC)
@@ -73,6 +86,10 @@ class PciDev:
         self.cpu.outl(self._addr(reg), PCI_CONFIG_ADDRESS)
         return self.cpu.inb(PCI_CONFIG_DATA + (reg & 3))
 
+    def write_config_dword(self, reg: int, value: int) -> None:
+        self.cpu.outl(self._addr(reg), PCI_CONFIG_ADDRESS)
+        self.cpu.outl(value, PCI_CONFIG_DATA)
+
     def write_config_word(self, reg: int, value: int) -> None:
         self.cpu.outl(self._addr(reg), PCI_CONFIG_ADDRESS)
         self.cpu.outw(value, PCI_CONFIG_DATA + (reg & 2))
@@ -80,7 +97,13 @@ class PciDev:
     def pci_find_capability(self, cap_id: int) -> int:
         if not self.read_config_word(PCI_STATUS) & PCI_STATUS_CAP_LIST:
             return 0
-        pos = self.read_config_byte(PCI_CAPABILITY_LIST)
+        return self._find_next_cap(self.read_config_byte(PCI_CAPABILITY_LIST), cap_id)
+
+    def pci_find_next_capability(self, pos: int, cap_id: int) -> int:
+        return self._find_next_cap(self.read_config_byte(pos + 1), cap_id)
+
+    def _find_next_cap(self, pos: int, cap_id: int) -> int:
+        """__pci_find_next_cap_ttl: at most 48 links, none into the header."""
         for _ in range(48):
             if pos < 0x40:
                 return 0
@@ -88,6 +111,46 @@ class PciDev:
                 return pos
             pos = self.read_config_byte(pos + 1)
         return 0
+
+    def pci_read_bases(self) -> None:
+        """__pci_read_base for each BAR: its address, and its size from what reads back
+        after writing all ones (then the address goes back); a 64-bit memory BAR takes the
+        next one as its upper half."""
+        self.resources = {}
+        bar = 0
+        while bar < PCI_STD_NUM_BARS:
+            reg = PCI_BASE_ADDRESS_0 + 4 * bar
+            lo = self.read_config_dword(reg)
+            self.write_config_dword(reg, 0xFFFFFFFF)
+            sz = self.read_config_dword(reg)
+            self.write_config_dword(reg, lo)
+            is_io = bool(lo & PCI_BASE_ADDRESS_SPACE_IO)
+            mask = PCI_BASE_ADDRESS_IO_MASK if is_io else PCI_BASE_ADDRESS_MEM_MASK
+            start, size = lo & mask, (~(sz & mask) + 1) & 0xFFFFFFFF
+            if is_io:
+                size &= 0xFFFF
+            width = 1
+            if not is_io and lo & PCI_BASE_ADDRESS_MEM_TYPE_64 and bar + 1 < PCI_STD_NUM_BARS:
+                start |= self.read_config_dword(reg + 4) << 32
+                width = 2
+            if sz and size:
+                self.resources[bar] = (start, size, IORESOURCE_IO if is_io else IORESOURCE_MEM)
+            bar += width
+
+    def _resource(self, bar: int) -> tuple[int, int, int]:
+        if self.resources is None:
+            self.pci_read_bases()
+        assert self.resources is not None
+        return self.resources.get(bar, (0, 0, 0))
+
+    def pci_resource_start(self, bar: int) -> int:
+        return self._resource(bar)[0]
+
+    def pci_resource_len(self, bar: int) -> int:
+        return self._resource(bar)[1]
+
+    def pci_resource_flags(self, bar: int) -> int:
+        return self._resource(bar)[2]
 
     def pci_enable_device(self) -> None:
         cmd = self.read_config_word(PCI_COMMAND)
@@ -127,18 +190,21 @@ class PciDev:
         self.msix_vectors = []
 
 
-def pci_get_device(cpu: VCpu, vendor: int, device: int) -> PciDev | None:
-    """Scan bus 0 for the function, as the PCI core's enumeration would, and read it."""
+def pci_get_device(cpu: VCpu, vendor: int, device: int | tuple[int, ...]) -> PciDev | None:
+    """Scan bus 0 for the function (one of the device ids), as the PCI core's enumeration
+    would, and read it."""
+    devices = device if isinstance(device, tuple) else (device,)
     probe = PciDev(cpu, 0, 0, 0)
     for slot in range(32):
         probe.devfn = slot << 3
         ids = probe.read_config_dword(PCI_VENDOR_ID)
         if ids & 0xFFFF == 0xFFFF:
             continue
-        if ids & 0xFFFF != vendor or ids >> 16 != device:
+        if ids & 0xFFFF != vendor or ids >> 16 not in devices:
             continue
-        dev = PciDev(cpu, slot << 3, vendor, device)
+        dev = PciDev(cpu, slot << 3, vendor, ids >> 16)
         dev.subsystem_device = dev.read_config_word(PCI_SUBSYSTEM_ID)
+        dev.revision = dev.read_config_byte(PCI_REVISION_ID)
         dev.io_bar = dev.read_config_dword(PCI_BASE_ADDRESS_0) & ~0x3
         dev.mem_bar = dev.read_config_dword(PCI_BASE_ADDRESS_1) & ~0xF
         dev.irq = dev.read_config_byte(PCI_INTERRUPT_LINE)

@@ -15,9 +15,13 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_TRANSPORT_F_END,
+    VIRTIO_TRANSPORT_F_START,
 )
 
 trace_virtio_add_status = trace_event("virtio_add_status")
@@ -49,6 +53,8 @@ class VirtioDriver:
     feature_table: list[int]
     probe: Callable[[Any], Any]
     config_changed: Callable[[Any], None] | None = None
+    feature_table_legacy: list[int] | None = None
+    """Features offered to a legacy device only (without VIRTIO_F_VERSION_1)."""
 
 
 class VirtioFeaturesError(Exception):
@@ -66,9 +72,10 @@ def virtio_add_status(vdev: Any, status: int) -> None:
 
 
 def vring_transport_features(vdev: Any) -> None:
-    """Keep only the ring/transport bits this ring implementation understands."""
-    keep = {VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_ANY_LAYOUT}
-    for bit in range(28, 32):
+    """Keep only the transport bits (28..41) this ring implementation understands."""
+    keep = {VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_VERSION_1,
+            VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED}
+    for bit in range(VIRTIO_TRANSPORT_F_START, VIRTIO_TRANSPORT_F_END):
         if bit not in keep:
             vdev.features &= ~(1 << bit)
 
@@ -91,7 +98,17 @@ def virtio_dev_probe(vdev: Any, driver: VirtioDriver) -> Any:
     driver_features = 0
     for bit in driver.feature_table:
         driver_features |= 1 << bit
-    vdev.features = driver_features & device_features
+    driver_features_legacy = driver_features
+    if driver.feature_table_legacy is not None:
+        driver_features_legacy = 0
+        for bit in driver.feature_table_legacy:
+            driver_features_legacy |= 1 << bit
+    if device_features >> VIRTIO_F_VERSION_1 & 1:
+        vdev.features = driver_features & device_features
+    else:
+        vdev.features = driver_features_legacy & device_features
+    for bit in range(VIRTIO_TRANSPORT_F_START, VIRTIO_TRANSPORT_F_END):
+        vdev.features |= device_features & (1 << bit)  # kept for finalize_features
     vdev.config.finalize_features(vdev)
     try:
         virtio_features_ok(vdev)

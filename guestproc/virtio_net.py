@@ -23,6 +23,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_VERSION_1,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_HDR,
     VIRTIO_NET_CTRL_MAC,
@@ -735,9 +736,10 @@ def virtnet_probe(vdev: Any) -> VirtnetInfo:
     dev.ndo_open = virtnet_open
     dev.ndo_set_rx_mode = virtnet_set_rx_mode
     vi.mergeable_rx_bufs = virtio_has_feature(vdev, VIRTIO_NET_F_MRG_RXBUF)
-    vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs)
+    version_1 = virtio_has_feature(vdev, VIRTIO_F_VERSION_1)
+    vi.hdr_len = virtio_net_hdr_len(vi.mergeable_rx_bufs or version_1)
     vi.zero_hdr = bytes(vi.hdr_len)
-    vi.any_header_sg = virtio_has_feature(vdev, VIRTIO_F_ANY_LAYOUT)
+    vi.any_header_sg = virtio_has_feature(vdev, VIRTIO_F_ANY_LAYOUT) or version_1
     dev.hw_csum = virtio_has_feature(vdev, VIRTIO_NET_F_CSUM)
     vi.guest_csum = virtio_has_feature(vdev, VIRTIO_NET_F_GUEST_CSUM)
     if virtio_has_feature(vdev, VIRTIO_NET_F_STATUS):
@@ -762,7 +764,14 @@ virtio_net_driver = VirtioDriver(
                    VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX,
                    VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_MQ,
                    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_RING_F_EVENT_IDX,
-                   VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
+                   VIRTIO_RING_F_INDIRECT_DESC],
+    feature_table_legacy=[VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+                          VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_MAC,
+                          VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ,
+                          VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VLAN,
+                          VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_MQ,
+                          VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_RING_F_EVENT_IDX,
+                          VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_F_ANY_LAYOUT],
     probe=virtnet_probe,
     config_changed=virtnet_config_changed,
 )

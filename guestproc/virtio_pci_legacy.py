@@ -1,5 +1,8 @@
 """Stands for drivers/virtio/virtio_pci_legacy.c and virtio_pci_common.c: virtio over the
-legacy PCI I/O BAR. Every register access below is a trapping port instruction."""
+legacy PCI I/O BAR (every register access below is a trapping port instruction), and the
+transport-independent part: vectors, interrupts, finding the queues. The transport fills in
+``setup_vq``, ``del_vq``, ``config_vector`` and ``isr`` (struct virtio_pci_device's hooks);
+virtio_pci_modern.py is the other one."""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ from typing import Any
 
 from common.trace import trace_event, traced
 from common.virtio_abi import (
-    PCI_DEVICE_ID_VIRTIO_NET,
-    PCI_VENDOR_ID_REDHAT_QUMRANET,
     VIRTIO_MSI_CONFIG_VECTOR,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_MSI_QUEUE_VECTOR,
@@ -30,13 +31,13 @@ from common.virtio_abi import (
 )
 from common.vring import vring_size
 from guestproc.cpu import VCpu
+from guestproc.iomap import ioread8, iowrite16
 from guestproc.kernel import IRQ_HANDLED, IRQ_NONE, Kernel
 from guestproc.mm import OutOfMemory, PageAllocator
-from guestproc.pci import PciDev, pci_get_device
+from guestproc.pci import PciDev
 from guestproc.virtio import (
     VirtioConfigOps,
     VirtioDriver,
-    register_virtio_device,
     virtio_config_changed,
     vring_transport_features,
 )
@@ -66,6 +67,12 @@ class VirtioPciDevice:
         self.ram = ram
         self.pages = pages
         self.ioaddr = pci_dev.io_bar
+        self.isr = self.ioaddr + VIRTIO_PCI_ISR
+        self.setup_vq: Callable[..., Virtqueue] = setup_vq
+        self.del_vq: Callable[[VirtioPciDevice, Virtqueue], None] = del_vq
+        self.config_vector: Callable[[VirtioPciDevice, int], int] = vp_config_vector
+        self.mdev: Any = None  # struct virtio_pci_modern_device, on the modern transport
+        self.transport = "legacy"
         self.index = 0
         self.name = "virtio0"
         self.features = 0
@@ -136,11 +143,16 @@ def vp_set_vq_affinity(vq: Virtqueue, cpu: int) -> int:
 
 @traced
 def vp_notify(vq: Virtqueue) -> bool:
-    """Kick the device: write the queue's index to QUEUE_NOTIFY (iowrite16, a trapping OUT)."""
+    """Kick the device: iowrite16 of the queue's index to its notify register: QUEUE_NOTIFY
+    in the legacy I/O BAR (a trapping OUT), or the queue's notify address in the modern
+    BAR (a store that exits as MMIO)."""
     vdev: VirtioPciDevice = vq.vdev
     if trace_vp_notify.on:
-        trace_vp_notify(vq=vq.name, index=vq.index, port=vq.priv)
-    vdev.cpu.outw(vq.index, vq.priv)
+        if vq.priv < 0x10000:
+            trace_vp_notify(vq=vq.name, index=vq.index, port=vq.priv)
+        else:
+            trace_vp_notify(vq=vq.name, index=vq.index, addr=vq.priv)
+    iowrite16(vdev.cpu, vq.index, vq.priv)
     return True
 
 
@@ -165,7 +177,7 @@ def vp_vring_interrupt(irq: int, vdev: VirtioPciDevice) -> int:
 @traced
 def vp_interrupt(irq: int, vdev: VirtioPciDevice) -> int:
     """The INTx handler: reading ISR tells why, and clears it (and lowers the line)."""
-    isr = vdev.cpu.inb(vdev.ioaddr + VIRTIO_PCI_ISR)
+    isr = ioread8(vdev.cpu, vdev.isr)
     vdev.isr_reads += 1
     if trace_vp_interrupt.on:
         trace_vp_interrupt(isr=isr)
@@ -190,7 +202,7 @@ def vp_request_msix_vectors(vdev: VirtioPciDevice, nvectors: int, per_vq_vectors
     vdev.kernel.request_irq(vdev.idt_vectors[v], lambda irq: vp_config_changed(irq, vdev),
                             vdev.msix_names[v])
     vdev.msix_used_vectors += 1
-    if vp_config_vector(vdev, v) == VIRTIO_MSI_NO_VECTOR:
+    if vdev.config_vector(vdev, v) == VIRTIO_MSI_NO_VECTOR:
         raise OSError(16, "device refused the config vector")
     if not per_vq_vectors:
         v = vdev.msix_used_vectors
@@ -200,14 +212,15 @@ def vp_request_msix_vectors(vdev: VirtioPciDevice, nvectors: int, per_vq_vectors
         vdev.msix_used_vectors += 1
 
 
-def vp_vring_pages(vdev: VirtioPciDevice, index: int, num: int) -> tuple[int, int]:
+def vp_vring_pages(vdev: VirtioPciDevice, index: int, num: int,
+                   align: int = VIRTIO_PCI_VRING_ALIGN) -> tuple[int, int]:
     """Guest RAM for queue ``index``'s ring and, with VIRTIO_RING_F_INDIRECT_DESC, its heads'
     indirect tables (0 if there is no room for them: the ring then goes without)."""
     kept = vdev.vring_pages.get(index)
     want_indirect = bool(vdev.features & (1 << VIRTIO_RING_F_INDIRECT_DESC))
     if kept is not None and kept[0] == num and (kept[2] or not want_indirect):
         return kept[1], kept[2] if want_indirect else 0
-    base = vdev.pages.alloc(vring_size(num, VIRTIO_PCI_VRING_ALIGN), VIRTIO_PCI_VRING_ALIGN)
+    base = vdev.pages.alloc(vring_size(num, align), VIRTIO_PCI_VRING_ALIGN)
     indirect = 0
     if want_indirect:
         try:
@@ -252,7 +265,7 @@ def del_vq(vdev: VirtioPciDevice, vq: Virtqueue) -> None:
 def vp_del_vqs(vdev: VirtioPciDevice) -> None:
     for vq in vdev.vqs:
         if vq is not None:
-            del_vq(vdev, vq)
+            vdev.del_vq(vdev, vq)
     vdev.vqs = []
     for v in vdev.idt_vectors:
         vdev.kernel.free_irq(v)
@@ -295,7 +308,7 @@ def vp_try_to_find_vqs(vdev: VirtioPciDevice, nvqs: int,
             allocated += 1
         else:
             msix_vec = VP_MSIX_VQ_VECTOR
-        vq = setup_vq(vdev, i, callbacks[i], name, msix_vec)
+        vq = vdev.setup_vq(vdev, i, callbacks[i], name, msix_vec)
         vqs.append(vq)
         if not per_vq_vectors or msix_vec == VIRTIO_MSI_NO_VECTOR:
             continue
@@ -334,16 +347,12 @@ virtio_pci_config_ops = VirtioConfigOps(
 )
 
 
-@traced
-def virtio_pci_probe(cpu: VCpu, kernel: Kernel, ram: memoryview, pages: PageAllocator,
-                     driver: VirtioDriver) -> Any:
-    """Find the legacy virtio-net function on the bus and register it with the virtio core."""
-    pci_dev = pci_get_device(cpu, PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET)
-    if pci_dev is None:
-        raise OSError(19, "no virtio-net PCI function")
-    pci_dev.pci_enable_device()
-    pci_dev.pci_set_master()
-    vdev = VirtioPciDevice(pci_dev, kernel, ram, pages)
-    vdev.driver = driver
-    register_virtio_device(vdev, driver)
-    return vdev
+def virtio_pci_legacy_probe(vdev: VirtioPciDevice) -> None:
+    """The legacy transport: the I/O BAR's registers (ENODEV without an I/O BAR)."""
+    if not vdev.pci_dev.io_bar:
+        raise OSError(19, "virtio_pci: no legacy I/O BAR")
+    vdev.config = virtio_pci_config_ops
+    vdev.ioaddr = vdev.pci_dev.io_bar
+    vdev.isr = vdev.ioaddr + VIRTIO_PCI_ISR
+    vdev.setup_vq, vdev.del_vq, vdev.config_vector = setup_vq, del_vq, vp_config_vector
+    vdev.transport = "legacy"

@@ -89,10 +89,14 @@ class IoeventfdBus:
         return False
 
     def ioeventfd_write(self, is_pio: bool, addr: int, length: int, val: int) -> bool:
-        """kvm_io_bus_write: True if an ioeventfd took the write (the guest resumes at once)."""
+        """kvm_io_bus_write: True if an ioeventfd took the write (the guest resumes at once).
+        ioeventfd_in_range: the address must be exact; a length of 0 (an MMIO ioeventfd on
+        KVM_FAST_MMIO_BUS, registered without datamatch) takes a write of any length."""
         lst = self.fds.get((is_pio, addr, length))
         if not lst:
-            return False
+            lst = self.fds.get((is_pio, addr, 0))
+            if not lst:
+                return False
         for p in lst:
             if p.datamatch is None or p.datamatch == val:
                 p.signals += 1

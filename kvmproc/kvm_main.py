@@ -102,7 +102,8 @@ class Kvm:
             if flags & KVM_IOEVENTFD_FLAG_DEASSIGN:
                 ok = self.bus.kvm_deassign_ioeventfd(is_pio, addr, length, dm)
                 return [0 if ok else -ENOENT, None]
-            if name not in self.allowed_names:
+            if name not in self.allowed_names or length not in (0, 1, 2, 4, 8) \
+                    or (not length and dm is not None):  # no length: no datamatch either
                 return [-EINVAL, None]
             self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
             return [0, None]

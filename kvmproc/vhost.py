@@ -37,7 +37,7 @@ from common.vring import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
     VRING_USED_F_NO_NOTIFY,
-    VringLayout,
+    VringAddrs,
     VringViews,
     vring_need_event,
 )
@@ -294,17 +294,15 @@ class VhostDev:
         """vq_access_ok: the three parts of the ring lie in guest RAM; map them."""
         if self.mm is None or not vq.num:
             return False
-        layout = VringLayout(vq.num, vq.desc_addr)
-        if vq.avail_addr != layout.avail or vq.used_addr != layout.used:
-            return False  # one legacy ring: the parts where vring_init puts them
+        addrs = VringAddrs(vq.num, vq.desc_addr, vq.avail_addr, vq.used_addr)
         try:
-            self.mm.check(layout.base, layout.size)
+            for _, start, length in addrs.parts():
+                self.mm.check(start, length)
         except GuestMemoryError:
             return False
         if vq.views is not None:
             vq.views.release()
-        vq.views = VringViews(self.mm.address_space_map(layout.base, layout.size),
-                              VringLayout(vq.num, 0))
+        vq.views = VringViews(self.mm.address_space_map(0, self.mm.size), addrs)
         return True
 
     def vhost_has_feature(self, bit: int) -> bool:

@@ -24,6 +24,7 @@ from qemuproc.kvm_all import (
     CPUState,
     KvmError,
     KvmIoListener,
+    KvmMemoryListener,
     KVMState,
     kvm_cpu_exec,
     qemu_wait_io_event,
@@ -57,7 +58,7 @@ class Machine:
         self.mem_as = AddressSpace("memory", is_io=False)
         self.kvm = KVMState(Channel(cfg.channel("vm_req")), Channel(cfg.channel("vm_rep")))
         self.io_as.listeners.append(KvmIoListener(self.kvm))
-        self.mem_as.listeners.append(KvmIoListener(self.kvm))
+        self.mem_as.listeners.append(KvmMemoryListener(self.kvm))
         self.host = PCIHostState(self.io_as)
 
         self.tap = None
@@ -85,8 +86,11 @@ class Machine:
         virtio_net_device_init(self.n, self.tap_ncs or self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
+        transport = opts.get("transport", "legacy")  # disable-legacy / disable-modern
         self.proxy = VirtIOPCIProxy(self.n, self.host, self.io_as, self.mem_as, self.kvm, ml, cfg,
-                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True))
+                                    opts.get("msix_vectors", 3), opts.get("ioeventfd", True),
+                                    disable_legacy=transport == "modern",
+                                    disable_modern=transport == "legacy")
         self.n.vhost_bus = self.proxy
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)

@@ -82,6 +82,7 @@ from common.kvm_abi import (
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
     VIRTIO_PCI_QUEUE_NOTIFY,
 )
 from qemuproc.kvm_all import CPUState, KvmError, KVMState, kvm_handle_exit
@@ -92,6 +93,7 @@ from qemuproc.virtio import (
     virtio_queue_notify_vq,
     virtio_queue_set_addr,
     virtio_queue_set_notification,
+    virtio_queue_set_rings,
     virtio_set_features,
     virtio_set_status,
 )
@@ -107,7 +109,7 @@ if TYPE_CHECKING:
 
 VMSTATE_FILE = "vmstate.json"
 HISTORY_FILE = "cpr.jsonl"
-VMSTATE_VERSION = 1
+VMSTATE_VERSION = 2
 SYNC_TIMEOUT_S = 5.0
 
 
@@ -156,8 +158,14 @@ class Cpr:
                 "status": vdev.status, "guest_features": vdev.guest_features,
                 "queue_sel": vdev.queue_sel, "config_vector": vdev.config_vector,
                 "isr": vdev.isr, "broken": vdev.broken_reason if vdev.broken else None,
-                "queues": [{"pa": vq.desc, "num": vq.num, "vector": vq.vector}
-                           for vq in vdev.vq],
+                "queues": [{"pa": vq.desc, "avail": vq.avail, "used": vq.used, "num": vq.num,
+                            "vector": vq.vector} for vq in vdev.vq],
+            },
+            "virtio_pci_modern": {
+                "dfselect": m.proxy.dfselect, "gfselect": m.proxy.gfselect,
+                "guest_features": m.proxy.guest_features,
+                "vqs": [[q.num, q.enabled, q.desc, q.avail, q.used]
+                        for q in m.proxy.vqs[: len(vdev.vq)]],
             },
             "virtio_net": {"curr_queue_pairs": vdev.curr_queue_pairs,
                            "rx_filter": rx_filter_state(vdev)},
@@ -185,11 +193,12 @@ class Cpr:
                 if mr.ops is None:
                     continue
                 skip = VIRTIO_PCI_QUEUE_NOTIFY if mr is m.proxy.bar else -1
+                kicks_only = mr is m.proxy.notify.mr  # the modern notify region
 
                 def write(opaque: Any, addr: int, val: int, size: int, _write: Any = mr.ops.write,
-                          _skip: int = skip) -> None:
+                          _skip: int = skip, _kicks_only: bool = kicks_only) -> None:
                     _write(opaque, addr, val, size)
-                    if addr != _skip:
+                    if addr != _skip and not _kicks_only:
                         self.save()
 
                 mr.ops = MemoryRegionOps(mr.ops.read, write)
@@ -241,8 +250,16 @@ class Cpr:
         for n, (vq, q) in enumerate(zip(vdev.vq, v["queues"], strict=False)):
             vq.vector = q["vector"]
             vq.num = q["num"]
-            if q["pa"]:
+            if q["pa"] and m.proxy.modern and vdev.guest_features >> VIRTIO_F_VERSION_1 & 1:
+                virtio_queue_set_rings(vdev, n, q["pa"], q["avail"], q["used"])
+            elif q["pa"]:
                 virtio_queue_set_addr(vdev, n, q["pa"])
+        pm = st["virtio_pci_modern"]
+        m.proxy.dfselect, m.proxy.gfselect = pm["dfselect"], pm["gfselect"]
+        m.proxy.guest_features[:] = pm["guest_features"]
+        for q, (num, enabled, desc, avail, used) in zip(m.proxy.vqs, pm["vqs"], strict=False):
+            q.num, q.enabled = num, enabled
+            q.desc[:], q.avail[:], q.used[:] = desc, avail, used
         vdev.config_vector = v["config_vector"]
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]

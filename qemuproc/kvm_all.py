@@ -6,7 +6,8 @@ the I/O address space, MMIO to the memory address space (each access takes the B
 itself, as ``prepare_mmio_access`` does for a region with global locking), and again; a
 signal (KVM_EXIT_INTR) or a shutdown returns EXCP_INTERRUPT to the vCPU thread, which then
 serves its stop requests (``qemu_wait_io_event``) and calls it again.
-The memory listener registers region eventfds with KVM (``kvm_io_ioeventfd_add``); the
+The memory listeners register region eventfds with KVM (``kvm_set_ioeventfd_pio`` for the
+I/O address space, ``kvm_set_ioeventfd_mmio`` for memory); the
 irqchip helpers send MSIs (``kvm_irqchip_send_msi``: KVM_SIGNAL_MSI), set INTx lines
 (``kvm_set_irq``: KVM_IRQ_LINE_STATUS), and set up MSI routes and irqfds for the devices
 that use them (vhost, dataplane).
@@ -160,34 +161,52 @@ class KvmIoListener(MemoryListener):
         self.s = s
 
     def eventfd_add(self, as_: AddressSpace, mr: MemoryRegion, e: MemoryRegionIoeventfd) -> None:
-        kvm_io_ioeventfd_add(self.s, mr.base + e.addr, e.size, e.match_data, e.data, e.notifier,
-                             as_.is_io)
+        kvm_set_ioeventfd_pio(self.s, e.notifier, mr.base + e.addr, e.data, True, e.size,
+                              e.match_data)
 
     def eventfd_del(self, as_: AddressSpace, mr: MemoryRegion, e: MemoryRegionIoeventfd) -> None:
-        kvm_io_ioeventfd_del(self.s, mr.base + e.addr, e.size, e.match_data, e.data, e.notifier,
-                             as_.is_io)
+        kvm_set_ioeventfd_pio(self.s, e.notifier, mr.base + e.addr, e.data, False, e.size,
+                              e.match_data)
 
 
-def kvm_io_ioeventfd_add(s: KVMState, addr: int, size: int, match_data: bool, data: int,
-                         notifier: str, is_pio: bool = True) -> None:
-    flags = (KVM_IOEVENTFD_FLAG_PIO if is_pio else 0) | (
-        KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
-    trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
-    if trace.on:
-        trace(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=data, assign=True, size=size,
-              datamatch=match_data)
-    s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, notifier)
+class KvmMemoryListener(MemoryListener):
+    """kvm_memory_listener's eventfd part (kvm_mem_ioeventfd_add/del): region eventfds on
+    the memory address space become MMIO ioeventfds."""
+
+    def __init__(self, s: KVMState) -> None:
+        self.s = s
+
+    def eventfd_add(self, as_: AddressSpace, mr: MemoryRegion, e: MemoryRegionIoeventfd) -> None:
+        kvm_set_ioeventfd_mmio(self.s, e.notifier, mr.base + e.addr, e.data, True, e.size,
+                               e.match_data)
+
+    def eventfd_del(self, as_: AddressSpace, mr: MemoryRegion, e: MemoryRegionIoeventfd) -> None:
+        kvm_set_ioeventfd_mmio(self.s, e.notifier, mr.base + e.addr, e.data, False, e.size,
+                               e.match_data)
 
 
-def kvm_io_ioeventfd_del(s: KVMState, addr: int, size: int, match_data: bool, data: int,
-                         notifier: str, is_pio: bool = True) -> None:
-    flags = KVM_IOEVENTFD_FLAG_DEASSIGN | (KVM_IOEVENTFD_FLAG_PIO if is_pio else 0) | (
-        KVM_IOEVENTFD_FLAG_DATAMATCH if match_data else 0)
-    trace = trace_kvm_set_ioeventfd_pio if is_pio else trace_kvm_set_ioeventfd_mmio
-    if trace.on:
-        trace(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=data, assign=False, size=size,
-              datamatch=match_data)
-    s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, data, flags, "")
+def kvm_set_ioeventfd_mmio(s: KVMState, notifier: str, addr: int, val: int, assign: bool,
+                           size: int, datamatch: bool) -> None:
+    """KVM_IOEVENTFD on the MMIO bus (no KVM_IOEVENTFD_FLAG_PIO); size 0 matches any
+    length, which virtio-pci's modern notify asks for when KVM can do it."""
+    if trace_kvm_set_ioeventfd_mmio.on:
+        trace_kvm_set_ioeventfd_mmio(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=val,
+                                     assign=assign, size=size, datamatch=datamatch)
+    flags = (KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch else 0) | (
+        0 if assign else KVM_IOEVENTFD_FLAG_DEASSIGN)
+    s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, val if datamatch else 0, flags,
+                   notifier if assign else "")
+
+
+def kvm_set_ioeventfd_pio(s: KVMState, notifier: str, addr: int, val: int, assign: bool,
+                          size: int, datamatch: bool) -> None:
+    """KVM_IOEVENTFD on the PIO bus (KVM_IOEVENTFD_FLAG_PIO)."""
+    if trace_kvm_set_ioeventfd_pio.on:
+        trace_kvm_set_ioeventfd_pio(fd=s.eventfd_fds.get(notifier, -1), addr=addr, val=val,
+                                    assign=assign, size=size, datamatch=datamatch)
+    flags = KVM_IOEVENTFD_FLAG_PIO | (KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch else 0) | (
+        0 if assign else KVM_IOEVENTFD_FLAG_DEASSIGN)
+    s.kvm_vm_ioctl(KVM_IOEVENTFD, addr, size, val, flags, notifier if assign else "")
 
 
 class CPUState:
@@ -232,14 +251,6 @@ def kvm_handle_io(cpu: CPUState, port: int, data: int, direction: int, size: int
             cpu.run_data = val
 
 
-@traced
-def kvm_handle_mmio(cpu: CPUState, addr: int, data: int, length: int, is_write: bool) -> None:
-    with cpu.bql:  # prepare_mmio_access
-        val = address_space_rw(cpu.mem_as, addr, data, length, is_write)
-    if not is_write:
-        cpu.run_data = val
-
-
 def kvm_handle_exit(cpu: CPUState, run: list) -> int:
     """One turn of kvm_cpu_exec's ``switch (run->exit_reason)``, without the BQL: 0 to go on
     with KVM_RUN, EXCP_INTERRUPT to return to the vCPU thread (a signal, or a shutdown:
@@ -254,7 +265,10 @@ def kvm_handle_exit(cpu: CPUState, run: list) -> int:
         kvm_handle_io(cpu, port, data, direction, size, count)
     elif reason == KVM_EXIT_MMIO:
         _, addr, length, is_write, data = run
-        kvm_handle_mmio(cpu, addr, data, length, bool(is_write))
+        with cpu.bql:  # prepare_mmio_access; kvm_cpu_exec calls address_space_rw itself
+            val = address_space_rw(cpu.mem_as, addr, data, length, bool(is_write))
+        if not is_write:
+            cpu.run_data = val
     elif reason == KVM_EXIT_SHUTDOWN:
         cpu.shutdown_requested = True
         return EXCP_INTERRUPT

@@ -14,8 +14,13 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from qemuproc.aio import bh_flag_names
-from qemuproc.pci import MSIX_PBA_OFFSET
-from qemuproc.virtio_pci import VIRTIO_PCI_IO_BASE, VIRTIO_PCI_MSIX_BAR_ADDR
+from qemuproc.pci import (
+    MSIX_PBA_OFFSET,
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCI_BASE_ADDRESS_SPACE_IO,
+)
+from qemuproc.virtio_pci import VIRTIO_PCI_MSIX_BAR_ADDR
 from qemuproc.virtio_qmp import VIRTIO_PATH
 
 if TYPE_CHECKING:
@@ -32,13 +37,34 @@ Locked = Callable[[], AbstractContextManager[None]]
 
 
 def pci_regions(m: Machine) -> list[dict[str, Any]]:
-    """The function's BARs: the legacy virtio I/O BAR and, with MSI-X, the table's BAR."""
-    regions: list[dict[str, Any]] = [{"bar": 0, "type": "io", "address": VIRTIO_PCI_IO_BASE,
-                                      "size": m.proxy.bar.size}]
-    if m.proxy.pci_dev.msix_entries_nr:
-        regions.append({"bar": 1, "type": "memory", "address": VIRTIO_PCI_MSIX_BAR_ADDR,
-                        "size": MSIX_BAR_SIZE, "prefetch": False, "mem_type_64": False})
+    """The function's BARs: the legacy virtio I/O BAR, the MSI-X table's BAR, and the modern
+    BAR (64-bit prefetchable), those the device has."""
+    regions: list[dict[str, Any]] = []
+    for n, (addr, size, bits) in sorted(m.proxy.pci_dev.bars.items()):
+        if bits & PCI_BASE_ADDRESS_SPACE_IO:
+            regions.append({"bar": n, "type": "io", "address": addr, "size": size})
+        else:
+            regions.append({"bar": n, "type": "memory", "address": addr, "size": size,
+                            "prefetch": bool(bits & PCI_BASE_ADDRESS_MEM_PREFETCH),
+                            "mem_type_64": bool(bits & PCI_BASE_ADDRESS_MEM_TYPE_64)})
     return regions
+
+
+CAP_NAMES = {0x11: "MSI-X", 0x09: "Vendor Specific"}
+VIRTIO_CAP_NAMES = {1: "common", 2: "notify", 3: "isr", 4: "device", 5: "pci-cfg"}
+
+
+def pci_capabilities(m: Machine) -> list[str]:
+    """The capability list, lspci's way ("[98] MSI-X"), with each virtio structure's kind."""
+    dev = m.proxy.pci_dev
+    out = []
+    for pos, cap_id in dev.capabilities():
+        name = CAP_NAMES.get(cap_id, f"id {cap_id:#x}")
+        if cap_id == 0x09:
+            kind = VIRTIO_CAP_NAMES.get(dev.config[pos + 3], "?")
+            name += f" (virtio {kind}, BAR{dev.config[pos + 4]})"
+        out.append(f"[{pos:02x}] {name}")
+    return out
 
 
 def qmp_query_pci(m: Machine) -> list[dict[str, Any]]:
@@ -55,6 +81,7 @@ def qmp_query_pci(m: Machine) -> list[dict[str, Any]]:
                    "subsystem-vendor": int.from_bytes(c[0x2C:0x2E], "little"),
                    "subsystem": int.from_bytes(c[0x2E:0x30], "little")},
             "irq_pin": c[0x3D], "qdev_id": "", "regions": pci_regions(m),
+            "capabilities": pci_capabilities(m),
         }
         if c[0x3D]:
             info["irq"] = c[0x3C]
@@ -84,6 +111,8 @@ def hmp_info_pci(buses: list[dict[str, Any]]) -> str:
                     lines.append(f"      BAR{r['bar']}: {64 if r['mem_type_64'] else 32} bit"
                                  f"{' prefetchable' if r['prefetch'] else ''} memory at "
                                  f"0x{a:08x} [0x{end:08x}].")
+            if d.get("capabilities"):
+                lines.append(f"      Capabilities: {', '.join(d['capabilities'])}")
             lines.append(f"      id \"{d['qdev_id']}\"")
     return "\n".join(lines)
 
@@ -106,8 +135,10 @@ def qtree(m: Machine) -> dict[str, Any]:
     n, proxy = m.n, m.proxy
     dev = proxy.pci_dev
     pci_props = {"ioeventfd": proxy.ioeventfd, "vectors": dev.msix_entries_nr,
-                 "virtio-pci-bus-master-bug-migration": False, "disable-legacy": "off",
-                 "disable-modern": True, "addr": f"{dev.devfn >> 3:02x}.{dev.devfn & 7}",
+                 "virtio-pci-bus-master-bug-migration": False,
+                 "disable-legacy": "auto" if proxy.legacy else "on",
+                 "disable-modern": not proxy.modern,
+                 "addr": f"{dev.devfn >> 3:02x}.{dev.devfn & 7}",
                  "romfile": "", "rombar": 1, "multifunction": False}
     net_props = {"csum": False, "guest_csum": False, "mac": n.mac.hex(":"), "netdev": "n0",
                  "mrg_rxbuf": bool(opts.get("mrg_rxbuf", False)),
@@ -208,8 +239,10 @@ def hmp_info_mtree(spaces: list[dict[str, Any]]) -> str:
                      f"(prio {r['priority']}, {r['type']}): {r['name']}")
         for e in r["ioeventfds"]:
             match = "any" if e["datamatch"] is None else e["datamatch"]
-            lines.append(f"{pad}{MTREE_INDENT}{e['addr']:016x}-{e['addr'] + e['size'] - 1:016x}"
-                         f" (ioeventfd): datamatch={match} -> {e['eventfd']}")
+            end = e["addr"] + max(e["size"], 1) - 1
+            width = "" if e["size"] else ", any length"
+            lines.append(f"{pad}{MTREE_INDENT}{e['addr']:016x}-{end:016x}"
+                         f" (ioeventfd{width}): datamatch={match} -> {e['eventfd']}")
         for s in r["subregions"]:
             mr(s, level + 1)
 

@@ -38,8 +38,12 @@ PCI_MSIX_FLAGS = 2
 PCI_MSIX_FLAGS_ENABLE = 0x8000
 PCI_MSIX_FLAGS_MASKALL = 0x4000
 PCI_STATUS_CAP_LIST = 0x10
-MSIX_CAP_OFFSET = 0x40
+PCI_CONFIG_HEADER_SIZE = 0x40
+MSIX_CAP_LENGTH = 12
 MSIX_PBA_OFFSET = 0x800
+PCI_BASE_ADDRESS_SPACE_IO = 0x01
+PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x04
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x08
 
 
 def _le(value: int, size: int) -> bytes:
@@ -63,6 +67,9 @@ class PCIDevice:
         c[PCI_INTERRUPT_LINE] = irq_line
         c[PCI_INTERRUPT_PIN] = 1
         self.wmask[PCI_COMMAND] = 0x07
+        self.used = bytearray(PCI_CONFIG_SPACE_SIZE)  # config bytes a capability occupies
+        self.bars: dict[int, tuple[int, int, int]] = {}  # BAR -> (address, size, type bits)
+        self.msix_cap = 0
         self.msix_entries_nr = 0
         self.msix_table = bytearray()
         self.msix_pba = bytearray()
@@ -74,8 +81,45 @@ class PCIDevice:
         self.msis_sent = 0
         self.msis_masked = 0
 
-    def set_bar(self, n: int, addr: int, is_io: bool) -> None:
-        self.config[0x10 + 4 * n : 0x14 + 4 * n] = _le(addr | (1 if is_io else 0), 4)
+    def set_bar(self, n: int, addr: int, is_io: bool, size: int = 0, type_bits: int = 0) -> None:
+        """pci_register_bar, with the address the firmware gave it; a 64-bit memory BAR
+        (PCI_BASE_ADDRESS_MEM_TYPE_64) takes BAR n+1 for the upper half. The address bits
+        are writable (wmask), so that the driver can size the BAR; the regions stay where
+        the firmware put them (a BAR written elsewhere is not remapped)."""
+        bits = PCI_BASE_ADDRESS_SPACE_IO if is_io else type_bits
+        self.bars[n] = (addr, size, bits)
+        self.config[0x10 + 4 * n : 0x14 + 4 * n] = _le((addr & 0xFFFFFFFF) | bits, 4)
+        wmask = ~(size - 1) if size else 0
+        self.wmask[0x10 + 4 * n : 0x14 + 4 * n] = _le(wmask, 4)
+        if bits & PCI_BASE_ADDRESS_MEM_TYPE_64:
+            self.config[0x14 + 4 * n : 0x18 + 4 * n] = _le(addr >> 32, 4)
+            self.wmask[0x14 + 4 * n : 0x18 + 4 * n] = _le(wmask >> 32, 4)
+
+    def pci_add_capability(self, cap_id: int, size: int) -> int:
+        """Place a capability in the first free bytes after the header and link it at the
+        head of the list, as pci_add_capability (with offset 0: pci_find_space) does."""
+        need = (size + 3) & ~3
+        offset = PCI_CONFIG_HEADER_SIZE
+        while any(self.used[offset : offset + need]):
+            offset += 4
+            if offset + need > PCI_CONFIG_SPACE_SIZE:
+                raise ValueError("PCI config space full")
+        c = self.config
+        c[offset] = cap_id
+        c[offset + 1] = c[PCI_CAPABILITY_LIST]
+        c[PCI_CAPABILITY_LIST] = offset
+        c[PCI_STATUS] |= PCI_STATUS_CAP_LIST
+        self.used[offset : offset + need] = b"\xff" * need
+        return offset
+
+    def capabilities(self) -> list[tuple[int, int]]:
+        """(offset, id) of each capability, in list order."""
+        out: list[tuple[int, int]] = []
+        pos = self.config[PCI_CAPABILITY_LIST]
+        while pos and len(out) < 48:
+            out.append((pos, self.config[pos]))
+            pos = self.config[pos + 1]
+        return out
 
     # -- config space -------------------------------------------------------------------------
 
@@ -102,12 +146,8 @@ class PCIDevice:
         for v in range(nentries):
             self.msix_table[v * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
         self.msix_pba = bytearray((nentries + 7) // 8)
-        cap = MSIX_CAP_OFFSET
+        self.msix_cap = cap = self.pci_add_capability(PCI_CAP_ID_MSIX, MSIX_CAP_LENGTH)
         c = self.config
-        c[PCI_STATUS] |= PCI_STATUS_CAP_LIST
-        c[PCI_CAPABILITY_LIST] = cap
-        c[cap] = PCI_CAP_ID_MSIX
-        c[cap + 1] = 0
         c[cap + 2 : cap + 4] = _le(nentries - 1, 2)
         c[cap + 4 : cap + 8] = _le(0 | bar, 4)
         c[cap + 8 : cap + 12] = _le(MSIX_PBA_OFFSET | bar, 4)
@@ -116,11 +156,11 @@ class PCIDevice:
     def msix_enabled(self) -> bool:
         if not self.msix_entries_nr:
             return False
-        flags = int.from_bytes(self.config[MSIX_CAP_OFFSET + 2 : MSIX_CAP_OFFSET + 4], "little")
+        flags = int.from_bytes(self.config[self.msix_cap + 2 : self.msix_cap + 4], "little")
         return bool(flags & PCI_MSIX_FLAGS_ENABLE)
 
     def msix_is_masked(self, vector: int) -> bool:
-        flags = int.from_bytes(self.config[MSIX_CAP_OFFSET + 2 : MSIX_CAP_OFFSET + 4], "little")
+        flags = int.from_bytes(self.config[self.msix_cap + 2 : self.msix_cap + 4], "little")
         return bool(flags & PCI_MSIX_FLAGS_MASKALL) or bool(
             self.msix_table[vector * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] & PCI_MSIX_ENTRY_CTRL_MASKBIT)
 

@@ -24,8 +24,11 @@ from common.trace import (
 )
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -39,6 +42,7 @@ from common.vring import (
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
     VRING_USED_F_NO_NOTIFY,
+    VringAddrs,
     VringLayout,
     VringViews,
     vring_need_event,
@@ -226,8 +230,41 @@ def virtio_queue_set_addr(vdev: VirtIODevice, n: int, addr: int) -> None:
 
 
 def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
-    """Place queue ``n``'s rings (virtio_init_region_cache): each part must lie in guest RAM,
-    and the device keeps one mapping of the ring, made by the bounds-checked accessor."""
+    """Legacy: the avail and used rings follow the descriptor table where vring_init puts
+    them (``align`` apart); then map them."""
+    vq = vdev.vq[n]
+    if vq.desc:
+        layout = VringLayout(vq.num, vq.desc, vq.align)
+        vq.avail = layout.avail
+        vq.used = layout.used
+    virtio_init_region_cache(vdev, n)
+
+
+def virtio_queue_set_rings(vdev: VirtIODevice, n: int, desc: int, avail: int,
+                           used: int) -> None:
+    """virtio 1.0: the driver gave each part's address (queue_desc/avail/used); map them."""
+    vq = vdev.vq[n]
+    if not vq.num:
+        return
+    vq.desc = desc
+    vq.avail = avail
+    vq.used = used
+    virtio_init_region_cache(vdev, n)
+
+
+def virtio_queue_set_num(vdev: VirtIODevice, n: int, num: int) -> None:
+    """The driver's queue_size: a queue cannot be made to exist or vanish, nor grow beyond
+    what the device gave it (QEMU's bound is VIRTQUEUE_MAX_SIZE; the replica's elements are
+    allocated for the device's size)."""
+    vq = vdev.vq[n]
+    if bool(num) != bool(vq.num) or num > vq.num_default or num < 0:
+        return
+    vq.num = num
+
+
+def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
+    """Map queue ``n``'s three parts: each must lie in guest RAM, else virtio_error with
+    QEMU's message; the views go through the bounds-checked accessor."""
     vq = vdev.vq[n]
     if vq.views is not None:
         vq.views.release()
@@ -235,21 +272,20 @@ def virtio_queue_update_rings(vdev: VirtIODevice, n: int) -> None:
     if not vq.desc:
         vq.avail = vq.used = 0
         return
-    layout = VringLayout(vq.num, vq.desc, vq.align)
+    addrs = VringAddrs(vq.num, vq.desc, vq.avail, vq.used)
     dma = vdev.dma
-    for what, start, end in (("desc", layout.desc, layout.avail),
-                             ("used", layout.used, layout.end),
-                             ("avail", layout.avail, layout.used_event + 2)):
+    for what, start, length in addrs.parts():
         try:
-            dma.check(start, end - start)
+            dma.check(start, length)
         except GuestMemoryError:
             virtio_error(vdev, f"Cannot map {what}")
             vq.desc = vq.avail = vq.used = 0
             return
-    vq.avail = layout.avail
-    vq.used = layout.used
-    ring = dma.address_space_map(layout.base, layout.size)
-    vq.views = VringViews(ring, VringLayout(vq.num, 0, vq.align))
+    parts = addrs.parts()
+    lo = min(start for _, start, _ in parts)
+    hi = max(start + length for _, start, length in parts)
+    ring = dma.address_space_map(lo, hi - lo)  # the span the three parts lie in
+    vq.views = VringViews(ring, VringAddrs(vq.num, vq.desc - lo, vq.avail - lo, vq.used - lo))
 
 
 def virtio_queue_ready(vq: VirtQueue) -> bool:
@@ -714,14 +750,32 @@ def virtio_set_features(vdev: VirtIODevice, val: int) -> int:
     return -1 if bad else 0
 
 
+def virtio_validate_features(vdev: VirtIODevice) -> int:
+    """A device that offers VIRTIO_F_IOMMU_PLATFORM (ACCESS_PLATFORM) cannot work with a
+    driver that did not accept it; virtio-net has no validate_features of its own."""
+    if vdev.host_features & (1 << VIRTIO_F_ACCESS_PLATFORM) and \
+            not virtio_vdev_has_feature(vdev, VIRTIO_F_ACCESS_PLATFORM):
+        return -14  # -EFAULT
+    return 0
+
+
 @traced
-def virtio_set_status(vdev: VirtIODevice, val: int) -> None:
+def virtio_set_status(vdev: VirtIODevice, val: int) -> int:
+    """The driver's status write. With VIRTIO_F_VERSION_1, FEATURES_OK is set only if the
+    features validate: otherwise the status stays as it was, and the driver, reading it
+    back, sees FEATURES_OK clear (the device refused its features)."""
     if trace_virtio_set_status.on:
         trace_virtio_set_status(vdev=vdev.addr, val=val)
+    if virtio_vdev_has_feature(vdev, VIRTIO_F_VERSION_1) and \
+            not vdev.status & VIRTIO_CONFIG_S_FEATURES_OK and val & VIRTIO_CONFIG_S_FEATURES_OK:
+        ret = virtio_validate_features(vdev)
+        if ret:
+            return ret
     if (vdev.status & VIRTIO_CONFIG_S_DRIVER_OK) != (val & VIRTIO_CONFIG_S_DRIVER_OK):
         vdev.started = bool(val & VIRTIO_CONFIG_S_DRIVER_OK)
     vdev.set_status(val)
     vdev.status = val
+    return 0
 
 
 def virtio_reset(vdev: VirtIODevice) -> None:

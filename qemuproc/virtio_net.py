@@ -22,6 +22,7 @@ from common.virtio_abi import (
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_VERSION_1,
     VIRTIO_ID_NET,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_ANNOUNCE,
@@ -231,7 +232,8 @@ class VirtIONet(VirtIODevice):
         return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
-        virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)))
+        virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)),
+                                   bool(features & (1 << VIRTIO_F_VERSION_1)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
         virtio_net_set_queue_pairs(self)  # virtio_net_set_multiqueue
         # without VLAN filtering offered to the driver, every VLAN passes
@@ -326,11 +328,13 @@ def peer_has_vnet_hdr(n: VirtIONet) -> bool:
     return qemu_has_vnet_hdr(n.ncs[0].peer if n.ncs else None)
 
 
-def virtio_net_set_mrg_rx_bufs(n: VirtIONet, mergeable_rx_bufs: bool) -> None:
-    """The guest's header length; a backend that can take the same one gets it unchanged
-    (host_hdr_len == guest_hdr_len), a backend without vnet headers none."""
+def virtio_net_set_mrg_rx_bufs(n: VirtIONet, mergeable_rx_bufs: bool,
+                               version_1: bool = False) -> None:
+    """The guest's header length (virtio 1.0 always has num_buffers: 12 bytes); a backend
+    that can take the same one gets it unchanged (host_hdr_len == guest_hdr_len), a backend
+    without vnet headers none."""
     n.mergeable_rx_bufs = mergeable_rx_bufs
-    n.guest_hdr_len = virtio_net_hdr_len(mergeable_rx_bufs)
+    n.guest_hdr_len = virtio_net_hdr_len(mergeable_rx_bufs or version_1)
     if n.has_vnet_hdr:
         for nc in n.ncs:
             if qemu_has_vnet_hdr_len(nc.peer, n.guest_hdr_len):

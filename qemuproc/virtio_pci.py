@@ -1,8 +1,13 @@
-"""Stands for hw/virtio/virtio-pci.c: virtio over PCI, legacy (I/O BAR) interface.
+"""Stands for hw/virtio/virtio-pci.c: virtio over PCI; the proxy and the legacy (I/O BAR)
+interface (the virtio 1.0 interface is in ``virtio_pci_modern``).
 
-The BAR's registers are served by ``virtio_pci_config_read`` / ``virtio_pci_config_write``
-(QEMU's virtio_ioport_read / virtio_ioport_write). When the driver sets DRIVER_OK the proxy
-registers a KVM ioeventfd for each queue's notify (port BAR0+16, datamatch = queue index).
+``disable-legacy``/``disable-modern`` choose the interfaces: legacy alone (the seed's path),
+modern alone (device id 0x1041, revision 1), or both (transitional: device id 0x1000, the
+legacy BAR and the modern capabilities; the driver picks). The legacy BAR's registers are
+served by ``virtio_pci_config_read`` / ``virtio_pci_config_write`` (QEMU's
+virtio_ioport_read / virtio_ioport_write). When the driver sets DRIVER_OK the proxy
+registers a KVM ioeventfd for each queue's notify: port BAR0+16 with datamatch = queue index
+(legacy), and the queue's address in the notify region, any length (modern).
 ``virtio_pci_notify`` raises an interrupt in the calling thread (the main loop's, for
 virtio-net in user space): ``msix_notify`` (KVM_SIGNAL_MSI) or ``pci_set_irq`` with the ISR's
 bit (KVM_IRQ_LINE_STATUS); reading the ISR lowers the line. Guest notifiers (an irqfd per
@@ -19,8 +24,11 @@ from common.notifier import EventNotifier, PollBridge
 from common.trace import trace_event, traced
 from common.virtio_abi import (
     PCI_DEVICE_ID_VIRTIO_NET,
+    PCI_DEVICE_ID_VIRTIO_NET_MODERN,
     PCI_VENDOR_ID_REDHAT_QUMRANET,
+    QEMU_VIRTIO_PCI_QUEUE_MEM_MULT,
     VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_F_VERSION_1,
     VIRTIO_ID_NET,
     VIRTIO_MSI_CONFIG_VECTOR,
     VIRTIO_MSI_NO_VECTOR,
@@ -28,6 +36,8 @@ from common.virtio_abi import (
     VIRTIO_PCI_GUEST_FEATURES,
     VIRTIO_PCI_HOST_FEATURES,
     VIRTIO_PCI_ISR,
+    VIRTIO_PCI_MODERN_BAR_SIZE,
+    VIRTIO_PCI_MODERN_MEM_BAR,
     VIRTIO_PCI_QUEUE_ADDR_SHIFT,
     VIRTIO_PCI_QUEUE_NOTIFY,
     VIRTIO_PCI_QUEUE_NUM,
@@ -46,7 +56,12 @@ from qemuproc.memory import (
     memory_region_add_eventfd,
     memory_region_del_eventfd,
 )
-from qemuproc.pci import PCIDevice, PCIHostState
+from qemuproc.pci import (
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCIDevice,
+    PCIHostState,
+)
 from qemuproc.virtio import (
     VIRTIO_QUEUE_MAX,
     VirtIODevice,
@@ -58,10 +73,12 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
+from qemuproc.virtio_pci_modern import VirtIOPCIQueue, modern_regions, virtio_pci_modern_init
 
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
 VIRTIO_PCI_IO_BASE = 0xC000
 VIRTIO_PCI_MSIX_BAR_ADDR = 0xFEBF1000
+VIRTIO_PCI_MODERN_BAR_ADDR = 0xFE000000
 VIRTIO_PCI_IRQ_LINE = 11
 VIRTIO_PCI_DEVFN = 3 << 3
 
@@ -71,8 +88,11 @@ trace_virtio_ioport_write = trace_event("virtio_ioport_write")
 class VirtIOPCIProxy:
     def __init__(self, vdev: VirtIODevice, host: PCIHostState, io_as: AddressSpace,
                  mem_as: AddressSpace, kvm: KVMState, main_loop: MainLoop, cfg: RunConfig,
-                 vectors: int, ioeventfd: bool) -> None:
+                 vectors: int, ioeventfd: bool, disable_legacy: bool = False,
+                 disable_modern: bool = True) -> None:
         self.vdev = vdev
+        self.legacy = not disable_legacy
+        self.modern = not disable_modern
         self.kvm = kvm
         self.main_loop = main_loop
         self.cfg = cfg
@@ -83,12 +103,32 @@ class VirtIOPCIProxy:
                                        PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET,
                                        PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID_REDHAT_QUMRANET,
                                        VIRTIO_ID_NET, VIRTIO_PCI_IRQ_LINE)
-        dev.set_bar(0, VIRTIO_PCI_IO_BASE, is_io=True)
+        # the modern interface's state: feature selectors and each queue's registers
+        self.dfselect = self.gfselect = 0
+        self.guest_features = [0, 0]
+        self.generation = 0
+        self.vqs = [VirtIOPCIQueue() for _ in range(VIRTIO_QUEUE_MAX)]
+        self.common, self.isr, self.device, self.notify = modern_regions()
+        self.modern_mem_bar_idx = VIRTIO_PCI_MODERN_MEM_BAR
+        self.modern_bar_addr = VIRTIO_PCI_MODERN_BAR_ADDR
+        self.config_cap = 0
+        if self.modern:  # virtio_pci_pre_plugged
+            vdev.host_features |= 1 << VIRTIO_F_VERSION_1
         self.bar = MemoryRegion("virtio-pci", VIRTIO_PCI_REGION_SIZE, MemoryRegionOps(
             virtio_pci_config_read, virtio_pci_config_write), self)
-        io_as.add_subregion(VIRTIO_PCI_IO_BASE, self.bar)
+        if self.legacy:
+            dev.set_bar(0, VIRTIO_PCI_IO_BASE, is_io=True, size=VIRTIO_PCI_REGION_SIZE)
+            io_as.add_subregion(VIRTIO_PCI_IO_BASE, self.bar)
+        else:  # pure virtio-1.0
+            dev.config[2:4] = PCI_DEVICE_ID_VIRTIO_NET_MODERN.to_bytes(2, "little")
+            dev.config[8] = 1
+        if self.modern:
+            virtio_pci_modern_init(self, mem_as)
+            dev.set_bar(VIRTIO_PCI_MODERN_MEM_BAR, VIRTIO_PCI_MODERN_BAR_ADDR, is_io=False,
+                        size=VIRTIO_PCI_MODERN_BAR_SIZE,
+                        type_bits=PCI_BASE_ADDRESS_MEM_PREFETCH | PCI_BASE_ADDRESS_MEM_TYPE_64)
         if vectors:
-            dev.set_bar(1, VIRTIO_PCI_MSIX_BAR_ADDR, is_io=False)
+            dev.set_bar(1, VIRTIO_PCI_MSIX_BAR_ADDR, is_io=False, size=0x1000)
             dev.msix_init(vectors, 1)
             mem_as.add_subregion(VIRTIO_PCI_MSIX_BAR_ADDR, dev.msix_mmio_region())
             dev.msix_vector_changed = self.msix_vector_changed
@@ -122,6 +162,26 @@ class VirtIOPCIProxy:
 
     # -- DRIVER_OK: ioeventfds and irqfds ------------------------------------------------------
 
+    def virtio_pci_ioeventfd_assign(self, notifier: str, n: int, assign: bool) -> None:
+        """Queue ``n``'s kick registers: the modern notify address (any length, no
+        datamatch: KVM_CAP_IOEVENTFD_ANY_LENGTH) and the legacy QUEUE_NOTIFY port."""
+        if self.modern:
+            mr = self.notify.mr
+            assert mr is not None
+            addr = QEMU_VIRTIO_PCI_QUEUE_MEM_MULT * n
+            if assign:
+                memory_region_add_eventfd(mr, addr, 0, False, n, notifier)
+            else:
+                memory_region_del_eventfd(mr, addr, 0, False, n, notifier)
+        if self.legacy:
+            if assign:
+                memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, notifier)
+            else:
+                memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, notifier)
+
+    def msix_vector_use(self, vector: int) -> bool:
+        return vector < self.pci_dev.msix_entries_nr
+
     @traced
     def virtio_pci_start_ioeventfd(self) -> None:
         if not self.ioeventfd or self.ioeventfd_started:
@@ -132,12 +192,12 @@ class VirtIOPCIProxy:
             n = vq.queue_index
             name = self.cfg.ioeventfd(n)
             if n in self.ioeventfd_grabbed:  # vhost's: KVM signals the fd, nobody here reads it
-                memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
+                self.virtio_pci_ioeventfd_assign(name, n, True)
                 continue
             bridge = PollBridge(EventNotifier(name))
             self.host_bridges[n] = bridge
             self.kvm.eventfd_fds[name] = bridge.fileno()
-            memory_region_add_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, name)
+            self.virtio_pci_ioeventfd_assign(name, n, True)
             vq.host_notifier = bridge
             vq.host_notifier_enabled = True
             self.main_loop.qemu_set_fd_handler(bridge.fileno(),
@@ -151,11 +211,9 @@ class VirtIOPCIProxy:
         if not self.ioeventfd_started:
             return
         for n in self.ioeventfd_grabbed:
-            memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
-                                      self.cfg.ioeventfd(n))
+            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
         for n, bridge in self.host_bridges.items():
-            memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n,
-                                      self.cfg.ioeventfd(n))
+            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
             self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
             vq = self.vdev.vq[n]
             vq.host_notifier_enabled = False
@@ -222,6 +280,8 @@ class VirtIOPCIProxy:
         self.virtio_pci_set_guest_notifiers(False)
         virtio_reset(self.vdev)
         self.pci_dev.pci_set_irq(0)
+        for q in self.vqs:
+            q.reset()
 
     def describe(self) -> dict[str, Any]:
         return {"ioeventfds": {self.vdev.vq[n].name: b.notifier.name
@@ -232,10 +292,6 @@ class VirtIOPCIProxy:
                 "msis_sent": self.pci_dev.msis_sent, "msis_lost": self.kvm.msis_lost,
                 "msis_masked": self.pci_dev.msis_masked, "intx_level": self.pci_dev.irq_level,
                 "msix_enabled": self.pci_dev.msix_enabled()}
-
-
-def msix_vector_use(proxy: VirtIOPCIProxy, vector: int) -> bool:
-    return vector < proxy.pci_dev.msix_entries_nr
 
 
 @traced
@@ -266,10 +322,10 @@ def virtio_ioport_write(proxy: VirtIOPCIProxy, addr: int, val: int) -> None:
         if vdev.status == 0:
             proxy.virtio_pci_reset()
     elif addr == VIRTIO_MSI_CONFIG_VECTOR:
-        vdev.config_vector = val if msix_vector_use(proxy, val) else VIRTIO_MSI_NO_VECTOR
+        vdev.config_vector = val if proxy.msix_vector_use(val) else VIRTIO_MSI_NO_VECTOR
     elif addr == VIRTIO_MSI_QUEUE_VECTOR:
         if vdev.queue_sel < len(vdev.vq):
-            vdev.vq[vdev.queue_sel].vector = val if msix_vector_use(proxy, val) \
+            vdev.vq[vdev.queue_sel].vector = val if proxy.msix_vector_use(val) \
                 else VIRTIO_MSI_NO_VECTOR
 
 

@@ -45,6 +45,10 @@ BAD_OPTIONS = [
      "--pcap"),
     (["--pace-ms", "inf"], "--pace-ms"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--transport", "pci"], "--transport"),
+    (["--transport", "modern", "--guest-fault", "queue-pfn", "--packets", "10"], "queue-pfn"),
+    (["--transport", "legacy", "--guest-fault", "queue-addr", "--packets", "10"],
+     "queue-addr"),
 ]
 
 

@@ -264,3 +264,26 @@ def test_trace_show_prints_a_packets_chain_from_the_demos_trace(tmp_path: Path) 
         assert bad.returncode == 2 and bad.stdout == "", bad.stderr
         assert bad.stderr.count("\n") == 1, bad.stderr
     assert trace_show("--help").returncode == 0
+
+
+KICK_THROUGH_QEMU_MMIO = ["kvm_cpu_exec", "address_space_rw", "virtio_pci_notify_write",
+                          "virtio_queue_notify", "virtio_net_handle_tx_bh"]
+"""The same kick on the modern transport: a store to the queue's notify address, which
+kvm_cpu_exec's KVM_EXIT_MMIO case hands to address_space_rw on the memory address space."""
+
+
+@pytest.mark.timeout(60)
+def test_demo_modern_kick_is_an_mmio_exit_through_qemus_vcpu_thread(tmp_path: Path) -> None:
+    proc = demo("--transport", "modern", "--ioeventfd", "off", "--packets", "3",
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tx = tx_section(proc.stdout.splitlines())
+    names = [name for _, name, *_ in tx]
+    assert "kvm_pio" not in names and "ioeventfd_write" not in names, proc.stdout
+    at = names.index("vp_notify")
+    assert "an MMIO store" in tx[at][5], proc.stdout
+    for name in ["kvm_exit", "kvm_mmio", "kvm_userspace_exit", *KICK_THROUGH_QEMU_MMIO]:
+        assert name in names[at:], f"{name} missing or out of order in:\n{proc.stdout}"
+        at = names.index(name, at)
+    uexit = next(c for c in tx if c[1] == "kvm_userspace_exit")
+    assert "KVM_EXIT_MMIO" in uexit[5]

@@ -46,7 +46,10 @@ def check_recovered(s: dict, expect: str) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", FAULTS)
 def test_fault_is_reported_and_the_guest_recovers(tmp_path: Path, kind: str) -> None:
-    s = run(tmp_path, "--guest-fault", kind)
+    """Each kind, on the default legacy device or, for the modern transport's own register
+    faults (queue-addr, queue-enable), on a modern one."""
+    needs = FAULTS[kind].transport
+    s = run(tmp_path, "--guest-fault", kind, *(["--transport", needs] if needs else []))
     check_recovered(s, FAULTS[kind].expect)
     assert s["host"]["bad_payloads"] == 0 and s["host"]["duplicates"] == 0
 

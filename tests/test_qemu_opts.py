@@ -46,7 +46,24 @@ BAD = [
     (["-device", f"{DEV},mq=off", "--queues", "2"],
      f"-device {DEV},mq=off: --queues 2 needs mq=on"),
     (["-m"], "-m requires an argument"),
+    (["-device", f"{DEV},disable-legacy=on,disable-modern=on"],
+     f"-device {DEV},disable-legacy=on,disable-modern=on: device cannot work as neither "
+     "modern nor legacy mode is enabled"),
+    (["-device", f"{DEV},disable-legacy=maybe"],
+     f"-device {DEV},disable-legacy=maybe: Parameter 'disable-legacy' does not accept value "
+     "'maybe'"),
 ]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("props", "transport"), [
+    ("disable-modern=off", "transitional"),
+    ("disable-legacy=on,disable-modern=off", "modern"),
+    ("disable-legacy=off,disable-modern=on", "legacy"),
+    ("disable-legacy=auto", "legacy"),
+])
+def test_disable_legacy_and_modern_become_transport(props: str, transport: str) -> None:
+    assert qemu_options(["-device", f"{DEV},{props}"]) == ["--transport", transport]
 
 
 @pytest.mark.timeout(60)

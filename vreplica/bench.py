@@ -31,6 +31,7 @@ from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
 from vreplica import baselines as bl
+from vreplica.bench_transport import section_transport, transport_table
 from vreplica.cli import Parser
 from vreplica.preflight import UsageError, writable_dir, writable_file
 from vreplica.summary import build_summary
@@ -1047,6 +1048,14 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
                     ["QEMU restart (kill -9)", str(c["restarts"]),
                      fmt_f(c["restart_down_ms_p50"], 1), fmt_f(c["restart_down_ms_max"], 1),
                      str(c["restart_lost_max"])]])
+    tr = res.get("transport") or {}
+    if tr:
+        L += ["", "## 9. Legacy against modern virtio-pci, same run", "",
+              f"64-byte datagrams, {tr['packets']} a run end to end; notify -> pop paced "
+              f"({tr['pace_ms']} ms, {tr['latency_packets']} a run) with ioeventfd off, so "
+              "each kick is a VM exit QEMU's vCPU thread handles: KVM_EXIT_IO (legacy port "
+              "write) or KVM_EXIT_MMIO (modern notify store). Medians of the trials.", "",
+              *transport_table(tr)]
     return "\n".join(L)
 
 
@@ -1118,11 +1127,31 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
     log("8. chaos: resets and restarts")
     res["chaos"] = section_chaos(plan, log, failures)
+    log("9. legacy vs modern transport")
+    res["transport"] = section_transport(plan, log, failures)
     res["failures"] = failures
     res["duration_s"] = time.monotonic() - t0
     res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     res["targets"] = targets(res, plan)
     return res
+
+
+def only_section(plan: Plan, json_path: str | None) -> int:
+    """``--only transport``: the legacy-vs-modern section alone."""
+    if json_path:
+        try:
+            writable_file("--json", json_path)
+        except UsageError as e:
+            print(f"vreplica bench: {e}", file=sys.stderr)
+            return 2
+    failures: list[dict] = []
+    sec = section_transport(plan, lambda line: print(line, file=sys.stderr, flush=True),
+                            failures)
+    print("\n".join(transport_table(sec)))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"transport": sec, "failures": failures},
+                                              indent=1, default=str))
+    return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1135,6 +1164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
                    "(default: the repository root)")
+    p.add_argument("--only", choices=("transport",),
+                   help="run one section and print its table (no BENCHMARKS.md)")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.trials is not None:
@@ -1142,6 +1173,8 @@ def main(argv: list[str] | None = None) -> int:
             print("vreplica bench: --trials: from 1 to 50", file=sys.stderr)
             return 2
         plan = replace(plan, trials=a.trials, micro_trials=a.trials, latency_trials=a.trials)
+    if a.only:
+        return only_section(plan, a.json)
     out = Path(a.out) if a.out else ROOT
     try:
         writable_dir("--out", out)

@@ -106,7 +106,14 @@ def add_device_options(p: argparse.ArgumentParser) -> list[str]:
         p.add_argument("--tx-burst", type=int, default=256),
         p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
                        help="--tx timer: the TX timer's delay (QEMU's x-txtimer)"),
+        p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
+                       help="virtio-pci interface: legacy (I/O BAR, the seed's path), modern "
+                            "(virtio 1.0: capabilities, MMIO notify) or transitional (both; "
+                            "the guest picks modern), as QEMU's disable-legacy/disable-modern"),
     )]
+
+
+TRANSPORTS = ("legacy", "modern", "transitional")
 
 
 # -- -netdev tap ---------------------------------------------------------------------------------
@@ -279,6 +286,7 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
         if a.packets <= FAULT_AFTER:
             raise UsageError(f"--guest-fault needs --packets above {FAULT_AFTER} "
                              f"(the fault rides on the frame after {FAULT_AFTER} good ones)")
+        check_fault_transport(a.guest_fault, a.transport)
     check_outputs(a, hostfwd)
     return RunOptions(mode=a.mode, hostfwd=hostfwd, window=a.window, queues=a.queues,
                       guest_port=hostfwd[0][1] if hostfwd else
@@ -296,7 +304,18 @@ def options_from_args(a: argparse.Namespace) -> RunOptions:
                              "rx_stall_after": a.rx_stall_after, "rx_stall_ms": a.rx_stall_ms,
                              "any_layout": a.any_layout, "indirect_desc": a.indirect_desc,
                              "guest_fault": a.guest_fault, "phases": phases,
-                             "tx_timer_ns": a.tx_timer_ns, **tap})
+                             "tx_timer_ns": a.tx_timer_ns, "transport": a.transport, **tap})
+
+
+def check_fault_transport(kind: str, transport: str) -> None:
+    """A fault written through one interface's registers needs a device that has them
+    (a transitional device has both)."""
+    from guestproc.faults import FAULTS
+
+    needs = FAULTS[kind].transport
+    if needs is not None and transport not in (needs, "transitional"):
+        raise UsageError(f"--guest-fault {kind} writes {needs} registers: it needs "
+                         f"--transport {needs} or transitional")
 
 
 def check_trace_events(text: str) -> None:

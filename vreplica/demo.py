@@ -79,17 +79,23 @@ SHOWN: dict[str, Detail] = {
     "xmit_skb": lambda a: "virtio-net header + frame",
     "virtqueue_add_split": lambda a: f"head {a.get('head')} into the avail ring, "
                                      f"avail_idx {a.get('avail_idx')}",
-    "vp_notify": lambda a: f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps",
+    "vp_notify": lambda a: (f"iowrite16({a.get('index')}, port {_hex(a.get('port'))}): traps"
+                            if a.get("addr") is None else
+                            f"iowrite16({a.get('index')}, {_hex(a.get('addr'))}): an MMIO "
+                            "store, traps"),
     "kvm_arch_vcpu_ioctl_run": lambda a: "KVM_RUN",
     "kvm_exit": lambda a: f"VM exit: {a.get('exit_reason')}",
     "handle_exit": lambda a: "",
     "kvm_pio": lambda a: f"pio_{'write' if a.get('rw') else 'read'} port {_hex(a.get('port'))} "
                          f"= {a.get('val')}",
-    "ioeventfd_write": lambda a: "datamatch: signal the eventfd, re-enter the guest",
+    "kvm_mmio": lambda a: f"mmio_write gpa {_hex(a.get('gpa'))} = {a.get('val')}",
+    "ioeventfd_write": lambda a: "address (and datamatch) match: signal the eventfd, re-enter "
+                                 "the guest",
     "kvm_userspace_exit": lambda a: f"return to QEMU: {_exit_name(a)}",
     "kvm_cpu_exec": lambda a: "",
     "kvm_run_exit": lambda a: f"KVM_RUN returned {_exit_name(a)}",
     "kvm_handle_io": lambda a: "the BQL, then the port's region",
+    "virtio_pci_notify_write": lambda a: "virtio-pci's modern notify region: queue = addr / 4",
     "address_space_rw": lambda a: "",
     "virtio_pci_config_write": lambda a: "virtio-pci's legacy I/O BAR",
     "virtio_ioport_write": lambda a: "",
@@ -273,6 +279,7 @@ WHOLE_RX = ("kvm_msi_set_irq", "kvm_inj_virq", "vring_interrupt", "recvfrom")
 
 TAP_SHOWN: dict[str, Detail] = {
     **{k: SHOWN[k] for k in ("udp_sendmsg", "start_xmit", "vp_notify", "kvm_exit", "kvm_pio",
+                             "kvm_mmio",
                              "ioeventfd_write", "virtio_queue_host_notifier_read",
                              "virtio_queue_notify", "virtio_net_handle_tx_bh", "virtio_net_tx_bh",
                              "virtqueue_pop", "virtqueue_flush", "virtio_notify", "irqfd_wakeup",

@@ -2,7 +2,8 @@
 qdev's property setters), beside ``vreplica run``'s own options:
 
     -device virtio-net-pci,netdev=ID,ioeventfd=on|off,event_idx=on|off,mq=on|off,vectors=N,
-            tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off
+            tx=bh|timer,x-txtimer=NS,x-txburst=N,mrg_rxbuf=on|off,
+            disable-legacy=on|off|auto,disable-modern=on|off
     -netdev user,id=ID,hostfwd=udp::HOSTPORT-:GUESTPORT
     -netdev tap,id=ID[,ifname=tap0][,script=no][,downscript=no][,vhost=on|off][,sndbuf=N]
             [,poll-us=N]
@@ -49,6 +50,8 @@ class Prop:
 
 NET_PROPS = {p.name: p for p in (
     Prop("any_layout", "bool", True, "--any-layout", "on/off"),
+    Prop("disable-legacy", "OnOffAuto", "auto", None, "on/off/auto"),
+    Prop("disable-modern", "bool", True, None, "on/off"),
     Prop("event_idx", "bool", True, "--event-idx", "on/off"),
     Prop("indirect_desc", "bool", True, "--indirect-desc", "on/off"),
     Prop("ioeventfd", "bool", True, "--ioeventfd", "on/off"),
@@ -113,6 +116,10 @@ def qemu_opts_parse(text: str, implied: str | None = None) -> list[tuple[str, st
 
 def _set_prop(p: Prop, value: str) -> str:
     """The value checked as qdev's visitor checks it; returns it in the option's form."""
+    if p.type == "OnOffAuto":
+        if value not in ("on", "off", "auto"):
+            raise ValueError(f"Parameter '{p.name}' does not accept value '{value}'")
+        return value
     if p.type == "bool":
         if value not in ("on", "off", "yes", "no", "true", "false"):
             raise ValueError(f"Parameter '{p.name}' expects 'on' or 'off'")
@@ -130,6 +137,16 @@ def _set_prop(p: Prop, value: str) -> str:
         raise ValueError(f"virtio-net: Unknown option tx={value}, valid options: \"timer\" "
                          "\"bh\"")
     return value
+
+
+def virtio_pci_transport(disable: dict[str, str]) -> str:
+    """disable-legacy (auto: legacy on, a conventional PCI slot) and disable-modern (the
+    replica's default: on) as --transport; both off is QEMU's realize error."""
+    legacy = disable.get("disable-legacy", "auto") != "on"
+    modern = disable.get("disable-modern", "on") == "off"
+    if not legacy and not modern:
+        raise ValueError("device cannot work as neither modern nor legacy mode is enabled")
+    return "transitional" if legacy and modern else ("modern" if modern else "legacy")
 
 
 def netdev_tap_option(key: str, value: str) -> list[str]:
@@ -175,6 +192,7 @@ class QemuCommandLine:
                                "\"virtio-net\"")
             raise ValueError(f"'{driver}' is not a valid device model name")
         out: list[str] = []
+        disable: dict[str, str] = {}
         for key, value in opts[1:]:
             if key == "help":
                 raise QemuHelp(qdev_device_help())
@@ -188,11 +206,15 @@ class QemuCommandLine:
                 self.mq = value == "on"
             elif key == "vectors" and int(value) == UINT32_MAX:
                 continue
+            elif key in ("disable-legacy", "disable-modern"):
+                disable[key] = value
             elif p.option is not None:
                 out += [p.option, value]
         self.devices += 1
         if self.devices > 1:
             raise ValueError("the replica has one virtio-net-pci NIC")
+        if disable:
+            out += ["--transport", virtio_pci_transport(disable)]
         return out
 
     def netdev(self, arg: str) -> list[str]:

@@ -25,6 +25,7 @@ from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
 from vreplica.cli import (
+    TRANSPORTS,
     Parser,
     UsageError,
     add_tap_options,
@@ -210,6 +211,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="mean seconds between events")
     p.add_argument("--flows", type=int, default=0, help="guest sockets (default 2 per pair)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
+                   help="virtio-pci interface (as vreplica run's --transport)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--no-progress", action="store_true")
     add_tap_options(p)
@@ -283,7 +286,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
                       queues=a.queues, hostfwd=hostfwd, guest_port=GUEST_PORT, window=32,
                       timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
-                             "seed": a.seed, "flows": flows, "live_stats": True, **tap})
+                             "seed": a.seed, "flows": flows, "live_stats": True,
+                             "transport": a.transport, **tap})
     sup = Supervisor(opts)
     if tap:
         def before_spawn(cfg: Any) -> None:

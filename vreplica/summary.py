@@ -39,6 +39,8 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
         "ioeventfd": opts.ioeventfd,
         "event_idx": opts.event_idx,
         "interrupt_mode": g.get("interrupt_mode"),
+        "transport": opts.extra.get("transport", "legacy"),
+        "driver_transport": g.get("transport"),
         "queue_pairs": g.get("queue_pairs", 1),
         "queue_pairs_max": len(g.get("sq") or [{}]),
         "sent": sent,
@@ -154,11 +156,21 @@ def kicks_line(s: dict[str, Any]) -> str:
     return line + (f", {rest} unread at the end)" if rest else ")")
 
 
+def transport_part(s: dict[str, Any]) -> str:
+    """", transport modern" (and which the driver took of a transitional device); nothing
+    for the default legacy device."""
+    t, drv = s.get("transport", "legacy"), s.get("driver_transport")
+    if t == "legacy":
+        return ""
+    return f", transport {t}" + (f" (driver: {drv})" if t == "transitional" and drv else "")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"run {s['run']}: mode {s['mode']}, {s['packets']} x {s['size']} B, "
         f"ioeventfd {'on' if s['ioeventfd'] else 'off'}, "
-        f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}",
+        f"event_idx {'on' if s['event_idx'] else 'off'}, interrupts {s['interrupt_mode']}"
+        + transport_part(s),
         sent_line(s),
         f"  delivered              {s['delivered']}  (counted by the {s['delivered_counted_by']})",
         kicks_line(s)

@@ -327,16 +327,21 @@ def _monotonic(steps: Iterable[Event | None]) -> list[Event]:
 
 def _kick_steps(ix: _Index, add: Event, limit: int | None,
                 is_dev_vq: Callable[[Any], bool]) -> list[Event]:
-    """vp_notify -> the VM exit in KVM -> ioeventfd (or the exit to QEMU) -> virtio_queue_notify."""
+    """vp_notify -> the VM exit in KVM (a port write, or an MMIO store on the modern transport)
+    -> ioeventfd (or the exit to QEMU) -> virtio_queue_notify."""
     vq = add.args.get("vq")
     notify = ix.next("vp_notify", add.ts, before=limit, pid=add.pid, tid=add.tid,
                      pred=lambda e: e.args.get("vq") == vq)
     if notify is None:
         return []
     steps = [notify]
-    port = notify.args.get("port")
-    pio = ix.next("kvm_pio", notify.ts, before=limit, role="kvm",
-                  pred=lambda e: e.args.get("port") == port and e.args.get("rw") == 1)
+    port, addr = notify.args.get("port"), notify.args.get("addr")
+    if port is None and addr is not None:  # the modern transport: an MMIO store
+        pio = ix.next("kvm_mmio", notify.ts, before=limit, role="kvm",
+                      pred=lambda e: e.args.get("gpa") == addr and e.args.get("type") == 2)
+    else:
+        pio = ix.next("kvm_pio", notify.ts, before=limit, role="kvm",
+                      pred=lambda e: e.args.get("port") == port and e.args.get("rw") == 1)
     if pio is not None:
         vmexit = ix.prev("kvm_exit", pio.ts, tid=pio.tid, pid=pio.pid)
         if vmexit is not None and vmexit.ts >= notify.ts:
