@@ -125,11 +125,17 @@ class RunConfig:
     def irqfd(self, n: int) -> str:
         return f"{self.prefix}irqfd{n}"
 
+    def vring_err(self, queue: int) -> str:
+        """vhost's error eventfd for a queue (VHOST_SET_VRING_ERR): vq_err signals it."""
+        return f"{self.prefix}vringerr{queue}"
+
     def semaphores(self) -> list[str]:
         return (
             [self.kick]
             + [self.ioeventfd(q) for q in range(self.num_queues)]
             + [self.irqfd(n) for n in range(self.num_irqfds)]
+            + ([self.vring_err(q) for q in range(self.num_queues)]
+               if self.options.get("vhost") else [])
         )
 
     def save(self, rundir: str | Path | None = None) -> Path:

@@ -108,7 +108,7 @@ def _in_netns(name: str, script: str) -> None:
         raise OSError(f"in {name}: {script}: {r.stderr.strip() or r.returncode}")
 
 
-def create(rid: str, backpressure_rate: str | None = None) -> str:
+def create(rid: str, backpressure_rate: str | None = None, multi_queue: bool = False) -> str:
     """Make the run's namespace and its tap (persistent, vnet header on), give the host end
     its address and bring the links up; returns the namespace's name.
 
@@ -116,12 +116,14 @@ def create(rid: str, backpressure_rate: str | None = None) -> str:
     but a veth behind a bridge, and a token-bucket qdisc on the bridge's veth port drains
     the guest's frames at that rate: frames waiting in it are charged to the tap's socket,
     so a small TUNSETSNDBUF makes the tap's write would-block (EAGAIN) until they go.
+    ``multi_queue``: the tap takes one file per queue pair (IFF_MULTI_QUEUE).
     """
     name = netns_name(rid)
     _ip("netns", "add", name)
     n = ("-n", name)
     _ip(*n, "link", "set", "lo", "up")
-    _ip(*n, "tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr")
+    _ip(*n, "tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr",
+        *(["multi_queue"] if multi_queue else []))
     if backpressure_rate is None:
         _ip(*n, "addr", "add", f"{HOST_ADDR}/{PREFIX_LEN}", "dev", TAP_NAME)
     else:

@@ -1,9 +1,18 @@
 """Stands for virt/kvm/eventfd.c: ioeventfd (a guest write that signals an eventfd without
-leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt)."""
+leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt).
+
+With fs/eventfd.c's wait queue for the eventfds whose both ends are in the kernel (this
+process): ``add_wait_queue`` puts a callback on an eventfd (vhost's ``vhost_poll_wakeup``
+on a kick, ``irqfd_wakeup`` on a call), and ``eventfd_signal`` runs the callbacks in the
+signaller's thread, as Linux's wake-up does, instead of posting the named semaphore for a
+thread to take: a kick reaches the vhost worker, and vhost's signal the LAPIC, without a
+thread hop in between. An eventfd nobody here waits on is posted as before.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.notifier import EventNotifier
@@ -13,6 +22,31 @@ from kvmproc.stats import KvmStats
 
 trace_kvm_ioeventfd_signal = trace_event("ioeventfd_write")
 trace_irqfd_wakeup = trace_event("irqfd_wakeup")
+
+_wait_queues: dict[str, list[Callable[[], None]]] = {}
+"""eventfd name -> the callbacks on its wait queue (wait_queue_entry.func)."""
+
+
+def add_wait_queue(name: str, func: Callable[[], None]) -> None:
+    _wait_queues.setdefault(name, []).append(func)
+
+
+def remove_wait_queue(name: str, func: Callable[[], None]) -> None:
+    waiters = _wait_queues.get(name)
+    if waiters and func in waiters:
+        waiters.remove(func)
+        if not waiters:
+            del _wait_queues[name]
+
+
+def eventfd_signal(notifier: EventNotifier) -> None:
+    """Wake the eventfd's waiters here, or post it for another process's."""
+    waiters = _wait_queues.get(notifier.name)
+    if waiters:
+        for func in tuple(waiters):  # one may leave meanwhile (an irqfd deassigned)
+            func()
+    else:
+        notifier.set()
 
 
 @dataclass
@@ -69,7 +103,7 @@ class IoeventfdBus:
                 self.stats.vcpu["ioeventfd_signals"] += 1
                 if trace_kvm_ioeventfd_signal.on:
                     trace_kvm_ioeventfd_signal(addr=addr, len=length, val=val)
-                p.notifier.set()  # eventfd_signal
+                eventfd_signal(p.notifier)
                 return True
         return False
 
@@ -89,6 +123,7 @@ class Irqfd:
         self.stats = stats
         self.signals = 0
         self.active = True
+        add_wait_queue(name, self.irqfd_wakeup)  # vhost's signals, in the signaller's thread
         self.thread = threading.Thread(target=self._wait, name=f"irqfd-gsi{gsi}", daemon=True)
         self.thread.start()
 
@@ -113,6 +148,7 @@ class Irqfd:
 
     def shutdown(self) -> None:
         self.active = False
+        remove_wait_queue(self.notifier.name, self.irqfd_wakeup)
 
 
 class IrqfdTable:

@@ -41,6 +41,7 @@ from common.vring import (
     VringViews,
     vring_need_event,
 )
+from kvmproc.eventfd import add_wait_queue, eventfd_signal, remove_wait_queue
 
 EFAULT = 14
 EINVAL = 22
@@ -82,8 +83,12 @@ class VhostPoll:
         self.wakeups = 0
 
     def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
+        """Watch the eventfd (on its wait queue: KVM's ioeventfd in this process wakes us
+        directly; a thread takes what is posted from elsewhere, a kick that came before we
+        watched among it) or the file."""
         if notifier is not None:
             self.notifier = notifier
+            add_wait_queue(notifier.name, self.vhost_poll_wakeup)
             self._waiter = threading.Thread(target=self._wait, args=(notifier,),
                                             name=f"vhost-poll:{notifier.name}", daemon=True)
             self._waiter.start()
@@ -93,6 +98,7 @@ class VhostPoll:
 
     def vhost_poll_stop(self) -> None:
         if self.notifier is not None:
+            remove_wait_queue(self.notifier.name, self.vhost_poll_wakeup)
             self.notifier = None  # the waiter sees it and leaves, handing a late signal back
         if self.fd >= 0:
             self.fd = -1
@@ -138,6 +144,7 @@ class VhostVirtqueue:
         self.poll = VhostPoll(dev, handle_kick, select.POLLIN, f"handle_kick:{index}")
         self.kick: EventNotifier | None = None
         self.call_ctx: EventNotifier | None = None
+        self.error_ctx: EventNotifier | None = None
         self.private_data: Any = None  # the backend (the tap's fd)
         self.busyloop_timeout = 0  # microseconds
         self.heads: list[tuple[int, int]] = []
@@ -146,9 +153,12 @@ class VhostVirtqueue:
                       "errors": 0, "busypoll_hits": 0, "busypolls": 0}
 
     def vq_err(self, message: str) -> int:
-        """A guest mistake: counted and kept for ``info vhost``, the queue stops here."""
+        """A guest mistake (vhost.h's vq_err): counted and kept for ``info vhost``, the error
+        eventfd QEMU gave (VHOST_SET_VRING_ERR) signalled; the queue stops here."""
         self.error = message
         self.stats["errors"] += 1
+        if self.error_ctx is not None:
+            self.error_ctx.set()
         return -EINVAL
 
     def describe(self) -> dict[str, Any]:
@@ -174,6 +184,7 @@ class VhostDev:
         self.worker: threading.Thread | None = None
         self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = False
+        self.polls_changed = True
         self.works_run = 0
         self.lock = threading.Lock()  # the vq mutexes: ioctls vs. the worker
 
@@ -199,6 +210,7 @@ class VhostDev:
 
     def worker_poll_changed(self) -> None:
         """A file poll started or stopped: the worker rebuilds its poll set."""
+        self.polls_changed = True
         os.eventfd_write(self.wake_efd, 1)
 
     def vhost_worker(self) -> None:
@@ -208,17 +220,21 @@ class VhostDev:
         _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # as ps shows it
         work_list = self.work_list
         efd = self.wake_efd
+        p = select.poll()
+        polls: dict[int, list[VhostPoll]] = {}
         while not self.stopping:
-            p = select.poll()
-            p.register(efd, select.POLLIN)
-            polls: dict[int, list[VhostPoll]] = {}
-            masks: dict[int, int] = {}
-            for vp in self.file_polls:
-                if vp.fd >= 0:
-                    polls.setdefault(vp.fd, []).append(vp)
-                    masks[vp.fd] = masks.get(vp.fd, 0) | vp.mask
-            for fd, mask in masks.items():
-                p.register(fd, mask)
+            if self.polls_changed:  # the poll set is rebuilt only when a file poll changed
+                self.polls_changed = False
+                p = select.poll()
+                p.register(efd, select.POLLIN)
+                polls = {}
+                masks: dict[int, int] = {}
+                for vp in self.file_polls:
+                    if vp.fd >= 0:
+                        polls.setdefault(vp.fd, []).append(vp)
+                        masks[vp.fd] = masks.get(vp.fd, 0) | vp.mask
+                for fd, mask in masks.items():
+                    p.register(fd, mask)
             for fd, ev in p.poll(None if not work_list else 0):
                 if fd == efd:
                     try:
@@ -229,6 +245,7 @@ class VhostDev:
                 for vp in polls.get(fd, ()):
                     if ev & (vp.mask | select.POLLERR | select.POLLHUP):
                         vp.fd = -1  # one-shot until the handler starts it again
+                        self.polls_changed = True
                         vp.vhost_poll_wakeup()
             while work_list and not self.stopping:
                 work = work_list.popleft()
@@ -249,8 +266,9 @@ class VhostDev:
             if vq.views is not None:
                 vq.views.release()
                 vq.views = None
-            if vq.call_ctx is not None:
-                vq.call_ctx.close()
+            for ctx in (vq.call_ctx, vq.error_ctx):
+                if ctx is not None:
+                    ctx.close()
         if self.mm is not None:
             self.mm.close()
             self.mm = None
@@ -418,7 +436,7 @@ def vhost_signal(dev: VhostDev, vq: VhostVirtqueue) -> None:
         vq.stats["signals"] += 1
         if trace_vhost_signal.on:
             trace_vhost_signal(vq=vq.index, used_idx=vq.last_used_idx)
-        vq.call_ctx.set()
+        eventfd_signal(vq.call_ctx)
     else:
         vq.stats["signals_suppressed"] += 1
 

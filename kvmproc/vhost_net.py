@@ -46,6 +46,7 @@ from common.vhost_abi import (
     VHOST_SET_VRING_BASE,
     VHOST_SET_VRING_BUSYLOOP_TIMEOUT,
     VHOST_SET_VRING_CALL,
+    VHOST_SET_VRING_ERR,
     VHOST_SET_VRING_KICK,
     VHOST_SET_VRING_NUM,
 )
@@ -497,6 +498,13 @@ def vhost_vring_ioctl(n: VhostNet, op: str, idx: int, args: list, allowed: set[s
         if vq.call_ctx is not None:
             vq.call_ctx.close()
         vq.call_ctx = EventNotifier(name) if name is not None else None
+    elif op == VHOST_SET_VRING_ERR:
+        name = args[0]
+        if name is not None and name not in allowed:
+            return -EINVAL
+        if vq.error_ctx is not None:
+            vq.error_ctx.close()
+        vq.error_ctx = EventNotifier(name) if name is not None else None
     elif op == VHOST_SET_VRING_BUSYLOOP_TIMEOUT:
         vq.busyloop_timeout = max(0, int(args[0]))
     else:
@@ -533,7 +541,7 @@ def vhost_net_ioctl(n: VhostNet, req: list, fds: list[int], pid: int,
         if op == VHOST_GET_STATS:
             return [0, n.describe()]
         if op in (VHOST_SET_VRING_NUM, VHOST_SET_VRING_BASE, VHOST_SET_VRING_ADDR,
-                  VHOST_SET_VRING_KICK, VHOST_SET_VRING_CALL,
+                  VHOST_SET_VRING_KICK, VHOST_SET_VRING_CALL, VHOST_SET_VRING_ERR,
                   VHOST_SET_VRING_BUSYLOOP_TIMEOUT):
             return [vhost_vring_ioctl(n, op, req[1], req[2:], allowed), None]
     return [-EINVAL, None]

@@ -32,7 +32,7 @@ from qemuproc.kvm_all import (
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
 from qemuproc.monitor import qemu_monitor
-from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_send_packet
+from qemuproc.net import NetClientInfo, NetClientState, qemu_new_net_client, qemu_send_packet
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpState, net_slirp_receive
 from qemuproc.virtio_net import (
@@ -62,6 +62,7 @@ class Machine:
         self.host = PCIHostState(self.io_as)
 
         self.tap = None
+        self.tap_ncs: list[NetClientState] = []
         if opts.get("netdev") == "tap":
             self._init_tap(opts)
         else:
@@ -83,7 +84,7 @@ class Machine:
                            poll_us=opts.get("poll_us", 0.0),
                            csum=opts.get("csum", True))
         self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
-        virtio_net_device_init(self.n, self.netdev)
+        virtio_net_device_init(self.n, self.tap_ncs or self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         transport = opts.get("transport", "legacy")  # disable-legacy / disable-modern
@@ -105,10 +106,13 @@ class Machine:
 
         netns.enter(opts["netns"])
         self.slirp = None
-        self.netdev = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
-                                   sndbuf=opts.get("tap_sndbuf", 0),
-                                   vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
-                                   poll_us=int(opts.get("poll_us", 0)))
+        self.tap_ncs = net_init_tap(self.main_loop, netns.TAP_NAME, "n0",
+                                    sndbuf=opts.get("tap_sndbuf", 0),
+                                    vhost_rundir=self.rt.rundir if opts.get("vhost") else None,
+                                    poll_us=int(opts.get("poll_us", 0)),
+                                    vhost_err_name=self.rt.cfg.vring_err,
+                                    queues=opts.get("queues", 1))
+        self.netdev = self.tap_ncs[0]
         self.tap = self.netdev.opaque
 
     def _init_slirp(self, opts: dict) -> None:
@@ -137,10 +141,17 @@ class Machine:
             + self.bhs
 
     def vhost_describe(self) -> dict:
-        dev = self.tap.vhost_net.dev
+        """QEMU's vhost devices, one per queue pair: pair 0's counts, every queue's ring base
+        at the last stop, and each pair's own row."""
+        devs = [nc.opaque.vhost_net.dev for nc in self.tap_ncs]
+        dev = devs[0]
         return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
-                "acked_features": hex(dev.acked_features), "ioctls": dev.backend.calls,
-                "ring_bases": dev.ring_bases}
+                "acked_features": hex(dev.acked_features),
+                "ioctls": sum(d.backend.calls for d in devs),
+                "vring_errors": sum(d.vring_errors for d in devs),
+                "ring_bases": {k: v for d in devs for k, v in d.ring_bases.items()},
+                "pairs": [{"vq_index": d.vq_index, "started": d.started, "starts": d.starts,
+                           "stops": d.stops, "ioctls": d.backend.calls} for d in devs]}
 
     def vm_shutdown(self) -> None:
         """The VM stops: vhost gives the rings back (virtio_net_vhost_status)."""

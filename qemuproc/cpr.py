@@ -103,7 +103,12 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
-from qemuproc.virtio_net import rx_filter_load, rx_filter_state
+from qemuproc.virtio_net import (
+    rx_filter_load,
+    rx_filter_state,
+    virtio_net_set_queue_pairs,
+    virtio_net_vhost_status,
+)
 
 if TYPE_CHECKING:
     from qemuproc.__main__ import Machine
@@ -217,23 +222,30 @@ class Cpr:
             st = None  # died before its first record: the device was never touched
         if st is None or st.get("version") != VMSTATE_VERSION:
             return
+        vdev = m.n
+        vhost = m.tap is not None and m.tap.vhost_net is not None
+        vdev.vm_running = not vhost  # vhost starts when the VM runs, after the state is in
         self.vmstate_load(st)
         self._last = json.dumps(self.vmstate())
-        vdev = m.n
         for vq in vdev.vq:
             if vq.packed is not None:
                 self.recovered.append(vu_check_queue_inflights_packed(vq))
             elif vq.views is not None:
                 self.recovered.append(vu_check_queue_inflights(vq))
         if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK or vdev.broken:
+            vdev.vm_running = True
             return
+        if vhost:  # virtio_vmstate_change: the kernel's vhost takes the rings from used->idx
+            vdev.vm_running = True  # and grabs their ioeventfds before QEMU would poll them
+            virtio_net_vhost_status(vdev, vdev.status)
         self.replay_driver_ok()
         for vq in vdev.vq:
             if not virtio_queue_ready(vq):
                 continue
             virtio_queue_set_notification(vq, True)
             virtio_notify(vdev, vq)  # signalled_used_valid is off: this raises the interrupt
-            virtio_queue_notify_vq(vq)
+            if vq.queue_index not in m.proxy.ioeventfd_grabbed:  # vhost looks by itself
+                virtio_queue_notify_vq(vq)
 
     def vmstate_load(self, st: dict[str, Any]) -> None:
         m = self.m
@@ -259,6 +271,7 @@ class Cpr:
         vdev.config_vector = v["config_vector"]
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
+        virtio_net_set_queue_pairs(vdev)
         rx_filter_load(vdev, st["virtio_net"]["rx_filter"])
         virtio_set_status(vdev, v["status"])
         vdev.isr = v["isr"] | (1 if v["status"] & VIRTIO_CONFIG_S_DRIVER_OK else 0)

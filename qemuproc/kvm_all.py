@@ -34,9 +34,7 @@ from common.kvm_abi import (
     KVM_IOEVENTFD_FLAG_DEASSIGN,
     KVM_IOEVENTFD_FLAG_PIO,
     KVM_IRQ_LINE_STATUS,
-    KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI,
-    KVM_IRQCHIP_IOAPIC,
     KVM_IRQFD,
     KVM_IRQFD_FLAG_DEASSIGN,
     KVM_RUN,
@@ -134,10 +132,6 @@ class KVMState:
 
     def kvm_irqchip_update_msi_route(self, gsi: int, address: int, data: int) -> None:
         self.routes[gsi] = (KVM_IRQ_ROUTING_MSI, address, data)
-
-    def kvm_irqchip_add_intx_route(self, pin: int) -> int:
-        self.routes[pin] = (KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQCHIP_IOAPIC, pin)
-        return pin
 
     def kvm_irqchip_release_virq(self, gsi: int) -> None:
         if trace_kvm_irqchip_release_virq.on:

@@ -259,12 +259,14 @@ def hmp_info_mtree(spaces: list[dict[str, Any]]) -> str:
 
 def hmp_info_network(d: dict[str, Any]) -> str:
     lines = []
-    for j, r in enumerate(d["clients"]):
-        lead = "" if j == 0 else " \\ "
-        lines.append(f"{lead}{r['name']}: index=0,type={r['type']},{r['info']}")
+    for r in d["clients"]:
+        peer = r["type"] != "nic"  # a backend, printed under the NIC queue it serves
+        lead = " \\ " if peer else ""
+        lines.append(f"{lead}{r['name']}: index={r.get('index', 0)},type={r['type']},"
+                     f"{r['info']}")
         q = r["incoming_queue"]
         off = ", receive disabled" if r["receive_disabled"] else ""
-        lines.append(f"{'   ' if j else ''}  sent {r['sent']}, received {r['received']},"
+        lines.append(f"{'   ' if peer else ''}  sent {r['sent']}, received {r['received']},"
                      f" queue {q['len']}/{q['maxlen']} (queued {q['queued']}, dropped "
                      f"{q['dropped']}){off}")
     if d.get("slirp") is not None:
@@ -273,15 +275,21 @@ def hmp_info_network(d: dict[str, Any]) -> str:
                      f"{s.get('udp_received', 0)}, {len(d['slirp']['flows'])} flow(s)")
     tap = d.get("tap")
     if tap is not None:
-        t = tap["stats"]
-        lines.append(f"   tap: fd {tap['fd']}, vnet header {tap['vnet_hdr_len']} B, written "
-                     f"{t['written']} (would block {t['write_eagain']}), read {t['read']}")
+        for i, tq in enumerate(tap.get("queues", [tap])):
+            t = tq["stats"]
+            lines.append(f"   tap queue {i}: fd {tq['fd']}, vnet header {tq['vnet_hdr_len']} B,"
+                         f" written {t['written']} (would block {t['write_eagain']}), read "
+                         f"{t['read']}{'' if tq.get('enabled', True) else ', detached'}")
         if "vhost" in tap:
             v = tap["vhost"]
-            who = ("the kernel's vhost worker serves the queues" if v["started"]
-                   else "QEMU serves the queues")
+            who = ("the kernel's vhost workers serve the data queues, QEMU the control queue"
+                   if v["started"] else "QEMU serves the queues")
             lines.append(f"   vhost-net: {'started' if v['started'] else 'stopped'} "
                          f"(starts {v['starts']}, stops {v['stops']}): {who}")
+            for p in v.get("pairs", []):
+                lines.append(f"     queue pair {p['vq_index'] // 2}: vqs {p['vq_index']}-"
+                             f"{p['vq_index'] + 1}, {'started' if p['started'] else 'stopped'}"
+                             f", {p['ioctls']} ioctls")
     return "\n".join(lines)
 
 
@@ -332,10 +340,15 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
             backend = ("net=10.0.2.0,restrict=off" if m.slirp is not None else
                        f"ifname=tap0,script=no,downscript=no,vhost="
                        f"{'on' if m.tap.vhost_net else 'off'}")
-            for nc, info in ((nic, f"model={nic.model},macaddr={m.n.mac.hex(':')}"),
-                             (netdev, backend)):
+            nic_info = f"model={nic.model},macaddr={m.n.mac.hex(':')}"
+            if m.tap_ncs:  # a multiqueue tap: each NIC queue with its own tap queue
+                clients = [c for nc in m.tap_ncs for c in ((nc.peer, nic_info), (nc, backend))]
+            else:
+                clients = [(nic, nic_info), (netdev, backend)]
+            for nc, info in clients:
                 q = nc.incoming_queue
-                rows.append({"name": nc.name, "type": nc.info.type, "info": info,
+                rows.append({"name": nc.name, "index": nc.queue_index, "type": nc.info.type,
+                             "info": info,
                              "peer": nc.peer.name if nc.peer else None,
                              "link_down": nc.link_down,
                              "receive_disabled": nc.receive_disabled, "sent": nc.sent,
@@ -343,6 +356,8 @@ def register_info(mon: Monitor, m: Machine, locked: Locked) -> None:
                              "incoming_queue": {"len": len(q.packets), "queued": q.queued,
                                                 "dropped": q.dropped, "maxlen": q.nq_maxlen}})
             tap = m.tap.describe() if m.tap is not None else None
+            if tap is not None and len(m.tap_ncs) > 1:
+                tap["queues"] = [nc.opaque.describe() for nc in m.tap_ncs]
             if tap is not None and m.tap.vhost_net:
                 tap["vhost"] = m.vhost_describe()
             return {"clients": rows, "slirp": m.slirp.describe() if m.slirp else None,

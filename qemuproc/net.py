@@ -97,6 +97,21 @@ class NetClientState:
         self.rx_from_queue = 0  # the sender's queue pair of the frame being received
 
 
+def qemu_purge_queued_packets(nc: NetClientState) -> None:
+    """Drop what ``nc`` sent that waits in its peer's incoming queue (qemu_net_queue_purge);
+    each dropped packet's sender hears it is done (sent_cb with 0), as if it had gone."""
+    if nc.peer is None:
+        return
+    q = nc.peer.incoming_queue
+    purged = [p for p in q.packets if p.sender is nc]
+    if not purged:
+        return
+    q.packets = type(q.packets)(p for p in q.packets if p.sender is not nc)
+    for p in purged:
+        if p.sent_cb is not None:
+            p.sent_cb(p.sender, 0)
+
+
 def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model: str,
                         name: str) -> NetClientState:
     nc = NetClientState(info, name, model)

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from common.trace import traced
@@ -24,6 +25,7 @@ from qemuproc.net import (
     NetClientState,
     qemu_flush_queued_packets,
     qemu_new_net_client,
+    qemu_purge_queued_packets,
     qemu_sendv_packet_async,
 )
 
@@ -33,9 +35,13 @@ TUNSETSNDBUF = 0x400454D4
 TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
 TUNGETFEATURES = 0x800454CF
+TUNSETQUEUE = 0x400454D9
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -49,17 +55,37 @@ TAP_SEND_BATCH = 50
 SNDBUF_DEFAULT = 0x7FFFFFFF  # INT_MAX: sndbuf= not given
 
 
-def tap_open(ifname: str, vnet_hdr: bool = True) -> int:
-    """Open /dev/net/tun and attach to ``ifname`` (made if missing): a non-blocking fd."""
+def tap_open(ifname: str, vnet_hdr: bool = True, mq_required: bool = False) -> int:
+    """Open /dev/net/tun and attach to ``ifname`` (made if missing): a non-blocking fd; with
+    ``mq_required`` one queue of a multiqueue tap (IFF_MULTI_QUEUE)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) \
+            | (IFF_MULTI_QUEUE if mq_required else 0)
         fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(ifname.encode(), flags))
         os.set_blocking(fd, False)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def tap_fd_enable(fd: int) -> int:
+    """This queue of a multiqueue tap takes frames again (TUNSETQUEUE IFF_ATTACH_QUEUE)."""
+    try:
+        fcntl.ioctl(fd, TUNSETQUEUE, IFREQ.pack(b"", IFF_ATTACH_QUEUE))
+    except OSError as e:
+        return -e.errno
+    return 0
+
+
+def tap_fd_disable(fd: int) -> int:
+    """The kernel steers no frame to this queue any more (TUNSETQUEUE IFF_DETACH_QUEUE)."""
+    try:
+        fcntl.ioctl(fd, TUNSETQUEUE, IFREQ.pack(b"", IFF_DETACH_QUEUE))
+    except OSError as e:
+        return -e.errno
+    return 0
 
 
 def tap_set_sndbuf(fd: int, sndbuf: int) -> None:
@@ -133,7 +159,7 @@ class TAPState:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        return {"fd": self.fd, "kernel": self.kernel_counters(),
+        return {"fd": self.fd, "enabled": self.enabled, "kernel": self.kernel_counters(),
                 "vnet_hdr_len": self.host_vnet_hdr_len,
                 "using_vnet_hdr": self.using_vnet_hdr, "read_poll": self.read_poll,
                 "write_poll": self.write_poll, "offload": dict(zip(
@@ -272,6 +298,31 @@ def tap_poll(nc: NetClientState, enable: bool) -> None:
     tap_write_poll(s, enable)
 
 
+def tap_enable(nc: NetClientState) -> int:
+    """The guest uses this queue pair: attach the tap queue and read it again."""
+    s: TAPState = nc.opaque
+    if s.enabled:
+        return 0
+    ret = tap_fd_enable(s.fd)
+    if ret == 0:
+        s.enabled = True
+        tap_update_fd_handler(s)
+    return ret
+
+
+def tap_disable(nc: NetClientState) -> int:
+    """The guest stopped using this queue pair: detach it; what it queued for the NIC goes."""
+    s: TAPState = nc.opaque
+    if not s.enabled:
+        return 0
+    ret = tap_fd_disable(s.fd)
+    if ret == 0:
+        qemu_purge_queued_packets(nc)
+        s.enabled = False
+        tap_update_fd_handler(s)
+    return ret
+
+
 def tap_cleanup(nc: NetClientState) -> None:
     s: TAPState = nc.opaque
     if s.fd >= 0:
@@ -294,11 +345,28 @@ net_tap_info = NetClientInfo("tap", tap_receive, None, receive_iov=tap_receive_i
 @traced
 def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = True,
                  sndbuf: int = 0, vhost_rundir: str | None = None,
-                 poll_us: int = 0) -> NetClientState:
-    """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N][,vhost=on,
-    poll-us=N]``: open the tap, set its send buffer, start reading it (net_tap_fd_init +
-    tap_read_poll); with vhost, open /dev/vhost-net for it (net_init_tap_one)."""
-    fd = tap_open(ifname, vnet_hdr)
+                 poll_us: int = 0, vhost_err_name: Callable[[int], str] | None = None,
+                 queues: int = 1) -> list[NetClientState]:
+    """``-netdev tap,id=NAME,ifname=IFNAME,script=no,downscript=no[,sndbuf=N][,queues=N]
+    [,vhost=on,poll-us=N]``: open each queue of the tap (IFF_MULTI_QUEUE when more than one),
+    set its send buffer, start reading it; with vhost, each queue pair's own /dev/vhost-net
+    (net_init_tap_one). One net client per queue, all named NAME."""
+    ncs: list[NetClientState] = []
+    try:
+        for i in range(queues):
+            ncs.append(net_init_tap_one(main_loop, ifname, name, i, queues > 1, vnet_hdr,
+                                        sndbuf, vhost_rundir, poll_us, vhost_err_name))
+    except OSError:
+        for nc in ncs:
+            tap_cleanup(nc)
+        raise
+    return ncs
+
+
+def net_init_tap_one(main_loop: MainLoop, ifname: str, name: str, index: int, mq: bool,
+                     vnet_hdr: bool, sndbuf: int, vhost_rundir: str | None, poll_us: int,
+                     vhost_err_name: Callable[[int], str] | None) -> NetClientState:
+    fd = tap_open(ifname, vnet_hdr, mq)
     try:
         tap_set_sndbuf(fd, sndbuf or SNDBUF_DEFAULT)
         if vnet_hdr:
@@ -308,6 +376,7 @@ def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = T
         os.close(fd)
         raise
     nc = qemu_new_net_client(net_tap_info, None, "tap", name)
+    nc.queue_index = index
     s = TAPState(nc, fd, main_loop, vnet_hdr)
     s.ifname = ifname
     nc.opaque = s
@@ -315,5 +384,5 @@ def net_init_tap(main_loop: MainLoop, ifname: str, name: str, vnet_hdr: bool = T
     if vhost_rundir is not None:
         from qemuproc.vhost_net import vhost_net_init
 
-        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us)
+        s.vhost_net = vhost_net_init(nc, fd, vhost_rundir, poll_us, main_loop, vhost_err_name)
     return nc

@@ -1,17 +1,21 @@
 """Stands for hw/virtio/vhost.c: QEMU's side of a vhost device.
 
 ``vhost_dev_init`` takes ownership (VHOST_SET_OWNER, VHOST_GET_FEATURES, the busy-poll
-timeout of each queue); ``vhost_dev_start`` gives the kernel the features, the memory
-table and each ring (``vhost_virtqueue_start``: VHOST_SET_VRING_NUM/BASE/ADDR/KICK/CALL);
-``vhost_dev_stop`` takes the rings' state back (VHOST_GET_VRING_BASE), so that the
-userspace device carries on where vhost stopped. ``vhost_dev_enable_notifiers`` hands each
-queue's host notifier (the KVM ioeventfd) to the kernel: QEMU stops polling it.
+timeout and, ``vhost_virtqueue_init``, the error eventfd of each queue: a ring error the
+kernel finds is reported by ``vhost_virtqueue_error_notifier`` in QEMU's main loop);
+``vhost_dev_start`` gives the kernel the features, the memory table and each ring
+(``vhost_virtqueue_start``: VHOST_SET_VRING_NUM/BASE/ADDR/KICK/CALL); ``vhost_dev_stop``
+takes the rings' state back (VHOST_GET_VRING_BASE), so that the userspace device carries on
+where vhost stopped. ``vhost_dev_enable_notifiers`` hands each queue's host notifier (the
+KVM ioeventfd) to the kernel: QEMU stops polling it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from common.notifier import EventNotifier, PollBridge
 from common.trace import traced
 from common.vhost_abi import (
     VHOST_GET_FEATURES,
@@ -23,21 +27,31 @@ from common.vhost_abi import (
     VHOST_SET_VRING_BASE,
     VHOST_SET_VRING_BUSYLOOP_TIMEOUT,
     VHOST_SET_VRING_CALL,
+    VHOST_SET_VRING_ERR,
     VHOST_SET_VRING_KICK,
     VHOST_SET_VRING_NUM,
 )
-from common.virtio_abi import VIRTIO_MSI_NO_VECTOR
+from qemuproc.main_loop import MainLoop
 from qemuproc.vhost_backend import VhostKernel
-from qemuproc.virtio import VirtIODevice
+from qemuproc.virtio import VirtIODevice, virtio_error
+
+EINVAL = 22
 
 
 class VhostDev:
     """struct vhost_dev: ``nvqs`` queues of ``vdev`` from ``vq_index`` on, and the backend."""
 
-    def __init__(self, backend: VhostKernel, nvqs: int, busyloop_timeout: int) -> None:
+    def __init__(self, backend: VhostKernel, nvqs: int, busyloop_timeout: int,
+                 vq_index: int = 0, main_loop: MainLoop | None = None,
+                 error_notifier_name: Callable[[int], str] | None = None) -> None:
         self.backend = backend
         self.nvqs = nvqs
-        self.vq_index = 0
+        self.vq_index = vq_index
+        self.main_loop = main_loop
+        self.error_notifier_name = error_notifier_name
+        self.error_notifiers: list[PollBridge] = []
+        self.vring_errors = 0
+        self.vdev: VirtIODevice | None = None  # set while started
         self.busyloop_timeout = busyloop_timeout
         self.features = 0
         self.acked_features = 0
@@ -53,7 +67,30 @@ def vhost_dev_init(hdev: VhostDev) -> None:
     call(VHOST_SET_OWNER)
     hdev.features = call(VHOST_GET_FEATURES)
     for i in range(hdev.nvqs):
+        vhost_virtqueue_init(hdev, i)
         call(VHOST_SET_VRING_BUSYLOOP_TIMEOUT, i, hdev.busyloop_timeout)
+
+
+def vhost_virtqueue_init(hdev: VhostDev, n: int) -> None:
+    """The queue's error eventfd goes to the kernel (VHOST_SET_VRING_ERR); QEMU's main loop
+    reads it."""
+    if hdev.error_notifier_name is None or hdev.main_loop is None:
+        return
+    bridge = PollBridge(EventNotifier(hdev.error_notifier_name(hdev.vq_index + n)))
+    hdev.error_notifiers.append(bridge)
+    hdev.backend.vhost_kernel_call(VHOST_SET_VRING_ERR, n, bridge.notifier.name)
+    hdev.main_loop.qemu_set_fd_handler(bridge.fileno(), vhost_virtqueue_error_notifier, None,
+                                       (hdev, n), f"vhost-vring-err:{hdev.vq_index + n}")
+
+
+def vhost_virtqueue_error_notifier(opaque: tuple[VhostDev, int]) -> None:
+    """The kernel's vq_err on queue ``n``: QEMU 7.2 reports it (VHOST_OPS_DEBUG); the replica
+    also marks the device broken, so that its guest resets it as for QEMU's own checks."""
+    hdev, n = opaque
+    if hdev.error_notifiers[n].test_and_clear() and hdev.vdev is not None:
+        hdev.vring_errors += 1
+        virtio_error(hdev.vdev, f"vhost vring error in virtqueue {hdev.vq_index + n}: "
+                                f"Invalid argument ({EINVAL})")
 
 
 def vhost_get_features(hdev: VhostDev, feature_bits: list[int], features: int) -> int:
@@ -97,8 +134,7 @@ def vhost_virtqueue_start(hdev: VhostDev, vdev: VirtIODevice, bus: Any, idx: int
     call(VHOST_SET_VRING_BASE, i, vq.last_avail_idx)
     call(VHOST_SET_VRING_ADDR, i, vq.desc, vq.avail, vq.used, 0)
     call(VHOST_SET_VRING_KICK, i, bus.cfg.ioeventfd(idx))
-    irqfd = bus.irqfds.get(vq.vector) if vq.vector != VIRTIO_MSI_NO_VECTOR else None
-    call(VHOST_SET_VRING_CALL, i, irqfd.name if irqfd is not None else None)
+    call(VHOST_SET_VRING_CALL, i, bus.guest_notifier_name(idx))
 
 
 @traced
@@ -107,6 +143,7 @@ def vhost_dev_start(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
     call(VHOST_SET_FEATURES, hdev.acked_features)
     call(VHOST_SET_MEM_TABLE, [{"guest_phys_addr": 0, "memory_size": vdev.dma.size,
                                 "userspace_addr": 0, "shm": vdev.dma.name}])
+    hdev.vdev = vdev
     for i in range(hdev.nvqs):
         vhost_virtqueue_start(hdev, vdev, bus, hdev.vq_index + i)
     hdev.started = True
@@ -130,5 +167,6 @@ def vhost_virtqueue_stop(hdev: VhostDev, vdev: VirtIODevice, idx: int) -> None:
 def vhost_dev_stop(hdev: VhostDev, vdev: VirtIODevice) -> None:
     for i in range(hdev.nvqs):
         vhost_virtqueue_stop(hdev, vdev, hdev.vq_index + i)
+    hdev.vdev = None
     hdev.started = False
     hdev.stops += 1

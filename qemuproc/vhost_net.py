@@ -10,6 +10,7 @@ virtio-net carries on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from common.trace import traced
@@ -20,6 +21,7 @@ from common.virtio_abi import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 )
+from qemuproc.main_loop import MainLoop
 from qemuproc.net import NetClientState
 from qemuproc.vhost import (
     VhostDev,
@@ -50,10 +52,13 @@ class VHostNetState:
 
 
 @traced
-def vhost_net_init(nc: NetClientState, backend_fd: int, rundir: str,
-                   busyloop_timeout: int) -> VHostNetState:
-    """Open /dev/vhost-net for the tap ``backend_fd`` (net_init_tap's vhost=on)."""
-    dev = VhostDev(VhostKernel(rundir), VHOST_NET_VQS, busyloop_timeout)
+def vhost_net_init(nc: NetClientState, backend_fd: int, rundir: str, busyloop_timeout: int,
+                   main_loop: MainLoop | None = None,
+                   error_notifier_name: Callable[[int], str] | None = None) -> VHostNetState:
+    """Open /dev/vhost-net for the tap ``backend_fd`` of queue pair ``nc.queue_index``
+    (net_init_tap's vhost=on)."""
+    dev = VhostDev(VhostKernel(rundir), VHOST_NET_VQS, busyloop_timeout,
+                   nc.queue_index * VHOST_NET_VQS, main_loop, error_notifier_name)
     vhost_dev_init(dev)
     return VHostNetState(nc, backend_fd, dev)
 

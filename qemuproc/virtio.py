@@ -148,6 +148,7 @@ class VirtQueue:
         self.vector = VIRTIO_NO_VECTOR
         self.handle_output = handle_output
         self.host_notifier: Any = None
+        self.guest_notifier: Any = None  # a vhost back end's call eventfd, read by QEMU (INTx)
         self.host_notifier_enabled = False
         self.addr = vq_addr(queue_index)
         self.elems = [VirtQueueElement(i, elem_addr(queue_index, i)) for i in range(num)]
@@ -1280,6 +1281,13 @@ def virtio_queue_host_notifier_read(vq: VirtQueue) -> None:
     if n:
         vq.kicks_coalesced += n - 1
         virtio_queue_notify_vq(vq)
+
+
+def virtio_queue_guest_notifier_read(vq: VirtQueue) -> None:
+    """The back end signalled the queue's guest notifier (no irqfd: INTx): interrupt the
+    guest as QEMU's own device does, ISR bit and line."""
+    if vq.guest_notifier is not None and vq.guest_notifier.test_and_clear():
+        virtio_irq(vq)
 
 
 def virtio_set_features(vdev: VirtIODevice, val: int) -> int:

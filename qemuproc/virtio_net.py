@@ -91,6 +91,7 @@ from qemuproc.qemu_timer import (
     timer_del,
     timer_mod,
 )
+from qemuproc.tap import tap_disable, tap_enable
 from qemuproc.vhost_net import (
     get_vhost_net,
     vhost_net_get_features,
@@ -187,6 +188,7 @@ class VirtIONet(VirtIODevice):
         self.has_vnet_hdr = False  # peer_has_vnet_hdr: only tap has one, -netdev user not
         self.csum = csum  # csum=on|off: offer the checksum offloads a vnet header carries
         self.vhost_started = False
+        self.vhost_queue_pairs = 0
         self.vhost_bus: Any = None  # the transport (virtio-pci), for vhost_net_start
         self.max_queue_pairs = queues
         self.curr_queue_pairs = 1
@@ -237,6 +239,7 @@ class VirtIONet(VirtIODevice):
         virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)),
                                    bool(features & (1 << VIRTIO_F_VERSION_1)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
+        virtio_net_set_queue_pairs(self)  # virtio_net_set_multiqueue
         # without VLAN filtering offered to the driver, every VLAN passes
         fill = 0 if features & (1 << VIRTIO_NET_F_CTRL_VLAN) else 0xFFFFFFFF
         self.vlans = [fill] * (MAX_VLAN >> 5)
@@ -284,16 +287,45 @@ def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
         and not nc.peer.link_down  # type: ignore[union-attr]
     if started == n.vhost_started:
         return
+    queue_pairs = n.max_queue_pairs if n.multiqueue else 1
     if not n.vhost_started:
         n.vhost_started = True
+        n.vhost_queue_pairs = queue_pairs
         try:
-            vhost_net_start(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+            vhost_net_start(n, n.ncs, queue_pairs, n.vhost_bus)
         except OSError as e:
             error_report(f"unable to start vhost net: {e}: falling back on userspace virtio")
             n.vhost_started = False
     else:
-        vhost_net_stop(n, n.ncs, n.curr_queue_pairs, n.vhost_bus)
+        vhost_net_stop(n, n.ncs, n.vhost_queue_pairs, n.vhost_bus)
         n.vhost_started = False
+
+
+def peer_attach(n: VirtIONet, index: int) -> int:
+    """Queue pair ``index`` is in use: a multiqueue tap attaches its queue (tap_enable)."""
+    nc = n.ncs[index]
+    if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
+            or nc.peer is n.ncs[0].peer and index:
+        return 0
+    return tap_enable(nc.peer)
+
+
+def peer_detach(n: VirtIONet, index: int) -> int:
+    nc = n.ncs[index]
+    if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
+            or nc.peer is n.ncs[0].peer and index:
+        return 0
+    return tap_disable(nc.peer)
+
+
+def virtio_net_set_queue_pairs(n: VirtIONet) -> None:
+    """The backend's queues follow the pairs the guest uses: attached below
+    ``curr_queue_pairs``, detached above."""
+    for i in range(len(n.ncs)):
+        if i < n.curr_queue_pairs:
+            peer_attach(n, i)
+        else:
+            peer_detach(n, i)
 
 
 def peer_has_vnet_hdr(n: VirtIONet) -> bool:
@@ -308,10 +340,10 @@ def virtio_net_set_mrg_rx_bufs(n: VirtIONet, mergeable_rx_bufs: bool,
     n.mergeable_rx_bufs = mergeable_rx_bufs
     n.guest_hdr_len = virtio_net_hdr_len(mergeable_rx_bufs or version_1)
     if n.has_vnet_hdr:
-        peer = n.ncs[0].peer
-        if qemu_has_vnet_hdr_len(peer, n.guest_hdr_len):
-            qemu_set_vnet_hdr_len(peer, n.guest_hdr_len)
-            n.host_hdr_len = n.guest_hdr_len
+        for nc in n.ncs:
+            if qemu_has_vnet_hdr_len(nc.peer, n.guest_hdr_len):
+                qemu_set_vnet_hdr_len(nc.peer, n.guest_hdr_len)
+                n.host_hdr_len = n.guest_hdr_len
 
 
 def virtio_net_apply_guest_offloads(n: VirtIONet, features: int) -> None:
@@ -322,9 +354,14 @@ def virtio_net_apply_guest_offloads(n: VirtIONet, features: int) -> None:
 
 
 @traced
-def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientState:
+def virtio_net_device_init(n: VirtIONet,
+                           netdev: NetClientState | list[NetClientState]) -> NetClientState:
     """Add each pair's rx/tx queues with their handlers and TX bottom half, the control
-    queue, and the NIC's net clients (one per queue pair)."""
+    queue, and the NIC's net clients (one per queue pair). A multiqueue backend (a tap with
+    one net client per queue) peers each pair with its own queue; a single one (slirp) is
+    every pair's peer."""
+    peers = netdev if isinstance(netdev, list) else None
+    netdev = peers[0] if peers else netdev  # type: ignore[assignment]
     info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
     for i in range(n.max_queue_pairs):
         q = VirtIONetQueue(n, i)
@@ -337,19 +374,24 @@ def virtio_net_device_init(n: VirtIONet, netdev: NetClientState) -> NetClientSta
             q.tx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_tx_bh, name)
             q.tx_bh = qemu_bh_new(virtio_net_tx_bh, q, f"virtio_net_tx_bh{i}")
         n.vqs.append(q)
-        nc = qemu_new_net_client(info, netdev if i == 0 else None, "virtio-net-pci",
-                                 f"virtio-net-pci.{i}")
+        if peers is not None and len(peers) == n.max_queue_pairs:
+            nc = qemu_new_net_client(info, peers[i], "virtio-net-pci", f"virtio-net-pci.{i}")
+        else:
+            nc = qemu_new_net_client(info, netdev if i == 0 else None, "virtio-net-pci",
+                                     f"virtio-net-pci.{i}")
+            if i:
+                nc.peer = netdev  # every subqueue sends to the one slirp backend
         nc.queue_index = i
         nc.opaque = n
-        if i:
-            nc.peer = netdev  # every subqueue sends to the one slirp backend
         n.ncs.append(nc)
     n.ctrl_vq = virtio_add_queue(n, 64, virtio_net_handle_ctrl,
                                  f"CTRL(q{2 * n.max_queue_pairs})")
     n.nic = n.ncs[0]
     if peer_has_vnet_hdr(n):  # virtio_net_get_features keeps the offloads; the tap takes ours
         n.has_vnet_hdr = True
-        qemu_using_vnet_hdr(netdev, True)
+        for nc in n.ncs:
+            if nc.peer is not None:
+                qemu_using_vnet_hdr(nc.peer, True)
         if n.csum:
             n.host_features |= (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
         virtio_net_set_mrg_rx_bufs(n, False)
@@ -451,7 +493,8 @@ def virtio_net_handle_mq(n: VirtIONet, cmd: int, iov: list[memoryview]) -> int:
             or queue_pairs > n.max_queue_pairs or not n.multiqueue:
         return VIRTIO_NET_ERR
     n.curr_queue_pairs = queue_pairs
-    n.set_status(n.status)  # virtio_net_set_queue_pairs, then virtio_net_set_status
+    virtio_net_set_queue_pairs(n)
+    n.set_status(n.status)
     return VIRTIO_NET_OK
 
 

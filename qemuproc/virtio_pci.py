@@ -65,6 +65,7 @@ from qemuproc.pci import (
 from qemuproc.virtio import (
     VIRTIO_QUEUE_MAX,
     VirtIODevice,
+    virtio_queue_guest_notifier_read,
     virtio_queue_host_notifier_read,
     virtio_queue_notify,
     virtio_queue_ready,
@@ -137,8 +138,9 @@ class VirtIOPCIProxy:
         host.pci_register(dev)
         vdev.notify_vector = self.virtio_pci_notify
         self.host_bridges: dict[int, PollBridge] = {}
-        self.irqfd_gsis: dict[int, int] = {}  # vector (or -1 for INTx) -> gsi
+        self.irqfd_gsis: dict[int, int] = {}  # vector -> gsi
         self.irqfds: dict[int, EventNotifier] = {}
+        self.guest_notifiers: dict[int, PollBridge] = {}  # INTx with vhost: queue -> notifier
 
     # -- notifications toward the guest -------------------------------------------------------
 
@@ -225,31 +227,54 @@ class VirtIOPCIProxy:
 
     @traced
     def virtio_pci_set_guest_notifiers(self, assign: bool) -> None:
-        """Route each vector in use to an irqfd (kvm_virtio_pci_vector_use), or undo it: what
-        vhost_net_start does for a vhost back end. Not called for virtio-net in user space."""
+        """What vhost_net_start does for a vhost back end (not called for virtio-net in user
+        space): with MSI-X each vector in use gets an irqfd (with_irqfd:
+        kvm_virtio_pci_vector_use), so the kernel's signal goes straight to KVM; without, each
+        queue's guest notifier is an eventfd QEMU's main loop reads
+        (virtio_queue_guest_notifier_read), raising INTx as its own device would."""
         kvm = self.kvm
         for vector, gsi in self.irqfd_gsis.items():
             kvm.kvm_irqchip_remove_irqfd_notifier_gsi(gsi)
             kvm.kvm_irqchip_release_virq(gsi)
             self.irqfds.pop(vector).close()
         self.irqfd_gsis.clear()
+        for n, bridge in self.guest_notifiers.items():
+            self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
+            virtio_queue_guest_notifier_read(self.vdev.vq[n])  # ..._fd_handler(vq, false)
+            self.vdev.vq[n].guest_notifier = None
+            bridge.stop()
+        self.guest_notifiers.clear()
         if not assign:
             return
         dev = self.pci_dev
-        if dev.msix_enabled():
-            vectors = {self.vdev.config_vector} | {vq.vector for vq in self.vdev.vq}
-            vectors.discard(VIRTIO_MSI_NO_VECTOR)
-            for vector in sorted(vectors):
-                gsi = kvm.kvm_irqchip_add_msi_route(dev.name, vector,
-                                                    *dev.msix_get_message(vector))
-                self.irqfd_gsis[vector] = gsi
-        else:
-            self.irqfd_gsis[-1] = kvm.kvm_irqchip_add_intx_route(dev.config[0x3C])
+        if not dev.msix_enabled():
+            for vq in self.vdev.vq:
+                if vq.views is None:
+                    continue
+                bridge = PollBridge(EventNotifier(self.cfg.irqfd(vq.queue_index)))
+                self.guest_notifiers[vq.queue_index] = vq.guest_notifier = bridge
+                self.main_loop.qemu_set_fd_handler(bridge.fileno(),
+                                                   virtio_queue_guest_notifier_read, None, vq,
+                                                   f"guest-notifier:{vq.name}")
+            return
+        vectors = {self.vdev.config_vector} | {vq.vector for vq in self.vdev.vq}
+        vectors.discard(VIRTIO_MSI_NO_VECTOR)
+        for vector in sorted(vectors):
+            gsi = kvm.kvm_irqchip_add_msi_route(dev.name, vector, *dev.msix_get_message(vector))
+            self.irqfd_gsis[vector] = gsi
         kvm.kvm_irqchip_commit_routes()
         for vector, gsi in self.irqfd_gsis.items():
-            name = self.cfg.irqfd(max(vector, 0))
+            name = self.cfg.irqfd(vector)
             self.irqfds[vector] = EventNotifier(name)
             kvm.kvm_irqchip_add_irqfd_notifier_gsi(name, gsi)
+
+    def guest_notifier_name(self, queue: int) -> str | None:
+        """The eventfd a vhost queue signals (VHOST_SET_VRING_CALL): its vector's irqfd, or
+        under INTx its guest notifier."""
+        if queue in self.guest_notifiers:
+            return self.guest_notifiers[queue].notifier.name
+        irqfd = self.irqfds.get(self.vdev.vq[queue].vector)
+        return irqfd.name if irqfd is not None else None
 
     def virtio_pci_reset(self) -> None:
         self.virtio_pci_stop_ioeventfd()
@@ -262,8 +287,9 @@ class VirtIOPCIProxy:
     def describe(self) -> dict[str, Any]:
         return {"ioeventfds": {self.vdev.vq[n].name: b.notifier.name
                                for n, b in self.host_bridges.items()},
-                "irqfds": {("INTx" if v < 0 else f"msix vector {v}"): f"gsi {g}"
-                           for v, g in self.irqfd_gsis.items()},
+                "irqfds": {f"msix vector {v}": f"gsi {g}" for v, g in self.irqfd_gsis.items()},
+                "guest_notifiers": {self.vdev.vq[n].name: b.notifier.name
+                                    for n, b in self.guest_notifiers.items()},
                 "msis_sent": self.pci_dev.msis_sent, "msis_lost": self.kvm.msis_lost,
                 "msis_masked": self.pci_dev.msis_masked, "intx_level": self.pci_dev.irq_level,
                 "msix_enabled": self.pci_dev.msix_enabled()}
@@ -352,3 +378,4 @@ def virtio_pci_config_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: in
     if off + size <= len(data):
         data[off : off + size] = val.to_bytes(size, "little")
         proxy.vdev.set_config(bytes(data))
+

@@ -116,9 +116,11 @@ def test_vhost_qemu_tx_bottom_half_never_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_vhost_stops_when_qemu_dies() -> None:
-    """kill -9 of QEMU closes its /dev/vhost-net: the kernel releases the device, its worker
-    stops and the tap is dropped, as in the real kernel; KVM goes on until it is stopped."""
-    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9,
+    """Two queue pairs: ``info vhost`` shows a device with its worker per pair and ``info
+    network`` each NIC queue with its tap queue. kill -9 of QEMU closes its /dev/vhost-net
+    files: the kernel releases both devices, their workers stop and the tap queues are
+    dropped, as in the real kernel; KVM goes on until it is stopped."""
+    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9, queues=2,
                       extra={"netdev": "tap", "vhost": True, "csum": True})
     sup = Supervisor(opts)
     try:
@@ -133,20 +135,26 @@ def test_vhost_stops_when_qemu_dies() -> None:
                 pass
             time.sleep(0.05)
         assert tx_packets >= 1000, "vhost moved no traffic"
+        assert len(d["open"]) == 2
+        net = query(cfg.rundir, "qemu", "info network")
+        assert [(c["name"], c["index"]) for c in net["clients"]] == [
+            ("virtio-net-pci.0", 0), ("n0", 0), ("virtio-net-pci.1", 1), ("n0", 1)]
+        assert len(net["tap"]["queues"]) == 2
+        assert [p["vq_index"] for p in net["tap"]["vhost"]["pairs"]] == [0, 2]
         qemu = psutil.Process(sup.procs["qemu"].pid)
         worker = f"vhost-{qemu.pid}"
         kvm = psutil.Process(sup.procs["kvm"].pid)
-        assert worker in {t.name() for t in _threads(kvm)}
+        assert [t.name() for t in _threads(kvm)].count(worker) == 2
         qemu.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 5
         d = {}
         while time.monotonic() < deadline:
             d = query(cfg.rundir, "kvm", "info vhost")
-            if not d["open"] and d["released"]:
+            if not d["open"] and len(d["released"]) == 2:
                 break
             time.sleep(0.02)
-        assert d["open"] == [] and len(d["released"]) == 1
-        assert [v["backend"] for v in d["released"][0]["vqs"]] == [None, None]
+        assert d["open"] == [] and len(d["released"]) == 2
+        assert all([v["backend"] for v in r["vqs"]] == [None, None] for r in d["released"])
         assert worker not in {t.name() for t in _threads(kvm)}  # joined by the release
     finally:
         sup.stop()
@@ -207,3 +215,71 @@ def test_qemu_command_line_netdev_tap_vhost(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr == ("vreplica: -netdev tap,id=n0,vhost=maybe: Parameter 'vhost' expects "
                           "'on' or 'off'\n")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("fault", "kernel_message"), [
+    ("loop", "Loop detected: last one at"),
+    ("next", "Desc index is"),
+])
+def test_vhost_guest_fault_ends_in_the_vq_error_and_a_clean_run(tmp_path: Path, fault: str,
+                                                                kernel_message: str) -> None:
+    """A broken TX chain is found by vhost's own checks (vhost_get_vq_desc's vq_err): the
+    worker stops serving the queue and signals its error eventfd; QEMU reports the vring
+    error, the guest resets the device (vhost_net_stop, then vhost_net_start at DRIVER_OK)
+    and every other datagram arrives once."""
+    n = 200
+    s = run(tmp_path, "--packets", str(n), "--guest-fault", fault)
+    assert s["host"]["received"] == n - 1 and s["host"]["duplicates"] == 0
+    tx = kernel_vq(s, 1)
+    assert tx["errors"] == 1 and tx["last_error"].startswith(kernel_message), tx
+    q = s["vhost"]["qemu"]
+    assert q["vring_errors"] == 1 and (q["starts"], q["stops"]) == (2, 2)
+    assert s["device_errors"] == ["vhost vring error in virtqueue 1: Invalid argument (22)"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("args", "why"), [
+    (["--ioeventfd", "off"], "host notifiers"),
+])
+def test_vhost_refuses_what_vhost_net_cannot_do(args: list[str], why: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--netdev", "tap",
+                           "--vhost", "on", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=25)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and why in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_vhost_over_intx(tmp_path: Path) -> None:
+    """Without MSI-X QEMU 7.2 gives vhost no irqfd (with_irqfd needs MSI-X): each queue's
+    call eventfd is a guest notifier QEMU's main loop reads (virtio_queue_guest_notifier_read
+    -> virtio_irq), raising INTx with KVM_IRQ_LINE_STATUS; every echo round trip completes."""
+    n = 200
+    s = run(tmp_path, "--mode", "echo", "--packets", str(n), "--window", "8", "--vectors", "0")
+    assert s["interrupt_mode"] == "intx"
+    assert (s["replies"], s["bad_replies"], s["duplicate_replies"]) == (n, 0, 0)
+    rx, tx = kernel_vq(s, 0), kernel_vq(s, 1)
+    assert rx["packets"] >= n and tx["packets"] >= n and rx["signals"] and tx["signals"]
+    assert s["exits"]["irqfd_signals"] == 0 and s["exits"]["irq_lines"] > 0
+    assert s["interrupts_taken"]["shared"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_vhost_two_queue_pairs_exactly_both_ways(tmp_path: Path) -> None:
+    """``--queues 2``: a multiqueue tap, one vhost device and worker per queue pair (the
+    control queue stays in QEMU); every echo request and reply and every datagram of the
+    host's inbound stream arrives once, and both pairs' workers carried traffic."""
+    out = tmp_path / "verdict.json"
+    n = 3000
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "stress", "--no-progress",
+                           "--netdev", "tap", "--vhost", "on", "--queues", "2", "--mode",
+                           "both", "--packets", str(n), "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    v = json.loads(out.read_text())
+    assert (v["sent"], v["delivered"], v["lost"], v["duplicated"]) == (n, n, 0, 0)
+    assert v["inbound_sent"] > 0 and v["inbound_received"] == v["inbound_sent"]
+    pairs = v["vhost_packets"]
+    assert len(pairs) == 2 and all(rx > 0 and tx > 0 for rx, tx in pairs), pairs
+    assert sum(tx for _, tx in pairs) >= n

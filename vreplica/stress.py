@@ -13,12 +13,14 @@ import sys
 import threading
 import time
 from array import array
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from common import netns
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
@@ -27,9 +29,11 @@ from vreplica.cli import (
     TRANSPORTS,
     Parser,
     UsageError,
+    add_tap_options,
     finite_float,
     free_udp_port,
     reported,
+    tap_options,
 )
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.preflight import writable_file
@@ -57,8 +61,8 @@ class FlowSink(UdpService):
 
     thread_name = "stress-sink"
 
-    def __init__(self, lo: int, hi: int, seed: int) -> None:
-        super().__init__(0)
+    def __init__(self, lo: int, hi: int, seed: int, ns: str | None = None) -> None:
+        super().__init__(0, ns)
         self.lo, self.hi, self.seed = lo, hi, seed
         self.seen: set[int] = set()
         self.received = self.duplicates = self.reordered = self.bad = 0
@@ -82,11 +86,14 @@ class FlowSink(UdpService):
 
 
 class InboundStream:
-    """Host -> guest traffic through the hostfwd port, at a steady rate, until stopped;
-    datagram N carries sequence number N, as the guest's do."""
+    """Host -> guest traffic through the hostfwd port (over a tap: to the guest's address,
+    from inside the run's namespace), at a steady rate, until stopped; datagram N carries
+    sequence number N, as the guest's do."""
 
-    def __init__(self, port: int, rate_pps: float) -> None:
+    def __init__(self, port: int, rate_pps: float, ns: str | None = None) -> None:
         self.port = port
+        self.ns = ns
+        self.dest = netns.GUEST_ADDR if ns else "127.0.0.1"
         self.interval = 1.0 / rate_pps
         self.sent = 0
         self.sent_ns = array("q")  # per sequence number: when it left the host (monotonic)
@@ -97,10 +104,12 @@ class InboundStream:
         self._thread.start()
 
     def _run(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with netns.entered(self.ns) if self.ns else nullcontext():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock as s:
             while not self._stop.wait(self.interval):
                 self.sent_ns.append(time.monotonic_ns())
-                s.sendto(expected_payload(self.sent, 64), ("127.0.0.1", self.port))
+                s.sendto(expected_payload(self.sent, 64), (self.dest, self.port))
                 self.sent += 1
 
     def stop(self) -> None:
@@ -210,7 +219,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "--transport)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--no-progress", action="store_true")
+    add_tap_options(p)
     return p.parse_args(argv)
+
+
+GUEST_PORT = 7000
+"""Where the guest listens for the host's inbound stream (mode both)."""
+
+
+def stress_tap_options(a: argparse.Namespace) -> dict[str, Any]:
+    """--netdev tap [--vhost on]: what RunOptions.extra takes (the run's own options that
+    stress does not have count as off)."""
+    for name, default in (("ioeventfd", True), ("vectors", None), ("reconnect", False),
+                          ("hostfwd", None), ("guest_fault", None)):
+        setattr(a, name, getattr(a, name, default))
+    return tap_options(a)
 
 
 def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
@@ -237,6 +260,8 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     if a.ring == "packed" and a.transport == "legacy":
         raise UsageError("--ring packed needs --transport modern or transitional "
                          "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
+    if a.ring == "packed" and a.vhost:
+        raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
     if a.json:
         writable_file("--json", a.json)
     return lo, hi, kinds
@@ -244,23 +269,43 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
 
 def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     lo, hi, kinds = check(a)
+    tap = stress_tap_options(a)
     duration = a.duration if a.duration is not None else (0 if a.packets else 10.0)
     flows = a.flows or 2 * a.queues
-    sink = FlowSink(lo, hi, a.seed) if a.mode == "tx" else None
-    echo = UdpEcho(0) if a.mode in ("echo", "both") else None
-    dest_port = sink.port if sink else echo.port  # type: ignore[union-attr]
+    sink: FlowSink | None = None
+    echo: UdpEcho | None = None
+    inbound: InboundStream | None = None
     hostfwd: list[tuple[int, int]] = []
-    inbound = None
-    if a.mode == "both":
-        hostfwd = [(free_udp_port(), 7000)]
-        inbound = InboundStream(hostfwd[0][0], 2000.0)
-    opts = RunOptions(mode="stress", packets=a.packets or 0, size=hi, dest_port=dest_port,
-                      queues=a.queues, hostfwd=hostfwd, guest_port=7000, window=32,
+
+    def start_services(ns: str | None) -> int:
+        """The host's end: on loopback for slirp, on 10.0.2.2 in the run's namespace behind a
+        tap; the port the guest sends to."""
+        nonlocal sink, echo, inbound
+        if a.mode == "tx":
+            sink = FlowSink(lo, hi, a.seed, ns)
+        else:
+            echo = UdpEcho(0, ns=ns)
+        if a.mode == "both":
+            inbound = InboundStream(GUEST_PORT if ns else hostfwd[0][0], 2000.0, ns)
+        return sink.port if sink else echo.port  # type: ignore[union-attr]
+
+    if a.mode == "both" and not tap:
+        hostfwd = [(free_udp_port(), GUEST_PORT)]
+    opts = RunOptions(mode="stress", packets=a.packets or 0, size=hi, dest_port=0,
+                      queues=a.queues, hostfwd=hostfwd, guest_port=GUEST_PORT, window=32,
                       timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
-                             "transport": a.transport, "ring": a.ring})
+                             "transport": a.transport, "ring": a.ring, **tap})
     sup = Supervisor(opts)
+    if tap:
+        def before_spawn(cfg: Any) -> None:
+            opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
+            chaos.echo = echo
+
+        sup.before_spawn = before_spawn
+    else:
+        opts.dest_port = start_services(None)
     log = ChaosLog(time.monotonic())
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
     rss_start: dict[str, int] = {}
@@ -375,6 +420,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     outage_figures = summary_of(events)
     verdict = {
         "mode": a.mode, "queues": a.queues, "flows": flows, "sizes": [lo, hi],
+        "netdev": ("tap+vhost" if tap.get("vhost") else "tap") if tap else "user",
         "duration_s": round(sup.t_end - sup.t_start, 2), "sent": sent, "delivered": delivered,
         "lost": lost, "lost_expected": lost_expected, "lost_unexpected": lost - lost_expected,
         "unexplained_runs": unexplained_runs[:20],
@@ -401,6 +447,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "tx_ring_wakes": sum(q.get("wakes", 0) for q in sqs),
         "slirp_send_errors": qemu.get("slirp", {}).get("stats", {}).get("udp_send_errors", 0),
         "device_errors": summary["device_errors"], "leftovers": leftovers,
+        "vhost_packets": [[vq["packets"] for vq in dev["vqs"]]  # per queue pair: RX, TX
+                          for dev in summary.get("vhost", {}).get("kernel", [])],
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
@@ -435,7 +483,8 @@ def format_verdict(v: dict[str, Any]) -> str:
     lost_row = (f"{v['lost']:,} (explained by chaos: {v['lost_expected']:,}, "
                 f"unexplained: {v['lost_unexpected']:,})")
     rows = [
-        ("mode", f"{v['mode']}, {v['queues']} queue pairs, {v['flows']} flows, "
+        ("mode", f"{v['mode']} over {v.get('netdev', 'user')}, {v['queues']} queue pairs, "
+                 f"{v['flows']} flows, "
                  f"sizes {v['sizes'][0]}-{v['sizes'][1]} B"),
         ("sent (guest)", f"{v['sent']:,} in {v['duration_s']} s "
                          f"({v['packets_per_second']:,.0f} pkt/s)"),
@@ -461,7 +510,8 @@ def format_verdict(v: dict[str, Any]) -> str:
                             f"{v['restart_lost_max']:,} frames lost by one"),
         ("TX ring full", f"queue stopped {v['tx_ring_full_stops']:,} times, woken "
                          f"{v['tx_ring_wakes']:,} (skb_xmit_done)"),
-        ("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)"),
+        *([("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)")]
+          if v.get("netdev", "user") == "user" else []),
         ("leftovers", ", ".join(v["leftovers"]) or "none"),
         ("verdict", v["verdict"]),
     ]

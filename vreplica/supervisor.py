@@ -162,10 +162,13 @@ class Supervisor:
             "guest_port": o.guest_port, "timeout": o.timeout, "queues": o.queues,
             "reconnect": o.reconnect, **o.extra,
         }
-        self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, max(vectors, 1), options)
+        # vhost over INTx: each queue's guest notifier is an eventfd QEMU reads
+        irqfds = max(vectors, nvqs) if o.extra.get("vhost") else max(vectors, 1)
+        self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, irqfds, options)
         create_objects(cfg)
         if o.extra.get("netdev") == "tap":  # -netdev tap: the link lives in a namespace
-            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"))
+            cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"),
+                                                o.queues > 1)
         self.before_spawn(cfg)
         cfg.save()
         self.ctl = Channel(cfg.channel("ctl"))
