@@ -504,10 +504,12 @@ def virtnet_freeze_down(vdev: Any) -> None:
 
 
 def free_unused_bufs(vi: VirtnetInfo) -> int:
-    """Buffers the device never used go back to their pools (in-flight TX skbs included);
-    returns how many TX skbs were freed unsent."""
+    """Every buffer the driver still holds goes back to its pool, in-flight TX skbs included;
+    returns how many of those skbs the device never sent (the replica's count: the ones it
+    had used, whose used entries the reset left unread, went out)."""
     unsent = 0
     for sq in vi.sq:
+        unsent -= vring_used_pending(sq.vq)
         while (skb := virtqueue_detach_unused_buf(sq.vq)) is not None:
             vi.skb_pool.kfree_skb(skb)
             unsent += 1
