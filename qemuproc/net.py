@@ -97,19 +97,22 @@ class NetClientState:
         self.rx_from_queue = 0  # the sender's queue pair of the frame being received
 
 
-def qemu_purge_queued_packets(nc: NetClientState) -> None:
-    """Drop what ``nc`` sent that waits in its peer's incoming queue (qemu_net_queue_purge);
-    each dropped packet's sender hears it is done (sent_cb with 0), as if it had gone."""
-    if nc.peer is None:
-        return
-    q = nc.peer.incoming_queue
-    purged = [p for p in q.packets if p.sender is nc]
+def qemu_net_queue_purge(queue: NetQueue, sender: NetClientState) -> None:
+    """Drop what ``sender`` queued on ``queue``; each dropped packet's sender hears it is
+    done (sent_cb with 0), as if it had gone."""
+    purged = [p for p in queue.packets if p.sender is sender]
     if not purged:
         return
-    q.packets = type(q.packets)(p for p in q.packets if p.sender is not nc)
+    queue.packets = type(queue.packets)(p for p in queue.packets if p.sender is not sender)
     for p in purged:
         if p.sent_cb is not None:
             p.sent_cb(p.sender, 0)
+
+
+def qemu_purge_queued_packets(nc: NetClientState) -> None:
+    """Drop what ``nc`` sent that waits in its peer's incoming queue."""
+    if nc.peer is not None:
+        qemu_net_queue_purge(nc.peer.incoming_queue, nc)
 
 
 def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model: str,
@@ -214,9 +217,19 @@ def qemu_send_packet(nc: NetClientState, buf: bytes, peer: NetClientState | None
     return qemu_sendv_packet_async(nc, [buf], None, peer)
 
 
-def qemu_flush_queued_packets(nc: NetClientState) -> bool:
+def qemu_flush_or_purge_queued_packets(nc: NetClientState, purge: bool) -> bool:
+    """Deliver what waits in ``nc``'s incoming queue; with ``purge``, what it cannot take
+    now is dropped (its senders hear 0). True if the queue emptied."""
     nc.receive_disabled = False
-    return qemu_net_queue_flush(nc.incoming_queue)
+    if qemu_net_queue_flush(nc.incoming_queue):
+        return True
+    if purge and nc.peer is not None:
+        qemu_net_queue_purge(nc.incoming_queue, nc.peer)
+    return False
+
+
+def qemu_flush_queued_packets(nc: NetClientState) -> bool:
+    return qemu_flush_or_purge_queued_packets(nc, False)
 
 
 # -- the vnet header and offloads of a peer (qemu_has_vnet_hdr, qemu_set_offload, ...) ----------

@@ -75,6 +75,7 @@ from qemuproc.main_loop import MainLoop
 from qemuproc.net import (
     NetClientInfo,
     NetClientState,
+    qemu_flush_or_purge_queued_packets,
     qemu_flush_queued_packets,
     qemu_has_vnet_hdr,
     qemu_has_vnet_hdr_len,
@@ -266,6 +267,11 @@ class VirtIONet(VirtIODevice):
                 qemu_flush_queued_packets(nc)
 
     def reset(self) -> None:
+        """virtio_net_reset: among the rest, a TX frame the backend still holds is flushed
+        or purged, so that no element stays parked in ``async_tx``."""
+        for i, nc in enumerate(self.ncs):
+            if nc.peer is not None and i < len(self.vqs):
+                qemu_flush_or_purge_queued_packets(nc.peer, True)
         for q in self.vqs:
             q.tx_waiting = False
             q.async_tx = None

@@ -218,3 +218,22 @@ def test_device_reaches_guest_ram_only_through_the_accessor() -> None:
     text = (REPO / "qemuproc" / "virtio.py").read_text()
     assert "VringViews(ring," in text and "ring = dma.address_space_map(" in text  # split
     assert "PackedViews(vq.num, amap(" in text and "amap = dma.address_space_map" in text
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_frame_stalls_tx_for_good(fresh: Callable[..., VirtioNetFuzz]) -> None:
+    """A TX chain no longer than the virtio-net header is an empty frame; the backend takes 0
+    bytes of it, and QEMU 7.2's net layer then keeps that backend off until its queue is
+    flushed, which nothing does. A reset purges the parked element (virtio_net_reset's
+    qemu_flush_or_purge_queued_packets: the flush meets the same 0), and every later frame
+    waits too. (The state machine's valid_tx once expected the new rings to carry traffic.)"""
+    g = fresh(num=4, event_idx=False, indirect=False)
+    chain(g, [(45056, 1, 0, 0)] * 3)
+    n = g.n
+    assert n is not None and n.vqs[0].async_tx is not None and g.frames == [b""]
+    assert g.backend.receive_disabled
+    g.reset()
+    assert n.vqs[0].async_tx is None and n.ncs[0].peer is not None
+    assert not n.ncs[0].peer.incoming_queue.packets  # purged, its sender told
+    g.valid_tx([(1, False, 1)])  # the machine's own check: nothing used, nothing sent
+    assert n.vqs[0].async_tx is not None and not any(g.frames)  # the valid frame waits
