@@ -408,6 +408,25 @@ def virtqueue_get_head(vq: VirtQueue, idx: int) -> int:
     return head
 
 
+def virtqueue_map_desc(vdev: VirtIODevice, iov: list[memoryview], addrs: list[int],
+                       max_num_sg: int, pa: int, sz: int) -> bool:
+    """One descriptor's buffer mapped onto ``iov`` (guest RAM is one region, so one entry);
+    False after ``virtio_error`` with QEMU's message."""
+    if not sz:
+        virtio_error(vdev, "virtio: zero sized buffers are not allowed")
+        return False
+    if len(iov) >= max_num_sg:
+        virtio_error(vdev, "virtio: too many write descriptors in indirect table")
+        return False
+    try:
+        iov.append(vdev.dma.address_space_map(pa, sz))
+    except GuestMemoryError:
+        virtio_error(vdev, "virtio: bogus descriptor or out of resources")
+        return False
+    addrs.append(pa)
+    return True
+
+
 def vring_indirect_table(vdev: VirtIODevice, vq: VirtQueue, addr: int,
                          length: int) -> memoryview | None:
     """Map the indirect table a head descriptor names, or virtio_error and None."""
@@ -570,29 +589,21 @@ def virtqueue_split_pop(vq: VirtQueue) -> VirtQueueElement | None:
             desc = table
             max_ = length // VRING_DESC_SIZE
             addr, length, flags, nxt = _desc_unpack_from(desc, 0)
-        amap = vdev.dma.address_space_map
         entries = 0
         while True:
             if indirect and flags & VRING_DESC_F_INDIRECT:
                 virtio_error(vdev, f"Nested indirect descriptor: idx {entries}, {addr:x}")
                 return None
-            if not length:
-                virtio_error(vdev, "virtio: zero sized buffers are not allowed")
-                return None
-            try:
-                sg = amap(addr, length)
-            except GuestMemoryError:
-                virtio_error(vdev, "virtio: bogus descriptor or out of resources")
-                return None
             if flags & VRING_DESC_F_WRITE:
-                in_sg.append(sg)
-                in_addr.append(addr)
+                if not virtqueue_map_desc(vdev, in_sg, in_addr, VIRTQUEUE_SG_MAX - len(out_sg),
+                                          addr, length):
+                    return None
             else:
                 if in_sg:
                     virtio_error(vdev, "Incorrect order for descriptors")
                     return None
-                out_sg.append(sg)
-                out_addr.append(addr)
+                if not virtqueue_map_desc(vdev, out_sg, out_addr, VIRTQUEUE_SG_MAX, addr, length):
+                    return None
             entries += 1
             if entries > max_:  # more than the table holds: the guest made a loop
                 virtio_error(vdev, "Looped descriptor")
@@ -889,29 +900,18 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     in_sg: list[memoryview] = []
     out_addr: list[int] = []
     in_addr: list[int] = []
-    amap = vdev.dma.address_space_map
     entries = 0
     while True:
-        if not length:
-            virtio_error(vdev, "virtio: zero sized buffers are not allowed")
-            return None
-        if len(out_sg) + len(in_sg) == VIRTQUEUE_SG_MAX:
-            virtio_error(vdev, "virtio: too many write descriptors in indirect table")
-            return None
-        try:
-            sg = amap(addr, length)
-        except GuestMemoryError:
-            virtio_error(vdev, "virtio: bogus descriptor or out of resources")
-            return None
         if flags & VRING_DESC_F_WRITE:
-            in_sg.append(sg)
-            in_addr.append(addr)
+            if not virtqueue_map_desc(vdev, in_sg, in_addr, VIRTQUEUE_SG_MAX - len(out_sg),
+                                      addr, length):
+                return None
         else:
             if in_sg:
                 virtio_error(vdev, "Incorrect order for descriptors")
                 return None
-            out_sg.append(sg)
-            out_addr.append(addr)
+            if not virtqueue_map_desc(vdev, out_sg, out_addr, VIRTQUEUE_SG_MAX, addr, length):
+                return None
         entries += 1
         if entries > max_:
             virtio_error(vdev, "Looped descriptor")
