@@ -7,7 +7,6 @@ real driver would write.
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from ringmock import (
     make_packed_device,
     release_packed_device,
 )
+from two_process import run_driver_and_device
 
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
@@ -93,14 +93,6 @@ def driver_queue(mem: GuestMemory, event_idx: bool, indirect: bool, notify: Any 
                                   notify or (lambda q: True), callback, "output.0", event_idx,
                                   indirect_base=indirect_base(num) if indirect else 0,
                                   packed=True)
-
-
-def receive(conn: Connection, proc: multiprocessing.process.BaseProcess,
-            timeout: float) -> dict[str, Any]:
-    if not conn.poll(timeout):
-        raise AssertionError(f"{proc.name} sent no result within {timeout} s "
-                             f"(exit code {proc.exitcode})")
-    return conn.recv()
 
 
 # -- two processes ----------------------------------------------------------------------------
@@ -255,27 +247,9 @@ def test_packed_ring_two_processes_out_of_order(event_idx: bool, indirect: bool)
     exactly once, in exactly the order the device completed them, with its length, and ends
     with every descriptor free; no kick the device needed was suppressed."""
     n = 1500
-    ctx = multiprocessing.get_context("spawn")
     with guest_memory(MEM_SIZE) as mem, event_notifier() as kick:
-        drv_r, drv_w = ctx.Pipe(duplex=False)
-        dev_r, dev_w = ctx.Pipe(duplex=False)
         args = (mem.name, kick.name, n, event_idx, indirect, 77)
-        driver = ctx.Process(target=driver_main, name="driver", args=(*args, drv_w))
-        device = ctx.Process(target=device_main, name="device", args=(*args, dev_w))
-        driver.start()
-        try:
-            assert receive(drv_r, driver, 60) == "ready"
-            device.start()
-            drv = receive(drv_r, driver, 90)
-            dev = receive(dev_r, device, 30)
-        finally:
-            for p in (driver, device):
-                if p.pid is None:
-                    continue
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        drv, dev = run_driver_and_device(driver_main, args, device_main, args)
     assert drv["error"] is None, drv["error"]
     assert dev["errors"] == []
     assert sorted(drv["completed"]) == list(range(n))

@@ -8,7 +8,6 @@ semaphore stands for the kick (ioeventfd). Nothing but the ring memory carries t
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from ringmock import (
     release_device,
     restore_device_indices,
 )
+from two_process import run_driver_and_device
 
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
@@ -222,14 +222,6 @@ def device_main(shm: str, kick_name: str, n: int, start: int, event_idx: bool,
         mem.close()
 
 
-def receive(conn: Connection, proc: multiprocessing.process.BaseProcess,
-            timeout: float) -> dict[str, Any]:
-    if not conn.poll(timeout):
-        raise AssertionError(f"{proc.name} sent no result within {timeout} s "
-                             f"(exit code {proc.exitcode})")
-    return conn.recv()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
 @pytest.mark.parametrize("start", [0, 0xFF00], ids=["from0", "across_u16_wrap"])
@@ -239,31 +231,13 @@ def test_driver_and_device_processes_share_one_ring(event_idx: bool, start: int)
     once each, in order, with the descriptors and bytes the driver wrote; every used buffer
     comes back to the driver, and no kick the device needed was suppressed."""
     n = 3000
-    ctx = multiprocessing.get_context("spawn")
     with guest_memory(MEM_SIZE) as mem, event_notifier() as kick:
-        drv_r, drv_w = ctx.Pipe(duplex=False)
-        dev_r, dev_w = ctx.Pipe(duplex=False)
-        driver = ctx.Process(target=driver_main, name="driver",
-                             args=(mem.name, kick.name, n, start, event_idx, 1234 + start, drv_w))
-        device = ctx.Process(target=device_main, name="device",
-                             args=(mem.name, kick.name, n, start, event_idx, dev_w))
-        driver.start()
-        try:
-            assert receive(drv_r, driver, 60) == "ready"
-            device.start()
-            drv = receive(drv_r, driver, 90)
-            dev = receive(dev_r, device, 30)
-        finally:
-            for p in (driver, device):
-                if p.pid is None:
-                    continue
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        drv, dev = run_driver_and_device(
+            driver_main, (mem.name, kick.name, n, start, event_idx, 1234 + start),
+            device_main, (mem.name, kick.name, n, start, event_idx))
     assert drv["error"] is None
     assert dev["errors"] == []
-    assert driver.exitcode == 0 and device.exitcode == 0
+    assert drv["exitcode"] == 0 and dev["exitcode"] == 0
     added = drv["added"]
     popped = dev["popped"]
     assert len(added) == n
@@ -538,29 +512,10 @@ def test_interrupt_after_three_quarters_of_the_pending_buffers(start: int) -> No
     pending buffers are used (used_event = last_used_idx + pending * 3 // 4), and QEMU's
     ``virtio_notify`` in another process honours it: one interrupt per round, raised by
     the push that moves the used index past used_event, none for the other pushes."""
-    ctx = multiprocessing.get_context("spawn")
     with guest_memory(MEM_SIZE) as mem, event_notifier() as kick, event_notifier() as irq:
-        drv_r, drv_w = ctx.Pipe(duplex=False)
-        dev_r, dev_w = ctx.Pipe(duplex=False)
         names = (mem.name, kick.name, irq.name, start)
-        driver = ctx.Process(target=delayed_cb_driver_main, name="driver",
-                             args=(*names, drv_w))
-        device = ctx.Process(target=delayed_cb_device_main, name="device",
-                             args=(*names, dev_w))
-        driver.start()
-        try:
-            assert receive(drv_r, driver, 60) == "ready"
-            device.start()
-            drv = receive(drv_r, driver, 90)
-            dev = receive(dev_r, device, 30)
-        finally:
-            for p in (driver, device):
-                if p.pid is None:
-                    continue
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+        drv, dev = run_driver_and_device(delayed_cb_driver_main, names,
+                                         delayed_cb_device_main, names)
     assert drv["error"] is None and dev["error"] is None, (drv["error"], dev["error"])
     assert dev["errors"] == []
     assert [r["pending"] for r in drv["rounds"]] == list(ROUNDS)
