@@ -53,6 +53,7 @@ from common.vhost_abi import (
 from common.virtio_abi import (
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -83,7 +84,8 @@ VHOST_NET_WEIGHT = 0x80000
 VHOST_NET_PKT_WEIGHT = 256
 VHOST_NET_FEATURES = ((1 << VIRTIO_F_NOTIFY_ON_EMPTY) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
                       | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_ANY_LAYOUT)
-                      | (1 << VHOST_NET_F_VIRTIO_NET_HDR) | (1 << VIRTIO_NET_F_MRG_RXBUF))
+                      | (1 << VIRTIO_F_VERSION_1) | (1 << VHOST_NET_F_VIRTIO_NET_HDR)
+                      | (1 << VIRTIO_NET_F_MRG_RXBUF))
 EBUSY = 16
 ENOTSOCK = 88
 EOPNOTSUPP = 95
@@ -450,7 +452,8 @@ def vhost_net_set_backend(n: VhostNet, index: int, fd: int) -> int:
 def vhost_net_set_features(n: VhostNet, features: int) -> int:
     if features & ~VHOST_NET_FEATURES:
         return -EOPNOTSUPP
-    hdr_len = virtio_net_hdr_len(bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)))
+    hdr_len = virtio_net_hdr_len(bool(features & ((1 << VIRTIO_NET_F_MRG_RXBUF)
+                                                  | (1 << VIRTIO_F_VERSION_1))))
     if features & (1 << VHOST_NET_F_VIRTIO_NET_HDR):
         vhost_hlen, sock_hlen = hdr_len, 0
     else:

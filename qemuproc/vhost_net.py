@@ -17,6 +17,8 @@ from common.trace import traced
 from common.vhost_abi import VHOST_NET_SET_BACKEND
 from common.virtio_abi import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -36,9 +38,12 @@ from qemuproc.vhost_backend import VhostKernel
 from qemuproc.virtio import VirtIODevice
 
 kernel_feature_bits = [VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_INDIRECT_DESC,
-                       VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF]
-"""The features vhost-net must implement itself; the rest (checksums, ANY_LAYOUT, whose bit
-is VHOST_NET_F_VIRTIO_NET_HDR's) the tap does or the kernel need not know."""
+                       VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_F_VERSION_1,
+                       VIRTIO_F_RING_PACKED]
+"""The features vhost-net must implement itself (those of QEMU 7.2's list the replica
+models): one the kernel does not offer, as the packed ring, is taken from the device; the
+rest (checksums, ANY_LAYOUT, whose bit is VHOST_NET_F_VIRTIO_NET_HDR's) the tap does or the
+kernel need not know."""
 VHOST_NET_VQS = 2
 
 

@@ -30,6 +30,7 @@ from vreplica.cli import (
     Parser,
     UsageError,
     add_tap_options,
+    check_ring,
     finite_float,
     free_udp_port,
     reported,
@@ -257,11 +258,7 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
     if a.chaos_period <= 0 or a.flows < 0:
         raise UsageError("--chaos-period must be positive and --flows >= 0 (0: two per pair)")
-    if a.ring == "packed" and a.transport == "legacy":
-        raise UsageError("--ring packed needs --transport modern or transitional "
-                         "(VIRTIO_F_RING_PACKED needs VIRTIO_F_VERSION_1)")
-    if a.ring == "packed" and a.vhost:
-        raise UsageError("--ring packed works without --vhost (vhost-net serves split rings)")
+    check_ring(a)
     if a.json:
         writable_file("--json", a.json)
     return lo, hi, kinds
