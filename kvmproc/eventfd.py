@@ -2,11 +2,11 @@
 leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt).
 
 With fs/eventfd.c's wait queue for the eventfds whose both ends are in the kernel (this
-process): ``add_wait_queue`` puts a callback on an eventfd (vhost's ``vhost_poll_wakeup``
-on a kick, ``irqfd_wakeup`` on a call), and ``eventfd_signal`` runs the callbacks in the
-signaller's thread, as Linux's wake-up does, instead of posting the named semaphore for a
-thread to take: a kick reaches the vhost worker, and vhost's signal the LAPIC, without a
-thread hop in between. An eventfd nobody here waits on is posted as before.
+process): ``add_wait_queue`` puts a callback on an eventfd (``irqfd_wakeup`` on vhost's call
+eventfd), and ``eventfd_signal`` runs the callbacks in the signaller's thread, as Linux's
+wake-up does, instead of posting the named semaphore for a thread to take: vhost's signal
+reaches the LAPIC without a thread hop. An eventfd nobody here waits on is posted, the
+guest's kicks to vhost among them (see ``kvmproc.vhost.VhostPoll``).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from common.vring import (
     VringViews,
     vring_need_event,
 )
-from kvmproc.eventfd import add_wait_queue, eventfd_signal, remove_wait_queue
+from kvmproc.eventfd import eventfd_signal
 
 EFAULT = 14
 EINVAL = 22
@@ -83,12 +83,11 @@ class VhostPoll:
         self.wakeups = 0
 
     def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
-        """Watch the eventfd (on its wait queue: KVM's ioeventfd in this process wakes us
-        directly; a thread takes what is posted from elsewhere, a kick that came before we
-        watched among it) or the file."""
+        """Watch the eventfd or the file. A kick is posted and this queue's poll thread runs
+        ``vhost_poll_wakeup``, not KVM's vCPU thread (README: the interpreter lock the worker
+        shares with the vCPU would hold the guest's kick until the worker's pass ended)."""
         if notifier is not None:
             self.notifier = notifier
-            add_wait_queue(notifier.name, self.vhost_poll_wakeup)
             self._waiter = threading.Thread(target=self._wait, args=(notifier,),
                                             name=f"vhost-poll:{notifier.name}", daemon=True)
             self._waiter.start()
@@ -98,7 +97,6 @@ class VhostPoll:
 
     def vhost_poll_stop(self) -> None:
         if self.notifier is not None:
-            remove_wait_queue(self.notifier.name, self.vhost_poll_wakeup)
             self.notifier = None  # the waiter sees it and leaves, handing a late signal back
         if self.fd >= 0:
             self.fd = -1
