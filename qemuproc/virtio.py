@@ -478,6 +478,9 @@ def virtqueue_split_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
         addr, length, flags, nxt = DESC.unpack_from(desc, i << 4)
         indirect = bool(flags & VRING_DESC_F_INDIRECT)
         if indirect:
+            if length % VRING_PACKED_DESC_SIZE:
+                virtio_error(vdev, "Invalid size for indirect buffer table")
+                return 0, 0
             if num_bufs >= max_:
                 virtio_error(vdev, "Looped descriptor")
                 return 0, 0
@@ -851,90 +854,73 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
         virtio_error(vdev, "Virtqueue size exceeded")
         return None
     i = vq.last_avail_idx
-    desc = p.desc
-    max_ = num
-    addr, length, buf_id, flags = _packed_desc_unpack_from(desc, i << 4)
+    addr, length, buf_id, flags = _packed_desc_unpack_from(p.desc, i << 4)
     if not flags & _DESC_F_CHAIN_OR_WRITE:
         # one readable buffer, the common TX chain: the loop's checks below, for one entry
         if not length:
             virtio_error(vdev, "virtio: zero sized buffers are not allowed")
             return None
         try:
-            sg = vdev.dma.address_space_map(addr, length)
+            out_sg = [vdev.dma.address_space_map(addr, length)]
         except GuestMemoryError:
             virtio_error(vdev, "virtio: bogus descriptor or out of resources")
             return None
-        elem = vq.elems[buf_id] if buf_id < num else None
-        if elem is None or elem.busy:
-            elem = VirtQueueElement(buf_id, elem_addr(vq.queue_index, buf_id % num, spare=True))
-        elem.out_sg = [sg]
-        elem.out_addr = [addr]
-        if elem.in_sg:
-            elem.in_sg = []
-            elem.in_addr = []
-        elem.ndescs = 1
-        elem.busy = True
-        if buf_id < num:
-            vq.inflight_num[buf_id] = 1  # vu_queue_inflight_get
-        i += 1
-        vq.inuse += 1
-        if i >= num:
-            i -= num
-            vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
-        vq.last_avail_idx = vq.shadow_avail_idx = i
-        vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
-        vq.pops += 1
-        if trace_pop_points.on:
-            virtqueue_packed_pop_trace(vq, elem)
-        return elem
-    indirect = bool(flags & VRING_DESC_F_INDIRECT)
-    if indirect:
-        table = vring_packed_indirect_table(vdev, addr, length)
-        if table is None:
-            return None
-        desc = table
-        max_ = length // VRING_PACKED_DESC_SIZE
-        i = 0
-        addr, length, _, flags = vring_packed_desc_read(vdev, desc, 0)
-    out_sg: list[memoryview] = []
-    in_sg: list[memoryview] = []
-    out_addr: list[int] = []
-    in_addr: list[int] = []
-    entries = 0
-    while True:
-        if flags & VRING_DESC_F_WRITE:
-            if not virtqueue_map_desc(vdev, in_sg, in_addr, VIRTQUEUE_SG_MAX - len(out_sg),
-                                      addr, length):
+        out_addr = [addr]
+        in_sg: list[memoryview] = []
+        in_addr: list[int] = []
+        ndescs = 1
+    else:
+        desc = p.desc
+        max_ = num
+        indirect = bool(flags & VRING_DESC_F_INDIRECT)
+        if indirect:
+            table = vring_packed_indirect_table(vdev, addr, length)
+            if table is None:
                 return None
-        else:
-            if in_sg:
-                virtio_error(vdev, "Incorrect order for descriptors")
+            desc = table
+            max_ = length // VRING_PACKED_DESC_SIZE
+            i = 0
+            addr, length, _, flags = vring_packed_desc_read(vdev, desc, 0)
+        out_sg = []
+        in_sg = []
+        out_addr = []
+        in_addr = []
+        entries = 0
+        while True:
+            if flags & VRING_DESC_F_WRITE:
+                if not virtqueue_map_desc(vdev, in_sg, in_addr, VIRTQUEUE_SG_MAX - len(out_sg),
+                                          addr, length):
+                    return None
+            else:
+                if in_sg:
+                    virtio_error(vdev, "Incorrect order for descriptors")
+                    return None
+                if not virtqueue_map_desc(vdev, out_sg, out_addr, VIRTQUEUE_SG_MAX, addr,
+                                          length):
+                    return None
+            entries += 1
+            if entries > max_:
+                virtio_error(vdev, "Looped descriptor")
                 return None
-            if not virtqueue_map_desc(vdev, out_sg, out_addr, VIRTQUEUE_SG_MAX, addr, length):
-                return None
-        entries += 1
-        if entries > max_:
-            virtio_error(vdev, "Looped descriptor")
-            return None
-        i = virtqueue_packed_read_next_desc(vq, desc, flags, max_, i, indirect)
-        if i < 0:
-            break
-        addr, length, _, flags = vring_packed_desc_read(vdev, desc, i)
+            i = virtqueue_packed_read_next_desc(vq, desc, flags, max_, i, indirect)
+            if i < 0:
+                break
+            addr, length, _, flags = vring_packed_desc_read(vdev, desc, i)
+        ndescs = 1 if indirect else entries
     elem = vq.elems[buf_id] if buf_id < num else None
     if elem is None or elem.busy:  # an id out of range or still in flight: its own element
         elem = VirtQueueElement(buf_id, elem_addr(vq.queue_index, buf_id % num, spare=True))
     elem.out_sg, elem.in_sg, elem.out_addr, elem.in_addr = out_sg, in_sg, out_addr, in_addr
-    elem.ndescs = 1 if indirect else entries
+    elem.ndescs = ndescs
     elem.busy = True
     if buf_id < num:
-        vq.inflight_num[buf_id] = elem.ndescs  # vu_queue_inflight_get
-    last = vq.last_avail_idx + elem.ndescs
-    vq.inuse += elem.ndescs
+        vq.inflight_num[buf_id] = ndescs  # vu_queue_inflight_get
+    last = vq.last_avail_idx + ndescs
+    vq.inuse += ndescs
     if last >= num:
         last -= num
         vq.last_avail_wrap_counter = not vq.last_avail_wrap_counter
-    vq.last_avail_idx = last
-    vq.shadow_avail_idx = last
+    vq.last_avail_idx = vq.shadow_avail_idx = last
     vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
     vq.pops += 1
     if trace_pop_points.on:
