@@ -140,6 +140,21 @@ PLAUSIBLE_DESC = st.tuples(
     st.one_of(st.integers(0, 4), st.integers(0, 17), u16s()))
 """Descriptors a buggy driver writes: mostly near-valid, so the device walks deep into them."""
 
+CHAIN_ARGS = {"which": st.integers(0, 4), "first": st.integers(0, 15),
+              "descs": st.lists(PLAUSIBLE_DESC, min_size=1, max_size=4), "kick": st.booleans(),
+              "copies": st.one_of(st.just(1), st.integers(1, 18)), "linked": st.booleans()}
+INDIRECT_ARGS = {"which": st.integers(0, 4), "head": st.integers(0, 15),
+                 "entries": st.lists(PLAUSIBLE_DESC, min_size=0, max_size=5),
+                 "length": st.one_of(st.just(-1), st.integers(0, 100),
+                                     st.integers(0, 2**32 - 1)),
+                 "where": st.one_of(st.just(-1), ADDRS),
+                 "flags": st.sampled_from([0, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE])}
+VALID_TX_ARGS = {"chains": st.lists(st.tuples(st.integers(1, 3), st.booleans(),
+                                              st.integers(1, 200)), min_size=1, max_size=4)}
+VALID_RX_ARGS = {"cap": st.integers(0, 100), "size": st.integers(14, 300),
+                 "split": st.booleans(), "indirect": st.booleans()}
+"""The rules' draws, which the split and the packed machines share."""
+
 
 def pack_table(ram: memoryview, table: int, pieces: list[tuple[int, int]], flags: int) -> None:
     """An indirect table at ``table`` as a driver writes it: ``pieces`` (addr, len) chained
@@ -340,9 +355,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         if pfn == 0:
             self.driver_init()  # legacy: PFN 0 resets the device (virtio_pci_reset)
 
-    @rule(which=st.integers(0, 4), first=st.integers(0, 15),
-          descs=st.lists(PLAUSIBLE_DESC, min_size=1, max_size=4), kick=st.booleans(),
-          copies=st.one_of(st.just(1), st.integers(1, 18)), linked=st.booleans())
+    @rule(**CHAIN_ARGS)
     def publish_chain(self, which: int, first: int, descs: list[tuple[int, int, int, int]],
                       kick: bool, copies: int, linked: bool) -> None:
         """Write a chain of (mostly near-valid) descriptors and offer its head, as a driver
@@ -360,11 +373,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         if kick:
             self.kick(which)
 
-    @rule(which=st.integers(0, 4), head=st.integers(0, 15),
-          entries=st.lists(PLAUSIBLE_DESC, min_size=0, max_size=5),
-          length=st.one_of(st.just(-1), st.integers(0, 100), st.integers(0, 2**32 - 1)),
-          where=st.one_of(st.just(-1), ADDRS), flags=st.sampled_from([0, VRING_DESC_F_NEXT,
-                                                                       VRING_DESC_F_WRITE]))
+    @rule(**INDIRECT_ARGS)
     def publish_indirect(self, which: int, head: int, entries: list[tuple[int, int, int, int]],
                          length: int, where: int, flags: int) -> None:
         """An indirect head (any length, any table address) over a table of near-valid
@@ -421,8 +430,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
 
     # -- a well-behaved driver ---------------------------------------------------------------
 
-    @rule(chains=st.lists(st.tuples(st.integers(1, 3), st.booleans(), st.integers(1, 200)),
-                          min_size=1, max_size=4))
+    @rule(**VALID_TX_ARGS)
     def valid_tx(self, chains: list[tuple[int, bool, int]]) -> None:
         """TX chains as virtio_net's xmit_skb writes them: what is used must be what was sent."""
         n = self.n
@@ -490,8 +498,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
             assert all(g[1] == 0 for g in got)
             assert self.frames[sent_before:] == payloads
 
-    @rule(cap=st.integers(0, 100), size=st.integers(14, 300), split=st.booleans(),
-          indirect=st.booleans())
+    @rule(**VALID_RX_ARGS)
     def valid_rx(self, cap: int, size: int, split: bool, indirect: bool) -> None:
         """One RX chain with room for one frame; the frame must land in it, intact."""
         n = self.n

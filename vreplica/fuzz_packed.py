@@ -31,10 +31,13 @@ from qemuproc.virtio import virtio_queue_notify, virtio_queue_set_rings
 from qemuproc.virtio_net import VirtIONet, virtio_net_device_init
 from vreplica.fuzz import (
     ADDRS,
+    CHAIN_ARGS,
     DATA_BASE,
+    INDIRECT_ARGS,
     PAGE,
-    PLAUSIBLE_DESC,
     RING_PAGES,
+    VALID_RX_ARGS,
+    VALID_TX_ARGS,
     VirtioNetFuzz,
     stats,
     u16s,
@@ -167,9 +170,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         virtio_queue_set_rings(self.n, self.ring(which), desc, driver, device)
         self.clean = False
 
-    @rule(which=st.integers(0, 4), first=st.integers(0, 15),
-          descs=st.lists(PLAUSIBLE_DESC, min_size=1, max_size=4), kick=st.booleans(),
-          copies=st.one_of(st.just(1), st.integers(1, 18)), linked=st.booleans())
+    @rule(**CHAIN_ARGS)
     def publish_chain(self, which: int, first: int, descs: list[tuple[int, int, int, int]],
                       kick: bool, copies: int, linked: bool) -> None:
         """Near-valid descriptors offered from next_avail (``copies`` times); ``linked``: NEXT
@@ -187,11 +188,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         if kick:
             self.kick(which)
 
-    @rule(which=st.integers(0, 4), head=st.integers(0, 15),
-          entries=st.lists(PLAUSIBLE_DESC, min_size=0, max_size=5),
-          length=st.one_of(st.just(-1), st.integers(0, 100), st.integers(0, 2**32 - 1)),
-          where=st.one_of(st.just(-1), ADDRS), flags=st.sampled_from([0, VRING_DESC_F_NEXT,
-                                                                       VRING_DESC_F_WRITE]))
+    @rule(**INDIRECT_ARGS)
     def publish_indirect(self, which: int, head: int, entries: list[tuple[int, int, int, int]],
                          length: int, where: int, flags: int) -> None:
         r = self.rings[self.ring(which)]
@@ -206,8 +203,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
 
     # -- a well-behaved driver ---------------------------------------------------------------
 
-    @rule(chains=st.lists(st.tuples(st.integers(1, 3), st.booleans(), st.integers(1, 200)),
-                          min_size=1, max_size=4), rounds=st.integers(1, 6))
+    @rule(**VALID_TX_ARGS, rounds=st.integers(1, 6))
     def valid_tx(self, chains: list[tuple[int, bool, int]], rounds: int = 1) -> None:
         """TX chains as virtqueue_add_packed writes them, ``rounds`` times (the ring wraps):
         what comes back used, in the used wrap, is each chain's id, and what reached the
@@ -265,8 +261,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         assert got == [(buf_id, 0) for buf_id, _ in offered], (got, offered)
         assert self.frames[sent_before:] == payloads
 
-    @rule(cap=st.integers(0, 100), size=st.integers(14, 300), split=st.booleans(),
-          indirect=st.booleans())
+    @rule(**VALID_RX_ARGS)
     def valid_rx(self, cap: int, size: int, split: bool, indirect: bool) -> None:
         """One writable chain with room for one frame: the frame lands in it, and the used
         descriptor at last_used names its id and the bytes written."""
