@@ -29,6 +29,16 @@ from common.virtio_abi import VIRTIO_MSI_NO_VECTOR as VIRTIO_NO_VECTOR
 ROLES = ("guest", "kvm", "qemu")
 
 
+def run_summary(tmp_path: Path, *args: str, timeout: float = 90) -> dict[str, Any]:
+    """``vreplica run ARGS`` to its end; its summary (--summary-json), status 0 asserted."""
+    out = tmp_path / f"summary-{time.monotonic_ns()}.json"
+    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", *args,
+                           "--summary-json", str(out)], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
 @contextlib.contextmanager
 def private_runs_root() -> Iterator[Path]:
     """A runs root of the caller's own; nothing may be left in it at the end."""

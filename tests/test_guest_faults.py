@@ -8,12 +8,12 @@ that carried the fault reaches the host.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from replica import run_summary
 
 from guestproc.faults import FAULTS
 
@@ -23,12 +23,8 @@ PACKETS = 8
 
 
 def run(tmp_path: Path, *args: str, timeout: float = 60) -> dict:
-    out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--packets",
-                           str(PACKETS), "--timeout", "30", *args, "--summary-json", str(out)],
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text())
+    return run_summary(tmp_path, "--packets", str(PACKETS), "--timeout", "30", *args,
+                       timeout=timeout)
 
 
 def check_recovered(s: dict, expect: str) -> None:

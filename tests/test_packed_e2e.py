@@ -4,25 +4,17 @@ every datagram out and back, and QEMU's monitor agreeing with the driver's ring 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from replica import Replica
+from replica import Replica, run_summary
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 def run(tmp_path: Path, *args: str, timeout: float = 90) -> dict:
-    out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", *args,
-                           "--summary-json", str(out)], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text())
+    return run_summary(tmp_path, *args, timeout=timeout)
 
 
 @pytest.mark.timeout(120)

@@ -3,13 +3,11 @@ vring_interrupt -> the guest's socket, in the real three processes."""
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from replica import run_summary
 from test_run_tx import run_cli_inline
 
 from common.inet import UDP_MAX_PAYLOAD
@@ -20,12 +18,7 @@ pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 def run(tmp_path: Path, *args: str, timeout: float = 90) -> dict:
-    out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", *args,
-                           "--summary-json", str(out)], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text())
+    return run_summary(tmp_path, *args, timeout=timeout)
 
 
 def pcap_frames(path: Path) -> list[bytes]:

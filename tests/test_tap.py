@@ -7,7 +7,6 @@ leaves a namespace (``vnr-<rid>``) behind. Needs root (namespaces, /dev/net/tun)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from replica import run_summary
 
 from common.inet import IPPROTO_UDP, csum_fold, csum_partial, pseudo_header_sum
 from common.netns import netns_path, privilege_problem, run_namespaces
@@ -32,12 +32,8 @@ TIMEOUT_S = 60
 
 
 def run(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / f"summary-{time.monotonic_ns()}.json"
-    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--netdev", "tap",
-                           *args, "--timeout", str(TIMEOUT_S), "--summary-json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text())
+    return run_summary(tmp_path, "--netdev", "tap", *args, "--timeout", str(TIMEOUT_S),
+                       timeout=TIMEOUT_S + 30)
 
 
 @pytest.mark.timeout(90)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from replica import run_summary
 
 from common.monitor import query
 from common.netns import privilege_problem
@@ -31,13 +32,8 @@ TIMEOUT_S = 60
 
 
 def run(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / f"summary-{time.monotonic_ns()}.json"
-    proc = subprocess.run([sys.executable, "-m", "vreplica.cli", "run", "--netdev", "tap",
-                           "--vhost", "on", *args, "--timeout", str(TIMEOUT_S),
-                           "--summary-json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(out.read_text())
+    return run_summary(tmp_path, "--netdev", "tap", "--vhost", "on", *args, "--timeout",
+                       str(TIMEOUT_S), timeout=TIMEOUT_S + 30)
 
 
 def kernel_vq(s: dict, index: int) -> dict:
