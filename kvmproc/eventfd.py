@@ -1,18 +1,11 @@
 """Stands for virt/kvm/eventfd.c: ioeventfd (a guest write that signals an eventfd without
-leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt).
-
-With fs/eventfd.c's wait queue for the eventfds whose both ends are in the kernel (this
-process): ``add_wait_queue`` puts a callback on an eventfd (``irqfd_wakeup`` on vhost's call
-eventfd), and ``eventfd_signal`` runs the callbacks in the signaller's thread, as Linux's
-wake-up does, instead of posting the named semaphore for a thread to take: vhost's signal
-reaches the LAPIC without a thread hop. An eventfd nobody here waits on is posted, the
-guest's kicks to vhost among them (see ``kvmproc.vhost.VhostPoll``).
-"""
+leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt): an eventfd is
+a named semaphore posted by its signaller and taken by a waiter thread (README: why not
+Linux's wake-up callbacks in the signaller's thread)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.notifier import EventNotifier
@@ -22,32 +15,6 @@ from kvmproc.stats import KvmStats
 
 trace_kvm_ioeventfd_signal = trace_event("ioeventfd_write")
 trace_irqfd_wakeup = trace_event("irqfd_wakeup")
-
-_wait_queues: dict[str, list[Callable[[], None]]] = {}
-"""eventfd name -> the callbacks on its wait queue (wait_queue_entry.func)."""
-
-
-def add_wait_queue(name: str, func: Callable[[], None]) -> None:
-    _wait_queues.setdefault(name, []).append(func)
-
-
-def remove_wait_queue(name: str, func: Callable[[], None]) -> None:
-    waiters = _wait_queues.get(name)
-    if waiters and func in waiters:
-        waiters.remove(func)
-        if not waiters:
-            del _wait_queues[name]
-
-
-def eventfd_signal(notifier: EventNotifier) -> None:
-    """Wake the eventfd's waiters here, or post it for another process's."""
-    waiters = _wait_queues.get(notifier.name)
-    if waiters:
-        for func in tuple(waiters):  # one may leave meanwhile (an irqfd deassigned)
-            func()
-    else:
-        notifier.set()
-
 
 @dataclass
 class Ioeventfd:
@@ -103,7 +70,7 @@ class IoeventfdBus:
                 self.stats.vcpu["ioeventfd_signals"] += 1
                 if trace_kvm_ioeventfd_signal.on:
                     trace_kvm_ioeventfd_signal(addr=addr, len=length, val=val)
-                eventfd_signal(p.notifier)
+                p.notifier.set()  # eventfd_signal
                 return True
         return False
 
@@ -123,7 +90,6 @@ class Irqfd:
         self.stats = stats
         self.signals = 0
         self.active = True
-        add_wait_queue(name, self.irqfd_wakeup)  # vhost's signals, in the signaller's thread
         self.thread = threading.Thread(target=self._wait, name=f"irqfd-gsi{gsi}", daemon=True)
         self.thread.start()
 
@@ -148,7 +114,6 @@ class Irqfd:
 
     def shutdown(self) -> None:
         self.active = False
-        remove_wait_queue(self.notifier.name, self.irqfd_wakeup)
 
 
 class IrqfdTable:

@@ -41,7 +41,6 @@ from common.vring import (
     VringViews,
     vring_need_event,
 )
-from kvmproc.eventfd import eventfd_signal
 
 EFAULT = 14
 EINVAL = 22
@@ -83,9 +82,8 @@ class VhostPoll:
         self.wakeups = 0
 
     def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
-        """Watch the eventfd or the file. A kick is posted and this queue's poll thread runs
-        ``vhost_poll_wakeup``, not KVM's vCPU thread (README: the interpreter lock the worker
-        shares with the vCPU would hold the guest's kick until the worker's pass ended)."""
+        """Watch the eventfd (this queue's poll thread takes each kick posted on it and runs
+        ``vhost_poll_wakeup``) or the file."""
         if notifier is not None:
             self.notifier = notifier
             self._waiter = threading.Thread(target=self._wait, args=(notifier,),
@@ -434,7 +432,7 @@ def vhost_signal(dev: VhostDev, vq: VhostVirtqueue) -> None:
         vq.stats["signals"] += 1
         if trace_vhost_signal.on:
             trace_vhost_signal(vq=vq.index, used_idx=vq.last_used_idx)
-        eventfd_signal(vq.call_ctx)
+        vq.call_ctx.set()
     else:
         vq.stats["signals_suppressed"] += 1
 
