@@ -1,7 +1,8 @@
-"""Stands for drivers/vhost/vhost.c: the vhost core in the kernel (here the KVM process).
+"""Stands for drivers/vhost/vhost.c: the vhost core in the kernel (here the worker process
+``vhost-<owner pid>`` the KVM process starts, kvmproc/vhost_worker.py).
 
-A ``VhostDev`` belongs to the process that did VHOST_SET_OWNER; its worker thread
-``vhost-<owner pid>`` runs the queued works one after another (``vhost_worker``). A
+A ``VhostDev`` belongs to the process that did VHOST_SET_OWNER; its worker (the worker
+process's main thread) runs the queued works one after another (``vhost_worker``). A
 ``VhostPoll`` watches an eventfd (a queue's kick, the KVM ioeventfd's semaphore) or a file
 (the tap) and, when it fires, ``vhost_poll_wakeup`` queues its work and wakes the worker.
 The rings are read in guest RAM directly, through the memory table QEMU gave
@@ -13,7 +14,6 @@ them and signal the call eventfd (the irqfd) unless the guest suppressed it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import threading
@@ -23,7 +23,7 @@ from typing import Any
 
 from common.guest_memory import GuestMemory, GuestMemoryError
 from common.notifier import EventNotifier
-from common.trace import register_thread, trace_event, traced
+from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_RING_F_EVENT_IDX,
@@ -47,8 +47,6 @@ EINVAL = 22
 ENOBUFS = 105
 POLL_TICK_S = 0.25
 FLUSH_WAIT_S = 2.0
-PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
 UIO_MAXIOV = 1024
 
 trace_vhost_poll_wakeup = trace_event("vhost_poll_wakeup")
@@ -184,6 +182,7 @@ class VhostDev:
         self.work_list: deque[VhostWork] = deque()
         self.file_polls: list[VhostPoll] = []
         self.worker: threading.Thread | None = None
+        self.worker_done = threading.Event()
         self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = False
         self.polls_changed = True
@@ -193,12 +192,13 @@ class VhostDev:
     # -- the worker ---------------------------------------------------------------------------
 
     def vhost_dev_set_owner(self, pid: int) -> int:
+        """The owner is ``pid`` (QEMU); the calling thread, the main thread of the process
+        ``vhost-<pid>`` (kvmproc/vhost_worker.py), is the worker that runs
+        ``vhost_worker``."""
         if self.owner:
             return -16  # -EBUSY
         self.owner = pid
-        self.worker = threading.Thread(target=self.vhost_worker, name=f"vhost-{pid}",
-                                       daemon=True)
-        self.worker.start()
+        self.worker = threading.current_thread()
         return 0
 
     def vhost_work_queue(self, work: VhostWork) -> None:
@@ -216,10 +216,14 @@ class VhostDev:
         os.eventfd_write(self.wake_efd, 1)
 
     def vhost_worker(self) -> None:
-        """Run queued works; sleep in poll() on the wake eventfd and the files being watched."""
-        name = f"vhost-{self.owner}"
-        register_thread(name)
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # as ps shows it
+        """Run queued works; sleep in poll() on the wake eventfd and the files being watched,
+        until the device is cleaned up."""
+        try:
+            self._vhost_worker_loop()
+        finally:
+            self.worker_done.set()
+
+    def _vhost_worker_loop(self) -> None:
         work_list = self.work_list
         efd = self.wake_efd
         p = select.poll()
@@ -258,7 +262,8 @@ class VhostDev:
 
     def vhost_dev_flush(self) -> None:
         """Wait until the works queued so far have run (the worker is past them)."""
-        if self.worker is None or self.worker is threading.current_thread():
+        if self.worker is None or self.worker is threading.current_thread() \
+                or self.worker_done.is_set():
             return
         done = threading.Event()
         flush = VhostWork(lambda _w: done.set(), "flush")
@@ -276,7 +281,7 @@ class VhostDev:
         self.stopping = True
         os.eventfd_write(self.wake_efd, 1)
         if self.worker is not None and self.worker is not threading.current_thread():
-            self.worker.join(2.0)
+            self.worker_done.wait(FLUSH_WAIT_S)
         for vq in self.vqs:
             if vq.views is not None:
                 vq.views.release()

@@ -1,9 +1,10 @@
 """Stands for drivers/vhost/net.c: vhost-net, the in-kernel virtio-net data path.
 
-``/dev/vhost-net`` is a Unix seqpacket socket of the KVM process (common/vhost_abi.py);
-each connection is one open file: ``vhost_net_open`` makes a ``VhostNet`` with an RX and a
-TX queue, its ioctls set it up, and when the file goes (QEMU closed it, or died and the
-kernel closed it) ``vhost_net_release`` stops the worker and drops the tap.
+Runs in the worker process ``vhost-<QEMU pid>`` (kvmproc/vhost_worker.py), one per open of
+the KVM process's ``/dev/vhost-net`` (kvmproc/vhost_net_misc.py): ``vhost_net_open`` makes
+a ``VhostNet`` with an RX and a TX queue, the forwarded ioctls set it up, and when the file
+goes (QEMU closed it, or died and the kernel closed it) ``vhost_net_release`` stops the
+worker and drops the tap.
 
 TX: a kick (the KVM ioeventfd) queues ``handle_tx``: ``vhost_get_vq_desc`` for each chain
 the guest made available, the vnet header and frame written to the tap, the used entries
@@ -16,26 +17,19 @@ on the ring and polls the tap for POLLOUT. RX: the tap's POLLIN (or a refill kic
 
 from __future__ import annotations
 
-import array
 import os
 import select
-import socket
 import stat
 import struct
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import packb, unpackb
 from common.notifier import EventNotifier
 from common.trace import trace_event, traced
 from common.vhost_abi import (
-    VHOST_DEVICE,
     VHOST_GET_FEATURES,
     VHOST_GET_STATS,
     VHOST_GET_VRING_BASE,
-    VHOST_MSG_MAX,
     VHOST_NET_F_VIRTIO_NET_HDR,
     VHOST_NET_SET_BACKEND,
     VHOST_RESET_OWNER,
@@ -586,91 +580,3 @@ def vhost_net_release(n: VhostNet) -> None:
         os.close(fd)
     for work in [vq.poll.work for vq in n.dev.vqs] + [p.work for p in n.poll]:
         _work_owner.pop(id(work), None)
-
-
-# -- the misc device: /dev/vhost-net -------------------------------------------------------------
-
-
-class VhostNetMisc:
-    """The device node: a listener in the run directory; each connection is one open file,
-    served by a thread that performs its ioctls."""
-
-    def __init__(self, rundir: str | Path, allowed: set[str], ram: str) -> None:
-        self.path = Path(rundir) / VHOST_DEVICE
-        self.allowed = allowed
-        self.ram = ram
-        self.devices: list[VhostNet] = []
-        self.released: list[dict] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o077)
-        try:
-            self.sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        self.sock.listen(4)
-        self._thread = threading.Thread(target=self._accept, name="vhost-net-misc",
-                                        daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
-                                                               socket.SO_PEERCRED, 12))
-            if uid != os.getuid():
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, pid), name="vhost-net-file",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket, pid: int) -> None:
-        n = vhost_net_open()
-        self.devices.append(n)
-        fdsize = array.array("i").itemsize
-        try:
-            while True:
-                try:
-                    data, anc, _, _ = conn.recvmsg(VHOST_MSG_MAX, socket.CMSG_SPACE(4 * fdsize))
-                except OSError:
-                    break
-                if not data:
-                    break  # the file is closed: QEMU closed it or died
-                fds: list[int] = []
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(payload[: len(payload) - len(payload) % fdsize])
-                        fds.extend(a)
-                try:
-                    req = unpackb(data)
-                    reply = vhost_net_ioctl(n, req, fds, pid, self.allowed, self.ram)
-                except Exception as e:  # noqa: BLE001 - a bad request is an error, not a crash
-                    reply = [-EINVAL, f"{type(e).__name__}: {e}"]
-                for fd in fds:
-                    os.close(fd)
-                try:
-                    conn.send(packb(reply))
-                except OSError:
-                    break
-        finally:
-            conn.close()
-            self.devices.remove(n)
-            vhost_net_release(n)
-            self.released.append(n.describe())
-
-    def describe(self) -> dict[str, Any]:
-        return {"open": [n.describe() for n in self.devices], "released": self.released}
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
