@@ -73,10 +73,14 @@ class VhostNetFile:
         """The owner is the opener; its worker process starts (kthread_create ``vhost-%d``)."""
         if self.worker is not None:
             return -EBUSY
-        init = {"owner": self.pid, "allowed": sorted(self.misc.allowed), "ram": self.misc.ram,
+        init = {"allowed": sorted(self.misc.allowed), "ram": self.misc.ram,
                 "features": self.features}
-        self.worker = VhostWorker(self.pid, self.misc.rundir, init, self.misc.worker_died)
-        return 0
+        self.worker = self.misc.take_worker()
+        try:
+            ret, _ = self.worker.start(self.pid, init, self.misc.worker_died)
+        except VhostWorkerGone:
+            return -EIO
+        return ret
 
     def describe(self) -> dict[str, Any]:
         """The worker's counters (the last ones read, if it cannot answer now)."""
@@ -110,6 +114,10 @@ class VhostNetMisc:
         self.on_worker_death = on_worker_death
         self.files: list[VhostNetFile] = []
         self.released: list[dict] = []
+        self.spare_lock = threading.Lock()
+        self.spare: VhostWorker | None = None
+        self.closing = False
+        self._start_spare()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o077)
         try:
@@ -123,6 +131,29 @@ class VhostNetMisc:
 
     def worker_died(self, worker: VhostWorker, why: str) -> None:
         self.on_worker_death(why)
+
+    def _start_spare(self) -> None:
+        """Start the next worker in the background: its interpreter's start-up (half a
+        second on a loaded machine) is not paid by VHOST_SET_OWNER."""
+        def spawn() -> None:
+            w = VhostWorker(self.rundir)
+            with self.spare_lock:
+                if self.spare is None and not self.closing:
+                    self.spare, w = w, None
+            if w is not None:
+                w.discard()
+
+        threading.Thread(target=spawn, name="vhost-spare", daemon=True).start()
+
+    def take_worker(self) -> VhostWorker:
+        with self.spare_lock:
+            w, self.spare = self.spare, None
+        if w is None or not w.alive():
+            if w is not None:
+                w.discard()
+            w = VhostWorker(self.rundir)
+        self._start_spare()
+        return w
 
     def _accept(self) -> None:
         while True:
@@ -188,3 +219,8 @@ class VhostNetMisc:
             pass
         for f in list(self.files):
             f.release()
+        with self.spare_lock:
+            self.closing = True
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.discard()

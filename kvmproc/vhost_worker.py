@@ -45,6 +45,8 @@ CTL_MSG_MAX = 1 << 20
 MAX_FDS = 4
 RELEASE_WAIT_S = 5.0
 REPO = Path(__file__).resolve().parent.parent
+FD_ARG_WIDTH = 10
+"""A worker's fd argument is zero-padded to this width: room for ``-<pid>`` in argv[0]."""
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -76,22 +78,26 @@ def _recvmsg(sock: socket.socket) -> tuple[Any, list[int]] | None:
 class VhostWorker:
     """The KVM process's side of one worker process: start it, forward ioctls, release it.
 
-    ``on_death`` is called (from a watcher thread) if the process ends before its release.
+    A worker is started ahead of need (the KVM process keeps one spare, already past its
+    interpreter's start-up, argv[0] ``vhost``): ``vhost_dev_set_owner`` hands it its owner
+    with ``start``, and it takes the kthread's name. ``on_death`` is called (from a watcher
+    thread) if an owned worker ends before its release.
     """
 
-    def __init__(self, owner: int, rundir: str | Path, init: dict[str, Any],
-                 on_death: Callable[[VhostWorker, str], None]) -> None:
-        self.owner = owner
-        self.name = f"vhost-{owner}"
+    def __init__(self, rundir: str | Path) -> None:
+        self.owner = 0
+        self.name = "vhost"
         self.released = False
         self.lock = threading.Lock()
+        self._on_death: Callable[[VhostWorker, str], None] | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         paths = [str(REPO)] + [p for p in sys.path if p]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
         try:
             self.proc = subprocess.Popen(
-                [self.name, "-m", "kvmproc.vhost_worker", str(theirs.fileno()),
+                [self.name, "-m", "kvmproc.vhost_worker",
+                 str(theirs.fileno()).zfill(FD_ARG_WIDTH),
                  str(os.getpid()), str(rundir)],
                 executable=sys.executable, pass_fds=(theirs.fileno(),), env=env,
                 stdin=subprocess.DEVNULL)
@@ -99,16 +105,34 @@ class VhostWorker:
             theirs.close()
         self.pid = self.proc.pid
         self.sock = ours
+        threading.Thread(target=self._watch, name=f"watch:vhost:{self.pid}",
+                         daemon=True).start()
+
+    def start(self, owner: int, init: dict[str, Any],
+              on_death: Callable[[VhostWorker, str], None]) -> Any:
+        """The worker is ``owner``'s from now on: its name, memory and features."""
+        self.owner = owner
+        self.name = f"vhost-{owner}"
         self._on_death = on_death
-        threading.Thread(target=self._watch, name=f"watch:{self.name}", daemon=True).start()
-        self.call(["init", init])
+        return self.call(["init", {**init, "owner": owner}])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def _watch(self) -> None:
         rc = self.proc.wait()
-        if not self.released:
+        if not self.released and self._on_death is not None:
             why = (f"killed by {signal.Signals(-rc).name}" if rc < 0
                    else f"exit status {rc}")
             self._on_death(self, f"vhost-net worker {self.name} (pid {self.pid}) died: {why}")
+
+    def discard(self) -> None:
+        """A spare nobody took: end it."""
+        self.released = True
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def call(self, msg: list, fds: list[int] | tuple[int, ...] = ()) -> Any:
         """One request and its reply; VhostWorkerGone if the process is not there."""
@@ -143,6 +167,26 @@ class VhostWorker:
 
 
 # -- the worker process -------------------------------------------------------------------------
+
+def set_proc_title(name: str) -> None:
+    """Take the kthread's name: the thread name (PR_SET_NAME, what ``ps -o comm`` and
+    psutil's name show) and argv[0], rewritten in place in the process's own argument area
+    as setproctitle(3) does (the title, a NUL, then spaces to the area's last byte: the
+    kernel then shows /proc/PID/cmdline as that one string)."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # stat fields 48 and 49
+    title = " ".join([name, "-m", "kvmproc.vhost_worker", str(int(sys.argv[1])),
+                      *sys.argv[2:]]).encode()
+    room = arg_end - arg_start
+    if len(title) + 2 > room:
+        return
+    try:
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(arg_start)
+            mem.write(title + b"\0" + b" " * (room - len(title) - 1))
+    except OSError:
+        pass
 
 
 def serve_ctl(n: VhostNet, sock: socket.socket, init: dict[str, Any]) -> None:
@@ -187,7 +231,7 @@ def main() -> int:
         return 1
     (_, init), _ = got
     name = f"vhost-{init['owner']}"
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    set_proc_title(name)
     trace.register_thread(name)
     n = vhost_net_open()
     n.dev.vhost_dev_set_owner(init["owner"])
