@@ -422,12 +422,15 @@ def vhost_get_vq_desc(vq: VhostVirtqueue, out_iov: list[memoryview],
     head = views.avail[2 + last_avail_idx % num]
     if head >= num:
         return vq.vq_err(f"Guest says index {head} > {num} is available")
-    dev = vq.dev
+    mm = vq.dev.mm
+    if mm is None:
+        return -EFAULT
+    ram, size = mm.ram, mm.size
     out_iov.clear()
     in_iov.clear()
     desc = views.desc
     i = head
-    found = 0
+    found = iovs = 0
     while True:
         if i >= num:
             return vq.vq_err(f"Desc index is {i} > {num}, head = {head}")
@@ -440,15 +443,23 @@ def vhost_get_vq_desc(vq: VhostVirtqueue, out_iov: list[memoryview],
             if ret < 0:
                 vq.vq_err(f"Failure detected in indirect descriptor at idx {i}")
                 return ret
-        else:
-            write = flags & VRING_DESC_F_WRITE
-            ret = translate_desc_iov(dev, addr, length, in_iov if write else out_iov,
-                                     len(in_iov) + len(out_iov))
-            if ret < 0:
-                vq.vq_err(f"Translation failure {ret} descriptor idx {i}")
-                return ret
-            if not write and in_iov:
+            iovs = len(out_iov) + len(in_iov)
+        elif length:  # translate_desc, inline: a zero-length buffer gives no iovec
+            if addr + length > size:
+                vq.vq_err(f"Translation failure {-EFAULT} descriptor idx {i}")
+                return -EFAULT
+            if iovs >= UIO_MAXIOV:
+                vq.vq_err(f"Translation failure {-ENOBUFS} descriptor idx {i}")
+                return -ENOBUFS
+            iovs += 1
+            if flags & VRING_DESC_F_WRITE:
+                in_iov.append(ram[addr : addr + length])
+            elif in_iov:
                 return vq.vq_err(f"Descriptor has out after in: idx {i}")
+            else:
+                out_iov.append(ram[addr : addr + length])
+        elif not flags & VRING_DESC_F_WRITE and in_iov:
+            return vq.vq_err(f"Descriptor has out after in: idx {i}")
         if not flags & VRING_DESC_F_NEXT:
             break
         i = nxt

@@ -249,6 +249,7 @@ def handle_tx(n: VhostNet) -> None:
 
 
 def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
+    """do { ... } while (!vhost_exceeds_weight(...)): a ``continue`` tests the weight too."""
     vq = nvq.vq
     dev = n.dev
     out: list[memoryview] = []
@@ -258,14 +259,18 @@ def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
     heads = nvq.heads
     writev = os.writev
     while True:
+        busyloop_intr[0] = False
         head = vhost_net_tx_get_vq_desc(n, nvq, out, inn, busyloop_intr)
         if head < 0:
             break
         if head == vq.num:
             if busyloop_intr[0]:
                 vq.poll.vhost_poll_queue()
-            elif vhost_enable_notify(dev, vq):
+            elif vhost_enable_notify(dev, vq):  # they slipped one in: check again
                 vhost_disable_notify(dev, vq)
+                sent_pkts += 1
+                if vhost_exceeds_weight(vq, sent_pkts, total_len):
+                    break
                 continue
             break
         if inn:
