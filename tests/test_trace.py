@@ -256,6 +256,44 @@ def test_one_packet_crosses_the_three_processes_in_order(tmp_path: Path,
     assert [f["args"]["step"] for f in flows] == [e.name for e in trace.packets[seq].steps]
 
 
+def deschedule(path: Path, role_pid: int, tid: int, at_us: float, for_us: float) -> None:
+    """Rewrite the trace as if thread ``tid`` had been descheduled ``for_us`` at ``at_us``: its
+    later events move on by that much, and its spans running then last that much longer."""
+    doc = json.loads(path.read_text())
+    for e in doc["traceEvents"]:
+        if e.get("pid") != role_pid or e.get("tid") != tid or "ts" not in e:
+            continue
+        if e["ts"] > at_us:
+            e["ts"] += for_us
+        elif e["ph"] == "X" and e["ts"] + e["dur"] > at_us:
+            e["dur"] += for_us
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.timeout(90)
+def test_a_main_loop_descheduled_after_the_interrupt_keeps_its_functions_in_the_chain(
+        tmp_path: Path) -> None:
+    """QEMU's main loop loses its core right after the MSI ioctl and comes back 5 ms later,
+    long after the guest reclaimed the buffer: the bottom half that sent the datagram is
+    still part of the datagram's path, however late it returned."""
+    path = traced_run(tmp_path)
+    trace = load_trace(path)
+    seq = sorted(trace.packets)[2]
+    ioctl = next(e for e in trace.packets[seq].steps if e.name == "kvm_vm_ioctl")
+    before = {c.name: c.depth for c in packet_chain(trace, seq) if c.dur is not None}
+    assert before["sosendto"] > before["net_slirp_receive"] > before["virtio_net_flush_tx"]
+    deschedule(path, ioctl.pid, ioctl.tid, ioctl.ts / 1000 + 0.001, 5000.0)
+    late = load_trace(path)
+    flush = next(e for e in late.events if e.name == "virtio_net_flush_tx" and e.is_span
+                 and e.ts <= ioctl.ts <= e.end)
+    assert flush.end - ioctl.ts > 5_000_000  # it returned after the pause
+    after = {c.name: c.depth for c in packet_chain(late, seq) if c.dur is not None}
+    assert after["sosendto"] > after["net_slirp_receive"] > after["virtio_net_flush_tx"]
+    owners = {a.name for e in late.packets[seq].steps if e.role == "qemu"
+              for a in e.ancestors() if a.parent is not None}  # all but the loop iteration
+    assert {"virtio_net_tx_bh", "virtio_net_flush_tx", "aio_bh_poll"} <= owners <= set(after)
+
+
 @pytest.mark.timeout(90)
 def test_render_png_and_svg(tmp_path: Path) -> None:
     path = traced_run(tmp_path)
