@@ -11,7 +11,7 @@ import pytest
 from replica import run_summary
 
 from common.netns import privilege_problem
-from vreplica.tracefile import Event, Trace, load_trace
+from vreplica.trace.tracefile import Event, Trace, load_trace
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers"),
               pytest.mark.skipif(privilege_problem() is not None,

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from common.trace import elem_head, vq_index
-from vreplica.tracelog import LogEvent, read_qemu_log
+from vreplica.trace.tracelog import LogEvent, read_qemu_log
 
 VIRTIO_CONFIG_S_DRIVER_OK = 4
 DEVICE_EVENTS = ("virtio_queue_notify", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
@@ -190,7 +190,7 @@ def load_events(path: str | Path) -> tuple[list[LogEvent], list[Pass] | None]:
         raise CompareError(f"no such file: {path}")
     passes: list[Pass] | None = None
     if p.suffix == ".json":
-        from vreplica.tracefile import TraceError, load_trace
+        from vreplica.trace.tracefile import TraceError, load_trace
 
         try:
             trace = load_trace(p)
