@@ -5,10 +5,10 @@ Each takes the kernel, the stack and the run's options, and returns what it meas
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable
 from typing import Any
 
+from common.seqwindow import SeqWindow
 from guestproc.kernel import Kernel
 from guestproc.netstack import GuestStack
 
@@ -194,40 +194,6 @@ PACKED_CHAOS_FAULT_KINDS = ("packed-loop", "packed-zero-len", "packed-oob-addr",
 """The same chaos on a packed ring: faults written the packed ring's way."""
 
 
-def loss_runs(arrived_ns: array, paths: int, entered_ns: array | None = None) -> list[list[int]]:
-    """The sequence numbers that never came (``arrived_ns`` 0), in runs of consecutive
-    numbers on one path (path = seq % ``paths``: a flow, which is FIFO end to end), each as
-    [first, last, after_ns, before_ns]: the silence in which whatever lost them did so.
-    It ends with the arrival of the path's first number after the run (0: none). It begins
-    with the arrival of the last number before it (0: none) or, if earlier, when the run's
-    first number entered the path (``entered_ns``): the guest sees a used entry only at the
-    device's next interrupt, and a killed QEMU never sends it, so the number before a loss
-    can arrive after the loss, once the new QEMU interrupts."""
-    runs: list[list[int]] = []
-    n = len(arrived_ns)
-    for path in range(paths):
-        prev_ns = 0
-        run: list[int] | None = None
-        for seq in range(path, n, paths):
-            t = arrived_ns[seq]
-            if t:
-                if run is not None:
-                    run[3] = t
-                    runs.append(run)
-                    run = None
-                prev_ns = t
-            elif run is None:
-                start = prev_ns
-                if start and entered_ns is not None and 0 < entered_ns[seq] < start:
-                    start = entered_ns[seq]
-                run = [seq, seq, start, 0]
-            else:
-                run[1] = seq
-        if run is not None:
-            runs.append(run)
-    return runs
-
-
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
            console: Console) -> dict[str, Any]:
     """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
@@ -251,10 +217,10 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     dst = (GATEWAY, port)
     echo = mode in ("echo", "both")
     sent = replies = bad = dup = late = inbound_count = 0
-    got = bytearray()  # one byte per sequence number: 1 once its reply came back
-    reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
-    sent_ns = array("q")  # per sequence number: when it was sent (echo)
-    inbound_ns = array("q")  # per host -> guest sequence number: when it came (0: never)
+    # per sequence number, within a window: when it was sent and when its reply came; older
+    # numbers fold into runs of lost ones (common.seqwindow): memory stays flat for hours
+    echoes = SeqWindow(len(flows))
+    inbound_seqs = SeqWindow(1)  # host -> guest numbers: when each came
     outstanding: set[int] = set()
     gave_up: set[int] = set()
     t0 = last_report = kernel.now_ns()
@@ -273,23 +239,27 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
                 seq = int.from_bytes(data[:SEQ_BYTES], "big")
                 if sock is inbound:
                     inbound_count += 1
-                    if 0 <= seq < 1 << 24:
-                        if seq >= len(inbound_ns):
-                            inbound_ns.frombytes(bytes(8 * (seq + 1 - len(inbound_ns))))
-                        inbound_ns[seq] = inbound_ns[seq] or arrived
-                elif not 0 <= seq < sent or data != payload(seq, len(data)):
+                    inbound_seqs.arrive(seq, arrived, grow=True)
+                    continue
+                if data != payload(seq, len(data)):
                     bad += 1
-                elif got[seq]:
+                    continue
+                verdict = echoes.arrive(seq, arrived)
+                if verdict == "bad":
+                    bad += 1
+                elif verdict == "dup":
                     dup += 1
                 else:
-                    got[seq] = 1
-                    reply_ns[seq] = arrived
                     replies += 1
                     if seq in gave_up:
                         gave_up.discard(seq)
                         late += 1
                     else:
                         outstanding.discard(seq)
+
+    def report() -> None:
+        console(f"progress sent={sent} replies={replies} inbound={inbound_count} "
+                f"awaiting={len(outstanding)}")
 
     progress_at, progress_replies = t0, 0
     faulted: list[int] = []
@@ -309,6 +279,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             if replies != progress_replies:
                 progress_at, progress_replies = now, replies
             elif now - progress_at > 500_000_000:  # no reply for half a second: give up
+                gave_up = {s for s in gave_up if s >= echoes.base}  # older ones are folded
                 gave_up.update(outstanding)
                 outstanding.clear()
                 progress_at = now
@@ -317,16 +288,14 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         flows[sent % len(flows)].sendto(payload(sent, size), dst)
         if echo:
             outstanding.add(sent)
-            got.append(0)
-            reply_ns.append(0)
-            sent_ns.append(kernel.now_ns())
+            echoes.enter(sent, kernel.now_ns())
         sent += 1
         if sent % 64 == 0:
             drain(0.0)
             now = kernel.now_ns()
             if now - last_report > 500_000_000:
                 last_report = now
-                console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
+                report()
     console("stress finishing")
     deadline = kernel.now_ns() + 2_000_000_000
     while echo and outstanding and kernel.now_ns() < deadline:
@@ -335,15 +304,13 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         quiet_until = kernel.now_ns() + 500_000_000
         while kernel.now_ns() < quiet_until:
             drain(0.1)
-    console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
-    nflows = len(flows)
-    return {"reply_gaps": loss_runs(reply_ns, nflows, sent_ns) if echo else [],
-            "inbound_gaps": loss_runs(inbound_ns, 1), "inbound_seen": len(inbound_ns),
-            "inbound_last_ns": max(inbound_ns, default=0),
+    report()
+    return {"reply_gaps": echoes.runs() if echo else [],
+            "inbound_gaps": inbound_seqs.runs(), "inbound_seen": inbound_seqs.top,
+            "inbound_last_ns": inbound_seqs.last_ns,
             "sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
-            "inbound": inbound_count, "unanswered": len(outstanding) + len(gave_up),
+            "inbound": inbound_count, "unanswered": sent - replies if echo else 0,
             "late_replies": late, "faulted_seqs": faulted,
-            "unanswered_seqs": [i for i, v in enumerate(got) if not v][:200_000],
             "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
 
 

@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 import time
-from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,15 @@ from tqdm import tqdm
 from common import netns
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
-from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
+from common.seqwindow import RecentTimes, SeqWindow
+from vreplica.attribution import (
+    attribute,
+    begin_at_entry,
+    explain_seqs,
+    outages,
+    run_total,
+    summary_of,
+)
 from vreplica.cli import (
     RINGS,
     TRANSPORTS,
@@ -65,7 +72,7 @@ class FlowSink(UdpService):
     def __init__(self, lo: int, hi: int, seed: int, ns: str | None = None) -> None:
         super().__init__(0, ns)
         self.lo, self.hi, self.seed = lo, hi, seed
-        self.seen: set[int] = set()
+        self.seen = SeqWindow()
         self.received = self.duplicates = self.reordered = self.bad = 0
         self.last_by_flow: dict[int, int] = {}
         self.serve()
@@ -77,10 +84,9 @@ class FlowSink(UdpService):
         if data != expected_payload(seq, stress_size(seq, self.lo, self.hi, self.seed)):
             self.bad += 1
             return
-        if seq in self.seen:
+        if self.seen.arrive(seq, time.monotonic_ns(), grow=True) != "new":
             self.duplicates += 1
             return
-        self.seen.add(seq)
         if seq < self.last_by_flow.get(sport, -1):
             self.reordered += 1
         self.last_by_flow[sport] = max(seq, self.last_by_flow.get(sport, -1))
@@ -97,7 +103,7 @@ class InboundStream:
         self.dest = netns.GUEST_ADDR if ns else "127.0.0.1"
         self.interval = 1.0 / rate_pps
         self.sent = 0
-        self.sent_ns = array("q")  # per sequence number: when it left the host (monotonic)
+        self.sent_ns = RecentTimes()  # per sequence number: when it left the host
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stress-inbound", daemon=True)
 
@@ -318,7 +324,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     def delivered_now() -> int:
         if sink is not None:
-            return len(sink.seen)
+            return sink.seen.came
         return progress["replies"] + progress["inbound"]
 
     def on_console(role: str, line: str) -> None:
@@ -391,20 +397,20 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         e.lost += 1
         e.detail["faulted_seq"] = seq
     if sink is not None:
-        delivered, duplicated, reordered = len(sink.seen), sink.duplicates, sink.reordered
+        delivered, duplicated, reordered = sink.seen.came, sink.duplicates, sink.reordered
         lost = max(0, sent - delivered)
-        lost_expected = len(faulted - sink.seen)
+        lost_expected = sum(1 for seq in faulted if not sink.seen.has(seq))
         unexplained_runs: list[list[int]] = []
     else:
         delivered = prog.get("replies", 0)
         duplicated = prog.get("duplicate_replies", 0)
         reordered = 0
         ignored = echo.ignored_seqs if echo is not None else set()
-        runs = explain_seqs(faulted | ignored, prog.get("reply_gaps", []), flows)
+        gaps = prog.get("reply_gaps", [])
+        runs = explain_seqs(faulted | ignored, gaps, flows)
         lost_w, explained_w, unexplained_runs = attribute(runs, flows, events, now_ns)
-        unanswered = set(prog.get("unanswered_seqs", []))
         lost = max(0, sent - delivered)
-        lost_expected = len(unanswered & (ignored | faulted)) + explained_w
+        lost_expected = run_total(gaps, flows) - run_total(runs, flows) + explained_w
     inbound_runs = list(prog.get("inbound_gaps", []))
     if inbound is not None and inbound.sent > prog.get("inbound_seen", 0):
         inbound_runs.append([prog.get("inbound_seen", 0), inbound.sent - 1,
