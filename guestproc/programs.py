@@ -34,6 +34,30 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[k]
 
 
+PROGRESS_EVERY_NS = 1_000_000_000
+
+
+class Progress:
+    """A "progress" console line, at most once a second and only when a count moved: the
+    supervisor's run timeout measures the silence since the last one."""
+
+    def __init__(self, kernel: Kernel, console: Console) -> None:
+        self.kernel = kernel
+        self.console = console
+        self.last_ns = kernel.now_ns()
+        self.last = ""
+
+    def tick(self, **counts: int) -> None:
+        now = self.kernel.now_ns()
+        if now - self.last_ns < PROGRESS_EVERY_NS:
+            return
+        self.last_ns = now
+        line = "progress " + " ".join(f"{k}={v}" for k, v in counts.items())
+        if line != self.last:
+            self.last = line
+            self.console(line)
+
+
 PHASE_PAUSE_MS = 1000.0
 """The guest's pause between two phases of ``phases`` (the recorded QEMU run paused about a
 second between its warm-up, its spaced datagrams and its burst)."""
@@ -66,18 +90,23 @@ def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     batch = max(1, opts.get("batch", 1))
     sock = stack.socket()
     dst = (GATEWAY, port)
+    progress = Progress(kernel, console)
     t0 = kernel.now_ns()
     for seq in range(n):
         sock.sendto(payload(seq, size), dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
         if sleeps[seq]:
             kernel.msleep(sleeps[seq])
+            progress.tick(sent=seq + 1)
+        elif not seq & 63:
+            progress.tick(sent=seq + 1)
     return {"sent": n, "send_ns": kernel.now_ns() - t0, "t0_ns": t0, "sport": sock.port}
 
 
 def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
                     console: Console) -> dict[str, Any]:
     """Send ``packets`` datagrams to an echo service at 10.0.2.2:``dest_port``, at most
-    ``window`` unanswered at a time, and check every reply against what was sent."""
+    ``window`` unanswered at a time, and check every reply against what was sent; give up
+    after ``timeout`` seconds without a reply."""
     n, size, port = opts["packets"], opts["size"], opts["dest_port"]
     window = max(1, opts.get("window", 1))
     pace = opts.get("pace_ms", 0.0)
@@ -90,6 +119,7 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     rtts: list[float] = []
     bad = dup = 0
     next_seq = outstanding = 0
+    progress = Progress(kernel, console)
     t0 = kernel.now_ns()
     deadline = t0 + int(timeout_s * 1e9)
     while (next_seq < n or outstanding) and kernel.now_ns() < deadline:
@@ -111,6 +141,8 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             continue
         got[seq] = True
         outstanding -= 1
+        deadline = kernel.now_ns() + int(timeout_s * 1e9)
+        progress.tick(sent=next_seq, replies=len(rtts) + 1)
         rtts.append((arrived - sent_at[seq]) / 1e3)
         if pace:
             kernel.msleep(pace)
@@ -123,7 +155,8 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
 
 def udp_sink(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
              console: Console) -> dict[str, Any]:
-    """Listen on ``guest_port`` and count ``packets`` datagrams from the host (hostfwd).
+    """Listen on ``guest_port`` and count ``packets`` datagrams from the host (hostfwd),
+    giving up after ``timeout`` seconds without one.
 
     With ``rx_stall_after`` the guest stops refilling its RX ring after that many datagrams
     for ``rx_stall_ms`` (as a guest under memory pressure would), then refills again.
@@ -135,14 +168,15 @@ def udp_sink(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     stall_ms = opts.get("rx_stall_ms", 0.0)
     console(f"listening on udp port {sock.port}")
     seqs: list[int] = []
-    t0 = kernel.now_ns()
-    deadline = t0 + int(opts.get("timeout", 30.0) * 1e9)
+    timeout_s = opts.get("timeout", 30.0)
+    progress = Progress(kernel, console)
     first = last = 0
     while len(seqs) < n:
-        r = sock.recvfrom(max(0.0, (deadline - kernel.now_ns()) / 1e9))
+        r = sock.recvfrom(timeout_s)
         if r is None:
             break
         data, _, arrived = r
+        progress.tick(received=len(seqs) + 1)
         first = first or arrived
         last = arrived
         seqs.append(int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1)
@@ -168,7 +202,9 @@ def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     n = opts["packets"]
     ident = 0x1234
     rtts: list[float] = []
+    progress = Progress(kernel, console)
     for seq in range(n):
+        progress.tick(sent=seq)
         t = kernel.now_ns()
         stack.send_ping(GATEWAY, ident, seq, b"vreplica-ping".ljust(56, b"."))
         ok = kernel.wait_event(lambda s=seq: (ident, s) in stack.ping_replies, 1.0)

@@ -58,11 +58,11 @@ def check_cell(code: int, v: dict, text: str, mode: str, chaos: str) -> None:
     assert v["unexplained_runs"] == [] and v["inbound_unexplained_runs"] == []
     assert v["bad_payloads"] == 0 and v["leftovers"] == []
     events_lost = sum(e["lost"] for e in v["chaos"])
-    if "kill-device" not in kinds:  # a restart may answer an ignored request's resubmission
+    if "kill-device" not in kinds:  # a restart may deliver a frame twice
         assert v["duplicated"] == 0
         assert events_lost == v["lost_expected"] + v["inbound_lost_expected"], v["chaos"]
     for e in v["chaos"]:
-        if e["kind"] == "guest-pause":
+        if e["kind"] in ("guest-pause", "echo-pause"):  # the rings, net queue, socket hold it
             assert e["lost"] == 0, e
         if e["kind"] == "ring-fault" and "faulted_seq" in e:
             assert e["down_ms"] is not None and e["rx_down_ms"] <= e["down_ms"], e
@@ -72,7 +72,7 @@ def check_cell(code: int, v: dict, text: str, mode: str, chaos: str) -> None:
     assert v["lost"] == v["sent"] - v["delivered"]
     if not kinds & set(LOSSY):
         assert v["inbound_lost"] == 0
-        assert v["lost"] == sum(e["lost"] for e in v["chaos"] if e["kind"] == "echo-pause")
+        assert v["lost"] == 0
     # a fault asked for as the guest stops sending is never committed: no reset follows
     assert v["resets"] <= sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
     assert v["device_restarts"] == sum(1 for e in v["chaos"] if e["kind"] == "kill-device")

@@ -6,8 +6,8 @@ end, so a run of sequence numbers the guest never got was lost in the silence be
 arrival of the path's last number before the run and its first after it (the guest reports
 both: common.seqwindow). A ring fault's device reset or a killed QEMU whose
 outage overlaps that silence explains the run; nothing else does (a paused guest or echo
-service loses nothing on these paths: the net queue and the rings hold it; the echo
-service's ignored requests are named one by one). Each event's outage is measured, not
+service loses nothing on these paths: the net queue, the rings and the echo service's socket
+buffer hold it). Each event's outage is measured, not
 assumed: a reset from the host's signal to the guest's ``virtnet_reset`` end (the guest's
 own log: config interrupt, DRIVER_OK, RX buffers posted), a restart from the kill to the
 new QEMU's device being ready (its -incoming record).
@@ -51,8 +51,6 @@ def outages(events: list[dict[str, Any]], reset_log: list[dict[str, int]],
         o = Outage(e["kind"], e["t_s"], e.get("start_ns", 0), e.get("end_ns", 0),
                    detail={k: v for k, v in e.items()
                            if k not in ("kind", "t_s", "start_ns", "end_ns")})
-        if o.kind == "echo-pause":
-            o.lost = e.get("replies_dropped", 0)
         if o.kind == "ring-fault":
             while used < len(resets) and resets[used]["start_ns"] < o.start_ns:
                 used += 1

@@ -50,7 +50,8 @@ from vreplica.supervisor import RunOptions, Supervisor
 
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
-    "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
+    "echo-pause": "the host echo service stops reading its socket for 0.3 s, as a stopped "
+                  "process would (the socket's buffer holds what comes: nothing is lost)",
     "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
     "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
 }
@@ -185,13 +186,11 @@ class Chaos:
     def do_echo_pause(self) -> None:
         if self.echo is None:
             return
-        before = self.echo.ignored
         start_ns = time.monotonic_ns()
-        self.echo.paused = True
+        self.echo.pause()
         self._stop.wait(0.3)
-        self.echo.paused = False
-        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns(),
-                     replies_dropped=self.echo.ignored - before)
+        self.echo.resume()
+        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns())
 
     def do_kill_device(self) -> None:
         p = self.sup.procs["qemu"]
@@ -405,9 +404,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         delivered = prog.get("replies", 0)
         duplicated = prog.get("duplicate_replies", 0)
         reordered = 0
-        ignored = echo.ignored_seqs if echo is not None else set()
         gaps = prog.get("reply_gaps", [])
-        runs = explain_seqs(faulted | ignored, gaps, flows)
+        runs = explain_seqs(faulted, gaps, flows)
         lost_w, explained_w, unexplained_runs = attribute(runs, flows, events, now_ns)
         lost = max(0, sent - delivered)
         lost_expected = run_total(gaps, flows) - run_total(runs, flows) + explained_w
