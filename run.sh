@@ -47,6 +47,9 @@ system_tools() {
         >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: apt-get failed (log: $log)" >&2; }
 }
 
+# what the user typed to get here: the commands vreplica prints for them to type use it
+export VREPLICA_PROG="$0"
+
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
     test) shift; system_tools; exec "$py" -m pytest "$@" ;;

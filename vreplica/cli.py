@@ -15,7 +15,7 @@ from common.vring import is_power_of_2, vring_size
 from vreplica.hostside import UdpEcho, UdpSender, UdpSink
 from vreplica.preflight import UsageError, finite_float, udp_port_free, writable_file
 from vreplica.summary import build_summary, format_summary
-from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+from vreplica.supervisor import RunFailed, RunOptions, Supervisor, Terminated, catch_sigterm
 
 MAX_QUEUE_SIZE = 32768
 
@@ -548,9 +548,15 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """``argv`` None: the program itself, whose SIGTERM ends it as QEMU's does."""
+    if argv is None:
+        catch_sigterm()
+        argv = sys.argv[1:]
     try:
         return reported("vreplica", lambda: _dispatch(argv))
+    except Terminated as e:  # outside a run, as inside: QEMU's line, 128 + 15
+        print(f"vreplica: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # a Ctrl-C outside a run (execute() turns its own into RunFailed)
         print("vreplica: interrupted", file=sys.stderr)
         return 130

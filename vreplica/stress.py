@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import signal
 import socket
@@ -46,7 +47,7 @@ from vreplica.cli import (
 from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
 from vreplica.preflight import writable_file
 from vreplica.summary import build_summary
-from vreplica.supervisor import RunOptions, Supervisor
+from vreplica.supervisor import RESTART_LIMIT, RunFailed, RunOptions, Supervisor
 
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
@@ -193,6 +194,8 @@ class Chaos:
         self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns())
 
     def do_kill_device(self) -> None:
+        if self.sup.restarts_in_window() >= RESTART_LIMIT // 2:
+            return  # at most half the supervisor's restart rate: stress never reaches it
         p = self.sup.procs["qemu"]
         p.send_signal(signal.SIGKILL)
         self.log.add("kill-device", pid=p.pid)
@@ -201,6 +204,42 @@ class Chaos:
         p = self.sup.procs["guest"]
         p.send_signal(signal.SIGUSR1)
         self.log.add("ring-fault", pid=p.pid)
+
+
+class SmoothedRate:
+    """A count's rate per second, taken each time the count is reported and smoothed over
+    about TAU_S (an exponential moving average): the bar does not flip with each report."""
+
+    TAU_S = 2.0
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.count = 0
+        self.rate = 0.0
+
+    def update(self, count: int, now: float) -> None:
+        if count == self.count and now - self.t < 1.0:  # no new report yet
+            return
+        if self.t:
+            dt = max(1e-3, now - self.t)
+            alpha = 1.0 - math.exp(-dt / self.TAU_S)
+            self.rate += alpha * ((count - self.count) / dt - self.rate)
+        self.t, self.count = now, count
+
+
+def progress_line(mode: str, p: dict[str, int], send_rate: float, exit_rate: float,
+                  at_sink: int, inbound_sent: int) -> str:
+    """The bar's figures, named as the verdict names them: the guest's sends, what came back
+    (echo replies, or what reached the host's sink), the host's inbound stream."""
+    parts = [f"sent {p['sent']:,} ({send_rate:,.0f}/s)"]
+    if mode == "tx":
+        parts.append(f"at the host's sink {at_sink:,}")
+    else:
+        parts.append(f"replies {p['replies']:,}, awaiting {p['awaiting']:,}")
+    if mode == "both":
+        parts.append(f"inbound {p['inbound']:,} of {inbound_sent:,}")
+    parts.append(f"VM exits {exit_rate:,.0f}/s")
+    return ", ".join(parts)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -224,11 +263,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="virtqueue layout (as vreplica run's --ring; packed needs a modern "
                         "--transport)")
     p.add_argument("--json", metavar="FILE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="show QEMU's device error lines (a ring fault's virtio_error) as they "
+                        "come; without it the verdict counts them per kind")
     add_tap_options(p)
     return p.parse_args(argv)
 
 
+STALL_TIMEOUT_S = 30.0
+"""The run fails if the guest reports no progress for this long (and the supervisor's grace)."""
 GUEST_PORT = 7000
 """Where the guest listens for the host's inbound stream (mode both)."""
 
@@ -269,6 +313,23 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     return lo, hi, kinds
 
 
+class StressFailed(RunFailed):
+    """The run could not finish; ``verdict`` is what it had measured so far, and why."""
+
+    def __init__(self, message: str, code: int, verdict: dict[str, Any]) -> None:
+        super().__init__(message, code)
+        self.verdict = verdict
+
+
+def leftovers_of(sup: Supervisor) -> list[str]:
+    """What the run left behind: IPC objects, its network namespace, its run directory."""
+    cfg = sup.cfg
+    if cfg is None:
+        return []
+    return [str(p) for p in object_entries(cfg.rid)] + (
+        [cfg.rundir] if Path(cfg.rundir).exists() else [])
+
+
 def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     lo, hi, kinds = check(a)
     tap = stress_tap_options(a)
@@ -295,11 +356,12 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         hostfwd = [(free_udp_port(), GUEST_PORT)]
     opts = RunOptions(mode="stress", packets=a.packets or 0, size=hi, dest_port=0,
                       queues=a.queues, hostfwd=hostfwd, guest_port=GUEST_PORT, window=32,
-                      timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
+                      timeout=STALL_TIMEOUT_S, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
                              "transport": a.transport, "ring": a.ring, **tap})
     sup = Supervisor(opts)
+    sup.show_error_lines = a.verbose
     if tap:
         def before_spawn(cfg: Any) -> None:
             opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
@@ -312,19 +374,14 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
     rss_start: dict[str, int] = {}
     rss_end: dict[str, int] = {}
-    progress = {"sent": 0, "replies": 0, "inbound": 0}
+    progress = {"sent": 0, "replies": 0, "inbound": 0, "awaiting": 0}
     total = a.packets or duration
     bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
                file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]{postfix}")
     t_start = time.monotonic()
-    last = {"t": t_start, "delivered": 0}
-    exit_rate = {"t": t_start, "exits": 0, "rate": 0.0}
-
-    def delivered_now() -> int:
-        if sink is not None:
-            return sink.seen.came
-        return progress["replies"] + progress["inbound"]
+    last_tick = [t_start]
+    send_rate, exit_rate = SmoothedRate(), SmoothedRate()
 
     def on_console(role: str, line: str) -> None:
         if line == "stress started":
@@ -339,27 +396,23 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
             for part in line.split()[1:]:
                 k, v = part.split("=")
                 progress[k] = int(v)
+            send_rate.update(progress["sent"], time.monotonic())
 
     def on_tick() -> None:
         now = time.monotonic()
-        if now - last["t"] < 0.25:
+        if now - last_tick[0] < 0.25:
             return
+        last_tick[0] = now
         rss = {role: v for role, v in sup.rss().items() if v > 0}  # an exiting process shows 0
         if not rss_start and now - t_start > 1.0:
             rss_start.update(rss)
         rss_end.update(rss)
-        d = delivered_now()
-        exits = sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0)
-        if exits != exit_rate["exits"]:
-            exit_rate.update(rate=(exits - exit_rate["exits"]) / (now - exit_rate["t"]), t=now,
-                             exits=exits)
-        dt = now - last["t"]
-        in_flight = max(0, progress["sent"] - d)
-        bar.set_postfix_str(f"{(d - last['delivered']) / dt:,.0f} pkt/s, delivered {d:,}, "
-                            f"in flight {in_flight:,}, exits {exit_rate['rate']:,.0f}/s")
+        exit_rate.update(sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0), now)
+        bar.set_postfix_str(progress_line(a.mode, progress, send_rate.rate, exit_rate.rate,
+                                          sink.seen.came if sink is not None else 0,
+                                          inbound.sent if inbound is not None else 0))
         bar.n = progress["sent"] if a.packets else min(duration, now - t_start)
         bar.refresh()
-        last.update(t=now, delivered=d)
 
     sup.on_console = on_console
     sup.on_tick = on_tick
@@ -368,21 +421,38 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         if inbound is not None:
             inbound.stop()
 
+    failure: RunFailed | None = None
     try:
         try:
             cfg = sup.run(before_stop=quiet_host_side)
+        except RunFailed as e:
+            failure = e
         finally:
             bar.close()
-        time.sleep(0.3)
-        reports = sup.reports()
-        summary = build_summary(cfg.rid, opts, reports, None, sup.t_end - sup.t_start)
+        if failure is None:
+            time.sleep(0.3)
+            reports = sup.reports()
+            summary = build_summary(cfg.rid, opts, reports, None, sup.t_end - sup.t_start)
     finally:
         for h in (sink, echo):
             if h is not None:
                 h.close()
         sup.cleanup()
-    leftovers = [str(p) for p in object_entries(cfg.rid)] + (
-        [cfg.rundir] if Path(cfg.rundir).exists() else [])
+    leftovers = leftovers_of(sup)
+    if failure is not None:
+        so_far = {
+            "mode": a.mode, "queues": a.queues, "flows": flows,
+            "duration_s": round(time.monotonic() - t_start, 2), "sent": progress["sent"],
+            "delivered": sink.seen.came if sink is not None else progress["replies"],
+            "inbound_sent": inbound.sent if inbound else 0,
+            "inbound_received": progress["inbound"], "device_restarts": sup.restarts,
+            "chaos": [{k: v for k, v in e.items() if not k.endswith("_ns")}
+                      for e in log.events],
+            "rss_start_mb": {r: round(v / 2**20, 1) for r, v in rss_start.items()},
+            "rss_end_mb": {r: round(v / 2**20, 1) for r, v in rss_end.items()},
+            "device_error_lines": dict(sup.error_lines), "leftovers": leftovers,
+            "reasons": [str(failure)], "verdict": "FAIL"}
+        raise StressFailed(str(failure), failure.code, so_far)
     guest = reports.get("guest", {})
     prog = guest.get("program", {})
     qemu = reports.get("qemu", {})
@@ -448,6 +518,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "tx_ring_wakes": sum(q.get("wakes", 0) for q in sqs),
         "slirp_send_errors": qemu.get("slirp", {}).get("stats", {}).get("udp_send_errors", 0),
         "device_errors": summary["device_errors"], "leftovers": leftovers,
+        "device_error_lines": dict(sup.error_lines),
         "vhost_packets": [[vq["packets"] for vq in dev["vqs"]]  # per queue pair: RX, TX
                           for dev in summary.get("vhost", {}).get("kernel", [])],
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
@@ -513,6 +584,9 @@ def format_verdict(v: dict[str, Any]) -> str:
                          f"{v['tx_ring_wakes']:,} (skb_xmit_done)"),
         *([("slirp sendto failed", f"{v['slirp_send_errors']:,} (dropped, as libslirp does)")]
           if v.get("netdev", "user") == "user" else []),
+        ("device error lines", ", ".join(f"{n:,} x '{kind}'" for kind, n in
+                                         v["device_error_lines"].items())
+                                + " (--verbose shows each)" if v["device_error_lines"] else "none"),
         ("leftovers", ", ".join(v["leftovers"]) or "none"),
         ("verdict", v["verdict"]),
     ]
@@ -537,8 +611,14 @@ def main(argv: list[str]) -> int:
 
 
 def stress(a: argparse.Namespace) -> int:
-    """Run, print the verdict (and write it with --json); 0 if it passed."""
-    verdict, code = run_stress(a)
+    """Run, print the verdict (and write it with --json); 0 if it passed. A run that could
+    not finish still writes what it had so far, with the reason."""
+    try:
+        verdict, code = run_stress(a)
+    except StressFailed as e:
+        if a.json:
+            Path(a.json).write_text(json.dumps(e.verdict, indent=1))
+        raise
     print(format_verdict(verdict))
     if a.json:
         Path(a.json).write_text(json.dumps(verdict, indent=1))
