@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.netns import privilege_problem
+from vreplica.stress import SmoothedRate, progress_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -76,6 +79,9 @@ def check_cell(code: int, v: dict, text: str, mode: str, chaos: str) -> None:
     # a fault asked for as the guest stops sending is never committed: no reset follows
     assert v["resets"] <= sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
     assert v["device_restarts"] == sum(1 for e in v["chaos"] if e["kind"] == "kill-device")
+    if "ring-fault" in kinds and v["resets"]:  # QEMU's virtio_error lines, counted not shown
+        assert sum(v["device_error_lines"].values()) >= v["resets"], v["device_error_lines"]
+        assert "virtio-net:" not in text.split("  mode ")[0]
     if chaos == "ring-fault":
         # QEMU's and the guest's own counts agree: what the resets lost is what the net queue's
         # flush at DRIVER_OK dropped, what the guest threw away unprocessed, and the TX skbs the
@@ -115,6 +121,55 @@ def test_stress_on_packed_rings_with_chaos(tmp_path: Path) -> None:
     assert v["bad_payloads"] == 0 and v["leftovers"] == []
     assert v["device_restarts"] == sum(1 for e in v["chaos"] if e["kind"] == "kill-device")
     assert v["resets"] <= sum(1 for e in v["chaos"] if e["kind"] == "ring-fault")
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_run_writes_its_verdict_so_far(tmp_path: Path) -> None:
+    """KVM killed -9 mid-run: the run fails in one line, and --json still gets what it had
+    measured, with that line as the reason; nothing is left behind."""
+    out = tmp_path / "verdict.json"
+    p = subprocess.Popen([sys.executable, "-m", "vreplica.cli", "stress", "--no-progress",
+                          "--json", str(out), "--duration", "60", "--mode", "both"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        kvm = None
+        deadline = time.monotonic() + 30
+        while kvm is None and time.monotonic() < deadline:
+            kvm = next((c for c in psutil.Process(p.pid).children()
+                        if "kvmproc" in " ".join(c.cmdline())), None)
+            time.sleep(0.05)
+        assert kvm is not None, "the run's KVM process did not start"
+        kvm.kill()
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1
+    v = json.loads(out.read_text())
+    assert v["verdict"] == "FAIL"
+    assert err == f"vreplica stress: {v['reasons'][0]}\n"
+    assert v["reasons"][0].startswith(f"kvm process (pid {kvm.pid}) died: killed by SIGKILL")
+    assert v["leftovers"] == [] and v["mode"] == "both"
+    assert v["sent"] >= v["delivered"] >= 0
+
+
+def test_the_progress_figures_are_the_verdicts_and_steady() -> None:
+    """The bar names what it counts as the verdict does; the rate, from reports every 0.5 s
+    that arrive unevenly (0.2 s and 0.8 s apart), stays near the true 10k/s."""
+    rate = SmoothedRate()
+    t = count = 0.0
+    seen = []
+    for k in range(40):
+        t += 0.2 if k % 2 else 0.8
+        count += 5000
+        rate.update(int(count), t)
+        seen.append(rate.rate)
+    assert all(7_000 < r < 14_000 for r in seen[10:]), seen
+    line = progress_line("both", {"sent": 100, "replies": 90, "awaiting": 10, "inbound": 5},
+                         10_000.0, 2_000.0, 0, 7)
+    assert line == ("sent 100 (10,000/s), replies 90, awaiting 10, inbound 5 of 7, "
+                    "VM exits 2,000/s")
+    assert "at the host's sink 42" in progress_line("tx", {"sent": 50}, 0.0, 0.0, 42, 0)
 
 
 def test_bad_stress_options_one_line_exit_2(tmp_path: Path) -> None:
