@@ -203,6 +203,7 @@ def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     ident = 0x1234
     rtts: list[float] = []
     progress = Progress(kernel, console)
+    t0 = kernel.now_ns()
     for seq in range(n):
         progress.tick(sent=seq)
         t = kernel.now_ns()
@@ -211,8 +212,8 @@ def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         if ok:
             rtts.append((kernel.now_ns() - t) / 1e3)
     rtts.sort()
-    return {"sent": n, "replies": len(rtts), "rtt_us_p50": percentile(rtts, 50),
-            "rtt_us_p99": percentile(rtts, 99)}
+    return {"sent": n, "replies": len(rtts), "send_ns": kernel.now_ns() - t0,
+            "rtt_us_p50": percentile(rtts, 50), "rtt_us_p99": percentile(rtts, 99)}
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:

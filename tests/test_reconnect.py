@@ -17,6 +17,7 @@ from test_process_faults import HostSocket, children_of, finish, start_run
 
 from vreplica import supervisor
 from vreplica.stress import Chaos, ChaosLog
+from vreplica.summary import kicks_line
 from vreplica.supervisor import RunOptions, Supervisor
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -90,6 +91,9 @@ def run_with_kills(tmp_path: Path, host: HostSocket, n: int, kills: int,
     assert summary["device_restarts"] == kills
     assert [f"qemu process (pid {pid}) died: killed by SIGKILL" for pid in killed] \
         == summary["device_deaths"]
+    # the driver's kicks and the last QEMU's count differ, and the line says why
+    assert f"handled by the last QEMU: {summary['kicks_handled']} (QEMU restarted {kills} " \
+        "time(s); each new one counts from its start)" in kicks_line(summary)
     return summary
 
 
