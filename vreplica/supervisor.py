@@ -42,6 +42,10 @@ that dies as soon as it starts ends the run instead of looping."""
 ERROR_LINE = re.compile(r"(?P<who>qemu): (?P<dev>virtio-[\w-]+): (?P<msg>.+)")
 """A process's error_report line naming a device (``qemu: virtio-net: Looped descriptor``)."""
 
+CONSOLE_KEPT = 1000
+"""The processes' latest console lines the supervisor keeps (a soak's progress lines come
+twice a second for hours)."""
+
 
 def attach_command(rid: str) -> str:
     """How the user who started this run types ``vreplica attach`` (run.sh sets
@@ -180,7 +184,7 @@ class Supervisor:
         self.errors: list[str] = []
         self.t_start = 0.0
         self.t_end = 0.0
-        self.console: list[str] = []
+        self.console: deque[str] = deque(maxlen=CONSOLE_KEPT)
         self.on_console: Callable[[str, str], None] = lambda role, line: None
         self.on_tick: Callable[[], None] = lambda: None
         self.live: dict[str, dict] = {}
