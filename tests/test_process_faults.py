@@ -184,6 +184,29 @@ def test_sigterm_under_load_says_who_sent_it(host: HostSocket) -> None:
     assert len(host.seqs) < LOAD_PACKETS
 
 
+@pytest.mark.timeout(120)
+def test_the_hold_line_names_commands_the_user_can_type() -> None:
+    """Started as ``./run.sh run --hold``, the run names ``./run.sh attach ...``: typed as
+    printed, in the same directory, its quit ends the run."""
+    p = subprocess.Popen(["./run.sh", "run", "--packets", "3", "--hold"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()  # type: ignore[union-attr]
+        m = re.search(r"attach with '([^']+)'; end it with '([^']+)'", line)
+        assert m, line
+        attach, end = m.groups()
+        assert attach.startswith("./run.sh attach qemu --run ") and end == attach + " -c quit"
+        q = subprocess.run(end, shell=True, cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+        assert q.returncode == 0, q.stderr
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=30)
+    assert p.returncode == 0
+
+
 # -- the run's timeout: silence, not total time ----------------------------------------------------
 
 
