@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from common.netns import privilege_problem
-from vreplica.stress import SmoothedRate, progress_line
+from vreplica.stress import SmoothedRate, chaos_row, progress_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -170,6 +170,14 @@ def test_the_progress_figures_are_the_verdicts_and_steady() -> None:
     assert line == ("sent 100 (10,000/s), replies 90, awaiting 10, inbound 5 of 7, "
                     "VM exits 2,000/s")
     assert "at the host's sink 42" in progress_line("tx", {"sent": 50}, 0.0, 0.0, 42, 0)
+
+
+def test_a_long_runs_chaos_is_told_per_kind() -> None:
+    events = [{"t_s": float(t), "kind": ("kill-device", "echo-pause")[t % 2],
+               "lost": 10 * t if t % 2 == 0 else 0} for t in range(20)]
+    assert chaos_row(events[:2]) == "0.0s kill-device, 1.0s echo-pause"
+    assert chaos_row(events) == ("20: kill-device 10 (lost 900, at most 180 by one), "
+                                 "echo-pause 10 (lost 0)")
 
 
 def test_bad_stress_options_one_line_exit_2(tmp_path: Path) -> None:

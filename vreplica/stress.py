@@ -271,6 +271,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+RSS_WARM_UP_S = 10.0
+"""The RSS figures' start: this long into the load (at most half of it), once each process
+has imported, allocated its rings and pools and taken its first chaos."""
 STALL_TIMEOUT_S = 30.0
 """The run fails if the guest reports no progress for this long (and the supervisor's grace)."""
 GUEST_PORT = 7000
@@ -372,7 +375,9 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         opts.dest_port = start_services(None)
     log = ChaosLog(time.monotonic())
     chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
-    rss_start: dict[str, int] = {}
+    rss_start: dict[str, int] = {}  # once the load has run a while: its working set made
+    started_at = [0.0]
+    warm_up_s = min(RSS_WARM_UP_S, (duration or 10.0) / 2)
     rss_end: dict[str, int] = {}
     progress = {"sent": 0, "replies": 0, "inbound": 0, "awaiting": 0}
     total = a.packets or duration
@@ -385,6 +390,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     def on_console(role: str, line: str) -> None:
         if line == "stress started":
+            started_at[0] = time.monotonic()
             chaos.start()
             if inbound is not None:
                 inbound.start()
@@ -404,7 +410,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
             return
         last_tick[0] = now
         rss = {role: v for role, v in sup.rss().items() if v > 0}  # an exiting process shows 0
-        if not rss_start and now - t_start > 1.0:
+        if not rss_start and started_at[0] and now - started_at[0] >= warm_up_s:
             rss_start.update(rss)
         rss_end.update(rss)
         exit_rate.update(sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0), now)
@@ -551,6 +557,26 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:,.1f} ms"
 
 
+CHAOS_LISTED = 12
+"""Up to this many chaos events the verdict lists each; beyond, a count per kind (--json
+keeps every one)."""
+
+
+def chaos_row(events: list[dict[str, Any]]) -> str:
+    """The chaos events, each with its time and loss, or, for a long run, per kind: how many,
+    the frames they lost and the most one lost."""
+    if len(events) <= CHAOS_LISTED:
+        return ", ".join(f"{e['t_s']}s {e['kind']}" + (f" (lost {e['lost']})" if e["lost"]
+                                                       else "") for e in events) or "none"
+    kinds: dict[str, list[int]] = {}
+    for e in events:
+        kinds.setdefault(e["kind"], []).append(e["lost"])
+    return f"{len(events)}: " + ", ".join(
+        f"{kind} {len(lost)} (lost {sum(lost):,}" + (f", at most {max(lost):,} by one)"
+                                                     if sum(lost) else ")")
+        for kind, lost in kinds.items())
+
+
 def format_verdict(v: dict[str, Any]) -> str:
     lost_row = (f"{v['lost']:,} (explained by chaos: {v['lost_expected']:,}, "
                 f"unexplained: {v['lost_unexpected']:,})")
@@ -571,9 +597,7 @@ def format_verdict(v: dict[str, Any]) -> str:
         ("RSS MB start -> end", ", ".join(f"{r} {v['rss_start_mb'].get(r, '?')} -> "
                                           f"{v['rss_end_mb'].get(r, '?')}"
                                           for r in ("guest", "kvm", "qemu"))),
-        ("chaos events", ", ".join(
-            f"{e['t_s']}s {e['kind']}" + (f" (lost {e['lost']})" if e["lost"] else "")
-            for e in v["chaos"]) or "none"),
+        ("chaos events", chaos_row(v["chaos"])),
         ("device resets", f"{v['resets']}: down at most {_ms(v['reset_down_ms_max'])} "
                           f"(RX back with buffers after {_ms(v['reset_rx_down_ms_max'])}), "
                           f"at most {v['reset_lost_max']:,} frames lost by one"),
