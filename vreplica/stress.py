@@ -243,32 +243,41 @@ def progress_line(mode: str, p: dict[str, int], send_rate: float, exit_rate: flo
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> Parser:
     p = Parser(prog="vreplica stress", description=__doc__, label="vreplica stress")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--duration", type=finite_float, help="seconds of load (default 10)")
+    g.add_argument("--duration", type=finite_float,
+                   help="seconds of load (default: 10, unless --packets)")
     g.add_argument("--packets", type=int, help="datagrams to send instead of a duration")
-    p.add_argument("--queues", type=int, default=2, help="queue pairs (default 2)")
+    p.add_argument("--queues", type=int, default=2, help="queue pairs")
     p.add_argument("--sizes", default="8-1472",
                    help="UDP payload sizes MIN-MAX (at least 8: the sequence number)")
-    p.add_argument("--mode", choices=("tx", "echo", "both"), default="tx")
+    p.add_argument("--mode", choices=("tx", "echo", "both"), default="tx",
+                   help="tx: to a host sink; echo: through a host echo service, each reply "
+                        "checked; both: echo, and a host -> guest stream")
     p.add_argument("--chaos", default="", help="comma list of: " + ", ".join(CHAOS_KINDS)
                    + " (or 'all', or 'list' to describe them)")
     p.add_argument("--chaos-period", type=finite_float, default=2.0,
                    help="mean seconds between events")
-    p.add_argument("--flows", type=int, default=0, help="guest sockets (default 2 per pair)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--flows", type=int, default=0, help="guest sockets (0: 2 per queue pair)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="the datagrams' sizes and the chaos's moments follow from it")
     p.add_argument("--transport", choices=TRANSPORTS, default="legacy",
                    help="virtio-pci interface (as vreplica run's --transport)")
     p.add_argument("--ring", choices=RINGS, default="split",
                    help="virtqueue layout (as vreplica run's --ring; packed needs a modern "
                         "--transport)")
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the verdict here (a run that fails: what it had so far)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true",
                    help="show QEMU's device error lines (a ring fault's virtio_error) as they "
                         "come; without it the verdict counts them per kind")
     add_tap_options(p)
-    return p.parse_args(argv)
+    return p
 
 
 RSS_WARM_UP_S = 10.0
