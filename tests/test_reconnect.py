@@ -15,10 +15,10 @@ import psutil
 import pytest
 from test_process_faults import HostSocket, children_of, finish, start_run
 
-from vreplica import supervisor
-from vreplica.stress import Chaos, ChaosLog
-from vreplica.summary import kicks_line
-from vreplica.supervisor import RunOptions, Supervisor
+from vreplica.run import supervisor
+from vreplica.run.summary import kicks_line
+from vreplica.run.supervisor import RunOptions, Supervisor
+from vreplica.stress.stress import Chaos, ChaosLog
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -14,7 +14,7 @@ from test_run_tx import run_cli_inline
 from common.inet import UDP_MAX_PAYLOAD
 from common.virtio_abi import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF
 from guestproc.virtio_net import MERGEABLE_BUF_LEN
-from vreplica.summary import format_summary
+from vreplica.run.summary import format_summary
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from common.netns import privilege_problem
-from vreplica.stress import SmoothedRate, chaos_row, progress_line
+from vreplica.stress.stress import SmoothedRate, chaos_row, progress_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

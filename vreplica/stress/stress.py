@@ -24,7 +24,20 @@ from common import netns
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
 from common.seqwindow import RecentTimes, SeqWindow
-from vreplica.attribution import (
+from vreplica.run.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
+from vreplica.run.launch import free_udp_port, reported
+from vreplica.run.options import (
+    RINGS,
+    TRANSPORTS,
+    Parser,
+    add_tap_options,
+    check_ring,
+    tap_options,
+)
+from vreplica.run.preflight import UsageError, finite_float, writable_file
+from vreplica.run.summary import build_summary
+from vreplica.run.supervisor import RESTART_LIMIT, RunFailed, RunOptions, Supervisor
+from vreplica.stress.attribution import (
     attribute,
     begin_at_entry,
     explain_seqs,
@@ -32,22 +45,6 @@ from vreplica.attribution import (
     run_total,
     summary_of,
 )
-from vreplica.cli import (
-    RINGS,
-    TRANSPORTS,
-    Parser,
-    UsageError,
-    add_tap_options,
-    check_ring,
-    finite_float,
-    free_udp_port,
-    reported,
-    tap_options,
-)
-from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
-from vreplica.preflight import writable_file
-from vreplica.summary import build_summary
-from vreplica.supervisor import RESTART_LIMIT, RunFailed, RunOptions, Supervisor
 
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
