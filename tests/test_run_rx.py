@@ -84,7 +84,8 @@ def test_hostfwd_datagrams_reach_guest(tmp_path: Path) -> None:
                   r"packets/s$", elapsed_line(s))
     assert m, elapsed_line(s)
     took_ms, rate = float(m.group(1)), int(m.group(2).replace(",", ""))
-    assert took_ms > 0 and rate == round(399 / took_ms * 1e3), (took_ms, rate)
+    # the gaps between 400 arrivals over that time (the time shown rounded to 10 us)
+    assert took_ms > 0 and abs(rate - 399 / took_ms * 1e3) <= 0.01 * rate, (took_ms, rate)
 
 
 @pytest.mark.timeout(60)
