@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     try:
         return reported("vreplica", lambda: _dispatch(argv))
-    except Terminated as e:  # outside a run, as inside: QEMU's line, 128 + 15
+    except Terminated as e:  # outside a run (or in another command), as inside: 128 + 15
         print(f"vreplica: {e}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:  # a Ctrl-C outside a run (execute() turns its own into RunFailed)

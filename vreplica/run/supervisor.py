@@ -104,8 +104,9 @@ class RunOptions:
         return 0 if self.vectors == 0 else max(2, self.vectors)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: the run ends as a Ctrl-C ends it, and says who sent it, as QEMU does."""
+class Terminated(BaseException):
+    """SIGTERM: the run ends, as with Ctrl-C, and says who sent it, as QEMU does (not a
+    KeyboardInterrupt: a prompt that takes Ctrl-C as 'cancel the line' must not take it)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(terminated_message(pid))
@@ -148,7 +149,7 @@ def catch_sigterm() -> None:
 @contextmanager
 def deferred_sigint() -> Iterator[None]:
     """Hold a Ctrl-C (or a SIGTERM) back until the block is done (the run's objects are made
-    or removed whole); it is raised, as KeyboardInterrupt, at the block's end."""
+    or removed whole); it is raised at the block's end (KeyboardInterrupt, Terminated)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
