@@ -52,7 +52,7 @@ export VREPLICA_PROG="$0"
 
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
-    test) shift; system_tools; exec "$py" -m pytest "$@" ;;
+    test) shift; system_tools; unset VREPLICA_PROG; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;
