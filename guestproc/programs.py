@@ -231,6 +231,63 @@ PACKED_CHAOS_FAULT_KINDS = ("packed-loop", "packed-zero-len", "packed-oob-addr",
 """The same chaos on a packed ring: faults written the packed ring's way."""
 
 
+class StressReceiver:
+    """What the stress program's sockets brought back: every reply checked against what was
+    sent, duplicates and late ones counted, and each host -> guest datagram's arrival. Per
+    sequence number only within a window; older numbers fold into runs of lost ones
+    (common.seqwindow): memory stays flat for hours."""
+
+    def __init__(self, kernel: Kernel, socks: list[Any], inbound: Any, flows: int) -> None:
+        self.kernel = kernel
+        self.socks = socks
+        self.inbound = inbound
+        self.replies = self.bad = self.dup = self.late = self.inbound_count = 0
+        self.echoes = SeqWindow(flows)  # per number: when it was sent, when its reply came
+        self.inbound_seqs = SeqWindow(1)  # host -> guest numbers: when each came
+        self.outstanding: set[int] = set()
+        self.gave_up: set[int] = set()
+
+    def give_up(self) -> None:
+        """No reply for a while: what is outstanding is given up (a late reply is counted)."""
+        self.gave_up = {s for s in self.gave_up if s >= self.echoes.base}  # older: folded
+        self.gave_up.update(self.outstanding)
+        self.outstanding.clear()
+
+    def drain(self, block_s: float) -> None:
+        socks = self.socks
+        if block_s and not any(sock.rcvq for sock in socks):
+            self.kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
+        for sock in socks:
+            while sock.rcvq:
+                data, _, arrived = sock.rcvq.popleft()
+                seq = int.from_bytes(data[:SEQ_BYTES], "big")
+                if sock is self.inbound:
+                    self.inbound_count += 1
+                    self.inbound_seqs.arrive(seq, arrived, grow=True)
+                elif data != payload(seq, len(data)):
+                    self.bad += 1
+                else:
+                    self._reply(seq, arrived)
+
+    def _reply(self, seq: int, arrived: int) -> None:
+        verdict = self.echoes.arrive(seq, arrived)
+        if verdict == "bad":
+            self.bad += 1
+        elif verdict == "dup":
+            self.dup += 1
+        else:
+            self.replies += 1
+            if seq in self.gave_up:
+                self.gave_up.discard(seq)
+                self.late += 1
+            else:
+                self.outstanding.discard(seq)
+
+    def progress(self, sent: int) -> str:
+        return (f"progress sent={sent} replies={self.replies} inbound={self.inbound_count} "
+                f"awaiting={len(self.outstanding)}")
+
+
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
            console: Console) -> dict[str, Any]:
     """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
@@ -253,50 +310,12 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     window = max(1, opts.get("window", 32))
     dst = (GATEWAY, port)
     echo = mode in ("echo", "both")
-    sent = replies = bad = dup = late = inbound_count = 0
-    # per sequence number, within a window: when it was sent and when its reply came; older
-    # numbers fold into runs of lost ones (common.seqwindow): memory stays flat for hours
-    echoes = SeqWindow(len(flows))
-    inbound_seqs = SeqWindow(1)  # host -> guest numbers: when each came
-    outstanding: set[int] = set()
-    gave_up: set[int] = set()
+    sent = 0
+    rx = StressReceiver(kernel, flows + ([inbound] if inbound else []), inbound, len(flows))
+    outstanding = rx.outstanding
     t0 = last_report = kernel.now_ns()
     end = t0 + duration_ns
     console("stress started")
-
-    socks = flows + ([inbound] if inbound else [])
-
-    def drain(block_s: float) -> None:
-        nonlocal replies, bad, dup, late, inbound_count
-        if block_s and not any(sock.rcvq for sock in socks):
-            kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
-        for sock in socks:
-            while sock.rcvq:
-                data, _, arrived = sock.rcvq.popleft()
-                seq = int.from_bytes(data[:SEQ_BYTES], "big")
-                if sock is inbound:
-                    inbound_count += 1
-                    inbound_seqs.arrive(seq, arrived, grow=True)
-                    continue
-                if data != payload(seq, len(data)):
-                    bad += 1
-                    continue
-                verdict = echoes.arrive(seq, arrived)
-                if verdict == "bad":
-                    bad += 1
-                elif verdict == "dup":
-                    dup += 1
-                else:
-                    replies += 1
-                    if seq in gave_up:
-                        gave_up.discard(seq)
-                        late += 1
-                    else:
-                        outstanding.discard(seq)
-
-    def report() -> None:
-        console(f"progress sent={sent} replies={replies} inbound={inbound_count} "
-                f"awaiting={len(outstanding)}")
 
     progress_at, progress_replies = t0, 0
     faulted: list[int] = []
@@ -311,43 +330,43 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             FaultInjector(stack.dev.priv, kind, after=0)
             faulted.append(sent)
         if echo and len(outstanding) >= window:
-            drain(0.1)
+            rx.drain(0.1)
             now = kernel.now_ns()
-            if replies != progress_replies:
-                progress_at, progress_replies = now, replies
+            if rx.replies != progress_replies:
+                progress_at, progress_replies = now, rx.replies
             elif now - progress_at > 500_000_000:  # no reply for half a second: give up
-                gave_up = {s for s in gave_up if s >= echoes.base}  # older ones are folded
-                gave_up.update(outstanding)
-                outstanding.clear()
+                rx.give_up()
+                outstanding = rx.outstanding
                 progress_at = now
             continue
         size = stress_size(sent, lo, hi, seed)
         flows[sent % len(flows)].sendto(payload(sent, size), dst)
         if echo:
             outstanding.add(sent)
-            echoes.enter(sent, kernel.now_ns())
+            rx.echoes.enter(sent, kernel.now_ns())
         sent += 1
         if sent % 64 == 0:
-            drain(0.0)
+            rx.drain(0.0)
             now = kernel.now_ns()
             if now - last_report > 500_000_000:
                 last_report = now
-                report()
+                console(rx.progress(sent))
     console("stress finishing")
     deadline = kernel.now_ns() + 2_000_000_000
-    while echo and outstanding and kernel.now_ns() < deadline:
-        drain(0.2)
+    while echo and rx.outstanding and kernel.now_ns() < deadline:
+        rx.drain(0.2)
     if inbound is not None:
         quiet_until = kernel.now_ns() + 500_000_000
         while kernel.now_ns() < quiet_until:
-            drain(0.1)
-    report()
-    return {"reply_gaps": echoes.runs() if echo else [],
-            "inbound_gaps": inbound_seqs.runs(), "inbound_seen": inbound_seqs.top,
-            "inbound_last_ns": inbound_seqs.last_ns,
-            "sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
-            "inbound": inbound_count, "unanswered": sent - replies if echo else 0,
-            "late_replies": late, "faulted_seqs": faulted,
+            rx.drain(0.1)
+    console(rx.progress(sent))
+    return {"reply_gaps": rx.echoes.runs() if echo else [],
+            "inbound_gaps": rx.inbound_seqs.runs(), "inbound_seen": rx.inbound_seqs.top,
+            "inbound_last_ns": rx.inbound_seqs.last_ns,
+            "sent": sent, "replies": rx.replies, "bad_replies": rx.bad,
+            "duplicate_replies": rx.dup, "inbound": rx.inbound_count,
+            "unanswered": sent - rx.replies if echo else 0,
+            "late_replies": rx.late, "faulted_seqs": faulted,
             "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
 
 

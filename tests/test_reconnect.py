@@ -18,7 +18,7 @@ from test_process_faults import HostSocket, children_of, finish, start_run
 from vreplica.run import supervisor
 from vreplica.run.summary import kicks_line
 from vreplica.run.supervisor import RunOptions, Supervisor
-from vreplica.stress.stress import Chaos, ChaosLog
+from vreplica.stress.chaos import Chaos, ChaosLog
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
-import signal
 import socket
 import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from vreplica.run.options import (
 )
 from vreplica.run.preflight import UsageError, finite_float, writable_file
 from vreplica.run.summary import build_summary
-from vreplica.run.supervisor import RESTART_LIMIT, RunFailed, RunOptions, Supervisor
+from vreplica.run.supervisor import RunFailed, RunOptions, Supervisor
 from vreplica.stress.attribution import (
     attribute,
     begin_at_entry,
@@ -45,14 +43,7 @@ from vreplica.stress.attribution import (
     run_total,
     summary_of,
 )
-
-CHAOS_KINDS = {
-    "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
-    "echo-pause": "the host echo service stops reading its socket for 0.3 s, as a stopped "
-                  "process would (the socket's buffer holds what comes: nothing is lost)",
-    "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
-    "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
-}
+from vreplica.stress.chaos import CHAOS_KINDS, Chaos, ChaosLog
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
@@ -122,121 +113,6 @@ class InboundStream:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(1.0)
-
-
-@dataclass
-class ChaosLog:
-    t0: float
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, kind: str, start_ns: int = 0, **details: Any) -> dict[str, Any]:
-        """One event; ``start_ns`` (monotonic) when it began, if not now."""
-        start_ns = start_ns or time.monotonic_ns()
-        event = {"t_s": round(start_ns / 1e9 - self.t0, 3), "kind": kind, "start_ns": start_ns,
-                 **details}
-        self.events.append(event)
-        return event
-
-
-class Chaos:
-    """Fires the chosen kinds of trouble at random moments while the run goes on."""
-
-    def __init__(self, kinds: list[str], sup: Supervisor, echo: UdpEcho | None, log: ChaosLog,
-                 seed: int, period_s: float) -> None:
-        self.kinds = kinds
-        self.sup = sup
-        self.echo = echo
-        self.log = log
-        self.rng = random.Random(seed)
-        self.period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
-
-    def start(self) -> None:
-        if self.kinds:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2.0)
-
-    def _run(self) -> None:
-        deck: list[str] = []  # each kind once a round, in a random order: all of them fire
-        while not self._stop.wait(self.period_s * (0.5 + self.rng.random())):
-            if not deck:
-                deck = self.rng.sample(self.kinds, len(self.kinds))
-            kind = deck.pop()
-            try:
-                getattr(self, "do_" + kind.replace("-", "_"))()
-            except (OSError, KeyError) as e:
-                self.log.add(kind, error=str(e))
-
-    def do_guest_pause(self) -> None:
-        p = self.sup.procs["guest"]
-        pause = 0.2 + 0.3 * self.rng.random()
-        p.send_signal(signal.SIGSTOP)
-        event = self.log.add("guest-pause", seconds=round(pause, 3))
-        self._stop.wait(pause)
-        p.send_signal(signal.SIGCONT)
-        event["end_ns"] = time.monotonic_ns()
-
-    def do_echo_pause(self) -> None:
-        if self.echo is None:
-            return
-        start_ns = time.monotonic_ns()
-        self.echo.pause()
-        self._stop.wait(0.3)
-        self.echo.resume()
-        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns())
-
-    def do_kill_device(self) -> None:
-        if self.sup.restarts_in_window() >= RESTART_LIMIT // 2:
-            return  # at most half the supervisor's restart rate: stress never reaches it
-        p = self.sup.procs["qemu"]
-        p.send_signal(signal.SIGKILL)
-        self.log.add("kill-device", pid=p.pid)
-
-    def do_ring_fault(self) -> None:
-        p = self.sup.procs["guest"]
-        p.send_signal(signal.SIGUSR1)
-        self.log.add("ring-fault", pid=p.pid)
-
-
-class SmoothedRate:
-    """A count's rate per second, taken each time the count is reported and smoothed over
-    about TAU_S (an exponential moving average): the bar does not flip with each report."""
-
-    TAU_S = 2.0
-
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.count = 0
-        self.rate = 0.0
-
-    def update(self, count: int, now: float) -> None:
-        if count == self.count and now - self.t < 1.0:  # no new report yet
-            return
-        if self.t:
-            dt = max(1e-3, now - self.t)
-            alpha = 1.0 - math.exp(-dt / self.TAU_S)
-            self.rate += alpha * ((count - self.count) / dt - self.rate)
-        self.t, self.count = now, count
-
-
-def progress_line(mode: str, p: dict[str, int], send_rate: float, exit_rate: float,
-                  at_sink: int, inbound_sent: int) -> str:
-    """The bar's figures, named as the verdict names them: the guest's sends, what came back
-    (echo replies, or what reached the host's sink), the host's inbound stream."""
-    parts = [f"sent {p['sent']:,} ({send_rate:,.0f}/s)"]
-    if mode == "tx":
-        parts.append(f"at the host's sink {at_sink:,}")
-    else:
-        parts.append(f"replies {p['replies']:,}, awaiting {p['awaiting']:,}")
-    if mode == "both":
-        parts.append(f"inbound {p['inbound']:,} of {inbound_sent:,}")
-    parts.append(f"VM exits {exit_rate:,.0f}/s")
-    return ", ".join(parts)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -322,6 +198,125 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     return lo, hi, kinds
 
 
+@dataclass
+class HostSide:
+    """The host's end of a stress run: a sink (tx) or an echo service, and the inbound
+    stream (both)."""
+
+    sink: FlowSink | None = None
+    echo: UdpEcho | None = None
+    inbound: InboundStream | None = None
+
+
+class SmoothedRate:
+    """A count's rate per second, taken each time the count is reported and smoothed over
+    about TAU_S (an exponential moving average): the bar does not flip with each report."""
+
+    TAU_S = 2.0
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.count = 0
+        self.rate = 0.0
+
+    def update(self, count: int, now: float) -> None:
+        if count == self.count and now - self.t < 1.0:  # no new report yet
+            return
+        if self.t:
+            dt = max(1e-3, now - self.t)
+            alpha = 1.0 - math.exp(-dt / self.TAU_S)
+            self.rate += alpha * ((count - self.count) / dt - self.rate)
+        self.t, self.count = now, count
+
+
+def progress_line(mode: str, p: dict[str, int], send_rate: float, exit_rate: float,
+                  at_sink: int, inbound_sent: int) -> str:
+    """The bar's figures, named as the verdict names them: the guest's sends, what came back
+    (echo replies, or what reached the host's sink), the host's inbound stream."""
+    parts = [f"sent {p['sent']:,} ({send_rate:,.0f}/s)"]
+    if mode == "tx":
+        parts.append(f"at the host's sink {at_sink:,}")
+    else:
+        parts.append(f"replies {p['replies']:,}, awaiting {p['awaiting']:,}")
+    if mode == "both":
+        parts.append(f"inbound {p['inbound']:,} of {inbound_sent:,}")
+    parts.append(f"VM exits {exit_rate:,.0f}/s")
+    return ", ".join(parts)
+
+
+class StressProgress:
+    """The progress bar, fed by the guest's console lines and the supervisor's ticks, and
+    each process's RSS at the start (once the load has run a while) and the end."""
+
+    def __init__(self, a: argparse.Namespace, sup: Supervisor, chaos: Chaos, host: HostSide,
+                 duration: float) -> None:
+        self.a, self.sup, self.chaos, self.host, self.duration = a, sup, chaos, host, duration
+        self.rss_start: dict[str, int] = {}
+        self.rss_end: dict[str, int] = {}
+        self.progress = {"sent": 0, "replies": 0, "inbound": 0, "awaiting": 0}
+        total = a.packets or duration
+        self.bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
+                        file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]"
+                                   "{postfix}")
+        self.t_start = self.last_tick = time.monotonic()
+        self.started_at = 0.0
+        self.warm_up_s = min(RSS_WARM_UP_S, (duration or 10.0) / 2)
+        self.send_rate, self.exit_rate = SmoothedRate(), SmoothedRate()
+
+    def on_console(self, role: str, line: str) -> None:
+        inbound = self.host.inbound
+        if line == "stress started":
+            self.started_at = time.monotonic()
+            self.chaos.start()
+            if inbound is not None:
+                inbound.start()
+        elif line == "stress finishing":
+            self.chaos.stop()
+            if inbound is not None:
+                inbound.stop()
+        elif line.startswith("progress"):
+            for part in line.split()[1:]:
+                k, v = part.split("=")
+                self.progress[k] = int(v)
+            self.send_rate.update(self.progress["sent"], time.monotonic())
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_tick < 0.25:
+            return
+        self.last_tick = now
+        rss = {role: v for role, v in self.sup.rss().items() if v > 0}  # exiting: 0
+        if not self.rss_start and self.started_at and now - self.started_at >= self.warm_up_s:
+            self.rss_start.update(rss)
+        self.rss_end.update(rss)
+        self.exit_rate.update(self.sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0), now)
+        sink, inbound = self.host.sink, self.host.inbound
+        self.bar.set_postfix_str(progress_line(
+            self.a.mode, self.progress, self.send_rate.rate, self.exit_rate.rate,
+            sink.seen.came if sink is not None else 0, inbound.sent if inbound is not None else 0))
+        self.bar.n = self.progress["sent"] if self.a.packets else min(self.duration,
+                                                                      now - self.t_start)
+        self.bar.refresh()
+
+    def so_far(self, failure: RunFailed, log: ChaosLog, flows: int) -> dict[str, Any]:
+        """What a run that could not finish had measured, and why it ended."""
+        a, sink, inbound = self.a, self.host.sink, self.host.inbound
+        return {
+            "mode": a.mode, "queues": a.queues, "flows": flows,
+            "duration_s": round(time.monotonic() - self.t_start, 2),
+            "sent": self.progress["sent"],
+            "delivered": sink.seen.came if sink is not None else self.progress["replies"],
+            "inbound_sent": inbound.sent if inbound else 0,
+            "inbound_received": self.progress["inbound"],
+            "device_restarts": self.sup.restarts,
+            "chaos": [{k: v for k, v in e.items() if not k.endswith("_ns")} for e in log.events],
+            "rss_start_mb": {r: round(v / 2**20, 1) for r, v in self.rss_start.items()},
+            "rss_end_mb": {r: round(v / 2**20, 1) for r, v in self.rss_end.items()},
+            "device_error_lines": dict(self.sup.error_lines),
+            "leftovers": leftovers_of(self.sup), "reasons": [str(failure)], "verdict": "FAIL"}
+
+
 class StressFailed(RunFailed):
     """The run could not finish; ``verdict`` is what it had measured so far, and why."""
 
@@ -339,27 +334,41 @@ def leftovers_of(sup: Supervisor) -> list[str]:
         [cfg.rundir] if Path(cfg.rundir).exists() else [])
 
 
+@dataclass
+class StressRun:
+    """What a finished stress run left to judge."""
+
+    cfg: Any
+    sup: Supervisor
+    reports: dict[str, Any]
+    summary: dict[str, Any]
+    host: HostSide
+    log: ChaosLog
+    watch: StressProgress
+    tap: dict[str, Any]
+    flows: int
+    sizes: tuple[int, int]
+    kinds: list[str]
+
+
 def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     lo, hi, kinds = check(a)
     tap = stress_tap_options(a)
     duration = a.duration if a.duration is not None else (0 if a.packets else 10.0)
     flows = a.flows or 2 * a.queues
-    sink: FlowSink | None = None
-    echo: UdpEcho | None = None
-    inbound: InboundStream | None = None
+    host = HostSide()
     hostfwd: list[tuple[int, int]] = []
 
     def start_services(ns: str | None) -> int:
         """The host's end: on loopback for slirp, on 10.0.2.2 in the run's namespace behind a
         tap; the port the guest sends to."""
-        nonlocal sink, echo, inbound
         if a.mode == "tx":
-            sink = FlowSink(lo, hi, a.seed, ns)
+            host.sink = FlowSink(lo, hi, a.seed, ns)
         else:
-            echo = UdpEcho(0, ns=ns)
+            host.echo = UdpEcho(0, ns=ns)
         if a.mode == "both":
-            inbound = InboundStream(GUEST_PORT if ns else hostfwd[0][0], 2000.0, ns)
-        return sink.port if sink else echo.port  # type: ignore[union-attr]
+            host.inbound = InboundStream(GUEST_PORT if ns else hostfwd[0][0], 2000.0, ns)
+        return host.sink.port if host.sink else host.echo.port  # type: ignore[union-attr]
 
     if a.mode == "both" and not tap:
         hostfwd = [(free_udp_port(), GUEST_PORT)]
@@ -374,64 +383,21 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if tap:
         def before_spawn(cfg: Any) -> None:
             opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
-            chaos.echo = echo
+            chaos.echo = host.echo
 
         sup.before_spawn = before_spawn
     else:
         opts.dest_port = start_services(None)
     log = ChaosLog(time.monotonic())
-    chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
-    rss_start: dict[str, int] = {}  # once the load has run a while: its working set made
-    started_at = [0.0]
-    warm_up_s = min(RSS_WARM_UP_S, (duration or 10.0) / 2)
-    rss_end: dict[str, int] = {}
-    progress = {"sent": 0, "replies": 0, "inbound": 0, "awaiting": 0}
-    total = a.packets or duration
-    bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
-               file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]{postfix}")
-    t_start = time.monotonic()
-    last_tick = [t_start]
-    send_rate, exit_rate = SmoothedRate(), SmoothedRate()
+    chaos = Chaos(kinds, sup, host.echo, log, a.seed, a.chaos_period)
+    watch = StressProgress(a, sup, chaos, host, duration)
+    sup.on_console = watch.on_console
+    sup.on_tick = watch.on_tick
 
-    def on_console(role: str, line: str) -> None:
-        if line == "stress started":
-            started_at[0] = time.monotonic()
-            chaos.start()
-            if inbound is not None:
-                inbound.start()
-        elif line == "stress finishing":
-            chaos.stop()
-            if inbound is not None:
-                inbound.stop()
-        elif line.startswith("progress"):
-            for part in line.split()[1:]:
-                k, v = part.split("=")
-                progress[k] = int(v)
-            send_rate.update(progress["sent"], time.monotonic())
-
-    def on_tick() -> None:
-        now = time.monotonic()
-        if now - last_tick[0] < 0.25:
-            return
-        last_tick[0] = now
-        rss = {role: v for role, v in sup.rss().items() if v > 0}  # an exiting process shows 0
-        if not rss_start and started_at[0] and now - started_at[0] >= warm_up_s:
-            rss_start.update(rss)
-        rss_end.update(rss)
-        exit_rate.update(sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0), now)
-        bar.set_postfix_str(progress_line(a.mode, progress, send_rate.rate, exit_rate.rate,
-                                          sink.seen.came if sink is not None else 0,
-                                          inbound.sent if inbound is not None else 0))
-        bar.n = progress["sent"] if a.packets else min(duration, now - t_start)
-        bar.refresh()
-
-    sup.on_console = on_console
-    sup.on_tick = on_tick
     def quiet_host_side() -> None:
         chaos.stop()
-        if inbound is not None:
-            inbound.stop()
+        if host.inbound is not None:
+            host.inbound.stop()
 
     failure: RunFailed | None = None
     try:
@@ -440,36 +406,36 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         except RunFailed as e:
             failure = e
         finally:
-            bar.close()
+            watch.bar.close()
         if failure is None:
             time.sleep(0.3)
             reports = sup.reports()
             summary = build_summary(cfg.rid, opts, reports, None, sup.t_end - sup.t_start)
     finally:
-        for h in (sink, echo):
+        for h in (host.sink, host.echo):
             if h is not None:
                 h.close()
         sup.cleanup()
-    leftovers = leftovers_of(sup)
     if failure is not None:
-        so_far = {
-            "mode": a.mode, "queues": a.queues, "flows": flows,
-            "duration_s": round(time.monotonic() - t_start, 2), "sent": progress["sent"],
-            "delivered": sink.seen.came if sink is not None else progress["replies"],
-            "inbound_sent": inbound.sent if inbound else 0,
-            "inbound_received": progress["inbound"], "device_restarts": sup.restarts,
-            "chaos": [{k: v for k, v in e.items() if not k.endswith("_ns")}
-                      for e in log.events],
-            "rss_start_mb": {r: round(v / 2**20, 1) for r, v in rss_start.items()},
-            "rss_end_mb": {r: round(v / 2**20, 1) for r, v in rss_end.items()},
-            "device_error_lines": dict(sup.error_lines), "leftovers": leftovers,
-            "reasons": [str(failure)], "verdict": "FAIL"}
-        raise StressFailed(str(failure), failure.code, so_far)
+        raise StressFailed(str(failure), failure.code, watch.so_far(failure, log, flows))
+    verdict = judge(a, StressRun(cfg, sup, reports, summary, host, log, watch, tap, flows,
+                                 (lo, hi), kinds))
+    return verdict, 1 if verdict["reasons"] else 0
+
+
+def judge(a: argparse.Namespace, run: StressRun) -> dict[str, Any]:
+    """The verdict: every loss attributed to the chaos that caused it, or named."""
+    sup, reports, summary = run.sup, run.reports, run.summary
+    sink, inbound = run.host.sink, run.host.inbound
+    flows, tap, kinds = run.flows, run.tap, run.kinds
+    lo, hi = run.sizes
+    rss_start, rss_end = run.watch.rss_start, run.watch.rss_end
+    leftovers = leftovers_of(sup)
     guest = reports.get("guest", {})
     prog = guest.get("program", {})
     qemu = reports.get("qemu", {})
     sent = prog.get("sent", 0)
-    events = outages(log.events, guest.get("reset_log", []),
+    events = outages(run.log.events, guest.get("reset_log", []),
                      qemu.get("cpr", {}).get("incomings", []))
     now_ns = time.monotonic_ns()
     faulted = set(prog.get("faulted_seqs", []))  # frames that carried a ring fault
@@ -537,7 +503,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
     verdict["verdict"] = "FAIL" if reasons else "PASS"
-    return verdict, 1 if reasons else 0
+    return verdict
 
 
 def fail_reasons(v: dict[str, Any], kinds: list[str]) -> list[str]:
@@ -616,7 +582,7 @@ def format_verdict(v: dict[str, Any]) -> str:
           if v.get("netdev", "user") == "user" else []),
         ("device error lines", ", ".join(f"{n:,} x '{kind}'" for kind, n in
                                          v["device_error_lines"].items())
-                                + " (--verbose shows each)" if v["device_error_lines"] else "none"),
+         + " (--verbose shows each)" if v["device_error_lines"] else "none"),
         ("leftovers", ", ".join(v["leftovers"]) or "none"),
         ("verdict", v["verdict"]),
     ]
