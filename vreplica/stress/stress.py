@@ -287,8 +287,9 @@ class StressProgress:
             return
         self.last_tick = now
         rss = {role: v for role, v in self.sup.rss().items() if v > 0}  # exiting: 0
-        if not self.rss_start and self.started_at and now - self.started_at >= self.warm_up_s:
-            self.rss_start.update(rss)
+        if self.started_at and now - self.started_at >= self.warm_up_s:
+            for role, v in rss.items():  # a QEMU being restarted then: its successor's first
+                self.rss_start.setdefault(role, v)
         self.rss_end.update(rss)
         self.exit_rate.update(self.sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0), now)
         sink, inbound = self.host.sink, self.host.inbound
