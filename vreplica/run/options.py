@@ -16,10 +16,27 @@ from vreplica.run.supervisor import RunOptions
 MAX_QUEUE_SIZE = 32768
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help gives each option's default after its help ("default: 10"; on|off options as
+    on or off); an option with no default, or whose help tells it, gets none added."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, "") or default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, argparse._StoreConstAction)  # store_true and the like
+                or "default" in text):
+            return text
+        shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
+        return f"{text} (default: {shown})".lstrip()
+
+
 class Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr, naming the program (``label``), and exit status 2."""
+    """Bad input is one line on stderr, naming the program (``label``), and exit status 2.
+    --help shows every option's default."""
 
     def __init__(self, *args: Any, label: str = "vreplica", **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.label = label
 
@@ -54,7 +71,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "back to back); e.g. 1,5@300,20 is the recorded QEMU run's warm-up, "
                         "5 spaced 300 ms apart and a burst of 20 (sets --packets)")
     p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
-    p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
+    p.add_argument("--mem", type=str, default="16M", help="guest RAM")
     add_device_options(p)
     p.add_argument("--guest-fault", metavar="KIND",
                    help="the guest driver breaks one ring rule after 5 good frames and "
@@ -64,9 +81,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="with --trace: only these trace events start on ('spans' for the "
                         "function spans), as QEMU's -trace enable=PATTERN; 'help' lists them")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
-    p.add_argument("--summary-json", metavar="FILE")
+    p.add_argument("--summary-json", metavar="FILE", help="write the summary here, as JSON")
     p.add_argument("--timeout", type=finite_float, default=60.0,
-                   help="seconds before the run gives up")
+                   help="seconds without progress (the guest's datagrams sent or received) "
+                        "before the run gives up; the guest's own waits for replies give up "
+                        "after as long, the supervisor 15 s later")
     p.add_argument("--poll-us", type=finite_float, default=0.0, metavar="US",
                    help="the replica's own (vhost-net's poll-us, not a QEMU option): the TX "
                         "bottom half busy-polls the ring this long before it turns kicks "
@@ -90,16 +109,23 @@ def add_device_options(p: argparse.ArgumentParser) -> list[str]:
     return [a.dest for a in (
         p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)"),
         p.add_argument("--vectors", type=int, default=None,
-                       help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue (default)"),
-        p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off"),
-        p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off"),
-        p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off"),
+                       help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue "
+                            "(default: one per queue, the config's and the control queue's)"),
+        p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off",
+                       help="KVM signals an eventfd for the guest's kick, the vCPU goes on "
+                            "(off: the kick exits to QEMU's vCPU thread)"),
+        p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off",
+                       help="VIRTIO_RING_F_EVENT_IDX: kicks and interrupts suppressed by index"),
+        p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off",
+                       help="VIRTIO_NET_F_MRG_RXBUF: a received frame may span RX buffers"),
         p.add_argument("--any-layout", type=on_off, default=True, metavar="on|off",
                        help="off: TX puts the virtio-net header in a buffer of its own"),
         p.add_argument("--indirect-desc", type=on_off, default=True, metavar="on|off",
                        help="VIRTIO_RING_F_INDIRECT_DESC (used by chains of 2+ buffers)"),
-        p.add_argument("--tx", choices=("bh", "timer"), default="bh"),
-        p.add_argument("--tx-burst", type=int, default=256),
+        p.add_argument("--tx", choices=("bh", "timer"), default="bh",
+                       help="how QEMU defers TX work after a kick: a bottom half or a timer"),
+        p.add_argument("--tx-burst", type=int, default=256,
+                       help="frames QEMU sends per TX pass before it yields (x-txburst)"),
         p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
                        help="--tx timer: the TX timer's delay (QEMU's x-txtimer)"),
         p.add_argument("--ring", choices=RINGS, default="split",
