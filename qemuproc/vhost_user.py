@@ -74,10 +74,7 @@ class VhostUser:
         self.user = user
         self.inflight_fd = -1
         self.inflight: mmap.mmap | None = None
-
-    @property
-    def calls(self) -> int:
-        return self.user.messages
+        self.calls = 0  # messages this device sent
 
     def close(self) -> None:
         if self.inflight is not None:
@@ -111,6 +108,7 @@ def vhost_user_write(dev: Any, msg: VhostUserMsg, fds: list[int] | None = None) 
     except OSError as e:
         raise VhostUserError(e.errno or 32, f"vhost_user_write: {e.strerror or e}") from None
     dev.backend.user.messages += 1
+    dev.backend.calls += 1
 
 
 def vhost_user_read(dev: Any, request: int) -> VhostUserMsg:

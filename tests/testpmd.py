@@ -14,7 +14,7 @@ import pexpect
 PROMPT = "testpmd> "
 
 
-class Testpmd:
+class DpdkTestpmd:
     """``dpdk-testpmd --vdev net_vhost0,iface=SOCK,queues=N -- -i --forward-mode=MODE``: the
     vhost library as the back end (a server on SOCK unless ``client``)."""
 
@@ -45,6 +45,16 @@ class Testpmd:
         tx = re.search(r"TX-packets:\s+(\d+)", out)
         assert rx and tx, out
         return {"rx": int(rx.group(1)), "tx": int(tx.group(1))}
+
+    def stream_stats(self, queues: int) -> dict[str, list[int]]:
+        """Stop forwarding; per queue, the packets its stream received and sent (testpmd's
+        'Forward Stats for RX Port= 0/Queue= N' blocks; a stream that moved nothing has none)."""
+        out = self.cmd("stop")
+        rx, tx = [0] * queues, [0] * queues
+        for q, r, t in re.findall(r"RX Port=\s*0/Queue=\s*(\d+) -> TX Port=\s*0/Queue=\s*\d+"
+                                  r"\s*-+\s*RX-packets:\s*(\d+)\s+TX-packets:\s*(\d+)", out):
+            rx[int(q)], tx[int(q)] = int(r), int(t)
+        return {"rx": rx, "tx": tx, "text": out}  # type: ignore[dict-item]
 
     def stop(self) -> None:
         """quit if it answers, then kill its process group whatever it did."""

@@ -98,6 +98,12 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
+    if "vhost_user" in q:  # the frames each way per queue pair, as the guest's driver counted
+        summary["vhost_user"] = {
+            "qemu": q["vhost_user"], "vhost": q.get("vhost"),
+            "guest_features": q.get("guest_features"),
+            "guest_tx_frames": [x.get("packets", 0) for x in g.get("sq") or []],
+            "guest_rx_frames": [x.get("packets", 0) for x in g.get("rq") or []]}
     if "tap" in q:
         summary["tap"] = q["tap"]
         summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
