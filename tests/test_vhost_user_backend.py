@@ -39,6 +39,7 @@ pytestmark = [
     pytest.mark.skipif(TESTPMD is None, reason="needs dpdk-testpmd (dpdk-dev)"),
     pytest.mark.skipif(netns.privilege_problem() is not None,
                        reason=str(netns.privilege_problem())),
+    pytest.mark.usefixtures("no_leftovers"),
 ]
 ETH_IP_UDP = 14 + 20 + 8
 
@@ -72,7 +73,7 @@ def backend(tmp_path: Path, *args: str) -> Iterator[dict]:
 
 
 @contextmanager
-def testpmd(vdev: str, queues: int, fwd: str) -> Iterator[pexpect.spawn]:
+def run_testpmd(vdev: str, queues: int, fwd: str) -> Iterator[pexpect.spawn]:
     """dpdk-testpmd with one virtio-user port, forwarding started; killed (its process
     group) and its runtime directory removed whatever happens."""
     prefix = f"vubt{os.getpid()}{time.monotonic_ns() % 10**6}"
@@ -94,6 +95,7 @@ def testpmd(vdev: str, queues: int, fwd: str) -> Iterator[pexpect.spawn]:
             pass
         p.close(force=True)
         shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
+    assert not Path(f"/var/run/dpdk/{prefix}").exists()
 
 
 def port_stats(p: pexpect.spawn) -> dict[str, int]:
@@ -185,7 +187,7 @@ def test_frames_both_ways_counted_at_both_ends(tmp_path: Path, extra: str, queue
         if jumbo:
             netns._ip("-n", ns, "link", "set", netns.TAP_NAME, "mtu", "9000")
         vdev = f"net_virtio_user0,path={b['sock']},queues={queues}{vdev_extra}"
-        with testpmd(vdev, queues, "io") as p:
+        with run_testpmd(vdev, queues, "io") as p:
             send_udp(ns, sizes)
             s = wait_stats(p, "TX-packets", len(sizes))
             p.sendline("stop")
@@ -219,7 +221,7 @@ def test_ping_through_backend_to_testpmd_icmpecho(tmp_path: Path) -> None:
     match testpmd's."""
     with backend(tmp_path, "--netdev", "tap") as b:
         vdev = f"net_virtio_user0,path={b['sock']},queues=1"
-        with testpmd(vdev, 1, "icmpecho") as p:
+        with run_testpmd(vdev, 1, "icmpecho") as p:
             r = in_ns(b["ns"], sys.executable, "-c", PING, "40")
             assert r.stdout.split() == ["40"], r.stdout + r.stderr
             p.sendline("stop")
@@ -238,7 +240,7 @@ def test_poll_mode_takes_no_kicks(tmp_path: Path) -> None:
     sizes = [64] * 300
     with backend(tmp_path, "--netdev", "tap", "--poll") as b:
         vdev = f"net_virtio_user0,path={b['sock']},queues=1"
-        with testpmd(vdev, 1, "io") as p:
+        with run_testpmd(vdev, 1, "io") as p:
             send_udp(b["ns"], sizes)
             s = wait_stats(p, "TX-packets", len(sizes))
             p.sendline("stop")
@@ -328,3 +330,24 @@ def test_bad_input_one_line_exit_2(tmp_path: Path, args: list[str], why: str) ->
     assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr
     assert r.stdout == ""
     assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_leaves_what_the_run_cleanup_removes(tmp_path: Path) -> None:
+    """Killed with SIGKILL, the backend's own namespace and its owner record stay; the
+    run cleanup (common/ipc.py) sees the owner dead and removes both."""
+    from common import ipc
+
+    with backend(tmp_path, "--netdev", "tap") as b:
+        ns = b["ns"]
+        rid = ns.removeprefix(netns.NETNS_PREFIX)
+        assert netns.netns_path(ns).exists()
+        assert ipc.run_owner(rid) == (b["proc"].pid, pytest.approx(
+            __import__("psutil").Process(b["proc"].pid).create_time(), abs=0.01))
+        assert rid not in ipc.cleanup_dead_runs()  # alive: not touched
+        os.kill(b["proc"].pid, signal.SIGKILL)
+        b["proc"].wait()
+    assert netns.netns_path(ns).exists()
+    assert rid in ipc.cleanup_dead_runs()
+    assert not netns.netns_path(ns).exists()
+    assert ipc.run_owner(rid) is None
