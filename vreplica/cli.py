@@ -206,12 +206,16 @@ def vhost_user_options(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.tap_sndbuf or a.tap_rate or a.vhost:
         raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
-    if not a.chardev:
-        raise UsageError("--netdev vhost-user needs --chardev id=ID,path=SOCK (-chardev "
-                         "socket,...)")
     if not a.ioeventfd:
         raise UsageError("--netdev vhost-user needs --ioeventfd on: the back end takes the "
                          "queues' host notifiers")
+    if not a.chardev:  # the replica's own back end, a fourth process
+        from vhostuserproc.__main__ import VHOST_USER_BRIDGE_MAX_QUEUES
+
+        if a.queues > VHOST_USER_BRIDGE_MAX_QUEUES // 2:
+            raise UsageError(f"--queues {a.queues}: the vhost-user backend gives 1 to "
+                             f"{VHOST_USER_BRIDGE_MAX_QUEUES // 2} queue pairs")
+        return {"netdev": "vhost-user", "csum": a.csum}
     spec: dict[str, Any] = {"id": "c0", "server": False, "wait": True, "reconnect": 0}
     for key, value in qemu_opts_parse(a.chardev):
         if key in ("server", "wait"):
