@@ -97,7 +97,8 @@ def test_arp_and_icmp_echo_through_testpmd(tmp_path: Path, sock: Path, testpmd_f
      [VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX, VIRTIO_NET_F_MRG_RXBUF], []),
     (["--transport", "modern", "--ring", "packed", "--event-idx", "off"],
      [VIRTIO_F_RING_PACKED], [VIRTIO_RING_F_EVENT_IDX]),
-], ids=["split-eventidx", "split-mrgrxbuf", "packed-mrgrxbuf", "packed-noeventidx"])
+    (["--vectors", "0"], [], []),
+], ids=["split-eventidx", "split-mrgrxbuf", "packed-mrgrxbuf", "packed-noeventidx", "intx"])
 def test_udp_both_ways_through_testpmd(tmp_path: Path, sock: Path, testpmd_factory: Any,
                                        no_leftovers: Any, extra: list[str],
                                        features_on: list[int],
