@@ -114,6 +114,7 @@ from qemuproc.virtio import (
     virtio_queue_set_notification,
     virtqueue_avail_bytes,
     virtqueue_detach_element,
+    virtqueue_drop_all,
     virtqueue_fill,
     virtqueue_flush,
     virtqueue_pop,
@@ -250,32 +251,40 @@ class VirtIONet(VirtIODevice):
             virtio_net_apply_guest_offloads(self, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
-        link up, within the pairs in use, not vhost's) flushes what waited for it; on
-        DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
+        """virtio_net_set_status: vhost starts or stops; each queue pair QEMU itself serves
+        (DRIVER_OK, link up, running, within the pairs in use, not vhost's) flushes what
+        waited for it and resumes a waiting TX; for any other pair a waiting TX bottom half
+        or timer is cancelled and, with the link down, what the guest queued is dropped
+        (virtio_net_drop_tx_queue_data), so its kicks come again. It runs before
         virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
         no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
-        on later gets its frames (virtio_net_handle_mq calls this again). Once vhost has the
-        rings a waiting TX bottom half or timer is cancelled (tx_waiting stays, for when
-        QEMU takes the rings back)."""
+        on later gets its frames (virtio_net_handle_mq calls this again)."""
         virtio_net_vhost_status(self, status)
-        if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            for q in self.vqs:
-                if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
+        for i, q in enumerate(self.vqs):
+            if (not self.multiqueue and i != 0) or i >= self.curr_queue_pairs:
+                queue_status = 0
+            else:
+                queue_status = status
+            queue_started = virtio_net_started(self, queue_status) and not self.vhost_started
+            if queue_started:
+                qemu_flush_queued_packets(self.ncs[i])
+            if not q.tx_waiting:
+                continue
+            if queue_started:
+                if q.tx_timer is not None:
+                    timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + self.tx_timeout)
+                elif q.tx_bh is not None:
                     qemu_bh_schedule(q.tx_bh)
-        if self.vhost_started:  # the back end has the rings: QEMU's own TX stays off them
-            for q in self.vqs:
-                if q.tx_waiting:
-                    if q.tx_timer is not None:
-                        timer_del(q.tx_timer)
-                    elif q.tx_bh is not None:
-                        qemu_bh_cancel(q.tx_bh)
-        if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
-                and self.vm_running) or self.vhost_started:
-            return  # vhost has RX: the frames wait for it
-        for i, nc in enumerate(self.ncs):
-            if (self.multiqueue or i == 0) and i < self.curr_queue_pairs:
-                qemu_flush_queued_packets(nc)
+                continue
+            if q.tx_timer is not None:
+                timer_del(q.tx_timer)
+            elif q.tx_bh is not None:
+                qemu_bh_cancel(q.tx_bh)
+            if not self.status_net & VIRTIO_NET_S_LINK_UP \
+                    and queue_status & VIRTIO_CONFIG_S_DRIVER_OK and self.vm_running:
+                q.tx_waiting = False  # the guest queued frames with notifications off
+                virtio_queue_set_notification(q.tx_vq, True)
+                virtio_net_drop_tx_queue_data(self, q.tx_vq)
 
     def reset(self) -> None:
         """virtio_net_reset: among the rest, a TX frame the backend still holds is flushed
@@ -292,6 +301,16 @@ class VirtIONet(VirtIODevice):
         self.curr_queue_pairs = 1
         self.multiqueue = False
         self.virtio_net_reset_rx_filter()
+
+
+def virtio_net_started(n: VirtIONet, status: int) -> bool:
+    return bool(status & VIRTIO_CONFIG_S_DRIVER_OK) and bool(n.status_net & VIRTIO_NET_S_LINK_UP) \
+        and n.vm_running
+
+
+def virtio_net_drop_tx_queue_data(vdev: VirtIONet, vq: VirtQueue) -> None:
+    if virtqueue_drop_all(vq):
+        virtio_notify(vdev, vq)
 
 
 def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:

@@ -283,12 +283,14 @@ class VirtIOPCIProxy:
 
     def vhost_host_notifier(self, queue: int) -> Any:
         """The kick a vhost back end takes (virtio_queue_get_host_notifier): for vhost-user a
-        real eventfd, made the first time it is asked for; else the ioeventfd's name."""
+        real eventfd, made the first time it is asked for, signalled from the start as
+        virtio_bus_set_host_notifier makes it (event_notifier_init(notifier, 1)), so that the
+        back end looks at what the ring already holds; else the ioeventfd's name."""
         if not self.eventfd_notifiers:
             return self.cfg.ioeventfd(queue)
         n = self.vhost_host_notifiers.get(queue)
         if n is None:
-            n = self.vhost_host_notifiers[queue] = EventfdNotifier()
+            n = self.vhost_host_notifiers[queue] = EventfdNotifier(initval=1)
         return n
 
     def vhost_host_notifier_name(self, queue: int) -> str:

@@ -73,6 +73,7 @@ class FlowSink(UdpService):
         self.seen: set[int] = set()
         self.received = self.duplicates = self.reordered = self.bad = 0
         self.last_by_flow: dict[int, int] = {}
+        self.arrival_ns: dict[int, int] = {}  # when each sequence number first arrived
         self.serve()
 
     def handle(self, data: bytes, peer: tuple[str, int]) -> None:
@@ -86,6 +87,7 @@ class FlowSink(UdpService):
             self.duplicates += 1
             return
         self.seen.add(seq)
+        self.arrival_ns[seq] = time.monotonic_ns()
         if seq < self.last_by_flow.get(sport, -1):
             self.reordered += 1
         self.last_by_flow[sport] = max(seq, self.last_by_flow.get(sport, -1))
@@ -218,6 +220,27 @@ class Chaos:
         p = self.sup.procs["guest"]
         p.send_signal(signal.SIGUSR1)
         self.log.add("ring-fault", pid=p.pid)
+
+
+def sink_loss_runs(sink: FlowSink, sent: int, skip: set[int]) -> list[list[int]]:
+    """The sequence numbers the sink never saw, as runs [first, last, after_ns, before_ns]
+    between the arrivals of their neighbours (0: none after)."""
+    runs: list[list[int]] = []
+    cur: list[int] | None = None
+    for seq in range(sent):
+        if seq in sink.seen or seq in skip:
+            if cur is not None:
+                cur[3] = sink.arrival_ns.get(seq, 0)
+                runs.append(cur)
+                cur = None
+            continue
+        if cur is None:
+            cur = [seq, seq, sink.arrival_ns.get(seq - 1, 0), 0]
+        else:
+            cur[1] = seq
+    if cur is not None:
+        runs.append(cur)
+    return runs
 
 
 def backend_connected(pid: int, path: str) -> bool:
@@ -436,6 +459,11 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         lost = max(0, sent - delivered)
         lost_expected = len(faulted - sink.seen)
         unexplained_runs: list[list[int]] = []
+        backend_kills = [e for e in events if e.kind == "kill-backend"]
+        if backend_kills:  # the link was down meanwhile: QEMU dropped what the guest sent
+            runs = sink_loss_runs(sink, sent, faulted)
+            _, explained_k, unexplained_runs = attribute(runs, 1, backend_kills, now_ns)
+            lost_expected += explained_k
     else:
         delivered = prog.get("replies", 0)
         duplicated = prog.get("duplicate_replies", 0)
