@@ -222,24 +222,27 @@ class Chaos:
         self.log.add("ring-fault", pid=p.pid)
 
 
-def sink_loss_runs(sink: FlowSink, sent: int, skip: set[int]) -> list[list[int]]:
-    """The sequence numbers the sink never saw, as runs [first, last, after_ns, before_ns]
-    between the arrivals of their neighbours (0: none after)."""
+def sink_loss_runs(sink: FlowSink, sent: int, flows: int, skip: set[int]) -> list[list[int]]:
+    """The sequence numbers the sink never saw, per flow (a flow's datagrams take one queue
+    pair, in order; flow f carries f, f + flows, ...), as runs [first, last, after_ns,
+    before_ns] between the arrivals of their neighbours in the flow (0: none after)."""
     runs: list[list[int]] = []
-    cur: list[int] | None = None
-    for seq in range(sent):
-        if seq in sink.seen or seq in skip:
-            if cur is not None:
-                cur[3] = sink.arrival_ns.get(seq, 0)
-                runs.append(cur)
-                cur = None
-            continue
-        if cur is None:
-            cur = [seq, seq, sink.arrival_ns.get(seq - 1, 0), 0]
-        else:
-            cur[1] = seq
-    if cur is not None:
-        runs.append(cur)
+    for f in range(flows):
+        cur: list[int] | None = None
+        prev = -1
+        for seq in range(f, sent, flows):
+            if seq in sink.seen or seq in skip:
+                if cur is not None:
+                    cur[3] = sink.arrival_ns.get(seq, 0)
+                    runs.append(cur)
+                    cur = None
+            elif cur is None:
+                cur = [seq, seq, sink.arrival_ns.get(prev, 0), 0]
+            else:
+                cur[1] = seq
+            prev = seq
+        if cur is not None:
+            runs.append(cur)
     return runs
 
 
@@ -461,8 +464,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         unexplained_runs: list[list[int]] = []
         backend_kills = [e for e in events if e.kind == "kill-backend"]
         if backend_kills:  # the link was down meanwhile: QEMU dropped what the guest sent
-            runs = sink_loss_runs(sink, sent, faulted)
-            _, explained_k, unexplained_runs = attribute(runs, 1, backend_kills, now_ns)
+            runs = sink_loss_runs(sink, sent, flows, faulted)
+            _, explained_k, unexplained_runs = attribute(runs, flows, backend_kills, now_ns)
             lost_expected += explained_k
     else:
         delivered = prog.get("replies", 0)
@@ -516,6 +519,8 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "vhost_packets": [[vq["packets"] for vq in dev["vqs"]]  # per queue pair: RX, TX
                           for dev in summary.get("vhost", {}).get("kernel", [])],
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
+        "vhost_user": summary.get("vhost_user"),
+        "backend_restarts": len(sup.backend_restarts),
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
     verdict["verdict"] = "FAIL" if reasons else "PASS"
