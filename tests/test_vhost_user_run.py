@@ -98,9 +98,12 @@ def test_supervisor_killed_takes_the_backend(no_leftovers: Any) -> None:
                              "--timeout", "100"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     backend = _backend_of(psutil.Process(proc.pid))
+    children = psutil.Process(proc.pid).children()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     backend.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=60)  # each removes the run as it goes
+    assert alive == []
 
 
 def test_more_queues_than_the_backend_gives_is_refused() -> None:
