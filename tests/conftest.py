@@ -33,7 +33,7 @@ from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, run_owner
 from common.ipc import runs_root as all_runs_root
 from common.netns import run_namespaces
 
-ROLES = ("guestproc", "kvmproc", "qemuproc")
+ROLES = ("guestproc", "kvmproc", "qemuproc", "vhostuserproc", "dpdk-testpmd")
 GRACE_S = 2.0
 WATCH_INTERVAL_S = 0.05
 
@@ -150,6 +150,11 @@ class RunWatcher:
             if rid and rid not in self.ours and rid not in self.foreign:
                 self.supervisors.setdefault(rid, ppid)
                 (self.foreign if foreign_pid(ppid) else self.ours).add(rid)
+        for rid in run_namespaces():  # a standalone backend's namespace names its owner
+            if rid not in self.ours and rid not in self.foreign:
+                owner = run_owner(rid)
+                if owner is not None and foreign_pid(owner[0]):
+                    self.foreign.add(rid)
 
     def classify(self, rid: str, rundir: Path) -> None:
         try:

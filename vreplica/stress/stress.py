@@ -43,7 +43,7 @@ from vreplica.stress.attribution import (
     run_total,
     summary_of,
 )
-from vreplica.stress.chaos import CHAOS_KINDS, Chaos, ChaosLog
+from vreplica.stress.chaos import BACKEND_KINDS, CHAOS_KINDS, Chaos, ChaosLog
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
@@ -59,10 +59,11 @@ class FlowSink(UdpService):
 
     thread_name = "stress-sink"
 
-    def __init__(self, lo: int, hi: int, seed: int, ns: str | None = None) -> None:
+    def __init__(self, lo: int, hi: int, seed: int, ns: str | None = None,
+                 flows: int = 1) -> None:
         super().__init__(0, ns)
         self.lo, self.hi, self.seed = lo, hi, seed
-        self.seen = SeqWindow()
+        self.seen = SeqWindow(flows)
         self.received = self.duplicates = self.reordered = self.bad = 0
         self.last_by_flow: dict[int, int] = {}
         self.serve()
@@ -113,6 +114,31 @@ class InboundStream:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(1.0)
+
+
+def sink_loss_runs(sink: FlowSink, sent: int, skip: set[int]) -> list[list[int]]:
+    """The sequence numbers the sink never saw, per flow (a flow's datagrams take one queue
+    pair, in order; flow f carries f, f + flows, ...), as runs [first, last, after_ns,
+    before_ns] between the arrivals of their neighbours in the flow (0: none after); the
+    numbers in ``skip`` (frames a ring fault took) split a run and belong to none."""
+    seen = sink.seen
+    if sent > seen.top:
+        seen.enter(sent - 1, 0)  # the last numbers never came: lost after the last arrival
+    runs: list[list[int]] = []
+    for first, last, after_ns, before_ns in seen.runs():
+        cur: list[int] | None = None
+        for seq in range(first, last + 1, seen.paths):
+            if seq in skip:
+                if cur is not None:
+                    runs.append(cur)
+                    cur = None
+            elif cur is None:
+                cur = [seq, seq, after_ns, before_ns]
+            else:
+                cur[1] = seq
+        if cur is not None:
+            runs.append(cur)
+    return runs
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -187,9 +213,18 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     if a.packets is not None and not 1 <= a.packets <= 100_000_000:
         raise UsageError("--packets must be between 1 and 100000000")
     kinds = [k for k in a.chaos.split(",") if k] if a.chaos != "all" else list(CHAOS_KINDS)
+    own_backend = a.netdev == "vhost-user" and not a.chardev
+    if a.netdev == "vhost-user" and a.mode == "both":
+        raise UsageError("--mode both needs a host port forwarded to the guest; the vhost-user "
+                         "back end forwards none")
+    if a.chaos == "all" and not own_backend:
+        kinds = [k for k in kinds if k not in BACKEND_KINDS]
     for k in kinds:
         if k not in CHAOS_KINDS:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
+        if k in BACKEND_KINDS and not own_backend:
+            raise UsageError(f"--chaos {k} needs --netdev vhost-user (the replica's own back "
+                             "end)")
     if a.chaos_period <= 0 or a.flows < 0:
         raise UsageError("--chaos-period must be positive and --flows >= 0 (0: two per pair)")
     check_ring(a)
@@ -364,7 +399,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
         """The host's end: on loopback for slirp, on 10.0.2.2 in the run's namespace behind a
         tap; the port the guest sends to."""
         if a.mode == "tx":
-            host.sink = FlowSink(lo, hi, a.seed, ns)
+            host.sink = FlowSink(lo, hi, a.seed, ns, flows)
         else:
             host.echo = UdpEcho(0, ns=ns)
         if a.mode == "both":
@@ -378,10 +413,11 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
                       timeout=STALL_TIMEOUT_S, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
-                             "transport": a.transport, "ring": a.ring, **tap})
+                             "transport": a.transport, "ring": a.ring,
+                             "restart_backend": "kill-backend" in kinds, **tap})
     sup = Supervisor(opts)
     sup.show_error_lines = a.verbose
-    if tap:
+    if tap.get("netdev") == "tap":
         def before_spawn(cfg: Any) -> None:
             opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
             chaos.echo = host.echo
@@ -449,6 +485,11 @@ def judge(a: argparse.Namespace, run: StressRun) -> dict[str, Any]:
         lost = max(0, sent - delivered)
         lost_expected = sum(1 for seq in faulted if not sink.seen.has(seq))
         unexplained_runs: list[list[int]] = []
+        backend_kills = [e for e in events if e.kind == "kill-backend"]
+        if backend_kills:  # the link was down meanwhile: QEMU dropped what the guest sent
+            runs = sink_loss_runs(sink, sent, faulted)
+            _, explained_k, unexplained_runs = attribute(runs, flows, backend_kills, now_ns)
+            lost_expected += explained_k
     else:
         delivered = prog.get("replies", 0)
         duplicated = prog.get("duplicate_replies", 0)
@@ -501,6 +542,8 @@ def judge(a: argparse.Namespace, run: StressRun) -> dict[str, Any]:
         "vhost_packets": [[vq["packets"] for vq in dev["vqs"]]  # per queue pair: RX, TX
                           for dev in summary.get("vhost", {}).get("kernel", [])],
         "packets_per_second": round(sent / max(1e-9, prog.get("send_ns", 0) / 1e9), 1),
+        "vhost_user": summary.get("vhost_user"),
+        "backend_restarts": len(sup.backend_restarts),
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
     verdict["verdict"] = "FAIL" if reasons else "PASS"
