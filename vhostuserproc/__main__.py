@@ -36,6 +36,7 @@ from common.ipc import RUN_HEADER, RUN_HEADER_SIZE, RUN_MAGIC, RUN_VERSION, RunC
 from common.vhost_user_abi import recv_msg
 from vhostuserproc.dispatcher import Dispatcher
 from vhostuserproc.libvhost_user import vu_deinit, vu_dispatch, vu_panic
+from vhostuserproc.monitor import vu_monitor
 from vhostuserproc.net_backend import SlirpBackend, TapBackend
 from vhostuserproc.vhost_user_bridge import VubrDev, eventfd_count
 from vhostuserproc.vu_dev import VuDev
@@ -161,6 +162,7 @@ class Bridge:
             self.slirp = SlirpBackend(pairs, self._slirp_frame)
             backend = self.slirp
         self.vubr = VubrDev(pairs, backend, a.poll, self._watch_backend)
+        self.mon = vu_monitor(self.vubr, a.run) if a.run else None
         if self.slirp is not None:  # what slirp sends waits where vubr_flush_held looks
             self.vubr.held = self.slirp.pending
         self.listen_sock: socket.socket | None = None
@@ -337,6 +339,8 @@ class Bridge:
         return out
 
     def close(self) -> None:
+        if self.mon is not None:
+            self.mon.close()
         if self.vubr.vudev is not None:
             vu_deinit(self.vubr.vudev)
         if self.conn is not None:
