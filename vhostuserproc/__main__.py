@@ -171,6 +171,7 @@ class Bridge:
         self.kicks = [0] * (2 * pairs)
         self.calls = [0] * (2 * pairs)
         self.messages = 0
+        self.panicked = False
         self.started = time.monotonic()
         self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
 
@@ -224,7 +225,9 @@ class Bridge:
             self.vubr_detach()
 
     def _panic(self, dev: VuDev, msg: str) -> None:
+        """vubr_panic; the connection closes once the callback that panicked returns."""
         self.vubr.vubr_panic(dev, msg)
+        self.panicked = True
 
     def _set_watch(self, fd: int, condition: int, cb: object, data: int) -> None:
         dev = self.vubr.vudev
@@ -236,6 +239,7 @@ class Bridge:
     def vubr_detach(self) -> None:
         """The connection ends (the front-end went, or the device panicked): every fd and
         mapping it brought goes; a server listens again, a client ends."""
+        self.panicked = False
         dev = self.vubr.vudev
         if dev is not None:
             for vq in dev.vq:
@@ -313,6 +317,8 @@ class Bridge:
                             self.vubr.vubr_flush_held(pair)
             else:
                 self.dispatcher.dispatcher_wait(timeout)
+            if self.panicked:
+                self.vubr_detach()
 
     def summary(self) -> dict:
         out = self.vubr.summary()

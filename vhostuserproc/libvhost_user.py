@@ -699,10 +699,8 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
     return VuVirtqElement(idx, out_sg, in_sg)
 
 
-def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
-                             max_out_bytes: int) -> tuple[int, int]:
-    """(in, out) bytes the available chains offer, counted until both maxima are reached;
-    (0, 0) after any error in them."""
+def _vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
+                              max_out_bytes: int) -> tuple[int, int]:
     if vq.packed is not None:
         return vu_queue_packed_get_avail_bytes(dev, vq, max_in_bytes, max_out_bytes)
     in_total = out_total = 0
@@ -747,6 +745,36 @@ def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
                 vu_panic(dev, f"Desc next is {nxt}")
                 return 0, 0
             addr, length, flags, nxt = _unpack_desc(desc, nxt << 4)
+
+
+def vu_queue_err(dev: VuDev, vq: VuVirtq) -> None:
+    """A fault in this queue's ring broke the device: its error eventfd
+    (VHOST_USER_SET_VRING_ERR) tells the front-end which queue, as vhost's vq_err does
+    (libvhost-user only panics)."""
+    if vq.err_fd != -1:
+        _eventfd_write(dev, vq.err_fd)
+
+
+def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
+    """The next available chain, mapped; None when there is none or the device broke."""
+    if dev.broken:
+        return None
+    elem = _vu_queue_pop(dev, vq)
+    if elem is None and dev.broken:
+        vu_queue_err(dev, vq)
+    return elem
+
+
+def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
+                             max_out_bytes: int) -> tuple[int, int]:
+    """(in, out) bytes the available chains offer, counted until both maxima are reached;
+    (0, 0) after any error in them."""
+    if dev.broken:
+        return 0, 0
+    r = _vu_queue_get_avail_bytes(dev, vq, max_in_bytes, max_out_bytes)
+    if dev.broken:
+        vu_queue_err(dev, vq)
+    return r
 
 
 def vu_queue_avail_bytes(dev: VuDev, vq: VuVirtq, in_bytes: int, out_bytes: int) -> bool:
@@ -824,8 +852,7 @@ def vu_queue_set_notification(dev: VuDev, vq: VuVirtq, enable: bool) -> None:
         ring.used_hdr[0] |= VRING_USED_F_NO_NOTIFY
 
 
-def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
-    """The next available chain, mapped; None when there is none or the device broke."""
+def _vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
     if vq.packed is not None:
         elem = vu_queue_packed_pop(dev, vq)
         if trace_vu_queue_pop.on and elem is not None:
