@@ -98,6 +98,8 @@ def backend_on(mem: GuestMemory, desc: int, avail: int, used: int, features: int
     dev.peer = theirs  # type: ignore[attr-defined]
     call = os.eventfd(0, os.EFD_NONBLOCK)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    dev.err = err  # type: ignore[attr-defined]
     try:
         assert send(dev, R.SET_FEATURES, U64.pack(features | 1 << VIRTIO_F_VERSION_1))
         assert send(dev, R.SET_PROTOCOL_FEATURES, U64.pack(protocol))
@@ -109,6 +111,7 @@ def backend_on(mem: GuestMemory, desc: int, avail: int, used: int, features: int
         base = 1 << 15 if features >> VIRTIO_F_RING_PACKED & 1 else 0  # wrap counters 1
         assert send(dev, R.SET_VRING_BASE, VRING_STATE.pack(0, base))
         assert send(dev, R.SET_VRING_CALL, U64.pack(0), [os.dup(call)])
+        assert send(dev, R.SET_VRING_ERR, U64.pack(0), [os.dup(err)])
         if protocol >> VhostUserProtocolFeature.INFLIGHT_SHMFD & 1:
             if inflight is None:  # QEMU asks for the area before the queues start
                 assert send(dev, R.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, 2, NUM))
@@ -126,6 +129,7 @@ def backend_on(mem: GuestMemory, desc: int, avail: int, used: int, features: int
         vu_deinit(dev)
         os.close(call)
         os.close(kick)
+        os.close(err)
         ours.close()
         theirs.close()
 
@@ -269,6 +273,7 @@ def test_hostile_chain_ends_in_vu_panic(kind: str) -> None:
         vu_queue_get_avail_bytes(dev, vq, 1 << 30, 1 << 30)  # counts; maps nothing
         assert vu_queue_pop(dev, vq) is None
         assert dev.broken and dev.panics  # type: ignore[attr-defined]
+        assert calls(dev.err) == 1  # type: ignore[attr-defined]  # the queue's error eventfd
         assert vu_queue_pop(dev, vq) is None
         vu_queue_notify(dev, vq)
         assert calls(call) == 0 and mock.used_idx == 0
