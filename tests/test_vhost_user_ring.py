@@ -404,3 +404,15 @@ def test_packed_indirect_stale_write_flag_before_readable_entries() -> None:
         elem = vu_queue_pop(dev, dev.vq[0])
         assert elem is not None and not dev.broken and elem.index == 3
         assert b"".join(bytes(m) for m in elem.out_sg) == b"hdr.abcdefgh" and not elem.in_sg
+
+
+def test_region_larger_than_its_file_is_refused() -> None:
+    """A region that claims more bytes than its fd's file has would fault (SIGBUS) when the
+    guest's buffers point past the end: SET_MEM_TABLE refuses it."""
+    with guest_memory() as mem:
+        dev = VuDev(2, socket.socket(socket.AF_UNIX), lambda d, m: None, lambda *a: None,
+                    lambda fd: None, Iface())
+        region = VhostUserMemoryRegion(0, mem.size * 4, QVA, 0)
+        assert not send(dev, R.SET_MEM_TABLE, pack_memory([region]), [shm_fd(mem)])
+        assert dev.broken and not dev.regions and "bytes on an fd of" in dev.panic_reason
+        dev.sock.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable
 
@@ -210,6 +211,11 @@ def vu_set_mem_table_exec(dev: VuDev, vmsg: VhostUserMsg) -> bool:
             error = f"region mmap error: size {m.memory_size:#x} offset {m.mmap_offset:#x}"
             continue
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < m.memory_size + m.mmap_offset:
+                error = (f"region of {m.memory_size + m.mmap_offset:#x} bytes on an fd of "
+                         f"{st.st_size:#x}")  # touching past the file's end is SIGBUS
+                continue
             mp = mmap.mmap(fd, m.memory_size + m.mmap_offset, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError, OverflowError) as e:
