@@ -70,7 +70,7 @@ from common.virtio_abi import (
     VIRTIO_RING_F_INDIRECT_DESC,
     virtio_net_hdr_len,
 )
-from qemuproc.aio import QEMUBH, qemu_bh_new, qemu_bh_schedule
+from qemuproc.aio import QEMUBH, qemu_bh_cancel, qemu_bh_new, qemu_bh_schedule
 from qemuproc.main_loop import MainLoop
 from qemuproc.net import (
     NetClientInfo,
@@ -255,12 +255,21 @@ class VirtIONet(VirtIODevice):
         DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
         virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
         no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
-        on later gets its frames (virtio_net_handle_mq calls this again)."""
+        on later gets its frames (virtio_net_handle_mq calls this again). Once vhost has the
+        rings a waiting TX bottom half or timer is cancelled (tx_waiting stays, for when
+        QEMU takes the rings back)."""
         virtio_net_vhost_status(self, status)
         if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             for q in self.vqs:
                 if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
                     qemu_bh_schedule(q.tx_bh)
+        if self.vhost_started:  # the back end has the rings: QEMU's own TX stays off them
+            for q in self.vqs:
+                if q.tx_waiting:
+                    if q.tx_timer is not None:
+                        timer_del(q.tx_timer)
+                    elif q.tx_bh is not None:
+                        qemu_bh_cancel(q.tx_bh)
         if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
                 and self.vm_running) or self.vhost_started:
             return  # vhost has RX: the frames wait for it

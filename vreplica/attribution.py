@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-LOSSY_KINDS = ("ring-fault", "kill-device")
+LOSSY_KINDS = ("ring-fault", "kill-device", "kill-backend")
 """The chaos kinds that lose frames in flight; the others must lose nothing on these paths."""
 
 

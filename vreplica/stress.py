@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from common import netns
@@ -46,7 +47,11 @@ CHAOS_KINDS = {
     "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
     "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
     "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
+    "kill-backend": "kill -9 the vhost-user back end (--netdev vhost-user); a new one listens "
+                    "and QEMU (reconnect=1) takes the link up again",
 }
+BACKEND_KINDS = ("kill-backend",)
+"""Kinds only a run with the replica's own vhost-user back end has."""
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
@@ -192,10 +197,36 @@ class Chaos:
         p.send_signal(signal.SIGKILL)
         self.log.add("kill-device", pid=p.pid)
 
+    def do_kill_backend(self) -> None:
+        """The back end dies; the outage ends when QEMU is connected to the new one."""
+        backend = self.sup.backend
+        if backend is None:
+            return
+        restarts = len(self.sup.backend_restarts)
+        backend.proc.send_signal(signal.SIGKILL)
+        event = self.log.add("kill-backend", pid=backend.pid)
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and not self._stop.is_set():
+            new = self.sup.backend
+            if len(self.sup.backend_restarts) > restarts and new is not None \
+                    and backend_connected(new.pid, str(new.socket)):
+                event["end_ns"] = time.monotonic_ns()
+                return
+            self._stop.wait(0.01)
+
     def do_ring_fault(self) -> None:
         p = self.sup.procs["guest"]
         p.send_signal(signal.SIGUSR1)
         self.log.add("ring-fault", pid=p.pid)
+
+
+def backend_connected(pid: int, path: str) -> bool:
+    """The back end has accepted a connection on ``path`` (QEMU is back)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="unix")
+    except psutil.Error:
+        return False
+    return sum(1 for c in conns if c.laddr == path) >= 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -253,9 +284,18 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     if a.packets is not None and not 1 <= a.packets <= 100_000_000:
         raise UsageError("--packets must be between 1 and 100000000")
     kinds = [k for k in a.chaos.split(",") if k] if a.chaos != "all" else list(CHAOS_KINDS)
+    own_backend = a.netdev == "vhost-user" and not a.chardev
+    if a.netdev == "vhost-user" and a.mode == "both":
+        raise UsageError("--mode both needs a host port forwarded to the guest; the vhost-user "
+                         "back end forwards none")
+    if a.chaos == "all" and not own_backend:
+        kinds = [k for k in kinds if k not in BACKEND_KINDS]
     for k in kinds:
         if k not in CHAOS_KINDS:
             raise UsageError(f"--chaos: unknown kind {k!r} (kinds: {', '.join(CHAOS_KINDS)})")
+        if k in BACKEND_KINDS and not own_backend:
+            raise UsageError(f"--chaos {k} needs --netdev vhost-user (the replica's own back "
+                             "end)")
     if a.chaos_period <= 0 or a.flows < 0:
         raise UsageError("--chaos-period must be positive and --flows >= 0 (0: two per pair)")
     check_ring(a)
@@ -293,9 +333,10 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
                       timeout=(duration or 60) + 60, reconnect="kill-device" in kinds,
                       extra={"stress_mode": a.mode, "duration_s": duration, "sizes": [lo, hi],
                              "seed": a.seed, "flows": flows, "live_stats": True,
-                             "transport": a.transport, "ring": a.ring, **tap})
+                             "transport": a.transport, "ring": a.ring,
+                             "restart_backend": "kill-backend" in kinds, **tap})
     sup = Supervisor(opts)
-    if tap:
+    if tap.get("netdev") == "tap":
         def before_spawn(cfg: Any) -> None:
             opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
             chaos.echo = echo

@@ -130,6 +130,7 @@ class Supervisor:
         self._env: dict[str, str] = {}
         self._announcement: str | None = None
         self.backend: BackendProcess | None = None
+        self.backend_restarts: list[int] = []  # when each new back end listened (ns)
         self.before_spawn: Callable[[RunConfig], None] = lambda cfg: None
         """Runs once the run's objects (and network namespace) exist, before its processes:
         host services that live in the namespace start here."""
@@ -184,18 +185,23 @@ class Supervisor:
                 env["VREPLICA_TRACE_EVENTS"] = o.trace_events
         self._env = env
         if o.extra.get("netdev") == "vhost-user" and "chardev" not in o.extra:
-            try:  # the replica's own back end, before QEMU connects to it
-                self.backend = BackendProcess(cfg, o.extra.get("vhost_user_host", "user"),
-                                              o.queues, o.extra.get("vhost_user_poll", False),
-                                              env)
-            except BackendFailed as e:
-                raise RunFailed(str(e)) from None
+            self.backend = self._start_backend()
             cfg.options["chardev"] = self.backend.chardev()
             cfg.save()
         self.t_start = time.monotonic()
         for role in ROLES:
             self.procs[role] = self._spawn(role)
         return cfg
+
+    def _start_backend(self) -> BackendProcess:
+        """The replica's own vhost-user back end, listening before QEMU connects to it."""
+        assert self.cfg is not None
+        o = self.opts
+        try:
+            return BackendProcess(self.cfg, o.extra.get("vhost_user_host", "user"), o.queues,
+                                  o.extra.get("vhost_user_poll", False), self._env)
+        except BackendFailed as e:
+            raise RunFailed(str(e)) from None
 
     def _announcement_for(self, cfg: RunConfig) -> str | None:
         """--hold / --wait-attach: the line saying which run this is, how to attach to it
@@ -270,8 +276,14 @@ class Supervisor:
                 raise RunFailed(why)
             if self.backend is not None and (rc := self.backend.poll()) is not None:
                 how = f"killed by {_signal_name(rc)}" if rc < 0 else f"exit status {rc}"
-                raise RunFailed(f"vhost-user backend process (pid {self.backend.pid}) died: "
-                                f"{how}")
+                why = f"vhost-user backend process (pid {self.backend.pid}) died: {how}"
+                if not (self.opts.extra.get("restart_backend")
+                        and len(self.backend_restarts) < MAX_RESTARTS):
+                    raise RunFailed(why)
+                self.deaths.append(why)  # a new one on the same socket; QEMU reconnects
+                self.backend.stop()
+                self.backend = self._start_backend()
+                self.backend_restarts.append(time.monotonic_ns())
             if all(rc == 0 for rc in exited.values()):
                 self._read_ctl(0)
                 if "guest" not in self.done:
