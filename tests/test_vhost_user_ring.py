@@ -416,3 +416,14 @@ def test_region_larger_than_its_file_is_refused() -> None:
         assert not send(dev, R.SET_MEM_TABLE, pack_memory([region]), [shm_fd(mem)])
         assert dev.broken and not dev.regions and "bytes on an fd of" in dev.panic_reason
         dev.sock.close()
+
+
+def test_fds_with_a_request_that_takes_none_are_closed() -> None:
+    """A peer that attaches fds to requests that take none does not fill the table."""
+    with split() as (_, dev, _c, _m):
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            fds = [os.eventfd(0), os.eventfd(0)]
+            assert send(dev, R.SET_OWNER, b"", fds)
+            assert send(dev, R.SET_VRING_ENABLE, VRING_STATE.pack(0, 1), [os.eventfd(0)])
+        assert len(os.listdir("/proc/self/fd")) == before

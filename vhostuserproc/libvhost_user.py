@@ -536,6 +536,8 @@ def vu_dispatch(dev: VuDev, vmsg: VhostUserMsg) -> bool:
         trace_vu_dispatch(request=_name(vmsg.request), flags=vmsg.flags, size=len(vmsg.payload),
                           fds=len(vmsg.fds))
     need_reply = vmsg.need_reply
+    if vmsg.fds and vmsg.request not in _FD_REQUESTS:
+        vmsg_close_fds(vmsg)  # fds no handler takes: a peer could fill the fd table with them
     try:
         reply_requested = vu_process_message(dev, vmsg)
     except VuPanic as e:
@@ -555,6 +557,10 @@ def vu_dispatch(dev: VuDev, vmsg: VhostUserMsg) -> bool:
         return True
     return vu_send_reply(dev, vmsg)
 
+
+_FD_REQUESTS = frozenset((R.SET_MEM_TABLE, R.SET_LOG_BASE, R.SET_VRING_KICK, R.SET_VRING_CALL,
+                          R.SET_VRING_ERR, R.SET_INFLIGHT_FD))
+"""The requests whose handlers take (or close) the fds that come with them."""
 
 _HANDLERS: dict[int, Callable[[VuDev, VhostUserMsg], bool]] = {
     R.GET_FEATURES: vu_get_features_exec,
