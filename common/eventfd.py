@@ -46,8 +46,8 @@ class EventfdNotifier:
 
     __slots__ = ("fd", "name")
 
-    def __init__(self, fd: int | None = None) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
+    def __init__(self, fd: int | None = None, initval: int = 0) -> None:
+        self.fd = os.eventfd(initval, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
         self.name = f"{EVENTFD_PREFIX}{os.getpid()}:{self.fd}"
 
     @classmethod

@@ -70,7 +70,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.channel import Channel
 from common.kvm_abi import (
@@ -111,12 +111,30 @@ from qemuproc.virtio_net import (
 )
 
 if TYPE_CHECKING:
-    from qemuproc.__main__ import Machine
+    from common.process import ProcessRuntime
+    from qemuproc.memory import AddressSpace
+    from qemuproc.pci import PCIHostState
+    from qemuproc.tap import TAPState
+    from qemuproc.virtio_net import VirtIONet
+    from qemuproc.virtio_pci import VirtIOPCIProxy
 
 VMSTATE_FILE = "vmstate.json"
 HISTORY_FILE = "cpr.jsonl"
 VMSTATE_VERSION = 2
 SYNC_TIMEOUT_S = 5.0
+
+
+class Machine(Protocol):
+    """What the record reads and restores of the machine (qemuproc.machine.Machine)."""
+
+    rt: ProcessRuntime
+    n: VirtIONet
+    proxy: VirtIOPCIProxy
+    host: PCIHostState
+    io_as: AddressSpace
+    mem_as: AddressSpace
+    tap: TAPState | None
+    kvm: KVMState
 
 
 class Cpr:
@@ -244,8 +262,8 @@ class Cpr:
                 continue
             virtio_queue_set_notification(vq, True)
             virtio_notify(vdev, vq)  # signalled_used_valid is off: this raises the interrupt
-            if vq.queue_index not in m.proxy.ioeventfd_grabbed:  # vhost looks by itself
-                virtio_queue_notify_vq(vq)
+            if not (m.proxy.ioeventfd_grabbed and vq.host_notifier_enabled):
+                virtio_queue_notify_vq(vq)  # a back end's own queue it looks at by itself
 
     def vmstate_load(self, st: dict[str, Any]) -> None:
         m = self.m
@@ -269,6 +287,9 @@ class Cpr:
             q.num, q.enabled = num, enabled
             q.desc[:], q.avail[:], q.used[:] = desc, avail, used
         vdev.config_vector = v["config_vector"]
+        dev.msix_unuse_all_vectors()  # virtio_pci_load_config, virtio_pci_load_queue
+        for vector in [vdev.config_vector] + [vq.vector for vq in vdev.vq]:
+            dev.msix_vector_use(vector)
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
         virtio_net_set_queue_pairs(vdev)

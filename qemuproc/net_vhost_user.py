@@ -53,6 +53,7 @@ class NetVhostUserState:
         self.started = False
         self.link_downs = 0
         self.start_errors = 0
+        self.acked_features = 0  # what the guest acked, for a back end that comes back
 
 
 def vhost_user_receive(nc: NetClientState, buf: Any) -> int:
@@ -88,6 +89,7 @@ def vhost_user_start(ncs: list[NetClientState], be: VhostUserState) -> None:
                                     f"{vhost_net_get_max_queues(net)}")
         if s.vhost_net is not None:
             vhost_net_cleanup(s.vhost_net)
+        net.dev.acked_features |= s.acked_features  # vhost_user_get_acked_features
         s.vhost_net = net
 
 
@@ -113,6 +115,9 @@ def chr_closed_bh(ncs: list[NetClientState]) -> None:
     back and ``vhost_user_start`` replaces it."""
     s: NetVhostUserState = ncs[0].opaque
     s.link_downs += 1
+    for nc in ncs:  # vhost_user_save_acked_features
+        if nc.opaque.vhost_net is not None:
+            nc.opaque.acked_features = nc.opaque.vhost_net.dev.acked_features
     qmp_set_link(ncs, False)
 
 

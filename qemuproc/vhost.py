@@ -8,8 +8,8 @@ eventfd of each queue: a ring error the back end finds is reported by
 end the features, the memory table and each ring (``vhost_virtqueue_start``:
 SET_VRING_NUM/BASE/ADDR/KICK/CALL); ``vhost_dev_stop`` takes the rings' state back
 (GET_VRING_BASE), so that the userspace device carries on where vhost stopped.
-``vhost_dev_enable_notifiers`` hands each queue's host notifier (the KVM ioeventfd) to the
-back end: QEMU stops polling it.
+``vhost_dev_enable_notifiers`` grabs the host notifiers (QEMU stops polling every one of its
+ioeventfds) and hands this device's queues' to the back end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from qemuproc.virtio import (
     virtio_queue_get_last_avail_idx,
     virtio_queue_restore_last_avail_idx,
     virtio_queue_set_last_avail_idx,
+)
+from qemuproc.virtio_bus import (
+    virtio_bus_grab_ioeventfd,
+    virtio_bus_release_ioeventfd,
+    virtio_bus_set_host_notifier,
 )
 
 EINVAL = 22
@@ -112,28 +117,20 @@ def vhost_get_features(hdev: VhostDev, feature_bits: list[int], features: int) -
 
 @traced
 def vhost_dev_enable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
-    """The queues' ioeventfds go to the kernel (virtio_bus_set_host_notifier): QEMU's own
-    handling of them stops (virtio_device_grab_ioeventfd)."""
-    queues = range(hdev.vq_index, hdev.vq_index + hdev.nvqs)
-    started = bus.ioeventfd_started
-    if started:
-        bus.virtio_pci_stop_ioeventfd()
-    bus.ioeventfd_grabbed.update(queues)
-    if started:
-        bus.virtio_pci_start_ioeventfd()
+    """The queues' ioeventfds go to the kernel: QEMU stops serving any of its own
+    (virtio_device_grab_ioeventfd) and assigns only this device's (virtio_bus_set_host_notifier)."""
+    virtio_bus_grab_ioeventfd(bus)
+    for i in range(hdev.nvqs):
+        virtio_bus_set_host_notifier(bus, hdev.vq_index + i, True)
 
 
 @traced
 def vhost_dev_disable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
-    """Back to QEMU (virtio_device_release_ioeventfd): it polls the ioeventfds again."""
-    started = bus.ioeventfd_started
-    if started:
-        bus.virtio_pci_stop_ioeventfd()
-    queues = range(hdev.vq_index, hdev.vq_index + hdev.nvqs)
-    bus.ioeventfd_grabbed.difference_update(queues)
-    if started:
-        bus.virtio_pci_start_ioeventfd()
-    bus.virtio_pci_release_host_notifiers(queues)
+    """Back to QEMU (virtio_device_release_ioeventfd): once no back end holds them, its main
+    loop serves the ioeventfds again."""
+    for i in range(hdev.nvqs):
+        virtio_bus_set_host_notifier(bus, hdev.vq_index + i, False)
+    virtio_bus_release_ioeventfd(bus)
 
 
 @traced

@@ -2,10 +2,11 @@
 the table of operations a vhost back end gives ``struct vhost_dev`` (hw/virtio/vhost.c drives
 either table the same way), and the kernel's table, ioctls on /dev/vhost-net.
 
-``VhostKernel`` opens the device (connects to the KVM process's node, see
-common/vhost_abi.py); ``vhost_kernel_call`` is one ioctl: the request goes out, with an fd
-argument as SCM_RIGHTS, and the call returns the kernel's answer (negative: -errno). The
-vhost-user table is hw/virtio/vhost-user.c's (qemuproc/vhost_user.py).
+Making a ``VhostKernel`` is net/tap.c's ``open("/dev/vhost-net")`` in
+``net_init_tap_one`` (it connects to the KVM process's node, see common/vhost_abi.py);
+``vhost_kernel_call`` is one ioctl: the request goes out, with an fd argument as
+SCM_RIGHTS, and the call returns the kernel's answer (negative: -errno). The vhost-user
+table is hw/virtio/vhost-user.c's (qemuproc/vhost_user.py).
 """
 
 from __future__ import annotations

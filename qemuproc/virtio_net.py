@@ -79,6 +79,7 @@ from qemuproc.net import (
     qemu_flush_queued_packets,
     qemu_has_vnet_hdr,
     qemu_has_vnet_hdr_len,
+    qemu_net_queue_purge,
     qemu_new_net_client,
     qemu_sendv_packet_async,
     qemu_set_offload,
@@ -95,6 +96,7 @@ from qemuproc.qemu_timer import (
 from qemuproc.tap import tap_disable, tap_enable
 from qemuproc.vhost_net import (
     get_vhost_net,
+    vhost_net_ack_features,
     vhost_net_get_features,
     vhost_net_start,
     vhost_net_stop,
@@ -114,6 +116,7 @@ from qemuproc.virtio import (
     virtio_queue_set_notification,
     virtqueue_avail_bytes,
     virtqueue_detach_element,
+    virtqueue_drop_all,
     virtqueue_fill,
     virtqueue_flush,
     virtqueue_pop,
@@ -239,6 +242,8 @@ class VirtIONet(VirtIODevice):
         return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
+        """virtio_net_set_features: the header size, multiqueue, VLAN filter and offloads
+        follow the features; each vhost back end is told which of its own were acked."""
         virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)),
                                    bool(features & (1 << VIRTIO_F_VERSION_1)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
@@ -248,34 +253,46 @@ class VirtIONet(VirtIODevice):
         self.vlans = [fill] * (MAX_VLAN >> 5)
         if self.has_vnet_hdr:
             virtio_net_apply_guest_offloads(self, features)
+        for nc in self.ncs:
+            net = get_vhost_net(nc.peer)
+            if net is not None:
+                vhost_net_ack_features(net, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
-        link up, within the pairs in use, not vhost's) flushes what waited for it; on
-        DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
+        """virtio_net_set_status: vhost starts or stops; each queue pair QEMU itself serves
+        (DRIVER_OK, link up, running, within the pairs in use, not vhost's) flushes what
+        waited for it and resumes a waiting TX; for any other pair a waiting TX bottom half
+        or timer is cancelled and, with the link down, what the guest queued is dropped
+        (virtio_net_drop_tx_queue_data), so its kicks come again. It runs before
         virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
         no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
-        on later gets its frames (virtio_net_handle_mq calls this again). Once vhost has the
-        rings a waiting TX bottom half or timer is cancelled (tx_waiting stays, for when
-        QEMU takes the rings back)."""
+        on later gets its frames (virtio_net_handle_mq calls this again)."""
         virtio_net_vhost_status(self, status)
-        if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            for q in self.vqs:
-                if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
+        for i, q in enumerate(self.vqs):
+            if (not self.multiqueue and i != 0) or i >= self.curr_queue_pairs:
+                queue_status = 0
+            else:
+                queue_status = status
+            queue_started = virtio_net_started(self, queue_status) and not self.vhost_started
+            if queue_started:
+                qemu_flush_queued_packets(self.ncs[i])
+            if not q.tx_waiting:
+                continue
+            if queue_started:
+                if q.tx_timer is not None:
+                    timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + self.tx_timeout)
+                elif q.tx_bh is not None:
                     qemu_bh_schedule(q.tx_bh)
-        if self.vhost_started:  # the back end has the rings: QEMU's own TX stays off them
-            for q in self.vqs:
-                if q.tx_waiting:
-                    if q.tx_timer is not None:
-                        timer_del(q.tx_timer)
-                    elif q.tx_bh is not None:
-                        qemu_bh_cancel(q.tx_bh)
-        if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
-                and self.vm_running) or self.vhost_started:
-            return  # vhost has RX: the frames wait for it
-        for i, nc in enumerate(self.ncs):
-            if (self.multiqueue or i == 0) and i < self.curr_queue_pairs:
-                qemu_flush_queued_packets(nc)
+                continue
+            if q.tx_timer is not None:
+                timer_del(q.tx_timer)
+            elif q.tx_bh is not None:
+                qemu_bh_cancel(q.tx_bh)
+            if not self.status_net & VIRTIO_NET_S_LINK_UP \
+                    and queue_status & VIRTIO_CONFIG_S_DRIVER_OK and self.vm_running:
+                q.tx_waiting = False  # the guest queued frames with notifications off
+                virtio_queue_set_notification(q.tx_vq, True)
+                virtio_net_drop_tx_queue_data(self, q.tx_vq)
 
     def reset(self) -> None:
         """virtio_net_reset: among the rest, a TX frame the backend still holds is flushed
@@ -294,6 +311,16 @@ class VirtIONet(VirtIODevice):
         self.virtio_net_reset_rx_filter()
 
 
+def virtio_net_started(n: VirtIONet, status: int) -> bool:
+    return bool(status & VIRTIO_CONFIG_S_DRIVER_OK) and bool(n.status_net & VIRTIO_NET_S_LINK_UP) \
+        and n.vm_running
+
+
+def virtio_net_drop_tx_queue_data(vdev: VirtIONet, vq: VirtQueue) -> None:
+    if virtqueue_drop_all(vq):
+        virtio_notify(vdev, vq)
+
+
 def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
     """Start vhost-net when the driver is ready (and the link up), stop it otherwise; if it
     cannot start, QEMU's userspace virtio-net serves the queues."""
@@ -306,6 +333,11 @@ def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
         return
     queue_pairs = n.max_queue_pairs if n.multiqueue else 1
     if not n.vhost_started:
+        for i in range(queue_pairs):  # frames still queued either way would touch the rings
+            qnc = n.ncs[i]
+            if qnc.peer is not None:
+                qemu_net_queue_purge(qnc.peer.incoming_queue, qnc)
+                qemu_net_queue_purge(qnc.incoming_queue, qnc.peer)
         n.vhost_started = True
         n.vhost_queue_pairs = queue_pairs
         try:

@@ -1,4 +1,4 @@
-"""The benchmark (issue 6): ``vreplica bench --quick`` as a smoke check, and every QEMU mode it
+"""The benchmark: ``vreplica bench --quick`` as a smoke check, and every QEMU mode it
 measures delivering a benchmark-sized burst completely and in order. Nothing here asserts a
 timing: figures depend on the machine; only that they were produced, and correctly."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import elem_addr, vq_addr
-from vreplica import bench
+from vreplica.bench import core as bench
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

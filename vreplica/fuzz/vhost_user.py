@@ -1,11 +1,11 @@
-"""vreplica fuzz --target vhost-user: the hostile guest of vreplica.fuzz against the vhost-user
+"""vreplica fuzz --ring vhost-user: the hostile guest of vreplica.fuzz against the vhost-user
 backend's ring code (vhostuserproc: libvhost-user's split virtqueue under vhost-user-bridge's
 device), in process.
 
-Guest RAM is a memfd the fuzzer maps as the front-end and hands over as a front-end does
-(SET_MEM_TABLE with the fd, the rings at the front-end's addresses); queue 0 is the receive
-queue, 1 the transmit queue, at vreplica.fuzz's ring places, written with its driver and its
-draws. After every step:
+Guest RAM is a segment the fuzzer maps as the front-end and hands over as a front-end does
+(SET_MEM_TABLE with its fd, the rings at the front-end's addresses); queue 0 is the receive
+queue, 1 the transmit queue, at the machine's ring places, written through the driver-side
+ring mock (common/vring_mock.py) with the machine's draws. After every step:
 
 * nothing raised (a step returns: the backend's loops are bounded by the ring);
 * a broken device says why (``vu_panic`` with a reason) and does nothing more: its used
@@ -19,13 +19,14 @@ Reconnecting (``vu_deinit`` and the protocol again) gives a broken device a fres
 
 from __future__ import annotations
 
-import mmap
 import os
+import secrets
 import socket
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from common.guest_memory import GuestMemory
 from common.vhost_user_abi import (
     U64,
     VRING_ADDR,
@@ -42,17 +43,18 @@ from common.virtio_abi import (
     VIRTIO_RING_F_INDIRECT_DESC,
 )
 from common.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE, VRING_DESC_SIZE
+from common.vring_mock import MockSplitQueue
 from vhostuserproc.libvhost_user import vu_deinit, vu_dispatch
 from vhostuserproc.vhost_user_bridge import VubrDev
 from vhostuserproc.vu_dev import VuDev
-from vreplica.fuzz import (
+from vreplica.fuzz.machine import (
     ADDRS,
     CHAIN_ARGS,
     DATA_BASE,
     RAM_SIZE,
     RAW_DESC,
-    Driver,
     pack_table,
+    ring_base,
     stats,
     u16s,
 )
@@ -84,10 +86,11 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fd = os.memfd_create("vnrfuzz-vu", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, RAM_SIZE)
-        self.map = mmap.mmap(self.fd, RAM_SIZE)
-        self.ram = memoryview(self.map)
+        name = f"/vnrfuzz.{os.getpid()}.{secrets.token_hex(4)}"
+        self.mem = GuestMemory(name, RAM_SIZE, create=True)
+        self.fd = os.open(f"/dev/shm{name}", os.O_RDWR | os.O_CLOEXEC)
+        GuestMemory.unlink(name)  # nothing stays in /dev/shm
+        self.ram = self.mem.ram
         self.host = RecordingHost()
         self.vubr = VubrDev(1, self.host)
         self.sock, self.peer = socket.socketpair()
@@ -104,7 +107,7 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
         self.features = (1 << VIRTIO_F_VERSION_1 | mrg << VIRTIO_NET_F_MRG_RXBUF
                          | event_idx << VIRTIO_RING_F_EVENT_IDX
                          | indirect << VIRTIO_RING_F_INDIRECT_DESC)
-        self.drivers = [Driver(self.ram, i, num) for i in range(2)]
+        self.drivers = [MockSplitQueue(self.mem, num, ring_base(i)) for i in range(2)]
         self.connect()
 
     def send(self, req: int, payload: bytes, fds: list[int] | None = None) -> None:
@@ -122,22 +125,23 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
         self.send(R.SET_FEATURES, U64.pack(self.features))
         region = VhostUserMemoryRegion(0, RAM_SIZE, QVA, 0)
         self.send(R.SET_MEM_TABLE, pack_memory([region]), [os.dup(self.fd)])
-        for d in self.drivers:
+        for index, d in enumerate(self.drivers):
             lay = d.layout
-            self.send(R.SET_VRING_NUM, VRING_STATE.pack(d.index, self.num))
-            self.send(R.SET_VRING_ADDR, VRING_ADDR.pack(d.index, 0, QVA + lay.desc,
+            self.send(R.SET_VRING_NUM, VRING_STATE.pack(index, self.num))
+            self.send(R.SET_VRING_ADDR, VRING_ADDR.pack(index, 0, QVA + lay.desc,
                                                         QVA + lay.used, QVA + lay.avail, 0))
-            self.send(R.SET_VRING_BASE, VRING_STATE.pack(d.index, 0))
+            self.send(R.SET_VRING_BASE, VRING_STATE.pack(index, 0))
             for req in (R.SET_VRING_CALL, R.SET_VRING_KICK):
-                self.send(req, U64.pack(d.index), [os.eventfd(0, os.EFD_NONBLOCK)])
-            self.send(R.SET_VRING_ENABLE, VRING_STATE.pack(d.index, 1))
+                self.send(req, U64.pack(index), [os.eventfd(0, os.EFD_NONBLOCK)])
+            self.send(R.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
         assert not dev.broken, self.panics
 
     def teardown(self) -> None:
         if self.dev is not None:
             vu_deinit(self.dev)
-        self.ram.release()
-        self.map.close()
+        for d in getattr(self, "drivers", []):
+            d.release()
+        self.mem.close()
         os.close(self.fd)
         self.sock.close()
         self.peer.close()
@@ -149,7 +153,7 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
 
     @rule(which=WHICH, i=st.integers(0, 15), d=RAW_DESC)
     def write_desc(self, which: int, i: int, d: tuple[int, int, int, int]) -> None:
-        self.drivers[which].desc(i, *d)
+        self.drivers[which].write_desc(i, *d)
         self.dirty()
 
     @rule(which=WHICH, slot=st.integers(0, 15), head=u16s())
@@ -181,9 +185,9 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
                 a.to_bytes(8, "little") + ln.to_bytes(4, "little") + \
                 (f & 0xFFFF).to_bytes(2, "little") + (n & 0xFFFF).to_bytes(2, "little")
         d = self.drivers[which]
-        d.desc(head, addr if where < 0 else where,
-               16 * len(entries) if length < 0 else length, VRING_DESC_F_INDIRECT, 0)
-        d.publish([head])
+        d.write_desc(head, addr if where < 0 else where,
+                     16 * len(entries) if length < 0 else length, VRING_DESC_F_INDIRECT, 0)
+        d.publish_heads([head])
         self.dirty()
 
     @rule(addr=st.integers(0, RAM_SIZE - 1), data=st.binary(min_size=1, max_size=64))
@@ -196,8 +200,8 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
                       kick: bool, copies: int, linked: bool) -> None:
         d = self.drivers[which % 2]
         for k, (a, ln, f, n) in enumerate(descs):
-            d.desc(first + k, a, ln, f, (first + k + 1) % self.num if linked else n)
-        d.publish([first % self.num] * copies)
+            d.write_desc(first + k, a, ln, f, (first + k + 1) % self.num if linked else n)
+        d.publish_heads([first % self.num] * copies)
         self.dirty()
         if kick:
             self.kick(which % 2)
@@ -251,13 +255,13 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
             if indirect:
                 table = base + 512
                 pack_table(self.ram, table, pieces, 0)
-                d.desc(head, table, 2 * VRING_DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+                d.write_desc(head, table, 2 * VRING_DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
             else:
-                d.desc(head, base, hdrlen, 1, (head + 1) % self.num)
-                d.desc(head + 1, base + 256, size, 0, 0)
+                d.write_desc(head, base, hdrlen, 1, (head + 1) % self.num)
+                d.write_desc(head + 1, base + 256, size, 0, 0)
             heads.append(head)
             want.append(payload)
-        d.publish(heads)
+        d.publish_heads(heads)
         self.kick(1)
         assert not dev.broken, self.panics
         assert self.host.frames[before:] == want
@@ -280,8 +284,8 @@ class VhostUserBackendFuzz(RuleBasedStateMachine):
         used0, idx0 = d.used_idx, d.avail_idx
         bases = [DATA_BASE + 512 * k for k in range(n)]
         for k in range(n):
-            d.desc((idx0 + k) % n, bases[k], cap, VRING_DESC_F_WRITE, 0)
-        d.publish([(idx0 + k) % n for k in range(n)])
+            d.write_desc((idx0 + k) % n, bases[k], cap, VRING_DESC_F_WRITE, 0)
+        d.publish_heads([(idx0 + k) % n for k in range(n)])
         frame = bytes((i * 7) & 0xFF for i in range(size))
         took = self.vubr.vubr_receive(0, frame, False)
         assert not dev.broken, self.panics

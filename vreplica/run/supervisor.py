@@ -27,7 +27,7 @@ from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
 from common.kvm_abi import unpackb
 from common.monitor import pid_path
-from vreplica.backend_process import BackendFailed, BackendProcess
+from vreplica.run.backend_process import BackendFailed, BackendProcess
 
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
