@@ -16,9 +16,11 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable
 
+from common.trace import trace_event
 from common.vhost_user_abi import (
     INFLIGHT,
     U64,
@@ -91,6 +93,11 @@ from vhostuserproc.vu_dev import (
 )
 
 VU_WATCH_IN = 1
+trace_vu_dispatch = trace_event("vu_dispatch")
+trace_vu_kick_cb = trace_event("vu_kick_cb")
+trace_vu_queue_pop = trace_event("vu_queue_pop")
+trace_vu_queue_flush = trace_event("vu_queue_flush")
+trace_vu_queue_notify = trace_event("vu_queue_notify")
 VHOST_USER_MAX_RAM_SLOTS = 8
 """This backend maps at most the baseline's regions (it offers no CONFIGURE_MEM_SLOTS)."""
 
@@ -204,6 +211,11 @@ def vu_set_mem_table_exec(dev: VuDev, vmsg: VhostUserMsg) -> bool:
             error = f"region mmap error: size {m.memory_size:#x} offset {m.mmap_offset:#x}"
             continue
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < m.memory_size + m.mmap_offset:
+                error = (f"region of {m.memory_size + m.mmap_offset:#x} bytes on an fd of "
+                         f"{st.st_size:#x}")  # touching past the file's end is SIGBUS
+                continue
             mp = mmap.mmap(fd, m.memory_size + m.mmap_offset, mmap.MAP_SHARED,
                            mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, ValueError, OverflowError) as e:
@@ -351,6 +363,8 @@ def vu_kick_cb(dev: VuDev, condition: int, index: int) -> None:
         vu_panic(dev, f"kick eventfd_read(): {e.strerror}")
         return
     vq.kicks += 1
+    if trace_vu_kick_cb.on:
+        trace_vu_kick_cb(index=index)
     if vq.handler is not None:
         vq.handler(dev, index)
 
@@ -518,7 +532,12 @@ def vu_dispatch(dev: VuDev, vmsg: VhostUserMsg) -> bool:
     front-end asked for one and the request has none of its own). False: the device
     panicked, or the reply could not be written."""
     dev.messages += 1
+    if trace_vu_dispatch.on:
+        trace_vu_dispatch(request=_name(vmsg.request), flags=vmsg.flags, size=len(vmsg.payload),
+                          fds=len(vmsg.fds))
     need_reply = vmsg.need_reply
+    if vmsg.fds and vmsg.request not in _FD_REQUESTS:
+        vmsg_close_fds(vmsg)  # fds no handler takes: a peer could fill the fd table with them
     try:
         reply_requested = vu_process_message(dev, vmsg)
     except VuPanic as e:
@@ -538,6 +557,10 @@ def vu_dispatch(dev: VuDev, vmsg: VhostUserMsg) -> bool:
         return True
     return vu_send_reply(dev, vmsg)
 
+
+_FD_REQUESTS = frozenset((R.SET_MEM_TABLE, R.SET_LOG_BASE, R.SET_VRING_KICK, R.SET_VRING_CALL,
+                          R.SET_VRING_ERR, R.SET_INFLIGHT_FD))
+"""The requests whose handlers take (or close) the fds that come with them."""
 
 _HANDLERS: dict[int, Callable[[VuDev, VhostUserMsg], bool]] = {
     R.GET_FEATURES: vu_get_features_exec,
@@ -663,6 +686,9 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
     in_sg: list[memoryview] = []
     n = 0
     while True:
+        if flags & VRING_DESC_F_INDIRECT and desc is not ring.desc:
+            vu_panic(dev, "Nested indirect descriptor")
+            return None
         if flags & VRING_DESC_F_WRITE:
             if not virtqueue_map_desc(dev, in_sg, addr, length):
                 return None
@@ -678,9 +704,6 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
             return None
         if not flags & VRING_DESC_F_NEXT:
             break
-        if flags & VRING_DESC_F_INDIRECT:
-            vu_panic(dev, "Nested indirect descriptor")
-            return None
         if nxt >= max_:
             vu_panic(dev, f"Desc next is {nxt}")
             return None
@@ -688,10 +711,8 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
     return VuVirtqElement(idx, out_sg, in_sg)
 
 
-def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
-                             max_out_bytes: int) -> tuple[int, int]:
-    """(in, out) bytes the available chains offer, counted until both maxima are reached;
-    (0, 0) after any error in them."""
+def _vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
+                              max_out_bytes: int) -> tuple[int, int]:
     if vq.packed is not None:
         return vu_queue_packed_get_avail_bytes(dev, vq, max_in_bytes, max_out_bytes)
     in_total = out_total = 0
@@ -736,6 +757,36 @@ def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
                 vu_panic(dev, f"Desc next is {nxt}")
                 return 0, 0
             addr, length, flags, nxt = _unpack_desc(desc, nxt << 4)
+
+
+def vu_queue_err(dev: VuDev, vq: VuVirtq) -> None:
+    """A fault in this queue's ring broke the device: its error eventfd
+    (VHOST_USER_SET_VRING_ERR) tells the front-end which queue, as vhost's vq_err does
+    (libvhost-user only panics)."""
+    if vq.err_fd != -1:
+        _eventfd_write(dev, vq.err_fd)
+
+
+def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
+    """The next available chain, mapped; None when there is none or the device broke."""
+    if dev.broken:
+        return None
+    elem = _vu_queue_pop(dev, vq)
+    if elem is None and dev.broken:
+        vu_queue_err(dev, vq)
+    return elem
+
+
+def vu_queue_get_avail_bytes(dev: VuDev, vq: VuVirtq, max_in_bytes: int,
+                             max_out_bytes: int) -> tuple[int, int]:
+    """(in, out) bytes the available chains offer, counted until both maxima are reached;
+    (0, 0) after any error in them."""
+    if dev.broken:
+        return 0, 0
+    r = _vu_queue_get_avail_bytes(dev, vq, max_in_bytes, max_out_bytes)
+    if dev.broken:
+        vu_queue_err(dev, vq)
+    return r
 
 
 def vu_queue_avail_bytes(dev: VuDev, vq: VuVirtq, in_bytes: int, out_bytes: int) -> bool:
@@ -783,6 +834,8 @@ def vu_queue_notify(dev: VuDev, vq: VuVirtq) -> None:
         return
     if vq.call_fd >= 0:
         vq.calls += 1
+        if trace_vu_queue_notify.on:
+            trace_vu_queue_notify(vq=vq.index, used_idx=vq.used_idx)
         _eventfd_write(dev, vq.call_fd)
 
 
@@ -811,10 +864,13 @@ def vu_queue_set_notification(dev: VuDev, vq: VuVirtq, enable: bool) -> None:
         ring.used_hdr[0] |= VRING_USED_F_NO_NOTIFY
 
 
-def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
-    """The next available chain, mapped; None when there is none or the device broke."""
+def _vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
     if vq.packed is not None:
-        return vu_queue_packed_pop(dev, vq)
+        elem = vu_queue_packed_pop(dev, vq)
+        if trace_vu_queue_pop.on and elem is not None:
+            trace_vu_queue_pop(vq=vq.index, head=elem.index, out_num=len(elem.out_sg),
+                               in_num=len(elem.in_sg))
+        return elem
     ring = vq.vring
     if dev.broken or ring is None:
         return None
@@ -844,6 +900,9 @@ def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
     vq.inuse += 1
     if vq.inflight is not None:
         vu_queue_inflight_get(dev, vq, head)
+    if trace_vu_queue_pop.on:
+        trace_vu_queue_pop(vq=vq.index, head=head, out_num=len(elem.out_sg),
+                           in_num=len(elem.in_sg))
     return elem
 
 
@@ -883,6 +942,8 @@ def vu_queue_fill(dev: VuDev, vq: VuVirtq, elem: VuVirtqElement, length: int,
 
 def vu_queue_flush(dev: VuDev, vq: VuVirtq, count: int) -> None:
     """Publish ``count`` filled used elements (one used->idx store)."""
+    if trace_vu_queue_flush.on:
+        trace_vu_queue_flush(vq=vq.index, count=count)
     if vq.packed is not None:
         vu_queue_packed_flush(dev, vq, count)
         return

@@ -136,6 +136,8 @@ class VubrDev:
         """Every chain on the transmit queue to the host side, with kicks off meanwhile and
         a last look after they are back on (QEMU's virtio_net_flush_tx pattern)."""
         vq = dev.vq[qidx]
+        if not vq.enable:  # SET_VRING_ENABLE 0: the front-end took the pair away
+            return
         pair = qidx >> 1
         st = self.stats[qidx]
         send = self.backend.send
@@ -261,7 +263,7 @@ class VubrDev:
         given what the host side has."""
         for pair in range(self.pairs):
             tx = dev.vq[2 * pair + 1]
-            if tx.started and tx.ready:
+            if tx.started and tx.ready and tx.enable:
                 self.vubr_handle_tx(dev, 2 * pair + 1)
             if self.held[pair]:
                 self.vubr_flush_held(pair)
