@@ -29,7 +29,7 @@ import pytest
 from replica import Replica, private_runs_root
 from ringmock import TEST_PREFIX
 
-from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR
+from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, run_owner
 from common.ipc import runs_root as all_runs_root
 from common.netns import run_namespaces
 
@@ -148,6 +148,11 @@ class RunWatcher:
             if rid and rid not in self.ours and rid not in self.foreign:
                 self.supervisors.setdefault(rid, ppid)
                 (self.foreign if foreign_pid(ppid) else self.ours).add(rid)
+        for rid in run_namespaces():  # a standalone backend's namespace names its owner
+            if rid not in self.ours and rid not in self.foreign:
+                owner = run_owner(rid)
+                if owner is not None and foreign_pid(owner[0]):
+                    self.foreign.add(rid)
 
     def classify(self, rid: str, rundir: Path) -> None:
         try:

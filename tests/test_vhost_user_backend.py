@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,15 +73,20 @@ def backend(tmp_path: Path, *args: str) -> Iterator[dict]:
 
 
 @contextmanager
-def run_testpmd(vdev: str, queues: int, fwd: str) -> Iterator[pexpect.spawn]:
+def run_testpmd(vdev: str, queues: int, fwd: str,
+                on_listen: Callable[[], None] | None = None) -> Iterator[pexpect.spawn]:
     """dpdk-testpmd with one virtio-user port, forwarding started; killed (its process
-    group) and its runtime directory removed whatever happens."""
+    group) and its runtime directory removed whatever happens. With ``server=1`` testpmd
+    waits for its backend before its prompt: ``on_listen`` starts it."""
     prefix = f"vubt{os.getpid()}{time.monotonic_ns() % 10**6}"
     args = ["--no-huge", "-m", "1024", "--no-pci", "-l", "0-1", f"--file-prefix={prefix}",
             "--vdev", vdev, "--", "-i", "--nb-cores=1", "--total-num-mbufs=4096",
             f"--rxq={queues}", f"--txq={queues}"]
     p = pexpect.spawn(TESTPMD, args, timeout=60, encoding="utf-8")
     try:
+        if on_listen is not None:
+            p.expect("waiting for client connection")
+            on_listen()
         p.expect("testpmd> ")
         p.sendline(f"set fwd {fwd}")
         p.expect("testpmd> ")
@@ -351,3 +356,48 @@ def test_kill_9_leaves_what_the_run_cleanup_removes(tmp_path: Path) -> None:
     assert rid in ipc.cleanup_dead_runs()
     assert not netns.netns_path(ns).exists()
     assert ipc.run_owner(rid) is None
+
+
+@pytest.mark.timeout(180)
+def test_client_mode_against_testpmd_server(tmp_path: Path) -> None:
+    """testpmd's virtio-user listens (server=1) and the backend connects as a client; when
+    testpmd quits the backend ends by itself, exit 0, with its summary."""
+    sock = tmp_path / "pmd.sock"
+    js = tmp_path / "summary.json"
+    sizes = [100, 1200] * 30
+    vdev = f"net_virtio_user0,path={sock},queues=1,server=1"
+    b: list[subprocess.Popen] = []
+
+    def start_backend() -> None:
+        b.append(subprocess.Popen([sys.executable, "-m", "vhostuserproc", "--socket",
+                                   str(sock), "--netdev", "tap", "--summary-json", str(js)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True))
+
+    try:
+        with run_testpmd(vdev, 1, "io", start_backend) as p:
+            line = b[0].stdout.readline() if b[0].stdout else ""
+            assert "connected to" in line, line
+            ns = re.search(r"in netns (vnr-[0-9a-f]+)", line).group(1)  # type: ignore[union-attr]
+            deadline = time.monotonic() + 30
+            while True:  # the link comes up once the backend has the rings
+                p.sendline("show port info 0")
+                p.expect("testpmd> ")
+                if "Link status: up" in p.before or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            send_udp(ns, sizes)
+            s = wait_stats(p, "TX-packets", len(sizes))
+            p.sendline("quit")
+            p.expect(pexpect.EOF, timeout=30)
+        _, err = b[0].communicate(timeout=30)
+        assert b[0].returncode == 0, err
+        summary = json.loads(js.read_text())
+    finally:
+        for proc in b:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    q = summary["queues"][0]
+    assert (s["RX-packets"], s["TX-packets"]) == (len(sizes), len(sizes))
+    assert (q["rx_frames"], q["tx_frames"]) == (len(sizes), len(sizes))

@@ -666,6 +666,9 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
     in_sg: list[memoryview] = []
     n = 0
     while True:
+        if flags & VRING_DESC_F_INDIRECT and desc is not ring.desc:
+            vu_panic(dev, "Nested indirect descriptor")
+            return None
         if flags & VRING_DESC_F_WRITE:
             if not virtqueue_map_desc(dev, in_sg, addr, length):
                 return None
@@ -681,9 +684,6 @@ def vu_queue_map_desc(dev: VuDev, vq: VuVirtq, idx: int) -> VuVirtqElement | Non
             return None
         if not flags & VRING_DESC_F_NEXT:
             break
-        if flags & VRING_DESC_F_INDIRECT:
-            vu_panic(dev, "Nested indirect descriptor")
-            return None
         if nxt >= max_:
             vu_panic(dev, f"Desc next is {nxt}")
             return None

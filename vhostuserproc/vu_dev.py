@@ -31,8 +31,13 @@ class VuDevRegion:
     mem: memoryview
 
     def unmap(self) -> None:
+        """Unmap now, or (while a popped element still holds a view) when the last view
+        goes."""
         self.mem.release()
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:
+            pass
 
 
 @dataclass
