@@ -47,9 +47,13 @@ system_tools() {
         >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: apt-get failed (log: $log)" >&2; }
 }
 
+# The interop tests' real peers (dpdk-testpmd, QEMU, busybox-static, Debian's Linux kernel in
+# a per-machine cache outside the clone): docs/interop.md.
+peers() { "$here/scripts/setup-peers.sh" || echo "run.sh: setting up the interop peers failed" >&2; }
+
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
-    test) shift; system_tools; exec "$py" -m pytest "$@" ;;
+    test) shift; system_tools; peers; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;
