@@ -98,6 +98,7 @@ from qemuproc.vhost_net import (
     vhost_net_get_features,
     vhost_net_start,
     vhost_net_stop,
+    vhost_set_vring_enable,
 )
 from qemuproc.virtio import (
     VirtIODevice,
@@ -107,6 +108,7 @@ from qemuproc.virtio import (
     virtio_add_queue,
     virtio_error,
     virtio_notify,
+    virtio_notify_config,
     virtio_queue_empty,
     virtio_queue_ready,
     virtio_queue_set_notification,
@@ -307,9 +309,26 @@ def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
         n.vhost_started = False
 
 
+def virtio_net_set_link_status(nc: NetClientState) -> None:
+    """The peer's link went up or down (qmp_set_link): the config's LINK_UP bit follows, the
+    guest is told, and vhost stops or starts with it."""
+    n = nc.opaque
+    old = n.status_net
+    if nc.link_down:
+        n.status_net &= ~VIRTIO_NET_S_LINK_UP
+    else:
+        n.status_net |= VIRTIO_NET_S_LINK_UP
+    if n.status_net != old:
+        virtio_notify_config(n)
+    n.set_status(n.status)
+
+
 def peer_attach(n: VirtIONet, index: int) -> int:
-    """Queue pair ``index`` is in use: a multiqueue tap attaches its queue (tap_enable)."""
+    """Queue pair ``index`` is in use: a vhost-user back end enables its rings, a multiqueue
+    tap attaches its queue (tap_enable)."""
     nc = n.ncs[index]
+    if nc.peer is not None and nc.peer.info.type == "vhost-user":
+        vhost_set_vring_enable(nc.peer, True)
     if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
             or nc.peer is n.ncs[0].peer and index:
         return 0
@@ -318,6 +337,8 @@ def peer_attach(n: VirtIONet, index: int) -> int:
 
 def peer_detach(n: VirtIONet, index: int) -> int:
     nc = n.ncs[index]
+    if nc.peer is not None and nc.peer.info.type == "vhost-user":
+        vhost_set_vring_enable(nc.peer, False)
     if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
             or nc.peer is n.ncs[0].peer and index:
         return 0
@@ -368,7 +389,8 @@ def virtio_net_device_init(n: VirtIONet,
     every pair's peer."""
     peers = netdev if isinstance(netdev, list) else None
     netdev = peers[0] if peers else netdev  # type: ignore[assignment]
-    info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
+    info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive,
+                         link_status_changed=virtio_net_set_link_status)
     for i in range(n.max_queue_pairs):
         q = VirtIONetQueue(n, i)
         q.rx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_rx, f"RX(q{2 * i})")

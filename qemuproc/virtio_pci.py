@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.eventfd import EventfdNotifier, poll_bridge
 from common.ipc import RunConfig
 from common.notifier import EventNotifier, PollBridge
 from common.trace import trace_event, traced
@@ -139,8 +140,10 @@ class VirtIOPCIProxy:
         vdev.notify_vector = self.virtio_pci_notify
         self.host_bridges: dict[int, PollBridge] = {}
         self.irqfd_gsis: dict[int, int] = {}  # vector -> gsi
-        self.irqfds: dict[int, EventNotifier] = {}
-        self.guest_notifiers: dict[int, PollBridge] = {}  # INTx with vhost: queue -> notifier
+        self.irqfds: dict[int, Any] = {}
+        self.guest_notifiers: dict[int, Any] = {}  # INTx with vhost: queue -> notifier
+        self.eventfd_notifiers = False  # a vhost-user back end: host and guest notifiers are
+        self.vhost_host_notifiers: dict[int, EventfdNotifier] = {}  # real eventfds
 
     # -- notifications toward the guest -------------------------------------------------------
 
@@ -193,7 +196,7 @@ class VirtIOPCIProxy:
             n = vq.queue_index
             name = self.cfg.ioeventfd(n)
             if n in self.ioeventfd_grabbed:  # vhost's: KVM signals the fd, nobody here reads it
-                self.virtio_pci_ioeventfd_assign(name, n, True)
+                self.virtio_pci_ioeventfd_assign(self.vhost_host_notifier_name(n), n, True)
                 continue
             bridge = PollBridge(EventNotifier(name))
             self.host_bridges[n] = bridge
@@ -212,7 +215,7 @@ class VirtIOPCIProxy:
         if not self.ioeventfd_started:
             return
         for n in self.ioeventfd_grabbed:
-            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
+            self.virtio_pci_ioeventfd_assign(self.vhost_host_notifier_name(n), n, False)
         for n, bridge in self.host_bridges.items():
             self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
             self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
@@ -251,7 +254,8 @@ class VirtIOPCIProxy:
             for vq in self.vdev.vq:
                 if vq.views is None:
                     continue
-                bridge = PollBridge(EventNotifier(self.cfg.irqfd(vq.queue_index)))
+                bridge = poll_bridge(EventfdNotifier() if self.eventfd_notifiers
+                                     else EventNotifier(self.cfg.irqfd(vq.queue_index)))
                 self.guest_notifiers[vq.queue_index] = vq.guest_notifier = bridge
                 self.main_loop.qemu_set_fd_handler(bridge.fileno(),
                                                    virtio_queue_guest_notifier_read, None, vq,
@@ -264,9 +268,10 @@ class VirtIOPCIProxy:
             self.irqfd_gsis[vector] = gsi
         kvm.kvm_irqchip_commit_routes()
         for vector, gsi in self.irqfd_gsis.items():
-            name = self.cfg.irqfd(vector)
-            self.irqfds[vector] = EventNotifier(name)
-            kvm.kvm_irqchip_add_irqfd_notifier_gsi(name, gsi)
+            n = (EventfdNotifier() if self.eventfd_notifiers
+                 else EventNotifier(self.cfg.irqfd(vector)))
+            self.irqfds[vector] = n
+            kvm.kvm_irqchip_add_irqfd_notifier_gsi(n.name, gsi)
 
     def guest_notifier_name(self, queue: int) -> str | None:
         """The eventfd a vhost queue signals (VHOST_SET_VRING_CALL): its vector's irqfd, or
@@ -275,6 +280,36 @@ class VirtIOPCIProxy:
             return self.guest_notifiers[queue].notifier.name
         irqfd = self.irqfds.get(self.vdev.vq[queue].vector)
         return irqfd.name if irqfd is not None else None
+
+    def vhost_host_notifier(self, queue: int) -> Any:
+        """The kick a vhost back end takes (virtio_queue_get_host_notifier): for vhost-user a
+        real eventfd, made the first time it is asked for; else the ioeventfd's name."""
+        if not self.eventfd_notifiers:
+            return self.cfg.ioeventfd(queue)
+        n = self.vhost_host_notifiers.get(queue)
+        if n is None:
+            n = self.vhost_host_notifiers[queue] = EventfdNotifier()
+        return n
+
+    def vhost_host_notifier_name(self, queue: int) -> str:
+        n = self.vhost_host_notifier(queue)
+        return n if isinstance(n, str) else n.name
+
+    def virtio_pci_release_host_notifiers(self, queues: range) -> None:
+        """virtio_bus_cleanup_host_notifier: vhost gave the queues back; their eventfds go."""
+        for q in queues:
+            n = self.vhost_host_notifiers.pop(q, None)
+            if n is not None:
+                n.close()
+
+    def vhost_guest_notifier(self, queue: int) -> Any:
+        """The call a vhost back end signals: the eventfd (vhost-user) or name (kernel) of the
+        queue's vector's irqfd, or under INTx of its guest notifier."""
+        if not self.eventfd_notifiers:
+            return self.guest_notifier_name(queue)
+        if queue in self.guest_notifiers:
+            return self.guest_notifiers[queue].notifier
+        return self.irqfds.get(self.vdev.vq[queue].vector)
 
     def virtio_pci_reset(self) -> None:
         self.virtio_pci_stop_ioeventfd()

@@ -161,6 +161,8 @@ class Bridge:
             self.slirp = SlirpBackend(pairs, self._slirp_frame)
             backend = self.slirp
         self.vubr = VubrDev(pairs, backend, a.poll, self._watch_backend)
+        if self.slirp is not None:  # what slirp sends waits where vubr_flush_held looks
+            self.vubr.held = self.slirp.pending
         self.listen_sock: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.connections = 0

@@ -140,9 +140,15 @@ TAP_GUEST_PORT = 5555
 
 
 def add_tap_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--netdev", choices=("user", "tap"), default="user",
+    p.add_argument("--netdev", choices=("user", "tap", "vhost-user"), default="user",
                    help="user: slirp to 127.0.0.1; tap: a real tap in the run's own network "
-                        "namespace, host end 10.0.2.2 (needs root)")
+                        "namespace, host end 10.0.2.2 (needs root); vhost-user: a vhost-user "
+                        "back end on --chardev's socket serves the rings")
+    p.add_argument("--chardev", metavar="id=ID,path=SOCK[,server=on][,reconnect=S]",
+                   help="vhost-user: the socket QEMU's front-end talks through (-chardev "
+                        "socket,...)")
+    p.add_argument("--static-arp", action="store_true",
+                   help="the guest knows 10.0.2.2's MAC (52:55:0a:00:02:02) and sends no ARP")
     p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
                    help="tap: vhost-net in the KVM process serves the rings (-netdev "
                         "tap,vhost=on); --poll-us becomes its busy-poll timeout")
@@ -163,10 +169,15 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     """Check the tap options; what they put in RunOptions.extra."""
     import re
 
+    arp = {"arp": False} if a.static_arp else {}
+    if a.netdev == "vhost-user":
+        return {**arp, **vhost_user_options(a)}
+    if a.chardev:
+        raise UsageError("--chardev needs --netdev vhost-user")
     if a.netdev != "tap":
         if a.tap_sndbuf or a.tap_rate or a.vhost:
             raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
-        return {}
+        return arp
     from common.netns import privilege_problem
 
     why = privilege_problem()
@@ -181,8 +192,57 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     if a.vhost and not a.ioeventfd:
         raise UsageError("--vhost on needs --ioeventfd on: vhost takes the queues' host "
                          "notifiers (QEMU: 'binding does not support host notifiers')")
-    return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
+    return {**arp, "netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
             "tap_backpressure": a.tap_rate, "vhost": a.vhost}
+
+
+def vhost_user_options(a: argparse.Namespace) -> dict[str, Any]:
+    """-netdev vhost-user: the chardev's socket must be reachable (a client's) or makeable (a
+    server's) before anything starts."""
+    import os
+    import stat
+
+    from vreplica.qemu_opts import qemu_opts_parse
+
+    if a.tap_sndbuf or a.tap_rate or a.vhost:
+        raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
+    if not a.ioeventfd:
+        raise UsageError("--netdev vhost-user needs --ioeventfd on: the back end takes the "
+                         "queues' host notifiers")
+    if not a.chardev:  # the replica's own back end, a fourth process
+        from vhostuserproc.__main__ import VHOST_USER_BRIDGE_MAX_QUEUES
+
+        if a.queues > VHOST_USER_BRIDGE_MAX_QUEUES // 2:
+            raise UsageError(f"--queues {a.queues}: the vhost-user backend gives 1 to "
+                             f"{VHOST_USER_BRIDGE_MAX_QUEUES // 2} queue pairs")
+        return {"netdev": "vhost-user", "csum": a.csum}
+    spec: dict[str, Any] = {"id": "c0", "server": False, "wait": True, "reconnect": 0}
+    for key, value in qemu_opts_parse(a.chardev):
+        if key in ("server", "wait"):
+            spec[key] = value == "on"
+        elif key == "reconnect":
+            spec[key] = int(value) if value.isdigit() else 0
+        elif key in ("id", "path"):
+            spec[key] = value
+        else:
+            raise UsageError(f"--chardev: Invalid parameter '{key}'")
+    path = spec.get("path")
+    if not path:
+        raise UsageError("--chardev: no socket path (path=SOCK)")
+    path = spec["path"] = os.path.abspath(path)
+    if spec["server"]:
+        d = os.path.dirname(path)
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise UsageError(f"--chardev path={path}: cannot make a socket there")
+    else:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UsageError(f"--chardev path={path}: Failed to connect to '{path}': "
+                             f"{e.strerror}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UsageError(f"--chardev path={path}: not a socket")
+    return {"netdev": "vhost-user", "chardev": spec, "csum": a.csum}
 
 
 def parse_size(text: str) -> int:

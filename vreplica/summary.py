@@ -98,6 +98,13 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
+    if "vhost_user" in q:  # the frames each way per queue pair, as the guest's driver counted
+        summary["vhost_user"] = {
+            "qemu": q["vhost_user"], "vhost": q.get("vhost"),
+            "guest_features": q.get("guest_features"),
+            "guest_tx_frames": [x.get("packets", 0) for x in g.get("sq") or []],
+            "guest_rx_frames": [x.get("packets", 0) for x in g.get("rq") or []],
+            "backend": reports.get("vhost-user")}
     if "tap" in q:
         summary["tap"] = q["tap"]
         summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
@@ -198,6 +205,18 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  received by the guest  {s['received_by_guest']} frames; waited for RX "
                      f"buffers {s['rx_no_buffer']}, queued {s['rx_queued']}, "
                      f"dropped {s['rx_dropped']}")
+    vu = s.get("vhost_user")
+    if vu:
+        lines.append(f"  vhost-user             frames guest->back end {vu['guest_tx_frames']}, "
+                     f"back end->guest {vu['guest_rx_frames']} per queue pair (the guest's "
+                     f"count); link downs {vu['qemu']['link_downs']}, "
+                     f"{vu['qemu']['messages']} messages")
+        b = vu.get("backend")
+        if b:
+            lines.append("  vhost-user back end    moved guest->host "
+                         f"{[q['tx_frames'] for q in b['queues']]}, host->guest "
+                         f"{[q['rx_frames'] for q in b['queues']]} frames per queue pair; "
+                         f"{b['cpu_s']} s CPU")
     if s.get("device_errors"):
         lines.append(f"  device errors          {'; '.join(s['device_errors'])}")
     if s.get("device_restarts") is not None:

@@ -1,5 +1,6 @@
-"""Starts the three processes of a run, watches them, stops them in order, removes every IPC
-object, and gathers what each reported into the run's summary.
+"""Starts the three processes of a run (four with the replica's vhost-user back end),
+watches them, stops them in order, removes every IPC object, and gathers what each reported
+into the run's summary.
 
 Not part of the replicated system: the hand that sets up the machine and takes it down.
 """
@@ -26,6 +27,7 @@ from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
 from common.kvm_abi import unpackb
 from common.monitor import pid_path
+from vreplica.backend_process import BackendFailed, BackendProcess
 
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
@@ -127,6 +129,7 @@ class Supervisor:
         self.deaths: list[str] = []
         self._env: dict[str, str] = {}
         self._announcement: str | None = None
+        self.backend: BackendProcess | None = None
         self.before_spawn: Callable[[RunConfig], None] = lambda cfg: None
         """Runs once the run's objects (and network namespace) exist, before its processes:
         host services that live in the namespace start here."""
@@ -180,6 +183,15 @@ class Supervisor:
             if o.trace_events:
                 env["VREPLICA_TRACE_EVENTS"] = o.trace_events
         self._env = env
+        if o.extra.get("netdev") == "vhost-user" and "chardev" not in o.extra:
+            try:  # the replica's own back end, before QEMU connects to it
+                self.backend = BackendProcess(cfg, o.extra.get("vhost_user_host", "user"),
+                                              o.queues, o.extra.get("vhost_user_poll", False),
+                                              env)
+            except BackendFailed as e:
+                raise RunFailed(str(e)) from None
+            cfg.options["chardev"] = self.backend.chardev()
+            cfg.save()
         self.t_start = time.monotonic()
         for role in ROLES:
             self.procs[role] = self._spawn(role)
@@ -256,6 +268,10 @@ class Supervisor:
                 if self.restarts:
                     why += f" (after {self.restarts} restart{'s' if self.restarts > 1 else ''})"
                 raise RunFailed(why)
+            if self.backend is not None and (rc := self.backend.poll()) is not None:
+                how = f"killed by {_signal_name(rc)}" if rc < 0 else f"exit status {rc}"
+                raise RunFailed(f"vhost-user backend process (pid {self.backend.pid}) died: "
+                                f"{how}")
             if all(rc == 0 for rc in exited.values()):
                 self._read_ctl(0)
                 if "guest" not in self.done:
@@ -320,6 +336,8 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            if self.backend is not None:  # after QEMU: it takes the rings back first
+                self.backend.stop()
 
     def cleanup(self) -> None:
         with deferred_sigint():
@@ -337,6 +355,8 @@ class Supervisor:
             path = Path(self.cfg.rundir) / f"report.{role}.json"
             if path.exists():
                 out[role] = json.loads(path.read_text())
+        if self.backend is not None and (backend := self.backend.report()) is not None:
+            out["vhost-user"] = backend
         return out
 
     def rss(self) -> dict[str, int]:
