@@ -275,12 +275,6 @@ class Bridge:
         self.vubr.vubr_backend_recv_cb(pair, self.tap.recv)  # type: ignore[arg-type]
 
     def _slirp_frame(self, pair: int) -> None:
-        """slirp's send_packet: its frames join the pair's held frames, which go in as the
-        receive queue has room."""
-        assert self.slirp is not None
-        pending, held = self.slirp.pending[pair], self.vubr.held[pair]
-        while pending:
-            held.append(pending.popleft())
         self.vubr.vubr_flush_held(pair)
 
     def _slirp_fds(self) -> float:
