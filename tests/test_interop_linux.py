@@ -14,10 +14,10 @@ to a backend that is not the replica's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -25,13 +25,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pexpect
 import pytest
+from testpmd import DpdkTestpmd
 
 from vreplica.interop.cache import find_kernel
 from vreplica.interop.initramfs import build_initramfs
@@ -118,14 +117,20 @@ def udp_echo() -> Iterator[EchoingCollector]:
         c.close()
 
 
-def kill_group(proc: subprocess.Popen | pexpect.spawn) -> None:
-    """SIGKILL a peer's process group (each is started in a session of its own) and reap it."""
+PR_SET_PDEATHSIG = 1
+
+
+def own_session_dying_with_us() -> None:
+    """preexec_fn: a session (and process group) of its own, and SIGKILL when the test dies."""
+    os.setsid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a peer's process group and reap it."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    if isinstance(proc, subprocess.Popen):
-        proc.wait()
-    else:
-        proc.wait() if proc.isalive() else None
+    proc.wait()
 
 
 @dataclass
@@ -145,7 +150,7 @@ def boot(images: tuple[Path, Path], sock: Path, nic: NicConfig, workdir: Path,
     start = time.monotonic()
     with open(errlog, "wb") as err:
         qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+                                stderr=err, preexec_fn=own_session_dying_with_us)
     try:
         rc = qemu.wait(timeout=BOOT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -167,7 +172,7 @@ def replica_backend(sock: Path, summary: Path, workdir: Path) -> Iterator[subpro
         [sys.executable, "-m", "vhostuserproc", "--socket", str(sock), "--server",
          "--netdev", "user", "--summary-json", str(summary)],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-        start_new_session=True)
+        preexec_fn=own_session_dying_with_us)
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], BACKEND_START_S)
@@ -232,51 +237,25 @@ def test_linux_guest_through_replica_backend(
     assert r.stats["rx_dropped"] == r.stats["tx_dropped"] == 0
 
 
-TESTPMD_PROMPT = "testpmd> "
-
-
-@contextlib.contextmanager
-def icmpecho_backend(sock: Path) -> Iterator[pexpect.spawn]:
-    """dpdk-testpmd serving `sock` with net_vhost, answering ARP and ICMP echo (icmpecho)."""
-    prefix = f"vnr-interop-{uuid.uuid4().hex[:8]}"
-    args = ["--no-huge", "-m", "1024", "--no-pci", "-l", "0-1", f"--file-prefix={prefix}",
-            "--vdev", f"net_vhost0,iface={sock}", "--", "-i", "--total-num-mbufs=4096",
-            "--nb-cores=1", "--forward-mode=icmpecho"]
-    child = pexpect.spawn(shutil.which("dpdk-testpmd") or "dpdk-testpmd", args,
-                          encoding="utf-8", timeout=60)
-    try:
-        child.expect_exact(TESTPMD_PROMPT)
-        child.sendline("start")
-        child.expect_exact(TESTPMD_PROMPT)
-        yield child
-    finally:
-        kill_group(child)
-        shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-
-
-def port_stats(child: pexpect.spawn) -> tuple[int, int]:
-    """(RX-packets, TX-packets) of port 0."""
-    child.sendline("show port stats 0")
-    child.expect(r"RX-packets:\s+(\d+).*?TX-packets:\s+(\d+)")
-    rx, tx = int(child.match.group(1)), int(child.match.group(2))
-    child.expect_exact(TESTPMD_PROMPT)
-    return rx, tx
-
-
-def test_linux_guest_through_testpmd(guest_images: tuple[Path, Path], tmp_path: Path) -> None:
-    """The control: the same QEMU line and guest against DPDK's vhost library."""
+def test_linux_guest_through_testpmd(guest_images: tuple[Path, Path], tmp_path: Path,
+                                     no_leftovers: object) -> None:
+    """The control: the same QEMU line and guest against DPDK's vhost library (icmpecho)."""
     nic = NicConfig("modern", packed=False, mrg_rxbuf=True)
     sock = tmp_path / "testpmd.sock"
-    with icmpecho_backend(sock) as testpmd:
+    testpmd = DpdkTestpmd(sock, mode="icmpecho")
+    try:
+        testpmd.start()
         run = boot(guest_images, sock, nic, tmp_path, {"vnr_ping": str(PINGS)})
-        rx, tx = port_stats(testpmd)
+        stats = testpmd.port_stats()
+    finally:
+        testpmd.stop()
+        sock.unlink(missing_ok=True)
     r = run.report
     print(f"testpmd {nic.name}: boot {run.seconds:.1f} s, guest tx {r.stats.get('tx_packets')} "
-          f"rx {r.stats.get('rx_packets')}, testpmd rx {rx} tx {tx}")
+          f"rx {r.stats.get('rx_packets')}, testpmd {stats}")
     assert r.done and not r.failures, run.console[-3000:]
     check_features(r, nic)
     assert r.ping == (PINGS, PINGS)
     assert r.ping1472 == (PINGS, PINGS)
-    assert (rx, tx) == (r.stats["tx_packets"], r.stats["rx_packets"])
+    assert r.barrier == (1, 1)
+    assert (stats["rx"], stats["tx"]) == (r.stats["tx_packets"], r.stats["rx_packets"])
