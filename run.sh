@@ -54,6 +54,8 @@ peers() { "$here/scripts/setup-peers.sh" || echo "run.sh: setting up the interop
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
     test) shift; system_tools; peers; exec "$py" -m pytest "$@" ;;
+    demo) case " $* " in *" dpdk "* | *"--peer=dpdk"*) peers ;; esac
+        exec "$py" -m vreplica.cli "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;

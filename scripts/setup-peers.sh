@@ -45,8 +45,9 @@ file_is_static() { ! LC_ALL=C ldd "$1" >/dev/null 2>&1; }
 
 # The kernel package's name: the one linux-image-amd64 depends on (linux-image-6.1.0-N-amd64).
 kernel_package() {
-    apt-cache depends linux-image-amd64 2>/dev/null \
-        | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1
+    local deps
+    deps="$(apt-cache depends linux-image-amd64 2>/dev/null || true)"
+    sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' <<<"$deps" | sed -n 1p
 }
 
 kernel() {
