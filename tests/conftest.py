@@ -33,7 +33,7 @@ from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, run_owner
 from common.ipc import runs_root as all_runs_root
 from common.netns import run_namespaces
 
-ROLES = ("guestproc", "kvmproc", "qemuproc", "vhostuserproc", "dpdk-testpmd")
+ROLES = ("guestproc", "kvmproc", "qemuproc")
 GRACE_S = 2.0
 WATCH_INTERVAL_S = 0.05
 

@@ -98,6 +98,10 @@ def run_testpmd(vdev: str, queues: int, fwd: str,
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        try:
+            p.wait()  # SIGKILL'd: it goes once its memory is unmapped
+        except pexpect.ExceptionPexpect:
+            pass
         p.close(force=True)
         shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
     assert not Path(f"/var/run/dpdk/{prefix}").exists()
@@ -175,6 +179,7 @@ CONFIGS = [
     pytest.param("", 2, [64, 1000] * 60, id="split-mrg-2q"),
     pytest.param(",packed_vq=1", 2, [64, 1000] * 60, id="packed-mrg-2q"),
     pytest.param(",mtu=9000", 1, [3000, 64, 8000] * 10, id="split-mrg-jumbo"),
+    pytest.param(",packed_vq=1,mtu=9000", 1, [3000, 64, 8000] * 10, id="packed-mrg-jumbo"),
 ]
 
 

@@ -379,3 +379,23 @@ def test_u64_payload_checked() -> None:
     with split() as (_, dev, _c, _m):
         assert not send(dev, R.SET_VRING_CALL, struct.pack("<I", 0))
         assert dev.broken
+
+
+def test_packed_indirect_stale_write_flag_before_readable_entries() -> None:
+    """DPDK's virtio PMD can leave VRING_DESC_F_WRITE on a transmit chain's indirect entry
+    (see libvhost_user_packed.py): writable entries followed by a readable one are read,
+    in table order, as readable, as DPDK's lib/vhost reads them."""
+    from common.vring_packed import PACKED_DESC
+
+    with packed(1 << VIRTIO_RING_F_INDIRECT_DESC) as (mock, dev, _c, mem):
+        bufs = [mock.alloc(4) for _ in range(3)]
+        for a, data in zip(bufs, (b"hdr.", b"abcd", b"efgh"), strict=True):
+            mem.ram[a : a + 4] = data
+        table = mock.alloc(48)
+        mem.ram[table : table + 48] = b"".join(
+            PACKED_DESC.pack(a, 4, 0, f) for a, f in zip(
+                bufs, (VRING_DESC_F_WRITE, VRING_DESC_F_NEXT, 0), strict=True))
+        mock.offer([(table, 48, VRING_DESC_F_INDIRECT)], buf_id=3)
+        elem = vu_queue_pop(dev, dev.vq[0])
+        assert elem is not None and not dev.broken and elem.index == 3
+        assert b"".join(bytes(m) for m in elem.out_sg) == b"hdr.abcdefgh" and not elem.in_sg

@@ -31,11 +31,12 @@ from pathlib import Path
 import posix_ipc
 import psutil
 
-from common import netns
+from common import netns, trace
 from common.ipc import RUN_HEADER, RUN_HEADER_SIZE, RUN_MAGIC, RUN_VERSION, RunConfig, inflight_name
 from common.vhost_user_abi import recv_msg
 from vhostuserproc.dispatcher import Dispatcher
 from vhostuserproc.libvhost_user import vu_deinit, vu_dispatch, vu_panic
+from vhostuserproc.monitor import ROLE, vu_monitor
 from vhostuserproc.net_backend import SlirpBackend, TapBackend
 from vhostuserproc.vhost_user_bridge import VubrDev, eventfd_count
 from vhostuserproc.vu_dev import VuDev
@@ -161,6 +162,7 @@ class Bridge:
             self.slirp = SlirpBackend(pairs, self._slirp_frame)
             backend = self.slirp
         self.vubr = VubrDev(pairs, backend, a.poll, self._watch_backend)
+        self.mon = vu_monitor(self.vubr, a.run) if a.run else None
         if self.slirp is not None:  # what slirp sends waits where vubr_flush_held looks
             self.vubr.held = self.slirp.pending
         self.listen_sock: socket.socket | None = None
@@ -174,9 +176,8 @@ class Bridge:
 
     # -- the front-end's socket ---------------------------------------------------------------
 
-    def start(self) -> str:
+    def start(self, s: socket.socket) -> str:
         a = self.a
-        s = open_socket(a.socket, a.server)
         if a.server:
             self.listen_sock = s
             self.dispatcher.dispatcher_add(s.fileno(), None, self.vubr_accept_cb)
@@ -337,6 +338,8 @@ class Bridge:
         return out
 
     def close(self) -> None:
+        if self.mon is not None:
+            self.mon.close()
         if self.vubr.vudev is not None:
             vu_deinit(self.vubr.vudev)
         if self.conn is not None:
@@ -386,25 +389,30 @@ def main(argv: list[str] | None = None) -> int:
         bridge.vubr.quit = True
 
     signal.set_wakeup_fd(quit_w)
+    try:
+        s = open_socket(a.socket, a.server)
+    except Usage as e:
+        print(f"vhost-user-bridge: {e}", file=sys.stderr)
+        return 2
     bridge: Bridge
     try:
         bridge = Bridge(a)
     except (OSError, ValueError, posix_ipc.Error) as e:
+        s.close()
+        if a.server:
+            os.unlink(a.socket)
         print(f"vhost-user-bridge: --netdev {a.netdev}: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        try:
-            line = bridge.start()
-        except Usage as e:
-            print(f"vhost-user-bridge: {e}", file=sys.stderr)
-            return 2
-        print(line, flush=True)
+        print(bridge.start(s), flush=True)
         bridge.vubr_run(quit_r)
         s = bridge.summary()
     finally:
         bridge.close()
+        if trace.ENABLED and a.run:
+            trace.dump(Path(a.run) / f"trace.{ROLE}.msgpack", ROLE)
     print_summary(s)
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(s, indent=1))

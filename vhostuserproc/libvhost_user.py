@@ -19,6 +19,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from common.trace import trace_event
 from common.vhost_user_abi import (
     INFLIGHT,
     U64,
@@ -91,6 +92,11 @@ from vhostuserproc.vu_dev import (
 )
 
 VU_WATCH_IN = 1
+trace_vu_dispatch = trace_event("vu_dispatch")
+trace_vu_kick_cb = trace_event("vu_kick_cb")
+trace_vu_queue_pop = trace_event("vu_queue_pop")
+trace_vu_queue_flush = trace_event("vu_queue_flush")
+trace_vu_queue_notify = trace_event("vu_queue_notify")
 VHOST_USER_MAX_RAM_SLOTS = 8
 """This backend maps at most the baseline's regions (it offers no CONFIGURE_MEM_SLOTS)."""
 
@@ -351,6 +357,8 @@ def vu_kick_cb(dev: VuDev, condition: int, index: int) -> None:
         vu_panic(dev, f"kick eventfd_read(): {e.strerror}")
         return
     vq.kicks += 1
+    if trace_vu_kick_cb.on:
+        trace_vu_kick_cb(index=index)
     if vq.handler is not None:
         vq.handler(dev, index)
 
@@ -521,6 +529,9 @@ def vu_dispatch(dev: VuDev, vmsg: VhostUserMsg) -> bool:
     front-end asked for one and the request has none of its own). False: the device
     panicked, or the reply could not be written."""
     dev.messages += 1
+    if trace_vu_dispatch.on:
+        trace_vu_dispatch(request=_name(vmsg.request), flags=vmsg.flags, size=len(vmsg.payload),
+                          fds=len(vmsg.fds))
     need_reply = vmsg.need_reply
     try:
         reply_requested = vu_process_message(dev, vmsg)
@@ -786,6 +797,8 @@ def vu_queue_notify(dev: VuDev, vq: VuVirtq) -> None:
         return
     if vq.call_fd >= 0:
         vq.calls += 1
+        if trace_vu_queue_notify.on:
+            trace_vu_queue_notify(vq=vq.index, used_idx=vq.used_idx)
         _eventfd_write(dev, vq.call_fd)
 
 
@@ -817,7 +830,11 @@ def vu_queue_set_notification(dev: VuDev, vq: VuVirtq, enable: bool) -> None:
 def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
     """The next available chain, mapped; None when there is none or the device broke."""
     if vq.packed is not None:
-        return vu_queue_packed_pop(dev, vq)
+        elem = vu_queue_packed_pop(dev, vq)
+        if trace_vu_queue_pop.on and elem is not None:
+            trace_vu_queue_pop(vq=vq.index, head=elem.index, out_num=len(elem.out_sg),
+                               in_num=len(elem.in_sg))
+        return elem
     ring = vq.vring
     if dev.broken or ring is None:
         return None
@@ -847,6 +864,9 @@ def vu_queue_pop(dev: VuDev, vq: VuVirtq) -> VuVirtqElement | None:
     vq.inuse += 1
     if vq.inflight is not None:
         vu_queue_inflight_get(dev, vq, head)
+    if trace_vu_queue_pop.on:
+        trace_vu_queue_pop(vq=vq.index, head=head, out_num=len(elem.out_sg),
+                           in_num=len(elem.in_sg))
     return elem
 
 
@@ -886,6 +906,8 @@ def vu_queue_fill(dev: VuDev, vq: VuVirtq, elem: VuVirtqElement, length: int,
 
 def vu_queue_flush(dev: VuDev, vq: VuVirtq, count: int) -> None:
     """Publish ``count`` filled used elements (one used->idx store)."""
+    if trace_vu_queue_flush.on:
+        trace_vu_queue_flush(vq=vq.index, count=count)
     if vq.packed is not None:
         vu_queue_packed_flush(dev, vq, count)
         return

@@ -8,6 +8,12 @@ SET/GET_VRING_BASE carry the avail index and its wrap counter in bits 0-15 and t
 index and its wrap counter in bits 16-31 (QEMU's ``virtio_queue_packed_get_last_avail_idx``);
 a front-end that sends zero there (DPDK's virtio-user) starts the used side where the avail
 side starts, as DPDK's lib/vhost takes it.
+
+In an indirect table, device-writable entries followed by a readable one are taken as
+readable, as DPDK's lib/vhost reads a transmit chain: DPDK's virtio PMD (22.11,
+``virtqueue_enqueue_xmit_packed``) skips the flags store of the table entry whose index
+equals the chain's ring position, which keeps the VRING_DESC_F_WRITE its table was
+initialised with.
 """
 
 from __future__ import annotations
@@ -147,9 +153,11 @@ def _walk(dev: VuDev, vq: VuVirtq, pos: int, wrap: bool,
                 if in_sg is not None and not virtqueue_map_desc(dev, in_sg, a, ln):
                     return None
             else:
-                if in_b:
-                    vu_panic(dev, "Incorrect order for descriptors")
-                    return None
+                if in_b:  # a stale WRITE before a readable entry: readable (see above)
+                    out_b, in_b = out_b + in_b, 0
+                    if out_sg is not None and in_sg is not None:
+                        out_sg += in_sg
+                        in_sg.clear()
                 out_b += ln
                 if out_sg is not None and not virtqueue_map_desc(dev, out_sg, a, ln):
                     return None

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from common.trace import trace_event
 from common.vhost_user_abi import VhostUserMsg
 from common.vhost_user_inflight import VuVirtqInflight
 from common.vring import VIRTQUEUE_MAX_SIZE
+
+trace_vu_panic = trace_event("vu_panic")
 
 
 class VuPanic(Exception):
@@ -160,6 +163,8 @@ def vu_panic(dev: VuDev, msg: str) -> None:
     """The device is broken from here on; its owner hears why (``dev->panic``)."""
     dev.broken = True
     dev.panic_reason = msg
+    if trace_vu_panic.on:
+        trace_vu_panic(msg=msg)
     dev.panic(dev, msg)
 
 

@@ -553,6 +553,8 @@ DELEGATED = {
     "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
     "attach": ("vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
     "fuzz": ("vreplica.fuzz", "main", "fuzz the device's ring handling"),
+    "vhost-user-bridge": ("vhostuserproc.__main__", "main",
+                          "the vhost-user backend alone, for any front-end"),
 }
 """Subcommands whose implementation, and own argument parsing, live in another module."""
 

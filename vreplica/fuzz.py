@@ -572,13 +572,18 @@ def fuzz_settings(examples: int, steps: int = 40) -> settings:
 
 
 def run(examples: int, steps: int = 40, ring: str = "split") -> dict[str, Any]:
-    """Run the machine (``ring``: split, or vreplica.fuzz_packed's) for ``examples``
+    """Run the machine (``ring``: split, vreplica.fuzz_packed's, or the vhost-user
+    backend's, vreplica.fuzz_vhost_user) for ``examples``
     examples; raises on the first broken property."""
-    machine: type[VirtioNetFuzz] = VirtioNetFuzz
+    machine: type[RuleBasedStateMachine] = VirtioNetFuzz
     if ring == "packed":
         from vreplica.fuzz_packed import VirtioNetPackedFuzz
 
         machine = VirtioNetPackedFuzz
+    elif ring == "vhost-user":
+        from vreplica.fuzz_vhost_user import VhostUserBackendFuzz
+
+        machine = VhostUserBackendFuzz
     for k in STATS_KEYS:
         stats[k] = 0
     stats["messages"] = set()
@@ -596,8 +601,9 @@ def main(argv: list[str]) -> int:
                description="A hostile guest against the device's ring code.")
     p.add_argument("--examples", type=int, default=200, help="state-machine runs (default 200)")
     p.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
-    p.add_argument("--ring", choices=("split", "packed"), default="split",
-                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED)")
+    p.add_argument("--ring", choices=("split", "packed", "vhost-user"), default="split",
+                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED; "
+                        "vhost-user: split rings served by the vhost-user backend)")
     a = p.parse_args(argv)
     if a.examples < 1 or a.steps < 1:
         print("vreplica fuzz: --examples and --steps must be at least 1", file=sys.stderr)
