@@ -5,8 +5,8 @@ for the back end (``qemu_chr_fe_wait_connected``) and starts it. ``net_vhost_use
 follows the chardev: CHR_EVENT_OPENED runs ``vhost_user_start`` (a ``vhost_net`` per pair:
 features, protocol features, GET_QUEUE_NUM) and sets the link up, so that virtio-net starts
 vhost when the driver is ready; CHR_EVENT_CLOSED takes the link down from a bottom half
-(``chr_closed_bh``: vhost stops, the rings' positions come back or, the back end being gone,
-the used index stands for them) and waits for the next OPENED, which a client chardev with
+(``chr_closed_bh``: vhost stops; the back end being gone, each ring's used index stands
+for its position) and waits for the next OPENED, which a client chardev with
 ``reconnect=S`` brings.
 """
 
@@ -109,10 +109,11 @@ def net_vhost_user_event(ncs: list[NetClientState], event: QEMUChrEvent) -> None
 
 
 def chr_closed_bh(ncs: list[NetClientState]) -> None:
+    """The link goes down (vhost stops); each pair's vhost_net stays until the back end is
+    back and ``vhost_user_start`` replaces it."""
     s: NetVhostUserState = ncs[0].opaque
     s.link_downs += 1
     qmp_set_link(ncs, False)
-    vhost_user_stop(ncs)
 
 
 def net_vhost_user_init(main_loop: MainLoop, chr: SocketChardev, name: str,

@@ -166,11 +166,12 @@ def boot(images: tuple[Path, Path], sock: Path, nic: NicConfig, workdir: Path,
 
 @contextlib.contextmanager
 def replica_backend(sock: Path, summary: Path, workdir: Path) -> Iterator[subprocess.Popen]:
-    """`vhost-user-bridge --server --netdev user` until its first line says it listens."""
+    """`./run.sh vhost-user-bridge --server --netdev user` until its first line says it
+    listens."""
     log = open(workdir / "backend.err", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vhostuserproc", "--socket", str(sock), "--server",
-         "--netdev", "user", "--summary-json", str(summary)],
+        [sys.executable, "-m", "vreplica.cli", "vhost-user-bridge", "--socket", str(sock),
+         "--server", "--netdev", "user", "--summary-json", str(summary)],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
         preexec_fn=own_session_dying_with_us)
     try:

@@ -77,8 +77,8 @@ def assert_frame_for_frame(s: dict[str, Any], port: dict[str, int]) -> None:
     assert s["device_errors"] == []
 
 
-def test_arp_and_icmp_echo_through_testpmd(tmp_path: Path, sock: Path, testpmd_factory: Any,
-                                           no_leftovers: Any) -> None:
+def test_arp_and_icmp_echo_through_testpmd(tmp_path: Path, sock: Path, no_leftovers: Any,
+                                           testpmd_factory: Any) -> None:
     """The guest resolves 10.0.2.2 by ARP and pings it; testpmd's vhost port answers both."""
     tp = testpmd_factory("icmpecho")
     s = run_against(tmp_path, sock, "--mode", "ping", "--packets", "5")
@@ -99,8 +99,8 @@ def test_arp_and_icmp_echo_through_testpmd(tmp_path: Path, sock: Path, testpmd_f
      [VIRTIO_F_RING_PACKED], [VIRTIO_RING_F_EVENT_IDX]),
     (["--vectors", "0"], [], []),
 ], ids=["split-eventidx", "split-mrgrxbuf", "packed-mrgrxbuf", "packed-noeventidx", "intx"])
-def test_udp_both_ways_through_testpmd(tmp_path: Path, sock: Path, testpmd_factory: Any,
-                                       no_leftovers: Any, extra: list[str],
+def test_udp_both_ways_through_testpmd(tmp_path: Path, sock: Path, no_leftovers: Any,
+                                       testpmd_factory: Any, extra: list[str],
                                        features_on: list[int],
                                        features_off: list[int]) -> None:
     """300 datagrams to 10.0.2.2, each sent back by testpmd (5tswap) and checked by the
@@ -120,8 +120,8 @@ def test_udp_both_ways_through_testpmd(tmp_path: Path, sock: Path, testpmd_facto
 
 
 @pytest.mark.parametrize("transport", [["--transport", "modern"], []], ids=["modern", "legacy"])
-def test_two_queue_pairs_through_testpmd(tmp_path: Path, sock: Path, testpmd_factory: Any,
-                                         no_leftovers: Any, transport: list[str]) -> None:
+def test_two_queue_pairs_through_testpmd(tmp_path: Path, sock: Path, no_leftovers: Any,
+                                         testpmd_factory: Any, transport: list[str]) -> None:
     """queues=2: GET_QUEUE_NUM, both pairs' rings given to testpmd, the control queue in QEMU
     (the guest's VIRTIO_NET_CTRL_MQ); each queue's frames match testpmd's per-queue counts."""
     tp = testpmd_factory("5tswap", queues=2)
