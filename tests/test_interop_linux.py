@@ -234,6 +234,9 @@ def test_linux_guest_through_replica_backend(
     (q,) = summary["queues"]
     assert q["tx_frames"] == r.stats["tx_packets"]
     assert q["rx_frames"] == r.stats["rx_packets"]
+    # at least every echo request, datagram and the barrier out; every reply and its echo in
+    assert r.stats["tx_packets"] >= 2 * PINGS + DATAGRAMS + 1
+    assert r.stats["rx_packets"] >= 2 * PINGS + 1
     assert r.stats["rx_errors"] == r.stats["tx_errors"] == 0
     assert r.stats["rx_dropped"] == r.stats["tx_dropped"] == 0
 

@@ -31,8 +31,7 @@ if [ -e /sys/class/net/eth0 ]; then
     if [ -n "$vnr_udp_port" ]; then
         /bin/udpsend "${vnr_gw:-10.0.2.2}" "$vnr_udp_port" "${vnr_udp_count:-100}" \
             "${vnr_udp_size:-64}" | sed 's/^/VNR /'
-    fi
-    if [ -z "$vnr_udp_port" ]; then
+    else
         ping -c 1 -W 10 "${vnr_gw:-10.0.2.2}" | tail -n 2 | head -n 1 | sed 's/^/VNR barrier: /'
     fi
     s=/sys/class/net/eth0/statistics
