@@ -47,12 +47,18 @@ system_tools() {
         >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: apt-get failed (log: $log)" >&2; }
 }
 
+# The interop tests' real peers (dpdk-testpmd, QEMU, busybox-static, Debian's Linux kernel in
+# a per-machine cache outside the clone): docs/interop.md.
+peers() { "$here/scripts/setup-peers.sh" || echo "run.sh: setting up the interop peers failed" >&2; }
+
 # what the user typed to get here: the commands vreplica prints for them to type use it
 export VREPLICA_PROG="$0"
 
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
-    test) shift; system_tools; unset VREPLICA_PROG; exec "$py" -m pytest "$@" ;;
+    test) shift; system_tools; peers; unset VREPLICA_PROG; exec "$py" -m pytest "$@" ;;
+    demo) case " $* " in *" dpdk "* | *"--peer=dpdk"*) peers ;; esac
+        exec "$py" -m vreplica.cli "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;

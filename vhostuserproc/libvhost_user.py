@@ -424,7 +424,10 @@ def vu_set_vring_err_exec(dev: VuDev, vmsg: VhostUserMsg) -> bool:
 
 
 def vu_get_protocol_features_exec(dev: VuDev, vmsg: VhostUserMsg) -> bool:
-    features = 1 << P.MQ | 1 << P.REPLY_ACK | 1 << P.INFLIGHT_SHMFD
+    """The library's own protocol features; INFLIGHT_SHMFD only if the device offers it (as
+    vhost-user-blk does): a front-end may negotiate it and never send GET_INFLIGHT_FD, as
+    QEMU's virtio-net does, and vu_check_queue_inflights then fails the first kick."""
+    features = 1 << P.MQ | 1 << P.REPLY_ACK
     features |= dev.iface.get_protocol_features(dev)
     vmsg_set_reply_u64(vmsg, features)
     return True

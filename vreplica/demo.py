@@ -59,6 +59,9 @@ def _parser() -> Parser:
                    help="tap: over a real tap in the run's namespace (root)")
     p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
                    help="with --netdev tap: vhost-net serves the rings")
+    p.add_argument("--peer", choices=("replica", "dpdk"), default="replica",
+                   help="dpdk: the rings' other end is dpdk-testpmd's vhost library "
+                        "(icmpecho) over vhost-user, and the guest pings it")
     add_device_options(p)
     return p
 
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vreplica demo: --packet must be a sequence number sent, 0..{a.packets - 1}",
               file=sys.stderr)
         return 2
+    if a.peer == "dpdk":
+        from vreplica.interop.dpdk_demo import main as dpdk_demo
+
+        return dpdk_demo(a)
     out = Path(a.out).resolve()
     tap = a.netdev == "tap"
     trace_path, pcap_path = out / "trace.json", out / "echo.pcap"
