@@ -14,7 +14,7 @@ Two kinds of record, both stamped with CLOCK_MONOTONIC (one clock for all proces
 ``VREPLICA_TRACE_EVENTS`` (``--trace-events``) chooses what starts on, like QEMU's
 ``-trace enable=PATTERN``: comma-separated globs, ``spans`` for the spans.
 
-Each process dumps its records into the run directory; ``vreplica.tracefile`` merges them
+Each process dumps its records into the run directory; ``vreplica.trace.tracefile`` merges them
 into Chrome Trace Event JSON or QEMU's log-backend text.
 
 QEMU's events carry pointers (``vq %p elem %p``). The replica's stand-ins are fixed fake
@@ -58,7 +58,7 @@ EVENTS: dict[str, TraceEvent] = {}
 DECLARED_BY: dict[str, set[str]] = {}
 """The registry of trace points, as QEMU's trace-events files: event name -> the top-level
 packages (``guestproc``, ``kvmproc``, ``qemuproc``) whose modules declare it. A process holds
-the entries of what it imported; ``vreplica.trace_events`` imports every process's modules to
+the entries of what it imported; ``vreplica.trace.events`` imports every process's modules to
 list them all."""
 _threads: dict[int, tuple[int, str]] = {}
 

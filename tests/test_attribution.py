@@ -8,7 +8,7 @@ from array import array
 import pytest
 
 from guestproc.programs import loss_runs
-from vreplica.attribution import Outage, attribute, begin_at_entry
+from vreplica.stress.attribution import Outage, attribute, begin_at_entry
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -13,7 +13,7 @@ import pytest
 
 from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import elem_addr, vq_addr
-from vreplica import bench
+from vreplica.bench import core as bench
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

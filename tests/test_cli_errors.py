@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import vreplica.cli as cli
+from vreplica.run import options
 
 if TYPE_CHECKING:
     from conftest import RunWatcher
@@ -87,7 +88,7 @@ def test_mem_error_names_a_size_that_is_enough(no_leftovers: RunWatcher) -> None
     m = re.search(r"needs at least (\d+) MiB", proc.stderr)
     assert m is not None, proc.stderr
     stated = f"{m.group(1)}M"
-    cli.options_from_args(cli.build_parser().parse_args(["run", "--mem", stated]))
+    options.options_from_args(cli.build_parser().parse_args(["run", "--mem", stated]))
 
 
 # -- paths and ports, checked before anything starts ---------------------------------------------
@@ -301,8 +302,8 @@ def test_every_listed_event_is_accepted_as_a_pattern() -> None:
     names = sorted(set().union(*listed.values()))
     assert names
     for name in names:
-        cli.check_trace_events(name)
-        cli.check_trace_events(name[:-1] + "?")
-    cli.check_trace_events(",".join(names) + ",spans")
-    with pytest.raises(cli.UsageError, match="no trace event"):
-        cli.check_trace_events(names[0] + "_not")
+        options.check_trace_events(name)
+        options.check_trace_events(name[:-1] + "?")
+    options.check_trace_events(",".join(names) + ",spans")
+    with pytest.raises(options.UsageError, match="no trace event"):
+        options.check_trace_events(names[0] + "_not")

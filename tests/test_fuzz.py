@@ -1,5 +1,5 @@
 """The untrusted guest against the device's ring code, in process: a stateful fuzz
-(vreplica.fuzz's state machine with a CI budget), each ring check on its own, and the rule
+(vreplica.fuzz.machine's state machine with a CI budget), each ring check on its own, and the rule
 that the device reaches guest RAM only through the bounds-checked accessor."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import qemuproc.virtio as qvirtio
 from common.virtio_abi import VIRTIO_CONFIG_S_NEEDS_RESET
 from common.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
-from vreplica.fuzz import DATA_BASE, PAGE, RAM_SIZE, VirtioNetFuzz, fuzz_settings
-from vreplica.fuzz_packed import VirtioNetPackedFuzz
+from vreplica.fuzz.machine import DATA_BASE, PAGE, RAM_SIZE, VirtioNetFuzz, fuzz_settings
+from vreplica.fuzz.packed import VirtioNetPackedFuzz
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -41,7 +41,7 @@ def test_hostile_guest_state_machine() -> None:
 @pytest.mark.timeout(60)
 def test_hostile_guest_state_machine_on_packed_rings() -> None:
     """The same hostile guest on packed rings (any flags, wraps that slip, any event
-    structures and ring addresses; see vreplica.fuzz_packed): the same properties, and a
+    structures and ring addresses; see vreplica.fuzz.packed): the same properties, and a
     well-behaved driver's chains come back with their ids in the right wrap."""
     test = VirtioNetPackedFuzz.TestCase("runTest")
     test.settings = fuzz_settings(CI_EXAMPLES)

@@ -24,7 +24,7 @@ from replica import ROLES, Replica
 from common.monitor.client import MonitorConnection, query
 from common.monitor.commands import MonitorError
 from common.monitor.monitor import socket_path
-from vreplica.summary import sent_line
+from vreplica.run.summary import sent_line
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

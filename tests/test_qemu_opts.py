@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from replica import Replica
 
-from vreplica.qemu_opts import qemu_options
+from vreplica.run.qemu_opts import qemu_options
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -24,7 +24,7 @@ from replica import Replica
 
 from common.monitor.monitor import qmp_path
 from common.monitor.qmp import JsonMessageParser
-from vreplica.qemu_trace_events import format_event
+from qemuproc.trace_events import format_event
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

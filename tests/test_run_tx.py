@@ -21,8 +21,9 @@ import pytest
 
 import vreplica.cli as cli
 from common.virtio_abi import VIRTIO_RING_F_EVENT_IDX
-from vreplica.hostside import expected_payload
-from vreplica.summary import build_summary, kicks_line
+from vreplica.run import launch
+from vreplica.run.hostside import expected_payload
+from vreplica.run.summary import build_summary, kicks_line
 
 if TYPE_CHECKING:
     from conftest import UdpCollector
@@ -60,7 +61,7 @@ def run_cli_inline(args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPa
         reports.update(reps)
         return build_summary(rid, opts, reps, sink, elapsed_s)
 
-    monkeypatch.setattr(cli, "build_summary", keep_reports)
+    monkeypatch.setattr(launch, "build_summary", keep_reports)
     out = tmp_path / f"summary-{time.monotonic_ns()}.json"
     rc = cli.main(["run", *args, "--timeout", str(RUN_TIMEOUT_S), "--summary-json", str(out)])
     assert rc == 0

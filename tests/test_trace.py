@@ -17,8 +17,8 @@ import msgpack
 import pytest
 
 from common.trace import VDEV_ADDR, elem_addr, elem_head, vq_addr, vq_index
-from vreplica.qemu_trace_events import QEMU_EVENTS, format_event
-from vreplica.tracefile import (
+from qemuproc.trace_events import QEMU_EVENTS, format_event
+from vreplica.trace.tracefile import (
     ROLES,
     RX_FLOW_ID_BASE,
     find_replies,
@@ -28,7 +28,7 @@ from vreplica.tracefile import (
     packet_context,
     round_trip_chain,
 )
-from vreplica.tracelog import read_qemu_log
+from vreplica.trace.tracelog import read_qemu_log
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

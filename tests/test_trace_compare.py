@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vreplica.trace_compare import BURST, SPACED, WARM, compare, read_side
-from vreplica.tracefile import load_trace
-from vreplica.tracelog import write_qemu_log
+from vreplica.trace.compare import BURST, SPACED, WARM, compare, read_side
+from vreplica.trace.tracefile import load_trace
+from vreplica.trace.tracelog import write_qemu_log
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -21,7 +21,7 @@ from replica import run_summary
 from common.monitor import query
 from common.netns import privilege_problem
 from common.virtio_abi import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
-from vreplica.supervisor import RunOptions, Supervisor
+from vreplica.run.supervisor import RunOptions, Supervisor
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers"),
               pytest.mark.skipif(privilege_problem() is not None,

@@ -1,1 +1,1 @@
-"""The tool around the replica: command line, supervisor, host-side helpers, trace files."""
+"""The tool around the replica: the command line and its subcommands, split by job."""

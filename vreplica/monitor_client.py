@@ -18,7 +18,7 @@ from common.ipc import RunConfig, live_runs
 from common.monitor.client import MonitorConnection
 from common.monitor.commands import MonitorError
 from common.monitor.monitor import pid_path, qmp_path, socket_path
-from vreplica.cli import Parser
+from vreplica.run.options import Parser
 
 ROLES = ("guest", "kvm", "qemu")
 PS_QUERY_TIMEOUT_S = 0.5

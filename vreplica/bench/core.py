@@ -30,15 +30,15 @@ import psutil
 from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import vq_index
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
-from vreplica import baselines as bl
-from vreplica.bench_rings import render_rings, section_rings
-from vreplica.bench_transport import section_transport, transport_table
-from vreplica.cli import Parser
-from vreplica.preflight import UsageError, writable_dir, writable_file
-from vreplica.summary import build_summary
-from vreplica.supervisor import RunFailed, RunOptions, Supervisor
+from vreplica.bench import baselines as bl
+from vreplica.bench.rings import render_rings, section_rings
+from vreplica.bench.transport import section_transport, transport_table
+from vreplica.run.options import Parser
+from vreplica.run.preflight import UsageError, writable_dir, writable_file
+from vreplica.run.summary import build_summary
+from vreplica.run.supervisor import RunFailed, RunOptions, Supervisor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = (64, 1472)
 SIZE_LABEL = {64: "64", 1472: "1500 (1472 B payload)"}
 LEGEND = {64: "64 B", 1472: "1500 (1472 B payload)"}
@@ -553,7 +553,7 @@ def section_trace_cost(plan: Plan, log: Callable[[str], None], failures: list[di
 def section_chaos(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
     """8. Device resets (ring faults) and restarts (kill -9 of QEMU) under load both ways:
     how long each kept the device down and the most frames one of them lost."""
-    from vreplica.stress import parse_args, run_stress
+    from vreplica.stress.stress import parse_args, run_stress
 
     a = parse_args(["--duration", "4" if plan.quick else "12", "--queues", "2", "--mode", "both",
                     "--chaos", "ring-fault,kill-device", "--chaos-period", "1",

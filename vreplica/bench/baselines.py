@@ -47,8 +47,8 @@ from common.virtio_abi import (
     VIRTIO_RING_F_EVENT_IDX,
 )
 from common.vring import VringLayout
-from vreplica.hostside import SEQ_BYTES, big_receive_buffer
-from vreplica.hostside import expected_payload as payload
+from vreplica.run.hostside import SEQ_BYTES, big_receive_buffer
+from vreplica.run.hostside import expected_payload as payload
 
 QUEUE = 256
 BUF_SIZE = 2048

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vreplica.supervisor import RunOptions
+from vreplica.run.supervisor import RunOptions
 
 TRANSPORTS = ("legacy", "modern")
 EXIT_EVENT = {"legacy": "kvm_pio", "modern": "kvm_mmio"}
@@ -21,7 +21,13 @@ EXIT_EVENT = {"legacy": "kvm_pio", "modern": "kvm_mmio"}
 
 
 def section_transport(plan: Any, log: Callable[[str], None], failures: list[dict]) -> dict:
-    from vreplica.bench import checked, kick_pop_latencies, median, replica_options, run_replica
+    from vreplica.bench.core import (
+        checked,
+        kick_pop_latencies,
+        median,
+        replica_options,
+        run_replica,
+    )
 
     e2e: list[dict] = []
     lat: list[dict] = []

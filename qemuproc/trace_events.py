@@ -3,7 +3,7 @@ monitor):
 each event this project writes or reads under a QEMU name, its arguments and its format.
 
 An event recorded under one of these names carries exactly these arguments; the log writer
-prints it with QEMU's format (``vreplica.tracelog``), and the log reader parses a real
+prints it with QEMU's format (``vreplica.trace.tracelog``), and the log reader parses a real
 QEMU log with the same table. ``%p`` arguments are addresses: QEMU prints them ``0x...``.
 """
 

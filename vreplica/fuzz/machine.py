@@ -75,7 +75,7 @@ from qemuproc.virtio import (
     virtqueue_push,
 )
 from qemuproc.virtio_net import VirtIONet, virtio_net_device_init
-from vreplica.cli import Parser
+from vreplica.run.options import Parser
 
 PAGE = 4096
 RAM_SIZE = 128 << 10
@@ -572,11 +572,11 @@ def fuzz_settings(examples: int, steps: int = 40) -> settings:
 
 
 def run(examples: int, steps: int = 40, ring: str = "split") -> dict[str, Any]:
-    """Run the machine (``ring``: split, or vreplica.fuzz_packed's) for ``examples``
+    """Run the machine (``ring``: split, or vreplica.fuzz.packed's) for ``examples``
     examples; raises on the first broken property."""
     machine: type[VirtioNetFuzz] = VirtioNetFuzz
     if ring == "packed":
-        from vreplica.fuzz_packed import VirtioNetPackedFuzz
+        from vreplica.fuzz.packed import VirtioNetPackedFuzz
 
         machine = VirtioNetPackedFuzz
     for k in STATS_KEYS:

@@ -23,23 +23,20 @@ from tqdm import tqdm
 from common import netns
 from common.inet import UDP_MAX_PAYLOAD
 from common.ipc import object_entries
-from vreplica.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
-from vreplica.cli import (
+from vreplica.run.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
+from vreplica.run.launch import free_udp_port, reported
+from vreplica.run.options import (
     RINGS,
     TRANSPORTS,
     Parser,
-    UsageError,
     add_tap_options,
     check_ring,
-    finite_float,
-    free_udp_port,
-    reported,
     tap_options,
 )
-from vreplica.hostside import SEQ_BYTES, UdpEcho, UdpService, expected_payload
-from vreplica.preflight import writable_file
-from vreplica.summary import build_summary
-from vreplica.supervisor import RunOptions, Supervisor
+from vreplica.run.preflight import UsageError, finite_float, writable_file
+from vreplica.run.summary import build_summary
+from vreplica.run.supervisor import RunOptions, Supervisor
+from vreplica.stress.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
 
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",

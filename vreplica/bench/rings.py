@@ -17,7 +17,7 @@ def section_rings(plan: Any, log: Callable[[str], None], failures: list[dict],
                   trials: int | None = None) -> dict:
     """``trials`` (default: the plan's, as ``--trials`` sets it) rounds of both rings at
     each size."""
-    from vreplica.bench import checked, replica_options, run_replica
+    from vreplica.bench.core import checked, replica_options, run_replica
 
     runs: list[dict] = []
     trials = plan.trials if trials is None else trials
@@ -35,7 +35,7 @@ def section_rings(plan: Any, log: Callable[[str], None], failures: list[dict],
 
 
 def fold_rings(runs: list[dict], plan: Any) -> dict[str, dict[str, Any]]:
-    from vreplica.bench import all_delivered, median, pps_basis
+    from vreplica.bench.core import all_delivered, median, pps_basis
 
     basis = pps_basis(runs)
     out: dict[str, dict[str, Any]] = {}
@@ -55,7 +55,7 @@ def fold_rings(runs: list[dict], plan: Any) -> dict[str, dict[str, Any]]:
 
 
 def render_rings(sec: dict, plan: Any) -> list[str]:
-    from vreplica.bench import SIZE_LABEL, fmt_f, fmt_spread, ratio, table
+    from vreplica.bench.core import SIZE_LABEL, fmt_f, fmt_spread, ratio, table
 
     if not sec:
         return []

@@ -24,8 +24,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from vreplica.preflight import UsageError, finite_float, writable_file
-from vreplica.tracefile import (
+from vreplica.run.preflight import UsageError, finite_float, writable_file
+from vreplica.trace.tracefile import (
     ROLES,
     RX,
     TX,
@@ -309,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
               "window, across the three processes' threads")
         return 0
     if args[0] == "show":
-        from vreplica.demo import show_main
+        from vreplica.trace.show import show_main
 
         return show_main(args[1:])
     if args[0] == "compare":
-        from vreplica.trace_compare import main as compare_main
+        from vreplica.trace.compare import main as compare_main
 
         return compare_main(args[1:])
     if args[0] != "render":

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.trace import elem_head, vq_index
-from vreplica.tracelog import LogEvent, read_qemu_log
+from vreplica.trace.tracelog import LogEvent, read_qemu_log
 
 VIRTIO_CONFIG_S_DRIVER_OK = 4
 DEVICE_EVENTS = ("virtio_queue_notify", "virtqueue_pop", "virtqueue_fill", "virtqueue_flush",
@@ -155,7 +155,7 @@ def load_events(path: str | Path) -> list[LogEvent]:
     if not p.is_file():
         raise CompareError(f"no such file: {path}")
     if p.suffix == ".json":
-        from vreplica.tracefile import TraceError, load_trace
+        from vreplica.trace.tracefile import TraceError, load_trace
 
         try:
             trace = load_trace(p)

@@ -4,7 +4,7 @@ one line per event, ``TID@SEC.USEC:name args``, the arguments in the event's own
 ``write_qemu_log`` writes a merged replica trace so: every process's trace points in one
 file, in time order, each under the id of the thread that fired it (QEMU's log prints
 ``qemu_get_thread_id()``), stamped with the wall clock as QEMU's ``gettimeofday`` is. Events
-under a QEMU name are printed with QEMU's format (``vreplica.qemu_trace_events``); the others
+under a QEMU name are printed with QEMU's format (``qemuproc.trace_events``); the others
 (the Linux tracepoints of the guest and of KVM, and the replica's named steps) as
 ``key value`` pairs. Spans have no line: QEMU's log has no function entry and return.
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vreplica.qemu_trace_events import format_event, hexaddr, parse_event, pointer_args
+from qemuproc.trace_events import format_event, hexaddr, parse_event, pointer_args
 
 LINE = re.compile(r"^(\d+)@(\d+)\.(\d{6}):(\w+)(?: (.*))?$")
 

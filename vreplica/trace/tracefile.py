@@ -36,7 +36,7 @@ import msgpack
 
 from common.kvm_abi import ISA_IRQ_VECTOR_BASE, KVM_IOCTL_NR
 from common.trace import elem_head, vq_index
-from vreplica.qemu_trace_events import hexaddr, pointer_args
+from qemuproc.trace_events import hexaddr, pointer_args
 
 ROLES = ("guest", "kvm", "qemu")
 INTERRUPT_IOCTLS = (KVM_IOCTL_NR["KVM_SIGNAL_MSI"], KVM_IOCTL_NR["KVM_IRQ_LINE_STATUS"])
@@ -653,10 +653,10 @@ def write_chrome_json(trace: Trace, out: str | Path) -> None:
 
 def merge_traces(pieces: list[Path], out: str) -> Trace:
     """Merge the processes' ``trace.<role>.msgpack`` dumps into Chrome Trace Event JSON, or,
-    for a ``.log`` file, into QEMU's log-backend text (``vreplica.tracelog``)."""
+    for a ``.log`` file, into QEMU's log-backend text (``vreplica.trace.tracelog``)."""
     trace = read_pieces(pieces)
     if str(out).endswith(".log"):
-        from vreplica.tracelog import write_qemu_log
+        from vreplica.trace.tracelog import write_qemu_log
 
         write_qemu_log(trace.events, out)
         return trace

@@ -1,6 +1,6 @@
 """vreplica fuzz's hostile guest on packed rings (VIRTIO_F_RING_PACKED).
 
-The machine of ``vreplica.fuzz`` with the rings placed as a modern driver places packed ones
+The machine of ``vreplica.fuzz.machine`` with the rings placed as a modern driver places packed ones
 (``virtio_queue_set_rings``: descriptor ring, driver and device event structures) and the
 ring rules replaced by their packed forms: descriptors with any addr/len/id/flags (the
 AVAIL/USED bits included), chains made available in the driver's wrap or the wrong one, a
@@ -29,7 +29,7 @@ from qemuproc.main_loop import MainLoop
 from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_sendv_packet_async
 from qemuproc.virtio import virtio_queue_notify, virtio_queue_set_rings
 from qemuproc.virtio_net import VirtIONet, virtio_net_device_init
-from vreplica.fuzz import (
+from vreplica.fuzz.machine import (
     ADDRS,
     CHAIN_ARGS,
     DATA_BASE,

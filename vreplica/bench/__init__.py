@@ -1,0 +1,1 @@
+"""vreplica bench: the replica's speed against its baselines."""

@@ -1,0 +1,1 @@
+"""vreplica fuzz: the device's ring handling against a hostile driver."""

@@ -1,0 +1,1 @@
+"""vreplica stress: sustained load with chaos, and a verdict."""
