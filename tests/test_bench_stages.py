@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from vreplica.bench.stages import STAGES, ThreadCpuSampler, fold, per_packet, stage_of
+from vreplica.bench.stages import (
+    STAGES,
+    ThreadCpuSampler,
+    fold,
+    notification_cost,
+    per_packet,
+    stage_of,
+)
 
 CHILD = r"""
 import sys, threading, time
@@ -83,3 +90,18 @@ def test_sampler_reads_each_named_threads_cpu() -> None:
     f = fold([{"cpu": pp}, {"cpu": pp}])
     assert f is not None and f["trials"] == 2
     assert f["device_us_per_packet"] == pytest.approx(pp["device_us_per_packet"])
+
+
+def test_notification_cost() -> None:
+    """event_idx off adds 0.5 kicks and interrupts per packet and 10 us of guest CPU and 4 us
+    of QEMU's per packet: 20 and 8 us per kick or interrupt."""
+    def path(guest: float, qemu: float) -> dict:
+        return {"us_per_packet": {"guest": guest, "QEMU main loop": qemu},
+                "total_us_per_packet": guest + qemu}
+
+    paths = {"default": {"64": path(5.0, 10.0)}, "event-idx=off": {"64": path(15.0, 14.0)}}
+    c = notification_cost(paths, {"default": {"64": 0.01}, "event-idx=off": {"64": 0.51}}, "64")
+    assert c == pytest.approx({"guest": 20.0, "QEMU main loop": 8.0, "all stages": 28.0})
+    # too few events added to divide by: no figure
+    assert notification_cost(paths, {"default": {"64": 0.01}, "event-idx=off": {"64": 0.02}},
+                             "64") is None

@@ -199,7 +199,8 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
             nonlocal sampler, cpu
             if sample_rss:
                 sampler = RssSampler({r: p.pid for r, p in sup.procs.items()})
-                cpu = ThreadCpuSampler(os.getpid(), stages.wanted)
+                cpu = ThreadCpuSampler(os.getpid(), stages.wanted,
+                                       pids=tuple(p.pid for p in sup.procs.values()))
 
         try:
             cfg = sup.run(on_started=start_sampler)
@@ -1114,7 +1115,9 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
               "write) or KVM_EXIT_MMIO (modern notify store). Medians of the trials.", "",
               *transport_table(tr)]
     L += render_rings(res.get("rings") or {}, plan)
-    L += stages.render(res.get("cpu_stages") or {}, plan.sizes, LEGEND, "11")
+    events = {m: {s: (v.get("kicks_per_packet") or 0) + (v.get("interrupts_per_packet") or 0)
+                  for s, v in per.items()} for m, per in res["modes"].items()}
+    L += stages.render(res.get("cpu_stages") or {}, plan.sizes, LEGEND, "11", events)
     return "\n".join(L)
 
 

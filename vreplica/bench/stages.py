@@ -52,6 +52,8 @@ CPU_PATHS: dict[str, tuple[str, str]] = {
 with its column name and what serves the rings on it."""
 
 TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+YOUNG_SAMPLES = 10
+"""Samples over which a new thread's name is read again (it may rename itself late)."""
 
 
 def stage_of(proc: str, thread: str) -> str:
@@ -103,7 +105,7 @@ class ThreadCpuSampler:
     ``root`` that ``wanted`` names (their process names)."""
 
     def __init__(self, root: int, wanted: Callable[[str], bool], interval: float = 0.005,
-                 rescan_every: int = 20) -> None:
+                 rescan_every: int = 10, pids: tuple[int, ...] = ()) -> None:
         self.root = root
         self.wanted = wanted
         self.interval = interval
@@ -111,7 +113,10 @@ class ThreadCpuSampler:
         self.times: list[int] = []
         self.samples: list[dict[int, int]] = []
         self.names: dict[int, tuple[str, str]] = {}  # tid -> (process, thread)
-        self.pids: dict[int, str] = {}
+        self.pids: dict[int, str] = dict.fromkeys(pids, "?")
+        """The processes sampled, with their names (``pids``: known from the start, whatever
+        they are called yet; others join as a rescan finds them below ``root``)."""
+        self._young: dict[int, int] = {}  # tid -> samples left in which its name is read again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
         self._thread.start()
@@ -147,10 +152,17 @@ class ThreadCpuSampler:
                     tids = os.listdir(f"/proc/{pid}/task")
                 except OSError:
                     continue
-                for tid in tids:
-                    ns = thread_cpu_ns(pid, int(tid))
-                    if ns is not None:
-                        sample[int(tid)] = ns
+                for t_ in tids:
+                    tid = int(t_)
+                    ns = thread_cpu_ns(pid, tid)
+                    if ns is None:
+                        continue
+                    if tid not in sample:  # a new thread: it names itself as it starts
+                        self._young[tid] = YOUNG_SAMPLES
+                    if self._young.get(tid):
+                        self._young[tid] -= 1
+                        self._name(pid, tid)
+                    sample[tid] = ns
             self.times.append(t)
             self.samples.append(sample)
             self._stop.wait(self.interval)
@@ -186,8 +198,21 @@ class ThreadCpuSampler:
         return {tid: a.get(tid, 0) + f * (ns - a.get(tid, 0)) for tid, ns in b.items()}
 
     def window(self, t0_ns: int, t1_ns: int) -> dict[str, Any]:
-        """CPU ns per stage between two instants, and how well the samples cover them."""
-        start, end = self.at(t0_ns), self.at(t1_ns)
+        """CPU ns per stage between two instants, and the share of them the samples cover.
+
+        With two samples or more inside, the CPU is taken between the first and the last of
+        them (``covered`` < 1): a gap in the sampling (the sampler waits for a CPU on a busy
+        machine) then leaves out what the processes did outside the window, their start and
+        exit, instead of spreading it over the window. Otherwise both ends are interpolated.
+        """
+        i0 = bisect_left(self.times, t0_ns)
+        i1 = bisect_left(self.times, t1_ns + 1) - 1
+        if i1 > i0:
+            start, end = self.samples[i0], self.samples[i1]
+            covered = (self.times[i1] - self.times[i0]) / (t1_ns - t0_ns)
+        else:
+            start, end = self.at(t0_ns), self.at(t1_ns)
+            covered = 1.0
         stages: dict[str, float] = {}
         threads: dict[str, float] = {}
         for tid, ns in end.items():
@@ -196,19 +221,22 @@ class ThreadCpuSampler:
             stage = stage_of(proc, thr)
             stages[stage] = stages.get(stage, 0.0) + d
             threads[f"{proc}/{thr}"] = threads.get(f"{proc}/{thr}", 0.0) + d
-        inside = [t for t in self.times if t0_ns <= t <= t1_ns]
-        return {"stages_ns": stages, "threads_ns": threads, "samples_in_window": len(inside)}
+        return {"stages_ns": stages, "threads_ns": threads,
+                "samples_in_window": max(0, i1 - i0 + 1), "covered": covered}
 
 
 def per_packet(window: dict[str, Any], packets: int) -> dict[str, Any]:
-    """A window's CPU per stage divided by the packets it carried (microseconds)."""
-    us = {s: ns / packets / 1000 for s, ns in window["stages_ns"].items()}
+    """A window's CPU per stage divided by the packets it carried (microseconds); for the
+    part of the window the samples cover, that share of the packets."""
+    packets_covered = packets * window.get("covered", 1.0)
+    us = {s: ns / packets_covered / 1000 for s, ns in window["stages_ns"].items()}
     return {"us_per_packet": us,
             "device_us_per_packet": sum(v for s, v in us.items() if s in DEVICE_STAGES),
             "total_us_per_packet": sum(us.values()),
-            "threads_us_per_packet": {t: ns / packets / 1000
+            "threads_us_per_packet": {t: ns / packets_covered / 1000
                                       for t, ns in window["threads_ns"].items()},
-            "samples_in_window": window["samples_in_window"], "packets": packets}
+            "samples_in_window": window["samples_in_window"], "packets": packets,
+            "covered": window.get("covered", 1.0)}
 
 
 def wanted(comm: str) -> bool:
@@ -260,9 +288,25 @@ def _us(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def notification_cost(paths: dict[str, Any], events: dict[str, dict[str, float | None]],
+                      size: str) -> dict[str, float] | None:
+    """Each stage's CPU per kick or interrupt: what slirp with event_idx off costs per packet
+    beyond the default mode, over the kicks and interrupts per packet it adds (``events``:
+    mode -> size -> kicks + interrupts per packet)."""
+    a, b = paths.get("event-idx=off", {}).get(size), paths.get("default", {}).get(size)
+    ea, eb = events.get("event-idx=off", {}).get(size), events.get("default", {}).get(size)
+    if not a or not b or ea is None or eb is None or ea - eb < 0.05:
+        return None
+    per = {st: (a["us_per_packet"].get(st, 0.0) - b["us_per_packet"].get(st, 0.0)) / (ea - eb)
+           for st in a["us_per_packet"]}
+    per["all stages"] = (a["total_us_per_packet"] - b["total_us_per_packet"]) / (ea - eb)
+    return per
+
+
 def render(paths: dict[str, Any], sizes: tuple[int, ...], size_label: dict[int, str],
-           section: str) -> list[str]:
-    """The stage table: one column per path and size, one row per stage."""
+           section: str, events: dict[str, dict[str, float | None]] | None = None) -> list[str]:
+    """The stage table: one column per path and size, one row per stage; with ``events``,
+    what a kick or interrupt costs each stage."""
     cols = [(m, s) for m in CPU_PATHS for s in sizes if str(s) in paths.get(m, {})]
     if not cols:
         return []
@@ -294,4 +338,17 @@ def render(paths: dict[str, Any], sizes: tuple[int, ...], size_label: dict[int, 
           "the event_idx-off column is that path taken for nearly every flush.", ""]
     L += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     L += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    costs = {str(z): notification_cost(paths, events or {}, str(z)) for z in sizes}
+    costs = {z: c for z, c in costs.items() if c}
+    if costs:
+        L += ["What one kick or interrupt costs: the event_idx-off column minus the slirp "
+              "column, over the kicks and interrupts per packet event_idx off adds "
+              "(section 7).", "",
+              "| CPU us per kick or interrupt | "
+              + " | ".join(size_label[int(z)] for z in costs) + " |",
+              "|---|" + "---|" * len(costs)]
+        names = [st for st, _, _ in STAGES if any(st in c for c in costs.values())]
+        for st in [*names, "all stages"]:
+            L.append(f"| {st} | " + " | ".join(_us(c.get(st)) for c in costs.values()) + " |")
+        L.append("")
     return L
