@@ -118,6 +118,11 @@ class Kernel:
 
         cpu.idt[vector] = handle_fasteoi_irq if level else handle_edge_irq
 
+    def synchronize_irq(self, vector: int) -> None:
+        """Wait until no handler of ``vector`` runs on another CPU. The one vCPU runs every
+        handler to its end before anything else, so none can be running while its caller
+        runs: there is nothing to wait for."""
+
     def free_irq(self, vector: int) -> None:
         self.cpu.idt.pop(vector, None)
         self.irq_names.pop(vector, None)

@@ -42,6 +42,7 @@ class VirtioConfigOps:
     finalize_features: Callable[[Any], int]
     bus_name: Callable[[Any], str]
     set_vq_affinity: Callable[[Any, int], int]
+    generation: Callable[[Any], int] | None = None
 
 
 @dataclass
@@ -133,9 +134,22 @@ def virtio_config_changed(vdev: Any) -> None:
         drv.config_changed(vdev)
 
 
+def __virtio_cread_many(vdev: Any, offset: int, count: int, nbytes: int) -> bytes:
+    """``count`` fields of ``nbytes`` each, read again until the device's config generation
+    is the same before and after (no config change tore them)."""
+    generation = vdev.config.generation
+    gen = generation(vdev) if generation is not None else 0
+    while True:
+        old = gen
+        buf = b"".join(vdev.config.get(vdev, offset + nbytes * i, nbytes) for i in range(count))
+        gen = generation(vdev) if generation is not None else 0
+        if gen == old:
+            return buf
+
+
 def virtio_cread_bytes(vdev: Any, offset: int, length: int) -> bytes:
-    return vdev.config.get(vdev, offset, length)
+    return __virtio_cread_many(vdev, offset, length, 1)
 
 
 def virtio_cread16(vdev: Any, offset: int) -> int:
-    return struct.unpack("<H", virtio_cread_bytes(vdev, offset, 2))[0]
+    return struct.unpack("<H", vdev.config.get(vdev, offset, 2))[0]

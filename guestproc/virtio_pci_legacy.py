@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from common.kvm_abi import ISA_IRQ_VECTOR_BASE
 from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_MSI_CONFIG_VECTOR,
@@ -121,6 +122,15 @@ def vp_reset(vdev: VirtioPciDevice) -> None:
     vdev.cpu.outb(0, vdev.ioaddr + VIRTIO_PCI_STATUS)
     # flush the status write, and with it any in-flight device writes and MSI-X interrupts
     vdev.cpu.inb(vdev.ioaddr + VIRTIO_PCI_STATUS)
+    vp_synchronize_vectors(vdev)  # flush pending VQ/configuration callbacks
+
+
+def vp_synchronize_vectors(vdev: VirtioPciDevice) -> None:
+    """virtio_pci_common.c: wait for the handlers of the device's interrupts to finish."""
+    if vdev.intx_enabled:
+        vdev.kernel.synchronize_irq(ISA_IRQ_VECTOR_BASE + vdev.pci_dev.irq)
+    for vector in vdev.idt_vectors:
+        vdev.kernel.synchronize_irq(vector)
 
 
 def vp_get_features(vdev: VirtioPciDevice) -> int:

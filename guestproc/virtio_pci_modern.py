@@ -29,11 +29,13 @@ from guestproc.virtio_pci_legacy import (
     vp_find_vqs,
     vp_notify,
     vp_set_vq_affinity,
+    vp_synchronize_vectors,
     vp_vring_pages,
 )
 from guestproc.virtio_pci_modern_dev import (
     VirtioPciModernDevice,
     vp_modern_config_vector,
+    vp_modern_generation,
     vp_modern_get_features,
     vp_modern_get_num_queues,
     vp_modern_get_queue_enable,
@@ -98,6 +100,7 @@ def vp_reset(vdev: VirtioPciDevice) -> None:
     vp_modern_set_status(vdev.mdev, 0)
     while vp_modern_get_status(vdev.mdev):
         pass
+    vp_synchronize_vectors(vdev)
 
 
 def vp_get_features(vdev: VirtioPciDevice) -> int:
@@ -139,6 +142,8 @@ def setup_vq(vdev: VirtioPciDevice, index: int, callback: Callable[[Virtqueue], 
     num = vp_modern_get_queue_size(mdev, index)
     if not num or vp_modern_get_queue_enable(mdev, index):  # not available, or active
         raise OSError(2, f"queue {index} not available")
+    if num & (num - 1):
+        raise OSError(22, f"bad queue size {num}")
     base, indirect = vp_vring_pages(vdev, index, num, SMP_CACHE_BYTES)  # fits a packed ring too
     vq = vring_create_virtqueue(index, num, base, vdev.ram, vdev, vp_notify, callback, name,
                                 bool(vdev.features & (1 << VIRTIO_RING_F_EVENT_IDX)),
@@ -182,6 +187,7 @@ virtio_pci_config_ops = VirtioConfigOps(
     finalize_features=vp_finalize_features,
     bus_name=vp_bus_name,
     set_vq_affinity=vp_set_vq_affinity,
+    generation=lambda vdev: vp_modern_generation(vdev.mdev),  # vp_generation
 )
 
 

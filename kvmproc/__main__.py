@@ -46,10 +46,18 @@ def main() -> int:
     rt = ProcessRuntime("kvm", sys.argv[1])
     kvm = Kvm(rt.cfg)
     vhost = None
-    if rt.cfg.options.get("vhost"):  # modprobe vhost_net: /dev/vhost-net appears
-        from kvmproc.vhost_net import VhostNetMisc
+    fatal: list[str] = []
 
-        vhost = VhostNetMisc(rt.rundir, set(rt.cfg.semaphores()), rt.cfg.ram)
+    def worker_died(why: str) -> None:
+        """A vhost worker died under an open device: its rings cannot be served."""
+        if not rt.stopping and not fatal:
+            fatal.append(why)
+            rt.fail(why)
+
+    if rt.cfg.options.get("vhost"):  # modprobe vhost_net: /dev/vhost-net appears
+        from kvmproc.vhost_net_misc import VhostNetMisc
+
+        vhost = VhostNetMisc(rt.rundir, set(rt.cfg.semaphores()), rt.cfg.ram, worker_died)
     mon = kvm_monitor(kvm, rt.rundir, vhost)
     threading.Thread(target=vcpu_thread, args=(kvm, rt), name="vcpu0", daemon=True).start()
     vm_req = Channel(rt.cfg.channel("vm_req"))
@@ -58,7 +66,7 @@ def main() -> int:
     live_stats = rt.cfg.options.get("live_stats", False)
     try:
         rt.tell("ready")
-        while not kvm.destroyed:
+        while not kvm.destroyed and not fatal:
             req = vm_req.recv(0.5)
             if req is None:
                 if live_stats:
@@ -80,7 +88,7 @@ def main() -> int:
             vhost.close()
         mon.close()
         rt.finish()
-    return code
+    return 1 if fatal else code
 
 
 if __name__ == "__main__":

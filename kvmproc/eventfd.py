@@ -105,11 +105,19 @@ class Irqfd:
 
     @traced
     def irqfd_wakeup(self) -> None:
+        """EPOLLIN on the eventfd: its read takes every signal posted so far, so they make
+        one injection. An MSI route is delivered at once (kvm_arch_set_irq_inatomic);
+        anything else raises and lowers the line (irqfd_inject)."""
+        self.notifier.test_and_clear()  # eventfd_ctx_do_read
         self.signals += 1
         self.stats.vcpu["irqfd_signals"] += 1
         if trace_irqfd_wakeup.on:
             trace_irqfd_wakeup(gsi=self.gsi)
-        self.routing.kvm_set_irq(self.gsi, 1)  # an edge: a line irqfd raises and lowers it
+        if self.routing.kvm_arch_set_irq_inatomic(self.gsi) == -11:
+            self.irqfd_inject()
+
+    def irqfd_inject(self) -> None:
+        self.routing.kvm_set_irq(self.gsi, 1)
         self.routing.kvm_set_irq(self.gsi, 0)
 
     def shutdown(self) -> None:

@@ -35,7 +35,11 @@ from kvmproc.lapic import KvmLapic
 RTE_GUEST_BITS = ((1 << 64) - 1) & ~IOAPIC_RTE_REMOTE_IRR & ~(1 << 12)
 """What the guest may write: all but Remote IRR and Delivery Status, which are read-only."""
 
+IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT = 10000
+EOI_INJECT_DELAY_S = 0.01  # HZ / 100
+
 trace_kvm_ioapic_set_irq = trace_event("kvm_ioapic_set_irq")
+trace_kvm_ioapic_delayed_eoi_inj = trace_event("kvm_ioapic_delayed_eoi_inj")
 
 
 class KvmIoapic:
@@ -50,6 +54,8 @@ class KvmIoapic:
         self.irr = 0
         self.redirtbl = [IOAPIC_RTE_MASKED] * IOAPIC_NUM_PINS
         self.sent = 0
+        self.irq_eoi = [0] * IOAPIC_NUM_PINS
+        self.delayed_eoi_injections = 0
         lapic.ioapic_eoi = self.kvm_ioapic_update_eoi
 
     def in_range(self, addr: int) -> bool:
@@ -97,41 +103,42 @@ class KvmIoapic:
         if not new & IOAPIC_RTE_TRIG_MODE:
             new &= ~IOAPIC_RTE_REMOTE_IRR  # an edge pin has no Remote IRR
         self.redirtbl[pin] = new
-        if self.irr & (1 << pin) and not new & IOAPIC_RTE_MASKED \
-                and new & IOAPIC_RTE_TRIG_MODE:
-            self._ioapic_service(pin)  # unmasked with its line up
+        if new & IOAPIC_RTE_TRIG_MODE and self.irr & (1 << pin) \
+                and not new & (IOAPIC_RTE_MASKED | IOAPIC_RTE_REMOTE_IRR):
+            self._ioapic_service(pin)  # unmasked with its line up and no EOI owed
 
     # -- lines ----------------------------------------------------------------------------------
 
     def kvm_ioapic_set_irq(self, pin: int, level: int) -> int:
-        """Set ``pin``'s line level; 1 if an interrupt went to the local APIC, 0 if it was
-        coalesced (Remote IRR still set, or an edge line already up), -1 if masked."""
+        """Set ``pin``'s line level; 1 if an interrupt went to the local APIC, 0 if an edge
+        line was already up (coalesced), -1 if masked or a level pin still owes its EOI
+        (Remote IRR). The trace shows the entry as it was before."""
         if not 0 <= pin < IOAPIC_NUM_PINS:
             return -1
         with self.lock:
             e = self.redirtbl[pin]
             bit = 1 << pin
-            old = self.irr & bit
+            old = self.irr
             if not level:
                 self.irr &= ~bit
                 ret = 1
             else:
                 self.irr |= bit
-                edge = not e & IOAPIC_RTE_TRIG_MODE
-                if (edge and old) or (not edge and e & IOAPIC_RTE_REMOTE_IRR):
+                if not e & IOAPIC_RTE_TRIG_MODE and old == self.irr:
                     ret = 0
                 else:
                     ret = self._ioapic_service(pin)
             if trace_kvm_ioapic_set_irq.on:
-                trace_kvm_ioapic_set_irq(e=self.redirtbl[pin], pin=pin, coalesced=ret == 0)
+                trace_kvm_ioapic_set_irq(e=e, pin=pin, coalesced=ret == 0)
             return ret
 
     def _ioapic_service(self, pin: int) -> int:
-        """Send ``pin``'s interrupt to the local APIC as its entry says (caller holds lock)."""
+        """Send ``pin``'s interrupt to the local APIC as its entry says (caller holds lock);
+        -1 if masked, or level-triggered with Remote IRR set."""
         e = self.redirtbl[pin]
-        if e & IOAPIC_RTE_MASKED:
-            return -1
         level = bool(e & IOAPIC_RTE_TRIG_MODE)
+        if e & IOAPIC_RTE_MASKED or (level and e & IOAPIC_RTE_REMOTE_IRR):
+            return -1
         if level:
             self.redirtbl[pin] = e | IOAPIC_RTE_REMOTE_IRR
         self.sent += 1
@@ -141,13 +148,34 @@ class KvmIoapic:
 
     def kvm_ioapic_update_eoi(self, vector: int) -> None:
         """The local APIC's EOI of a level-triggered ``vector``: clear Remote IRR of each pin
-        on it, and send the interrupt again where the line is still up."""
+        on it, and send the interrupt again where the line is still up; after
+        IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT such re-sends in a row (a storm) the next waits
+        10 ms (``kvm_ioapic_eoi_inject_work``), as real hardware lets a buggy guest on."""
         with self.lock:
             for pin, e in enumerate(self.redirtbl):
                 if (e & IOAPIC_RTE_VECTOR_MASK) != vector or not e & IOAPIC_RTE_TRIG_MODE:
                     continue
                 self.redirtbl[pin] = e & ~IOAPIC_RTE_REMOTE_IRR
-                if self.irr & (1 << pin):
+                if not e & IOAPIC_RTE_MASKED and self.irr & (1 << pin):
+                    self.irq_eoi[pin] += 1
+                    if self.irq_eoi[pin] == IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT:
+                        self.irq_eoi[pin] = 0
+                        self.delayed_eoi_injections += 1
+                        if trace_kvm_ioapic_delayed_eoi_inj.on:
+                            trace_kvm_ioapic_delayed_eoi_inj(e=self.redirtbl[pin])
+                        t = threading.Timer(EOI_INJECT_DELAY_S, self.kvm_ioapic_eoi_inject_work)
+                        t.daemon = True
+                        t.start()
+                    else:
+                        self._ioapic_service(pin)
+                else:
+                    self.irq_eoi[pin] = 0
+
+    def kvm_ioapic_eoi_inject_work(self) -> None:
+        with self.lock:
+            for pin, e in enumerate(self.redirtbl):
+                if e & IOAPIC_RTE_TRIG_MODE and self.irr & (1 << pin) \
+                        and not e & IOAPIC_RTE_REMOTE_IRR:
                     self._ioapic_service(pin)
 
     def describe(self) -> list[dict]:

@@ -77,6 +77,16 @@ class IrqRouting:
                                     else APIC_TRIG_EDGE, APIC_DM_FIXED)
         return 1
 
+    def kvm_arch_set_irq_inatomic(self, gsi: int) -> int:
+        """An irqfd's MSI, delivered from the wake-up itself: -EWOULDBLOCK (-11) if the
+        GSI does not route to an MSI (the irqfd then injects through ``kvm_set_irq``)."""
+        route = self.routes.get(gsi)
+        if route is None or route[0] != KVM_IRQ_ROUTING_MSI:
+            return -11
+        if trace_kvm_set_irq.on:
+            trace_kvm_set_irq(gsi=gsi, level=1, irq_source_id=0)
+        return self.kvm_set_msi(route[1], route[2])
+
     def kvm_send_userspace_msi(self, address: int, data: int) -> int:
         """KVM_SIGNAL_MSI."""
         return self.kvm_set_msi(address, data)

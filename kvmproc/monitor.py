@@ -105,7 +105,8 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
     def info_vhost_text(d: dict[str, Any]) -> str:
         lines = []
         for dev in d["open"]:
-            lines.append(f"vhost-net: owner pid {dev['owner']}, worker {dev['worker']}, "
+            lines.append(f"vhost-net: owner pid {dev['owner']}, worker {dev['worker']} "
+                         f"(pid {dev.get('worker_pid')}), "
                          f"features {dev['features']}, {dev['works_run']} works run")
             for q in dev["vqs"]:
                 lines.append(f"  vq {q['index']} ({'rx' if q['index'] == 0 else 'tx'}): "

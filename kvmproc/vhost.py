@@ -1,7 +1,8 @@
-"""Stands for drivers/vhost/vhost.c: the vhost core in the kernel (here the KVM process).
+"""Stands for drivers/vhost/vhost.c: the vhost core in the kernel (here the worker process
+``vhost-<owner pid>`` the KVM process starts, kvmproc/vhost_worker.py).
 
-A ``VhostDev`` belongs to the process that did VHOST_SET_OWNER; its worker thread
-``vhost-<owner pid>`` runs the queued works one after another (``vhost_worker``). A
+A ``VhostDev`` belongs to the process that did VHOST_SET_OWNER; its worker (the worker
+process's main thread) runs the queued works one after another (``vhost_worker``). A
 ``VhostPoll`` watches an eventfd (a queue's kick, the KVM ioeventfd's semaphore) or a file
 (the tap) and, when it fires, ``vhost_poll_wakeup`` queues its work and wakes the worker.
 The rings are read in guest RAM directly, through the memory table QEMU gave
@@ -13,7 +14,6 @@ them and signal the call eventfd (the irqfd) unless the guest suppressed it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import threading
@@ -23,11 +23,10 @@ from typing import Any
 
 from common.guest_memory import GuestMemory, GuestMemoryError
 from common.notifier import EventNotifier
-from common.trace import register_thread, trace_event, traced
+from common.trace import trace_event, traced
 from common.virtio_abi import (
     VIRTIO_F_NOTIFY_ON_EMPTY,
     VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
 )
 from common.vring import (
     DESC,
@@ -42,12 +41,12 @@ from common.vring import (
     vring_need_event,
 )
 
+E2BIG = 7
 EFAULT = 14
 EINVAL = 22
 ENOBUFS = 105
 POLL_TICK_S = 0.25
-PR_SET_NAME = 15
-_libc = ctypes.CDLL(None, use_errno=True)
+FLUSH_WAIT_S = 2.0
 UIO_MAXIOV = 1024
 
 trace_vhost_poll_wakeup = trace_event("vhost_poll_wakeup")
@@ -83,7 +82,8 @@ class VhostPoll:
 
     def vhost_poll_start(self, fd: int = -1, notifier: EventNotifier | None = None) -> None:
         """Watch the eventfd (this queue's poll thread takes each kick posted on it and runs
-        ``vhost_poll_wakeup``) or the file."""
+        ``vhost_poll_wakeup``) or the file; a file already ready (vfs_poll) wakes the poll at
+        once."""
         if notifier is not None:
             self.notifier = notifier
             self._waiter = threading.Thread(target=self._wait, args=(notifier,),
@@ -92,6 +92,10 @@ class VhostPoll:
         else:
             self.fd = fd
             self.dev.worker_poll_changed()
+            p = select.poll()
+            p.register(fd, self.mask)
+            if p.poll(0):
+                self.vhost_poll_wakeup()
 
     def vhost_poll_stop(self) -> None:
         if self.notifier is not None:
@@ -178,6 +182,7 @@ class VhostDev:
         self.work_list: deque[VhostWork] = deque()
         self.file_polls: list[VhostPoll] = []
         self.worker: threading.Thread | None = None
+        self.worker_done = threading.Event()
         self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.stopping = False
         self.polls_changed = True
@@ -187,12 +192,13 @@ class VhostDev:
     # -- the worker ---------------------------------------------------------------------------
 
     def vhost_dev_set_owner(self, pid: int) -> int:
+        """The owner is ``pid`` (QEMU); the calling thread, the main thread of the process
+        ``vhost-<pid>`` (kvmproc/vhost_worker.py), is the worker that runs
+        ``vhost_worker``."""
         if self.owner:
             return -16  # -EBUSY
         self.owner = pid
-        self.worker = threading.Thread(target=self.vhost_worker, name=f"vhost-{pid}",
-                                       daemon=True)
-        self.worker.start()
+        self.worker = threading.current_thread()
         return 0
 
     def vhost_work_queue(self, work: VhostWork) -> None:
@@ -210,10 +216,14 @@ class VhostDev:
         os.eventfd_write(self.wake_efd, 1)
 
     def vhost_worker(self) -> None:
-        """Run queued works; sleep in poll() on the wake eventfd and the files being watched."""
-        name = f"vhost-{self.owner}"
-        register_thread(name)
-        _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)  # as ps shows it
+        """Run queued works; sleep in poll() on the wake eventfd and the files being watched,
+        until the device is cleaned up."""
+        try:
+            self._vhost_worker_loop()
+        finally:
+            self.worker_done.set()
+
+    def _vhost_worker_loop(self) -> None:
         work_list = self.work_list
         efd = self.wake_efd
         p = select.poll()
@@ -250,14 +260,28 @@ class VhostDev:
                     work.fn(work)
                 self.works_run += 1
 
+    def vhost_dev_flush(self) -> None:
+        """Wait until the works queued so far have run (the worker is past them)."""
+        if self.worker is None or self.worker is threading.current_thread() \
+                or self.worker_done.is_set():
+            return
+        done = threading.Event()
+        flush = VhostWork(lambda _w: done.set(), "flush")
+        self.vhost_work_queue(flush)
+        done.wait(FLUSH_WAIT_S)
+
     def vhost_dev_stop(self) -> None:
-        """The owner's file went away (vhost_dev_cleanup): stop polls and the worker."""
+        """Stop watching the kicks and let the queued works finish."""
         for vq in self.vqs:
             vq.poll.vhost_poll_stop()
+        self.vhost_dev_flush()
+
+    def vhost_dev_cleanup(self) -> None:
+        """The owner's file went away: drop the eventfds, stop the worker, unmap guest RAM."""
         self.stopping = True
         os.eventfd_write(self.wake_efd, 1)
         if self.worker is not None and self.worker is not threading.current_thread():
-            self.worker.join(2.0)
+            self.worker_done.wait(FLUSH_WAIT_S)
         for vq in self.vqs:
             if vq.views is not None:
                 vq.views.release()
@@ -265,6 +289,7 @@ class VhostDev:
             for ctx in (vq.call_ctx, vq.error_ctx):
                 if ctx is not None:
                     ctx.close()
+            vq.call_ctx = vq.error_ctx = None
         if self.mm is not None:
             self.mm.close()
             self.mm = None
@@ -317,66 +342,127 @@ def translate_desc(dev: VhostDev, addr: int, length: int) -> memoryview | None:
     return mm.ram[addr : addr + length]
 
 
+def translate_desc_iov(dev: VhostDev, addr: int, length: int, iov: list[memoryview],
+                       iov_count: int) -> int:
+    """translate_desc: append the guest buffer to ``iov`` as a view of guest RAM (none for a
+    zero-length one); the number of iovecs added, -EFAULT if any byte of it falls outside
+    guest RAM, -ENOBUFS if the chain already holds UIO_MAXIOV iovecs."""
+    if not length:
+        return 0
+    view = translate_desc(dev, addr, length)
+    if view is None:
+        return -EFAULT
+    if iov_count >= UIO_MAXIOV:
+        return -ENOBUFS
+    iov.append(view)
+    return 1
+
+
+def get_indirect(vq: VhostVirtqueue, out_iov: list[memoryview], in_iov: list[memoryview],
+                 ind_addr: int, ind_len: int) -> int:
+    """An indirect table, read in order from its start: a descriptor's NEXT flag says only
+    whether another follows (its ``next`` field is not used); 0, or a negative error."""
+    if ind_len % VRING_DESC_SIZE:
+        vq.vq_err(f"Invalid length in indirect descriptor: len 0x{ind_len:x} not multiple "
+                  f"of 0x{VRING_DESC_SIZE:x}")
+        return -EINVAL
+    dev = vq.dev
+    table = translate_desc(dev, ind_addr, ind_len)
+    if table is None:
+        vq.vq_err(f"Translation failure {-EFAULT} in indirect.")
+        return -EFAULT
+    count = ind_len // VRING_DESC_SIZE
+    if count > 0x10000:
+        vq.vq_err(f"Indirect buffer length too big: {ind_len}")
+        return -E2BIG
+    i = found = 0
+    while True:
+        found += 1
+        if found > count:
+            vq.vq_err(f"Loop detected: last one at {i} indirect size {count}")
+            return -EINVAL
+        addr, length, flags, nxt = _desc_unpack_from(table, (found - 1) * VRING_DESC_SIZE)
+        if flags & VRING_DESC_F_INDIRECT:
+            vq.vq_err(f"Nested indirect descriptor: idx {i}, "
+                      f"{ind_addr + i * VRING_DESC_SIZE:x}")
+            return -EINVAL
+        write = flags & VRING_DESC_F_WRITE
+        ret = translate_desc_iov(dev, addr, length, in_iov if write else out_iov,
+                                 len(in_iov) + len(out_iov))
+        if ret < 0:
+            vq.vq_err(f"Translation failure {ret} indirect idx {i}")
+            return ret
+        if not write and in_iov:
+            vq.vq_err(f"Indirect descriptor has out after in: idx {i}")
+            return -EINVAL
+        if not flags & VRING_DESC_F_NEXT:
+            return 0
+        i = nxt
+
+
 @traced
 def vhost_get_vq_desc(vq: VhostVirtqueue, out_iov: list[memoryview],
                       in_iov: list[memoryview]) -> int:
     """The next chain the guest made available, as iovecs: its head, ``vq.num`` if there is
-    none, or a negative error (vq_err) if the guest broke a rule."""
+    none, or a negative error (vq_err) if the guest broke a rule. An INDIRECT descriptor's
+    table is read by ``get_indirect`` (VIRTIO_RING_F_INDIRECT_DESC is not checked, as in
+    Linux); a NEXT on it goes on in the main table."""
     views = vq.views
     if views is None:
         return -EFAULT
     last_avail_idx = vq.last_avail_idx
+    num = vq.num
     if vq.avail_idx == last_avail_idx:
         vq.avail_idx = views.avail[1]
-        if ((vq.avail_idx - last_avail_idx) & 0xFFFF) > vq.num:
-            return vq.vq_err(f"Guest moved used index from {last_avail_idx} to {vq.avail_idx}")
+        if ((vq.avail_idx - last_avail_idx) & 0xFFFF) > num:
+            vq.vq_err(f"Guest moved used index from {last_avail_idx} to {vq.avail_idx}")
+            return -EFAULT
         if vq.avail_idx == last_avail_idx:
-            return vq.num
-    head = views.avail[2 + last_avail_idx % vq.num]
-    if head >= vq.num:
-        return vq.vq_err(f"Guest says index {head} > {vq.num} is available")
-    dev = vq.dev
+            return num
+    head = views.avail[2 + last_avail_idx % num]
+    if head >= num:
+        return vq.vq_err(f"Guest says index {head} > {num} is available")
+    mm = vq.dev.mm
+    if mm is None:
+        return -EFAULT
+    ram, size = mm.ram, mm.size
     out_iov.clear()
     in_iov.clear()
     desc = views.desc
-    table, limit = desc, vq.num
     i = head
-    found = 0
-    indirect_seen = False
+    found = iovs = 0
     while True:
+        if i >= num:
+            return vq.vq_err(f"Desc index is {i} > {num}, head = {head}")
         found += 1
-        if found > limit:
-            return vq.vq_err(f"Loop detected: last one at {i} vq size {limit} head {head}")
-        addr, length, flags, nxt = _desc_unpack_from(table, i * VRING_DESC_SIZE)
+        if found > num:
+            return vq.vq_err(f"Loop detected: last one at {i} vq size {num} head {head}")
+        addr, length, flags, nxt = _desc_unpack_from(desc, i * VRING_DESC_SIZE)
         if flags & VRING_DESC_F_INDIRECT:
-            if indirect_seen or table is not desc:
-                return vq.vq_err("Indirect buffer in an indirect table")
-            if not dev.vhost_has_feature(VIRTIO_RING_F_INDIRECT_DESC):
-                return vq.vq_err("Indirect descriptors not negotiated")
-            if length % VRING_DESC_SIZE or not length:
-                return vq.vq_err(f"Invalid length in indirect descriptor: len 0x{length:x}")
-            t = translate_desc(dev, addr, length)
-            if t is None:
-                return vq.vq_err(f"Translation failure {-EFAULT} in indirect.")
-            indirect_seen = True
-            table, limit, i, found = t, length // VRING_DESC_SIZE, 0, 0
-            continue
-        buf = translate_desc(dev, addr, length)
-        if buf is None:
-            return vq.vq_err(f"Translation failure {-EFAULT} descriptor idx {i}")
-        if flags & VRING_DESC_F_WRITE:
-            in_iov.append(buf)
-        else:
-            if in_iov:
+            ret = get_indirect(vq, out_iov, in_iov, addr, length)
+            if ret < 0:
+                vq.vq_err(f"Failure detected in indirect descriptor at idx {i}")
+                return ret
+            iovs = len(out_iov) + len(in_iov)
+        elif length:  # translate_desc, inline: a zero-length buffer gives no iovec
+            if addr + length > size:
+                vq.vq_err(f"Translation failure {-EFAULT} descriptor idx {i}")
+                return -EFAULT
+            if iovs >= UIO_MAXIOV:
+                vq.vq_err(f"Translation failure {-ENOBUFS} descriptor idx {i}")
+                return -ENOBUFS
+            iovs += 1
+            if flags & VRING_DESC_F_WRITE:
+                in_iov.append(ram[addr : addr + length])
+            elif in_iov:
                 return vq.vq_err(f"Descriptor has out after in: idx {i}")
-            out_iov.append(buf)
-        if len(out_iov) + len(in_iov) > UIO_MAXIOV:
-            return vq.vq_err(f"Too many descriptors in a chain: head {head}")
+            else:
+                out_iov.append(ram[addr : addr + length])
+        elif not flags & VRING_DESC_F_WRITE and in_iov:
+            return vq.vq_err(f"Descriptor has out after in: idx {i}")
         if not flags & VRING_DESC_F_NEXT:
             break
         i = nxt
-        if i >= limit:
-            return vq.vq_err(f"Desc index is {i} > {limit}, head = {head}")
     vq.last_avail_idx = (last_avail_idx + 1) & 0xFFFF
     vq.stats["descs"] += 1
     return head
@@ -387,6 +473,21 @@ def vhost_discard_vq_desc(vq: VhostVirtqueue, n: int) -> None:
     vq.last_avail_idx = (vq.last_avail_idx - n) & 0xFFFF
 
 
+def __vhost_add_used_n(vq: VhostVirtqueue, ring: memoryview,
+                       heads: list[tuple[int, int]]) -> None:
+    """Write (id, len) entries from ``last_used_idx`` on (no wrap inside); a used index that
+    ran past ``signalled_used`` makes it invalid, so the next signal is not suppressed."""
+    start = vq.last_used_idx & (vq.num - 1)
+    for k, (head, length) in enumerate(heads):
+        slot = (start + k) * 2
+        ring[slot] = head
+        ring[slot + 1] = length
+    old = vq.last_used_idx
+    new = vq.last_used_idx = (old + len(heads)) & 0xFFFF
+    if ((new - vq.signalled_used) & 0xFFFF) < ((new - old) & 0xFFFF):
+        vq.signalled_used_valid = False
+
+
 @traced
 def vhost_add_used_n(vq: VhostVirtqueue, heads: list[tuple[int, int]]) -> int:
     """Write (id, len) of each completed chain to the used ring, then publish the index."""
@@ -394,16 +495,13 @@ def vhost_add_used_n(vq: VhostVirtqueue, heads: list[tuple[int, int]]) -> int:
     if views is None:
         return -EFAULT
     ring = views.used_ring
-    num = vq.num
-    idx = vq.last_used_idx
-    for head, length in heads:
-        slot = (idx % num) * 2
-        ring[slot] = head
-        ring[slot + 1] = length
-        idx = (idx + 1) & 0xFFFF
+    n = vq.num - (vq.last_used_idx & (vq.num - 1))
+    if n < len(heads):
+        __vhost_add_used_n(vq, ring, heads[:n])
+        heads = heads[n:]
+    __vhost_add_used_n(vq, ring, heads)
     # smp_wmb: the entries are visible before the index that covers them
-    views.used_hdr[1] = idx
-    vq.last_used_idx = idx
+    views.used_hdr[1] = vq.last_used_idx
     return 0
 
 
@@ -446,6 +544,17 @@ def vhost_add_used_and_signal_n(dev: VhostDev, vq: VhostVirtqueue,
 def vhost_update_used_flags(vq: VhostVirtqueue) -> None:
     if vq.views is not None:
         vq.views.used_hdr[0] = vq.used_flags
+
+
+def vhost_vq_init_access(vq: VhostVirtqueue) -> int:
+    """A backend was set: write the used flags, forget the last signal, and take
+    ``last_used_idx`` from the used ring."""
+    if vq.private_data is None or vq.views is None:
+        return 0
+    vhost_update_used_flags(vq)
+    vq.signalled_used_valid = False
+    vq.last_used_idx = vq.views.used_hdr[1]
+    return 0
 
 
 def vhost_disable_notify(dev: VhostDev, vq: VhostVirtqueue) -> None:

@@ -1,9 +1,10 @@
 """Stands for drivers/vhost/net.c: vhost-net, the in-kernel virtio-net data path.
 
-``/dev/vhost-net`` is a Unix seqpacket socket of the KVM process (common/vhost_abi.py);
-each connection is one open file: ``vhost_net_open`` makes a ``VhostNet`` with an RX and a
-TX queue, its ioctls set it up, and when the file goes (QEMU closed it, or died and the
-kernel closed it) ``vhost_net_release`` stops the worker and drops the tap.
+Runs in the worker process ``vhost-<QEMU pid>`` (kvmproc/vhost_worker.py), one per open of
+the KVM process's ``/dev/vhost-net`` (kvmproc/vhost_net_misc.py): ``vhost_net_open`` makes
+a ``VhostNet`` with an RX and a TX queue, the forwarded ioctls set it up, and when the file
+goes (QEMU closed it, or died and the kernel closed it) ``vhost_net_release`` stops the
+worker and drops the tap.
 
 TX: a kick (the KVM ioeventfd) queues ``handle_tx``: ``vhost_get_vq_desc`` for each chain
 the guest made available, the vnet header and frame written to the tap, the used entries
@@ -16,26 +17,19 @@ on the ring and polls the tap for POLLOUT. RX: the tap's POLLIN (or a refill kic
 
 from __future__ import annotations
 
-import array
 import os
 import select
-import socket
 import stat
 import struct
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from common.kvm_abi import packb, unpackb
 from common.notifier import EventNotifier
 from common.trace import trace_event, traced
 from common.vhost_abi import (
-    VHOST_DEVICE,
     VHOST_GET_FEATURES,
     VHOST_GET_STATS,
     VHOST_GET_VRING_BASE,
-    VHOST_MSG_MAX,
     VHOST_NET_F_VIRTIO_NET_HDR,
     VHOST_NET_SET_BACKEND,
     VHOST_RESET_OWNER,
@@ -74,6 +68,7 @@ from kvmproc.vhost import (
     vhost_enable_notify,
     vhost_get_vq_desc,
     vhost_vq_avail_empty,
+    vhost_vq_init_access,
 )
 
 VHOST_NET_VQ_RX = 0
@@ -254,6 +249,7 @@ def handle_tx(n: VhostNet) -> None:
 
 
 def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
+    """do { ... } while (!vhost_exceeds_weight(...)): a ``continue`` tests the weight too."""
     vq = nvq.vq
     dev = n.dev
     out: list[memoryview] = []
@@ -263,14 +259,18 @@ def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
     heads = nvq.heads
     writev = os.writev
     while True:
+        busyloop_intr[0] = False
         head = vhost_net_tx_get_vq_desc(n, nvq, out, inn, busyloop_intr)
         if head < 0:
             break
         if head == vq.num:
             if busyloop_intr[0]:
                 vq.poll.vhost_poll_queue()
-            elif vhost_enable_notify(dev, vq):
+            elif vhost_enable_notify(dev, vq):  # they slipped one in: check again
                 vhost_disable_notify(dev, vq)
+                sent_pkts += 1
+                if vhost_exceeds_weight(vq, sent_pkts, total_len):
+                    break
                 continue
             break
         if inn:
@@ -302,45 +302,56 @@ def handle_tx_copy(n: VhostNet, nvq: VhostNetVirtqueue, fd: int) -> None:
 def get_rx_bufs(vq: VhostVirtqueue, datalen: int, quota: int, iov: list[memoryview],
                 heads: list[tuple[int, int]]) -> int:
     """Take guest buffers for ``datalen`` bytes: the number of heads, 0 if there are not
-    enough yet, UIO_MAXIOV + 1 if the frame cannot fit (dropped), negative on a ring error."""
+    enough yet, UIO_MAXIOV + 1 if the frame cannot fit, negative on a ring error. Except on
+    success every head taken is given back (``err:``: vhost_discard_vq_desc)."""
     out: list[memoryview] = []
     inn: list[memoryview] = []
     headcount = 0
     iov.clear()
     heads.clear()
+    r = 0
     while datalen > 0 and headcount < quota:
+        if len(iov) >= UIO_MAXIOV:
+            r = -ENOBUFS
+            break
         d = vhost_get_vq_desc(vq, out, inn)
         if d < 0:
-            vhost_discard_vq_desc(vq, headcount)
-            return d
+            r = d
+            break
         if d == vq.num:
-            vhost_discard_vq_desc(vq, headcount)
-            return 0
-        if out:
-            vhost_discard_vq_desc(vq, headcount + 1)
-            return vq.vq_err(f"unexpected descriptor format for RX: out {len(out)}, "
-                             f"in {len(inn)}")
+            r = 0
+            break
+        if out or not inn:
+            vq.vq_err(f"unexpected descriptor format for RX: out {len(out)}, in {len(inn)}")
+            r = -EINVAL
+            break
         length = sum(len(m) for m in inn)
         heads.append((d, min(length, datalen)))
         iov.extend(inn)
         datalen -= length
         headcount += 1
-    if datalen > 0:
-        return UIO_MAXIOV + 1
-    return headcount
+    else:
+        if datalen <= 0:
+            return headcount
+        r = UIO_MAXIOV + 1  # overrun
+    vhost_discard_vq_desc(vq, headcount)
+    return r
 
 
 def vhost_net_rx_peek_head_len(n: VhostNet, fd: int, busyloop_intr: list[bool]) -> int:
     """The length of the tap's next frame (with its vnet header), 0 if there is none; the
-    frame waits in the device's buffer until guest buffers take it."""
+    frame waits in the device's buffer until guest buffers take it. Before busy-polling,
+    the batched used heads go to the guest."""
     if n.rx_pending:
         return n.rx_pending
     try:
         n.rx_pending = os.readv(fd, [n.rx_buf])
     except (BlockingIOError, InterruptedError):
-        rvq = n.dev.vqs[VHOST_NET_VQ_RX]
+        rnvq = n.vqs[VHOST_NET_VQ_RX]
+        rvq = rnvq.vq
         if not rvq.busyloop_timeout:
             return 0
+        vhost_net_signal_used(rnvq)  # flush batched heads first
         vhost_net_busy_poll(n, rvq, n.dev.vqs[VHOST_NET_VQ_TX], busyloop_intr, True)
         try:
             n.rx_pending = os.readv(fd, [n.rx_buf])
@@ -349,8 +360,22 @@ def vhost_net_rx_peek_head_len(n: VhostNet, fd: int, busyloop_intr: list[bool]) 
     return n.rx_pending
 
 
+def rx_copy_to_bufs(buf: memoryview, sock_len: int, iov: list[memoryview]) -> None:
+    """The frame (vnet header first) into the guest's buffers: the recvmsg into the iovecs."""
+    copied = 0
+    for m in iov:
+        take = min(len(m), sock_len - copied)
+        m[:take] = buf[copied : copied + take]
+        copied += take
+        if copied == sock_len:
+            break
+
+
 @traced
 def handle_rx(n: VhostNet) -> None:
+    """Expects to be always run from the worker, with the queue's mutex held. A frame the
+    guest's buffers cannot hold is dropped (the 1-byte MSG_TRUNC read: here the frame
+    already read leaves the device's buffer) and its heads go back to the ring."""
     nvq = n.vqs[VHOST_NET_VQ_RX]
     vq = nvq.vq
     dev = n.dev
@@ -367,46 +392,46 @@ def handle_rx(n: VhostNet) -> None:
     recv_pkts = total_len = 0
     sock_len = 0
     buf = memoryview(n.rx_buf)
-    while True:
+    while True:  # do { ... } while (!vhost_exceeds_weight(...)): a `continue` tests weight
         sock_len = vhost_net_rx_peek_head_len(n, fd, busyloop_intr)
         if not sock_len:
             break
         if trace_handle_rx.on:
             trace_handle_rx(len=sock_len, avail_idx=vq.views.avail[1])
-        headcount = get_rx_bufs(vq, sock_len + nvq.vhost_hlen, quota, iov, got)
-        if headcount < 0:
+        vhost_len = sock_len + nvq.vhost_hlen
+        headcount = get_rx_bufs(vq, vhost_len, quota, iov, got)
+        if headcount < 0:  # on error, stop handling until the next kick
             vhost_net_signal_used(nvq)
             return
-        if headcount == 0:  # no buffers: the frame waits for the guest's refill kick
-            if vhost_enable_notify(dev, vq):
+        if headcount == 0:
+            if busyloop_intr[0]:
+                vq.poll.vhost_poll_queue()
+            elif vhost_enable_notify(dev, vq):  # they slipped one in: check again
                 vhost_disable_notify(dev, vq)
+                recv_pkts += 1
+                if vhost_exceeds_weight(vq, recv_pkts, total_len):
+                    break
                 continue
-            vhost_net_signal_used(nvq)
+            vhost_net_signal_used(nvq)  # nothing new: wait for the refill kick
             return
+        busyloop_intr[0] = False
         n.rx_pending = 0
         if trace_tun_recvmsg.on:
             trace_tun_recvmsg(len=sock_len, heads=headcount)
-        if headcount > UIO_MAXIOV:  # it cannot fit: truncate and discard
+        if headcount > UIO_MAXIOV:  # on overrun, truncate and discard
             nvq.dropped += 1
-            continue
-        copied = 0
-        for m in iov:
-            take = min(len(m), sock_len - copied)
-            m[:take] = buf[copied : copied + take]
-            copied += take
-            if copied == sock_len:
-                break
-        if mergeable:  # num_buffers, after the 10-byte virtio_net_hdr
-            struct.pack_into("<H", iov[0], 10, headcount)
-        nvq.heads.extend(got)
-        nvq.packets += 1
-        if len(nvq.heads) > VHOST_NET_BATCH:
-            vhost_net_signal_used(nvq)
+        else:
+            rx_copy_to_bufs(buf, sock_len, iov)
+            if mergeable:  # num_buffers, after the 10-byte virtio_net_hdr
+                struct.pack_into("<H", iov[0], 10, headcount)
+            nvq.heads.extend(got)
+            nvq.packets += 1
+            if len(nvq.heads) > VHOST_NET_BATCH:
+                vhost_net_signal_used(nvq)
+            total_len += vhost_len
         recv_pkts += 1
-        total_len += sock_len
         if vhost_exceeds_weight(vq, recv_pkts, total_len):
-            vhost_net_signal_used(nvq)
-            return
+            break
     if busyloop_intr[0]:
         vq.poll.vhost_poll_queue()
     elif not sock_len:
@@ -432,18 +457,14 @@ def vhost_net_set_backend(n: VhostNet, index: int, fd: int) -> int:
         return -ENOTSOCK
     vq = n.dev.vqs[index]
     old = vq.private_data
-    if fd >= 0:
-        if not n.dev.vq_access_ok(vq):
-            os.close(fd)
-            return -EFAULT
-        vq.last_used_idx = vq.views.used_hdr[1]  # vhost_vq_init_access
-        vq.signalled_used_valid = False
+    if fd >= 0 and not n.dev.vq_access_ok(vq):
+        os.close(fd)
+        return -EFAULT
     vhost_net_disable_vq(n, vq)
     n.vqs[index].heads.clear()
     vq.private_data = fd if fd >= 0 else None
-    if fd >= 0:
-        vhost_net_enable_vq(n, vq)
-        vq.poll.vhost_poll_queue()  # look at the ring once: buffers may be waiting
+    vhost_vq_init_access(vq)
+    vhost_net_enable_vq(n, vq)  # vhost_poll_start: a ready tap queues the first pass
     if old is not None:  # each queue holds its own reference to the tap
         os.close(old)
     return 0
@@ -556,6 +577,7 @@ def vhost_net_release(n: VhostNet) -> None:
         for vq in n.dev.vqs:
             vhost_net_disable_vq(n, vq)
     n.dev.vhost_dev_stop()
+    n.dev.vhost_dev_cleanup()
     fds = {vq.private_data for vq in n.dev.vqs if vq.private_data is not None}
     for vq in n.dev.vqs:
         vq.private_data = None
@@ -563,91 +585,3 @@ def vhost_net_release(n: VhostNet) -> None:
         os.close(fd)
     for work in [vq.poll.work for vq in n.dev.vqs] + [p.work for p in n.poll]:
         _work_owner.pop(id(work), None)
-
-
-# -- the misc device: /dev/vhost-net -------------------------------------------------------------
-
-
-class VhostNetMisc:
-    """The device node: a listener in the run directory; each connection is one open file,
-    served by a thread that performs its ioctls."""
-
-    def __init__(self, rundir: str | Path, allowed: set[str], ram: str) -> None:
-        self.path = Path(rundir) / VHOST_DEVICE
-        self.allowed = allowed
-        self.ram = ram
-        self.devices: list[VhostNet] = []
-        self.released: list[dict] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o077)
-        try:
-            self.sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        self.sock.listen(4)
-        self._thread = threading.Thread(target=self._accept, name="vhost-net-misc",
-                                        daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
-                                                               socket.SO_PEERCRED, 12))
-            if uid != os.getuid():
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, pid), name="vhost-net-file",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket, pid: int) -> None:
-        n = vhost_net_open()
-        self.devices.append(n)
-        fdsize = array.array("i").itemsize
-        try:
-            while True:
-                try:
-                    data, anc, _, _ = conn.recvmsg(VHOST_MSG_MAX, socket.CMSG_SPACE(4 * fdsize))
-                except OSError:
-                    break
-                if not data:
-                    break  # the file is closed: QEMU closed it or died
-                fds: list[int] = []
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(payload[: len(payload) - len(payload) % fdsize])
-                        fds.extend(a)
-                try:
-                    req = unpackb(data)
-                    reply = vhost_net_ioctl(n, req, fds, pid, self.allowed, self.ram)
-                except Exception as e:  # noqa: BLE001 - a bad request is an error, not a crash
-                    reply = [-EINVAL, f"{type(e).__name__}: {e}"]
-                for fd in fds:
-                    os.close(fd)
-                try:
-                    conn.send(packb(reply))
-                except OSError:
-                    break
-        finally:
-            conn.close()
-            self.devices.remove(n)
-            vhost_net_release(n)
-            self.released.append(n.describe())
-
-    def describe(self) -> dict[str, Any]:
-        return {"open": [n.describe() for n in self.devices], "released": self.released}
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass

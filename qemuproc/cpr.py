@@ -244,8 +244,8 @@ class Cpr:
                 continue
             virtio_queue_set_notification(vq, True)
             virtio_notify(vdev, vq)  # signalled_used_valid is off: this raises the interrupt
-            if vq.queue_index not in m.proxy.ioeventfd_grabbed:  # vhost looks by itself
-                virtio_queue_notify_vq(vq)
+            if not (m.proxy.ioeventfd_grabbed and vq.host_notifier_enabled):
+                virtio_queue_notify_vq(vq)  # a back end's own queue it looks at by itself
 
     def vmstate_load(self, st: dict[str, Any]) -> None:
         m = self.m
@@ -269,6 +269,9 @@ class Cpr:
             q.num, q.enabled = num, enabled
             q.desc[:], q.avail[:], q.used[:] = desc, avail, used
         vdev.config_vector = v["config_vector"]
+        dev.msix_unuse_all_vectors()  # virtio_pci_load_config, virtio_pci_load_queue
+        for vector in [vdev.config_vector] + [vq.vector for vq in vdev.vq]:
+            dev.msix_vector_use(vector)
         vdev.queue_sel = v["queue_sel"]
         vdev.curr_queue_pairs = st["virtio_net"]["curr_queue_pairs"]
         virtio_net_set_queue_pairs(vdev)

@@ -31,6 +31,8 @@ PCI_CONFIG_SPACE_SIZE = 256
 PCI_COMMAND = 0x04
 PCI_STATUS = 0x06
 PCI_CAPABILITY_LIST = 0x34
+PCI_COMMAND_INTX_DISABLE = 0x400
+PCI_STATUS_INTERRUPT = 0x08
 PCI_INTERRUPT_LINE = 0x3C
 PCI_INTERRUPT_PIN = 0x3D
 PCI_CAP_ID_MSIX = 0x11
@@ -67,13 +69,16 @@ class PCIDevice:
         c[PCI_INTERRUPT_LINE] = irq_line
         c[PCI_INTERRUPT_PIN] = 1
         self.wmask[PCI_COMMAND] = 0x07
+        self.wmask[PCI_COMMAND + 1] = PCI_COMMAND_INTX_DISABLE >> 8
         self.used = bytearray(PCI_CONFIG_SPACE_SIZE)  # config bytes a capability occupies
         self.bars: dict[int, tuple[int, int, int]] = {}  # BAR -> (address, size, type bits)
         self.msix_cap = 0
         self.msix_entries_nr = 0
         self.msix_table = bytearray()
         self.msix_pba = bytearray()
-        self.msix_vector_changed: Callable[[int], None] = lambda v: None
+        self.msix_entry_used: list[int] = []
+        self.msix_vector_use_notifier: Callable[[int, tuple[int, int]], None] | None = None
+        self.msix_vector_release_notifier: Callable[[int], None] | None = None
         self.msix_enable_changed: Callable[[bool], None] = lambda on: None
         self.msi_send: Callable[[int, int], Any] = lambda address, data: None
         self.intx_set_irq: Callable[[int, int], Any] = lambda gsi, level: None
@@ -128,6 +133,8 @@ class PCIDevice:
 
     def pci_default_write_config(self, addr: int, val: int, size: int) -> None:
         was_enabled = self.msix_enabled()
+        was_masked = [self.msix_is_masked(v) for v in range(self.msix_entries_nr)]
+        was_intx_disabled = self.pci_irq_disabled()
         for i in range(size):
             a = addr + i
             if a >= PCI_CONFIG_SPACE_SIZE:
@@ -135,8 +142,14 @@ class PCIDevice:
             m = self.wmask[a]
             b = (val >> (8 * i)) & 0xFF
             self.config[a] = (self.config[a] & ~m) | (b & m)
+        if was_intx_disabled != self.pci_irq_disabled():
+            self.pci_update_irq_disabled(was_intx_disabled)
         if was_enabled != self.msix_enabled():
             self.msix_enable_changed(self.msix_enabled())
+        if self.msix_entries_nr and addr <= self.msix_cap + 3 < addr + size \
+                and self.msix_enabled():  # msix_write_config: the control byte
+            for vector, masked in enumerate(was_masked):
+                self.msix_handle_mask_update(vector, masked)
 
     # -- MSI-X ----------------------------------------------------------------------------------
 
@@ -146,6 +159,7 @@ class PCIDevice:
         for v in range(nentries):
             self.msix_table[v * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] = PCI_MSIX_ENTRY_CTRL_MASKBIT
         self.msix_pba = bytearray((nentries + 7) // 8)
+        self.msix_entry_used = [0] * nentries
         self.msix_cap = cap = self.pci_add_capability(PCI_CAP_ID_MSIX, MSIX_CAP_LENGTH)
         c = self.config
         c[cap + 2 : cap + 4] = _le(nentries - 1, 2)
@@ -160,7 +174,10 @@ class PCIDevice:
         return bool(flags & PCI_MSIX_FLAGS_ENABLE)
 
     def msix_is_masked(self, vector: int) -> bool:
+        """Masked by its entry, by the function mask, or while MSI-X is off."""
         flags = int.from_bytes(self.config[self.msix_cap + 2 : self.msix_cap + 4], "little")
+        if not flags & PCI_MSIX_FLAGS_ENABLE:
+            return True
         return bool(flags & PCI_MSIX_FLAGS_MASKALL) or bool(
             self.msix_table[vector * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL] & PCI_MSIX_ENTRY_CTRL_MASKBIT)
 
@@ -176,9 +193,31 @@ class PCIDevice:
         hi = int.from_bytes(t[base + PCI_MSIX_ENTRY_UPPER_ADDR : base + 8], "little")
         return (hi << 32) | lo, self.msix_get_message_data(vector)
 
-    def msix_notify(self, vector: int) -> None:
-        """Send ``vector``'s message, or, while it is masked, set its pending bit."""
+    def msix_vector_use(self, vector: int) -> int:
+        """The device uses ``vector`` (a queue or the configuration names it); -EINVAL past
+        the table."""
         if vector >= self.msix_entries_nr:
+            return -22
+        self.msix_entry_used[vector] += 1
+        return 0
+
+    def msix_vector_unuse(self, vector: int) -> None:
+        if vector >= self.msix_entries_nr or not self.msix_entry_used[vector]:
+            return
+        self.msix_entry_used[vector] -= 1
+        if not self.msix_entry_used[vector]:
+            self.msix_clr_pending(vector)
+
+    def msix_unuse_all_vectors(self) -> None:
+        """msix_free_irq_entries: no vector in use, none pending."""
+        for vector in range(self.msix_entries_nr):
+            self.msix_entry_used[vector] = 0
+            self.msix_clr_pending(vector)
+
+    def msix_notify(self, vector: int) -> None:
+        """Send ``vector``'s message, or, while it is masked, set its pending bit; a vector
+        nothing uses sends nothing."""
+        if vector >= self.msix_entries_nr or not self.msix_entry_used[vector]:
             return
         if self.msix_is_masked(vector):
             self.msis_masked += 1
@@ -194,10 +233,33 @@ class PCIDevice:
     # -- INTx -----------------------------------------------------------------------------------
 
     def pci_set_irq(self, level: int) -> None:
-        """pci_irq_handler: a change of the pin's level goes on to its GSI."""
+        """pci_irq_handler: a change of the pin's level is recorded (PCI_STATUS_INTERRUPT)
+        and, unless INTX_DISABLE is set, goes on to the bus (``pci_change_irq_level``)."""
         if level == self.irq_level:
             return
         self.irq_level = level
+        self.pci_update_irq_status()
+        if self.pci_irq_disabled():
+            return
+        self.pci_change_irq_level(level)
+
+    def pci_irq_disabled(self) -> bool:
+        command = int.from_bytes(self.config[PCI_COMMAND : PCI_COMMAND + 2], "little")
+        return bool(command & PCI_COMMAND_INTX_DISABLE)
+
+    def pci_update_irq_status(self) -> None:
+        if self.irq_level:
+            self.config[PCI_STATUS] |= PCI_STATUS_INTERRUPT
+        else:
+            self.config[PCI_STATUS] &= ~PCI_STATUS_INTERRUPT & 0xFF
+
+    def pci_update_irq_disabled(self, was_disabled: bool) -> None:
+        """INTX_DISABLE changed: an asserted pin is taken off the bus, or put back."""
+        if self.irq_level:
+            self.pci_change_irq_level(0 if not was_disabled else 1)
+
+    def pci_change_irq_level(self, level: int) -> None:
+        """The pin's level on the GSI its interrupt line names (the bus's set_irq)."""
         self.intx_set_irq(self.config[PCI_INTERRUPT_LINE], level)
 
     def msix_table_mmio_read(self, opaque: object, addr: int, size: int) -> int:
@@ -212,14 +274,29 @@ class PCIDevice:
         vector = addr // PCI_MSIX_ENTRY_SIZE
         was_masked = self.msix_is_masked(vector)
         self.msix_table[addr : addr + size] = _le(val, size)
-        self.msix_vector_changed(vector)
         self.msix_handle_mask_update(vector, was_masked)
 
     def msix_handle_mask_update(self, vector: int, was_masked: bool) -> None:
-        """Unmasked with a message pending: send it now."""
-        if was_masked and not self.msix_is_masked(vector) and self.msix_is_pending(vector):
+        """A change of the vector's mask goes to its notifiers; unmasked with a message
+        pending, it is sent now."""
+        is_masked = self.msix_is_masked(vector)
+        if is_masked == was_masked:
+            return
+        self.msix_fire_vector_notifier(vector, is_masked)
+        if not is_masked and self.msix_is_pending(vector):
             self.msix_clr_pending(vector)
             self.msix_notify(vector)
+
+    def msix_fire_vector_notifier(self, vector: int, is_masked: bool) -> None:
+        """The owner of the vector's irqfd (virtio-pci's guest notifiers) learns of the
+        (un)mask; an unmask carries the entry's message as it is now."""
+        if self.msix_vector_use_notifier is None:
+            return
+        if is_masked:
+            assert self.msix_vector_release_notifier is not None
+            self.msix_vector_release_notifier(vector)
+        else:
+            self.msix_vector_use_notifier(vector, self.msix_get_message(vector))
 
     def msix_is_pending(self, vector: int) -> bool:
         return bool(self.msix_pba[vector // 8] & (1 << (vector % 8)))

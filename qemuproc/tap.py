@@ -169,7 +169,7 @@ class TAPState:
 
 def tap_update_fd_handler(s: TAPState) -> None:
     s.main_loop.qemu_set_fd_handler(s.fd, tap_send if s.read_poll and s.enabled else None,
-                                    tap_writable if s.write_poll and s.enabled else None,
+                                    tap_writable if s.write_poll else None,
                                     s, "tap")
 
 

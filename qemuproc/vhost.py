@@ -6,8 +6,8 @@ kernel finds is reported by ``vhost_virtqueue_error_notifier`` in QEMU's main lo
 ``vhost_dev_start`` gives the kernel the features, the memory table and each ring
 (``vhost_virtqueue_start``: VHOST_SET_VRING_NUM/BASE/ADDR/KICK/CALL); ``vhost_dev_stop``
 takes the rings' state back (VHOST_GET_VRING_BASE), so that the userspace device carries on
-where vhost stopped. ``vhost_dev_enable_notifiers`` hands each queue's host notifier (the
-KVM ioeventfd) to the kernel: QEMU stops polling it.
+where vhost stopped. ``vhost_dev_enable_notifiers`` grabs the host notifiers (QEMU stops
+polling every one of its ioeventfds) and hands this device's queues' to the kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from common.vhost_abi import (
 from qemuproc.main_loop import MainLoop
 from qemuproc.vhost_backend import VhostKernel
 from qemuproc.virtio import VirtIODevice, virtio_error
+from qemuproc.virtio_bus import (
+    virtio_bus_grab_ioeventfd,
+    virtio_bus_release_ioeventfd,
+    virtio_bus_set_host_notifier,
+)
 
 EINVAL = 22
 
@@ -103,26 +108,20 @@ def vhost_get_features(hdev: VhostDev, feature_bits: list[int], features: int) -
 
 @traced
 def vhost_dev_enable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
-    """The queues' ioeventfds go to the kernel (virtio_bus_set_host_notifier): QEMU's own
-    handling of them stops (virtio_device_grab_ioeventfd)."""
-    queues = range(hdev.vq_index, hdev.vq_index + hdev.nvqs)
-    started = bus.ioeventfd_started
-    if started:
-        bus.virtio_pci_stop_ioeventfd()
-    bus.ioeventfd_grabbed.update(queues)
-    if started:
-        bus.virtio_pci_start_ioeventfd()
+    """The queues' ioeventfds go to the kernel: QEMU stops serving any of its own
+    (virtio_device_grab_ioeventfd) and assigns only this device's (virtio_bus_set_host_notifier)."""
+    virtio_bus_grab_ioeventfd(bus)
+    for i in range(hdev.nvqs):
+        virtio_bus_set_host_notifier(bus, hdev.vq_index + i, True)
 
 
 @traced
 def vhost_dev_disable_notifiers(hdev: VhostDev, vdev: VirtIODevice, bus: Any) -> None:
-    """Back to QEMU (virtio_device_release_ioeventfd): it polls the ioeventfds again."""
-    started = bus.ioeventfd_started
-    if started:
-        bus.virtio_pci_stop_ioeventfd()
-    bus.ioeventfd_grabbed.difference_update(range(hdev.vq_index, hdev.vq_index + hdev.nvqs))
-    if started:
-        bus.virtio_pci_start_ioeventfd()
+    """Back to QEMU (virtio_device_release_ioeventfd): once no back end holds them, its main
+    loop serves the ioeventfds again."""
+    for i in range(hdev.nvqs):
+        virtio_bus_set_host_notifier(bus, hdev.vq_index + i, False)
+    virtio_bus_release_ioeventfd(bus)
 
 
 @traced
@@ -134,7 +133,7 @@ def vhost_virtqueue_start(hdev: VhostDev, vdev: VirtIODevice, bus: Any, idx: int
     call(VHOST_SET_VRING_BASE, i, vq.last_avail_idx)
     call(VHOST_SET_VRING_ADDR, i, vq.desc, vq.avail, vq.used, 0)
     call(VHOST_SET_VRING_KICK, i, bus.cfg.ioeventfd(idx))
-    call(VHOST_SET_VRING_CALL, i, bus.guest_notifier_name(idx))
+    call(VHOST_SET_VRING_CALL, i, bus.queue_call_notifier_name(idx))
 
 
 @traced

@@ -1,8 +1,9 @@
 """Stands for hw/virtio/vhost-backend.c: the kernel vhost backend, ioctls on /dev/vhost-net.
 
-``vhost_kernel_open`` opens the device (connects to the KVM process's node, see
-common/vhost_abi.py); ``vhost_kernel_call`` is one ioctl: the request goes out, with an fd
-argument as SCM_RIGHTS, and the call returns the kernel's answer (negative: -errno).
+Making a ``VhostKernel`` is net/tap.c's ``open("/dev/vhost-net")`` in
+``net_init_tap_one`` (it connects to the KVM process's node, see common/vhost_abi.py);
+``vhost_kernel_call`` is one ioctl: the request goes out, with an fd argument as
+SCM_RIGHTS, and the call returns the kernel's answer (negative: -errno).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 ``vhost_net_start`` (the driver set DRIVER_OK) routes the interrupts to irqfds, hands the
 queues' ioeventfds and rings to the kernel and gives it the tap
 (VHOST_NET_SET_BACKEND): from then on QEMU neither polls the tap nor runs the queues.
-``vhost_net_stop`` undoes it and takes the rings' state back, and QEMU's userspace
-virtio-net carries on.
+``vhost_net_stop`` undoes it, takes the rings' state back and releases the guest
+notifiers, and QEMU's userspace virtio-net carries on; a device reset reaches it through
+``virtio_reset`` (status 0 -> virtio_net_set_status).
 """
 
 from __future__ import annotations
@@ -106,19 +107,21 @@ def vhost_net_start(vdev: VirtIODevice, ncs: list[NetClientState], queue_pairs: 
                     bus: Any) -> None:
     """The guest is ready: interrupts to irqfds (set_guest_notifiers), then each pair's
     vhost device takes its rings and the tap."""
+    for i in range(queue_pairs):
+        get_vhost_net(ncs[i].peer).dev.vq_index = 2 * i  # vhost_net_set_vq_index
     bus.virtio_pci_set_guest_notifiers(True)
     for i in range(queue_pairs):
-        net = get_vhost_net(ncs[i].peer)
-        net.dev.vq_index = 2 * i
-        vhost_net_ack_features(net, vdev.guest_features)
-        vhost_net_start_one(net, vdev, bus)
+        vhost_net_start_one(get_vhost_net(ncs[i].peer), vdev, bus)
 
 
 @traced
 def vhost_net_stop(vdev: VirtIODevice, ncs: list[NetClientState], queue_pairs: int,
                    bus: Any) -> None:
+    """Each pair's vhost device gives its rings back, then the interrupts leave the irqfds
+    (set_guest_notifiers): QEMU's own device raises them again."""
     for i in range(queue_pairs):
         vhost_net_stop_one(get_vhost_net(ncs[i].peer), vdev, bus)
+    bus.virtio_pci_set_guest_notifiers(False)
 
 
 def get_vhost_net(nc: NetClientState | None) -> VHostNetState | None:

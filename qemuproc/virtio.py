@@ -177,6 +177,7 @@ class VirtIODevice:
         self.device_id = device_id
         self.status = 0
         self.isr = 0
+        self.generation = 0  # the config generation (common configuration's config_generation)
         self.queue_sel = 0
         self.guest_features = 0
         self.host_features = 0
@@ -427,7 +428,7 @@ def virtqueue_map_desc(vdev: VirtIODevice, iov: list[memoryview], addrs: list[in
     return True
 
 
-def vring_indirect_table(vdev: VirtIODevice, vq: VirtQueue, addr: int,
+def map_indirect_table(vdev: VirtIODevice, vq: VirtQueue, addr: int,
                          length: int) -> memoryview | None:
     """Map the indirect table a head descriptor names, or virtio_error and None."""
     if not virtio_vdev_has_feature(vdev, VIRTIO_RING_F_INDIRECT_DESC):
@@ -484,7 +485,7 @@ def virtqueue_split_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
             if num_bufs >= max_:
                 virtio_error(vdev, "Looped descriptor")
                 return 0, 0
-            table = vring_indirect_table(vdev, vq, addr, length)
+            table = map_indirect_table(vdev, vq, addr, length)
             if table is None:
                 return 0, 0
             desc = table
@@ -586,7 +587,7 @@ def virtqueue_split_pop(vq: VirtQueue) -> VirtQueueElement | None:
         max_ = num
         indirect = flags & VRING_DESC_F_INDIRECT
         if indirect:
-            table = vring_indirect_table(vdev, vq, addr, length)
+            table = map_indirect_table(vdev, vq, addr, length)
             if table is None:
                 return None
             desc = table
@@ -747,7 +748,7 @@ def virtqueue_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
         virtqueue_flush(vq, 1)
         return
     if vq.vdev.guest_features & _F_RING_PACKED:
-        virtqueue_packed_push(vq, elem, length)
+        packed_fill_and_flush(vq, elem, length)
         return
     elem.busy = False
     v = vq.views
@@ -827,7 +828,7 @@ def virtio_queue_packed_set_notification(vq: VirtQueue, enable: bool) -> None:
     # smp_mb when enabling: the flags are visible before the caller looks at the ring again
 
 
-def vring_packed_indirect_table(vdev: VirtIODevice, addr: int, length: int) -> memoryview | None:
+def map_packed_indirect_table(vdev: VirtIODevice, addr: int, length: int) -> memoryview | None:
     if length % VRING_PACKED_DESC_SIZE:
         virtio_error(vdev, "Invalid size for indirect buffer table")
         return None
@@ -874,7 +875,7 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
         max_ = num
         indirect = bool(flags & VRING_DESC_F_INDIRECT)
         if indirect:
-            table = vring_packed_indirect_table(vdev, addr, length)
+            table = map_packed_indirect_table(vdev, addr, length)
             if table is None:
                 return None
             desc = table
@@ -924,11 +925,11 @@ def virtqueue_packed_pop(vq: VirtQueue) -> VirtQueueElement | None:
     vq.shadow_avail_wrap_counter = vq.last_avail_wrap_counter
     vq.pops += 1
     if trace_pop_points.on:
-        virtqueue_packed_pop_trace(vq, elem)
+        trace_packed_pop(vq, elem)
     return elem
 
 
-def virtqueue_packed_pop_trace(vq: VirtQueue, elem: VirtQueueElement) -> None:
+def trace_packed_pop(vq: VirtQueue, elem: VirtQueueElement) -> None:
     if trace_virtqueue_alloc_element.on:
         trace_virtqueue_alloc_element(elem=elem.addr, sz=VIRTQUEUE_ELEMENT_SIZE,
                                       in_num=len(elem.in_sg), out_num=len(elem.out_sg))
@@ -965,7 +966,7 @@ def virtqueue_packed_get_avail_bytes(vq: VirtQueue, max_in_bytes: int,
             if num_bufs >= max_:
                 virtio_error(vdev, "Looped descriptor")
                 return 0, 0
-            table = vring_packed_indirect_table(vdev, addr, length)
+            table = map_packed_indirect_table(vdev, addr, length)
             if table is None:
                 return 0, 0
             desc = table
@@ -1037,7 +1038,7 @@ def virtqueue_packed_fill_desc(vq: VirtQueue, elem: VirtQueueElement, idx: int,
     h[base + DESC_FLAGS_H] = AVAIL_USED_F if wrap_counter else 0
 
 
-def virtqueue_packed_push(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
+def packed_fill_and_flush(vq: VirtQueue, elem: VirtQueueElement, length: int) -> None:
     """virtqueue_packed_fill and virtqueue_packed_flush of one element in one step (the same
     stores: id and len, then the flags), while their trace points and spans are off."""
     elem.busy = False
@@ -1062,6 +1063,7 @@ def virtqueue_packed_push(vq: VirtQueue, elem: VirtQueueElement, length: int) ->
     if head >= vq.num:
         head -= vq.num
         wrap = vq.used_wrap_counter = not wrap
+        vq.signalled_used_valid = False
     vq.used_idx = head
     # vu_queue_inflight_post_put: after the flags, so a crash between leaves both readable
     if elem.index < vq.num:
@@ -1088,6 +1090,7 @@ def virtqueue_packed_flush(vq: VirtQueue, count: int) -> None:
     if vq.used_idx >= vq.num:
         vq.used_idx -= vq.num
         vq.used_wrap_counter = not vq.used_wrap_counter
+        vq.signalled_used_valid = False
     for i in range(count):  # vu_queue_inflight_post_put
         if used[i].index < vq.num:
             vq.inflight_num[used[i].index] = 0
@@ -1226,9 +1229,11 @@ def virtio_notify(vdev: VirtIODevice, vq: VirtQueue) -> None:
 
 
 def virtio_notify_config(vdev: VirtIODevice) -> None:
+    """The configuration changed: a new generation, and the config interrupt."""
     if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK:
         return
     vdev.isr |= 0x3
+    vdev.generation += 1
     virtio_notify_vector(vdev, vdev.config_vector)
 
 
@@ -1277,8 +1282,9 @@ def virtio_queue_guest_notifier_read(vq: VirtQueue) -> None:
 
 
 def virtio_set_features(vdev: VirtIODevice, val: int) -> int:
-    if vdev.status & VIRTIO_CONFIG_S_DRIVER_OK:
-        return -1
+    """Refused once feature negotiation finished (FEATURES_OK): -EINVAL."""
+    if vdev.status & VIRTIO_CONFIG_S_FEATURES_OK:
+        return -22
     bad = val & ~vdev.host_features
     vdev.guest_features = val & vdev.host_features
     vdev.event_idx = virtio_vdev_has_feature(vdev, VIRTIO_RING_F_EVENT_IDX)
@@ -1314,6 +1320,7 @@ def virtio_set_status(vdev: VirtIODevice, val: int) -> int:
     return 0
 
 
+@traced
 def virtio_reset(vdev: VirtIODevice) -> None:
     """Device reset (status 0): forget the rings and features; a broken device works again."""
     virtio_set_status(vdev, 0)

@@ -79,6 +79,7 @@ from qemuproc.net import (
     qemu_flush_queued_packets,
     qemu_has_vnet_hdr,
     qemu_has_vnet_hdr_len,
+    qemu_net_queue_purge,
     qemu_new_net_client,
     qemu_sendv_packet_async,
     qemu_set_offload,
@@ -95,6 +96,7 @@ from qemuproc.qemu_timer import (
 from qemuproc.tap import tap_disable, tap_enable
 from qemuproc.vhost_net import (
     get_vhost_net,
+    vhost_net_ack_features,
     vhost_net_get_features,
     vhost_net_start,
     vhost_net_stop,
@@ -237,6 +239,8 @@ class VirtIONet(VirtIODevice):
         return VIRTIO_NET_CONFIG.pack(self.mac, self.status_net, self.max_queue_pairs)
 
     def set_features(self, features: int) -> None:
+        """virtio_net_set_features: the header size, multiqueue, VLAN filter and offloads
+        follow the features; each vhost back end is told which of its own were acked."""
         virtio_net_set_mrg_rx_bufs(self, bool(features & (1 << VIRTIO_NET_F_MRG_RXBUF)),
                                    bool(features & (1 << VIRTIO_F_VERSION_1)))
         self.multiqueue = bool(features & (1 << VIRTIO_NET_F_MQ))
@@ -246,6 +250,10 @@ class VirtIONet(VirtIODevice):
         self.vlans = [fill] * (MAX_VLAN >> 5)
         if self.has_vnet_hdr:
             virtio_net_apply_guest_offloads(self, features)
+        for nc in self.ncs:
+            net = get_vhost_net(nc.peer)
+            if net is not None:
+                vhost_net_ack_features(net, features)
 
     def set_status(self, status: int) -> None:
         """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
@@ -295,6 +303,11 @@ def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
         return
     queue_pairs = n.max_queue_pairs if n.multiqueue else 1
     if not n.vhost_started:
+        for i in range(queue_pairs):  # frames still queued either way would touch the rings
+            qnc = n.ncs[i]
+            if qnc.peer is not None:
+                qemu_net_queue_purge(qnc.peer.incoming_queue, qnc)
+                qemu_net_queue_purge(qnc.incoming_queue, qnc.peer)
         n.vhost_started = True
         n.vhost_queue_pairs = queue_pairs
         try:

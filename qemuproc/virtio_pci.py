@@ -74,7 +74,16 @@ from qemuproc.virtio import (
     virtio_set_features,
     virtio_set_status,
 )
-from qemuproc.virtio_pci_modern import VirtIOPCIQueue, modern_regions, virtio_pci_modern_init
+from qemuproc.virtio_bus import (
+    virtio_bus_set_host_notifier,
+    virtio_bus_start_ioeventfd,
+    virtio_bus_stop_ioeventfd,
+)
+from qemuproc.virtio_pci_modern import (
+    VirtIOPCIQueue,
+    modern_bar_regions,
+    plug_modern_interface,
+)
 
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
 VIRTIO_PCI_IO_BASE = 0xC000
@@ -99,7 +108,7 @@ class VirtIOPCIProxy:
         self.cfg = cfg
         self.ioeventfd = ioeventfd
         self.ioeventfd_started = False
-        self.ioeventfd_grabbed: set[int] = set()  # queues whose ioeventfd vhost polls
+        self.ioeventfd_grabbed = 0  # back ends holding the host notifiers
         self.pci_dev = dev = PCIDevice("virtio-net-pci", VIRTIO_PCI_DEVFN,
                                        PCI_VENDOR_ID_REDHAT_QUMRANET, PCI_DEVICE_ID_VIRTIO_NET,
                                        PCI_CLASS_NETWORK_ETHERNET, PCI_VENDOR_ID_REDHAT_QUMRANET,
@@ -107,9 +116,8 @@ class VirtIOPCIProxy:
         # the modern interface's state: feature selectors and each queue's registers
         self.dfselect = self.gfselect = 0
         self.guest_features = [0, 0]
-        self.generation = 0
         self.vqs = [VirtIOPCIQueue() for _ in range(VIRTIO_QUEUE_MAX)]
-        self.common, self.isr, self.device, self.notify = modern_regions()
+        self.common, self.isr, self.device, self.notify = modern_bar_regions()
         self.modern_mem_bar_idx = VIRTIO_PCI_MODERN_MEM_BAR
         self.modern_bar_addr = VIRTIO_PCI_MODERN_BAR_ADDR
         self.config_cap = 0
@@ -124,7 +132,7 @@ class VirtIOPCIProxy:
             dev.config[2:4] = PCI_DEVICE_ID_VIRTIO_NET_MODERN.to_bytes(2, "little")
             dev.config[8] = 1
         if self.modern:
-            virtio_pci_modern_init(self, mem_as)
+            plug_modern_interface(self, mem_as)
             dev.set_bar(VIRTIO_PCI_MODERN_MEM_BAR, VIRTIO_PCI_MODERN_BAR_ADDR, is_io=False,
                         size=VIRTIO_PCI_MODERN_BAR_SIZE,
                         type_bits=PCI_BASE_ADDRESS_MEM_PREFETCH | PCI_BASE_ADDRESS_MEM_TYPE_64)
@@ -132,13 +140,13 @@ class VirtIOPCIProxy:
             dev.set_bar(1, VIRTIO_PCI_MSIX_BAR_ADDR, is_io=False, size=0x1000)
             dev.msix_init(vectors, 1)
             mem_as.add_subregion(VIRTIO_PCI_MSIX_BAR_ADDR, dev.msix_mmio_region())
-            dev.msix_vector_changed = self.msix_vector_changed
             dev.msi_send = kvm.kvm_irqchip_send_msi
         dev.intx_set_irq = kvm.kvm_set_irq
         host.pci_register(dev)
         vdev.notify_vector = self.virtio_pci_notify
         self.host_bridges: dict[int, PollBridge] = {}
         self.irqfd_gsis: dict[int, int] = {}  # vector -> gsi
+        self.irqfd_msgs: dict[int, tuple[int, int]] = {}  # vector -> its route's message
         self.irqfds: dict[int, EventNotifier] = {}
         self.guest_notifiers: dict[int, PollBridge] = {}  # INTx with vhost: queue -> notifier
 
@@ -153,13 +161,18 @@ class VirtIOPCIProxy:
         else:
             dev.pci_set_irq(self.vdev.isr & 1)
 
-    def msix_vector_changed(self, vector: int) -> None:
-        """A table entry changed: the MSI route of its irqfd follows (kvm_virtio_pci_vq_vector
-        _unmask -> kvm_irqchip_update_msi_route), when guest notifiers are set."""
+    def virtio_pci_vector_unmask(self, vector: int, msg: tuple[int, int]) -> None:
+        """The guest unmasked a vector whose interrupts go to an irqfd: if its message
+        changed, the MSI route follows (kvm_virtio_pci_vq_vector_unmask ->
+        kvm_irqchip_update_msi_route)."""
         gsi = self.irqfd_gsis.get(vector)
-        if gsi is not None:
-            self.kvm.kvm_irqchip_update_msi_route(gsi, *self.pci_dev.msix_get_message(vector))
+        if gsi is not None and self.irqfd_msgs.get(vector) != msg:
+            self.irqfd_msgs[vector] = msg
+            self.kvm.kvm_irqchip_update_msi_route(gsi, *msg)
             self.kvm.kvm_irqchip_commit_routes()
+
+    def virtio_pci_vector_mask(self, vector: int) -> None:
+        """Masked: the route stays (see the deviation on masked notifiers)."""
 
     # -- DRIVER_OK: ioeventfds and irqfds ------------------------------------------------------
 
@@ -180,50 +193,64 @@ class VirtIOPCIProxy:
             else:
                 memory_region_del_eventfd(self.bar, VIRTIO_PCI_QUEUE_NOTIFY, 2, True, n, notifier)
 
-    def msix_vector_use(self, vector: int) -> bool:
-        return vector < self.pci_dev.msix_entries_nr
+    def virtio_pci_set_vector(self, old: int, new: int) -> int:
+        """A queue's or the configuration's vector changes from ``old`` to ``new``:
+        msix_vector_unuse, then msix_vector_use, which refuses a vector past the table
+        (the driver reads back VIRTIO_MSI_NO_VECTOR)."""
+        if not self.pci_dev.msix_entries_nr:
+            return VIRTIO_MSI_NO_VECTOR
+        self.pci_dev.msix_vector_unuse(old)
+        return new if self.pci_dev.msix_vector_use(new) == 0 else VIRTIO_MSI_NO_VECTOR
 
-    @traced
-    def virtio_pci_start_ioeventfd(self) -> None:
-        if not self.ioeventfd or self.ioeventfd_started:
-            return
+    # -- the bus's hooks (virtio_bus.VirtioBus) --------------------------------------------------
+
+    def ioeventfd_enabled(self) -> bool:
+        """virtio_pci_ioeventfd_enabled: ``ioeventfd=on``."""
+        return self.ioeventfd
+
+    def ioeventfd_assign(self, n: int, assign: bool) -> None:
+        """k->ioeventfd_assign, on queue ``n``'s host notifier (named by the run)."""
+        self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, assign)
+        self.vdev.vq[n].host_notifier_enabled = assign  # virtio_queue_set_host_notifier_enabled
+
+    def start_ioeventfd(self) -> None:
+        """virtio_device_start_ioeventfd_impl: every ready queue's kick becomes an ioeventfd
+        that QEMU's main loop reads, and each is kicked once, for what the driver queued."""
         for vq in self.vdev.vq:
             if not virtio_queue_ready(vq):
                 continue
             n = vq.queue_index
-            name = self.cfg.ioeventfd(n)
-            if n in self.ioeventfd_grabbed:  # vhost's: KVM signals the fd, nobody here reads it
-                self.virtio_pci_ioeventfd_assign(name, n, True)
-                continue
-            bridge = PollBridge(EventNotifier(name))
+            bridge = PollBridge(EventNotifier(self.cfg.ioeventfd(n)))
             self.host_bridges[n] = bridge
-            self.kvm.eventfd_fds[name] = bridge.fileno()
-            self.virtio_pci_ioeventfd_assign(name, n, True)
+            self.kvm.eventfd_fds[bridge.notifier.name] = bridge.fileno()
+            virtio_bus_set_host_notifier(self, n, True)
             vq.host_notifier = bridge
-            vq.host_notifier_enabled = True
             self.main_loop.qemu_set_fd_handler(bridge.fileno(),
                                                lambda q: virtio_queue_host_notifier_read(q),
                                                None, vq, f"ioeventfd:{vq.name}")
-            bridge.set()  # kick right away: the driver may have queued buffers already
-        self.ioeventfd_started = True
+        for bridge in self.host_bridges.values():
+            bridge.set()
 
-    @traced
-    def virtio_pci_stop_ioeventfd(self) -> None:
-        if not self.ioeventfd_started:
-            return
-        for n in self.ioeventfd_grabbed:
-            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
+    def stop_ioeventfd(self) -> None:
+        """virtio_device_stop_ioeventfd_impl: the kicks reach the vCPU thread again; one
+        still pending is handled now (virtio_bus_cleanup_host_notifier)."""
         for n, bridge in self.host_bridges.items():
-            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, False)
             self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
+            virtio_bus_set_host_notifier(self, n, False)
             vq = self.vdev.vq[n]
-            vq.host_notifier_enabled = False
             vq.host_notifier = None
-            if bridge.test_and_clear():  # a kick in flight: handle it the slow way
+            if bridge.test_and_clear():
                 virtio_queue_notify(self.vdev, n)
             bridge.stop()
         self.host_bridges.clear()
-        self.ioeventfd_started = False
+
+    @traced
+    def virtio_pci_start_ioeventfd(self) -> None:
+        virtio_bus_start_ioeventfd(self)
+
+    @traced
+    def virtio_pci_stop_ioeventfd(self) -> None:
+        virtio_bus_stop_ioeventfd(self)
 
     @traced
     def virtio_pci_set_guest_notifiers(self, assign: bool) -> None:
@@ -238,6 +265,9 @@ class VirtIOPCIProxy:
             kvm.kvm_irqchip_release_virq(gsi)
             self.irqfds.pop(vector).close()
         self.irqfd_gsis.clear()
+        self.irqfd_msgs.clear()
+        self.pci_dev.msix_vector_use_notifier = None  # msix_unset_vector_notifiers
+        self.pci_dev.msix_vector_release_notifier = None
         for n, bridge in self.guest_notifiers.items():
             self.main_loop.qemu_set_fd_handler(bridge.fileno(), None, None, None)
             virtio_queue_guest_notifier_read(self.vdev.vq[n])  # ..._fd_handler(vq, false)
@@ -260,15 +290,18 @@ class VirtIOPCIProxy:
         vectors = {self.vdev.config_vector} | {vq.vector for vq in self.vdev.vq}
         vectors.discard(VIRTIO_MSI_NO_VECTOR)
         for vector in sorted(vectors):
-            gsi = kvm.kvm_irqchip_add_msi_route(dev.name, vector, *dev.msix_get_message(vector))
-            self.irqfd_gsis[vector] = gsi
+            msg = dev.msix_get_message(vector)
+            self.irqfd_gsis[vector] = kvm.kvm_irqchip_add_msi_route(dev.name, vector, *msg)
+            self.irqfd_msgs[vector] = msg
         kvm.kvm_irqchip_commit_routes()
         for vector, gsi in self.irqfd_gsis.items():
             name = self.cfg.irqfd(vector)
             self.irqfds[vector] = EventNotifier(name)
             kvm.kvm_irqchip_add_irqfd_notifier_gsi(name, gsi)
+        dev.msix_vector_use_notifier = self.virtio_pci_vector_unmask  # msix_set_vector_notifiers
+        dev.msix_vector_release_notifier = self.virtio_pci_vector_mask
 
-    def guest_notifier_name(self, queue: int) -> str | None:
+    def queue_call_notifier_name(self, queue: int) -> str | None:
         """The eventfd a vhost queue signals (VHOST_SET_VRING_CALL): its vector's irqfd, or
         under INTx its guest notifier."""
         if queue in self.guest_notifiers:
@@ -277,9 +310,11 @@ class VirtIOPCIProxy:
         return irqfd.name if irqfd is not None else None
 
     def virtio_pci_reset(self) -> None:
-        self.virtio_pci_stop_ioeventfd()
-        self.virtio_pci_set_guest_notifiers(False)
+        """virtio_bus_reset (QEMU's ioeventfds stop, virtio_reset: a vhost back end stops
+        through the device's status 0), then the proxy's own registers."""
+        virtio_bus_stop_ioeventfd(self)
         virtio_reset(self.vdev)
+        self.pci_dev.msix_unuse_all_vectors()
         self.pci_dev.pci_set_irq(0)
         for q in self.vqs:
             q.reset()
@@ -323,11 +358,11 @@ def virtio_ioport_write(proxy: VirtIOPCIProxy, addr: int, val: int) -> None:
         if vdev.status == 0:
             proxy.virtio_pci_reset()
     elif addr == VIRTIO_MSI_CONFIG_VECTOR:
-        vdev.config_vector = val if proxy.msix_vector_use(val) else VIRTIO_MSI_NO_VECTOR
+        vdev.config_vector = proxy.virtio_pci_set_vector(vdev.config_vector, val)
     elif addr == VIRTIO_MSI_QUEUE_VECTOR:
         if vdev.queue_sel < len(vdev.vq):
-            vdev.vq[vdev.queue_sel].vector = val if proxy.msix_vector_use(val) \
-                else VIRTIO_MSI_NO_VECTOR
+            vq = vdev.vq[vdev.queue_sel]
+            vq.vector = proxy.virtio_pci_set_vector(vq.vector, val)
 
 
 def virtio_ioport_read(proxy: VirtIOPCIProxy, addr: int) -> int:

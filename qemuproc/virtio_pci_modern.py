@@ -135,7 +135,7 @@ def virtio_pci_common_read(proxy: VirtIOPCIProxy, addr: int, size: int) -> int:
     elif addr == VIRTIO_PCI_COMMON_STATUS:
         val = vdev.status
     elif addr == VIRTIO_PCI_COMMON_CFGGENERATION:
-        val = proxy.generation
+        val = vdev.generation
     elif addr == VIRTIO_PCI_COMMON_Q_SELECT:
         val = sel
     elif addr == VIRTIO_PCI_COMMON_Q_SIZE:
@@ -174,7 +174,7 @@ def virtio_pci_common_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: in
             proxy.guest_features[proxy.gfselect] = val
             virtio_set_features(vdev, (proxy.guest_features[1] << 32) | proxy.guest_features[0])
     elif addr == VIRTIO_PCI_COMMON_MSIX:
-        vdev.config_vector = val if proxy.msix_vector_use(val) else VIRTIO_MSI_NO_VECTOR
+        vdev.config_vector = proxy.virtio_pci_set_vector(vdev.config_vector, val)
     elif addr == VIRTIO_PCI_COMMON_STATUS:
         if not val & VIRTIO_CONFIG_S_DRIVER_OK:
             proxy.virtio_pci_stop_ioeventfd()
@@ -192,7 +192,7 @@ def virtio_pci_common_write(proxy: VirtIOPCIProxy, addr: int, val: int, size: in
             virtio_queue_set_num(vdev, sel, q.num)
     elif addr == VIRTIO_PCI_COMMON_Q_MSIX:
         if sel < len(vdev.vq):
-            vdev.vq[sel].vector = val if proxy.msix_vector_use(val) else VIRTIO_MSI_NO_VECTOR
+            vdev.vq[sel].vector = proxy.virtio_pci_set_vector(vdev.vq[sel].vector, val)
     elif addr == VIRTIO_PCI_COMMON_Q_ENABLE:
         if val == 1:
             if sel < len(vdev.vq):
@@ -287,7 +287,7 @@ def virtio_pci_modern_mem_region_map(proxy: VirtIOPCIProxy, region: VirtIOPCIReg
                            region.size, cap_len, extra)
 
 
-def virtio_pci_modern_init(proxy: VirtIOPCIProxy, mem_as: AddressSpace) -> None:
+def plug_modern_interface(proxy: VirtIOPCIProxy, mem_as: AddressSpace) -> None:
     """virtio_pci_device_plugged's modern part: the regions, their capabilities, then the
     VIRTIO_PCI_CAP_PCI_CFG window (whose bar/offset/length the driver may write)."""
     virtio_pci_modern_regions_init(proxy, proxy.vdev.name)
@@ -304,9 +304,9 @@ def virtio_pci_modern_init(proxy: VirtIOPCIProxy, mem_as: AddressSpace) -> None:
     proxy.config_cap = pos
 
 
-def modern_regions() -> tuple[VirtIOPCIRegion, VirtIOPCIRegion, VirtIOPCIRegion,
-                              VirtIOPCIRegion]:
-    """common, isr, device, notify at QEMU's offsets."""
+def modern_bar_regions() -> tuple[VirtIOPCIRegion, VirtIOPCIRegion, VirtIOPCIRegion,
+                                  VirtIOPCIRegion]:
+    """common, isr, device, notify at the offsets virtio_pci_realize gives them."""
     size = VIRTIO_PCI_MODERN_REGION_SIZE
     return (VirtIOPCIRegion(VIRTIO_PCI_COMMON_OFFSET, size, VIRTIO_PCI_CAP_COMMON_CFG),
             VirtIOPCIRegion(VIRTIO_PCI_ISR_OFFSET, size, VIRTIO_PCI_CAP_ISR_CFG),

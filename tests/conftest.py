@@ -68,6 +68,8 @@ def replica_processes() -> dict[tuple[int, float], tuple[str, str | None, int]]:
         role = info.get("name") if info.get("name") in ROLES else None
         if role is None and len(cmd) >= 3 and cmd[1] == "-m" and cmd[2] in ROLES:
             role = cmd[2]
+        if role is None and len(cmd) >= 3 and cmd[1:3] == ["-m", "kvmproc.vhost_worker"]:
+            role = "vhost worker"
         if role is None:
             continue
         rid = Path(cmd[-1]).name if cmd and cmd[-1].startswith("/") else None

@@ -5,6 +5,7 @@ MSI delivery. The vCPU's kick is a real named semaphore, as in a run."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,9 +23,12 @@ from common.kvm_abi import (
     MSI_ADDR_BASE,
 )
 from common.notifier import EventNotifier
+from kvmproc import ioapic as ioapic_mod
+from kvmproc.eventfd import Irqfd
 from kvmproc.ioapic import KvmIoapic
 from kvmproc.irqchip import IrqRouting
 from kvmproc.lapic import IN_GUEST_MODE, KvmLapic
+from kvmproc.stats import KvmStats
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -93,7 +97,7 @@ def test_ioapic_level_pin_waits_for_eoi_and_fires_again_while_the_line_is_up(chi
     assert take(lapic) == VECTOR  # unmasked with the line up: delivered
     assert ioapic.redirtbl[PIN] & IOAPIC_RTE_REMOTE_IRR
     assert lapic.tmr & (1 << VECTOR)
-    assert routing.kvm_set_irq(PIN, 1) == 0  # Remote IRR set: coalesced
+    assert routing.kvm_set_irq(PIN, 1) == -1  # Remote IRR set: ioapic_service refuses
     assert lapic.irr == 0
     lapic.apic_set_eoi()  # the line is still up: Remote IRR clears, the pin fires again
     assert take(lapic) == VECTOR
@@ -130,3 +134,61 @@ def test_msi_goes_to_the_vector_its_data_names_and_a_bad_address_finds_nobody(ch
     assert routing.kvm_set_irq(30, 1) == 1
     assert lapic.tmr & (1 << 44) and take(lapic) == 44
 
+
+
+@pytest.mark.timeout(10)
+def test_ioapic_rte_rewrite_with_remote_irr_sends_nothing(chip) -> None:
+    """Rewriting a level pin's entry (the guest masks and unmasks it) while its EOI is still
+    owed sends nothing; the EOI does."""
+    lapic, ioapic, routing = chip
+    program(ioapic, PIN, VECTOR | IOAPIC_RTE_TRIG_MODE)
+    assert routing.kvm_set_irq(PIN, 1) == 1 and take(lapic) == VECTOR
+    program(ioapic, PIN, VECTOR | IOAPIC_RTE_TRIG_MODE | IOAPIC_RTE_MASKED)
+    program(ioapic, PIN, VECTOR | IOAPIC_RTE_TRIG_MODE)
+    assert ioapic.sent == 1 and lapic.irr == 0
+    lapic.apic_set_eoi()
+    assert ioapic.sent == 2 and take(lapic) == VECTOR
+
+
+@pytest.mark.timeout(10)
+def test_ioapic_eoi_storm_delays_the_next_injection(chip, monkeypatch) -> None:
+    """A level line the guest never lowers: after IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT EOIs in a
+    row that each re-send it, the next is sent by the delayed work instead of at once."""
+    lapic, ioapic, routing = chip
+    monkeypatch.setattr(ioapic_mod, "IOAPIC_SUCCESSIVE_IRQ_MAX_COUNT", 3)
+    program(ioapic, PIN, VECTOR | IOAPIC_RTE_TRIG_MODE)
+    routing.kvm_set_irq(PIN, 1)
+    for _ in range(2):
+        assert take(lapic) == VECTOR
+        lapic.apic_set_eoi()
+    assert take(lapic) == VECTOR
+    lapic.apic_set_eoi()  # the third in a row: deferred
+    assert ioapic.delayed_eoi_injections == 1
+    deadline = time.monotonic() + 5
+    while ioapic.sent < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert ioapic.sent == 4 and take(lapic) == VECTOR
+
+
+@pytest.mark.timeout(10)
+def test_irqfd_takes_every_pending_signal_in_one_injection(chip) -> None:
+    """irqfd_wakeup reads the eventfd: three signals posted before the wake-up make one
+    MSI, as three writes to an eventfd make one read."""
+    lapic, _, routing = chip
+    routing.kvm_set_irq_routing([[24, KVM_IRQ_ROUTING_MSI, MSI_ADDR_BASE, 45]])
+    name = f"/vnr-test-irqfd-{secrets.token_hex(6)}"
+    sem = EventNotifier(name, create=True)
+    try:
+        for _ in range(3):
+            sem.set()
+        irqfd = Irqfd(24, name, routing, KvmStats())
+        deadline = time.monotonic() + 5
+        while sem.pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        irqfd.shutdown()
+        irqfd.thread.join(5)
+        assert not irqfd.thread.is_alive()
+        assert (irqfd.signals, routing.msis) == (1, 1) and take(lapic) == 45
+    finally:
+        sem.close()
+        EventNotifier.unlink(name)

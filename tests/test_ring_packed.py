@@ -331,7 +331,9 @@ def test_driver_event_suppresses_interrupts(mem: GuestMemory, event_idx: bool) -
     """virtqueue_disable_cb writes DISABLE: QEMU's should_notify says no; enable_cb_prepare
     writes ENABLE (or DESC at last_used): it says yes; with EVENT_IDX,
     virtqueue_enable_cb_delayed asks for exactly one interrupt, at the push that uses the
-    descriptor 3/4 of the outstanding ones on — in rounds that cross the wrap."""
+    descriptor 3/4 of the outstanding ones on — in rounds that cross the wrap, where QEMU
+    also signals once at the push that wraps the used index (virtqueue_packed_flush forgets
+    the last signalled position there)."""
     num = 16
     vdev, vq = make_packed_device(mem, num, layout_at(RING_BASE, num), event_idx=event_idx)
     drv = driver_queue(mem, event_idx, False, callback=lambda q: None, num=num)
@@ -358,6 +360,7 @@ def test_driver_event_suppresses_interrupts(mem: GuestMemory, event_idx: bool) -
             virtqueue_disable_cb(drv)
             assert virtqueue_enable_cb_delayed(drv) is True
             bufs = pending * 3 // 4
+            wrap = num - vq.used_idx  # the push whose flush wraps the used index
             notified = []
             for k in range(pending):
                 elem = virtqueue_pop(vq)
@@ -365,7 +368,8 @@ def test_driver_event_suppresses_interrupts(mem: GuestMemory, event_idx: bool) -
                 virtqueue_push(vq, elem, 0)
                 if virtio_should_notify(vdev, vq):
                     notified.append(k + 1)
-            assert notified == [bufs + 1], (pending, notified)
+            assert notified == sorted({bufs + 1} | ({wrap} if wrap <= pending else set())), \
+                (pending, notified)
             assert [virtqueue_get_buf(drv) for _ in range(pending)] == [
                 (i, 0) for i in range(pending)]
     finally:

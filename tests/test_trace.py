@@ -208,14 +208,16 @@ def test_trace_events_switches_on_only_the_chosen_events(tmp_path: Path) -> None
                          ids=["ioeventfd", "no-ioeventfd", "intx"])
 def test_one_packet_crosses_the_three_processes_in_order(tmp_path: Path,
                                                          variant: list[str]) -> None:
-    path = traced_run(tmp_path, *variant)
+    path = traced_run(tmp_path, *variant, "--pace-ms", "50")
     trace = load_trace(path)
     assert sorted(trace.packets) == [0, 1, 2, 3, 4]
-    # paced, each datagram travels alone: its own kick, its own interrupt
+    # paced, a datagram travels alone: its own kick and its own interrupt (on a loaded
+    # machine a process may still be late by more than the pace: then two share them)
     whole = [seq for seq, p in trace.packets.items()
-             if [e.name for e in p.steps][-3:] == ["vring_interrupt", "skb_xmit_done",
-                                                   "virtqueue_get_buf"]]
-    assert len(whole) >= 4, {s: [e.name for e in p.steps] for s, p in trace.packets.items()}
+             if "kvm_exit" in [e.name for e in p.steps]
+             and [e.name for e in p.steps][-3:] == ["vring_interrupt", "skb_xmit_done",
+                                                    "virtqueue_get_buf"]]
+    assert whole, {s: [e.name for e in p.steps] for s, p in trace.packets.items()}
     seq = whole[len(whole) // 2]
     chain = packet_chain(trace, seq)
     names = [c.name for c in chain]
@@ -254,6 +256,44 @@ def test_one_packet_crosses_the_three_processes_in_order(tmp_path: Path,
     assert {f["ph"] for f in flows[1:-1]} == {"t"}
     assert len({f["pid"] for f in flows}) == 3
     assert [f["args"]["step"] for f in flows] == [e.name for e in trace.packets[seq].steps]
+
+
+def deschedule(path: Path, role_pid: int, tid: int, at_us: float, for_us: float) -> None:
+    """Rewrite the trace as if thread ``tid`` had been descheduled ``for_us`` at ``at_us``: its
+    later events move on by that much, and its spans running then last that much longer."""
+    doc = json.loads(path.read_text())
+    for e in doc["traceEvents"]:
+        if e.get("pid") != role_pid or e.get("tid") != tid or "ts" not in e:
+            continue
+        if e["ts"] > at_us:
+            e["ts"] += for_us
+        elif e["ph"] == "X" and e["ts"] + e["dur"] > at_us:
+            e["dur"] += for_us
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.timeout(90)
+def test_a_main_loop_descheduled_after_the_interrupt_keeps_its_functions_in_the_chain(
+        tmp_path: Path) -> None:
+    """QEMU's main loop loses its core right after the MSI ioctl and comes back 5 ms later,
+    long after the guest reclaimed the buffer: the bottom half that sent the datagram is
+    still part of the datagram's path, however late it returned."""
+    path = traced_run(tmp_path)
+    trace = load_trace(path)
+    seq = sorted(trace.packets)[2]
+    ioctl = next(e for e in trace.packets[seq].steps if e.name == "kvm_vm_ioctl")
+    before = {c.name: c.depth for c in packet_chain(trace, seq) if c.dur is not None}
+    assert before["sosendto"] > before["net_slirp_receive"] > before["virtio_net_flush_tx"]
+    deschedule(path, ioctl.pid, ioctl.tid, ioctl.ts / 1000 + 0.001, 5000.0)
+    late = load_trace(path)
+    flush = next(e for e in late.events if e.name == "virtio_net_flush_tx" and e.is_span
+                 and e.ts <= ioctl.ts <= e.end)
+    assert flush.end - ioctl.ts > 5_000_000  # it returned after the pause
+    after = {c.name: c.depth for c in packet_chain(late, seq) if c.dur is not None}
+    assert after["sosendto"] > after["net_slirp_receive"] > after["virtio_net_flush_tx"]
+    owners = {a.name for e in late.packets[seq].steps if e.role == "qemu"
+              for a in e.ancestors() if a.parent is not None}  # all but the loop iteration
+    assert {"virtio_net_tx_bh", "virtio_net_flush_tx", "aio_bh_poll"} <= owners <= set(after)
 
 
 @pytest.mark.timeout(90)

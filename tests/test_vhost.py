@@ -21,7 +21,7 @@ from replica import run_summary
 from common.monitor import query
 from common.netns import privilege_problem
 from common.virtio_abi import VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
-from vreplica.run.supervisor import RunOptions, Supervisor
+from vreplica.run.supervisor import RunFailed, RunOptions, Supervisor
 
 pytestmark = [pytest.mark.usefixtures("no_leftovers"),
               pytest.mark.skipif(privilege_problem() is not None,
@@ -113,10 +113,11 @@ def test_vhost_qemu_tx_bottom_half_never_runs(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_vhost_stops_when_qemu_dies() -> None:
-    """Two queue pairs: ``info vhost`` shows a device with its worker per pair and ``info
-    network`` each NIC queue with its tap queue. kill -9 of QEMU closes its /dev/vhost-net
-    files: the kernel releases both devices, their workers stop and the tap queues are
-    dropped, as in the real kernel; KVM goes on until it is stopped."""
+    """Two queue pairs: ``info vhost`` shows a device with its worker process per pair (a
+    child of the KVM process named ``vhost-<QEMU pid>``) and ``info network`` each NIC queue
+    with its tap queue. kill -9 of QEMU closes its /dev/vhost-net files: the kernel releases
+    both devices, their workers end and the tap queues are dropped, as in the real kernel;
+    KVM goes on until it is stopped."""
     opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9, queues=2,
                       extra={"netdev": "tap", "vhost": True, "csum": True})
     sup = Supervisor(opts)
@@ -141,7 +142,10 @@ def test_vhost_stops_when_qemu_dies() -> None:
         qemu = psutil.Process(sup.procs["qemu"].pid)
         worker = f"vhost-{qemu.pid}"
         kvm = psutil.Process(sup.procs["kvm"].pid)
-        assert [t.name() for t in _threads(kvm)].count(worker) == 2
+        workers = [c for c in kvm.children() if c.name() == worker]
+        assert len(workers) == 2
+        assert sorted(dev["worker_pid"] for dev in d["open"]) == sorted(w.pid for w in workers)
+        assert all(w.cmdline()[0] == worker for w in workers)
         qemu.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 5
         d = {}
@@ -152,20 +156,10 @@ def test_vhost_stops_when_qemu_dies() -> None:
             time.sleep(0.02)
         assert d["open"] == [] and len(d["released"]) == 2
         assert all([v["backend"] for v in r["vqs"]] == [None, None] for r in d["released"])
-        assert worker not in {t.name() for t in _threads(kvm)}  # joined by the release
+        assert not [c for c in kvm.children() if c.name() == worker]  # ended by the release
     finally:
         sup.stop()
         sup.cleanup()
-
-
-def _threads(p: psutil.Process) -> list[psutil.Process]:
-    out = []
-    for t in p.threads():
-        try:
-            out.append(psutil.Process(t.id))
-        except psutil.Error:
-            pass
-    return out
 
 
 @pytest.mark.timeout(90)
@@ -294,3 +288,72 @@ def test_packed_on_with_vhost_gives_the_guest_a_split_ring(tmp_path: Path) -> No
     acked = int(dev["features"], 16)
     assert acked & (1 << VIRTIO_F_VERSION_1) and not acked & (1 << VIRTIO_F_RING_PACKED)
     assert sum(v["kicks"] for v in dev["vqs"]) > 0
+
+
+def _wait_for_worker(sup: Supervisor, rundir: str, packets: int) -> psutil.Process:
+    """The device's worker process, once it has moved ``packets`` TX frames."""
+    deadline = time.monotonic() + 30
+    d: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            d = query(rundir, "kvm", "info vhost")
+            if d["open"] and d["open"][0]["vqs"][1]["packets"] >= packets:
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.05)
+    (dev,) = d["open"]
+    assert dev["vqs"][1]["packets"] >= packets, "vhost moved no traffic"
+    worker = psutil.Process(dev["worker_pid"])
+    assert worker.ppid() == sup.procs["kvm"].pid
+    assert worker.name() == dev["worker"] == f"vhost-{sup.procs['qemu'].pid}"
+    return worker
+
+
+@pytest.mark.timeout(90)
+def test_vhost_worker_is_a_process_listed_by_ps_and_its_death_fails_the_run() -> None:
+    """The worker is a process of its own (the KVM process's child ``vhost-<QEMU pid>``),
+    listed by ``vreplica ps``; kill -9 of it ends the run with a one-line reason naming it,
+    and leaves nothing behind."""
+    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9,
+                      extra={"netdev": "tap", "vhost": True, "csum": True})
+    sup = Supervisor(opts)
+    try:
+        cfg = sup.start()
+        worker = _wait_for_worker(sup, cfg.rundir, 500)
+        ps = subprocess.run([sys.executable, "-m", "vreplica.cli", "ps", "--json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+        (run_row,) = [r for r in json.loads(ps.stdout)["runs"] if r["run"] == cfg.rid]
+        assert [(p["role"], p["pid"]) for p in run_row["processes"] if p["role"] == "vhost"] \
+            == [("vhost", worker.pid)]
+        name = worker.name()
+        worker.send_signal(signal.SIGKILL)
+        with pytest.raises(RunFailed) as e:
+            sup.wait()
+        why = str(e.value)
+        assert len(why.splitlines()) == 1
+        assert f"vhost-net worker {name} (pid {worker.pid}) died: killed by SIGKILL" in why, why
+    finally:
+        sup.stop()
+        sup.cleanup()
+
+
+@pytest.mark.timeout(90)
+def test_vhost_worker_dies_with_the_kvm_process() -> None:
+    """kill -9 of the KVM process takes its worker with it (PR_SET_PDEATHSIG); the run
+    fails and nothing is left."""
+    opts = RunOptions(mode="tx", packets=10_000_000, timeout=60, dest_port=9,
+                      extra={"netdev": "tap", "vhost": True, "csum": True})
+    sup = Supervisor(opts)
+    try:
+        cfg = sup.start()
+        worker = _wait_for_worker(sup, cfg.rundir, 500)
+        psutil.Process(sup.procs["kvm"].pid).send_signal(signal.SIGKILL)
+        with pytest.raises(RunFailed) as e:
+            sup.wait()
+        assert "kvm process" in str(e.value) and "SIGKILL" in str(e.value)
+        worker.wait(10)
+        assert not worker.is_running()
+    finally:
+        sup.stop()
+        sup.cleanup()

@@ -75,9 +75,22 @@ def role_process(cfg: RunConfig, role: str) -> psutil.Process | None:
     return None
 
 
-def process_row(cfg: RunConfig, role: str) -> dict[str, Any]:
+def vhost_workers(cfg: RunConfig) -> list[psutil.Process]:
+    """The KVM process's vhost-net worker processes (``vhost-<QEMU pid>``, one per device)."""
+    kvm = role_process(cfg, "kvm")
+    try:
+        return [c for c in kvm.children() if c.name().startswith("vhost-")] if kvm else []
+    except psutil.Error:
+        return []
+
+
+def process_row(cfg: RunConfig, role: str, p: psutil.Process | None = None
+                ) -> dict[str, Any]:
+    """``role``'s process (or ``p``, a vhost worker, which has no monitor of its own)."""
     row: dict[str, Any] = {"run": cfg.rid, "role": role, "pid": None, "state": "gone"}
-    p = role_process(cfg, role)
+    worker = p is not None
+    if p is None:
+        p = role_process(cfg, role)
     if p is None:
         return row
     try:
@@ -89,6 +102,8 @@ def process_row(cfg: RunConfig, role: str) -> dict[str, Any]:
                        ctx_voluntary=ctx.voluntary, ctx_involuntary=ctx.involuntary,
                        state=p.status())
     except psutil.Error:
+        return row
+    if worker:
         return row
     try:
         with MonitorConnection(socket_path(cfg.rundir, role), PS_QUERY_TIMEOUT_S) as c:
@@ -119,7 +134,8 @@ def _ps(as_json: bool) -> int:
                      "supervisor_pid": cfg.supervisor_pid,
                      "age_s": round(time.time() - cfg.supervisor_started, 1),
                      "mode": cfg.options.get("mode"),
-                     "processes": [process_row(cfg, role) for role in ROLES]})
+                     "processes": [process_row(cfg, role) for role in ROLES]
+                     + [process_row(cfg, "vhost", w) for w in vhost_workers(cfg)]})
     if as_json:
         print(json.dumps({"runs": runs}, indent=1))
         return 0

@@ -911,7 +911,7 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
             ["replica over a tap (QEMU's tap backend, the host's stack, a socket at "
              "10.0.2.2)"] + [fmt_spread(res["modes"].get("tap", {}).get(s, {}), "pps")
                              for s in sizes],
-            ["replica over a tap with vhost-net (the KVM process's worker serves the rings)"]
+            ["replica over a tap with vhost-net (the worker process vhost-<pid> serves the rings)"]
             + [fmt_spread(res["modes"].get("tap+vhost", {}).get(s, {}), "pps") for s in sizes],
             ["guest send rate over the tap / with vhost-net"] + [
                 f"{fmt_f(res['modes'].get('tap', {}).get(s, {}).get('guest_send_pps'))} / "

@@ -51,10 +51,12 @@ RX_FLOW_ID_BASE = 1 << 30
 """Reply flows are numbered apart from the datagrams' (seq + 1), so no viewer joins the two."""
 TX, RX = "tx", "rx"
 RUN_ON_GRACE_NS = 1_000_000
-"""A span of the path may end after the path's last step by as long as the path took, up to
-this: a thread descheduled in mid-function (the main loop after its irqfd write, while the
-guest already took the interrupt) still owns the rest of its function; a loop that runs on
-for another packet (a KVM_RUN through the next pause) does not."""
+"""A loop iteration of the path (a thread's outermost span: ``main_loop_wait``, a KVM_RUN) may
+end after the path's last step by as long as the path took, up to this; one that runs on for
+another packet (a KVM_RUN through the next pause) is not the path's. A function inside an
+iteration owns the rest of its time however long its thread was descheduled (the main loop
+after its irqfd write, while the guest already took the interrupt), unless it also did
+another packet's step."""
 
 _RUN_PREFIX = re.compile(r"/vnr\.[0-9a-zA-Z]+\.")
 
@@ -793,14 +795,37 @@ def packet(trace: Trace, seq: int, direction: str = TX) -> Packet:
     return p
 
 
-def _unit(ev: Event, floor: int | None, ceiling: int | None) -> Event:
-    """``ev``'s outermost enclosing span that began at ``floor`` and ended by ``ceiling``."""
+def _unit(ev: Event, floor: int | None, ceiling: int | None,
+          foreign: Callable[[Event], bool] = lambda span: True) -> Event:
+    """``ev``'s outermost enclosing span that began at ``floor`` and ended by ``ceiling``; a
+    function span inside a loop iteration (one with a parent) that ended later still counts
+    unless it holds a ``foreign`` step: its thread was descheduled in mid-function."""
     u = ev
     for a in ev.ancestors():
-        if (floor is not None and a.ts < floor) or (ceiling is not None and a.end > ceiling):
+        if floor is not None and a.ts < floor:
+            break
+        if ceiling is not None and a.end > ceiling and (a.parent is None or foreign(a)):
             break
         u = a
     return u
+
+
+def _holds_foreign_step(trace: Trace, p: Packet) -> Callable[[Event], bool]:
+    """Whether a span holds a step of another packet of ``p``'s direction."""
+    group = trace.packets if p.direction == TX else trace.replies
+    others = {id(e) for q in group.values() if q is not p for e in _anchors(q)}
+
+    def holds(span: Event) -> bool:
+        evs = trace.thread_events(span.thread_key)
+        for i in range(_bisect_events(evs, span.ts), len(evs)):
+            ev = evs[i]
+            if ev.ts > span.end:
+                return False
+            if id(ev) in others and any(a is span for a in ev.ancestors()):
+                return True
+        return False
+
+    return holds
 
 
 def _anchors(p: Packet) -> list[Event]:
@@ -813,8 +838,9 @@ def _chain(trace: Trace, p: Packet) -> tuple[list[Event], list[Event]]:
     end = max(first.end, _unit(anchors[-1], anchors[-2].ts, None).end) \
         if len(anchors) > 1 else first.end
     ceiling = end + min(end - first.ts, RUN_ON_GRACE_NS)
-    units = [first] + [_unit(ev, prev.ts, ceiling) for prev, ev in zip(anchors, anchors[1:],
-                                                                       strict=False)]
+    foreign = _holds_foreign_step(trace, p)
+    units = [first] + [_unit(ev, prev.ts, ceiling, foreign)
+                       for prev, ev in zip(anchors, anchors[1:], strict=False)]
     members: set[Event] = set()
     for u in units:
         if u in members:
@@ -853,7 +879,8 @@ def chain_events(trace: Trace, seq: int, direction: str = TX) -> tuple[list[Even
     each later step its outermost enclosing span that began after the previous step and
     ended with the first unit or the last step's unit at the latest, give or take
     ``RUN_ON_GRACE_NS`` (so a main loop iteration or a KVM_RUN that was already running, or
-    ran on, is not part of it). Context
+    ran on, is not part of it), or, inside such an iteration, ended later with no other
+    packet's step in it. Context
     spans are the units' enclosing spans that began earlier (``main_loop_wait``,
     ``kvm_arch_vcpu_ioctl_run``, ...).
     """
