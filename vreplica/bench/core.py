@@ -1212,9 +1212,15 @@ def section_stages(plan: Plan, log: Callable[[str], None], failures: list[dict])
                             lambda o=opts: run_replica(o), log, failures)
                 if r is not None:
                     runs.append({"trial": t, "mode": mode, **r})
+    events = {m: {str(z): median([(r["kicks_per_packet"] or 0)
+                                  + (r["interrupts_per_packet"] or 0)
+                                  for r in runs if r["mode"] == m and r["size"] == z])
+                  for z in plan.sizes} for m in stages.CPU_PATHS}
     return {"packets": plan.e2e_packets, "paths": stages.fold_paths(runs, plan.sizes),
+            "events_per_packet": events,
             "runs": [{k: r[k] for k in ("trial", "mode", "size", "delivered", "cpu",
-                                         "pps_send_to_last_arrival")} for r in runs]}
+                                         "pps_send_to_last_arrival", "kicks_per_packet",
+                                         "interrupts_per_packet")} for r in runs]}
 
 
 def only_section(plan: Plan, json_path: str | None, which: str = "transport") -> int:
@@ -1236,7 +1242,8 @@ def only_section(plan: Plan, json_path: str | None, which: str = "transport") ->
         print("\n".join(render_rings(sec, plan)))
     elif which == "stages":
         sec = section_stages(plan, log, failures)
-        print("\n".join(stages.render(sec["paths"], plan.sizes, LEGEND, "11")))
+        print("\n".join(stages.render(sec["paths"], plan.sizes, LEGEND, "11",
+                                       sec["events_per_packet"])))
     else:
         sec = section_transport(plan, log, failures)
         print("\n".join(transport_table(sec)))

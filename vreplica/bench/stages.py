@@ -323,7 +323,8 @@ def render(paths: dict[str, Any], sizes: tuple[int, ...], size_label: dict[int, 
     L = [f"## {section}. CPU per packet, per stage", "",
          "From the end-to-end runs of section 2 (the guest sends back to back): each thread's "
          "CPU time over the window from the guest's first send to the host's last arrival "
-         "(`/proc/PID/task/TID/schedstat`, sampled every 5 ms and interpolated at both ends), "
+         "(`/proc/PID/task/TID/schedstat`, sampled every 5 ms; taken between the first and last "
+         "samples inside the window, over the packets of the time they span), "
          "divided by the packets delivered in it; medians over the trials. Threads are found "
          "by the names the OS shows for them: `guestproc`; KVM's `vcpu0` and main thread (the "
          "VM ioctls: KVM_SIGNAL_MSI, KVM_IRQ_LINE_STATUS); `vhost-<QEMU pid>`; QEMU's main "
