@@ -7,17 +7,26 @@ to the driver (``ndo_set_rx_mode``; virtio-net turns them into control-queue com
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from guestproc.netstack import NetDevice
+from typing import Protocol
 
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
 IFF_ALLMULTI = 0x200
 NETDEV_UP = 1
 
-NetdevNotifier = Callable[[int, "NetDevice"], None]
+
+
+class NetDevice(Protocol):
+    """What these functions use of struct net_device (guestproc.netstack.NetDevice)."""
+
+    flags: int
+    uc: dict[bytes, int]
+    mc: dict[bytes, int]
+    ndo_open: Callable[[NetDevice], None] | None
+    ndo_set_rx_mode: Callable[[NetDevice], None] | None
+
+
+NetdevNotifier = Callable[[int, NetDevice], None]
 netdev_chain: list[NetdevNotifier] = []
 
 

@@ -228,6 +228,52 @@ def loss_runs(arrived_ns: array, paths: int, entered_ns: array | None = None) ->
     return runs
 
 
+class StressReceiver:
+    """What the stress program's sockets brought back: every reply checked against what was
+    sent, duplicates and late ones counted, and each host -> guest datagram's arrival."""
+
+    def __init__(self, kernel: Kernel, socks: list[Any], inbound: Any) -> None:
+        self.kernel = kernel
+        self.socks = socks
+        self.inbound = inbound
+        self.replies = self.bad = self.dup = self.late = self.inbound_count = 0
+        self.got = bytearray()  # one byte per sequence number: 1 once its reply came back
+        self.reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
+        self.sent_ns = array("q")  # per sequence number: when it was sent (echo)
+        self.inbound_ns = array("q")  # per host -> guest sequence number: when (0: never)
+        self.outstanding: set[int] = set()
+        self.gave_up: set[int] = set()
+
+    def drain(self, block_s: float, sent: int) -> None:
+        socks = self.socks
+        if block_s and not any(sock.rcvq for sock in socks):
+            self.kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
+        for sock in socks:
+            while sock.rcvq:
+                data, _, arrived = sock.rcvq.popleft()
+                seq = int.from_bytes(data[:SEQ_BYTES], "big")
+                if sock is self.inbound:
+                    self.inbound_count += 1
+                    if 0 <= seq < 1 << 24:
+                        if seq >= len(self.inbound_ns):
+                            self.inbound_ns.frombytes(
+                                bytes(8 * (seq + 1 - len(self.inbound_ns))))
+                        self.inbound_ns[seq] = self.inbound_ns[seq] or arrived
+                elif not 0 <= seq < sent or data != payload(seq, len(data)):
+                    self.bad += 1
+                elif self.got[seq]:
+                    self.dup += 1
+                else:
+                    self.got[seq] = 1
+                    self.reply_ns[seq] = arrived
+                    self.replies += 1
+                    if seq in self.gave_up:
+                        self.gave_up.discard(seq)
+                        self.late += 1
+                    else:
+                        self.outstanding.discard(seq)
+
+
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
            console: Console) -> dict[str, Any]:
     """Sustained load over ``flows`` sockets (so flows spread over the queue pairs):
@@ -250,46 +296,12 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     window = max(1, opts.get("window", 32))
     dst = (GATEWAY, port)
     echo = mode in ("echo", "both")
-    sent = replies = bad = dup = late = inbound_count = 0
-    got = bytearray()  # one byte per sequence number: 1 once its reply came back
-    reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
-    sent_ns = array("q")  # per sequence number: when it was sent (echo)
-    inbound_ns = array("q")  # per host -> guest sequence number: when it came (0: never)
-    outstanding: set[int] = set()
-    gave_up: set[int] = set()
+    sent = 0
+    rx = StressReceiver(kernel, flows + ([inbound] if inbound else []), inbound)
+    outstanding = rx.outstanding
     t0 = last_report = kernel.now_ns()
     end = t0 + duration_ns
     console("stress started")
-
-    socks = flows + ([inbound] if inbound else [])
-
-    def drain(block_s: float) -> None:
-        nonlocal replies, bad, dup, late, inbound_count
-        if block_s and not any(sock.rcvq for sock in socks):
-            kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
-        for sock in socks:
-            while sock.rcvq:
-                data, _, arrived = sock.rcvq.popleft()
-                seq = int.from_bytes(data[:SEQ_BYTES], "big")
-                if sock is inbound:
-                    inbound_count += 1
-                    if 0 <= seq < 1 << 24:
-                        if seq >= len(inbound_ns):
-                            inbound_ns.frombytes(bytes(8 * (seq + 1 - len(inbound_ns))))
-                        inbound_ns[seq] = inbound_ns[seq] or arrived
-                elif not 0 <= seq < sent or data != payload(seq, len(data)):
-                    bad += 1
-                elif got[seq]:
-                    dup += 1
-                else:
-                    got[seq] = 1
-                    reply_ns[seq] = arrived
-                    replies += 1
-                    if seq in gave_up:
-                        gave_up.discard(seq)
-                        late += 1
-                    else:
-                        outstanding.discard(seq)
 
     progress_at, progress_replies = t0, 0
     faulted: list[int] = []
@@ -304,12 +316,12 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             FaultInjector(stack.dev.priv, kind, after=0)
             faulted.append(sent)
         if echo and len(outstanding) >= window:
-            drain(0.1)
+            rx.drain(0.1, sent)
             now = kernel.now_ns()
-            if replies != progress_replies:
-                progress_at, progress_replies = now, replies
+            if rx.replies != progress_replies:
+                progress_at, progress_replies = now, rx.replies
             elif now - progress_at > 500_000_000:  # no reply for half a second: give up
-                gave_up.update(outstanding)
+                rx.gave_up.update(outstanding)
                 outstanding.clear()
                 progress_at = now
             continue
@@ -317,33 +329,34 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
         flows[sent % len(flows)].sendto(payload(sent, size), dst)
         if echo:
             outstanding.add(sent)
-            got.append(0)
-            reply_ns.append(0)
-            sent_ns.append(kernel.now_ns())
+            rx.got.append(0)
+            rx.reply_ns.append(0)
+            rx.sent_ns.append(kernel.now_ns())
         sent += 1
         if sent % 64 == 0:
-            drain(0.0)
+            rx.drain(0.0, sent)
             now = kernel.now_ns()
             if now - last_report > 500_000_000:
                 last_report = now
-                console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
+                console(f"progress sent={sent} replies={rx.replies} inbound={rx.inbound_count}")
     console("stress finishing")
     deadline = kernel.now_ns() + 2_000_000_000
     while echo and outstanding and kernel.now_ns() < deadline:
-        drain(0.2)
+        rx.drain(0.2, sent)
     if inbound is not None:
         quiet_until = kernel.now_ns() + 500_000_000
         while kernel.now_ns() < quiet_until:
-            drain(0.1)
-    console(f"progress sent={sent} replies={replies} inbound={inbound_count}")
+            rx.drain(0.1, sent)
+    console(f"progress sent={sent} replies={rx.replies} inbound={rx.inbound_count}")
     nflows = len(flows)
-    return {"reply_gaps": loss_runs(reply_ns, nflows, sent_ns) if echo else [],
-            "inbound_gaps": loss_runs(inbound_ns, 1), "inbound_seen": len(inbound_ns),
-            "inbound_last_ns": max(inbound_ns, default=0),
-            "sent": sent, "replies": replies, "bad_replies": bad, "duplicate_replies": dup,
-            "inbound": inbound_count, "unanswered": len(outstanding) + len(gave_up),
-            "late_replies": late, "faulted_seqs": faulted,
-            "unanswered_seqs": [i for i, v in enumerate(got) if not v][:200_000],
+    return {"reply_gaps": loss_runs(rx.reply_ns, nflows, rx.sent_ns) if echo else [],
+            "inbound_gaps": loss_runs(rx.inbound_ns, 1), "inbound_seen": len(rx.inbound_ns),
+            "inbound_last_ns": max(rx.inbound_ns, default=0),
+            "sent": sent, "replies": rx.replies, "bad_replies": rx.bad,
+            "duplicate_replies": rx.dup, "inbound": rx.inbound_count,
+            "unanswered": len(outstanding) + len(rx.gave_up),
+            "late_replies": rx.late, "faulted_seqs": faulted,
+            "unanswered_seqs": [i for i, v in enumerate(rx.got) if not v][:200_000],
             "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
 
 

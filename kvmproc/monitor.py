@@ -67,6 +67,29 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
     def info_ioeventfd() -> list[dict[str, Any]]:
         return kvm.bus.describe()
 
+    register_irqfd_info(mon, kvm)
+
+    @mon.command(hmp="info vcpu", qmp=False, human=format_human,
+                 help="show vCPU 0: mode, pending vectors, last exit to user space")
+    def info_vcpu() -> dict[str, Any]:
+        return {**vcpu_state(), "gate": vcpu.gate.describe(), "stats": dict(kvm.stats.vcpu)}
+
+    @mon.command("inject-nmi", hmp="nmi",
+                 help="inject an NMI into vCPU 0 (KVM_NMI): wakes it from HLT")
+    def nmi() -> None:
+        if kvm.destroyed:
+            raise MonitorError("the VM is destroyed")
+        nmis[0] += 1
+        lapic.kvm_inject_nmi()
+
+    register_vhost_info(mon, vhost)
+    mon.start()
+    return mon
+
+
+def register_irqfd_info(mon: Monitor, kvm: Kvm) -> None:
+    """``info irqfd``: the irqfds and the GSI routes they inject."""
+
     def info_irqfd_text(d: dict[str, Any]) -> str:
         routes = d["routes"]
 
@@ -89,18 +112,9 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
                   for gsi, (kind, a, b) in kvm.routing.routes.items()}
         return {"irqfds": kvm.irqfds.describe(), "routes": routes}
 
-    @mon.command(hmp="info vcpu", qmp=False, human=format_human,
-                 help="show vCPU 0: mode, pending vectors, last exit to user space")
-    def info_vcpu() -> dict[str, Any]:
-        return {**vcpu_state(), "gate": vcpu.gate.describe(), "stats": dict(kvm.stats.vcpu)}
 
-    @mon.command("inject-nmi", hmp="nmi",
-                 help="inject an NMI into vCPU 0 (KVM_NMI): wakes it from HLT")
-    def nmi() -> None:
-        if kvm.destroyed:
-            raise MonitorError("the VM is destroyed")
-        nmis[0] += 1
-        lapic.kvm_inject_nmi()
+def register_vhost_info(mon: Monitor, vhost: Any) -> None:
+    """``info vhost``: the vhost-net devices, their workers and rings."""
 
     def info_vhost_text(d: dict[str, Any]) -> str:
         lines = []
@@ -125,6 +139,3 @@ def kvm_monitor(kvm: Kvm, rundir: str | Path, vhost: Any = None) -> Monitor:
         if vhost is None:
             raise MonitorError("no vhost-net device (the run has no --vhost on)")
         return vhost.describe()
-
-    mon.start()
-    return mon

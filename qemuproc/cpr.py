@@ -70,7 +70,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.channel import Channel
 from common.kvm_abi import (
@@ -111,12 +111,30 @@ from qemuproc.virtio_net import (
 )
 
 if TYPE_CHECKING:
-    from qemuproc.__main__ import Machine
+    from common.process import ProcessRuntime
+    from qemuproc.memory import AddressSpace
+    from qemuproc.pci import PCIHostState
+    from qemuproc.tap import TAPState
+    from qemuproc.virtio_net import VirtIONet
+    from qemuproc.virtio_pci import VirtIOPCIProxy
 
 VMSTATE_FILE = "vmstate.json"
 HISTORY_FILE = "cpr.jsonl"
 VMSTATE_VERSION = 2
 SYNC_TIMEOUT_S = 5.0
+
+
+class Machine(Protocol):
+    """What the record reads and restores of the machine (qemuproc.machine.Machine)."""
+
+    rt: ProcessRuntime
+    n: VirtIONet
+    proxy: VirtIOPCIProxy
+    host: PCIHostState
+    io_as: AddressSpace
+    mem_as: AddressSpace
+    tap: TAPState | None
+    kvm: KVMState
 
 
 class Cpr:

@@ -36,7 +36,7 @@ from qemuproc.monitor_info import register_info
 from qemuproc.virtio_qmp import register_virtio_qmp
 
 if TYPE_CHECKING:
-    from qemuproc.__main__ import Machine
+    from qemuproc.machine import Machine
 
 BQL_WAIT_S = 0.05
 

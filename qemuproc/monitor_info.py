@@ -25,7 +25,7 @@ from qemuproc.virtio_qmp import VIRTIO_PATH
 
 if TYPE_CHECKING:
     from common.monitor.monitor import Monitor
-    from qemuproc.__main__ import Machine
+    from qemuproc.machine import Machine
 
 PCI_CLASS_NAMES = {0x0200: "Ethernet controller"}
 MSIX_BAR_SIZE = 0x1000

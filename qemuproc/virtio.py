@@ -528,7 +528,8 @@ def virtqueue_pop(vq: VirtQueue) -> VirtQueueElement | None:
 def virtqueue_split_pop(vq: VirtQueue) -> VirtQueueElement | None:
     """Every check of QEMU's virtqueue_split_pop (and vhost's nested-table check) ends in
     virtio_error; every buffer is mapped by ``address_space_map``, which refuses anything
-    outside guest RAM (also an addr + len past 2**64).
+    outside guest RAM (also an addr + len past 2**64). QEMU's virtqueue_split_pop is this long
+    too.
     """
     vdev = vq.vdev
     if vdev.broken:

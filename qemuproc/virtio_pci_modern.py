@@ -14,7 +14,7 @@ the ioeventfds up, an MMIO ioeventfd that KVM signals without leaving the kernel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from common.trace import trace_event, traced
 from common.virtio_abi import (
@@ -72,7 +72,8 @@ from qemuproc.virtio import (
 )
 
 if TYPE_CHECKING:
-    from qemuproc.virtio_pci import VirtIOPCIProxy
+    from qemuproc.pci import PCIDevice
+    from qemuproc.virtio import VirtIODevice
 
 trace_virtio_pci_notify_write = trace_event("virtio_pci_notify_write")
 
@@ -93,6 +94,34 @@ class VirtIOPCIQueue:
     def reset(self) -> None:
         self.num = self.enabled = 0
         self.desc[:] = self.avail[:] = self.used[:] = [0, 0]
+
+
+class VirtIOPCIProxy(Protocol):
+    """The proxy as its modern part sees it (virtio_pci.VirtIOPCIProxy, as virtio-pci.h's
+    struct, which both halves of virtio-pci.c share)."""
+
+    vdev: VirtIODevice
+    pci_dev: PCIDevice
+    vqs: list[VirtIOPCIQueue]
+    common: VirtIOPCIRegion
+    isr: VirtIOPCIRegion
+    device: VirtIOPCIRegion
+    notify: VirtIOPCIRegion
+    dfselect: int
+    gfselect: int
+    guest_features: list[int]
+    generation: int
+    modern_mem_bar_idx: int
+    modern_bar_addr: int
+    config_cap: int
+
+    def msix_vector_use(self, vector: int) -> bool: ...
+
+    def virtio_pci_reset(self) -> None: ...
+
+    def virtio_pci_start_ioeventfd(self) -> None: ...
+
+    def virtio_pci_stop_ioeventfd(self) -> None: ...
 
 
 @dataclass

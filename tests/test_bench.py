@@ -1,4 +1,4 @@
-"""The benchmark (issue 6): ``vreplica bench --quick`` as a smoke check, and every QEMU mode it
+"""The benchmark: ``vreplica bench --quick`` as a smoke check, and every QEMU mode it
 measures delivering a benchmark-sized burst completely and in order. Nothing here asserts a
 timing: figures depend on the machine; only that they were produced, and correctly."""
 

@@ -1,7 +1,7 @@
 """The packed ring (VIRTIO_F_RING_PACKED) between the guest's real ``guestproc.virtio_ring``
 and QEMU's real ``qemuproc.virtio``: in two processes over one POSIX shared-memory segment
 (wrap counters across many wraps, indirect tables, out-of-order completion), and in one
-process for event suppression and for rings written by ``ringmock.MockPackedQueue`` that no
+process for event suppression and for rings written by ``common.vring_mock.MockPackedQueue`` that no
 real driver would write.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from ringmock import (
     PAGE,
-    MockPackedQueue,
     event_notifier,
     guest_memory,
     make_packed_device,
@@ -27,6 +26,7 @@ from two_process import run_driver_and_device
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
 from common.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from common.vring_mock import MockPackedQueue
 from common.vring_packed import (
     PACKED_DESC,
     VRING_PACKED_EVENT_F_WRAP_CTR,

@@ -1,5 +1,5 @@
 """The split ring shared by a driver and a device in two processes, and single-process checks
-of the device's side against rings written by ``ringmock.MockSplitQueue``.
+of the device's side against rings written by ``common.vring_mock.MockSplitQueue``.
 
 The two-process test runs the guest's real ``guestproc.virtio_ring`` in one spawned process and
 QEMU's real ``qemuproc.virtio`` in another, over one POSIX shared-memory segment; a named
@@ -17,8 +17,6 @@ from typing import Any
 import pytest
 from ringmock import (
     PAGE,
-    MockSplitQueue,
-    RawDesc,
     device_for,
     event_notifier,
     guest_memory,
@@ -37,6 +35,7 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     VringLayout,
 )
+from common.vring_mock import MockSplitQueue, RawDesc
 from guestproc.virtio_ring import (
     Virtqueue,
     virtqueue_add_inbuf,

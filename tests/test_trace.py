@@ -655,9 +655,10 @@ def test_trace_group_follows_its_events_and_push_records_when_switched_on() -> N
     """A group is on while any member is, through set_state and switch; virtqueue_push, one
     step while its points are off, records virtqueue_fill and virtqueue_flush once they are
     switched on at run time (the monitor's trace-event), with the same used-ring result."""
-    from ringmock import MockSplitQueue, device_for, guest_memory, release_device
+    from ringmock import device_for, guest_memory, release_device
 
     from common import trace
+    from common.vring_mock import MockSplitQueue
     from qemuproc.virtio import virtqueue_pop, virtqueue_push
 
     a, b = trace.trace_event("test_group_a"), trace.trace_event("test_group_b")

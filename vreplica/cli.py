@@ -13,11 +13,11 @@ DELEGATED = {
     "trace": ("vreplica.trace.render", "main",
               "trace files: render TRACE.json OUT.svg|OUT.png; show TRACE.json "
               "[--packet SEQ]; compare REAL.log REPLICA"),
-    "bench": ("vreplica.bench.core", "main", "measure the path against its baselines"),
+    "bench": ("vreplica.bench.command", "main", "measure the path against its baselines"),
     "stress": ("vreplica.stress.stress", "main", "sustained load with chaos, and a verdict"),
     "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
     "attach": ("vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
-    "fuzz": ("vreplica.fuzz.machine", "main", "fuzz the device's ring handling"),
+    "fuzz": ("vreplica.fuzz.command", "main", "fuzz the device's ring handling"),
 }
 """Subcommands whose implementation, and own argument parsing, live in another module."""
 

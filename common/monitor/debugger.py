@@ -17,7 +17,7 @@ from common.cpus import PARK_TICK_S, thread_frame, thread_where
 from common.monitor.commands import MonitorError
 
 if TYPE_CHECKING:
-    from common.monitor.monitor import Monitor
+    from common.monitor.monitor_internal import Monitor
 
 PDB_PICKUP_S = 1.0
 PDB_SKIP = ["threading", "common.cpus", "common.monitor.*", "bdb", "pdb"]

@@ -27,7 +27,7 @@ from common.monitor.commands import Command, MonitorError
 from common.monitor.debugger import pdb_session
 
 if TYPE_CHECKING:
-    from common.monitor.monitor import Monitor
+    from common.monitor.monitor_internal import Monitor
 
 READLINE_MAX_CMDS = 64
 

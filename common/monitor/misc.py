@@ -14,7 +14,7 @@ from common import trace
 from common.monitor.commands import Arg, MonitorError
 
 if TYPE_CHECKING:
-    from common.monitor.monitor import Monitor
+    from common.monitor.monitor_internal import Monitor
 
 VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "virtio-net-replica"}
 """query-version: the QEMU release whose behaviour the replica reproduces, and who it is."""

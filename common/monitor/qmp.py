@@ -37,7 +37,7 @@ from common.monitor.commands import (
 from common.trace import register_thread, trace_event
 
 if TYPE_CHECKING:
-    from common.monitor.monitor import Monitor
+    from common.monitor.monitor_internal import Monitor
 
 trace_handle_qmp_command = trace_event("handle_qmp_command")
 trace_monitor_qmp_cmd_in_band = trace_event("monitor_qmp_cmd_in_band")

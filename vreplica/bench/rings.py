@@ -10,14 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vreplica.bench.core import (
+    SIZE_LABEL,
+    Plan,
+    all_delivered,
+    checked,
+    median,
+    pps_basis,
+    ratio,
+    replica_options,
+    run_replica,
+)
+from vreplica.bench.fmt import fmt_f, fmt_spread, table
+
 RINGS = ("split", "packed")
 
 
-def section_rings(plan: Any, log: Callable[[str], None], failures: list[dict],
+def section_rings(plan: Plan, log: Callable[[str], None], failures: list[dict],
                   trials: int | None = None) -> dict:
     """``trials`` (default: the plan's, as ``--trials`` sets it) rounds of both rings at
     each size."""
-    from vreplica.bench.core import checked, replica_options, run_replica
 
     runs: list[dict] = []
     trials = plan.trials if trials is None else trials
@@ -34,8 +46,7 @@ def section_rings(plan: Any, log: Callable[[str], None], failures: list[dict],
             "per_ring": fold_rings(runs, plan)}
 
 
-def fold_rings(runs: list[dict], plan: Any) -> dict[str, dict[str, Any]]:
-    from vreplica.bench.core import all_delivered, median, pps_basis
+def fold_rings(runs: list[dict], plan: Plan) -> dict[str, dict[str, Any]]:
 
     basis = pps_basis(runs)
     out: dict[str, dict[str, Any]] = {}
@@ -54,8 +65,7 @@ def fold_rings(runs: list[dict], plan: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def render_rings(sec: dict, plan: Any) -> list[str]:
-    from vreplica.bench.core import SIZE_LABEL, fmt_f, fmt_spread, ratio, table
+def render_rings(sec: dict, plan: Plan) -> list[str]:
 
     if not sec:
         return []

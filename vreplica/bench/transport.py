@@ -13,6 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vreplica.bench.core import (
+    Plan,
+    checked,
+    kick_pop_latencies,
+    median,
+    replica_options,
+    run_replica,
+)
 from vreplica.run.supervisor import RunOptions
 
 TRANSPORTS = ("legacy", "modern")
@@ -20,14 +28,7 @@ EXIT_EVENT = {"legacy": "kvm_pio", "modern": "kvm_mmio"}
 """KVM's trace event for the kick's VM exit on each transport."""
 
 
-def section_transport(plan: Any, log: Callable[[str], None], failures: list[dict]) -> dict:
-    from vreplica.bench.core import (
-        checked,
-        kick_pop_latencies,
-        median,
-        replica_options,
-        run_replica,
-    )
+def section_transport(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
 
     e2e: list[dict] = []
     lat: list[dict] = []

@@ -23,9 +23,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import sys
 import time
-import traceback
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -36,10 +34,8 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
-import qemuproc.virtio as qvirtio
 from common.guest_memory import GuestMemory, GuestMemoryError
 from common.virtio_abi import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -59,8 +55,8 @@ from common.vring import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_DESC_SIZE,
-    VringLayout,
 )
+from common.vring_mock import MockSplitQueue
 from qemuproc.aio import aio_bh_poll, aio_compute_timeout, qemu_bh_delete, qemu_get_aio_context
 from qemuproc.main_loop import MainLoop
 from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_sendv_packet_async
@@ -75,7 +71,6 @@ from qemuproc.virtio import (
     virtqueue_push,
 )
 from qemuproc.virtio_net import VirtIONet, virtio_net_device_init
-from vreplica.run.options import Parser
 
 PAGE = 4096
 RAM_SIZE = 128 << 10
@@ -156,6 +151,11 @@ VALID_RX_ARGS = {"cap": st.integers(0, 100), "size": st.integers(14, 300),
 """The rules' draws, which the split and the packed machines share."""
 
 
+def ring_base(index: int) -> int:
+    """Where queue ``index``'s ring lies: RING_PAGES pages each, from page 1."""
+    return PAGE * (1 + RING_PAGES * index)
+
+
 def pack_table(ram: memoryview, table: int, pieces: list[tuple[int, int]], flags: int) -> None:
     """An indirect table at ``table`` as a driver writes it: ``pieces`` (addr, len) chained
     by NEXT in order, each with ``flags``."""
@@ -163,46 +163,6 @@ def pack_table(ram: memoryview, table: int, pieces: list[tuple[int, int]], flags
         last = k == len(pieces) - 1
         DESC.pack_into(ram, table + VRING_DESC_SIZE * k, a, ln,
                        flags | (0 if last else VRING_DESC_F_NEXT), k + 1)
-
-
-class Driver:
-    """A well-behaved driver's view of one ring (where it is, what it published)."""
-
-    def __init__(self, ram: memoryview, index: int, num: int) -> None:
-        self.ram = ram
-        self.index = index
-        self.num = num
-        self.base = PAGE * (1 + RING_PAGES * index)
-        self.layout = VringLayout(num, self.base)
-
-    def desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
-        DESC.pack_into(self.ram, self.layout.desc + VRING_DESC_SIZE * (i % self.num), addr,
-                       length, flags, nxt)
-
-    def u16(self, addr: int, value: int | None = None) -> int:
-        if value is not None:
-            self.ram[addr : addr + 2] = (value & 0xFFFF).to_bytes(2, "little")
-        return int.from_bytes(self.ram[addr : addr + 2], "little")
-
-    @property
-    def avail_idx(self) -> int:
-        return self.u16(self.layout.avail + 2)
-
-    def publish(self, heads: list[int]) -> None:
-        idx = self.avail_idx
-        for h in heads:
-            self.u16(self.layout.avail + 4 + 2 * (idx % self.num), h)
-            idx += 1
-        self.u16(self.layout.avail + 2, idx)
-
-    @property
-    def used_idx(self) -> int:
-        return self.u16(self.layout.used + 2)
-
-    def used_elem(self, pos: int) -> tuple[int, int]:
-        off = self.layout.used + 4 + 8 * (pos % self.num)
-        return (int.from_bytes(self.ram[off : off + 4], "little"),
-                int.from_bytes(self.ram[off + 4 : off + 8], "little"))
 
 
 class VirtioNetFuzz(RuleBasedStateMachine):
@@ -235,7 +195,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         n.on_error = self.on_error
         self.n = n
         self.backend = backend
-        self.rings = [Driver(self.ram, i, vq.num) for i, vq in enumerate(n.vq)]
+        self.rings = [MockSplitQueue(self.mem, vq.num, ring_base(i)) for i, vq in enumerate(n.vq)]
         self.driver_init()
 
     def backend_receive(self, nc: Any, buf: Any) -> int:
@@ -276,7 +236,6 @@ class VirtioNetFuzz(RuleBasedStateMachine):
     def place_ring(self, i: int, r: Any) -> None:
         """Give queue ``i`` its ring, as the transport's queue registers do (legacy PFN)."""
         assert self.n is not None
-        r.layout = VringLayout(r.num, r.base)
         virtio_queue_set_addr(self.n, i, r.base)
 
     def teardown(self) -> None:
@@ -308,7 +267,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
 
     @rule(which=st.integers(0, 4), i=st.integers(0, 15), d=RAW_DESC)
     def write_desc(self, which: int, i: int, d: tuple[int, int, int, int]) -> None:
-        self.rings[self.ring(which)].desc(i, *d)
+        self.rings[self.ring(which)].write_desc(i, *d)
         self.clean = False
 
     @rule(which=st.integers(0, 4), slot=st.integers(0, 15),
@@ -367,8 +326,8 @@ class VirtioNetFuzz(RuleBasedStateMachine):
                 last = k == len(descs) - 1
                 flags = flags & ~VRING_DESC_F_NEXT | (0 if last else VRING_DESC_F_NEXT)
                 nxt = (first + k + 1) % r.num
-            r.desc(first + k, addr, length, flags, nxt)
-        r.publish([first % r.num] * copies)
+            r.write_desc(first + k, addr, length, flags, nxt)
+        r.publish_heads([first % r.num] * copies)
         self.clean = False
         if kick:
             self.kick(which)
@@ -382,10 +341,10 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         table = DATA_BASE + 8 * PAGE
         for k, e in enumerate(entries):
             DESC.pack_into(self.ram, table + VRING_DESC_SIZE * k, *e)
-        r.desc(head, table if where < 0 else where,
+        r.write_desc(head, table if where < 0 else where,
                VRING_DESC_SIZE * len(entries) if length < 0 else length,
                VRING_DESC_F_INDIRECT | flags, 0)
-        r.publish([head % r.num])
+        r.publish_heads([head % r.num])
         self.clean = False
         self.kick(which)
 
@@ -455,7 +414,8 @@ class VirtioNetFuzz(RuleBasedStateMachine):
                 pack_table(self.ram, table, pieces, 0)
                 if next_desc + 1 > r.num:
                     break
-                r.desc(next_desc, table, VRING_DESC_SIZE * len(pieces), VRING_DESC_F_INDIRECT, 0)
+                r.write_desc(next_desc, table, VRING_DESC_SIZE * len(pieces),
+                             VRING_DESC_F_INDIRECT, 0)
                 heads.append(next_desc)
                 next_desc += 1
             else:
@@ -464,7 +424,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
                 head = next_desc
                 for k, (a, ln) in enumerate(pieces):
                     last = k == len(pieces) - 1
-                    r.desc(next_desc, a, ln, 0 if last else VRING_DESC_F_NEXT, next_desc + 1)
+                    r.write_desc(next_desc, a, ln, 0 if last else VRING_DESC_F_NEXT, next_desc + 1)
                     next_desc += 1
                 heads.append(head)
             payloads.append(payload)
@@ -477,7 +437,7 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         stalled = self.backend.receive_disabled
         used_before = vq.used_idx
         sent_before = len(self.frames)
-        r.publish(heads)
+        r.publish_heads(heads)
         virtio_queue_notify(n, 1)
         self.run_bottom_halves()
         if was_broken:
@@ -515,18 +475,18 @@ class VirtioNetFuzz(RuleBasedStateMachine):
         if use_indirect:
             table = buf + room + 16
             pack_table(self.ram, table, pieces, VRING_DESC_F_WRITE)
-            r.desc(head, table, VRING_DESC_SIZE * len(pieces), VRING_DESC_F_INDIRECT, 0)
+            r.write_desc(head, table, VRING_DESC_SIZE * len(pieces), VRING_DESC_F_INDIRECT, 0)
         else:
             i = head
             for k, (a, ln) in enumerate(pieces):
                 last = k == len(pieces) - 1
                 nxt = (i + 1) % r.num
-                r.desc(i, a, ln, VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT), nxt)
+                r.write_desc(i, a, ln, VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT), nxt)
                 i = nxt
         was_broken = n.broken
         clean = self.clean and not n.nic.incoming_queue.packets and not self.held
         used_before = r.used_idx
-        r.publish([head])
+        r.publish_heads([head])
         virtio_queue_notify(n, 0)
         frame = bytes((7 * k + size) & 0xFF for k in range(size))
         qemu_sendv_packet_async(self.backend, [frame], None)
@@ -569,57 +529,3 @@ def fuzz_settings(examples: int, steps: int = 40) -> settings:
                     database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
-
-
-def run(examples: int, steps: int = 40, ring: str = "split") -> dict[str, Any]:
-    """Run the machine (``ring``: split, or vreplica.fuzz.packed's) for ``examples``
-    examples; raises on the first broken property."""
-    machine: type[VirtioNetFuzz] = VirtioNetFuzz
-    if ring == "packed":
-        from vreplica.fuzz.packed import VirtioNetPackedFuzz
-
-        machine = VirtioNetPackedFuzz
-    for k in STATS_KEYS:
-        stats[k] = 0
-    stats["messages"] = set()
-    quiet = qvirtio.error_report
-    qvirtio.error_report = lambda message: None
-    try:
-        run_state_machine_as_test(machine, settings=fuzz_settings(examples, steps))
-    finally:
-        qvirtio.error_report = quiet
-    return dict(stats)
-
-
-def main(argv: list[str]) -> int:
-    p = Parser(prog="vreplica fuzz", label="vreplica fuzz",
-               description="A hostile guest against the device's ring code.")
-    p.add_argument("--examples", type=int, default=200, help="state-machine runs (default 200)")
-    p.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
-    p.add_argument("--ring", choices=("split", "packed"), default="split",
-                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED)")
-    a = p.parse_args(argv)
-    if a.examples < 1 or a.steps < 1:
-        print("vreplica fuzz: --examples and --steps must be at least 1", file=sys.stderr)
-        return 2
-    t0 = time.monotonic()
-    try:
-        s = run(a.examples, a.steps, a.ring)
-    except KeyboardInterrupt:
-        print("vreplica fuzz: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the steps to reproduce are in its notes
-        traceback.print_exception(e)
-        print(f"fuzz: FAILED after {stats['examples']} examples: {type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}")
-        return 1
-    dt = time.monotonic() - t0
-    print(f"fuzz: {s['examples']} examples, {s['steps']} steps in {dt:.1f} s "
-          f"({s['examples'] / dt:.1f} examples/s): no failure; {s['errors']} device errors "
-          f"({len(s['messages'])} kinds), {s['tx_frames']} frames out, {s['rx_frames']} "
-          f"checked in, {s['maps']} maps, {s['refused']} refused outside RAM")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -16,14 +16,13 @@ from hypothesis.stateful import initialize, rule
 
 from common.virtio_abi import VIRTIO_RING_F_INDIRECT_DESC
 from common.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from common.vring_mock import MockPackedQueue
 from common.vring_packed import (
     AVAIL_F,
     AVAIL_USED_F,
     PACKED_DESC,
     USED_F,
     VRING_PACKED_DESC_SIZE,
-    is_used_desc,
-    layout_at,
 )
 from qemuproc.main_loop import MainLoop
 from qemuproc.net import NetClientInfo, qemu_new_net_client, qemu_sendv_packet_async
@@ -35,74 +34,13 @@ from vreplica.fuzz.machine import (
     DATA_BASE,
     INDIRECT_ARGS,
     PAGE,
-    RING_PAGES,
     VALID_RX_ARGS,
     VALID_TX_ARGS,
     VirtioNetFuzz,
+    ring_base,
     stats,
     u16s,
 )
-
-
-class PackedDriver:
-    """A driver's view of one packed ring: where it lies, its wrap counters and positions."""
-
-    def __init__(self, ram: memoryview, index: int, num: int) -> None:
-        self.ram = ram
-        self.index = index
-        self.num = num
-        self.base = PAGE * (1 + RING_PAGES * index)
-        self.layout = layout_at(self.base, num)
-        self.next_avail = 0
-        self.wrap = True
-        self.last_used = 0
-        self.used_wrap = True
-        self.ids = 0
-
-    def desc(self, i: int, addr: int, length: int, flags: int, buf_id: int) -> None:
-        PACKED_DESC.pack_into(self.ram, self.layout.desc + VRING_PACKED_DESC_SIZE * (i % self.num),
-                              addr & (2**64 - 1), length & 0xFFFFFFFF, buf_id & 0xFFFF,
-                              flags & 0xFFFF)
-
-    def read(self, i: int) -> tuple[int, int, int, int]:
-        return PACKED_DESC.unpack_from(self.ram, self.layout.desc + VRING_PACKED_DESC_SIZE * i)
-
-    def flags_h(self, i: int, flags: int) -> None:
-        off = self.layout.desc + VRING_PACKED_DESC_SIZE * (i % self.num) + 14
-        self.ram[off : off + 2] = (flags & 0xFFFF).to_bytes(2, "little")
-
-    def avail_bits(self) -> int:
-        return AVAIL_F if self.wrap else USED_F
-
-    def offer(self, descs: list[tuple[int, int, int]]) -> tuple[int, int]:
-        """A chain of (addr, len, flags) from next_avail in the current wrap, the head's
-        flags stored last; returns (buffer id, ring positions taken)."""
-        buf_id = self.ids = (self.ids + 1) % self.num
-        head, head_flags = self.next_avail, 0
-        for addr, length, flags in descs:
-            f = (flags & ~AVAIL_USED_F) | self.avail_bits()
-            self.desc(self.next_avail, addr, length, 0 if self.next_avail == head else f,
-                      buf_id)
-            if self.next_avail == head:
-                head_flags = f
-            self.next_avail += 1
-            if self.next_avail == self.num:
-                self.next_avail = 0
-                self.wrap = not self.wrap
-        self.flags_h(head, head_flags)
-        return buf_id, len(descs)
-
-    def take_used(self, ndescs: int) -> tuple[int, int] | None:
-        """(id, len) at last_used if the device marked it used in the used wrap; moves on
-        by the ``ndescs`` positions that buffer took."""
-        _, length, buf_id, flags = self.read(self.last_used)
-        if not is_used_desc(flags, self.used_wrap):
-            return None
-        self.last_used += ndescs
-        if self.last_used >= self.num:
-            self.last_used -= self.num
-            self.used_wrap = not self.used_wrap
-        return buf_id, length
 
 
 class VirtioNetPackedFuzz(VirtioNetFuzz):
@@ -121,13 +59,14 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         n.on_error = self.on_error
         self.n = n
         self.backend = backend
-        self.rings = [PackedDriver(self.ram, i, vq.num) for i, vq in enumerate(n.vq)]  # type: ignore[misc]
+        self.rings = [MockPackedQueue(self.mem, vq.num, ring_base(i))  # type: ignore[misc]
+                      for i, vq in enumerate(n.vq)]
         self.driver_init()
 
-    def place_ring(self, i: int, r: PackedDriver) -> None:
+    def place_ring(self, i: int, r: MockPackedQueue) -> None:
         """Modern: the three areas' addresses; the driver starts over (wrap counters 1)."""
         assert self.n is not None
-        r.__init__(self.ram, i, r.num)  # type: ignore[misc]
+        self.rings[i] = r = MockPackedQueue(self.mem, r.num, r.base)  # type: ignore[call-overload]
         lay = r.layout
         virtio_queue_set_rings(self.n, i, lay.desc, lay.driver, lay.device)
 
@@ -139,10 +78,10 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         """Make a ring position available in a wrap (the driver's or not), or give its flags
         any value."""
         r = self.rings[self.ring(which)]
-        _, _, _, flags = r.read(pos % r.num)  # type: ignore[attr-defined]
+        _, _, _, flags = r.read_desc(pos % r.num)  # type: ignore[attr-defined]
         new = (flags & ~AVAIL_USED_F) | (AVAIL_F if wrap else USED_F) if garbage is None \
             else garbage
-        r.flags_h(pos, new)  # type: ignore[attr-defined]
+        r.set_flags(pos, new)  # type: ignore[attr-defined]
         self.clean = False
 
     @rule(which=st.integers(0, 4), slip=st.integers(1, 17))
@@ -183,7 +122,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
                     last = k == len(descs) - 1
                     flags = flags & ~VRING_DESC_F_NEXT | (0 if last else VRING_DESC_F_NEXT)
                 chain.append((addr, length, flags))
-            r.offer(chain)  # type: ignore[attr-defined]
+            r.offer_next(chain)  # type: ignore[attr-defined]
         self.clean = False
         if kick:
             self.kick(which)
@@ -195,7 +134,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         table = DATA_BASE + 8 * PAGE
         for k, (a, ln, f, _) in enumerate(entries):
             PACKED_DESC.pack_into(self.ram, table + VRING_PACKED_DESC_SIZE * k, a, ln, 0, f)
-        r.offer([(table if where < 0 else where,  # type: ignore[attr-defined]
+        r.offer_next([(table if where < 0 else where,  # type: ignore[attr-defined]
                   VRING_PACKED_DESC_SIZE * len(entries) if length < 0 else length,
                   VRING_DESC_F_INDIRECT | flags)])
         self.clean = False
@@ -214,7 +153,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
     def valid_tx_round(self, chains: list[tuple[int, bool, int]]) -> None:
         n = self.n
         assert n is not None
-        r: PackedDriver = self.rings[1]  # type: ignore[assignment]
+        r: MockPackedQueue = self.rings[1]  # type: ignore[assignment]
         hdr = n.guest_hdr_len
         use_indirect = n.guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1
         data = DATA_BASE
@@ -242,7 +181,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
             if len(descs) > room:
                 break
             room -= len(descs)
-            offered.append(r.offer(descs))
+            offered.append(r.offer_next(descs))
             payloads.append(payload)
         if not offered:
             return
@@ -267,7 +206,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
         descriptor at last_used names its id and the bytes written."""
         n = self.n
         assert n is not None
-        r: PackedDriver = self.rings[0]  # type: ignore[assignment]
+        r: MockPackedQueue = self.rings[0]  # type: ignore[assignment]
         hdr = n.guest_hdr_len
         room = hdr + size + cap
         buf = DATA_BASE + 16 * PAGE
@@ -285,7 +224,7 @@ class VirtioNetPackedFuzz(VirtioNetFuzz):
                      for k, (a, ln) in enumerate(pieces)]
         was_broken = n.broken
         clean = self.clean and not n.nic.incoming_queue.packets and not self.held
-        buf_id, ndescs = r.offer(descs)
+        buf_id, ndescs = r.offer_next(descs)
         virtio_queue_notify(n, 0)
         frame = bytes((7 * k + size) & 0xFF for k in range(size))
         qemu_sendv_packet_async(self.backend, [frame], None)

@@ -14,6 +14,30 @@ def _sum_dicts(items: list[dict]) -> dict[str, int]:
     return out
 
 
+def _program_figures(summary: dict[str, Any], opts: Any, prog: dict[str, Any]) -> None:
+    """What the guest program of an echo, sink or ping run counted, and where ``delivered``
+    is counted then."""
+    if opts.mode == "echo":
+        summary.update({k: prog.get(k) for k in ("replies", "bad_replies", "duplicate_replies",
+                                                 "rtt_us_p50", "rtt_us_p99", "rtt_us_max")})
+        summary["delivered"] = prog.get("replies")
+        summary["delivered_counted_by"] = "guest socket (replies)"
+    elif opts.mode == "sink":
+        summary.update({"arrived": prog.get("received"), "unique": prog.get("unique"),
+                        "duplicates": prog.get("duplicates"), "in_order": prog.get("in_order")})
+        summary["sent"] = opts.packets
+        summary["sender"] = "host"
+        rx_s = prog.get("receive_ns", 0) / 1e9
+        summary["host_rate_pps"] = round(prog.get("received", 0) / rx_s, 1) if rx_s else None
+        summary["delivered"] = prog.get("received")
+        summary["delivered_counted_by"] = "guest socket"
+    elif opts.mode == "ping":
+        summary.update({"replies": prog.get("replies"), "rtt_us_p50": prog.get("rtt_us_p50"),
+                        "rtt_us_p99": prog.get("rtt_us_p99")})
+        summary["delivered"] = prog.get("replies")
+        summary["delivered_counted_by"] = "ICMP echo replies"
+
+
 def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | None,
                   elapsed_s: float) -> dict[str, Any]:
     g = reports.get("guest", {})
@@ -74,25 +98,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     }
     if sink is not None:
         summary["host"] = sink
-    if opts.mode == "echo":
-        summary.update({k: prog.get(k) for k in ("replies", "bad_replies", "duplicate_replies",
-                                                 "rtt_us_p50", "rtt_us_p99", "rtt_us_max")})
-        summary["delivered"] = prog.get("replies")
-        summary["delivered_counted_by"] = "guest socket (replies)"
-    elif opts.mode == "sink":
-        summary.update({"arrived": prog.get("received"), "unique": prog.get("unique"),
-                        "duplicates": prog.get("duplicates"), "in_order": prog.get("in_order")})
-        summary["sent"] = opts.packets
-        summary["sender"] = "host"
-        rx_s = prog.get("receive_ns", 0) / 1e9
-        summary["host_rate_pps"] = round(prog.get("received", 0) / rx_s, 1) if rx_s else None
-        summary["delivered"] = prog.get("received")
-        summary["delivered_counted_by"] = "guest socket"
-    elif opts.mode == "ping":
-        summary.update({"replies": prog.get("replies"), "rtt_us_p50": prog.get("rtt_us_p50"),
-                        "rtt_us_p99": prog.get("rtt_us_p99")})
-        summary["delivered"] = prog.get("replies")
-        summary["delivered_counted_by"] = "ICMP echo replies"
+    _program_figures(summary, opts, prog)
     nq = q.get("netqueue", {})
     summary["rx_queued"] = nq.get("nic_queued", 0)
     summary["rx_dropped"] = nq.get("nic_dropped", 0)

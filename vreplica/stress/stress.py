@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import signal
 import socket
 import sys
 import threading
 import time
 from array import array
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,7 @@ from vreplica.run.preflight import UsageError, finite_float, writable_file
 from vreplica.run.summary import build_summary
 from vreplica.run.supervisor import RunOptions, Supervisor
 from vreplica.stress.attribution import attribute, begin_at_entry, explain_seqs, outages, summary_of
-
-CHAOS_KINDS = {
-    "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
-    "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
-    "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
-    "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
-}
+from vreplica.stress.chaos import CHAOS_KINDS, Chaos, ChaosLog
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
@@ -116,85 +108,6 @@ class InboundStream:
             self._thread.join(1.0)
 
 
-@dataclass
-class ChaosLog:
-    t0: float
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    def add(self, kind: str, start_ns: int = 0, **details: Any) -> dict[str, Any]:
-        """One event; ``start_ns`` (monotonic) when it began, if not now."""
-        start_ns = start_ns or time.monotonic_ns()
-        event = {"t_s": round(start_ns / 1e9 - self.t0, 3), "kind": kind, "start_ns": start_ns,
-                 **details}
-        self.events.append(event)
-        return event
-
-
-class Chaos:
-    """Fires the chosen kinds of trouble at random moments while the run goes on."""
-
-    def __init__(self, kinds: list[str], sup: Supervisor, echo: UdpEcho | None, log: ChaosLog,
-                 seed: int, period_s: float) -> None:
-        self.kinds = kinds
-        self.sup = sup
-        self.echo = echo
-        self.log = log
-        self.rng = random.Random(seed)
-        self.period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
-
-    def start(self) -> None:
-        if self.kinds:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2.0)
-
-    def _run(self) -> None:
-        deck: list[str] = []  # each kind once a round, in a random order: all of them fire
-        while not self._stop.wait(self.period_s * (0.5 + self.rng.random())):
-            if not deck:
-                deck = self.rng.sample(self.kinds, len(self.kinds))
-            kind = deck.pop()
-            try:
-                getattr(self, "do_" + kind.replace("-", "_"))()
-            except (OSError, KeyError) as e:
-                self.log.add(kind, error=str(e))
-
-    def do_guest_pause(self) -> None:
-        p = self.sup.procs["guest"]
-        pause = 0.2 + 0.3 * self.rng.random()
-        p.send_signal(signal.SIGSTOP)
-        event = self.log.add("guest-pause", seconds=round(pause, 3))
-        self._stop.wait(pause)
-        p.send_signal(signal.SIGCONT)
-        event["end_ns"] = time.monotonic_ns()
-
-    def do_echo_pause(self) -> None:
-        if self.echo is None:
-            return
-        before = self.echo.ignored
-        start_ns = time.monotonic_ns()
-        self.echo.paused = True
-        self._stop.wait(0.3)
-        self.echo.paused = False
-        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns(),
-                     replies_dropped=self.echo.ignored - before)
-
-    def do_kill_device(self) -> None:
-        p = self.sup.procs["qemu"]
-        p.send_signal(signal.SIGKILL)
-        self.log.add("kill-device", pid=p.pid)
-
-    def do_ring_fault(self) -> None:
-        p = self.sup.procs["guest"]
-        p.send_signal(signal.SIGUSR1)
-        self.log.add("ring-fault", pid=p.pid)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="vreplica stress", description=__doc__, label="vreplica stress")
     g = p.add_mutually_exclusive_group()
@@ -261,27 +174,114 @@ def check(a: argparse.Namespace) -> tuple[int, int, list[str]]:
     return lo, hi, kinds
 
 
+@dataclass
+class HostSide:
+    """The host's end of a stress run: a sink (tx) or an echo service, and the inbound
+    stream (both)."""
+
+    sink: FlowSink | None = None
+    echo: UdpEcho | None = None
+    inbound: InboundStream | None = None
+
+
+class StressProgress:
+    """The progress bar, fed by the guest's console lines and the supervisor's ticks, and
+    each process's RSS at the start and the end."""
+
+    def __init__(self, a: argparse.Namespace, sup: Supervisor, chaos: Chaos, host: HostSide,
+                 duration: float) -> None:
+        self.a, self.sup, self.chaos, self.host, self.duration = a, sup, chaos, host, duration
+        self.rss_start: dict[str, int] = {}
+        self.rss_end: dict[str, int] = {}
+        self.progress = {"sent": 0, "replies": 0, "inbound": 0}
+        total = a.packets or duration
+        self.bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
+                        file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] "
+                                   "{postfix}")
+        self.t_start = time.monotonic()
+        self.last = {"t": self.t_start, "delivered": 0}
+        self.exit_rate = {"t": self.t_start, "exits": 0, "rate": 0.0}
+
+    def delivered_now(self) -> int:
+        if self.host.sink is not None:
+            return len(self.host.sink.seen)
+        return self.progress["replies"] + self.progress["inbound"]
+
+    def on_console(self, role: str, line: str) -> None:
+        inbound = self.host.inbound
+        if line == "stress started":
+            self.chaos.start()
+            if inbound is not None:
+                inbound.start()
+        elif line == "stress finishing":
+            self.chaos.stop()
+            if inbound is not None:
+                inbound.stop()
+        elif line.startswith("progress"):
+            for part in line.split()[1:]:
+                k, v = part.split("=")
+                self.progress[k] = int(v)
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        last, exit_rate, progress = self.last, self.exit_rate, self.progress
+        if now - last["t"] < 0.25:
+            return
+        rss = {role: v for role, v in self.sup.rss().items() if v > 0}  # exiting: 0
+        if not self.rss_start and now - self.t_start > 1.0:
+            self.rss_start.update(rss)
+        self.rss_end.update(rss)
+        d = self.delivered_now()
+        exits = self.sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0)
+        if exits != exit_rate["exits"]:
+            exit_rate.update(rate=(exits - exit_rate["exits"]) / (now - exit_rate["t"]), t=now,
+                             exits=exits)
+        dt = now - last["t"]
+        in_flight = max(0, progress["sent"] - d)
+        self.bar.set_postfix_str(f"{(d - last['delivered']) / dt:,.0f} pkt/s, delivered {d:,}, "
+                                 f"in flight {in_flight:,}, exits {exit_rate['rate']:,.0f}/s")
+        self.bar.n = progress["sent"] if self.a.packets else min(self.duration,
+                                                                 now - self.t_start)
+        self.bar.refresh()
+        last.update(t=now, delivered=d)
+
+
+@dataclass
+class StressRun:
+    """What a finished stress run left to judge."""
+
+    cfg: Any
+    sup: Supervisor
+    reports: dict[str, Any]
+    summary: dict[str, Any]
+    host: HostSide
+    log: ChaosLog
+    watch: StressProgress
+    tap: dict[str, Any]
+    flows: int
+    sizes: tuple[int, int]
+    kinds: list[str]
+
+
 def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     lo, hi, kinds = check(a)
     tap = stress_tap_options(a)
     duration = a.duration if a.duration is not None else (0 if a.packets else 10.0)
     flows = a.flows or 2 * a.queues
-    sink: FlowSink | None = None
-    echo: UdpEcho | None = None
-    inbound: InboundStream | None = None
+    host = HostSide()
     hostfwd: list[tuple[int, int]] = []
 
     def start_services(ns: str | None) -> int:
         """The host's end: on loopback for slirp, on 10.0.2.2 in the run's namespace behind a
         tap; the port the guest sends to."""
-        nonlocal sink, echo, inbound
         if a.mode == "tx":
-            sink = FlowSink(lo, hi, a.seed, ns)
+            host.sink = FlowSink(lo, hi, a.seed, ns)
         else:
-            echo = UdpEcho(0, ns=ns)
+            host.echo = UdpEcho(0, ns=ns)
         if a.mode == "both":
-            inbound = InboundStream(GUEST_PORT if ns else hostfwd[0][0], 2000.0, ns)
-        return sink.port if sink else echo.port  # type: ignore[union-attr]
+            host.inbound = InboundStream(GUEST_PORT if ns else hostfwd[0][0], 2000.0, ns)
+        return host.sink.port if host.sink else host.echo.port  # type: ignore[union-attr]
 
     if a.mode == "both" and not tap:
         hostfwd = [(free_udp_port(), GUEST_PORT)]
@@ -295,91 +295,54 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if tap:
         def before_spawn(cfg: Any) -> None:
             opts.dest_port = cfg.options["dest_port"] = start_services(cfg.options["netns"])
-            chaos.echo = echo
+            chaos.echo = host.echo
 
         sup.before_spawn = before_spawn
     else:
         opts.dest_port = start_services(None)
     log = ChaosLog(time.monotonic())
-    chaos = Chaos(kinds, sup, echo, log, a.seed, a.chaos_period)
-    rss_start: dict[str, int] = {}
-    rss_end: dict[str, int] = {}
-    progress = {"sent": 0, "replies": 0, "inbound": 0}
-    total = a.packets or duration
-    bar = tqdm(total=total, unit="pkt" if a.packets else "s", disable=a.no_progress,
-               file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}] {postfix}")
-    t_start = time.monotonic()
-    last = {"t": t_start, "delivered": 0}
-    exit_rate = {"t": t_start, "exits": 0, "rate": 0.0}
+    chaos = Chaos(kinds, sup, host.echo, log, a.seed, a.chaos_period)
+    watch = StressProgress(a, sup, chaos, host, duration)
+    sup.on_console = watch.on_console
+    sup.on_tick = watch.on_tick
 
-    def delivered_now() -> int:
-        if sink is not None:
-            return len(sink.seen)
-        return progress["replies"] + progress["inbound"]
-
-    def on_console(role: str, line: str) -> None:
-        if line == "stress started":
-            chaos.start()
-            if inbound is not None:
-                inbound.start()
-        elif line == "stress finishing":
-            chaos.stop()
-            if inbound is not None:
-                inbound.stop()
-        elif line.startswith("progress"):
-            for part in line.split()[1:]:
-                k, v = part.split("=")
-                progress[k] = int(v)
-
-    def on_tick() -> None:
-        now = time.monotonic()
-        if now - last["t"] < 0.25:
-            return
-        rss = {role: v for role, v in sup.rss().items() if v > 0}  # an exiting process shows 0
-        if not rss_start and now - t_start > 1.0:
-            rss_start.update(rss)
-        rss_end.update(rss)
-        d = delivered_now()
-        exits = sup.live.get("kvm", {}).get("vcpu", {}).get("exits", 0)
-        if exits != exit_rate["exits"]:
-            exit_rate.update(rate=(exits - exit_rate["exits"]) / (now - exit_rate["t"]), t=now,
-                             exits=exits)
-        dt = now - last["t"]
-        in_flight = max(0, progress["sent"] - d)
-        bar.set_postfix_str(f"{(d - last['delivered']) / dt:,.0f} pkt/s, delivered {d:,}, "
-                            f"in flight {in_flight:,}, exits {exit_rate['rate']:,.0f}/s")
-        bar.n = progress["sent"] if a.packets else min(duration, now - t_start)
-        bar.refresh()
-        last.update(t=now, delivered=d)
-
-    sup.on_console = on_console
-    sup.on_tick = on_tick
     def quiet_host_side() -> None:
         chaos.stop()
-        if inbound is not None:
-            inbound.stop()
+        if host.inbound is not None:
+            host.inbound.stop()
 
     try:
         try:
             cfg = sup.run(before_stop=quiet_host_side)
         finally:
-            bar.close()
+            watch.bar.close()
         time.sleep(0.3)
         reports = sup.reports()
         summary = build_summary(cfg.rid, opts, reports, None, sup.t_end - sup.t_start)
     finally:
-        for h in (sink, echo):
+        for h in (host.sink, host.echo):
             if h is not None:
                 h.close()
         sup.cleanup()
+    verdict = judge(a, StressRun(cfg, sup, reports, summary, host, log, watch, tap, flows,
+                                 (lo, hi), kinds))
+    return verdict, 1 if verdict["reasons"] else 0
+
+
+def judge(a: argparse.Namespace, run: StressRun) -> dict[str, Any]:
+    """The verdict: every loss attributed to the chaos that caused it, or named."""
+    cfg, sup, reports, summary = run.cfg, run.sup, run.reports, run.summary
+    sink, echo, inbound = run.host.sink, run.host.echo, run.host.inbound
+    flows, tap, kinds = run.flows, run.tap, run.kinds
+    lo, hi = run.sizes
+    rss_start, rss_end = run.watch.rss_start, run.watch.rss_end
     leftovers = [str(p) for p in object_entries(cfg.rid)] + (
         [cfg.rundir] if Path(cfg.rundir).exists() else [])
     guest = reports.get("guest", {})
     prog = guest.get("program", {})
     qemu = reports.get("qemu", {})
     sent = prog.get("sent", 0)
-    events = outages(log.events, guest.get("reset_log", []),
+    events = outages(run.log.events, guest.get("reset_log", []),
                      qemu.get("cpr", {}).get("incomings", []))
     now_ns = time.monotonic_ns()
     faulted = set(prog.get("faulted_seqs", []))  # frames that carried a ring fault
@@ -447,7 +410,7 @@ def run_stress(a: argparse.Namespace) -> tuple[dict[str, Any], int]:
     }
     verdict["reasons"] = reasons = fail_reasons(verdict, kinds)
     verdict["verdict"] = "FAIL" if reasons else "PASS"
-    return verdict, 1 if reasons else 0
+    return verdict
 
 
 def fail_reasons(v: dict[str, Any], kinds: list[str]) -> list[str]:
