@@ -47,9 +47,12 @@ system_tools() {
         >"$log" 2>&1 || { tail -n 20 "$log" >&2; echo "run.sh: apt-get failed (log: $log)" >&2; }
 }
 
+# what the user typed to get here: the commands vreplica prints for them to type use it
+export VREPLICA_PROG="$0"
+
 case "${1:-}" in
     "") exec "$py" -m vreplica.cli demo ;;
-    test) shift; system_tools; exec "$py" -m pytest "$@" ;;
+    test) shift; system_tools; unset VREPLICA_PROG; exec "$py" -m pytest "$@" ;;
     bench) shift; exec "$py" -m vreplica.cli bench "$@" ;;
     fuzz) shift; exec "$py" -m vreplica.cli fuzz "$@" ;;
     stress) shift; exec "$py" -m vreplica.cli stress "$@" ;;

@@ -59,7 +59,7 @@ CHANNELS = {
 }
 
 # The ``inflight`` segment: this header, then one region per virtqueue (see
-# qemuproc/vhost_user_inflight.py for a region's fields).
+# common/inflight_record.py for a region's fields).
 RUN_HEADER = struct.Struct("<8sIId")  # magic, version, supervisor pid, supervisor start time
 RUN_HEADER_SIZE = 64
 RUN_MAGIC = b"vreplica"

@@ -52,6 +52,7 @@ class ProcessRuntime:
         os.umask(0o077)  # what the process writes in the run directory (or a pcap) is private
         # the handler first: a SIGTERM from here on (PDEATHSIG included) ends in finish()
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the supervisor
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the supervisor
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

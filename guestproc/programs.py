@@ -5,10 +5,10 @@ Each takes the kernel, the stack and the run's options, and returns what it meas
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable
 from typing import Any
 
+from common.seqwindow import SeqWindow
 from guestproc.kernel import Kernel
 from guestproc.netstack import GuestStack
 
@@ -32,6 +32,30 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
         return None
     k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
     return sorted_values[k]
+
+
+PROGRESS_EVERY_NS = 1_000_000_000
+
+
+class Progress:
+    """A "progress" console line, at most once a second and only when a count moved: the
+    supervisor's run timeout measures the silence since the last one."""
+
+    def __init__(self, kernel: Kernel, console: Console) -> None:
+        self.kernel = kernel
+        self.console = console
+        self.last_ns = kernel.now_ns()
+        self.last = ""
+
+    def tick(self, **counts: int) -> None:
+        now = self.kernel.now_ns()
+        if now - self.last_ns < PROGRESS_EVERY_NS:
+            return
+        self.last_ns = now
+        line = "progress " + " ".join(f"{k}={v}" for k, v in counts.items())
+        if line != self.last:
+            self.last = line
+            self.console(line)
 
 
 PHASE_PAUSE_MS = 1000.0
@@ -66,18 +90,23 @@ def udp_send(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     batch = max(1, opts.get("batch", 1))
     sock = stack.socket()
     dst = (GATEWAY, port)
+    progress = Progress(kernel, console)
     t0 = kernel.now_ns()
     for seq in range(n):
         sock.sendto(payload(seq, size), dst, more=(seq + 1) % batch != 0 and seq + 1 < n)
         if sleeps[seq]:
             kernel.msleep(sleeps[seq])
+            progress.tick(sent=seq + 1)
+        elif not seq & 63:
+            progress.tick(sent=seq + 1)
     return {"sent": n, "send_ns": kernel.now_ns() - t0, "t0_ns": t0, "sport": sock.port}
 
 
 def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
                     console: Console) -> dict[str, Any]:
     """Send ``packets`` datagrams to an echo service at 10.0.2.2:``dest_port``, at most
-    ``window`` unanswered at a time, and check every reply against what was sent."""
+    ``window`` unanswered at a time, and check every reply against what was sent; give up
+    after ``timeout`` seconds without a reply."""
     n, size, port = opts["packets"], opts["size"], opts["dest_port"]
     window = max(1, opts.get("window", 1))
     pace = opts.get("pace_ms", 0.0)
@@ -90,6 +119,7 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     rtts: list[float] = []
     bad = dup = 0
     next_seq = outstanding = 0
+    progress = Progress(kernel, console)
     t0 = kernel.now_ns()
     deadline = t0 + int(timeout_s * 1e9)
     while (next_seq < n or outstanding) and kernel.now_ns() < deadline:
@@ -111,6 +141,8 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             continue
         got[seq] = True
         outstanding -= 1
+        deadline = kernel.now_ns() + int(timeout_s * 1e9)
+        progress.tick(sent=next_seq, replies=len(rtts) + 1)
         rtts.append((arrived - sent_at[seq]) / 1e3)
         if pace:
             kernel.msleep(pace)
@@ -123,7 +155,8 @@ def udp_echo_client(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
 
 def udp_sink(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
              console: Console) -> dict[str, Any]:
-    """Listen on ``guest_port`` and count ``packets`` datagrams from the host (hostfwd).
+    """Listen on ``guest_port`` and count ``packets`` datagrams from the host (hostfwd),
+    giving up after ``timeout`` seconds without one.
 
     With ``rx_stall_after`` the guest stops refilling its RX ring after that many datagrams
     for ``rx_stall_ms`` (as a guest under memory pressure would), then refills again.
@@ -135,14 +168,15 @@ def udp_sink(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     stall_ms = opts.get("rx_stall_ms", 0.0)
     console(f"listening on udp port {sock.port}")
     seqs: list[int] = []
-    t0 = kernel.now_ns()
-    deadline = t0 + int(opts.get("timeout", 30.0) * 1e9)
+    timeout_s = opts.get("timeout", 30.0)
+    progress = Progress(kernel, console)
     first = last = 0
     while len(seqs) < n:
-        r = sock.recvfrom(max(0.0, (deadline - kernel.now_ns()) / 1e9))
+        r = sock.recvfrom(timeout_s)
         if r is None:
             break
         data, _, arrived = r
+        progress.tick(received=len(seqs) + 1)
         first = first or arrived
         last = arrived
         seqs.append(int.from_bytes(data[:SEQ_BYTES], "big") if len(data) >= SEQ_BYTES else -1)
@@ -168,15 +202,18 @@ def ping(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     n = opts["packets"]
     ident = 0x1234
     rtts: list[float] = []
+    progress = Progress(kernel, console)
+    t0 = kernel.now_ns()
     for seq in range(n):
+        progress.tick(sent=seq)
         t = kernel.now_ns()
         stack.send_ping(GATEWAY, ident, seq, b"vreplica-ping".ljust(56, b"."))
         ok = kernel.wait_event(lambda s=seq: (ident, s) in stack.ping_replies, 1.0)
         if ok:
             rtts.append((kernel.now_ns() - t) / 1e3)
     rtts.sort()
-    return {"sent": n, "replies": len(rtts), "rtt_us_p50": percentile(rtts, 50),
-            "rtt_us_p99": percentile(rtts, 99)}
+    return {"sent": n, "replies": len(rtts), "send_ns": kernel.now_ns() - t0,
+            "rtt_us_p50": percentile(rtts, 50), "rtt_us_p99": percentile(rtts, 99)}
 
 
 def stress_size(seq: int, lo: int, hi: int, seed: int) -> int:
@@ -194,57 +231,29 @@ PACKED_CHAOS_FAULT_KINDS = ("packed-loop", "packed-zero-len", "packed-oob-addr",
 """The same chaos on a packed ring: faults written the packed ring's way."""
 
 
-def loss_runs(arrived_ns: array, paths: int, entered_ns: array | None = None) -> list[list[int]]:
-    """The sequence numbers that never came (``arrived_ns`` 0), in runs of consecutive
-    numbers on one path (path = seq % ``paths``: a flow, which is FIFO end to end), each as
-    [first, last, after_ns, before_ns]: the silence in which whatever lost them did so.
-    It ends with the arrival of the path's first number after the run (0: none). It begins
-    with the arrival of the last number before it (0: none) or, if earlier, when the run's
-    first number entered the path (``entered_ns``): the guest sees a used entry only at the
-    device's next interrupt, and a killed QEMU never sends it, so the number before a loss
-    can arrive after the loss, once the new QEMU interrupts."""
-    runs: list[list[int]] = []
-    n = len(arrived_ns)
-    for path in range(paths):
-        prev_ns = 0
-        run: list[int] | None = None
-        for seq in range(path, n, paths):
-            t = arrived_ns[seq]
-            if t:
-                if run is not None:
-                    run[3] = t
-                    runs.append(run)
-                    run = None
-                prev_ns = t
-            elif run is None:
-                start = prev_ns
-                if start and entered_ns is not None and 0 < entered_ns[seq] < start:
-                    start = entered_ns[seq]
-                run = [seq, seq, start, 0]
-            else:
-                run[1] = seq
-        if run is not None:
-            runs.append(run)
-    return runs
-
-
 class StressReceiver:
     """What the stress program's sockets brought back: every reply checked against what was
-    sent, duplicates and late ones counted, and each host -> guest datagram's arrival."""
+    sent, duplicates and late ones counted, and each host -> guest datagram's arrival. Per
+    sequence number only within a window; older numbers fold into runs of lost ones
+    (common.seqwindow): memory stays flat for hours."""
 
-    def __init__(self, kernel: Kernel, socks: list[Any], inbound: Any) -> None:
+    def __init__(self, kernel: Kernel, socks: list[Any], inbound: Any, flows: int) -> None:
         self.kernel = kernel
         self.socks = socks
         self.inbound = inbound
         self.replies = self.bad = self.dup = self.late = self.inbound_count = 0
-        self.got = bytearray()  # one byte per sequence number: 1 once its reply came back
-        self.reply_ns = array("q")  # per sequence number: when its reply came (0: not yet)
-        self.sent_ns = array("q")  # per sequence number: when it was sent (echo)
-        self.inbound_ns = array("q")  # per host -> guest sequence number: when (0: never)
+        self.echoes = SeqWindow(flows)  # per number: when it was sent, when its reply came
+        self.inbound_seqs = SeqWindow(1)  # host -> guest numbers: when each came
         self.outstanding: set[int] = set()
         self.gave_up: set[int] = set()
 
-    def drain(self, block_s: float, sent: int) -> None:
+    def give_up(self) -> None:
+        """No reply for a while: what is outstanding is given up (a late reply is counted)."""
+        self.gave_up = {s for s in self.gave_up if s >= self.echoes.base}  # older: folded
+        self.gave_up.update(self.outstanding)
+        self.outstanding.clear()
+
+    def drain(self, block_s: float) -> None:
         socks = self.socks
         if block_s and not any(sock.rcvq for sock in socks):
             self.kernel.wait_event(lambda: any(sock.rcvq for sock in socks), block_s)
@@ -254,24 +263,29 @@ class StressReceiver:
                 seq = int.from_bytes(data[:SEQ_BYTES], "big")
                 if sock is self.inbound:
                     self.inbound_count += 1
-                    if 0 <= seq < 1 << 24:
-                        if seq >= len(self.inbound_ns):
-                            self.inbound_ns.frombytes(
-                                bytes(8 * (seq + 1 - len(self.inbound_ns))))
-                        self.inbound_ns[seq] = self.inbound_ns[seq] or arrived
-                elif not 0 <= seq < sent or data != payload(seq, len(data)):
+                    self.inbound_seqs.arrive(seq, arrived, grow=True)
+                elif data != payload(seq, len(data)):
                     self.bad += 1
-                elif self.got[seq]:
-                    self.dup += 1
                 else:
-                    self.got[seq] = 1
-                    self.reply_ns[seq] = arrived
-                    self.replies += 1
-                    if seq in self.gave_up:
-                        self.gave_up.discard(seq)
-                        self.late += 1
-                    else:
-                        self.outstanding.discard(seq)
+                    self._reply(seq, arrived)
+
+    def _reply(self, seq: int, arrived: int) -> None:
+        verdict = self.echoes.arrive(seq, arrived)
+        if verdict == "bad":
+            self.bad += 1
+        elif verdict == "dup":
+            self.dup += 1
+        else:
+            self.replies += 1
+            if seq in self.gave_up:
+                self.gave_up.discard(seq)
+                self.late += 1
+            else:
+                self.outstanding.discard(seq)
+
+    def progress(self, sent: int) -> str:
+        return (f"progress sent={sent} replies={self.replies} inbound={self.inbound_count} "
+                f"awaiting={len(self.outstanding)}")
 
 
 def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
@@ -297,7 +311,7 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
     dst = (GATEWAY, port)
     echo = mode in ("echo", "both")
     sent = 0
-    rx = StressReceiver(kernel, flows + ([inbound] if inbound else []), inbound)
+    rx = StressReceiver(kernel, flows + ([inbound] if inbound else []), inbound, len(flows))
     outstanding = rx.outstanding
     t0 = last_report = kernel.now_ns()
     end = t0 + duration_ns
@@ -316,47 +330,43 @@ def stress(kernel: Kernel, stack: GuestStack, opts: dict[str, Any],
             FaultInjector(stack.dev.priv, kind, after=0)
             faulted.append(sent)
         if echo and len(outstanding) >= window:
-            rx.drain(0.1, sent)
+            rx.drain(0.1)
             now = kernel.now_ns()
             if rx.replies != progress_replies:
                 progress_at, progress_replies = now, rx.replies
             elif now - progress_at > 500_000_000:  # no reply for half a second: give up
-                rx.gave_up.update(outstanding)
-                outstanding.clear()
+                rx.give_up()
+                outstanding = rx.outstanding
                 progress_at = now
             continue
         size = stress_size(sent, lo, hi, seed)
         flows[sent % len(flows)].sendto(payload(sent, size), dst)
         if echo:
             outstanding.add(sent)
-            rx.got.append(0)
-            rx.reply_ns.append(0)
-            rx.sent_ns.append(kernel.now_ns())
+            rx.echoes.enter(sent, kernel.now_ns())
         sent += 1
         if sent % 64 == 0:
-            rx.drain(0.0, sent)
+            rx.drain(0.0)
             now = kernel.now_ns()
             if now - last_report > 500_000_000:
                 last_report = now
-                console(f"progress sent={sent} replies={rx.replies} inbound={rx.inbound_count}")
+                console(rx.progress(sent))
     console("stress finishing")
     deadline = kernel.now_ns() + 2_000_000_000
-    while echo and outstanding and kernel.now_ns() < deadline:
-        rx.drain(0.2, sent)
+    while echo and rx.outstanding and kernel.now_ns() < deadline:
+        rx.drain(0.2)
     if inbound is not None:
         quiet_until = kernel.now_ns() + 500_000_000
         while kernel.now_ns() < quiet_until:
-            rx.drain(0.1, sent)
-    console(f"progress sent={sent} replies={rx.replies} inbound={rx.inbound_count}")
-    nflows = len(flows)
-    return {"reply_gaps": loss_runs(rx.reply_ns, nflows, rx.sent_ns) if echo else [],
-            "inbound_gaps": loss_runs(rx.inbound_ns, 1), "inbound_seen": len(rx.inbound_ns),
-            "inbound_last_ns": max(rx.inbound_ns, default=0),
+            rx.drain(0.1)
+    console(rx.progress(sent))
+    return {"reply_gaps": rx.echoes.runs() if echo else [],
+            "inbound_gaps": rx.inbound_seqs.runs(), "inbound_seen": rx.inbound_seqs.top,
+            "inbound_last_ns": rx.inbound_seqs.last_ns,
             "sent": sent, "replies": rx.replies, "bad_replies": rx.bad,
             "duplicate_replies": rx.dup, "inbound": rx.inbound_count,
-            "unanswered": len(outstanding) + len(rx.gave_up),
+            "unanswered": sent - rx.replies if echo else 0,
             "late_replies": rx.late, "faulted_seqs": faulted,
-            "unanswered_seqs": [i for i, v in enumerate(rx.got) if not v][:200_000],
             "send_ns": kernel.now_ns() - t0, "flows": [f.port for f in flows]}
 
 

@@ -1,13 +1,15 @@
 """Stands for virt/kvm/eventfd.c: ioeventfd (a guest write that signals an eventfd without
 leaving the kernel) and irqfd (an eventfd whose signal injects an interrupt): an eventfd is
 a named semaphore posted by its signaller and taken by a waiter thread (README: why not
-Linux's wake-up callbacks in the signaller's thread)."""
+Linux's wake-up callbacks in the signaller's thread), or, for a vhost-user peer, a real
+eventfd of QEMU's taken with pidfd_getfd (common/eventfd.py)."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
+from common.eventfd import EventfdNotifier, open_notifier
 from common.notifier import EventNotifier
 from common.trace import trace_event, traced
 from kvmproc.irqchip import IrqRouting
@@ -23,7 +25,7 @@ class Ioeventfd:
     addr: int
     length: int
     datamatch: int | None
-    notifier: EventNotifier
+    notifier: EventNotifier | EventfdNotifier
     is_pio: bool
     signals: int = 0
 
@@ -43,7 +45,7 @@ class IoeventfdBus:
         lst = self.fds.setdefault((is_pio, addr, length), [])
         if any(p.datamatch == datamatch and p.notifier.name == name for p in lst):
             return
-        lst.append(Ioeventfd(addr, length, datamatch, EventNotifier(name), is_pio))
+        lst.append(Ioeventfd(addr, length, datamatch, open_notifier(name), is_pio))
 
     def kvm_deassign_ioeventfd(self, is_pio: bool, addr: int, length: int,
                                datamatch: int | None) -> bool:
@@ -85,7 +87,7 @@ class Irqfd:
 
     def __init__(self, gsi: int, name: str, routing: IrqRouting, stats: KvmStats) -> None:
         self.gsi = gsi
-        self.notifier = EventNotifier(name)
+        self.notifier = open_notifier(name)
         self.routing = routing
         self.stats = stats
         self.signals = 0
@@ -95,13 +97,17 @@ class Irqfd:
 
     def _wait(self) -> None:
         wait = self.notifier.wait
-        while self.active:
-            if not wait(0.25):
-                continue
-            if not self.active:  # deassigned meanwhile: leave the signal to the new owner
-                self.notifier.set()
-                return
-            self.irqfd_wakeup()
+        try:
+            while self.active:
+                if not wait(0.25):
+                    continue
+                if not self.active:  # deassigned meanwhile: leave the signal to the new owner
+                    self.notifier.set()
+                    return
+                self.irqfd_wakeup()
+        finally:
+            if isinstance(self.notifier, EventfdNotifier):  # the duplicate pidfd_getfd made
+                self.notifier.close()
 
     @traced
     def irqfd_wakeup(self) -> None:

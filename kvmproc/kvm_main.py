@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.channel import Channel
 from common.cpus import SIG_IPI
+from common.eventfd import is_eventfd_name
 from common.ipc import RunConfig
 from common.kvm_abi import (
     KVM_DESTROY_VM,
@@ -85,6 +86,10 @@ class Kvm:
             return [KVM_RUN_MMAP, self.vcpu.last_exit, req[1] if len(req) > 1 else None]
         return [-EINVAL]
 
+    def name_allowed(self, name: str) -> bool:
+        """The run's own semaphores, or a real eventfd of the caller's (checked when taken)."""
+        return name in self.allowed_names or is_eventfd_name(name)
+
     def kvm_vm_ioctl(self, req: list) -> list:
         """Serve one VM ioctl; the reply is [ret, payload]."""
         op = req[0]
@@ -102,18 +107,24 @@ class Kvm:
             if flags & KVM_IOEVENTFD_FLAG_DEASSIGN:
                 ok = self.bus.kvm_deassign_ioeventfd(is_pio, addr, length, dm)
                 return [0 if ok else -ENOENT, None]
-            if name not in self.allowed_names or length not in (0, 1, 2, 4, 8) \
+            if not self.name_allowed(name) or length not in (0, 1, 2, 4, 8) \
                     or (not length and dm is not None):  # no length: no datamatch either
                 return [-EINVAL, None]
-            self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
+            try:
+                self.bus.kvm_assign_ioeventfd(is_pio, addr, length, dm, name)
+            except OSError as e:  # an eventfd name that is no eventfd of a live process
+                return [-(e.errno or EINVAL), None]
             return [0, None]
         if op == KVM_IRQFD:
             _, gsi, flags, name = req
             if flags & KVM_IRQFD_FLAG_DEASSIGN:
                 return [0 if self.irqfds.kvm_irqfd_deassign(gsi) else -ENOENT, None]
-            if name not in self.allowed_names:
+            if not self.name_allowed(name):
                 return [-EINVAL, None]
-            self.irqfds.kvm_irqfd_assign(gsi, name)
+            try:
+                self.irqfds.kvm_irqfd_assign(gsi, name)
+            except OSError as e:
+                return [-(e.errno or EINVAL), None]
             return [0, None]
         if op == KVM_SET_GSI_ROUTING:
             self.routing.kvm_set_irq_routing(req[1])

@@ -15,6 +15,7 @@ from common.process import ProcessRuntime, Stop
 from qemuproc.kvm_all import KvmError
 from qemuproc.machine import Machine
 from qemuproc.monitor import qemu_monitor
+from qemuproc.net_vhost_user import vhost_user_cleanup
 
 
 def main() -> int:
@@ -49,6 +50,8 @@ def main() -> int:
                 pass
             if m.slirp is not None:
                 m.slirp.cleanup()
+            if m.vhost_user_ncs:
+                vhost_user_cleanup(m.vhost_user_ncs)
         if mon is not None:
             mon.close()
         rt.finish()

@@ -90,8 +90,8 @@ from qemuproc.memory import MemoryRegionOps
 from qemuproc.vhost_user_inflight import (
     InflightRegions,
     QueueRecovery,
-    vu_check_queue_inflights,
-    vu_check_queue_inflights_packed,
+    virtio_queue_check_inflights,
+    virtio_queue_packed_check_inflights,
 )
 from qemuproc.virtio import (
     virtio_notify,
@@ -247,9 +247,9 @@ class Cpr:
         self._last = json.dumps(self.vmstate())
         for vq in vdev.vq:
             if vq.packed is not None:
-                self.recovered.append(vu_check_queue_inflights_packed(vq))
+                self.recovered.append(virtio_queue_packed_check_inflights(vq))
             elif vq.views is not None:
-                self.recovered.append(vu_check_queue_inflights(vq))
+                self.recovered.append(virtio_queue_check_inflights(vq))
         if not vdev.status & VIRTIO_CONFIG_S_DRIVER_OK or vdev.broken:
             vdev.vm_running = True
             return

@@ -28,6 +28,7 @@ from qemuproc.kvm_all import (
 from qemuproc.main_loop import MainLoop
 from qemuproc.memory import AddressSpace
 from qemuproc.net import NetClientInfo, NetClientState, qemu_new_net_client, qemu_send_packet
+from qemuproc.net_vhost_user import describe as vhost_user_describe
 from qemuproc.pci import PCIHostState
 from qemuproc.slirp import Slirp, SlirpState, net_slirp_receive
 from qemuproc.virtio_net import (
@@ -58,8 +59,11 @@ class Machine:
 
         self.tap = None
         self.tap_ncs: list[NetClientState] = []
+        self.vhost_user_ncs: list[NetClientState] = []
         if opts.get("netdev") == "tap":
             self._init_tap(opts)
+        elif opts.get("netdev") == "vhost-user":
+            self._init_vhost_user(opts)
         else:
             self._init_slirp(opts)
         self.dump = None
@@ -79,7 +83,7 @@ class Machine:
                            poll_us=opts.get("poll_us", 0.0),
                            csum=opts.get("csum", True))
         self.n.tx_timeout = opts.get("tx_timer_ns", self.n.tx_timeout)  # x-txtimer
-        virtio_net_device_init(self.n, self.tap_ncs or self.netdev)
+        virtio_net_device_init(self.n, self.tap_ncs or self.vhost_user_ncs or self.netdev)
         for nc in self.n.ncs:
             nc.incoming_queue.nq_maxlen = opts.get("netqueue_maxlen", 10000)
         transport = opts.get("transport", "legacy")  # disable-legacy / disable-modern
@@ -87,6 +91,7 @@ class Machine:
                                     opts.get("msix_vectors", 3), opts.get("ioeventfd", True),
                                     disable_legacy=transport == "modern",
                                     disable_modern=transport == "legacy")
+        self.proxy.eventfd_notifiers = bool(self.vhost_user_ncs)
         self.n.vhost_bus = self.proxy
         self.cpu = CPUState(Channel(cfg.channel("vcpu_req")), Channel(cfg.channel("vcpu_exit")),
                             ml.bql, self.io_as, self.mem_as)
@@ -109,6 +114,23 @@ class Machine:
                                     queues=opts.get("queues", 1))
         self.netdev = self.tap_ncs[0]
         self.tap = self.netdev.opaque
+
+    def _init_vhost_user(self, opts: dict) -> None:
+        """-chardev socket,id=c0,path=SOCK[,server=on,wait=off][,reconnect=S]
+        -netdev vhost-user,id=n0,chardev=c0[,queues=N]: the back end is another process."""
+        from qemuproc.char_socket import SocketChardev, qmp_chardev_open_socket
+        from qemuproc.net_vhost_user import net_vhost_user_init
+
+        c = opts["chardev"]
+        self.slirp = None
+        self.chardev = SocketChardev(c.get("id", "c0"), c["path"], self.main_loop,
+                                     server=bool(c.get("server", False)),
+                                     wait=bool(c.get("wait", True)),
+                                     reconnect=int(c.get("reconnect", 0)))
+        qmp_chardev_open_socket(self.chardev)
+        self.vhost_user_ncs = net_vhost_user_init(self.main_loop, self.chardev, "n0",
+                                                  opts.get("queues", 1))
+        self.netdev = self.vhost_user_ncs[0]
 
     def _init_slirp(self, opts: dict) -> None:
         ml = self.main_loop
@@ -138,7 +160,10 @@ class Machine:
     def vhost_describe(self) -> dict:
         """QEMU's vhost devices, one per queue pair: pair 0's counts, every queue's ring base
         at the last stop, and each pair's own row."""
-        devs = [nc.opaque.vhost_net.dev for nc in self.tap_ncs]
+        devs = [nc.opaque.vhost_net.dev for nc in self.tap_ncs or self.vhost_user_ncs
+                if nc.opaque.vhost_net is not None]
+        if not devs:
+            return {"started": self.n.vhost_started}
         dev = devs[0]
         return {"started": self.n.vhost_started, "starts": dev.starts, "stops": dev.stops,
                 "acked_features": hex(dev.acked_features),
@@ -189,7 +214,10 @@ class Machine:
             "errors": vdev.errors,
             **({"slirp": self.slirp.describe()} if self.slirp else {}),
             **({"tap": self.tap.describe()} if self.tap else {}),
-            **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net else {}),
+            **({"vhost": self.vhost_describe()} if self.tap and self.tap.vhost_net
+               or self.vhost_user_ncs else {}),
+            **({"vhost_user": vhost_user_describe(self.vhost_user_ncs)}
+               if self.vhost_user_ncs else {}),
             "netqueue": {"nic_dropped": sum(nc.incoming_queue.dropped for nc in self.n.ncs),
                          "nic_queued": sum(nc.incoming_queue.queued for nc in self.n.ncs),
                          "nic_flush_dropped": sum(nc.incoming_queue.flush_dropped

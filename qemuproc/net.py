@@ -47,6 +47,7 @@ class NetClientInfo:
         self.get_using_vnet_hdr = vnet.get("get_using_vnet_hdr")
         self.get_vnet_hdr_len = vnet.get("get_vnet_hdr_len")
         self.poll = vnet.get("poll")  # a backend vhost takes over stops being polled
+        self.link_status_changed = vnet.get("link_status_changed")
 
 
 class NetPacket:
@@ -90,6 +91,7 @@ class NetClientState:
         self.incoming_queue = NetQueue(self)
         self.receive_disabled = False
         self.link_down = False
+        self.vring_enable = False  # a vhost-user pair's queues enabled (vhost_set_vring_enable)
         self.filters: list[NetFilter] = []
         self.opaque: Any = None
         self.sent = 0
@@ -122,6 +124,23 @@ def qemu_new_net_client(info: NetClientInfo, peer: NetClientState | None, model:
         nc.peer = peer
         peer.peer = nc
     return nc
+
+
+def qmp_set_link(ncs: list[NetClientState], up: bool) -> None:
+    """set_link: the netdev's queues ``ncs`` up or down; a NIC peer follows and is told
+    (link_status_changed)."""
+    for nc in ncs:
+        nc.link_down = not up
+    nc = ncs[0]
+    if nc.info.link_status_changed is not None:
+        nc.info.link_status_changed(nc)
+    if nc.peer is not None:
+        if nc.peer.info.type == "nic":
+            for q in ncs:
+                if q.peer is not None:
+                    q.peer.link_down = not up
+        if nc.peer.info.link_status_changed is not None:
+            nc.peer.info.link_status_changed(nc.peer)
 
 
 def qemu_can_send_packet(sender: NetClientState) -> bool:

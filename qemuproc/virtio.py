@@ -339,6 +339,38 @@ def virtio_init_region_cache(vdev: VirtIODevice, n: int) -> None:
     vq.views = VringViews(ring, VringAddrs(vq.num, vq.desc - lo, vq.avail - lo, vq.used - lo))
 
 
+def virtio_queue_get_last_avail_idx(vq: VirtQueue) -> int:
+    """The ring position a vhost back end starts from (VHOST_SET_VRING_BASE's num): split, the
+    avail index; packed, avail index and wrap counter in bits 0-15, the used ones above."""
+    if vq.packed is None:
+        return vq.last_avail_idx
+    avail = vq.last_avail_idx | int(vq.last_avail_wrap_counter) << 15
+    used = vq.used_idx | int(vq.used_wrap_counter) << 15
+    return avail | used << 16
+
+
+def virtio_queue_set_last_avail_idx(vq: VirtQueue, idx: int) -> None:
+    """Where a vhost back end stopped (VHOST_GET_VRING_BASE's num)."""
+    if vq.packed is not None:
+        vq.last_avail_idx = vq.shadow_avail_idx = idx & 0x7FFF
+        vq.last_avail_wrap_counter = vq.shadow_avail_wrap_counter = bool(idx & 0x8000)
+        idx >>= 16
+        vq.used_idx = idx & 0x7FFF
+        vq.used_wrap_counter = bool(idx & 0x8000)
+    else:
+        vq.last_avail_idx = vq.shadow_avail_idx = idx & 0xFFFF
+
+
+def virtio_queue_restore_last_avail_idx(vq: VirtQueue) -> None:
+    """The back end is gone without saying where it got to: what the guest sees as used is
+    all that was done (split: the used ring's index; packed: the used position)."""
+    if vq.packed is not None:
+        vq.last_avail_idx = vq.shadow_avail_idx = vq.used_idx
+        vq.last_avail_wrap_counter = vq.shadow_avail_wrap_counter = vq.used_wrap_counter
+    elif vq.views is not None:
+        vq.last_avail_idx = vq.shadow_avail_idx = vq.views.used_hdr[1]
+
+
 def virtio_queue_ready(vq: VirtQueue) -> bool:
     return vq.views is not None or vq.packed is not None
 

@@ -70,7 +70,7 @@ from common.virtio_abi import (
     VIRTIO_RING_F_INDIRECT_DESC,
     virtio_net_hdr_len,
 )
-from qemuproc.aio import QEMUBH, qemu_bh_new, qemu_bh_schedule
+from qemuproc.aio import QEMUBH, qemu_bh_cancel, qemu_bh_new, qemu_bh_schedule
 from qemuproc.main_loop import MainLoop
 from qemuproc.net import (
     NetClientInfo,
@@ -100,6 +100,7 @@ from qemuproc.vhost_net import (
     vhost_net_get_features,
     vhost_net_start,
     vhost_net_stop,
+    vhost_set_vring_enable,
 )
 from qemuproc.virtio import (
     VirtIODevice,
@@ -109,11 +110,13 @@ from qemuproc.virtio import (
     virtio_add_queue,
     virtio_error,
     virtio_notify,
+    virtio_notify_config,
     virtio_queue_empty,
     virtio_queue_ready,
     virtio_queue_set_notification,
     virtqueue_avail_bytes,
     virtqueue_detach_element,
+    virtqueue_drop_all,
     virtqueue_fill,
     virtqueue_flush,
     virtqueue_pop,
@@ -256,23 +259,40 @@ class VirtIONet(VirtIODevice):
                 vhost_net_ack_features(net, features)
 
     def set_status(self, status: int) -> None:
-        """virtio_net_set_status: vhost starts or stops; each started queue pair (DRIVER_OK,
-        link up, within the pairs in use, not vhost's) flushes what waited for it; on
-        DRIVER_OK a waiting TX resumes (unless vhost has the queues). It runs before
+        """virtio_net_set_status: vhost starts or stops; each queue pair QEMU itself serves
+        (DRIVER_OK, link up, running, within the pairs in use, not vhost's) flushes what
+        waited for it and resumes a waiting TX; for any other pair a waiting TX bottom half
+        or timer is cancelled and, with the link down, what the guest queued is dropped
+        (virtio_net_drop_tx_queue_data), so its kicks come again. It runs before
         virtio_set_status stores ``status``, so at DRIVER_OK virtio_net_can_receive still says
         no and each waiting frame is dropped (-1), as in QEMU; a pair the control queue turns
         on later gets its frames (virtio_net_handle_mq calls this again)."""
         virtio_net_vhost_status(self, status)
-        if status & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            for q in self.vqs:
-                if q.tx_waiting and q.tx_bh is not None and not self.vhost_started:
+        for i, q in enumerate(self.vqs):
+            if (not self.multiqueue and i != 0) or i >= self.curr_queue_pairs:
+                queue_status = 0
+            else:
+                queue_status = status
+            queue_started = virtio_net_started(self, queue_status) and not self.vhost_started
+            if queue_started:
+                qemu_flush_queued_packets(self.ncs[i])
+            if not q.tx_waiting:
+                continue
+            if queue_started:
+                if q.tx_timer is not None:
+                    timer_mod(q.tx_timer, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + self.tx_timeout)
+                elif q.tx_bh is not None:
                     qemu_bh_schedule(q.tx_bh)
-        if not (status & VIRTIO_CONFIG_S_DRIVER_OK and self.status_net & VIRTIO_NET_S_LINK_UP
-                and self.vm_running) or self.vhost_started:
-            return  # vhost has RX: the frames wait for it
-        for i, nc in enumerate(self.ncs):
-            if (self.multiqueue or i == 0) and i < self.curr_queue_pairs:
-                qemu_flush_queued_packets(nc)
+                continue
+            if q.tx_timer is not None:
+                timer_del(q.tx_timer)
+            elif q.tx_bh is not None:
+                qemu_bh_cancel(q.tx_bh)
+            if not self.status_net & VIRTIO_NET_S_LINK_UP \
+                    and queue_status & VIRTIO_CONFIG_S_DRIVER_OK and self.vm_running:
+                q.tx_waiting = False  # the guest queued frames with notifications off
+                virtio_queue_set_notification(q.tx_vq, True)
+                virtio_net_drop_tx_queue_data(self, q.tx_vq)
 
     def reset(self) -> None:
         """virtio_net_reset: among the rest, a TX frame the backend still holds is flushed
@@ -289,6 +309,16 @@ class VirtIONet(VirtIODevice):
         self.curr_queue_pairs = 1
         self.multiqueue = False
         self.virtio_net_reset_rx_filter()
+
+
+def virtio_net_started(n: VirtIONet, status: int) -> bool:
+    return bool(status & VIRTIO_CONFIG_S_DRIVER_OK) and bool(n.status_net & VIRTIO_NET_S_LINK_UP) \
+        and n.vm_running
+
+
+def virtio_net_drop_tx_queue_data(vdev: VirtIONet, vq: VirtQueue) -> None:
+    if virtqueue_drop_all(vq):
+        virtio_notify(vdev, vq)
 
 
 def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
@@ -320,9 +350,26 @@ def virtio_net_vhost_status(n: VirtIONet, status: int) -> None:
         n.vhost_started = False
 
 
+def virtio_net_set_link_status(nc: NetClientState) -> None:
+    """The peer's link went up or down (qmp_set_link): the config's LINK_UP bit follows, the
+    guest is told, and vhost stops or starts with it."""
+    n = nc.opaque
+    old = n.status_net
+    if nc.link_down:
+        n.status_net &= ~VIRTIO_NET_S_LINK_UP
+    else:
+        n.status_net |= VIRTIO_NET_S_LINK_UP
+    if n.status_net != old:
+        virtio_notify_config(n)
+    n.set_status(n.status)
+
+
 def peer_attach(n: VirtIONet, index: int) -> int:
-    """Queue pair ``index`` is in use: a multiqueue tap attaches its queue (tap_enable)."""
+    """Queue pair ``index`` is in use: a vhost-user back end enables its rings, a multiqueue
+    tap attaches its queue (tap_enable)."""
     nc = n.ncs[index]
+    if nc.peer is not None and nc.peer.info.type == "vhost-user":
+        vhost_set_vring_enable(nc.peer, True)
     if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
             or nc.peer is n.ncs[0].peer and index:
         return 0
@@ -331,6 +378,8 @@ def peer_attach(n: VirtIONet, index: int) -> int:
 
 def peer_detach(n: VirtIONet, index: int) -> int:
     nc = n.ncs[index]
+    if nc.peer is not None and nc.peer.info.type == "vhost-user":
+        vhost_set_vring_enable(nc.peer, False)
     if nc.peer is None or nc.peer.info.type != "tap" or n.max_queue_pairs == 1 \
             or nc.peer is n.ncs[0].peer and index:
         return 0
@@ -381,7 +430,8 @@ def virtio_net_device_init(n: VirtIONet,
     every pair's peer."""
     peers = netdev if isinstance(netdev, list) else None
     netdev = peers[0] if peers else netdev  # type: ignore[assignment]
-    info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive)
+    info = NetClientInfo("nic", virtio_net_receive, virtio_net_can_receive,
+                         link_status_changed=virtio_net_set_link_status)
     for i in range(n.max_queue_pairs):
         q = VirtIONetQueue(n, i)
         q.rx_vq = virtio_add_queue(n, n.queue_size, virtio_net_handle_rx, f"RX(q{2 * i})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.eventfd import EventfdNotifier, poll_bridge
 from common.ipc import RunConfig
 from common.notifier import EventNotifier, PollBridge
 from common.trace import trace_event, traced
@@ -147,8 +148,10 @@ class VirtIOPCIProxy:
         self.host_bridges: dict[int, PollBridge] = {}
         self.irqfd_gsis: dict[int, int] = {}  # vector -> gsi
         self.irqfd_msgs: dict[int, tuple[int, int]] = {}  # vector -> its route's message
-        self.irqfds: dict[int, EventNotifier] = {}
-        self.guest_notifiers: dict[int, PollBridge] = {}  # INTx with vhost: queue -> notifier
+        self.irqfds: dict[int, Any] = {}
+        self.guest_notifiers: dict[int, Any] = {}  # INTx with vhost: queue -> notifier
+        self.eventfd_notifiers = False  # a vhost-user back end: host and guest notifiers are
+        self.vhost_host_notifiers: dict[int, EventfdNotifier] = {}  # real eventfds
 
     # -- notifications toward the guest -------------------------------------------------------
 
@@ -209,8 +212,15 @@ class VirtIOPCIProxy:
         return self.ioeventfd
 
     def ioeventfd_assign(self, n: int, assign: bool) -> None:
-        """k->ioeventfd_assign, on queue ``n``'s host notifier (named by the run)."""
-        self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, assign)
+        """k->ioeventfd_assign, on queue ``n``'s host notifier (named by the run; while a
+        vhost-user back end holds the notifiers, the real eventfd it kicks through, closed
+        when it lets go: virtio_bus_cleanup_host_notifier)."""
+        if self.eventfd_notifiers and self.ioeventfd_grabbed:
+            self.virtio_pci_ioeventfd_assign(self.vhost_host_notifier_name(n), n, assign)
+            if not assign:
+                self.virtio_pci_release_host_notifiers(range(n, n + 1))
+        else:
+            self.virtio_pci_ioeventfd_assign(self.cfg.ioeventfd(n), n, assign)
         self.vdev.vq[n].host_notifier_enabled = assign  # virtio_queue_set_host_notifier_enabled
 
     def start_ioeventfd(self) -> None:
@@ -281,7 +291,8 @@ class VirtIOPCIProxy:
             for vq in self.vdev.vq:
                 if vq.views is None:
                     continue
-                bridge = PollBridge(EventNotifier(self.cfg.irqfd(vq.queue_index)))
+                bridge = poll_bridge(EventfdNotifier() if self.eventfd_notifiers
+                                     else EventNotifier(self.cfg.irqfd(vq.queue_index)))
                 self.guest_notifiers[vq.queue_index] = vq.guest_notifier = bridge
                 self.main_loop.qemu_set_fd_handler(bridge.fileno(),
                                                    virtio_queue_guest_notifier_read, None, vq,
@@ -295,9 +306,10 @@ class VirtIOPCIProxy:
             self.irqfd_msgs[vector] = msg
         kvm.kvm_irqchip_commit_routes()
         for vector, gsi in self.irqfd_gsis.items():
-            name = self.cfg.irqfd(vector)
-            self.irqfds[vector] = EventNotifier(name)
-            kvm.kvm_irqchip_add_irqfd_notifier_gsi(name, gsi)
+            n = (EventfdNotifier() if self.eventfd_notifiers
+                 else EventNotifier(self.cfg.irqfd(vector)))
+            self.irqfds[vector] = n
+            kvm.kvm_irqchip_add_irqfd_notifier_gsi(n.name, gsi)
         dev.msix_vector_use_notifier = self.virtio_pci_vector_unmask  # msix_set_vector_notifiers
         dev.msix_vector_release_notifier = self.virtio_pci_vector_mask
 
@@ -308,6 +320,38 @@ class VirtIOPCIProxy:
             return self.guest_notifiers[queue].notifier.name
         irqfd = self.irqfds.get(self.vdev.vq[queue].vector)
         return irqfd.name if irqfd is not None else None
+
+    def vhost_host_notifier(self, queue: int) -> Any:
+        """The kick a vhost back end takes (virtio_queue_get_host_notifier): for vhost-user a
+        real eventfd, made the first time it is asked for, signalled from the start as
+        virtio_bus_set_host_notifier makes it (event_notifier_init(notifier, 1)), so that the
+        back end looks at what the ring already holds; else the ioeventfd's name."""
+        if not self.eventfd_notifiers:
+            return self.cfg.ioeventfd(queue)
+        n = self.vhost_host_notifiers.get(queue)
+        if n is None:
+            n = self.vhost_host_notifiers[queue] = EventfdNotifier(initval=1)
+        return n
+
+    def vhost_host_notifier_name(self, queue: int) -> str:
+        n = self.vhost_host_notifier(queue)
+        return n if isinstance(n, str) else n.name
+
+    def virtio_pci_release_host_notifiers(self, queues: range) -> None:
+        """virtio_bus_cleanup_host_notifier: vhost gave the queues back; their eventfds go."""
+        for q in queues:
+            n = self.vhost_host_notifiers.pop(q, None)
+            if n is not None:
+                n.close()
+
+    def vhost_guest_notifier(self, queue: int) -> Any:
+        """The call a vhost back end signals: the eventfd (vhost-user) or name (kernel) of the
+        queue's vector's irqfd, or under INTx of its guest notifier."""
+        if not self.eventfd_notifiers:
+            return self.queue_call_notifier_name(queue)
+        if queue in self.guest_notifiers:
+            return self.guest_notifiers[queue].notifier
+        return self.irqfds.get(self.vdev.vq[queue].vector)
 
     def virtio_pci_reset(self) -> None:
         """virtio_bus_reset (QEMU's ioeventfds stop, virtio_reset: a vhost back end stops

@@ -29,7 +29,7 @@ import pytest
 from replica import Replica, private_runs_root
 from ringmock import TEST_PREFIX
 
-from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR
+from common.ipc import MQUEUE_DIR, NAME_PREFIX, SHM_DIR, run_owner
 from common.ipc import runs_root as all_runs_root
 from common.netns import run_namespaces
 
@@ -150,6 +150,11 @@ class RunWatcher:
             if rid and rid not in self.ours and rid not in self.foreign:
                 self.supervisors.setdefault(rid, ppid)
                 (self.foreign if foreign_pid(ppid) else self.ours).add(rid)
+        for rid in run_namespaces():  # a standalone backend's namespace names its owner
+            if rid not in self.ours and rid not in self.foreign:
+                owner = run_owner(rid)
+                if owner is not None and foreign_pid(owner[0]):
+                    self.foreign.add(rid)
 
     def classify(self, rid: str, rundir: Path) -> None:
         try:
@@ -172,6 +177,10 @@ def leftovers(before: Snapshot, watcher: RunWatcher) -> list[str]:
     now = Snapshot.take()
     watcher.scan()
     theirs = watcher.foreign - watcher.ours
+    for rid in {rid_of(n) for n in now.shm - before.shm} | (now.netns - before.netns):
+        owner = run_owner(rid) if rid and rid not in watcher.ours else None
+        if owner is not None and foreign_pid(owner[0]):
+            theirs.add(rid)  # a run of another session, starting or ending (its header says)
     found = []
     for where, old, new in (("/dev/shm", before.shm, now.shm),
                             ("/dev/mqueue", before.mqueue, now.mqueue)):

@@ -38,6 +38,7 @@ def runs_root() -> Iterator[Path]:
 
 def start(root: Path, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, VREPLICA_RUNS=str(root))
+    env.pop("VREPLICA_PROG", None)  # started as vreplica itself, not through run.sh
     return subprocess.Popen([sys.executable, "-m", "vreplica.cli", "run", *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

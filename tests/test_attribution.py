@@ -7,10 +7,21 @@ from array import array
 
 import pytest
 
-from guestproc.programs import loss_runs
+from common.seqwindow import SeqWindow
 from vreplica.stress.attribution import Outage, attribute, begin_at_entry
 
 pytestmark = pytest.mark.timeout(10)
+
+
+def loss_runs(arrived: array, paths: int, sent: array | None = None) -> list[list[int]]:
+    """The stream ``arrived`` (0: never came) through a SeqWindow, each number sent first."""
+    w = SeqWindow(paths)
+    for seq in range(len(arrived)):
+        w.enter(seq, sent[seq] if sent is not None else 0)
+    for seq, t in enumerate(arrived):
+        if t:
+            w.arrive(seq, t)
+    return sorted(w.runs())
 
 
 def test_runs_per_path_with_their_silences() -> None:

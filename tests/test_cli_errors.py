@@ -3,6 +3,7 @@ nothing made (no IPC object, no run directory, no process)."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import ctypes
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -245,6 +246,53 @@ def test_trace_render_help_exits_0() -> None:
     assert proc.stdout.startswith("usage: vreplica trace render")
     assert "--packet" in proc.stdout and "--window" in proc.stdout
     assert proc.stderr == ""
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """``--help``'s options, each with its whole help text (joined over its lines)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"  (-[-\w]+)", line)
+        if m:
+            current = m.group(1)
+            entries[current] = line
+        elif current and line.startswith("      "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def help_parsers() -> dict[str, Any]:
+    from vreplica.demo import _parser as demo_parser
+    from vreplica.stress.stress import build_parser as stress_parser
+
+    run = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    return {"run": run, "stress": stress_parser(), "demo": demo_parser()}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["run", "stress", "demo"])
+def test_help_gives_every_options_default(command: str) -> None:
+    """Each option that has a default says it in --help (on|off options as on or off)."""
+    proc = vreplica([command, "--help"])
+    assert proc.returncode == 0, proc.stderr
+    entries = help_entries(proc.stdout)
+    checked = 0
+    for action in help_parsers()[command]._actions:
+        d = action.default
+        if (not action.option_strings or d in (None, "", False) or d is argparse.SUPPRESS
+                or action.help is argparse.SUPPRESS):
+            continue
+        shown = ("on" if d else "off") if isinstance(d, bool) else str(d)
+        entry = entries[action.option_strings[0]]
+        assert f"(default: {shown})" in entry, entry
+        checked += 1
+    assert checked >= 5
+    if command == "run":
+        assert "seconds without progress" in entries["--timeout"]
 
 
 # -- --trace-events help: every event, by process, from the code --------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -62,9 +63,26 @@ def chain_line(line: str) -> Line | None:
             mark == ">>", m["detail"] or "")
 
 
-def demo(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def unwrapped(lines: list[str]) -> list[str]:
+    """The call chain's lines with each one's wrapped detail joined back (a line that goes on
+    below is indented past the offset column and starts with no marker)."""
+    out: list[str] = []
+    for line in lines:
+        if out and line.startswith(" " * (13 + WHERE_W)) and chain_line(out[-1]):
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    return out
+
+
+def demo(*args: str, cwd: Path = REPO, columns: int | None = None
+         ) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run([sys.executable, "-m", "vreplica.cli", "demo", *args],
-                          capture_output=True, text=True, timeout=50, cwd=cwd)
+                          capture_output=True, text=True, timeout=50, cwd=cwd, env=env)
 
 
 def follows(chain: list[Line], path: list[tuple[str, str]], out: str) -> None:
@@ -82,10 +100,13 @@ def test_demo_follows_one_round_trip_through_the_three_processes(tmp_path: Path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     lines = text.splitlines()
-    assert len(lines) <= 88, text  # one screen
+    assert len(lines) <= 100, text  # about one screen
     assert max(len(line) for line in lines if str(out) not in line) <= 100, text
-    assert lines[1].startswith("legend:")
+    lines = unwrapped(lines)
     seq = int(re.search(r"One round trip \(seq (\d+)\)", lines[0])[1])
+    assert re.search(rf"followed: seq {seq}: the median round trip \(\d+ us\) of seqs "
+                     r"[\d, ]+", text)
+    assert any(line.startswith("legend:") for line in lines[:5])
     there = next(i for i, line in enumerate(lines) if line.startswith(TO_HOST))
     back = next(i for i, line in enumerate(lines) if line.startswith(BACK))
     end = next(i for i, line in enumerate(lines) if line.startswith("round trip:"))
@@ -123,10 +144,10 @@ def test_demo_follows_one_round_trip_through_the_three_processes(tmp_path: Path)
     assert re.search(r"got 5 of 5 replies, payloads intact", text)
     assert re.search(r"delivered\s+5", text)
     assert "ui.perfetto.dev" in text and "Open trace file" in text
-    picture = out / f"round-trip-{seq}.svg"
+    picture = out / "round-trip.svg"
     assert (out / "trace.json").stat().st_size > 0
     assert (out / "echo.pcap").read_bytes()[:4] == b"\xd4\xc3\xb2\xa1"
-    assert f"files in {out}/:" in text
+    assert f"files in {out}/ (each demo run replaces them):" in " ".join(text.split())
     for name in ("trace.json", "echo.pcap", picture.name):
         assert f"  {name} " in text
     drawn = " ".join(ET.parse(picture).getroot().itertext())
@@ -139,7 +160,7 @@ def test_demo_without_arguments_writes_to_out(tmp_path: Path) -> None:
     proc = demo(cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "out" / "trace.json").exists()
-    assert "files in out/:" in proc.stdout
+    assert "files in out/ (each demo run replaces them):" in proc.stdout
 
 
 @pytest.mark.timeout(30)
@@ -168,7 +189,7 @@ the vCPU thread's KVM_EXIT_IO, down to virtio-net's TX handler, each inside the 
 def test_demo_ioeventfd_off_shows_the_kick_through_qemus_vcpu_thread(tmp_path: Path) -> None:
     proc = demo("--ioeventfd", "off", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    tx = tx_section(proc.stdout.splitlines())
+    tx = tx_section(unwrapped(proc.stdout.splitlines()))
     names = [name for _, name, *_ in tx]
     assert "ioeventfd_write" not in names, proc.stdout
     at = names.index("vp_notify")
@@ -193,9 +214,10 @@ KICK_HINT_START = "the kick went by KVM's ioeventfd; ./run.sh demo --ioeventfd o
 def test_default_demo_says_how_to_see_the_kick_through_qemu(tmp_path: Path) -> None:
     proc = demo("--packets", "3", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    hint = [line for line in proc.stdout.splitlines() if line.startswith(KICK_HINT_START)]
+    hint = [line for line in unwrapped(proc.stdout.splitlines())
+            if line.startswith(KICK_HINT_START)]
     assert len(hint) == 1 and "kvm_cpu_exec" in hint[0], proc.stdout
-    names = [name for _, name, *_ in tx_section(proc.stdout.splitlines())]
+    names = [name for _, name, *_ in tx_section(unwrapped(proc.stdout.splitlines()))]
     assert "ioeventfd_write" in names and "kvm_handle_io" not in names, proc.stdout
 
 
@@ -204,7 +226,7 @@ def test_demo_passes_the_device_properties_to_the_run(tmp_path: Path) -> None:
     proc = demo("--tx", "timer", "--vectors", "0", "--event-idx", "off", "--mrg-rxbuf", "on",
                 "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = unwrapped(proc.stdout.splitlines())
     names = [name for _, name, *_ in tx_section(lines)]
     assert "virtio_net_handle_tx_timer" in names and "virtio_net_tx_timer" in names
     assert "virtio_net_tx_bh" not in names and "kvm_set_irq" in names, proc.stdout
@@ -229,9 +251,10 @@ def test_demo_device_options_are_checked_as_the_run_checks_them(tmp_path: Path) 
         assert not (tmp_path / "o").exists()
 
 
-def trace_show(*args: str) -> subprocess.CompletedProcess:
+def trace_show(*args: str, columns: int = 100) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vreplica.cli", "trace", "show", *args],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
+                          capture_output=True, text=True, timeout=30, cwd=REPO,
+                          env=dict(os.environ, COLUMNS=str(columns)))
 
 
 @pytest.mark.timeout(90)
@@ -243,7 +266,7 @@ def test_trace_show_prints_a_packets_chain_from_the_demos_trace(tmp_path: Path) 
     for seq in (1, 3):
         shown = trace_show(trace, "--packet", str(seq))
         assert shown.returncode == 0, shown.stdout + shown.stderr
-        lines = shown.stdout.splitlines()
+        lines = unwrapped(shown.stdout.splitlines())
         assert lines[0].startswith(f"One round trip (seq {seq})")
         tx = tx_section(lines)
         follows(tx, TRANSMIT_PATH, shown.stdout)
@@ -265,6 +288,16 @@ def test_trace_show_prints_a_packets_chain_from_the_demos_trace(tmp_path: Path) 
         assert bad.stderr.count("\n") == 1, bad.stderr
     assert trace_show("--help").returncode == 0
 
+    # the terminal's width: lines wrap at spaces, never through a number or a name
+    narrow, wide = trace_show(trace, columns=60), trace_show(trace, columns=250)
+    assert narrow.returncode == 0 and wide.returncode == 0
+    assert narrow.stdout.split() == wide.stdout.split()
+    assert len(narrow.stdout.splitlines()) > len(wide.stdout.splitlines())
+    for line in narrow.stdout.splitlines():
+        assert len(line) <= 60 or " " not in line.strip(), line
+    elems = re.findall(r"elem (0x[0-9a-f]+)", wide.stdout)
+    assert elems and elems == re.findall(r"elem\s+(0x[0-9a-f]+)", narrow.stdout)
+
 
 KICK_THROUGH_QEMU_MMIO = ["kvm_cpu_exec", "address_space_rw", "virtio_pci_notify_write",
                           "virtio_queue_notify", "virtio_net_handle_tx_bh"]
@@ -277,7 +310,7 @@ def test_demo_modern_kick_is_an_mmio_exit_through_qemus_vcpu_thread(tmp_path: Pa
     proc = demo("--transport", "modern", "--ioeventfd", "off", "--packets", "3",
                 "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    tx = tx_section(proc.stdout.splitlines())
+    tx = tx_section(unwrapped(proc.stdout.splitlines()))
     names = [name for _, name, *_ in tx]
     assert "kvm_pio" not in names and "ioeventfd_write" not in names, proc.stdout
     at = names.index("vp_notify")

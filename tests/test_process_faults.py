@@ -171,6 +171,70 @@ def test_ctrl_c_under_load_exits_130(host: HostSocket) -> None:
     assert len(host.seqs) < LOAD_PACKETS  # the run ended there, not when the program did
 
 
+@pytest.mark.timeout(40)
+def test_sigterm_under_load_says_who_sent_it(host: HostSocket) -> None:
+    """As QEMU's qemu_system_killed: the signal, the sender's pid and its command."""
+    p = start_run(port=host.port)
+    under_load(p, host)
+    p.send_signal(signal.SIGTERM)
+    rc, _, err = finish(p)
+    me = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()
+    assert rc == 143
+    assert err == f"vreplica: terminating on signal 15 from pid {os.getpid()} ({me})\n"
+    assert len(host.seqs) < LOAD_PACKETS
+
+
+@pytest.mark.timeout(120)
+def test_the_hold_line_names_commands_the_user_can_type() -> None:
+    """Started as ``./run.sh run --hold``, the run names ``./run.sh attach ...``: typed as
+    printed, in the same directory, its quit ends the run."""
+    p = subprocess.Popen(["./run.sh", "run", "--packets", "3", "--hold"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()  # type: ignore[union-attr]
+        m = re.search(r"attach with '([^']+)'; end it with '([^']+)'", line)
+        assert m, line
+        attach, end = m.groups()
+        assert attach.startswith("./run.sh attach qemu --run ") and end == attach + " -c quit"
+        q = subprocess.run(end, shell=True, cwd=REPO, capture_output=True, text=True,
+                           timeout=60)
+        assert q.returncode == 0, q.stderr
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=30)
+    assert p.returncode == 0
+
+
+# -- the run's timeout: silence, not total time ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_keeps_making_progress_outlives_its_timeout(host: HostSocket) -> None:
+    """--timeout 1 gives up after 1 + 15 s without progress; 24 datagrams 800 ms apart take
+    longer than that in all, and the run finishes."""
+    p = start_run("--pace-ms", "800", "--timeout", "1", port=host.port, packets=24)
+    rc, out, err = finish(p, 100)
+    assert rc == 0, err
+    assert host.wait_for(24, 5.0) == 24
+    sending_s = float(re.search(r"([0-9.]+) ms sending", out).group(1)) / 1e3  # type: ignore[union-attr]
+    assert sending_s > 16, out  # the run did outlast the silence it is allowed
+
+
+@pytest.mark.timeout(90)
+def test_a_stalled_guest_times_out(host: HostSocket) -> None:
+    """A guest that stops (SIGSTOP) reports nothing: the run ends after --timeout + 15 s of
+    that silence, in one line."""
+    p = start_run("--pace-ms", "100", "--timeout", "1", port=host.port, packets=100_000)
+    procs = under_load(p, host, packets=5)
+    procs["guest"].suspend()
+    rc, _, err = finish(p, 80)
+    assert rc == 1
+    assert re.fullmatch(r"vreplica: timed out: no progress from the guest for 16 s \(--timeout 1 "
+                        r"\+ 15; still running: kvm, qemu, guest\)\n", err), err
+
+
 def own_run(p: subprocess.Popen) -> str | None:
     """The id of the run ``p`` supervises, once its directory is made."""
     root = runs_root()

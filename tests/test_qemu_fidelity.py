@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from ringmock import MockPackedQueue, guest_memory, make_packed_device, release_packed_device
+from ringmock import guest_memory, make_packed_device, release_packed_device
 
 from common.guest_memory import GuestMemory
 from common.virtio_abi import (
@@ -19,6 +19,7 @@ from common.virtio_abi import (
     VIRTIO_ID_NET,
     VIRTIO_RING_F_EVENT_IDX,
 )
+from common.vring_mock import MockPackedQueue
 from qemuproc.pci import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,

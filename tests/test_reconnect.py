@@ -15,6 +15,11 @@ import psutil
 import pytest
 from test_process_faults import HostSocket, children_of, finish, start_run
 
+from vreplica.run import supervisor
+from vreplica.run.summary import kicks_line
+from vreplica.run.supervisor import RunOptions, Supervisor
+from vreplica.stress.chaos import Chaos, ChaosLog
+
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 QUEUE_SIZE = 256
@@ -86,6 +91,9 @@ def run_with_kills(tmp_path: Path, host: HostSocket, n: int, kills: int,
     assert summary["device_restarts"] == kills
     assert [f"qemu process (pid {pid}) died: killed by SIGKILL" for pid in killed] \
         == summary["device_deaths"]
+    # the driver's kicks and the last QEMU's count differ, and the line says why
+    assert f"handled by the last QEMU: {summary['kicks_handled']} (QEMU restarted {kills} " \
+        "time(s); each new one counts from its start)" in kicks_line(summary)
     return summary
 
 
@@ -121,3 +129,62 @@ def test_kills_on_packed_rings(tmp_path: Path, host: HostSocket) -> None:
     assert summary["ring"] == "packed" and summary["sent"] == n
     recovered = [q for i in summary["incomings"] for q in i.get("queues", [])]
     assert all(q["used_idx"] < QUEUE_SIZE for q in recovered)  # a ring position, not an index
+
+
+# -- the restart rate -------------------------------------------------------------------------
+
+
+class FakeQemu:
+    """A QEMU process the test 'kills': the supervisor restarts it at once."""
+
+    def __init__(self, sup: Supervisor, refused: list[float], clock: list[float]) -> None:
+        self.sup, self.refused, self.clock = sup, refused, clock
+        self.pid = 1
+
+    def send_signal(self, sig: int) -> None:
+        assert sig == signal.SIGKILL
+        if not self.sup._restart("qemu", "killed"):
+            self.refused.append(self.clock[0])
+
+
+def fake_supervisor(monkeypatch: pytest.MonkeyPatch) -> tuple[Supervisor, list[float], list[float]]:
+    """A Supervisor whose clock the test moves and whose restarts start nothing."""
+    clock = [1000.0]
+    refused: list[float] = []
+    sup = Supervisor(RunOptions(reconnect=True))
+    monkeypatch.setattr(supervisor.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sup, "_spawn", lambda role, *flags: FakeQemu(sup, refused, clock))
+    sup.procs["qemu"] = FakeQemu(sup, refused, clock)  # type: ignore[assignment]
+    return sup, refused, clock
+
+
+@pytest.mark.timeout(10)
+def test_restarts_are_limited_by_rate_not_by_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, refused, clock = fake_supervisor(monkeypatch)
+    for _ in range(100):  # one every 4 s for 400 s: a long soak's kills
+        assert sup._restart("qemu", "killed")
+        clock[0] += 4.0
+    clock[0] += 60.0
+    burst = [sup._restart("qemu", "died at once") for _ in range(11)]  # a crash loop
+    assert burst == [True] * 10 + [False]
+    clock[0] += 31.0
+    assert sup._restart("qemu", "killed")
+    assert sup.restarts == 111
+
+
+@pytest.mark.timeout(10)
+def test_stress_kills_never_reach_the_restart_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill-device as often as the chaos thread could ask (every 0.1 s for a minute): every
+    kill is restarted, and there are kills all along."""
+    sup, refused, clock = fake_supervisor(monkeypatch)
+    chaos = Chaos(["kill-device"], sup, None, ChaosLog(clock[0]), seed=1, period_s=0.1)
+    kill_times = []
+    for _ in range(600):
+        before = sup.restarts
+        chaos.do_kill_device()
+        if sup.restarts > before:
+            kill_times.append(clock[0])
+        clock[0] += 0.1
+    assert refused == []
+    assert len(kill_times) >= 10
+    assert max(b - a for a, b in zip(kill_times, kill_times[1:], strict=False)) < 31

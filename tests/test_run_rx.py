@@ -3,6 +3,7 @@ vring_interrupt -> the guest's socket, in the real three processes."""
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -13,12 +14,18 @@ from test_run_tx import run_cli_inline
 from common.inet import UDP_MAX_PAYLOAD
 from common.virtio_abi import VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_HDR_MRG_RXBUF
 from guestproc.virtio_net import MERGEABLE_BUF_LEN
+from vreplica.run.summary import format_summary
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 def run(tmp_path: Path, *args: str, timeout: float = 90) -> dict:
     return run_summary(tmp_path, *args, timeout=timeout)
+
+
+def elapsed_line(s: dict) -> str:
+    """The summary's "elapsed" line, as the user reads it."""
+    return next(line for line in format_summary(s).splitlines() if "elapsed" in line)
 
 
 def pcap_frames(path: Path) -> list[bytes]:
@@ -61,6 +68,10 @@ def test_ping_gateway_gets_replies(tmp_path: Path) -> None:
     assert s["slirp"]["icmp_echo"] == 3
     # each reply woke the waiting program with an RX interrupt, raised and handled
     assert s["rx_interrupts"] >= 3 and s["guest_irqs"]["virtio0-input.0"] >= 3
+    elapsed = elapsed_line(s)  # the time the pings took, no rate of a one-at-a-time program
+    took_ms = float(re.search(r"([0-9.]+) ms pinging, one echo request at a time$",
+                              elapsed).group(1))  # type: ignore[union-attr]
+    assert took_ms > 0 and "packets/s" not in elapsed
 
 
 @pytest.mark.timeout(60)
@@ -69,6 +80,12 @@ def test_hostfwd_datagrams_reach_guest(tmp_path: Path) -> None:
             "--timeout", "30")
     assert s["arrived"] == 400
     assert s["unique"] == 400 and s["duplicates"] == 0 and s["in_order"]
+    m = re.search(r"([0-9.]+) ms from the first datagram received to the last, ([0-9,]+) "
+                  r"packets/s$", elapsed_line(s))
+    assert m, elapsed_line(s)
+    took_ms, rate = float(m.group(1)), int(m.group(2).replace(",", ""))
+    # the gaps between 400 arrivals over that time (the time shown rounded to 10 us)
+    assert took_ms > 0 and abs(rate - 399 / took_ms * 1e3) <= 0.01 * rate, (took_ms, rate)
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
-from ringmock import PAGE, MockSplitQueue, RawDesc, event_notifier, guest_memory
+from ringmock import event_notifier, guest_memory
 
 from common.guest_memory import GuestMemory
 from common.notifier import EventNotifier
@@ -32,6 +32,7 @@ from common.vring import (
     VRING_USED_F_NO_NOTIFY,
     vring_need_event,
 )
+from common.vring_mock import PAGE, MockSplitQueue, RawDesc
 from kvmproc.vhost import (
     VhostVirtqueue,
     VhostWork,

@@ -7,6 +7,7 @@ import sys
 from vreplica.run.launch import cmd_cleanup, cmd_run, reported
 from vreplica.run.options import Parser, add_run_options
 from vreplica.run.preflight import UsageError
+from vreplica.run.supervisor import Terminated, catch_sigterm
 
 DELEGATED = {
     "demo": ("vreplica.demo", "main", "one packet's journey through the three processes"),
@@ -18,6 +19,8 @@ DELEGATED = {
     "ps": ("vreplica.monitor_client", "ps_main", "the running replicas and their processes"),
     "attach": ("vreplica.monitor_client", "attach_main", "a monitor prompt in one process"),
     "fuzz": ("vreplica.fuzz.command", "main", "fuzz the device's ring handling"),
+    "vhost-user-bridge": ("vhostuserproc.__main__", "main",
+                          "the vhost-user backend alone, for any front-end"),
 }
 """Subcommands whose implementation, and own argument parsing, live in another module."""
 
@@ -60,9 +63,15 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """``argv`` None: the program itself, whose SIGTERM ends it as QEMU's does."""
+    if argv is None:
+        catch_sigterm()
+        argv = sys.argv[1:]
     try:
         return reported("vreplica", lambda: _dispatch(argv))
+    except Terminated as e:  # outside a run (or in another command), as inside: 128 + 15
+        print(f"vreplica: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # a Ctrl-C outside a run (execute() turns its own into RunFailed)
         print("vreplica: interrupted", file=sys.stderr)
         return 130

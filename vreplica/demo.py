@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from pathlib import Path
 
 from vreplica.run.launch import execute
@@ -32,13 +31,15 @@ from vreplica.run.supervisor import RunFailed, RunOptions
 from vreplica.trace.render import RenderError, render_round_trip
 from vreplica.trace.show import (
     KICK_HINT,
-    WIDTH,
+    fit,
     format_round_trip,
     format_tap_round_trip,
     pick_round_trip,
 )
 from vreplica.trace.tracefile import TraceError, load_trace
 
+PICTURE = "round-trip.svg"
+"""The swimlane picture's name in --out: the latest demo's, replaced by the next."""
 PACKETS = 5
 SIZE = 64
 PACE_MS = 20.0
@@ -113,38 +114,46 @@ def main(argv: list[str] | None = None) -> int:
         trace = load_trace(trace_path)
         if tap:
             seq = a.packet if a.packet is not None else a.packets // 2
+            why = (f"seq {seq}, as --packet asked" if a.packet is not None else
+                   f"seq {seq}: the middle one of the {a.packets} sent (--packet SEQ follows "
+                   "another)")
             lines = format_tap_round_trip(trace, seq, summary.get("echo_times", {}).get(seq))
             picture = None
         else:
-            seq = pick_round_trip(trace, a.packet)
+            seq, why = pick_round_trip(trace, a.packet)
             lines = format_round_trip(trace, seq)
-            picture = render_round_trip(trace, seq, out / f"round-trip-{seq}.svg")
+            picture = render_round_trip(trace, seq, out / PICTURE)
     except (TraceError, RenderError) as e:
         print(f"vreplica demo: {e}", file=sys.stderr)
         return 1
-    print("\n".join(lines))
+
+    def say(text: str, indent: int = 0) -> None:
+        print("\n".join(fit(text, indent)))
+
+    legend = next(i for i, line in enumerate(lines) if line.startswith("legend:"))
+    print("\n".join(lines[:legend]))
+    say(f"followed: {why}", 2)
+    print("\n".join(lines[legend:]))
     if a.ioeventfd and not a.vhost:
-        print(KICK_HINT)
+        say(KICK_HINT, 2)
     print()
     for line in format_summary(summary).splitlines():
-        print("\n".join(textwrap.wrap(line, WIDTH, subsequent_indent=" " * 25,
-                                       break_on_hyphens=False)))
+        say(line, 25)
     replies, bad = summary.get("replies") or 0, summary.get("bad_replies") or 0
     back = replies == a.packets and bad == 0
-    print(f"  echo service           {'10.0.2.2' if tap else '127.0.0.1'}:{opts.dest_port}: "
-          f"the guest got {replies} of "
-          f"{a.packets} replies" + (", payloads intact" if back else
-                                    f", {bad} damaged: NOT all came back"))
+    say(f"  echo service           {'10.0.2.2' if tap else '127.0.0.1'}:{opts.dest_port}: "
+        f"the guest got {replies} of {a.packets} replies"
+        + (", payloads intact" if back else f", {bad} damaged: NOT all came back"), 25)
     print()
     cwd = Path.cwd()
     where = out.relative_to(cwd) if out.is_relative_to(cwd) else out
-    print(f"files in {where}/:")
-    print(f"  {trace_path.name:<18} Chrome trace JSON: open https://ui.perfetto.dev, "
-          "\"Open trace file\"")
-    print(f"  {pcap_path.name:<18} every frame on the NIC, both ways (wireshark, tshark -r)")
+    say(f"files in {where}/ (each demo run replaces them):", 2)
+    say(f"  {trace_path.name:<18} Chrome trace JSON: open https://ui.perfetto.dev, "
+        "\"Open trace file\"", 21)
+    say(f"  {pcap_path.name:<18} every frame on the NIC, both ways (wireshark, tshark -r)", 21)
     if picture is not None:
-        print(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
-              "browser)")
+        say(f"  {picture.name:<18} seq {seq}'s round trip as a swimlane picture (open in a "
+            "browser)", 21)
     return 0 if back else 1
 
 

@@ -339,7 +339,7 @@ def _quiet_broken_pipe() -> int:
 def attach_main(argv: list[str]) -> int:
     ap = Parser(prog="vreplica attach", label="vreplica attach",
                 description="a monitor prompt in one process of a running replica")
-    ap.add_argument("role", choices=ROLES)
+    ap.add_argument("role", choices=(*ROLES, "vhost-user"))
     ap.add_argument("--run", metavar="ID", help="the run (a unique prefix; optional when only "
                                                 "one replica runs)")
     ap.add_argument("-c", metavar="CMD", dest="command", help="run one command and exit")

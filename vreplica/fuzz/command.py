@@ -7,7 +7,7 @@ import time
 import traceback
 from typing import Any
 
-from hypothesis.stateful import run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 import qemuproc.virtio as qvirtio
 from vreplica.fuzz.machine import STATS_KEYS, VirtioNetFuzz, fuzz_settings, stats
@@ -16,9 +16,16 @@ from vreplica.run.options import Parser
 
 
 def run(examples: int, steps: int = 40, ring: str = "split") -> dict[str, Any]:
-    """Run the machine (``ring``: split, or vreplica.fuzz.packed's) for ``examples``
-    examples; raises on the first broken property."""
-    machine: type[VirtioNetFuzz] = VirtioNetPackedFuzz if ring == "packed" else VirtioNetFuzz
+    """Run the machine (``ring``: split, vreplica.fuzz.packed's, or the vhost-user backend's,
+    vreplica.fuzz.vhost_user) for ``examples`` examples; raises on the first broken
+    property."""
+    machine: type[RuleBasedStateMachine] = VirtioNetFuzz
+    if ring == "packed":
+        machine = VirtioNetPackedFuzz
+    elif ring == "vhost-user":
+        from vreplica.fuzz.vhost_user import VhostUserBackendFuzz
+
+        machine = VhostUserBackendFuzz
     for k in STATS_KEYS:
         stats[k] = 0
     stats["messages"] = set()
@@ -36,8 +43,9 @@ def main(argv: list[str]) -> int:
                description="A hostile guest against the device's ring code.")
     p.add_argument("--examples", type=int, default=200, help="state-machine runs (default 200)")
     p.add_argument("--steps", type=int, default=40, help="steps per run (default 40)")
-    p.add_argument("--ring", choices=("split", "packed"), default="split",
-                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED)")
+    p.add_argument("--ring", choices=("split", "packed", "vhost-user"), default="split",
+                   help="the rings the hostile guest writes (packed: VIRTIO_F_RING_PACKED; "
+                        "vhost-user: split rings served by the vhost-user backend)")
     a = p.parse_args(argv)
     if a.examples < 1 or a.steps < 1:
         print("vreplica fuzz: --examples and --steps must be at least 1", file=sys.stderr)

@@ -16,10 +16,27 @@ from vreplica.run.supervisor import RunOptions
 MAX_QUEUE_SIZE = 32768
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help gives each option's default after its help ("default: 10"; on|off options as
+    on or off); an option with no default, or whose help tells it, gets none added."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, "") or default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, argparse._StoreConstAction)  # store_true and the like
+                or "default" in text):
+            return text
+        shown = ("on" if default else "off") if isinstance(default, bool) else str(default)
+        return f"{text} (default: {shown})".lstrip()
+
+
 class Parser(argparse.ArgumentParser):
-    """Bad input is one line on stderr, naming the program (``label``), and exit status 2."""
+    """Bad input is one line on stderr, naming the program (``label``), and exit status 2.
+    --help shows every option's default."""
 
     def __init__(self, *args: Any, label: str = "vreplica", **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.label = label
 
@@ -54,7 +71,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "back to back); e.g. 1,5@300,20 is the recorded QEMU run's warm-up, "
                         "5 spaced 300 ms apart and a burst of 20 (sets --packets)")
     p.add_argument("--batch", type=int, default=1, help="datagrams per xmit_more batch")
-    p.add_argument("--mem", type=str, default="16M", help="guest RAM (e.g. 16M)")
+    p.add_argument("--mem", type=str, default="16M", help="guest RAM")
     add_device_options(p)
     p.add_argument("--guest-fault", metavar="KIND",
                    help="the guest driver breaks one ring rule after 5 good frames and "
@@ -64,9 +81,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="with --trace: only these trace events start on ('spans' for the "
                         "function spans), as QEMU's -trace enable=PATTERN; 'help' lists them")
     p.add_argument("--pcap", metavar="FILE", help="write every frame on the NIC here")
-    p.add_argument("--summary-json", metavar="FILE")
+    p.add_argument("--summary-json", metavar="FILE", help="write the summary here, as JSON")
     p.add_argument("--timeout", type=finite_float, default=60.0,
-                   help="seconds before the run gives up")
+                   help="seconds without progress (the guest's datagrams sent or received) "
+                        "before the run gives up; the guest's own waits for replies give up "
+                        "after as long, the supervisor 15 s later")
     p.add_argument("--poll-us", type=finite_float, default=0.0, metavar="US",
                    help="the replica's own (vhost-net's poll-us, not a QEMU option): the TX "
                         "bottom half busy-polls the ring this long before it turns kicks "
@@ -90,16 +109,23 @@ def add_device_options(p: argparse.ArgumentParser) -> list[str]:
     return [a.dest for a in (
         p.add_argument("--queue-size", type=int, default=256, help="virtqueue size (power of 2)"),
         p.add_argument("--vectors", type=int, default=None,
-                       help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue (default)"),
-        p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off"),
-        p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off"),
-        p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off"),
+                       help="MSI-X: 0 = INTx, 1 = one shared vector, N = one per queue "
+                            "(default: one per queue, the config's and the control queue's)"),
+        p.add_argument("--ioeventfd", type=on_off, default=True, metavar="on|off",
+                       help="KVM signals an eventfd for the guest's kick, the vCPU goes on "
+                            "(off: the kick exits to QEMU's vCPU thread)"),
+        p.add_argument("--event-idx", type=on_off, default=True, metavar="on|off",
+                       help="VIRTIO_RING_F_EVENT_IDX: kicks and interrupts suppressed by index"),
+        p.add_argument("--mrg-rxbuf", type=on_off, default=False, metavar="on|off",
+                       help="VIRTIO_NET_F_MRG_RXBUF: a received frame may span RX buffers"),
         p.add_argument("--any-layout", type=on_off, default=True, metavar="on|off",
                        help="off: TX puts the virtio-net header in a buffer of its own"),
         p.add_argument("--indirect-desc", type=on_off, default=True, metavar="on|off",
                        help="VIRTIO_RING_F_INDIRECT_DESC (used by chains of 2+ buffers)"),
-        p.add_argument("--tx", choices=("bh", "timer"), default="bh"),
-        p.add_argument("--tx-burst", type=int, default=256),
+        p.add_argument("--tx", choices=("bh", "timer"), default="bh",
+                       help="how QEMU defers TX work after a kick: a bottom half or a timer"),
+        p.add_argument("--tx-burst", type=int, default=256,
+                       help="frames QEMU sends per TX pass before it yields (x-txburst)"),
         p.add_argument("--tx-timer-ns", type=int, default=150_000, metavar="NS",
                        help="--tx timer: the TX timer's delay (QEMU's x-txtimer)"),
         p.add_argument("--ring", choices=RINGS, default="split",
@@ -136,9 +162,15 @@ TAP_GUEST_PORT = 5555
 
 
 def add_tap_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--netdev", choices=("user", "tap"), default="user",
+    p.add_argument("--netdev", choices=("user", "tap", "vhost-user"), default="user",
                    help="user: slirp to 127.0.0.1; tap: a real tap in the run's own network "
-                        "namespace, host end 10.0.2.2 (needs root)")
+                        "namespace, host end 10.0.2.2 (needs root); vhost-user: a vhost-user "
+                        "back end serves the rings (the replica's own, or --chardev's)")
+    p.add_argument("--chardev", metavar="id=ID,path=SOCK[,server=on][,reconnect=S]",
+                   help="vhost-user: the socket QEMU's front-end talks through (-chardev "
+                        "socket,...)")
+    p.add_argument("--static-arp", action="store_true",
+                   help="the guest knows 10.0.2.2's MAC (52:55:0a:00:02:02) and sends no ARP")
     p.add_argument("--vhost", type=on_off, default=False, metavar="on|off",
                    help="tap: vhost-net in the KVM process serves the rings (-netdev "
                         "tap,vhost=on); --poll-us becomes its busy-poll timeout")
@@ -159,10 +191,15 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     """Check the tap options; what they put in RunOptions.extra."""
     import re
 
+    arp = {"arp": False} if a.static_arp else {}
+    if a.netdev == "vhost-user":
+        return {**arp, **vhost_user_options(a)}
+    if a.chardev:
+        raise UsageError("--chardev needs --netdev vhost-user")
     if a.netdev != "tap":
         if a.tap_sndbuf or a.tap_rate or a.vhost:
             raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
-        return {}
+        return arp
     from common.netns import privilege_problem
 
     why = privilege_problem()
@@ -177,8 +214,58 @@ def tap_options(a: argparse.Namespace) -> dict[str, Any]:
     if a.vhost and not a.ioeventfd:
         raise UsageError("--vhost on needs --ioeventfd on: vhost takes the queues' host "
                          "notifiers (QEMU: 'binding does not support host notifiers')")
-    return {"netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
+    return {**arp, "netdev": "tap", "csum": a.csum, "tap_sndbuf": a.tap_sndbuf,
             "tap_backpressure": a.tap_rate, "vhost": a.vhost}
+
+
+def vhost_user_options(a: argparse.Namespace) -> dict[str, Any]:
+    """-netdev vhost-user: the chardev's socket must be reachable (a client's) or makeable (a
+    server's) before anything starts; without one, the replica's own back end (a fourth
+    process) gives at most VHOST_USER_BRIDGE_MAX_QUEUES / 2 pairs."""
+    import os
+    import stat
+
+    from vreplica.run.qemu_opts import qemu_opts_parse
+
+    if a.tap_sndbuf or a.tap_rate or a.vhost:
+        raise UsageError("--tap-sndbuf, --tap-rate and --vhost need --netdev tap")
+    if not a.ioeventfd:
+        raise UsageError("--netdev vhost-user needs --ioeventfd on: the back end takes the "
+                         "queues' host notifiers")
+    if not a.chardev:
+        from vhostuserproc.__main__ import VHOST_USER_BRIDGE_MAX_QUEUES
+
+        if a.queues > VHOST_USER_BRIDGE_MAX_QUEUES // 2:
+            raise UsageError(f"--queues {a.queues}: the vhost-user backend gives 1 to "
+                             f"{VHOST_USER_BRIDGE_MAX_QUEUES // 2} queue pairs")
+        return {"netdev": "vhost-user", "csum": a.csum}
+    spec: dict[str, Any] = {"id": "c0", "server": False, "wait": True, "reconnect": 0}
+    for key, value in qemu_opts_parse(a.chardev):
+        if key in ("server", "wait"):
+            spec[key] = value == "on"
+        elif key == "reconnect":
+            spec[key] = int(value) if value.isdigit() else 0
+        elif key in ("id", "path"):
+            spec[key] = value
+        else:
+            raise UsageError(f"--chardev: Invalid parameter '{key}'")
+    path = spec.get("path")
+    if not path:
+        raise UsageError("--chardev: no socket path (path=SOCK)")
+    path = spec["path"] = os.path.abspath(path)
+    if spec["server"]:
+        d = os.path.dirname(path)
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise UsageError(f"--chardev path={path}: cannot make a socket there")
+    else:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UsageError(f"--chardev path={path}: Failed to connect to '{path}': "
+                             f"{e.strerror}") from None
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UsageError(f"--chardev path={path}: not a socket")
+    return {"netdev": "vhost-user", "chardev": spec, "csum": a.csum}
 
 
 def parse_size(text: str) -> int:

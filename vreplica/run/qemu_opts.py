@@ -7,6 +7,8 @@ qdev's property setters), beside ``vreplica run``'s own options:
     -netdev user,id=ID,hostfwd=udp::HOSTPORT-:GUESTPORT
     -netdev tap,id=ID[,ifname=tap0][,script=no][,downscript=no][,vhost=on|off][,sndbuf=N]
             [,poll-us=N]
+    -chardev socket,id=ID,path=PATH[,server=on|off][,wait=on|off][,reconnect=S]
+    -netdev vhost-user,id=ID,chardev=ID[,queues=N]
     -trace [enable=]PATTERN[,events=FILE][,file=FILE]      -trace help
     -S      -m [size=]SIZE
 
@@ -178,6 +180,8 @@ class QemuCommandLine:
 
     def __init__(self) -> None:
         self.netdevs: dict[str, str] = {}
+        self.chardevs: dict[str, dict[str, Any]] = {}
+        self.netdev_chardev: tuple[str, str] | None = None
         self.device_netdev: tuple[str, str] | None = None
         self.mq: bool | None = None
         self.devices = 0
@@ -223,14 +227,16 @@ class QemuCommandLine:
     def netdev(self, arg: str) -> list[str]:
         opts = qemu_opts_parse(arg, implied="type")
         kind = opts[0][1] if opts and opts[0][0] == "type" else ""
-        if kind not in ("user", "tap"):
+        if kind not in ("user", "tap", "vhost-user"):
             raise ValueError(f"Parameter 'type' does not accept value '{kind}' (the replica's "
-                             "backends are -netdev user and -netdev tap)")
+                             "backends are -netdev user, tap and vhost-user)")
         ident = None
-        out: list[str] = ["--netdev", "tap"] if kind == "tap" else []
+        out: list[str] = ["--netdev", kind] if kind != "user" else []
         for key, value in opts[1:]:
             if key == "id":
                 ident = value
+            elif kind == "vhost-user":
+                out += self.netdev_vhost_user_option(arg, key, value)
             elif kind == "tap":
                 out += netdev_tap_option(key, value)
             elif key == "hostfwd":
@@ -245,6 +251,51 @@ class QemuCommandLine:
             raise ValueError(f"Duplicate ID '{ident}' for netdev")
         self.netdevs[ident] = arg
         return out
+
+    def netdev_vhost_user_option(self, arg: str, key: str, value: str) -> list[str]:
+        """net/vhost-user.c's NetdevVhostUserOptions: the chardev (checked once the whole
+        line is read) and the queue pairs."""
+        if key == "chardev":
+            self.netdev_chardev = (arg, value)
+            return []
+        if key == "queues":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError("Parameter 'queues' expects a number >= 1")
+            return ["--queues", value]
+        raise ValueError(f"Invalid parameter '{key}'")
+
+    def chardev(self, arg: str) -> list[str]:
+        """chardev/char-socket.c's options, for a Unix socket."""
+        opts = qemu_opts_parse(arg, implied="backend")
+        backend = opts[0][1] if opts and opts[0][0] == "backend" else ""
+        if backend != "socket":
+            raise ValueError(f"'{backend}' is not a valid char driver name (the replica has "
+                             "socket)")
+        spec: dict[str, Any] = {"server": False, "wait": True, "reconnect": 0}
+        for key, value in opts[1:]:
+            if key in ("id", "path"):
+                spec[key] = value
+            elif key in ("server", "wait"):
+                if value not in ("on", "off"):
+                    raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+                spec[key] = value == "on"
+            elif key == "reconnect":
+                if not value.isdigit():
+                    raise ValueError("Parameter 'reconnect' expects a number")
+                spec[key] = int(value)
+            else:
+                raise ValueError(f"Invalid parameter '{key}'")
+        if "id" not in spec:
+            raise ValueError("Parameter 'id' is missing")
+        if "path" not in spec:
+            raise ValueError("chardev: socket: no local address given (path=)")
+        if spec["server"] and spec["reconnect"]:
+            raise ValueError("'reconnect' option is incompatible with 'server' option")
+        if spec["id"] in self.chardevs:
+            raise ValueError(f"attempt to add duplicate property '{spec['id']}' to object "
+                             "(type 'container')")
+        self.chardevs[spec["id"]] = spec
+        return []
 
     def trace(self, arg: str) -> list[str]:
         if arg == "help":
@@ -285,6 +336,16 @@ class QemuCommandLine:
             if ident not in self.netdevs:
                 raise QemuOptsError(f"-device {arg}: Property '{DEVICE}.netdev' can't find value "
                                  f"'{ident}'")
+        out: list[str] = []
+        if self.netdev_chardev is not None:
+            arg, ident = self.netdev_chardev
+            if ident not in self.chardevs:
+                raise QemuOptsError(f"-netdev {arg}: chardev \"{ident}\" not found")
+            c = self.chardevs[ident]
+            out += ["--chardev", ",".join(
+                [f"id={c['id']}", f"path={c['path'].replace(',', ',,')}",
+                 f"server={'on' if c['server'] else 'off'}",
+                 f"wait={'on' if c['wait'] else 'off'}", f"reconnect={c['reconnect']}"])]
         queues = 1
         for i, a in enumerate(argv[:-1]):
             if a == "--queues" and argv[i + 1].isdigit():
@@ -294,7 +355,6 @@ class QemuCommandLine:
         if self.mq and queues == 1:
             raise QemuOptsError(f"-device {DEVICE},mq=on: multiqueue needs the queue pairs of a "
                              "multiqueue backend (--queues N)")
-        out = []
         if self.trace_enable:
             out += ["--trace-events", ",".join(self.trace_enable)]
         if self.trace_file:
@@ -307,7 +367,7 @@ def qemu_options(argv: list[str]) -> list[str]:
     line = QemuCommandLine()
     handlers: dict[str, Callable[[str], list[str]]] = {
         "-device": line.device, "-netdev": line.netdev, "-trace": line.trace,
-        "-m": line.memory}
+        "-m": line.memory, "-chardev": line.chardev}
     out: list[str] = []
     i = 0
     while i < len(argv):

@@ -28,7 +28,10 @@ def _program_figures(summary: dict[str, Any], opts: Any, prog: dict[str, Any]) -
         summary["sent"] = opts.packets
         summary["sender"] = "host"
         rx_s = prog.get("receive_ns", 0) / 1e9
-        summary["host_rate_pps"] = round(prog.get("received", 0) / rx_s, 1) if rx_s else None
+        summary["receive_s"] = round(rx_s, 6)
+        # datagrams after the first, over the time from the first's arrival to the last's
+        summary["host_rate_pps"] = round((prog.get("received", 0) - 1) / rx_s, 1) if rx_s \
+            else None
         summary["delivered"] = prog.get("received")
         summary["delivered_counted_by"] = "guest socket"
     elif opts.mode == "ping":
@@ -36,6 +39,17 @@ def _program_figures(summary: dict[str, Any], opts: Any, prog: dict[str, Any]) -
                         "rtt_us_p99": prog.get("rtt_us_p99")})
         summary["delivered"] = prog.get("replies")
         summary["delivered_counted_by"] = "ICMP echo replies"
+
+
+def vhost_user_summary(g: dict[str, Any], q: dict[str, Any],
+                       reports: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's vhost-user state, the back end's report, and the frames each way per queue
+    pair as the guest's driver counted them."""
+    return {"qemu": q["vhost_user"], "vhost": q.get("vhost"),
+            "guest_features": q.get("guest_features"),
+            "guest_tx_frames": [x.get("packets", 0) for x in g.get("sq") or []],
+            "guest_rx_frames": [x.get("packets", 0) for x in g.get("rq") or []],
+            "backend": reports.get("vhost-user")}
 
 
 def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | None,
@@ -104,6 +118,8 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_dropped"] = nq.get("nic_dropped", 0)
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
+    if "vhost_user" in q:
+        summary["vhost_user"] = vhost_user_summary(g, q, reports)
     if "tap" in q:
         summary["tap"] = q["tap"]
         summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
@@ -153,14 +169,33 @@ def kicks_line(s: dict[str, Any]) -> str:
     the driver made meanwhile is not lost), and kicks that reach the eventfd before QEMU
     reads it are one read, one handler run."""
     kicks, handled = s["kicks"], s["kicks_handled"]
+    restarts = s.get("device_restarts")
+    if restarts:
+        return (f"  kicks (driver)         {kicks}   handled by the last QEMU: {handled} "
+                f"(QEMU restarted {restarts} time(s); each new one counts from its start)")
     line = f"  kicks (driver)         {kicks}   handled by QEMU: {handled}"
-    if not s["ioeventfd"] or s.get("device_restarts") or "vhost" in s:
-        return line  # vhost's worker takes the kicks; a restart starts QEMU's counts anew
+    if not s["ioeventfd"] or "vhost" in s:
+        return line  # vhost's worker takes the kicks
     own = s["ioeventfd_starts"] * s["queue_pairs_max"]
     merged = s["kicks_coalesced"]
     line += f" (+{own} its own at start, -{merged} merged in eventfd"
     rest = kicks + own - merged - handled
     return line + (f", {rest} unread at the end)" if rest else ")")
+
+
+def timing_part(s: dict[str, Any]) -> str:
+    """How long the program's traffic took, and its rate where a rate means something."""
+    if s["mode"] == "sink":
+        got = s.get("arrived") or 0
+        if got < 2:
+            return f"{got} datagram(s) received: no rate"
+        return (f"{s['receive_s'] * 1e3:.2f} ms from the first datagram received to the last, "
+                f"{s['host_rate_pps']:,.0f} packets/s")
+    if s["mode"] == "ping":
+        return f"{s['send_s'] * 1e3:.2f} ms pinging, one echo request at a time"
+    if not s["packets_per_second"]:
+        return "nothing sent"
+    return f"{s['send_s'] * 1e3:.2f} ms sending, {s['packets_per_second']:,.0f} packets/s"
 
 
 def transport_part(s: dict[str, Any]) -> str:
@@ -195,8 +230,7 @@ def format_summary(s: dict[str, Any]) -> str:
                                                 "irq_exits", "msr_exits")))
     lines.append("  exits to QEMU          " + (", ".join(
         f"{r} {n}" for r, n in s["userspace_exits"].items()) or "none"))
-    lines.append(f"  elapsed                {s['elapsed_s']:.3f} s (run), {s['send_s']*1e3:.2f} ms"
-                 f" sending, {s['packets_per_second'] or 0:.0f} packets/s")
+    lines.append(f"  elapsed                {s['elapsed_s']:.3f} s (run), {timing_part(s)}")
     if s.get("rtt_us_p50") is not None:
         lines.append(f"  round trip (guest)     p50 {s['rtt_us_p50']:.0f} us, "
                      f"p99 {s['rtt_us_p99']:.0f} us")
@@ -204,6 +238,18 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  received by the guest  {s['received_by_guest']} frames; waited for RX "
                      f"buffers {s['rx_no_buffer']}, queued {s['rx_queued']}, "
                      f"dropped {s['rx_dropped']}")
+    vu = s.get("vhost_user")
+    if vu:
+        lines.append(f"  vhost-user             frames guest->back end {vu['guest_tx_frames']}, "
+                     f"back end->guest {vu['guest_rx_frames']} per queue pair (the guest's "
+                     f"count); link downs {vu['qemu']['link_downs']}, "
+                     f"{vu['qemu']['messages']} messages")
+        b = vu.get("backend")
+        if b:
+            lines.append("  vhost-user back end    moved guest->host "
+                         f"{[q['tx_frames'] for q in b['queues']]}, host->guest "
+                         f"{[q['rx_frames'] for q in b['queues']]} frames per queue pair; "
+                         f"{b['cpu_s']} s CPU")
     if s.get("device_errors"):
         lines.append(f"  device errors          {'; '.join(s['device_errors'])}")
     if s.get("device_restarts") is not None:

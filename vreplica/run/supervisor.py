@@ -1,18 +1,22 @@
-"""Starts the three processes of a run, watches them, stops them in order, removes every IPC
-object, and gathers what each reported into the run's summary.
+"""Starts the three processes of a run (four with the replica's vhost-user back end),
+watches them, stops them in order, removes every IPC object, and gathers what each reported
+into the run's summary.
 
 Not part of the replicated system: the hand that sets up the machine and takes it down.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,11 +30,29 @@ from common.channel import Channel
 from common.ipc import RunConfig, cleanup_dead_runs, create_objects, new_run, remove_run
 from common.kvm_abi import unpackb
 from common.monitor import pid_path
+from vreplica.run.backend_process import BackendFailed, BackendProcess
 
 ROLES = ("kvm", "qemu", "guest")
 STOP_GRACE_S = 3.0
 SUPERVISOR_GRACE_S = 15.0
-MAX_RESTARTS = 16
+"""Beyond --timeout: the guest's own waits give up after --timeout without a reply, then
+report; the supervisor gives up this much later."""
+RESTART_LIMIT = 10
+RESTART_WINDOW_S = 30.0
+"""--reconnect restarts QEMU at most RESTART_LIMIT times in any RESTART_WINDOW_S: a QEMU
+that dies as soon as it starts ends the run instead of looping."""
+ERROR_LINE = re.compile(r"(?P<who>qemu): (?P<dev>virtio-[\w-]+): (?P<msg>.+)")
+"""A process's error_report line naming a device (``qemu: virtio-net: Looped descriptor``)."""
+
+CONSOLE_KEPT = 1000
+"""The processes' latest console lines the supervisor keeps (a soak's progress lines come
+twice a second for hours)."""
+
+
+def attach_command(rid: str) -> str:
+    """How the user who started this run types ``vreplica attach`` (run.sh sets
+    VREPLICA_PROG to what it was called as)."""
+    return f"{os.environ.get('VREPLICA_PROG', 'vreplica')} attach qemu --run {rid}"
 
 
 class RunFailed(Exception):
@@ -84,21 +106,67 @@ class RunOptions:
         return 0 if self.vectors == 0 else max(2, self.vectors)
 
 
+class Terminated(BaseException):
+    """SIGTERM: the run ends, as with Ctrl-C, and says who sent it, as QEMU does (not a
+    KeyboardInterrupt: a prompt that takes Ctrl-C as 'cancel the line' must not take it)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(terminated_message(pid))
+
+
+def terminated_message(pid: int) -> str:
+    """QEMU's qemu_system_killed line (softmmu/runstate.c): the sender's pid and, as
+    qemu_get_pid_name reads it, its /proc/PID/cmdline's first word."""
+    if not pid:
+        return f"terminating on signal {signal.SIGTERM.value}"
+    try:
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() or None
+    except OSError:
+        name = None
+    return (f"terminating on signal {signal.SIGTERM.value} from pid {pid} "
+            f"({name or '<unknown process>'})")
+
+
+_term_sender = [0]
+
+
+def catch_sigterm() -> None:
+    """SIGTERM becomes Terminated in the main thread, with the sender's pid: blocked in
+    every thread (call this before any starts), taken by a thread of its own with
+    sigwaitinfo, and passed to the main thread's handler. The replica's processes unblock
+    it (common.process)."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Terminated(_term_sender[0])
+
+    def waiter() -> None:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        _term_sender[0] = info.si_pid
+        _thread.interrupt_main(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=waiter, name="sigterm", daemon=True).start()
+
+
 @contextmanager
 def deferred_sigint() -> Iterator[None]:
-    """Hold a Ctrl-C back until the block is done (the run's objects are made or removed
-    whole); it is raised, as KeyboardInterrupt, at the block's end."""
+    """Hold a Ctrl-C (or a SIGTERM) back until the block is done (the run's objects are made
+    or removed whole); it is raised at the block's end (KeyboardInterrupt, Terminated)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
-    if caught and callable(old):
-        old(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for sig in dict.fromkeys(caught):
+        handler = old[sig]
+        if callable(handler):
+            handler(sig, None)  # SIGINT's default handler raises KeyboardInterrupt
 
 
 def _signal_name(rc: int) -> str:
@@ -119,14 +187,21 @@ class Supervisor:
         self.errors: list[str] = []
         self.t_start = 0.0
         self.t_end = 0.0
-        self.console: list[str] = []
+        self.console: deque[str] = deque(maxlen=CONSOLE_KEPT)
         self.on_console: Callable[[str, str], None] = lambda role, line: None
         self.on_tick: Callable[[], None] = lambda: None
         self.live: dict[str, dict] = {}
         self.restarts = 0
+        self.restart_times: deque[float] = deque()
         self.deaths: list[str] = []
+        self.last_progress = 0.0
+        self.show_error_lines = True
+        """False: the processes' device error lines are counted (``error_lines``), not shown."""
+        self.error_lines: Counter[str] = Counter()
         self._env: dict[str, str] = {}
         self._announcement: str | None = None
+        self.backend: BackendProcess | None = None
+        self.backend_restarts: list[int] = []  # when each new back end listened (ns)
         self.before_spawn: Callable[[RunConfig], None] = lambda cfg: None
         """Runs once the run's objects (and network namespace) exist, before its processes:
         host services that live in the namespace start here."""
@@ -180,10 +255,24 @@ class Supervisor:
             if o.trace_events:
                 env["VREPLICA_TRACE_EVENTS"] = o.trace_events
         self._env = env
+        if o.extra.get("netdev") == "vhost-user" and "chardev" not in o.extra:
+            self.backend = self._start_backend()
+            cfg.options["chardev"] = self.backend.chardev()
+            cfg.save()
         self.t_start = time.monotonic()
         for role in ROLES:
             self.procs[role] = self._spawn(role)
         return cfg
+
+    def _start_backend(self) -> BackendProcess:
+        """The replica's own vhost-user back end, listening before QEMU connects to it."""
+        assert self.cfg is not None
+        o = self.opts
+        try:
+            return BackendProcess(self.cfg, o.extra.get("vhost_user_host", "user"), o.queues,
+                                  o.extra.get("vhost_user_poll", False), self._env)
+        except BackendFailed as e:
+            raise RunFailed(str(e)) from None
 
     def _announcement_for(self, cfg: RunConfig) -> str | None:
         """--hold / --wait-attach: the line saying which run this is, how to attach to it
@@ -193,7 +282,7 @@ class Supervisor:
         wait_attach = self.opts.extra.get("wait_attach", False)
         if not (hold or wait_attach):
             return None
-        attach = f"vreplica attach qemu --run {cfg.rid}"
+        attach = attach_command(cfg.rid)
         if wait_attach:
             what = "waits for cont (--wait-attach" + (", --hold)" if hold else ")")
             how = f"attach with '{attach}' and type cont (or run '{attach} -c cont')"
@@ -212,19 +301,53 @@ class Supervisor:
         """One process of the run, in a process group of its own: a terminal's Ctrl-C goes
         to the supervisor alone, which then stops the run in order."""
         assert self.cfg is not None
-        return subprocess.Popen([sys.executable, "-m", f"{role}proc", *flags, self.cfg.rundir],
-                                env=self._env, stdin=subprocess.DEVNULL, process_group=0)
+        p = subprocess.Popen([sys.executable, "-m", f"{role}proc", *flags, self.cfg.rundir],
+                             env=self._env, stdin=subprocess.DEVNULL, process_group=0,
+                             stderr=None if self.show_error_lines else subprocess.PIPE)
+        if p.stderr is not None:
+            threading.Thread(target=self._filter_stderr, args=(p.stderr,),
+                             name=f"stderr-{role}", daemon=True).start()
+        return p
 
-    def _restart(self, role: str, why: str) -> None:
-        """--reconnect: a new QEMU on the same run (QEMU's -incoming); the guest and KVM go on."""
+    def _filter_stderr(self, stream: Any) -> None:
+        """A process's stderr, passed on but for its device error lines, which are counted
+        per kind (the message with its numbers as N)."""
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            m = ERROR_LINE.fullmatch(line.rstrip("\n"))
+            if m:
+                kind = f"{m['who']}: {m['dev']}: {re.sub(r'[0-9]+', 'N', m['msg'])}"
+                self.error_lines[kind] += 1
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def restarts_in_window(self) -> int:
+        """Restarts within the last RESTART_WINDOW_S (the rate RESTART_LIMIT bounds)."""
+        now = time.monotonic()
+        return sum(1 for t in self.restart_times if now - t <= RESTART_WINDOW_S)
+
+    def _restart(self, role: str, why: str) -> bool:
+        """--reconnect: a new QEMU on the same run (QEMU's -incoming); the guest and KVM go
+        on. False: the restart rate's limit is reached."""
+        now = time.monotonic()
+        while self.restart_times and now - self.restart_times[0] > RESTART_WINDOW_S:
+            self.restart_times.popleft()
+        if len(self.restart_times) >= RESTART_LIMIT:
+            return False
+        self.restart_times.append(now)
         self.restarts += 1
         self.deaths.append(why)
+        self.last_progress = now
         self.procs[role] = self._spawn(role, "-incoming")
+        return True
 
     def wait(self) -> None:
-        """Until the guest program is done and all three have exited; raise if one dies."""
+        """Until the guest program is done and all three have exited; raise if one dies,
+        or if the guest reports no progress for --timeout (and a grace)."""
         assert self.ctl is not None
-        deadline = time.monotonic() + self.opts.timeout + SUPERVISOR_GRACE_S
+        silence_s = self.opts.timeout + SUPERVISOR_GRACE_S
+        self.last_progress = time.monotonic()
         hold = self.opts.extra.get("hold", False)
         attended = hold or self.opts.extra.get("wait_attach", False)
         while True:
@@ -248,14 +371,28 @@ class Supervisor:
                 else:
                     err = self.errors[-1] if self.errors else f"exit status {rc}"
                     why = f"{role} process (pid {pid}) failed: {err}"
-                if (role == "qemu" and self.opts.reconnect and self.restarts < MAX_RESTARTS
-                        and exited.get("kvm") is None):
-                    self._restart(role, why)
+                if (role == "qemu" and self.opts.reconnect and exited.get("kvm") is None
+                        and self._restart(role, why)):
                     exited[role] = None
                     continue
-                if self.restarts:
+                if len(self.restart_times) >= RESTART_LIMIT:
+                    why += (f" ({RESTART_LIMIT} restarts in the last {RESTART_WINDOW_S:g} s: "
+                            "--reconnect gives up)")
+                elif self.restarts:
                     why += f" (after {self.restarts} restart{'s' if self.restarts > 1 else ''})"
                 raise RunFailed(why)
+            if self.backend is not None and (rc := self.backend.poll()) is not None:
+                how = f"killed by {_signal_name(rc)}" if rc < 0 else f"exit status {rc}"
+                why = f"vhost-user backend process (pid {self.backend.pid}) died: {how}"
+                now = time.monotonic_ns()
+                recent = sum(1 for t in self.backend_restarts
+                             if now - t <= RESTART_WINDOW_S * 1e9)
+                if not (self.opts.extra.get("restart_backend") and recent < RESTART_LIMIT):
+                    raise RunFailed(why)
+                self.deaths.append(why)  # a new one on the same socket; QEMU reconnects
+                self.backend.stop()
+                self.backend = self._start_backend()
+                self.backend_restarts.append(time.monotonic_ns())
             if all(rc == 0 for rc in exited.values()):
                 self._read_ctl(0)
                 if "guest" not in self.done:
@@ -265,10 +402,11 @@ class Supervisor:
                     raise RunFailed("the guest stopped before its program finished")
                 self.t_end = time.monotonic()
                 return
-            if time.monotonic() > deadline and not attended:
+            if time.monotonic() - self.last_progress > silence_s and not attended:
                 running = ", ".join(r for r, c in exited.items() if c is None)
-                raise RunFailed(f"timed out after {self.opts.timeout:g} s (still running: "
-                                f"{running})")
+                raise RunFailed(f"timed out: no progress from the guest for {silence_s:g} s "
+                                f"(--timeout {self.opts.timeout:g} + {SUPERVISOR_GRACE_S:g}; "
+                                f"still running: {running})")
 
     def _read_ctl(self, timeout: float) -> None:
         """Take every pending control record (waiting up to ``timeout`` for the first)."""
@@ -276,6 +414,8 @@ class Supervisor:
         rec = self.ctl.recv_raw(timeout)
         while rec is not None:
             kind, role, fields = unpackb(rec)
+            if role == "guest" and kind in ("console", "done"):
+                self.last_progress = time.monotonic()
             if kind == "done":
                 self.done.add(role)
             elif kind == "quit":
@@ -299,6 +439,8 @@ class Supervisor:
                 on_started()
             self.wait()
             return cfg
+        except Terminated as e:
+            raise RunFailed(str(e), 128 + signal.SIGTERM.value) from None
         except KeyboardInterrupt:
             raise RunFailed("interrupted", 130) from None
         finally:
@@ -320,6 +462,8 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            if self.backend is not None:  # after QEMU: it takes the rings back first
+                self.backend.stop()
 
     def cleanup(self) -> None:
         with deferred_sigint():
@@ -337,6 +481,8 @@ class Supervisor:
             path = Path(self.cfg.rundir) / f"report.{role}.json"
             if path.exists():
                 out[role] = json.loads(path.read_text())
+        if self.backend is not None and (backend := self.backend.report()) is not None:
+            out["vhost-user"] = backend
         return out
 
     def rss(self) -> dict[str, int]:

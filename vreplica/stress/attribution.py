@@ -4,10 +4,10 @@ number, and how long each event kept the device down.
 A host -> guest path (the inbound stream; the echo replies of one guest flow) is FIFO end to
 end, so a run of sequence numbers the guest never got was lost in the silence between the
 arrival of the path's last number before the run and its first after it (the guest reports
-both: guestproc.programs.loss_runs). A ring fault's device reset or a killed QEMU whose
+both: common.seqwindow). A ring fault's device reset or a killed QEMU whose
 outage overlaps that silence explains the run; nothing else does (a paused guest or echo
-service loses nothing on these paths: the net queue and the rings hold it; the echo
-service's ignored requests are named one by one). Each event's outage is measured, not
+service loses nothing on these paths: the net queue, the rings and the echo service's socket
+buffer hold it). Each event's outage is measured, not
 assumed: a reset from the host's signal to the guest's ``virtnet_reset`` end (the guest's
 own log: config interrupt, DRIVER_OK, RX buffers posted), a restart from the kill to the
 new QEMU's device being ready (its -incoming record).
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-LOSSY_KINDS = ("ring-fault", "kill-device")
+LOSSY_KINDS = ("ring-fault", "kill-device", "kill-backend")
 """The chaos kinds that lose frames in flight; the others must lose nothing on these paths."""
 
 
@@ -51,8 +51,6 @@ def outages(events: list[dict[str, Any]], reset_log: list[dict[str, int]],
         o = Outage(e["kind"], e["t_s"], e.get("start_ns", 0), e.get("end_ns", 0),
                    detail={k: v for k, v in e.items()
                            if k not in ("kind", "t_s", "start_ns", "end_ns")})
-        if o.kind == "echo-pause":
-            o.lost = e.get("replies_dropped", 0)
         if o.kind == "ring-fault":
             while used < len(resets) and resets[used]["start_ns"] < o.start_ns:
                 used += 1
@@ -76,7 +74,7 @@ def outages(events: list[dict[str, Any]], reset_log: list[dict[str, int]],
 def begin_at_entry(runs: list[list[int]], entered_ns: Sequence[int]) -> None:
     """Start each run's silence no later than its first number entered the path (its send
     from the host): the receiver's arrival time of the number before it can come after the
-    loss (``guestproc.programs.loss_runs`` does the same for the guest's own sends)."""
+    loss (``common.seqwindow`` does the same for the guest's own sends)."""
     for run in runs:
         if run[2] and run[0] < len(entered_ns) and 0 < entered_ns[run[0]] < run[2]:
             run[2] = entered_ns[run[0]]
@@ -122,6 +120,11 @@ def explain_seqs(seqs: set[int], runs: list[list[int]], stride: int) -> list[lis
         if cur is not None:
             out.append(cur)
     return out
+
+
+def run_total(runs: list[list[int]], stride: int) -> int:
+    """How many sequence numbers ``runs`` hold (every ``stride``-th from first to last)."""
+    return sum((last - first) // stride + 1 for first, last, *_ in runs)
 
 
 def summary_of(events: list[Outage]) -> dict[str, Any]:

@@ -10,15 +10,31 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from vreplica.run.hostside import UdpEcho
-from vreplica.run.supervisor import Supervisor
+from vreplica.run.supervisor import RESTART_LIMIT, RESTART_WINDOW_S, Supervisor
 
 CHAOS_KINDS = {
     "guest-pause": "stop the guest process (SIGSTOP) for 0.2-0.5 s, then continue it",
-    "echo-pause": "the host echo service ignores datagrams for 0.3 s (replies lost: expected)",
+    "echo-pause": "the host echo service stops reading its socket for 0.3 s, as a stopped "
+                  "process would (the socket's buffer holds what comes: nothing is lost)",
     "kill-device": "kill -9 the QEMU process; --reconnect brings a new one up (duplicates ok)",
     "ring-fault": "the guest driver corrupts its TX ring; the device errors, the guest resets",
+    "kill-backend": "kill -9 the vhost-user back end (--netdev vhost-user); a new one listens "
+                    "and QEMU (reconnect=1) takes the link up again",
 }
+BACKEND_KINDS = ("kill-backend",)
+"""Kinds only a run with the replica's own vhost-user back end has."""
+
+
+def backend_connected(pid: int, path: str) -> bool:
+    """The back end has accepted a connection on ``path`` (QEMU is back)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="unix")
+    except psutil.Error:
+        return False
+    return sum(1 for c in conns if c.laddr == path) >= 2
 
 
 @dataclass
@@ -81,18 +97,39 @@ class Chaos:
     def do_echo_pause(self) -> None:
         if self.echo is None:
             return
-        before = self.echo.ignored
         start_ns = time.monotonic_ns()
-        self.echo.paused = True
+        self.echo.pause()
         self._stop.wait(0.3)
-        self.echo.paused = False
-        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns(),
-                     replies_dropped=self.echo.ignored - before)
+        self.echo.resume()
+        self.log.add("echo-pause", start_ns, seconds=0.3, end_ns=time.monotonic_ns())
 
     def do_kill_device(self) -> None:
+        if self.sup.restarts_in_window() >= RESTART_LIMIT // 2:
+            return  # at most half the supervisor's restart rate: stress never reaches it
         p = self.sup.procs["qemu"]
         p.send_signal(signal.SIGKILL)
         self.log.add("kill-device", pid=p.pid)
+
+    def do_kill_backend(self) -> None:
+        """The back end dies; the outage ends when QEMU is connected to the new one."""
+        backend = self.sup.backend
+        if backend is None:
+            return
+        now = time.monotonic_ns()
+        if sum(1 for t in self.sup.backend_restarts
+               if now - t <= RESTART_WINDOW_S * 1e9) >= RESTART_LIMIT // 2:
+            return  # at most half the supervisor's restart rate, as for kill-device
+        restarts = len(self.sup.backend_restarts)
+        backend.proc.send_signal(signal.SIGKILL)
+        event = self.log.add("kill-backend", pid=backend.pid)
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and not self._stop.is_set():
+            new = self.sup.backend
+            if len(self.sup.backend_restarts) > restarts and new is not None \
+                    and backend_connected(new.pid, str(new.socket)):
+                event["end_ns"] = time.monotonic_ns()
+                return
+            self._stop.wait(0.01)
 
     def do_ring_fault(self) -> None:
         p = self.sup.procs["guest"]

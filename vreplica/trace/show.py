@@ -7,6 +7,7 @@ reply's chain back into the guest's socket. The demo prints its round trip with 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable
@@ -26,10 +27,33 @@ from vreplica.trace.tracefile import (
 )
 
 WHERE_W = 16
-WIDTH = 98
+WIDTH = 100
+"""The lines' width when the output is not a terminal (a terminal's own width otherwise)."""
+MIN_WIDTH = 60
 
 Detail = Callable[[dict[str, Any]], str]
 IOCTL_NAMES = {nr: name for name, nr in KVM_IOCTL_NR.items()}
+
+
+def width() -> int:
+    """The terminal's width (COLUMNS, else the terminal's, else WIDTH)."""
+    return max(MIN_WIDTH, shutil.get_terminal_size((WIDTH, 24)).columns)
+
+
+def fit(line: str, indent: int) -> list[str]:
+    """``line`` within the width, broken only at spaces: the lines after the first start
+    ``indent`` columns in; a number or a name longer than the width stays whole."""
+    if len(line) <= width():
+        return [line]
+    return textwrap.wrap(line, width(), subsequent_indent=" " * indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def chain_line(when: str, mark: str, where: str, depth: int, name: str, detail: str) -> list[str]:
+    """One call-chain line, ``{offset} {>>} {process thread} {indent}{name}  {detail}``; a
+    detail too long for the width goes on below, under the name."""
+    head = f"{when:>8} {mark} {where:<{WHERE_W}} {'  ' * depth}{name}"
+    return fit(head + (f"  {detail}" if detail else ""), len(head) - len(name) + 2)
 
 
 def _hex(v: Any) -> str:
@@ -184,16 +208,14 @@ def _section(trace: Trace, chain: list[Event], context: list[Event], t0: int,
         where = f"{ev.role} {trace.thread_name(ev)}"[:WHERE_W]
         if ev in context_set:
             when = "..."
-            detail = (f"running since {(ev.ts - t0) / 1e6:+.1f} ms" if ev.ts < t0 else
-                      f"running since +{(ev.ts - t0) / 1000:.1f} us")
+            detail = (f"already running, since {(t0 - ev.ts) / 1e6:.1f} ms before the send"
+                      if ev.ts < t0 else f"started {(ev.ts - t0) / 1000:.1f} us after the send")
         else:
             when = f"{(ev.ts - t0) / 1000:.1f}"
             detail = SHOWN[ev.name](args)
         mark = ">>" if ev.role != prev_role else "  "
         prev_role = ev.role
-        text = f"{'  ' * depth}{ev.name}"
-        line = f"{when:>8} {mark} {where:<{WHERE_W}} {text}" + (f"  {detail}" if detail else "")
-        lines.append(line[:WIDTH])
+        lines += chain_line(when, mark, where, depth, ev.name, detail)
     return lines
 
 
@@ -206,6 +228,11 @@ LEGEND = ["legend: us = microseconds since the guest's udp_sendmsg; indent = cal
           f"{'us':>8}    {'process/thread':<{WHERE_W}} function"]
 
 
+def legend() -> list[str]:
+    """LEGEND within the width."""
+    return [part for line in LEGEND for part in fit(line, 8)]
+
+
 def format_round_trip(trace: Trace, seq: int) -> list[str]:
     """Round trip ``seq``: the datagram's chain to the host, then its reply's back to the
     guest socket, each line with its offset from the guest's ``udp_sendmsg``."""
@@ -216,21 +243,23 @@ def format_round_trip(trace: Trace, seq: int) -> list[str]:
     sent, read = _point(tx, "sosendto"), _point(rx, "sorecvfrom")
     got = _point(rx, "recvfrom")
     lines = [
-        f"One round trip (seq {seq}) through the three processes: to the host's echo service "
-        "and back.",
-        *LEGEND,
-        f"-> to the host: seq {seq} to 10.0.2.2:{port}, which slirp sends to 127.0.0.1:{port}",
+        *fit(f"One round trip (seq {seq}) through the three processes: to the host's echo "
+             "service and back.", 2),
+        *legend(),
+        *fit(f"-> to the host: seq {seq} to 10.0.2.2:{port}, which slirp sends to "
+             f"127.0.0.1:{port}", 3),
     ]
     lines += _section(trace, tx, tx_context, t0, TX_HIDDEN)
     overlap = rx and rx[0].ts < max(ev.end for ev in tx)
-    lines.append("<- back to the guest: the echo service's reply"
-                 + (" (under way while the guest still completed the send)" if overlap else ""))
+    lines += fit("<- back to the guest: the echo service's reply"
+                 + (" (under way while the guest still completed the send)" if overlap else ""),
+                 3)
     lines += _section(trace, rx, [], t0, RX_HIDDEN)
     if got is not None:
         host = (f" ({(read.ts - sent.ts) / 1000:.0f} us of it on the host, sosendto to "
                 "sorecvfrom)" if sent is not None and read is not None else "")
-        lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
-                               f"recvfrom{host}", WIDTH)
+        lines += fit(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
+                     f"recvfrom{host}", 0)
     return lines
 
 
@@ -247,7 +276,7 @@ def format_packet(trace: Trace, seq: int) -> list[str]:
     tx, context = chain_events(trace, seq, TX)
     send = _point(tx, "udp_sendmsg")
     port = send.args.get("dport") if send is not None else "?"
-    return [f"Datagram seq {seq} through the three processes, to 10.0.2.2:{port}.", *LEGEND,
+    return [f"Datagram seq {seq} through the three processes, to 10.0.2.2:{port}.", *legend(),
             "-> to the host", *_section(trace, tx, context, tx[0].ts, TX_HIDDEN)]
 
 
@@ -313,10 +342,12 @@ def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) 
               and not (e.is_span and EMPTY_UNLESS_TRACED.get(e.name) == e.name
                        and e not in args)]  # a pop that found nothing
     on_screen = set(window)
-    lines = [f"One round trip (seq {seq}) over the tap: the guest's driver, KVM's ioeventfd, "
-             "the device, the tap, the host's stack and echo socket, and back.",
-             "legend: us = microseconds since the guest's udp_sendmsg; indent = call depth;",
-             "        >> = control passes to another process or thread",
+    lines = [*fit(f"One round trip (seq {seq}) over the tap: the guest's driver, KVM's "
+                  "ioeventfd, the device, the tap, the host's stack and echo socket, and back.",
+                  2),
+             *fit("legend: us = microseconds since the guest's udp_sendmsg; indent = call "
+                  "depth;", 8),
+             *fit("        >> = control passes to another process or thread", 8),
              f"{'us':>8}    {'process/thread':<{WHERE_W}} function"]
     host = []
     if echo is not None:
@@ -327,7 +358,7 @@ def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) 
     prev = ""
     for ts, item in merged:
         if isinstance(item, str):
-            lines.append(f"{(ts - t0) / 1000:8.1f} >> {'host':<{WHERE_W}} {item}"[:WIDTH])
+            lines += chain_line(f"{(ts - t0) / 1000:.1f}", ">>", "host", 0, item, "")
             prev = "host"
             continue
         ev = item
@@ -336,16 +367,17 @@ def format_tap_round_trip(trace: Trace, seq: int, echo: tuple[int, int] | None) 
         mark = ">>" if where != prev else "  "
         prev = where
         detail = TAP_SHOWN[ev.name]({**args.get(ev, {}), **ev.args})
-        lines.append((f"{(ts - t0) / 1000:8.1f} {mark} {where:<{WHERE_W}} "
-                      f"{'  ' * depth}{ev.name}" + (f"  {detail}" if detail else ""))[:WIDTH])
-    lines += textwrap.wrap(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to "
-                           "recvfrom", WIDTH)
+        lines += chain_line(f"{(ts - t0) / 1000:.1f}", mark, where, depth, ev.name, detail)
+    lines += fit(f"round trip: {(got.ts - t0) / 1000:.0f} us, udp_sendmsg to recvfrom", 0)
     return lines
 
 
-def pick_round_trip(trace: Trace, wanted: int | None) -> int:
+def pick_round_trip(trace: Trace, wanted: int | None) -> tuple[int, str]:
+    """The round trip to follow, and why that one: ``wanted``, or the median round trip of
+    those that took the whole way (an interrupt of their own each way), leaving out the
+    first datagram, which waited for ARP."""
     if wanted is not None:
-        return wanted
+        return wanted, f"seq {wanted}, as --packet asked"
 
     def whole(seq: int) -> bool:
         tx, rx = trace.packets[seq].steps, trace.replies[seq].steps
@@ -356,18 +388,27 @@ def pick_round_trip(trace: Trace, wanted: int | None) -> int:
         return trace.replies[seq].steps[-1].ts - trace.packets[seq].send.ts
 
     both = sorted(set(trace.packets) & set(trace.replies))
-    seqs = [seq for seq in both if whole(seq)] or both
+    whole_way = [seq for seq in both if whole(seq)]
+    seqs = whole_way or both
     if not seqs:
         raise TraceError("the trace holds no round trip (no datagram with its reply)")
-    if len(seqs) > 1 and seqs[0] == both[0]:
+    arp = len(seqs) > 1 and seqs[0] == both[0]
+    if arp:
         seqs = seqs[1:]  # the first one sent waits for ARP
-    return sorted(seqs, key=rtt)[len(seqs) // 2]  # a typical one: the median round trip
+    seq = sorted(seqs, key=rtt)[len(seqs) // 2]  # a typical one: the median round trip
+    among = ", ".join(map(str, seqs))
+    why = (f"seq {seq}: the median round trip ({rtt(seq) / 1000:.0f} us) of seqs {among}"
+           + (", those that took the whole way (an interrupt of their own each way)"
+              if whole_way else "")
+           + (f"; seq {both[0]} waited for ARP" if arp else "")
+           + " (--packet SEQ follows another)")
+    return seq, why
 
 
 def _pick_any(trace: Trace, wanted: int | None) -> int:
     """``wanted``, or the round trip the demo would pick, or (no replies) the median datagram."""
     if wanted is not None or set(trace.packets) & set(trace.replies):
-        return pick_round_trip(trace, wanted)
+        return pick_round_trip(trace, wanted)[0]
     if not trace.packets:
         raise TraceError("no packet paths in this trace")
     seqs = sorted(trace.packets)
