@@ -17,6 +17,7 @@ from collections.abc import Callable
 import posix_ipc
 
 from common import channel
+from common.threads import set_thread_name
 
 WAITER_TICK_S = 0.25
 
@@ -93,6 +94,7 @@ class PollBridge:
         return self.efd
 
     def _run(self) -> None:
+        set_thread_name("notifier-bridge")
         wait = self.notifier.wait
         efd = self.efd
         on_signal = self._on_signal

@@ -12,6 +12,7 @@ import posix_ipc
 from common.channel import Channel
 from common.kvm_abi import packb
 from common.process import ProcessRuntime, Stop
+from common.threads import set_thread_name
 from common.trace import register_thread
 from kvmproc.kvm_main import Kvm
 from kvmproc.monitor import kvm_monitor
@@ -23,6 +24,7 @@ STATS_EVERY_S = 0.5
 def vcpu_thread(kvm: Kvm, rt: ProcessRuntime) -> None:
     """Serves QEMU's KVM_RUN ioctls for vCPU 0, one at a time."""
     register_thread("vcpu0")
+    set_thread_name("vcpu0")
     req_ch = Channel(rt.cfg.channel("vcpu_req"))
     exit_ch = Channel(rt.cfg.channel("vcpu_exit"))
     try:

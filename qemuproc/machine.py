@@ -12,6 +12,7 @@ import traceback
 from common.channel import Channel
 from common.guest_memory import GuestMemory
 from common.process import ProcessRuntime
+from common.threads import set_thread_name
 from common.trace import register_thread
 from qemuproc.aio import QEMUBH
 from qemuproc.cpr import Cpr
@@ -181,6 +182,7 @@ class Machine:
 
     def qemu_kvm_cpu_thread_fn(self) -> None:
         register_thread("CPU 0/KVM")
+        set_thread_name("CPU 0/KVM")
         ml = self.main_loop
         try:
             with ml.bql:

@@ -14,12 +14,14 @@ import pytest
 from common.kvm_abi import LOCAL_TIMER_VECTOR
 from common.trace import elem_addr, vq_addr
 from vreplica.bench import core as bench
+from vreplica.bench.stages import CPU_PATHS
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("machine", "plan", "vring_only", "end_to_end", "kick_latency", "kicks_interrupts",
-            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos", "rings")
+            "tracing", "rss", "modes", "targets", "correctness", "failures", "chaos", "rings",
+            "cpu_stages")
 
 
 @pytest.mark.timeout(300)
@@ -35,15 +37,25 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     res = json.loads(js.read_text())
     assert set(SECTIONS) <= set(res)
     assert res["failures"] == []
-    assert len(res["targets"]) == len(bench.TARGETS)
+    assert [t["key"] for t in res["targets"]] == list(bench.TARGETS)
     for t in res["targets"]:
-        assert t["result"] in ("PASS", "FAIL"), t
+        # n/a only for a path this tree does not measure
+        unmeasured = t["key"].startswith("vhost_user") and "vhost-user" not in bench.MODES
+        assert t["result"] in (("n/a",) if unmeasured else ("PASS", "FAIL")), t
         assert t["target"] in md
     assert res["chaos"]["verdict"] == "PASS", res["chaos"]
     assert res["chaos"]["resets"] >= 1 and res["chaos"]["restarts"] >= 1
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.",
-                    "## 9.", "## 10."):
+                    "## 9.", "## 10.", "## 11."):
         assert heading in md
+    for mode in CPU_PATHS:  # section 11: every path's stages, found by their threads' names
+        for size in bench.QUICK.sizes:
+            c = res["cpu_stages"][mode][str(size)]["us_per_packet"]
+            assert c["guest"] > 0 and c["KVM vCPU thread"] > 0, (mode, size, c)
+            device = "vhost worker" if mode == "tap+vhost" else "QEMU main loop"
+            assert c[device] > 0, (mode, size, c)
+            if mode == "tap+vhost":  # QEMU's main loop no longer moves the packets
+                assert c.get("QEMU main loop", 0) < c["vhost worker"], c
     for ring in ("split", "packed"):  # section 10: the same device on both rings
         for size in bench.QUICK.sizes:
             r = res["rings"]["per_ring"][ring][str(size)]

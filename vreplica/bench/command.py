@@ -19,7 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from vreplica.bench.core import FULL, QUICK, ROOT, Plan
+from vreplica.bench import stages
+from vreplica.bench.core import FULL, LEGEND, QUICK, ROOT, Plan
 from vreplica.bench.report import machine, plot, render_markdown
 from vreplica.bench.results import fold, targets
 from vreplica.bench.rings import render_rings, section_rings
@@ -27,6 +28,7 @@ from vreplica.bench.sections import (
     section_chaos,
     section_e2e,
     section_latency,
+    section_stages,
     section_trace_cost,
     section_vring,
 )
@@ -56,6 +58,7 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
                                    for k in ("kicks_per_packet", "interrupts_per_packet")}
                                for s in folded["modes"]["default"]}
     res["tracing"] = {"off": off, "on": folded["tracing_on"]}
+    res["cpu_stages"] = stages.fold_paths(e2e["runs"], plan.sizes)
     log("8. chaos: resets and restarts")
     res["chaos"] = section_chaos(plan, log, failures)
     log("9. legacy vs modern transport")
@@ -70,7 +73,8 @@ def run_bench(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def only_section(plan: Plan, json_path: str | None, which: str = "transport") -> int:
-    """``--only transport|rings``: the legacy-vs-modern or split-vs-packed section alone."""
+    """``--only transport|rings|stages``: the legacy-vs-modern, split-vs-packed or CPU per
+    stage section alone."""
     if json_path:
         try:
             writable_file("--json", json_path)
@@ -85,6 +89,10 @@ def only_section(plan: Plan, json_path: str | None, which: str = "transport") ->
     if which == "rings":
         sec = section_rings(plan, log, failures)
         print("\n".join(render_rings(sec, plan)))
+    elif which == "stages":
+        sec = section_stages(plan, log, failures)
+        print("\n".join(stages.render(sec["paths"], plan.sizes, LEGEND, "11",
+                                       sec["events_per_packet"])))
     else:
         sec = section_transport(plan, log, failures)
         print("\n".join(transport_table(sec)))
@@ -104,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     p.add_argument("--out", metavar="DIR", help="write BENCHMARKS.md and bench.png here "
                    "(default: the repository root)")
-    p.add_argument("--only", choices=("transport", "rings"),
+    p.add_argument("--only", choices=("transport", "rings", "stages"),
                    help="run one section and print its table (no BENCHMARKS.md): transport "
-                        "(9, legacy against modern) or rings (10, split against packed)")
+                        "(9, legacy against modern), rings (10, split against packed) or "
+                        "stages (11, CPU per packet per stage on each path)")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else FULL
     if a.trials is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vreplica.bench import baselines as bl
+from vreplica.bench import stages
 from vreplica.bench.core import IRQ_EVENTS, LEGEND, ROLES, SIZE_LABEL, Plan
 from vreplica.bench.fmt import fmt_f, fmt_pct, fmt_spread, fmt_x, table
 from vreplica.bench.rings import render_rings
@@ -195,11 +196,11 @@ def _md_latency(res: dict[str, Any], plan: Plan, sizes: list[str]) -> list[str]:
           "round trip (post, then wait for the other's post), measured in this invocation "
           "both back to back and paced like the kicks (the pinger sleeps "
           f"{lat['pace_ms']} ms before each round, so each starts from idle processes, as "
-          "each paced kick does); the target compares with the paced one. Left alone, the "
+          "each paced kick does). Left alone, the "
           "scheduler usually runs the two ends of a paced ping-pong on one CPU, so its "
           "wakeups are local; the paced ping-pong pinned to two CPUs shows what a wakeup "
           "of an idle CPU costs on this machine, which the kick path, spread over three "
-          "processes, pays at least once.", ""]
+          "processes, pays at least once; the target compares with that one.", ""]
     on, off = lat["ioeventfd_on"], lat["ioeventfd_off"]
     all_on = lat.get("ioeventfd_on_all_traced", {})
     rows = [["kick -> pop, ioeventfd on", fmt_f(on["p50_us"], 1), fmt_f(on["p99_us"], 1)],
@@ -213,7 +214,9 @@ def _md_latency(res: dict[str, Any], plan: Plan, sizes: list[str]) -> list[str]:
              fmt_f(lat.get("pingpong_paced_cross_cpu_rtt_us_p99"), 1)],
             ["semaphore ping-pong round trip, back to back",
              fmt_f(lat["pingpong_rtt_us_p50"], 1), fmt_f(lat["pingpong_rtt_us_p99"], 1)],
-            ["**ioeventfd on / paced ping-pong (p50)**", fmt_x(lat["on_over_pingpong"]), ""]]
+            ["ioeventfd on / paced ping-pong (p50)", fmt_x(lat["on_over_pingpong"]), ""],
+            ["**ioeventfd on / paced ping-pong pinned to two CPUs (p50)**",
+             fmt_x(lat.get("on_over_pingpong_pinned")), ""]]
     tt = lat.get("tx_timer", {})
     rows += [["kick -> pop, tx=timer (ioeventfd on)", fmt_f(tt.get("p50_us"), 1),
               fmt_f(tt.get("p99_us"), 1)],
@@ -384,6 +387,13 @@ def _md_transports(res: dict[str, Any], plan: Plan, sizes: list[str]) -> list[st
     return L
 
 
+def _md_stages(res: dict[str, Any], plan: Plan, sizes: list[str]) -> list[str]:
+    """Section 11: CPU per packet per stage on each path."""
+    events = {m: {s: (v.get("kicks_per_packet") or 0) + (v.get("interrupts_per_packet") or 0)
+                  for s, v in per.items()} for m, per in res["modes"].items()}
+    return stages.render(res.get("cpu_stages") or {}, plan.sizes, LEGEND, "11", events)
+
+
 def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     sizes = [str(s) for s in plan.sizes]
     L: list[str] = []
@@ -393,6 +403,7 @@ def render_markdown(res: dict[str, Any], plan: Plan, png_name: str) -> str:
     L += _md_modes(res, plan, sizes, png_name)
     L += _md_chaos(res, plan, sizes)
     L += _md_transports(res, plan, sizes)
+    L += _md_stages(res, plan, sizes)
     return "\n".join(L)
 
 

@@ -1,5 +1,5 @@
-"""The benchmark's sections: the ring alone, end to end, kick latency, the cost of tracing
-and chaos; each measures its runs and returns its figures."""
+"""The benchmark's sections: the ring alone, end to end, kick latency, the cost of tracing,
+chaos and the CPU per stage alone; each measures its runs and returns its figures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from qemuproc.virtio_net import TX_TIMER_INTERVAL_NS
 from vreplica.bench import baselines as bl
+from vreplica.bench import stages
 from vreplica.bench.core import (
     IRQ_EVENTS,
     IRQ_MODES,
@@ -204,6 +205,8 @@ def section_latency(plan: Plan, log: Callable[[str], None], failures: list[dict]
                                     out["pingpong_paced_rtt_us_p50"])
     out["on_over_pingpong_back_to_back"] = ratio(out["ioeventfd_on"]["p50_us"],
                                                  out["pingpong_rtt_us_p50"])
+    out["on_over_pingpong_pinned"] = ratio(out["ioeventfd_on"]["p50_us"],
+                                           out["pingpong_paced_cross_cpu_rtt_us_p50"])
     return out
 
 
@@ -242,3 +245,23 @@ def section_chaos(plan: Plan, log: Callable[[str], None], failures: list[dict]) 
                                          "restart_down_ms_p50": median(v["restart_down_ms"])}
 
 
+def section_stages(plan: Plan, log: Callable[[str], None], failures: list[dict]) -> dict:
+    """11 alone: the end-to-end runs of each path the stage table covers."""
+    runs: list[dict] = []
+    for t in range(plan.trials):
+        for size in plan.sizes:
+            for mode in stages.CPU_PATHS:
+                opts = replica_options(plan, size, **MODES[mode])
+                r = checked(f"stages trial {t + 1} {mode} {size} B",
+                            lambda o=opts: run_replica(o), log, failures)
+                if r is not None:
+                    runs.append({"trial": t, "mode": mode, **r})
+    events = {m: {str(z): median([(r["kicks_per_packet"] or 0)
+                                  + (r["interrupts_per_packet"] or 0)
+                                  for r in runs if r["mode"] == m and r["size"] == z])
+                  for z in plan.sizes} for m in stages.CPU_PATHS}
+    return {"packets": plan.e2e_packets, "paths": stages.fold_paths(runs, plan.sizes),
+            "events_per_packet": events,
+            "runs": [{k: r[k] for k in ("trial", "mode", "size", "delivered", "cpu",
+                                         "pps_send_to_last_arrival", "kicks_per_packet",
+                                         "interrupts_per_packet")} for r in runs]}
