@@ -41,10 +41,12 @@ MODES: dict[str, dict[str, Any]] = {
     "poll-us=50": {"extra": {"poll_us": 50.0}},
     "tap": {"extra": {"netdev": "tap", "csum": True}},
     "tap+vhost": {"extra": {"netdev": "tap", "csum": True, "vhost": True}},
+    "vhost-user": {"extra": {"netdev": "vhost-user", "vhost_user_host": "tap", "csum": True}},
 }
 """QEMU configurations run end to end; "default" is --tx bh --tx-burst 256 --event-idx on
 --ioeventfd on --poll-us 0 over slirp, and every other changes one setting ("tap": QEMU's
-tap backend into the run's namespace; "tap+vhost": vhost-net serves the rings)."""
+tap backend into the run's namespace; "tap+vhost": vhost-net serves the rings; "vhost-user":
+the replica's vhost-user back end serves them, over a tap in the run's namespace)."""
 
 TARGETS = {
     "e2e": "end-to-end >= 1.0x the mp.Queue+sendto baseline at 64 B",
@@ -162,7 +164,7 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
     while the run goes on, and the trace pieces read before the run directory goes away.
     """
     sup = Supervisor(opts)
-    if opts.extra.get("netdev") == "tap":  # the sink lives in the run's namespace
+    if opts.extra.get("netdev") == "tap" or opts.extra.get("vhost_user_host") == "tap":  # the sink is in the run's namespace
         caps: list[bl.UdpCapture] = []
 
         def start_capture(cfg: Any) -> None:

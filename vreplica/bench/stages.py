@@ -44,6 +44,8 @@ CPU_PATHS: dict[str, tuple[str, str]] = {
     "default": ("slirp", "QEMU's user-mode network (libslirp) in the main loop"),
     "tap": ("tap", "QEMU's tap backend: the main loop writes each frame to the tap"),
     "tap+vhost": ("tap+vhost", "vhost-net: the worker serves the rings and writes the tap"),
+    "vhost-user": ("vhost-user", "the vhost-user back end process serves the rings and writes "
+                   "the tap"),
     "event-idx=off": ("slirp, event_idx off", "slirp with VIRTIO_RING_F_EVENT_IDX off: an "
                       "interrupt for nearly every flush, each a KVM_SIGNAL_MSI round trip to "
                       "the KVM process, an IPI signal to the guest and its EOI exit"),

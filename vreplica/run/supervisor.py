@@ -241,7 +241,8 @@ class Supervisor:
         irqfds = max(vectors, nvqs) if o.extra.get("vhost") else max(vectors, 1)
         self.cfg = cfg = new_run(o.mem, o.queue_size, nvqs, irqfds, options)
         create_objects(cfg)
-        if o.extra.get("netdev") == "tap":  # -netdev tap: the link lives in a namespace
+        if o.extra.get("netdev") == "tap" or o.extra.get("vhost_user_host") == "tap":
+            # -netdev tap, or a vhost-user back end over a tap: the link lives in a namespace
             cfg.options["netns"] = netns.create(cfg.rid, o.extra.get("tap_backpressure"),
                                                 o.queues > 1)
         self.before_spawn(cfg)
