@@ -164,7 +164,8 @@ def run_replica(opts: RunOptions, sample_rss: bool = True,
     while the run goes on, and the trace pieces read before the run directory goes away.
     """
     sup = Supervisor(opts)
-    if opts.extra.get("netdev") == "tap" or opts.extra.get("vhost_user_host") == "tap":  # the sink is in the run's namespace
+    in_netns = opts.extra.get("netdev") == "tap" or opts.extra.get("vhost_user_host") == "tap"
+    if in_netns:  # the sink lives in the run's namespace
         caps: list[bl.UdpCapture] = []
 
         def start_capture(cfg: Any) -> None:
