@@ -119,13 +119,18 @@ def vhost_net_set_backend(net: VHostNetState, index: int, fd: int) -> None:
     net.dev.backend.vhost_kernel_call(VHOST_NET_SET_BACKEND, index, fd=fd if fd >= 0 else None)
 
 
-def vhost_set_vring_enable(nc: NetClientState, enable: bool) -> None:
+def vhost_set_vring_enable(nc: NetClientState, enable: bool) -> int:
     """Queue pair ``nc`` on or off in the back end (vhost-user's SET_VRING_ENABLE); kept in
-    ``nc.vring_enable`` so that a back end that reconnects gets it again."""
+    ``nc.vring_enable`` so that a back end that reconnects gets it again. A back end that is
+    gone makes it return -errno, as vhost_user_write's failure does in QEMU."""
     net = get_vhost_net(nc)
     nc.vring_enable = enable
     if net is not None and net.dev.vhost_ops.vhost_set_vring_enable is not None:
-        net.dev.vhost_ops.vhost_set_vring_enable(net.dev, enable)
+        try:
+            net.dev.vhost_ops.vhost_set_vring_enable(net.dev, enable)
+        except OSError as e:
+            return -(e.errno or 5)
+    return 0
 
 
 @traced

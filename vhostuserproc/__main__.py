@@ -161,6 +161,9 @@ class Bridge:
             self.ns = ""
             self.slirp = SlirpBackend(pairs, self._slirp_frame)
             backend = self.slirp
+            if a.run:  # the run's -netdev user,hostfwd=: host datagrams to the guest
+                for host_port, guest_port in RunConfig.load(a.run).options.get("hostfwd") or []:
+                    self.slirp.slirp.slirp_add_hostfwd(host_port, guest_port)
         self.vubr = VubrDev(pairs, backend, a.poll, self._watch_backend)
         self.mon = vu_monitor(self.vubr, a.run) if a.run else None
         if self.slirp is not None:  # what slirp sends waits where vubr_flush_held looks
