@@ -414,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # a supervisor blocks SIGTERM while it starts its children, who inherit the mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         print(bridge.start(s), flush=True)
         bridge.vubr_run(quit_r)
