@@ -7,6 +7,7 @@ and include/sysemu/dma.h), which refuse anything outside the segment.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import posix_ipc
@@ -41,6 +42,14 @@ class GuestMemory:
         if addr < 0 or length < 0 or addr + length > self.size:
             self.check(addr, length)
         return self.ram[addr : addr + length]
+
+    def host_addr(self) -> int:
+        """This process's virtual address of the mapping (a RAMBlock's ``host``): what a
+        vhost-user front-end tells its back end as a region's ``userspace_addr``."""
+        probe = ctypes.c_char.from_buffer(self._map)
+        addr = ctypes.addressof(probe)
+        del probe
+        return addr
 
     def dma_memory_read(self, addr: int, length: int) -> bytes:
         return bytes(self.address_space_map(addr, length))

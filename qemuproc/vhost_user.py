@@ -17,7 +17,6 @@ chardev reports the connection closed and net/vhost-user.c takes the link down.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import socket
@@ -211,18 +210,15 @@ def vhost_user_backend_cleanup(dev: Any) -> None:
     dev.backend.close()
 
 
-def qemu_ram_get_host_addr(ram: mmap.mmap) -> int:
+def qemu_ram_get_host_addr(mem: Any) -> int:
     """QEMU's virtual address of the guest-RAM mapping (RAMBlock's ``host``)."""
-    probe = ctypes.c_char.from_buffer(ram)
-    addr = ctypes.addressof(probe)
-    del probe
-    return addr
+    return mem.host_addr()
 
 
 def vhost_user_set_mem_table(dev: Any, vdev: Any) -> None:
     """One region, guest RAM, by the shared-memory segment's fd (memory_region_from_host)."""
     mem = vdev.dma
-    dev.userspace_base = qemu_ram_get_host_addr(mem._map)
+    dev.userspace_base = qemu_ram_get_host_addr(mem)
     region = VhostUserMemoryRegion(guest_phys_addr=0, memory_size=mem.size,
                                    userspace_addr=dev.userspace_base, mmap_offset=0)
     fd = os.open(os.path.join(SHM_DIR, mem.name.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
