@@ -33,6 +33,7 @@ import psutil
 
 from common import netns, trace
 from common.ipc import RUN_HEADER, RUN_HEADER_SIZE, RUN_MAGIC, RUN_VERSION, RunConfig, inflight_name
+from common.threads import set_thread_name
 from common.vhost_user_abi import recv_msg
 from vhostuserproc.dispatcher import Dispatcher
 from vhostuserproc.libvhost_user import vu_deinit, vu_dispatch, vu_panic
@@ -385,6 +386,7 @@ def print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_thread_name("vhostuserproc")  # the process's name, as ps and the benchmark find it
     try:
         a = parse_args(sys.argv[1:] if argv is None else argv)
     except Usage as e:
