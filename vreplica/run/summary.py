@@ -52,6 +52,15 @@ def vhost_user_summary(g: dict[str, Any], q: dict[str, Any],
             "backend": reports.get("vhost-user")}
 
 
+def _vhost_user_figures(summary: dict[str, Any], vu: dict[str, Any]) -> None:
+    """The vhost-user state; the interrupts came from the back end's calls, not from QEMU."""
+    summary["vhost_user"] = vu
+    if vu["backend"]:
+        pairs = vu["backend"].get("queues", [])
+        summary["tx_interrupts"] = sum(p.get("tx_calls", 0) for p in pairs)
+        summary["rx_interrupts"] = sum(p.get("rx_calls", 0) for p in pairs)
+
+
 def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | None,
                   elapsed_s: float) -> dict[str, Any]:
     g = reports.get("guest", {})
@@ -119,11 +128,7 @@ def build_summary(rid: str, opts: Any, reports: dict[str, Any], sink: dict | Non
     summary["rx_no_buffer"] = q.get("virtio_net", {}).get("rx_no_buffer", 0)
     summary["received_by_guest"] = rq.get("packets", 0)
     if "vhost_user" in q:
-        summary["vhost_user"] = vu = vhost_user_summary(g, q, reports)
-        if vu["backend"]:  # the interrupts came from the back end's calls, not from QEMU
-            pairs = vu["backend"].get("queues", [])
-            summary["tx_interrupts"] = sum(p.get("tx_calls", 0) for p in pairs)
-            summary["rx_interrupts"] = sum(p.get("rx_calls", 0) for p in pairs)
+        _vhost_user_figures(summary, vhost_user_summary(g, q, reports))
     if "tap" in q:
         summary["tap"] = q["tap"]
         summary["async_tx_parks"] = q.get("virtio_net", {}).get("async_tx_parks", 0)
