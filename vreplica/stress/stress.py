@@ -124,21 +124,7 @@ def sink_loss_runs(sink: FlowSink, sent: int, skip: set[int]) -> list[list[int]]
     seen = sink.seen
     if sent > seen.top:
         seen.enter(sent - 1, 0)  # the last numbers never came: lost after the last arrival
-    runs: list[list[int]] = []
-    for first, last, after_ns, before_ns in seen.runs():
-        cur: list[int] | None = None
-        for seq in range(first, last + 1, seen.paths):
-            if seq in skip:
-                if cur is not None:
-                    runs.append(cur)
-                    cur = None
-            elif cur is None:
-                cur = [seq, seq, after_ns, before_ns]
-            else:
-                cur[1] = seq
-        if cur is not None:
-            runs.append(cur)
-    return runs
+    return explain_seqs(skip, seen.runs(), seen.paths)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
